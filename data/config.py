@@ -1,0 +1,42 @@
+"""YAML configs (OmegaConf) with ``key=value`` command-line overrides; resolved configs are saved."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from data.errors import UserError
+from data.fileio import atomic_write_text
+
+
+def load_config(
+    path: str | Path | None, overrides: Sequence[str] = (), defaults: dict | None = None
+) -> DictConfig:
+    """Load ``defaults`` <- YAML at ``path`` <- ``key=value`` overrides (dotted keys allowed)."""
+    cfg = OmegaConf.create(defaults or {})
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise UserError(f"config file not found: {path}")
+        try:
+            cfg = OmegaConf.merge(cfg, OmegaConf.load(path))
+        except (OmegaConfBaseException, ValueError) as exc:
+            raise UserError(f"cannot parse config {path}: {exc}") from exc
+    bad = [o for o in overrides if "=" not in o]
+    if bad:
+        raise UserError(f"overrides must look like key=value, got {bad}")
+    try:
+        cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
+    except OmegaConfBaseException as exc:
+        raise UserError(f"bad override: {exc}") from exc
+    return cfg
+
+
+def save_config(cfg: DictConfig | dict, path: str | Path) -> None:
+    """Write the resolved config as YAML (atomically)."""
+    if not isinstance(cfg, DictConfig):
+        cfg = OmegaConf.create(cfg)
+    atomic_write_text(path, OmegaConf.to_yaml(cfg, resolve=True))

@@ -1,0 +1,33 @@
+"""The one exception type for errors a user can cause, and the CLI wrapper that prints it.
+
+Every loader and CLI raises :class:`UserError` for a missing file, a bad shape, no face, audio too
+short, a mismatched checkpoint, ...: the message names the file and the fix. ``cli_main`` turns it
+into one line on stderr and exit status 2 (no traceback).
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Sequence
+from typing import NoReturn
+
+
+class UserError(Exception):
+    """An error caused by the user's inputs, files or settings (printed without a traceback)."""
+
+
+def fail(message: str) -> NoReturn:
+    """Raise a :class:`UserError` with ``message``."""
+    raise UserError(message)
+
+
+def cli_main(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] | None = None) -> None:
+    """Run ``main(argv)``; a :class:`UserError` becomes ``error: ...`` on stderr and exit 2."""
+    try:
+        main(argv)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)

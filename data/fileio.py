@@ -1,0 +1,77 @@
+"""Atomic writes (temp file in the same folder, then rename) and the no-overwrite rule."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from data.errors import UserError
+
+
+@contextmanager
+def atomic_path(path: str | Path, suffix: str | None = None) -> Iterator[Path]:
+    """Yield a temp path beside ``path``; on success it is renamed onto ``path``, on error removed.
+
+    The temp name keeps ``path``'s suffix (or ``suffix``) so writers that infer a format from the
+    extension (PyAV, PIL, np.save) behave.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix or path.suffix, dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, path)
+    finally:
+        if tmp_path.exists():
+            tmp_path.unlink()
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+def save_npy(path: str | Path, array: np.ndarray) -> None:
+    """``np.save`` atomically (no half-written ``.npy`` after a crash)."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.save(f, np.asarray(array))
+
+
+def torch_save(obj: object, path: str | Path) -> None:
+    """``torch.save`` atomically (checkpoints survive a crash mid-write)."""
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
+
+
+def check_output(path: str | Path, overwrite: bool = False) -> Path:
+    """Refuse to overwrite an existing output unless ``overwrite``; check the folder is writable."""
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise UserError(f"output {path} already exists; pass --overwrite to replace it")
+    parent = path.parent if str(path.parent) else Path(".")
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"cannot create output folder {parent}: {exc.strerror}") from exc
+    if not os.access(parent, os.W_OK):
+        raise UserError(f"output folder {parent} is not writable")
+    return path
+
+
+def load_npy(path: str | Path, what: str = "array") -> np.ndarray:
+    """``np.load`` with a clear error for a missing or unreadable file."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{what} file not found: {path}")
+    try:
+        return np.load(path, allow_pickle=False)
+    except (ValueError, OSError) as exc:
+        raise UserError(f"cannot read {what} from {path}: {exc}") from exc

@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Set up .venv (scripts/setup.sh) and run the test suite. Extra arguments go to pytest.
+# RUN_SLOW=1 also runs the full-size and long tests.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+bash "$ROOT/scripts/setup.sh"
+cd "$ROOT"
+"$ROOT/.venv/bin/python" -m ruff check .
+"$ROOT/.venv/bin/python" -m ruff format --check .
+set +e
+"$ROOT/.venv/bin/python" -m pytest "$@"
+rc=$?
+set -e
+if [ "$rc" -eq 5 ]; then
+  echo "error: pytest collected no tests" >&2
+fi
+exit "$rc"

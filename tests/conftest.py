@@ -1,0 +1,44 @@
+"""Shared test fixtures: where the reference data lives, and the RUN_SLOW gate."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+REFERENCE = Path(os.environ.get("MODITALKER_REFERENCE", REPO.parent / "shared" / "reference"))
+FIXTURES = REFERENCE / "fixtures"
+MANIFESTS = REFERENCE / "manifests"
+
+
+def pytest_collection_modifyitems(config, items):
+    if os.environ.get("RUN_SLOW") == "1":
+        return
+    skip = pytest.mark.skip(reason="slow test; set RUN_SLOW=1")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def reference_dir() -> Path:
+    if not REFERENCE.is_dir():
+        pytest.fail(f"reference data not found at {REFERENCE} (set MODITALKER_REFERENCE)")
+    return REFERENCE
+
+
+def load_fixture(name: str) -> dict:
+    """Load ``reference/fixtures/<name>`` (plain tensors/dicts, safe with weights_only=True)."""
+    path = FIXTURES / name
+    if not path.is_file():
+        pytest.fail(f"fixture missing: {path}")
+    return torch.load(path, weights_only=True)
+
+
+@pytest.fixture(autouse=True)
+def _deterministic_threads():
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    yield

@@ -1,0 +1,61 @@
+"""The shared helpers every CLI uses: errors, devices, configs, atomic writes."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from data.config import load_config, save_config
+from data.device import resolve_device
+from data.errors import UserError
+from data.fileio import check_output, load_npy, save_npy
+
+
+def test_resolve_device():
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device(None).type in {"cpu", "cuda"}
+    if not torch.cuda.is_available():
+        assert resolve_device("auto") == torch.device("cpu")
+        with pytest.raises(UserError, match="CUDA is not available"):
+            resolve_device("cuda:0")
+    with pytest.raises(UserError, match="unknown device"):
+        resolve_device("gpu7")
+
+
+def test_config_overrides_and_save(tmp_path):
+    yaml = tmp_path / "c.yaml"
+    yaml.write_text("a: 1\nb:\n  c: x\n")
+    cfg = load_config(yaml, ["b.c=y", "d=3"])
+    assert cfg.a == 1 and cfg.b.c == "y" and cfg.d == 3
+    save_config(cfg, tmp_path / "out" / "resolved.yaml")
+    assert load_config(tmp_path / "out" / "resolved.yaml").b.c == "y"
+    with pytest.raises(UserError, match="key=value"):
+        load_config(yaml, ["oops"])
+    with pytest.raises(UserError, match="not found"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_atomic_npy_and_no_overwrite(tmp_path):
+    out = tmp_path / "x" / "a.npy"
+    save_npy(out, np.arange(3, dtype=np.float32))
+    assert load_npy(out).tolist() == [0, 1, 2]
+    assert [p.name for p in out.parent.iterdir()] == ["a.npy"]
+    with pytest.raises(UserError, match="--overwrite"):
+        check_output(out)
+    assert check_output(out, overwrite=True) == out
+    with pytest.raises(UserError, match="not found"):
+        load_npy(tmp_path / "nope.npy")
+
+
+def test_cli_main_prints_one_line_and_exits_2():
+    code = (
+        "from data.errors import cli_main, fail\n"
+        "cli_main(lambda argv: fail('input foo.npy has shape [3]; expected [68, 3]'))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == "error: input foo.npy has shape [3]; expected [68, 3]"
