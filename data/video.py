@@ -1,0 +1,267 @@
+"""Video and image I/O with PyAV: decode to uint8 frames at a fixed fps, write H.264 mp4 with AAC audio.
+
+Everything in the project runs at 25 fps (two HuBERT frames per video frame), so ``read_video``
+resamples any input to the requested rate by presentation timestamps, the way ffmpeg's ``fps``
+filter does (each output slot shows the latest input frame whose timestamp rounds to it), without
+re-encoding anything to disk. ``write_video`` writes atomically: a temp file beside the target,
+renamed on success, so a crash never leaves a half-written mp4 at the output path.
+"""
+
+from __future__ import annotations
+
+import math
+from fractions import Fraction
+from pathlib import Path
+from typing import Any
+
+import av
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from data.errors import UserError
+from data.fileio import atomic_path
+
+__all__ = ["read_video", "read_image", "write_video", "probe", "frame_times"]
+
+
+def _open(path: str | Path, what: str = "video") -> av.container.InputContainer:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{what} file not found: {path}")
+    try:
+        return av.open(str(path), mode="r")
+    except (av.FFmpegError, OSError, ValueError) as exc:
+        raise UserError(f"cannot read {what} {path}: {exc}; is it a valid video file?") from exc
+
+
+def frame_times(n_frames: int, fps: float) -> np.ndarray:
+    """Timestamps (seconds) of ``n_frames`` frames at ``fps``, starting at 0."""
+    return np.arange(n_frames, dtype=np.float64) / float(fps)
+
+
+def read_video(
+    path: str | Path, fps: float | None = 25, max_frames: int | None = None
+) -> tuple[np.ndarray, float]:
+    """Decode the first video stream of ``path`` to uint8 RGB frames ``[T, H, W, 3]``.
+
+    With ``fps`` set (default 25) frames are dropped or repeated by presentation timestamp so
+    that output frame ``k`` shows the latest input frame whose time rounds to ``k / fps``
+    (ffmpeg ``fps`` filter semantics); the clip keeps its duration: ``T = round(duration * fps)``.
+    With ``fps=None`` every decoded frame is returned with the stream's own average rate.
+    ``max_frames`` stops decoding early (e.g. when only as many frames as the audio are needed).
+    Returns ``(frames, fps)``.
+    """
+    path = Path(path)
+    container = _open(path)
+    try:
+        if not container.streams.video:
+            raise UserError(f"{path} has no video stream; pass a video file (or --ref_image for a photo)")
+        stream = container.streams.video[0]
+        stream.thread_type = "AUTO"
+        src_rate = float(stream.average_rate) if stream.average_rate else None
+        time_base = stream.time_base
+        start = None
+        out: list[np.ndarray] = []
+        prev: np.ndarray | None = None  # latest decoded frame not yet placed
+        prev_slot = 0
+        last_time = 0.0
+        n_decoded = 0
+        try:
+            for frame in container.decode(stream):
+                image = frame.to_ndarray(format="rgb24")
+                n_decoded += 1
+                if fps is None:
+                    out.append(image)
+                    if max_frames is not None and len(out) >= max_frames:
+                        break
+                    continue
+                if frame.pts is not None and time_base is not None:
+                    t = float(frame.pts * time_base)
+                elif frame.time is not None:
+                    t = float(frame.time)
+                else:  # no timestamps at all: assume a constant rate
+                    t = (n_decoded - 1) / (src_rate or fps)
+                if start is None:
+                    start = t
+                t -= start
+                last_time = max(last_time, t)
+                slot = max(int(math.floor(t * fps + 0.5)), 0)
+                if prev is not None:
+                    # the previous frame fills every slot up to (not including) this frame's slot
+                    while prev_slot < slot:
+                        out.append(prev)
+                        prev_slot += 1
+                        if max_frames is not None and len(out) >= max_frames:
+                            return np.stack(out[:max_frames]), float(fps)
+                    prev_slot = max(prev_slot, slot)
+                else:
+                    prev_slot = 0  # the first frame covers slot 0 even with a late start
+                prev = image
+        except av.FFmpegError as exc:
+            if n_decoded == 0:
+                raise UserError(f"cannot decode video {path}: {exc}") from exc
+            # a truncated or partly corrupt file: keep what decoded
+        if fps is not None and prev is not None:
+            frame_dur = 1.0 / src_rate if src_rate else 1.0 / fps
+            total = max(int(math.floor((last_time + frame_dur) * fps + 0.5)), prev_slot + 1)
+            while prev_slot < total:
+                out.append(prev)
+                prev_slot += 1
+                if max_frames is not None and len(out) >= max_frames:
+                    break
+    finally:
+        container.close()
+    if not out:
+        raise UserError(f"no frames could be decoded from {path}; is it a valid video file?")
+    if max_frames is not None:
+        out = out[:max_frames]
+    rate = float(fps) if fps is not None else (src_rate or 25.0)
+    return np.stack(out), rate
+
+
+def read_image(path: str | Path) -> np.ndarray:
+    """Read an image file as uint8 RGB ``[H, W, 3]`` (EXIF orientation applied)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"image file not found: {path}")
+    try:
+        with Image.open(path) as im:
+            im = ImageOps.exif_transpose(im)
+            return np.asarray(im.convert("RGB"), dtype=np.uint8).copy()
+    except (UnidentifiedImageError, OSError, ValueError) as exc:
+        raise UserError(f"cannot read image {path}: {exc}; use a PNG or JPEG file") from exc
+
+
+def _as_frames(frames: np.ndarray) -> np.ndarray:
+    frames = np.asarray(frames)
+    if frames.ndim != 4 or frames.shape[-1] != 3:
+        raise ValueError(f"frames must be uint8 [T, H, W, 3], got shape {frames.shape}")
+    if frames.shape[0] == 0:
+        raise ValueError("no frames to write")
+    if frames.dtype != np.uint8:
+        raise ValueError(f"frames must be uint8, got {frames.dtype}")
+    h, w = frames.shape[1:3]
+    if h % 2 or w % 2:  # yuv420p needs even sizes: replicate the last row/column
+        frames = np.pad(frames, ((0, 0), (0, h % 2), (0, w % 2), (0, 0)), mode="edge")
+    return frames
+
+
+def _as_audio(audio: np.ndarray) -> np.ndarray:
+    """float32 ``[C, N]`` in [-1, 1] from ``[N]``, ``[N, C]`` or ``[C, N]`` (C <= 2), or int16."""
+    audio = np.asarray(audio)
+    if audio.dtype == np.int16:
+        audio = audio.astype(np.float32) / 32768.0
+    audio = audio.astype(np.float32, copy=False)
+    if audio.ndim == 1:
+        audio = audio[None]
+    elif audio.ndim == 2 and audio.shape[1] <= 2 < audio.shape[0]:
+        audio = audio.T
+    if audio.ndim != 2 or audio.shape[0] not in (1, 2):
+        raise ValueError(f"audio must be [N], [N, C] or [C, N] with C in (1, 2), got {audio.shape}")
+    return np.ascontiguousarray(np.clip(audio, -1.0, 1.0))
+
+
+def write_video(
+    path: str | Path,
+    frames: np.ndarray,
+    fps: float = 25,
+    audio: np.ndarray | None = None,
+    sample_rate: int = 16000,
+    *,
+    metadata: dict[str, str] | None = None,
+    crf: int = 18,
+    preset: str = "medium",
+) -> Path:
+    """Write uint8 ``[T, H, W, 3]`` frames as H.264 (yuv420p) with optional AAC audio, atomically.
+
+    ``audio`` (float in [-1, 1] or int16, mono or stereo, at ``sample_rate``) is muxed in full;
+    the caller makes video and audio the same length. ``metadata`` goes into the container
+    tags (e.g. ``comment``). The file appears at ``path`` only once it is complete.
+    """
+    path = Path(path)
+    frames = _as_frames(frames)
+    audio_cp = _as_audio(audio) if audio is not None else None
+    rate = Fraction(fps).limit_denominator(1001)
+    n, h, w = frames.shape[:3]
+    options = {"movflags": "+faststart"} if path.suffix.lower() in (".mp4", ".mov", ".m4v") else {}
+    with atomic_path(path) as tmp:
+        container = av.open(str(tmp), mode="w", options=options)
+        try:
+            for key, value in (metadata or {}).items():
+                container.metadata[str(key)] = str(value)
+            vstream = container.add_stream("libx264", rate=rate)
+            vstream.width, vstream.height, vstream.pix_fmt = w, h, "yuv420p"
+            vstream.options = {"crf": str(crf), "preset": preset}
+            astream = None
+            if audio_cp is not None:
+                layout = "mono" if audio_cp.shape[0] == 1 else "stereo"
+                astream = container.add_stream("aac", rate=int(sample_rate), layout=layout)
+            a_pos = 0
+            n_audio = audio_cp.shape[1] if audio_cp is not None else 0
+            for k in range(n):
+                vframe = av.VideoFrame.from_ndarray(frames[k], format="rgb24")
+                vframe.pts = k
+                container.mux(vstream.encode(vframe))
+                if astream is not None:  # interleave: audio up to the end of this video frame
+                    a_end = n_audio if k == n - 1 else min(n_audio, int(round((k + 1) * sample_rate / fps)))
+                    a_pos = _mux_audio(container, astream, audio_cp, a_pos, a_end, sample_rate)
+            container.mux(vstream.encode(None))
+            if astream is not None:
+                _mux_audio(container, astream, audio_cp, a_pos, n_audio, sample_rate)
+                container.mux(astream.encode(None))
+        finally:
+            container.close()
+    return path
+
+
+def _mux_audio(container, stream, audio: np.ndarray, start: int, end: int, sample_rate: int) -> int:
+    if end <= start:
+        return start
+    chunk = np.ascontiguousarray(audio[:, start:end])
+    aframe = av.AudioFrame.from_ndarray(chunk, format="fltp", layout=stream.layout.name)
+    aframe.sample_rate = int(sample_rate)
+    aframe.pts = start
+    aframe.time_base = Fraction(1, int(sample_rate))
+    container.mux(stream.encode(aframe))
+    return end
+
+
+def probe(path: str | Path) -> dict[str, Any]:
+    """Describe a media file: duration, container tags, and the first video and audio stream.
+
+    Returns ``{"duration": s, "metadata": {...}, "video": {"fps", "width", "height", "frames",
+    "codec", "duration"} | None, "audio": {"sample_rate", "channels", "codec", "duration"} | None}``.
+    ``frames`` is counted from the packets when the container does not record it.
+    """
+    container = _open(path, what="media")
+    try:
+        info: dict[str, Any] = {
+            "duration": container.duration / 1e6 if container.duration else None,
+            "metadata": dict(container.metadata),
+            "video": None,
+            "audio": None,
+        }
+        if container.streams.video:
+            vs = container.streams.video[0]
+            frames = int(vs.frames or 0)
+            if frames == 0:
+                frames = sum(1 for p in container.demux(vs) if p.size > 0)
+            info["video"] = {
+                "fps": float(vs.average_rate) if vs.average_rate else None,
+                "width": vs.codec_context.width,
+                "height": vs.codec_context.height,
+                "frames": frames,
+                "codec": vs.codec_context.name,
+                "duration": float(vs.duration * vs.time_base) if vs.duration else None,
+            }
+        if container.streams.audio:
+            aus = container.streams.audio[0]
+            info["audio"] = {
+                "sample_rate": aus.codec_context.sample_rate,
+                "channels": aus.codec_context.channels,
+                "codec": aus.codec_context.name,
+                "duration": float(aus.duration * aus.time_base) if aus.duration else None,
+            }
+        return info
+    finally:
+        container.close()
