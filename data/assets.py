@@ -1,0 +1,310 @@
+"""Registry of every external file the project can use: where it goes, where to get it, its licence.
+
+Nothing here is downloaded at import or at run time by the rest of the code: each loader takes a
+path (defaults below, all overridable by flags/configs) and, when the file is missing, fails with
+a message that ends with "see `python -m data.assets check`". This module is that check::
+
+    python -m data.assets check                     # every asset; exit 2 when one is missing
+    python -m data.assets check --only hubert bfm_front
+    python -m data.assets check --set hubert=/models/hubert   # check a non-default location
+    python -m data.assets table                     # the Markdown table of checkpoints/README.md
+
+Default paths are relative to the checkpoints folder, which is ``<repo>/checkpoints`` unless the
+environment variable ``MODITALKER_CHECKPOINTS`` names another folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from data.errors import UserError, cli_main
+
+__all__ = [
+    "Asset",
+    "ASSETS",
+    "REPO_ROOT",
+    "checkpoints_root",
+    "default_path",
+    "asset_present",
+    "check_assets",
+    "require_asset",
+    "missing_message",
+    "markdown_table",
+    "main",
+]
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+CHECK_HINT = "see `python -m data.assets check`"
+
+
+@dataclass(frozen=True)
+class Asset:
+    """One external file or folder: its default location and how to obtain it."""
+
+    name: str
+    path: str  # relative to the checkpoints folder
+    what: str
+    source: str
+    licence: str
+    used_by: str
+    # For folders: the files that must exist inside; a tuple of alternatives means "any of these".
+    contents: tuple[str | tuple[str, ...], ...] = field(default_factory=tuple)
+    optional: bool = False  # the pipeline can run without it (training-only or has a fallback)
+
+
+_MODITALKER = (
+    "MoDiTalker README, Google-Drive links (github.com/cvlab-kaist/MoDiTalker, formerly KU-CVLAB/MoDiTalker)"
+)
+_MODITALKER_LICENCE = "no licence file in the original repository; ask the authors before redistribution"
+
+ASSETS: dict[str, Asset] = {
+    a.name: a
+    for a in (
+        Asset(
+            name="atom",
+            path="atom.pt",
+            what="AToM audio-to-motion weights {model_state_dict, ema_state_dict, optimizer_state_dict}",
+            source=f"{_MODITALKER}; or train your own with `python -m AToM.train`",
+            licence=_MODITALKER_LICENCE,
+            used_by="AToM.inference, pipeline",
+        ),
+        Asset(
+            name="autoencoder_rgb",
+            path="autoencoder_rgb.pth",
+            what="MToV RGB tri-plane video autoencoder (plain state_dict)",
+            source=f"{_MODITALKER}; or `python -m MToV.train_autoencoder`",
+            licence=_MODITALKER_LICENCE,
+            used_by="MToV.sample, MToV training, pipeline",
+        ),
+        Asset(
+            name="autoencoder_motion",
+            path="autoencoder_motion.pth",
+            what="MToV landmark ('ldmk') video autoencoder (plain state_dict)",
+            source=f"{_MODITALKER}; or `python -m MToV.train_autoencoder` with the ldmk config",
+            licence=_MODITALKER_LICENCE,
+            used_by="MToV.sample, MToV diffusion training, pipeline",
+        ),
+        Asset(
+            name="diffusion_model",
+            path="diffusion_model.pth",
+            what="MToV latent diffusion UNet (DiffusionWrapper state_dict)",
+            source="NOT released by the authors (their issues #7, #14, #18); train it with "
+            "`python -m MToV.train_diffusion`",
+            licence="your own training run",
+            used_by="MToV.sample, pipeline",
+        ),
+        Asset(
+            name="bfm_front",
+            path="BFM/BFM_model_front.mat",
+            what="Basel Face Model 2009 front part with the expression basis (35709 vertices, 68 keypoints)",
+            source="register and download BFM 2009 (01_MorphableModel.mat) at "
+            "https://faces.dmi.unibas.ch/bfm/main.php?nav=1-2&id=downloads and Exp_Pca.bin "
+            "(Guo et al. CoarseData), then convert with Deep3DFaceRecon_pytorch's BFM transfer script "
+            "(github.com/sicxu/Deep3DFaceRecon_pytorch, 'Prepare prerequisite models'); the MoDiTalker "
+            "README also links a converted copy",
+            licence="Basel Face Model licence: non-commercial research only, registration required",
+            used_by="data.face3d, data.recon3d, AToM inference, preprocessing",
+        ),
+        Asset(
+            name="bfm_similarity",
+            path="BFM/similarity_Lm3D_all.mat",
+            what="standard 3D landmarks for the 5-point POS alignment of Deep3DFaceRecon",
+            source="Deep3DFaceRecon_pytorch repository, folder BFM/ "
+            "(github.com/sicxu/Deep3DFaceRecon_pytorch)",
+            licence="MIT (Deep3DFaceRecon_pytorch)",
+            used_by="data.recon3d, motion alignment",
+        ),
+        Asset(
+            name="deep3d",
+            path="deep3d/epoch_20.pth",
+            what="Deep3DFaceRecon ResNet-50 coefficient regressor (257 coefficients), epoch 20",
+            source="Deep3DFaceRecon_pytorch README, 'pretrained model' Google-Drive link "
+            "(checkpoints/<name>/epoch_20.pth; GeneFace uses the same file)",
+            licence="MIT (Deep3DFaceRecon_pytorch); trained on data with their own terms",
+            used_by="data.recon3d (preprocessing, motion alignment)",
+        ),
+        Asset(
+            name="hubert",
+            path="hubert-large-ls960-ft",
+            what="HuBERT-large fine-tuned on LibriSpeech 960h (transformers folder), 1024-d at 50 Hz",
+            source="https://huggingface.co/facebook/hubert-large-ls960-ft : "
+            "`hf download facebook/hubert-large-ls960-ft --local-dir checkpoints/hubert-large-ls960-ft`",
+            licence="Apache-2.0",
+            used_by="data.audio (HuBERT features for AToM)",
+            contents=("config.json", ("model.safetensors", "pytorch_model.bin"), "preprocessor_config.json"),
+        ),
+        Asset(
+            name="face_alignment",
+            path="face_alignment",
+            what="2D-FAN-4 landmark network and s3fd face detector of the face-alignment package",
+            source="https://www.adrianbulat.com/downloads/python-fan/2DFAN4-11f355bf06.pth.tar and "
+            "https://www.adrianbulat.com/downloads/python-fan/s3fd-619a316812.pth (face-alignment 1.5 "
+            "fetches both into torch-hub's checkpoints/ cache on first use; that cache also counts)",
+            licence="BSD-3-Clause (face-alignment)",
+            used_by="data.landmarks (preprocessing, motion alignment)",
+            contents=("2DFAN4-11f355bf06.pth.tar", "s3fd-619a316812.pth"),
+        ),
+        Asset(
+            name="lpips_vgg16",
+            path="lpips/vgg16.pth",
+            what="torchvision VGG16 ImageNet weights, the LPIPS backbone (the LPIPS linear heads ship "
+            "inside the lpips package)",
+            source="https://download.pytorch.org/models/vgg16-397923af.pth "
+            "(save it as checkpoints/lpips/vgg16.pth)",
+            licence="BSD-3-Clause (torchvision); ImageNet terms apply to the weights",
+            used_by="MToV autoencoder training (perceptual loss), evaluation",
+            optional=True,
+        ),
+    )
+}
+
+
+def checkpoints_root() -> Path:
+    """The checkpoints folder: ``$MODITALKER_CHECKPOINTS`` or ``<repo>/checkpoints``."""
+    env = os.environ.get("MODITALKER_CHECKPOINTS")
+    return Path(env).expanduser() if env else REPO_ROOT / "checkpoints"
+
+
+def _asset(name: str) -> Asset:
+    if name not in ASSETS:
+        raise UserError(f"unknown asset {name!r}; known: {', '.join(ASSETS)}")
+    return ASSETS[name]
+
+
+def default_path(name: str) -> Path:
+    """Default location of asset ``name`` (see :data:`ASSETS`)."""
+    return checkpoints_root() / _asset(name).path
+
+
+def _torch_hub_checkpoints() -> Path:
+    import torch.hub
+
+    return Path(torch.hub.get_dir()) / "checkpoints"
+
+
+def _missing_parts(asset: Asset, path: Path) -> list[str]:
+    """What is missing at ``path`` for ``asset`` (empty when present)."""
+    if not asset.contents:
+        return [] if path.is_file() else [str(path)]
+    missing = _missing_parts_in(asset, path) if path.is_dir() else [str(path) + "/"]
+    if missing and asset.name == "face_alignment" and not _missing_parts_in(asset, _torch_hub_checkpoints()):
+        return []  # face_alignment's own torch-hub cache is an accepted fallback location
+    return missing
+
+
+def _missing_parts_in(asset: Asset, folder: Path) -> list[str]:
+    missing = []
+    for entry in asset.contents:
+        options = entry if isinstance(entry, tuple) else (entry,)
+        if not any((folder / o).is_file() for o in options):
+            missing.append(str(folder / " or ".join(options)))
+    return missing
+
+
+def asset_present(name: str, path: str | Path | None = None) -> bool:
+    """Whether asset ``name`` exists at ``path`` (default location when None)."""
+    asset = _asset(name)
+    return not _missing_parts(asset, Path(path) if path is not None else default_path(name))
+
+
+def missing_message(name: str, path: str | Path | None = None) -> str:
+    """One line: what is missing, where to get it, and the pointer to the asset check."""
+    asset = _asset(name)
+    path = Path(path) if path is not None else default_path(name)
+    parts = _missing_parts(asset, path) or [str(path)]
+    return f"{name}: missing {', '.join(parts)} ({asset.what}); source: {asset.source}; {CHECK_HINT}"
+
+
+def check_assets(
+    names: Iterable[str] | None = None, overrides: Mapping[str, str | Path] | None = None
+) -> list[str]:
+    """One line per missing asset among ``names`` (all when None); ``overrides`` maps name -> path."""
+    overrides = dict(overrides or {})
+    unknown = [n for n in list(overrides) + list(names or []) if n not in ASSETS]
+    if unknown:
+        raise UserError(f"unknown asset(s) {unknown}; known: {', '.join(ASSETS)}")
+    lines = []
+    for name in names if names is not None else ASSETS:
+        path = overrides.get(name)
+        if not asset_present(name, path):
+            lines.append(missing_message(name, path))
+    return lines
+
+
+def require_asset(name: str, path: str | Path | None = None) -> Path:
+    """Return the asset's path, or raise :class:`UserError` naming it, its source and the check."""
+    resolved = Path(path) if path is not None else default_path(name)
+    if not asset_present(name, resolved):
+        raise UserError(missing_message(name, resolved))
+    return resolved
+
+
+def markdown_table(relative: bool = True) -> str:
+    """The asset table as Markdown (the body of ``checkpoints/README.md``)."""
+    rows = [
+        "| name | default path | what | where to get it | licence | used by |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for a in ASSETS.values():
+        path = f"checkpoints/{a.path}" if relative else str(default_path(a.name))
+        if a.contents:
+            path += "/"
+        what = a.what + (" (optional)" if a.optional else "")
+        rows.append(f"| `{a.name}` | `{path}` | {what} | {a.source} | {a.licence} | {a.used_by} |")
+    return "\n".join(rows) + "\n"
+
+
+def _parse_sets(items: Sequence[str]) -> dict[str, str]:
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise UserError(f"--set takes name=path, got {item!r}")
+        key, value = item.split("=", 1)
+        out[key.strip()] = value.strip()
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(
+        prog="python -m data.assets", description="List the external files (weights, BFM) and check them."
+    )
+    sub = ap.add_subparsers(dest="command", required=True)
+    chk = sub.add_parser("check", help="report present/missing assets; exit 2 when one is missing")
+    chk.add_argument(
+        "--only", nargs="+", default=None, metavar="NAME", help=f"subset of: {', '.join(ASSETS)}"
+    )
+    chk.add_argument("--set", nargs="+", default=[], metavar="NAME=PATH", help="check another location")
+    chk.add_argument("--required", action="store_true", help="skip the optional assets")
+    sub.add_parser("table", help="print the Markdown table of checkpoints/README.md")
+    args = ap.parse_args(argv)
+
+    if args.command == "table":
+        print(markdown_table(), end="")
+        return 0
+    overrides = _parse_sets(args.set)
+    names = (
+        args.only
+        if args.only is not None
+        else [n for n in ASSETS if not (args.required and ASSETS[n].optional)]
+    )
+    missing = check_assets(names, overrides)
+    print(f"checkpoints folder: {checkpoints_root()}")
+    for name in names:
+        path = Path(overrides[name]) if name in overrides else default_path(name)
+        status = "ok     " if asset_present(name, path) else "MISSING"
+        print(f"  {status} {name:<20} {path}")
+    if missing:
+        print(f"\n{len(missing)} missing:")
+        for line in missing:
+            print(f"  - {line}")
+        raise SystemExit(2)
+    print("all requested assets present")
+    return 0
+
+
+if __name__ == "__main__":
+    cli_main(main)

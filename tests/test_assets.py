@@ -1,0 +1,111 @@
+"""data.assets: the registry, the presence check and its CLI, and checkpoints/README.md staying in sync."""
+
+from __future__ import annotations
+
+import pytest
+
+from data import assets
+from data.assets import ASSETS, asset_present, check_assets, default_path, main, markdown_table, require_asset
+from data.errors import UserError, cli_main
+
+EXPECTED_DEFAULTS = {
+    "atom": "atom.pt",
+    "autoencoder_rgb": "autoencoder_rgb.pth",
+    "autoencoder_motion": "autoencoder_motion.pth",
+    "diffusion_model": "diffusion_model.pth",
+    "bfm_front": "BFM/BFM_model_front.mat",
+    "bfm_similarity": "BFM/similarity_Lm3D_all.mat",
+    "deep3d": "deep3d/epoch_20.pth",
+    "hubert": "hubert-large-ls960-ft",
+    "face_alignment": "face_alignment",
+    "lpips_vgg16": "lpips/vgg16.pth",
+}
+
+
+@pytest.fixture
+def ckpt(tmp_path, monkeypatch):
+    """An empty checkpoints folder, and an empty torch-hub cache (no fallback from the real one)."""
+    root = tmp_path / "checkpoints"
+    root.mkdir()
+    monkeypatch.setenv("MODITALKER_CHECKPOINTS", str(root))
+    monkeypatch.setattr(assets, "_torch_hub_checkpoints", lambda: tmp_path / "hub" / "checkpoints")
+    return root
+
+
+def _touch(path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"x")
+
+
+def test_registry_defaults_match_the_agreed_table(ckpt):
+    assert set(ASSETS) == set(EXPECTED_DEFAULTS)
+    for name, rel in EXPECTED_DEFAULTS.items():
+        assert default_path(name) == ckpt / rel
+        a = ASSETS[name]
+        assert a.source and a.licence and a.what and a.used_by
+
+
+def test_check_reports_missing_and_present(ckpt):
+    missing = check_assets()
+    assert len(missing) == len(ASSETS)
+    assert all("python -m data.assets check" in line for line in missing)
+    _touch(ckpt / "atom.pt")
+    _touch(ckpt / "BFM" / "BFM_model_front.mat")
+    assert check_assets(["atom", "bfm_front"]) == []
+    assert len(check_assets()) == len(ASSETS) - 2
+    # a folder asset needs its files: config + one of the weight files + preprocessor config
+    hub = ckpt / "hubert-large-ls960-ft"
+    _touch(hub / "config.json")
+    (line,) = check_assets(["hubert"])
+    assert "model.safetensors or pytorch_model.bin" in line and "preprocessor_config.json" in line
+    _touch(hub / "pytorch_model.bin")
+    _touch(hub / "preprocessor_config.json")
+    assert check_assets(["hubert"]) == []
+
+
+def test_overrides_and_require(ckpt, tmp_path):
+    other = tmp_path / "elsewhere" / "my_atom.pt"
+    assert not asset_present("atom")
+    with pytest.raises(UserError, match="atom.pt.*data.assets check"):
+        require_asset("atom")
+    _touch(other)
+    assert check_assets(["atom"], overrides={"atom": other}) == []
+    assert require_asset("atom", other) == other
+    assert main(["check", "--only", "atom", "--set", f"atom={other}"]) == 0
+    with pytest.raises(UserError, match="unknown asset"):
+        check_assets(["nope"])
+
+
+def test_face_alignment_torch_hub_fallback(ckpt, tmp_path):
+    assert not asset_present("face_alignment")
+    hub = tmp_path / "hub" / "checkpoints"
+    _touch(hub / "2DFAN4-11f355bf06.pth.tar")
+    assert not asset_present("face_alignment")  # detector weights still missing
+    _touch(hub / "s3fd-619a316812.pth")
+    assert asset_present("face_alignment")
+
+
+def test_cli_exit_codes(ckpt, capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli_main(main, ["check", "--only", "atom", "deep3d"])
+    assert exc.value.code == 2
+    out = capsys.readouterr().out
+    assert "MISSING atom" in out and "MISSING deep3d" in out and "bfm_front" not in out
+    _touch(ckpt / "atom.pt")
+    _touch(ckpt / "deep3d" / "epoch_20.pth")
+    assert main(["check", "--only", "atom", "deep3d"]) == 0
+    assert "all requested assets present" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exc:
+        cli_main(main, ["check", "--only", "bogus"])
+    assert exc.value.code == 2
+    assert "unknown asset" in capsys.readouterr().err
+    # --required skips the optional LPIPS backbone
+    with pytest.raises(SystemExit):
+        main(["check", "--required"])
+    assert "lpips_vgg16" not in capsys.readouterr().out
+
+
+def test_checkpoints_readme_has_the_current_table():
+    readme = assets.REPO_ROOT / "checkpoints" / "README.md"
+    text = readme.read_text()
+    assert markdown_table() in text, "regenerate the table with `python -m data.assets table`"
