@@ -1,0 +1,108 @@
+"""Motion alignment against the official aligner's recorded intermediates (fixtures/face3d_seed0.pt)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import load_fixture
+
+from data import motion_align as ma
+from data.errors import UserError
+
+
+@pytest.fixture(scope="module")
+def fx() -> dict:
+    return load_fixture("face3d_seed0.pt")
+
+
+def _err(a, b) -> float:
+    return (
+        (torch.as_tensor(np.asarray(a)).double() - torch.as_tensor(np.asarray(b)).double()).abs().max().item()
+    )
+
+
+def test_standalone_rotation_and_rigid(fx):
+    sa = fx["motion_align_standalone"]
+    rot = ma.compute_rotation_matrix(sa["angles"])
+    assert _err(rot, sa["rotation"]) < 1e-6
+    assert _err(ma.rigid_transform(sa["vs"], sa["rotation"], sa["translation"]), sa["rigid_transform"]) < 1e-6
+    # a rotation: orthonormal with determinant 1
+    assert _err(rot @ rot.transpose(1, 2), torch.eye(3).expand(len(rot), 3, 3)) < 1e-5
+    assert _err(torch.linalg.det(rot), torch.ones(len(rot))) < 1e-5
+
+
+def test_intermediates_match_official(fx):
+    m = fx["motion_align"]
+    inp, mid = m["inputs"], m["intermediates"]
+    hw = tuple(m["config"]["frame_hw"])
+    coeff = inp["recon_coeff_257"].numpy()
+    fan = inp["fa_lm68_per_frame"].numpy()
+    std = inp["lm3d_std_5x3"].numpy()
+    assert _err(ma.lm68_to_lm5(inp["similarity_Lm3D_all_lm_68x3"].numpy()), std) == 0
+    for call in mid["lm68_2_lm5.calls"]:
+        assert _err(ma.lm68_to_lm5(call["in"].numpy()), call["out"]) == 0
+    rot = ma.compute_rotation_matrix(coeff[:, 224:227])
+    assert _err(rot, mid["compute_rotation_matrix.out"]) < 1e-6
+    posed = ma.rigid_transform(inp["atom_frontal_lm3d"], rot, coeff[:, 254:257])
+    assert _err(posed, mid["rigid_transform.out"]) < 1e-6
+    t, s = ma.pose_params(fan, std, hw)
+    assert _err(t, mid["pose_extract.t"][..., 0]) < 1e-9
+    assert _err(s, mid["pose_extract.s"]) < 1e-9
+    lm224 = ma.project_to_crop(posed)
+    assert lm224.dtype == np.int64 and _err(lm224, mid["de_aligning_ldmk.lm68_224"]) == 0
+    # the original mixes up frames' crop sizes here (see de_align); only a per-frame constant differs
+    offset = ma.de_align(lm224, t, s, hw) - mid["de_aligning_ldmk.out"].numpy()
+    assert np.ptp(offset, axis=1).max() < 1e-9
+    assert np.abs(offset[0, :, 0]).max() < 1e-9  # frame 0's x uses its own size in the original too
+
+
+def test_align_and_render_match_official(fx):
+    m = fx["motion_align"]
+    inp, out = m["inputs"], m["outputs"]
+    hw = tuple(m["config"]["frame_hw"])
+    args = (
+        inp["atom_frontal_lm3d"].numpy(),
+        inp["fa_lm68_per_frame"].numpy(),
+        inp["recon_coeff_257"].numpy(),
+        inp["lm3d_std_5x3"].numpy(),
+        hw,
+    )
+    lm_float = ma.align_landmarks(*args, return_float=True)
+    assert _err(lm_float, m["intermediates"]["_change_np_img_size.lm"]) < 1e-9
+    lm = ma.align_landmarks(*args)
+    assert lm.dtype == np.int64
+    np.testing.assert_array_equal(lm, out["lm68_2d_int"].numpy())
+    video = ma.render_landmarks(lm, hw, size=m["config"]["canvas"])
+    assert video.dtype == np.uint8 and video.shape == tuple(out["land_vid_uint8"].shape)
+    np.testing.assert_array_equal(video, out["land_vid_uint8"].numpy())  # pixel for pixel
+
+
+def test_snap_and_errors(fx):
+    rng = np.random.default_rng(0)
+    lm = rng.uniform(0, 100, (3, 68, 2))
+    target = rng.uniform(0, 100, (3, 68, 2))
+    snapped = ma.snap_to(lm, target)
+    np.testing.assert_allclose(ma.lm68_to_lm5(snapped).mean(1), ma.lm68_to_lm5(target).mean(1), atol=1e-9)
+    np.testing.assert_allclose(snapped - lm, np.repeat((snapped - lm)[:, :1], 68, 1))  # a pure shift
+    m = fx["motion_align"]["inputs"]
+    with pytest.raises(UserError, match="per frame"):
+        ma.align_landmarks(
+            m["atom_frontal_lm3d"],
+            m["fa_lm68_per_frame"][:2],
+            m["recon_coeff_257"],
+            m["lm3d_std_5x3"],
+            (128, 128),
+        )
+    with pytest.raises(UserError, match="68, 3"):
+        ma.align_landmarks(
+            np.zeros((4, 68, 2)), m["fa_lm68_per_frame"], m["recon_coeff_257"], m["lm3d_std_5x3"], (128, 128)
+        )
+
+
+def test_pingpong_indices():
+    assert ma.pingpong_indices(4, 10).tolist() == [0, 1, 2, 3, 2, 1, 0, 1, 2, 3]
+    assert ma.pingpong_indices(1, 3).tolist() == [0, 0, 0]
+    assert ma.pingpong_indices(5, 3).tolist() == [0, 1, 2]
+    with pytest.raises(UserError):
+        ma.pingpong_indices(0, 3)
