@@ -1,0 +1,132 @@
+"""Work-folder cache: every pipeline stage stores its outputs under a key hashed from its inputs.
+
+A stage's key covers everything its result depends on (input file digests, upstream stage keys,
+checkpoint identities, settings), so a re-run with the same inputs and settings reuses the
+stored arrays, and changing, say, only MToV settings recomputes only MToV. Each stage writes
+into a temp folder that is renamed into place when complete, so an interrupted run never leaves
+a half-written entry that a later run would trust.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = ["file_digest", "asset_identity", "stable_key", "StageRecord", "WorkCache"]
+
+_DIGESTS: dict[tuple[str, int, int], str] = {}
+
+
+def file_digest(path: str | Path) -> str:
+    """sha256 of a file's bytes (memoised per process by path, size and mtime)."""
+    path = Path(path).resolve()
+    st = path.stat()
+    memo = (str(path), st.st_size, st.st_mtime_ns)
+    if memo not in _DIGESTS:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        _DIGESTS[memo] = h.hexdigest()
+    return _DIGESTS[memo]
+
+
+def asset_identity(path: str | Path | None) -> str:
+    """Cheap identity of a checkpoint file or folder: resolved path, sizes and mtimes (no hashing)."""
+    if path is None:
+        return "none"
+    path = Path(path)
+    if not path.exists():
+        return f"missing:{path}"
+    if path.is_file():
+        st = path.stat()
+        return f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}"
+    parts = []
+    for p in sorted(path.rglob("*")):
+        if p.is_file():
+            st = p.stat()
+            parts.append(f"{p.relative_to(path)}:{st.st_size}:{st.st_mtime_ns}")
+    return f"{path.resolve()}[{';'.join(parts)}]"
+
+
+def stable_key(parts: Mapping[str, Any]) -> str:
+    """16 hex digits of sha256 over the JSON of ``parts`` (sorted keys)."""
+    text = json.dumps(parts, sort_keys=True, default=str, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+@dataclass
+class StageRecord:
+    """What happened to one stage in this run."""
+
+    name: str
+    key: str
+    folder: Path
+    cached: bool
+    seconds: float
+
+
+@dataclass
+class WorkCache:
+    """Stage outputs under ``folder/<stage>-<key>/<name>.npy`` (plus any extra files the stage writes)."""
+
+    folder: Path
+    records: dict[str, StageRecord] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.folder = Path(self.folder)
+
+    def entry(self, stage: str, key: str) -> Path:
+        return self.folder / f"{stage}-{key}"
+
+    def run(
+        self,
+        stage: str,
+        parts: Mapping[str, Any],
+        compute: Callable[[Path], Mapping[str, np.ndarray]],
+        log: Callable[[str], None] = print,
+    ) -> tuple[dict[str, np.ndarray], str]:
+        """Load stage ``stage`` for ``parts`` from the cache, or run ``compute(tmp_folder)`` and store it.
+
+        ``compute`` returns named arrays (saved as ``.npy``) and may write extra files (PNGs) into the
+        folder it is given. Returns ``(arrays, key)``.
+        """
+        key = stable_key({"stage": stage, **parts})
+        entry = self.entry(stage, key)
+        start = time.perf_counter()
+        done = entry / ".done"
+        if done.is_file():
+            names = json.loads(done.read_text())
+            arrays = {n: np.load(entry / f"{n}.npy", allow_pickle=False) for n in names}
+            seconds = time.perf_counter() - start
+            self.records[stage] = StageRecord(stage, key, entry, True, seconds)
+            log(f"[{stage}] reused {entry.name} ({seconds:.2f} s)")
+            return arrays, key
+        self.folder.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{stage}-{key}.", dir=self.folder))
+        try:
+            arrays = {n: np.asarray(a) for n, a in compute(tmp).items()}
+            for n, a in arrays.items():
+                np.save(tmp / f"{n}.npy", a)
+            (tmp / "parts.json").write_text(json.dumps(parts, sort_keys=True, default=str, indent=1))
+            (tmp / ".done").write_text(json.dumps(sorted(arrays)))
+            if entry.exists():  # a stale, unfinished entry from an older layout
+                shutil.rmtree(entry)
+            os.replace(tmp, entry)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+        seconds = time.perf_counter() - start
+        self.records[stage] = StageRecord(stage, key, entry, False, seconds)
+        log(f"[{stage}] computed in {seconds:.2f} s -> {entry}")
+        return arrays, key
