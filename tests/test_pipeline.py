@@ -1,0 +1,197 @@
+"""End-to-end pipeline: tiny random-weights run, stage caching, and the bad-input cases."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from data.errors import cli_main
+from data.video import probe
+from pipeline.cache import WorkCache, stable_key
+from pipeline.inference import build_parser, main, pingpong_indices, resolve_config
+from pipeline.sample_data import reference_frames, write_reference_video, write_speech
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = str(REPO / "configs" / "inference_tiny.yaml")
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory) -> dict[str, Path]:
+    """A 3-second speech clip (cut from the bundled one) and a 1-second moving reference video."""
+    d = tmp_path_factory.mktemp("inputs")
+    return {
+        "speech": write_speech(d / "speech3s.wav", seconds=3.0),
+        "short": write_speech(d / "short.wav", seconds=0.3),
+        "video": write_reference_video(d / "ref.mp4", seconds=1.0),
+        "dir": d,
+    }
+
+
+def _run_cli(argv: list[str], capsys) -> tuple[int, str, str]:
+    with pytest.raises(SystemExit) as exc:
+        cli_main(main, argv)
+    out, err = capsys.readouterr()
+    return exc.value.code, out, err
+
+
+def _assert_one_line_error(code: int, err: str, *needles: str) -> None:
+    assert code == 2
+    lines = [line for line in err.strip().splitlines() if line.strip()]
+    assert len(lines) == 1, err
+    assert lines[0].startswith("error: ")
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+def test_pingpong_indices():
+    np.testing.assert_array_equal(pingpong_indices(10, 4), [0, 1, 2, 3, 2, 1, 0, 1, 2, 3])
+    np.testing.assert_array_equal(pingpong_indices(3, 5), [0, 1, 2])
+    np.testing.assert_array_equal(pingpong_indices(4, 1), [0, 0, 0, 0])
+    np.testing.assert_array_equal(pingpong_indices(5, 2), [0, 1, 0, 1, 0])
+
+
+def test_config_resolution_flags_and_overrides():
+    args = build_parser().parse_args(
+        ["--audio", "a.wav", "--ref_video", "v.mp4", "--out", "o.mp4", "--steps", "7", "--seed", "5"]
+        + ["--batch_size", "2", "mtov.start_ratio=0.5", "atom.guidance_weight=3.5"]
+    )
+    cfg = resolve_config(args)
+    assert cfg.atom.steps == 7 and cfg.mtov.batch_size == 2 and cfg.mtov.start_ratio == 0.5
+    assert cfg.atom.guidance_weight == 3.5
+    assert cfg.atom.seed == 5 and cfg.mtov.seed == 5  # null stage seeds follow --seed
+    assert cfg.random_weights is False and cfg.assets.atom is None
+    tiny = resolve_config(build_parser().parse_args(["--config", TINY, "--audio", "a b.wav"]))
+    assert tiny.audio == "a b.wav"
+    assert tiny.atom.steps < 50 and tiny.mtov.sampling_timesteps < 100
+
+
+def test_work_cache_reuses_and_rekeys(tmp_path):
+    cache = WorkCache(tmp_path / "work")
+    calls = []
+
+    def compute(folder):
+        calls.append(folder)
+        (folder / "extra.txt").write_text("x")
+        return {"a": np.arange(3)}
+
+    out1, k1 = cache.run("stage", {"x": 1}, compute, log=lambda s: None)
+    out2, k2 = cache.run("stage", {"x": 1}, compute, log=lambda s: None)
+    assert k1 == k2 and len(calls) == 1 and cache.records["stage"].cached
+    np.testing.assert_array_equal(out2["a"], [0, 1, 2])
+    assert (tmp_path / "work" / f"stage-{k1}" / "extra.txt").is_file()
+    _, k3 = cache.run("stage", {"x": 2}, compute, log=lambda s: None)
+    assert k3 != k1 and len(calls) == 2 and not cache.records["stage"].cached
+    assert stable_key({"a": 1, "b": 2}) == stable_key({"b": 2, "a": 1})
+
+    def boom(folder):
+        raise RuntimeError("stage failed")
+
+    with pytest.raises(RuntimeError):
+        cache.run("bad", {"x": 1}, boom, log=lambda s: None)
+    assert not [p for p in (tmp_path / "work").iterdir() if p.name.startswith((".bad", "bad"))]
+
+
+# ----------------------------------------------------------------------------- bad inputs
+def _base(inputs, out: Path) -> list[str]:
+    return ["--audio", str(inputs["speech"]), "--ref_video", str(inputs["video"]), "--out", str(out)]
+
+
+def test_no_audio_track(inputs, tmp_path, capsys):
+    out = tmp_path / "o.mp4"
+    argv = ["--audio", str(inputs["video"]), "--ref_video", str(inputs["video"]), "--out", str(out)]
+    code, _, err = _run_cli(argv + ["--random_weights", "--config", TINY], capsys)
+    _assert_one_line_error(code, err, "no audio track", "ref.mp4")
+    assert not out.exists()
+
+
+def test_unreadable_reference_video(inputs, tmp_path, capsys):
+    junk = tmp_path / "junk.mp4"
+    junk.write_bytes(os.urandom(2000))
+    out = tmp_path / "o.mp4"
+    argv = ["--audio", str(inputs["speech"]), "--ref_video", str(junk), "--out", str(out)]
+    code, _, err = _run_cli(argv + ["--random_weights", "--config", TINY], capsys)
+    _assert_one_line_error(code, err, "junk.mp4")
+    assert not out.exists()
+
+
+def test_audio_too_short(inputs, tmp_path, capsys):
+    out = tmp_path / "o.mp4"
+    argv = ["--audio", str(inputs["short"]), "--ref_video", str(inputs["video"]), "--out", str(out)]
+    code, _, err = _run_cli(argv + ["--random_weights", "--config", TINY], capsys)
+    _assert_one_line_error(code, err, "0.30 s", "0.5")
+    assert not out.exists()
+
+
+def test_unwritable_output(inputs, tmp_path, capsys):
+    blocker = tmp_path / "not_a_folder"
+    blocker.write_text("a file where the output folder should be")
+    out = blocker / "o.mp4"
+    code, _, err = _run_cli(_base(inputs, out) + ["--random_weights", "--config", TINY], capsys)
+    _assert_one_line_error(code, err, "not_a_folder")
+    assert blocker.read_text().startswith("a file")
+
+
+def test_existing_output_is_kept(inputs, tmp_path, capsys):
+    out = tmp_path / "o.mp4"
+    out.write_bytes(b"previous result")
+    code, _, err = _run_cli(_base(inputs, out) + ["--random_weights", "--config", TINY], capsys)
+    _assert_one_line_error(code, err, "--overwrite")
+    assert out.read_bytes() == b"previous result"
+
+
+def test_missing_assets_listed_before_work(inputs, tmp_path, capsys):
+    out = tmp_path / "o.mp4"
+    empty = tmp_path / "no_checkpoints"
+    argv = _base(inputs, out) + [
+        f"assets.{k}={empty / k}"
+        for k in ("atom", "autoencoder_rgb", "autoencoder_motion", "diffusion_model")
+    ]
+    argv += [f"assets.bfm_dir={empty / 'BFM'}", f"assets.deep3d={empty / 'd.pth'}"]
+    argv += [f"assets.hubert={empty / 'hubert'}", f"assets.face_alignment={empty / 'fa'}"]
+    code, stdout, err = _run_cli(argv, capsys)
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert lines[0].startswith("error: 9 required asset(s) missing")
+    named = "\n".join(lines[1:])
+    for part in ("atom", "autoencoder_rgb", "autoencoder_motion", "diffusion_model", "BFM_model_front.mat"):
+        assert part in named
+    assert len(lines) == 10 and all("python -m data.assets check" in line for line in lines[1:])
+    assert stdout == "" and not out.exists() and not (tmp_path / "o_work").exists()
+
+
+def test_cli_module_entry_point(inputs, tmp_path):
+    """`python -m pipeline.inference` prints one error line and exits 2 (no traceback)."""
+    out = tmp_path / "o.mp4"
+    proc = subprocess.run(
+        [sys.executable, "-m", "pipeline.inference", "--audio", str(tmp_path / "nope.wav")]
+        + ["--ref_video", str(inputs["video"]), "--out", str(out)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=120,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [f"error: media file not found: {tmp_path / 'nope.wav'}"]
+    assert not out.exists()
+
+
+def test_sample_reference_frames_move():
+    frames = reference_frames(8, size=64)
+    assert frames.shape == (8, 64, 64, 3) and frames.dtype == np.uint8
+    assert np.abs(frames[2].astype(int) - frames[0]).mean() > 1.0  # the head moves
+
+
+def test_sample_speech_is_cut_exactly(inputs):
+    audio, sr = sf.read(inputs["speech"])
+    assert sr == 16000 and len(audio) == 48000 and np.abs(audio).max() > 0.1
+
+
+def test_reference_video_is_silent_25fps(inputs):
+    info = probe(inputs["video"])
+    assert info["video"]["frames"] == 25 and info["video"]["fps"] == 25.0 and info["audio"] is None
