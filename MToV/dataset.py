@@ -1,0 +1,254 @@
+"""HDTF-style clip dataset for MToV training (both autoencoders and the latent diffusion UNet).
+
+Tree (every folder name is an option)::
+
+    {root}/frames/{id}/{frame:05d}.jpg|png                             RGB frames, any H x W
+    {root}/keypoints/non-face-centric/posed/{id}/{frame:05d}.npy      [68, 2] pixel (x, y) per frame
+
+One item is a window of ``timesteps`` consecutive frames of one video (random start for training,
+evenly spaced fixed starts for evaluation), returned as float32 tensors ``[3, T, S, S]`` in
+[-1, 1] (``uint8 / 127.5 - 1``, as the original):
+
+* ``x``: the frames, centre-cropped to a square and bilinearly resized to ``S`` (``resize_crop``);
+* ``x_ref``: the window's first frame repeated ``T`` times (the reference clip);
+* ``x_l``: the landmark video, white dots of radius 3 on black at ``S x S``, coordinates scaled by
+  ``S / W`` of the original frame (``render_landmarks``, as the original: no crop offset);
+* ``masked_x``: the frames with every row from the nose base ``int(lm[33].y)`` down set to 0,
+  masked at the original resolution with each frame's own landmarks, then resized.
+
+plus ``id`` (str) and ``start`` (int). Only the keys asked for are computed (``keys=``).
+
+Split file: one id per line. ``split_mode="heldout"`` (default, the original's semantics: its
+``train_id.txt`` actually lists the 98 TEST ids) means listed ids are the test split and all other
+ids train; ``split_mode="train"`` means the file lists the training ids. ``split="all"`` ignores it.
+
+Videos shorter than the window: ``short_videos="skip"`` (default) leaves them out (with a warning);
+``"pad"`` keeps them and pads the window at the FRONT with black frames (and empty landmark
+frames), like the original's front zero-padding; the reference frame is then the first real frame.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from data.errors import UserError
+from data.imageops import mask_below_nose, resize_crop
+from data.motion_align import render_landmarks
+
+ALL_KEYS = ("x", "x_ref", "x_l", "masked_x")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+DEFAULT_FRAMES_DIR = "frames"
+DEFAULT_KEYPOINTS_DIR = "keypoints/non-face-centric/posed"
+
+
+def read_split_file(path: str | Path) -> list[str]:
+    """Ids listed one per line (blank lines and ``#`` comments ignored)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"split file not found: {path} (set data.split_file, or null to use every id)")
+    ids = []
+    for line in path.read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line:
+            ids.append(line)
+    return ids
+
+
+def select_ids(
+    all_ids: Sequence[str], split: str, listed: Sequence[str] | None, split_mode: str
+) -> list[str]:
+    """The ids of ``split`` ("train", "test" or "all") given the listed ids and their meaning."""
+    if split not in ("train", "test", "all"):
+        raise UserError(f"split must be train, test or all, got {split!r}")
+    if split_mode not in ("heldout", "train"):
+        raise UserError(f"split_mode must be 'heldout' (file lists test ids) or 'train', got {split_mode!r}")
+    if split == "all" or listed is None:
+        return list(all_ids)
+    listed_set = set(listed)
+    in_list = split == ("test" if split_mode == "heldout" else "train")
+    return [i for i in all_ids if (i in listed_set) == in_list]
+
+
+def to_unit_range(frames: np.ndarray) -> torch.Tensor:
+    """[T, S, S, 3] or [T, 3, S, S] uint8-range values -> float32 [3, T, S, S] in [-1, 1]."""
+    t = torch.from_numpy(np.ascontiguousarray(frames, dtype=np.float32))
+    if t.shape[-1] == 3:
+        t = t.permute(3, 0, 1, 2)
+    else:
+        t = t.permute(1, 0, 2, 3)
+    return t / 127.5 - 1
+
+
+def read_rgb(path: Path) -> np.ndarray:
+    """One image file -> uint8 [H, W, 3] RGB."""
+    img = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    if img is None:
+        raise UserError(f"cannot read frame {path} (corrupt or not an image)")
+    return img[:, :, ::-1]
+
+
+class HDTFClipDataset(Dataset):
+    """Windows of ``timesteps`` frames from an HDTF-style frames + keypoints tree (see module doc)."""
+
+    def __init__(
+        self,
+        root: str | Path,
+        split: str = "train",
+        split_file: str | Path | None = None,
+        split_mode: str = "heldout",
+        timesteps: int = 16,
+        resolution: int = 256,
+        keys: Sequence[str] = ALL_KEYS,
+        frames_dir: str = DEFAULT_FRAMES_DIR,
+        keypoints_dir: str = DEFAULT_KEYPOINTS_DIR,
+        random_window: bool | None = None,
+        clips_per_video: int = 1,
+        short_videos: str = "skip",
+        radius: int = 3,
+    ) -> None:
+        if root is None:
+            raise UserError("no dataset root given (set data.root=/path/to/HDTF)")
+        self.root = Path(root)
+        self.frames_root = self.root / frames_dir
+        self.kp_root = self.root / keypoints_dir
+        self.timesteps = int(timesteps)
+        self.resolution = int(resolution)
+        self.keys = tuple(keys)
+        bad = [k for k in self.keys if k not in ALL_KEYS]
+        if bad or not self.keys:
+            raise UserError(f"unknown dataset keys {bad}; choose from {ALL_KEYS}")
+        self.random_window = split == "train" if random_window is None else bool(random_window)
+        self.clips_per_video = int(clips_per_video)
+        if short_videos not in ("skip", "pad"):
+            raise UserError(f"short_videos must be 'skip' or 'pad', got {short_videos!r}")
+        self.short_videos = short_videos
+        self.radius = radius
+        self._need_kp = any(k in self.keys for k in ("x_l", "masked_x"))
+
+        if not self.frames_root.is_dir():
+            raise UserError(
+                f"frames folder not found: {self.frames_root} (expected {{root}}/{frames_dir}/{{id}}/)"
+            )
+        if self._need_kp and not self.kp_root.is_dir():
+            raise UserError(
+                f"keypoints folder not found: {self.kp_root} (expected {{root}}/{keypoints_dir}/{{id}}/; "
+                "build it with the data preprocessing)"
+            )
+        all_ids = sorted(p.name for p in self.frames_root.iterdir() if p.is_dir())
+        listed = read_split_file(split_file) if split_file else None
+        ids = select_ids(all_ids, split, listed, split_mode)
+
+        self.videos: list[tuple[str, list[Path]]] = []
+        skipped = []
+        for vid in ids:
+            frames = sorted(
+                p for p in (self.frames_root / vid).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES
+            )
+            if not frames or (len(frames) < self.timesteps and short_videos == "skip"):
+                skipped.append(f"{vid} ({len(frames)} frames)")
+                continue
+            self.videos.append((vid, frames))
+        if skipped:
+            warnings.warn(
+                f"skipped {len(skipped)} video(s) shorter than {self.timesteps} frames: "
+                + ", ".join(skipped[:5])
+                + (" ..." if len(skipped) > 5 else "")
+                + " (short_videos='pad' keeps them)",
+                stacklevel=2,
+            )
+        if not self.videos:
+            raise UserError(
+                f"no usable videos for split {split!r} under {self.frames_root} "
+                f"({len(all_ids)} ids found, {len(ids)} in the split, {len(skipped)} too short); "
+                "check data.root, data.split_file and data.split_mode"
+            )
+
+    def __len__(self) -> int:
+        return len(self.videos) * self.clips_per_video
+
+    def _start(self, n_frames: int, clip: int) -> int:
+        last = max(n_frames - self.timesteps, 0)
+        if self.random_window:
+            return int(torch.randint(0, last + 1, ()).item())
+        if self.clips_per_video == 1:
+            return 0
+        return int(round(clip * last / (self.clips_per_video - 1)))
+
+    def _keypoints(self, vid: str, frame_paths: Sequence[Path]) -> np.ndarray:
+        out = np.empty((len(frame_paths), 68, 2), np.float32)
+        for i, fp in enumerate(frame_paths):
+            kp_path = self.kp_root / vid / f"{fp.stem}.npy"
+            if not kp_path.is_file():
+                raise UserError(f"keypoints missing for frame {fp}: expected {kp_path}")
+            kp = np.load(kp_path)
+            if kp.shape != (68, 2):
+                raise UserError(f"keypoints {kp_path} have shape {kp.shape}, expected (68, 2)")
+            out[i] = kp
+        return out
+
+    def __getitem__(self, index: int) -> dict:
+        vid, paths = self.videos[index // self.clips_per_video]
+        start = self._start(len(paths), index % self.clips_per_video)
+        window = paths[start : start + self.timesteps]
+        pad = self.timesteps - len(window)
+        images = [read_rgb(p) for p in window]
+        hw = images[0].shape[:2]
+        if any(img.shape[:2] != hw for img in images):
+            raise UserError(f"frames of {vid} differ in size ({window[0].parent})")
+        frames = np.stack(images)
+        lm = self._keypoints(vid, window) if self._need_kp else None
+        s = self.resolution
+        item: dict = {"id": vid, "start": start}
+        x = None
+        if "x" in self.keys or "x_ref" in self.keys:
+            x = to_unit_range(resize_crop(frames.astype(np.float32), s))
+        if "x" in self.keys:
+            item["x"] = _front_pad(x, pad)
+        if "x_ref" in self.keys:
+            item["x_ref"] = x[:, :1].expand(-1, self.timesteps, -1, -1).contiguous()
+        if "masked_x" in self.keys:
+            masked = mask_below_nose(frames, lm).astype(np.float32)
+            item["masked_x"] = _front_pad(to_unit_range(resize_crop(masked, s)), pad)
+        if "x_l" in self.keys:
+            dots = render_landmarks(lm, hw, size=s, radius=self.radius)
+            item["x_l"] = _front_pad(to_unit_range(dots), pad)
+        return item
+
+
+def _front_pad(clip: torch.Tensor, pad: int) -> torch.Tensor:
+    """Prepend ``pad`` black frames (-1) on the time axis of [3, T, S, S]."""
+    if pad <= 0:
+        return clip
+    black = torch.full((clip.shape[0], pad, *clip.shape[2:]), -1.0, dtype=clip.dtype)
+    return torch.cat([black, clip], dim=1)
+
+
+def build_dataset(
+    data_cfg, split: str, keys: Sequence[str], timesteps: int, resolution: int
+) -> HDTFClipDataset:
+    """Construct the dataset from a config's ``data`` section (shared by both MToV trainers)."""
+    get = data_cfg.get
+    return HDTFClipDataset(
+        root=get("root"),
+        split=split,
+        split_file=get("split_file", None),
+        split_mode=get("split_mode", "heldout"),
+        timesteps=timesteps,
+        resolution=resolution,
+        keys=keys,
+        frames_dir=get("frames_dir", DEFAULT_FRAMES_DIR),
+        keypoints_dir=get("keypoints_dir", DEFAULT_KEYPOINTS_DIR),
+        random_window=None,
+        clips_per_video=get("train_clips_per_video", 1)
+        if split == "train"
+        else get("val_clips_per_video", 1),
+        short_videos=get("short_videos", "skip"),
+        radius=get("landmark_radius", 3),
+    )
