@@ -48,7 +48,6 @@ __all__ = [
     "build_parser",
     "resolve_config",
     "run_inference",
-    "pingpong_indices",
     "main",
 ]
 
@@ -287,6 +286,8 @@ def _validate(cfg: DictConfig) -> _Inputs:
         rinfo = probe(ref)
         if rinfo["video"] is None:
             raise UserError(f"{ref} has no video stream; pass a video, or a photo with --ref_image")
+    _plain(cfg.atom.config)  # a stage config file that does not exist fails here, before any work
+    _plain(cfg.mtov.config)
     if int(cfg.ref_frame) < 0:
         raise UserError(f"--ref_frame must be >= 0, got {cfg.ref_frame}")
     rate = int(info["audio"]["sample_rate"] or SAMPLE_RATE)
@@ -331,19 +332,6 @@ def _check_assets(cfg: DictConfig) -> dict[str, Path]:
 
 
 # ----------------------------------------------------------------------------- helpers
-def pingpong_indices(n_frames: int, n_source: int) -> np.ndarray:
-    """Indices ``[n_frames]`` that play ``n_source`` frames forwards, backwards, forwards, ...
-
-    0, 1, ..., n-1, n-2, ..., 1, 0, 1, ... so a short reference video covers long audio without a
-    jump; a single frame (a photo) is simply repeated.
-    """
-    if n_source <= 1:
-        return np.zeros(n_frames, dtype=np.int64)
-    period = 2 * n_source - 2
-    i = np.arange(n_frames) % period
-    return np.where(i < n_source, i, period - i).astype(np.int64)
-
-
 def _timer(timings: dict[str, float], name: str, log: Callable[[str], None]):
     class _T:
         def __enter__(self):
@@ -511,7 +499,11 @@ def run_inference(
         from data.recon3d import FaceReconstructor
 
         rec = FaceReconstructor(
-            weights=None if rw else paths["deep3d"], bfm_dir=bfm_dir, device=device, random_weights=rw
+            weights=None if rw else paths["deep3d"],
+            bfm_dir=bfm_dir,
+            device=device,
+            random_weights=rw,
+            seed=int(cfg.seed),
         )
         coeff = rec.reconstruct(frames, lm68)
         return {"coeff": np.asarray(coeff, np.float32), "lm3d_std": np.asarray(rec.lm3d_std, np.float32)}
@@ -568,8 +560,8 @@ def run_inference(
             "hubert": hub_key,
             "recon": rec_key,
             "ref_frame": ref_frame,
-            "model": f"random:{_plain(cfg.atom.config)}" if rw else asset_identity(paths["atom"]),
-            "config": _plain(cfg.atom.config),
+            "model": "random" if rw else asset_identity(paths["atom"]),
+            "config": _config_identity(cfg.atom.config),
             "ema": bool(cfg.atom.ema),
             "steps": int(cfg.atom.steps),
             "eta": float(cfg.atom.eta),
@@ -584,7 +576,9 @@ def run_inference(
         raise RuntimeError(f"AToM returned {len(frontal)} frames for {n_frames} video frames")
 
     # 6. alignment onto the reference frames -------------------------------------------------
-    idx = pingpong_indices(n_frames, n_ref)
+    from data.motion_align import pingpong_indices
+
+    idx = pingpong_indices(n_ref, n_frames)  # reference played back and forth
 
     def _align(folder: Path) -> dict[str, np.ndarray]:
         from data.motion_align import align_landmarks, render_landmarks
@@ -643,12 +637,12 @@ def run_inference(
             "align": al_key,
             "reference": ref_key,
             "ref_frame": ref_frame,
-            "models": f"random:{_plain(cfg.mtov.config)}"
+            "models": "random"
             if rw
             else [
                 asset_identity(paths[k]) for k in ("autoencoder_rgb", "autoencoder_motion", "diffusion_model")
             ],
-            "config": _plain(cfg.mtov.config),
+            "config": _config_identity(cfg.mtov.config),
             "batch_size": int(cfg.mtov.batch_size),
             "start_ratio": float(cfg.mtov.start_ratio),
             "sampling_timesteps": int(cfg.mtov.sampling_timesteps),
@@ -709,10 +703,24 @@ def _random_kw(random_weights: bool) -> dict[str, Any]:
 
 
 def _plain(node: Any) -> Any:
-    """OmegaConf node -> plain Python (dict/list/scalar) for the stage loaders and cache keys."""
-    if isinstance(node, DictConfig) or OmegaConf.is_config(node):
+    """A stage's ``config`` setting for its loader: a YAML path (relative paths are tried against the
+    working folder, then the repository) or an inline mapping (plain dict); None = the loader's default."""
+    if OmegaConf.is_config(node):
         return OmegaConf.to_container(node, resolve=True)
+    if isinstance(node, str):
+        path = Path(node).expanduser()
+        if not path.is_file() and not path.is_absolute() and (REPO / path).is_file():
+            path = REPO / path
+        if not path.is_file():
+            raise UserError(f"stage config file not found: {node}")
+        return str(path)
     return node
+
+
+def _config_identity(node: Any) -> Any:
+    """Cache-key part of a stage config: the file's digest for a path, else the value itself."""
+    value = _plain(node)
+    return file_digest(value) if isinstance(value, str) else value
 
 
 def _metadata(cfg: DictConfig) -> dict[str, str]:

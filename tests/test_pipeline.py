@@ -14,7 +14,7 @@ import soundfile as sf
 from data.errors import cli_main
 from data.video import probe
 from pipeline.cache import WorkCache, stable_key
-from pipeline.inference import build_parser, main, pingpong_indices, resolve_config
+from pipeline.inference import build_parser, main, resolve_config
 from pipeline.sample_data import reference_frames, write_reference_video, write_speech
 
 REPO = Path(__file__).resolve().parents[1]
@@ -47,13 +47,6 @@ def _assert_one_line_error(code: int, err: str, *needles: str) -> None:
     assert lines[0].startswith("error: ")
     for needle in needles:
         assert needle in lines[0], lines[0]
-
-
-def test_pingpong_indices():
-    np.testing.assert_array_equal(pingpong_indices(10, 4), [0, 1, 2, 3, 2, 1, 0, 1, 2, 3])
-    np.testing.assert_array_equal(pingpong_indices(3, 5), [0, 1, 2])
-    np.testing.assert_array_equal(pingpong_indices(4, 1), [0, 0, 0, 0])
-    np.testing.assert_array_equal(pingpong_indices(5, 2), [0, 1, 0, 1, 0])
 
 
 def test_config_resolution_flags_and_overrides():
