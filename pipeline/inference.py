@@ -82,7 +82,7 @@ DEFAULTS: dict[str, Any] = {
         "hubert": None,
         "face_alignment": None,
     },
-    "hubert": {"batch_size": 4, "random_hidden_size": 1024},
+    "hubert": {"batch_size": 4, "random_hidden_size": None},
     "reference": {"max_frames": None},  # null: as many frames as the audio needs
     "atom": {
         "config": None,  # passed to AToM.inference.load_atom (null: its default, the official sizes)
@@ -410,14 +410,14 @@ def run_inference(
         bfm_dir = paths["bfm_front"].parent
     bfm_id = f"synthetic:{cfg.seed}" if rw else asset_identity(paths["bfm_front"])
 
+    random_hidden = _random_hubert_size(cfg) if rw else 0
+
     # 1. HuBERT ------------------------------------------------------------------------------
     def _hubert(_: Path) -> dict[str, np.ndarray]:
         from data.audio import HubertExtractor
 
         if rw:
-            ext = HubertExtractor.random(
-                hidden_size=int(cfg.hubert.random_hidden_size), seed=int(cfg.seed), device=device
-            )
+            ext = HubertExtractor.random(hidden_size=random_hidden, seed=int(cfg.seed), device=device)
         else:
             ext = HubertExtractor(paths["hubert"], device=device, batch_size=int(cfg.hubert.batch_size))
         return {"hubert": ext(hubert_wave, name=str(inputs.audio))}
@@ -427,9 +427,7 @@ def run_inference(
         {
             "audio": file_digest(inputs.audio),
             "samples": len(hubert_wave),
-            "model": f"random:{cfg.hubert.random_hidden_size}:{cfg.seed}"
-            if rw
-            else asset_identity(paths["hubert"]),
+            "model": f"random:{random_hidden}:{cfg.seed}" if rw else asset_identity(paths["hubert"]),
         },
         _hubert,
         log,
@@ -696,6 +694,20 @@ def run_inference(
         stages=dict(cache.records),
         timings=timings,
     )
+
+
+def _random_hubert_size(cfg: DictConfig) -> int:
+    """Feature size of the random HuBERT: ``hubert.random_hidden_size``, or (null) the AToM
+    config's ``model.cond_feature_dim`` so the two always agree (1024 for the official sizes)."""
+    if cfg.hubert.random_hidden_size is not None:
+        return int(cfg.hubert.random_hidden_size)
+    atom_cfg = _plain(cfg.atom.config)
+    if isinstance(atom_cfg, str):
+        atom_cfg = OmegaConf.to_container(OmegaConf.load(atom_cfg), resolve=True)
+    try:
+        return int(atom_cfg["model"]["cond_feature_dim"])
+    except (TypeError, KeyError):
+        return 1024
 
 
 def _random_kw(random_weights: bool) -> dict[str, Any]:
