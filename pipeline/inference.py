@@ -3,10 +3,10 @@
 Stages (each cached in the work folder under a hash of its inputs and settings, see
 :mod:`pipeline.cache`):
 
-1. ``hubert``     audio -> 16 kHz -> HuBERT features (50 Hz);
-2. ``reference``  reference video -> 25 fps -> centre crop 256x256 (or one photo);
-3. ``landmarks``  FAN 68-point 2D landmarks of the reference frames;
-4. ``recon``      Deep3DFaceRecon 257 3DMM coefficients of the reference frames;
+1. ``reference``  reference video -> 25 fps -> centre crop 256x256 (or one photo);
+2. ``landmarks``  FAN 68-point 2D landmarks of the reference frames;
+3. ``recon``      Deep3DFaceRecon 257 3DMM coefficients of the reference frames;
+4. ``hubert``     audio -> 16 kHz -> HuBERT features (50 Hz);
 5. ``atom``       AToM -> frontal 3D landmarks for the whole audio (2 HuBERT frames per video frame);
 6. ``align``      frontal landmarks re-posed onto the reference frames (played back and forth when
                   the audio is longer than the video) -> pixel landmarks, rendered dot video (PNGs);
@@ -367,8 +367,9 @@ def run_inference(
 ) -> PipelineResult:
     """Run the whole pipeline for a resolved config (see :func:`resolve_config`).
 
-    ``detector`` replaces the FAN landmark detector (an object with ``.detect(frames)`` as
-    :class:`data.landmarks.FaceLandmarkDetector`), e.g. in tests.
+    ``detector`` replaces FAN and s3fd inside :class:`data.landmarks.FaceLandmarkDetector` (a
+    callable on uint8 frame batches returning per-frame ``[68, 2]`` landmarks or None), e.g. to
+    test the no-face path; with ``random_weights`` the default is :func:`template_face_detector`.
     """
     t_total = time.perf_counter()
     timings: dict[str, float] = {}
@@ -410,31 +411,7 @@ def run_inference(
         bfm_dir = paths["bfm_front"].parent
     bfm_id = f"synthetic:{cfg.seed}" if rw else asset_identity(paths["bfm_front"])
 
-    random_hidden = _random_hubert_size(cfg) if rw else 0
-
-    # 1. HuBERT ------------------------------------------------------------------------------
-    def _hubert(_: Path) -> dict[str, np.ndarray]:
-        from data.audio import HubertExtractor
-
-        if rw:
-            ext = HubertExtractor.random(hidden_size=random_hidden, seed=int(cfg.seed), device=device)
-        else:
-            ext = HubertExtractor(paths["hubert"], device=device, batch_size=int(cfg.hubert.batch_size))
-        return {"hubert": ext(hubert_wave, name=str(inputs.audio))}
-
-    hub, hub_key = cache.run(
-        "hubert",
-        {
-            "audio": file_digest(inputs.audio),
-            "samples": len(hubert_wave),
-            "model": f"random:{random_hidden}:{cfg.seed}" if rw else asset_identity(paths["hubert"]),
-        },
-        _hubert,
-        log,
-    )
-    hubert = hub["hubert"]
-
-    # 2. reference frames --------------------------------------------------------------------
+    # 1. reference frames --------------------------------------------------------------------
     max_ref = n_frames if cfg.reference.max_frames is None else min(n_frames, int(cfg.reference.max_frames))
     max_ref = max(max_ref, int(cfg.ref_frame) + 1)
 
@@ -465,34 +442,29 @@ def run_inference(
     if ref_frame >= n_ref:
         raise UserError(f"--ref_frame {ref_frame} is past the end of {inputs.ref} ({n_ref} frames)")
 
-    # 3. FAN landmarks -----------------------------------------------------------------------
+    # 2. FAN landmarks -----------------------------------------------------------------------
     def _landmarks(_: Path) -> dict[str, np.ndarray]:
-        det = detector
-        if det is None:
-            from data.landmarks import FaceLandmarkDetector
+        from data.landmarks import FaceLandmarkDetector
 
-            det = FaceLandmarkDetector(
-                device=device, weights_dir=None if rw else paths["face_alignment"], **_random_kw(rw)
-            )
-        lm68, n_interp = det.detect(frames)
+        injected = detector if detector is not None else (template_face_detector if rw else None)
+        det = FaceLandmarkDetector(
+            device=device,
+            weights_dir=None if injected is not None else paths["face_alignment"],
+            detector=injected,
+        )
+        lm68, n_interp = det.detect(frames, progress=progress, source=str(inputs.ref))
         if n_interp:
             log(f"[landmarks] no face in {n_interp} of {n_ref} reference frames: interpolated")
         return {"lm68": np.asarray(lm68, np.float32)}
 
-    lms, lm_key = cache.run(
-        "landmarks",
-        {
-            "reference": ref_key,
-            "detector": "injected:" + type(detector).__name__
-            if detector is not None
-            else ("random" if rw else asset_identity(paths["face_alignment"])),
-        },
-        _landmarks,
-        log,
-    )
+    if detector is not None:  # not reusable across processes: key on the object itself
+        det_id = f"injected:{getattr(detector, '__qualname__', type(detector).__name__)}:{id(detector)}"
+    else:
+        det_id = "template" if rw else asset_identity(paths["face_alignment"])
+    lms, lm_key = cache.run("landmarks", {"reference": ref_key, "detector": det_id}, _landmarks, log)
     lm68 = lms["lm68"]
 
-    # 4. 3DMM coefficients -------------------------------------------------------------------
+    # 3. 3DMM coefficients -------------------------------------------------------------------
     def _recon(_: Path) -> dict[str, np.ndarray]:
         from data.recon3d import FaceReconstructor
 
@@ -517,6 +489,30 @@ def run_inference(
         log,
     )
     coeff, lm3d_std = rec["coeff"], rec["lm3d_std"]
+
+    random_hidden = _random_hubert_size(cfg) if rw else 0
+
+    # 4. HuBERT ------------------------------------------------------------------------------
+    def _hubert(_: Path) -> dict[str, np.ndarray]:
+        from data.audio import HubertExtractor
+
+        if rw:
+            ext = HubertExtractor.random(hidden_size=random_hidden, seed=int(cfg.seed), device=device)
+        else:
+            ext = HubertExtractor(paths["hubert"], device=device, batch_size=int(cfg.hubert.batch_size))
+        return {"hubert": ext(hubert_wave, name=str(inputs.audio))}
+
+    hub, hub_key = cache.run(
+        "hubert",
+        {
+            "audio": file_digest(inputs.audio),
+            "samples": len(hubert_wave),
+            "model": f"random:{random_hidden}:{cfg.seed}" if rw else asset_identity(paths["hubert"]),
+        },
+        _hubert,
+        log,
+    )
+    hubert = hub["hubert"]
 
     # 5. AToM --------------------------------------------------------------------------------
     def _frontal_of_reference() -> tuple[np.ndarray, np.ndarray]:
@@ -710,8 +706,21 @@ def _random_hubert_size(cfg: DictConfig) -> int:
         return 1024
 
 
-def _random_kw(random_weights: bool) -> dict[str, Any]:
-    return {"random_weights": True} if random_weights else {}
+def template_face_detector(frames: np.ndarray) -> np.ndarray:
+    """Landmarks of a fixed frontal template face in the middle of each frame, ``[B, 68, 2]``.
+
+    The ``--random_weights`` stand-in for FAN: randomly initialised FAN/s3fd networks find no face
+    at all, so the run would stop at the landmark stage. This places
+    :func:`data.face3d.canonical_face_lm68` (jaw width 1.5 units) at about 45% of the frame width,
+    centred horizontally, roughly where an HDTF-style crop shows the face.
+    """
+    from data.face3d import canonical_face_lm68
+
+    frames = np.asarray(frames)
+    height, width = frames.shape[1:3]
+    face = canonical_face_lm68()[:, :2]
+    lm = np.stack([width / 2 + face[:, 0] * 0.3 * width, 0.45 * height - face[:, 1] * 0.3 * height], axis=1)
+    return np.repeat(lm[None].astype(np.float32), len(frames), axis=0)
 
 
 def _plain(node: Any) -> Any:
@@ -752,7 +761,7 @@ def _print_timings(
 ) -> None:
     video_s = n_frames / FPS
     log(f"stage timings ({n_frames} frames = {video_s:.2f} s of video):")
-    for name in ("hubert", "reference", "landmarks", "recon", "atom", "align", "render", "mtov", "write"):
+    for name in ("reference", "landmarks", "recon", "hubert", "atom", "align", "render", "mtov", "write"):
         if name not in timings:
             continue
         rec = cache.records.get(name)

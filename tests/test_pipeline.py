@@ -14,7 +14,7 @@ import soundfile as sf
 from data.errors import cli_main
 from data.video import probe
 from pipeline.cache import WorkCache, stable_key
-from pipeline.inference import build_parser, main, resolve_config
+from pipeline.inference import build_parser, main, resolve_config, run_inference
 from pipeline.sample_data import reference_frames, write_reference_video, write_speech
 
 REPO = Path(__file__).resolve().parents[1]
@@ -188,3 +188,25 @@ def test_sample_speech_is_cut_exactly(inputs):
 def test_reference_video_is_silent_25fps(inputs):
     info = probe(inputs["video"])
     assert info["video"]["frames"] == 25 and info["video"]["fps"] == 25.0 and info["audio"] is None
+
+
+def test_no_face_in_reference(inputs, tmp_path, capsys):
+    """A detector that finds no face (injected into data.landmarks) stops the run: one line, exit 2."""
+    out = tmp_path / "o.mp4"
+    argv = _base(inputs, out) + ["--random_weights", "--config", TINY]
+
+    def no_face(batch):
+        return [None] * len(batch)
+
+    def run(argv_):
+        return run_inference(
+            resolve_config(build_parser().parse_args(argv_)), detector=no_face, progress=False
+        )
+
+    with pytest.raises(SystemExit) as exc:
+        cli_main(run, argv)
+    _, err = capsys.readouterr()
+    err_lines = [line for line in err.splitlines() if line.startswith("error")]
+    assert exc.value.code == 2 and len(err_lines) == 1
+    assert "no face found" in err_lines[0] and "ref.mp4" in err_lines[0]
+    assert not out.exists() and not out.with_suffix(".yaml").exists()
