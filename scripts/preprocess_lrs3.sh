@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# LRS3-style dataset for AToM: every clip -> {out_dir}/{split}_{speaker}_{clip}.npz with
+# hubert [2T, 1024] and idexp_lm3d [T, 68, 3] (+ coeff [T, 257]).
+#
+#   scripts/preprocess_lrs3.sh --root data/LRS3/trainval --out_dir data/train/lrs3_npz/train
+#   scripts/preprocess_lrs3.sh --root data/LRS3/test --out_dir data/train/lrs3_npz/val
+#   NUM_SHARDS=4 scripts/preprocess_lrs3.sh --root ... --out_dir ...        # 4 processes in parallel
+#
+# Resumable: existing .npz files are skipped. Weights: checkpoints/ (`python -m data.assets check`).
+# All flags: python -m data.preprocess lrs3 --help
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+PY="${PYTHON:-$ROOT/.venv/bin/python}"
+NUM_SHARDS="${NUM_SHARDS:-1}"
+read -r -a DEVS <<< "${DEVICES:-}"
+if [ "$NUM_SHARDS" -le 1 ] && [ "${#DEVS[@]}" -eq 0 ]; then
+  exec "$PY" -m data.preprocess lrs3 "$@"
+fi
+# NUM_SHARDS parallel processes; DEVICES="cuda:0 cuda:1 ..." spreads them round-robin.
+pids=()
+for ((i = 0; i < NUM_SHARDS; i++)); do
+  extra=(--shard "$i" --num_shards "$NUM_SHARDS")
+  if [ "${#DEVS[@]}" -gt 0 ]; then
+    extra+=(--device "${DEVS[$((i % ${#DEVS[@]}))]}")
+  fi
+  "$PY" -m data.preprocess lrs3 "$@" "${extra[@]}" &
+  pids+=("$!")
+done
+rc=0
+for pid in "${pids[@]}"; do
+  wait "$pid" || rc=$?
+done
+exit "$rc"
