@@ -28,7 +28,14 @@ from data.assets import default_path, missing_message
 from data.device import resolve_device
 from data.errors import UserError
 
-__all__ = ["FaceLandmarkDetector", "fill_missing", "heatmaps_to_points", "FAN_FILE", "S3FD_FILE"]
+__all__ = [
+    "FaceLandmarkDetector",
+    "fill_missing",
+    "heatmaps_to_points",
+    "template_face_detector",
+    "FAN_FILE",
+    "S3FD_FILE",
+]
 
 FAN_FILE = "2DFAN4-11f355bf06.pth.tar"
 S3FD_FILE = "s3fd-619a316812.pth"
@@ -42,6 +49,22 @@ Detector = Callable[[np.ndarray], "Sequence[np.ndarray | None] | np.ndarray"]
 
 def _hub_checkpoints() -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints"
+
+
+def template_face_detector(frames: np.ndarray) -> np.ndarray:
+    """Stand-in detector for ``--random_weights`` smoke runs: a fixed frontal face in every frame.
+
+    Random FAN/s3fd weights find no face, so runs without weights inject this instead: the
+    synthetic :func:`data.face3d.canonical_face_lm68` layout, 0.3 frame widths per BFM unit, centred
+    horizontally with the face centre at 45% of the height. Returns ``[B, 68, 2]`` float32.
+    """
+    from data.face3d import canonical_face_lm68
+
+    frames = np.asarray(frames)
+    height, width = frames.shape[1:3]
+    face = canonical_face_lm68()[:, :2]
+    lm = np.stack([width / 2 + face[:, 0] * 0.3 * width, 0.45 * height - face[:, 1] * 0.3 * height], axis=1)
+    return np.repeat(lm[None].astype(np.float32), len(frames), axis=0)
 
 
 def heatmaps_to_points(heat: np.ndarray, centers: np.ndarray, scales: np.ndarray) -> np.ndarray:

@@ -18,10 +18,19 @@ video of any length (played back and forth when shorter than the landmarks).
 
 from __future__ import annotations
 
+import argparse
+import os
+import shutil
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
 import numpy as np
 import torch
+from tqdm import tqdm
 
-from data.errors import UserError
+from data.errors import UserError, cli_main
 from data.imageops import draw_dots
 
 __all__ = [
@@ -36,7 +45,12 @@ __all__ = [
     "align_landmarks",
     "render_landmarks",
     "pingpong_indices",
+    "align_to_reference",
+    "read_reference",
+    "main",
 ]
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
 CROP = 224  # Deep3DFaceRecon crop size
 HALF_CROP = CROP / 2  # orthographic scale and centre of the crop (112)
@@ -217,3 +231,205 @@ def pingpong_indices(n_frames: int, length: int) -> np.ndarray:
     period = 2 * (n_frames - 1)
     k = np.arange(length) % period
     return np.where(k < n_frames, k, period - k).astype(np.int64)
+
+
+# ----------------------------------------------------------------------------- whole-video alignment
+def align_to_reference(
+    frontal_lm3d: np.ndarray,
+    frames: np.ndarray,
+    detector: Any,
+    reconstructor: Any,
+    size: int = 256,
+    progress: bool = False,
+) -> dict[str, np.ndarray]:
+    """Align frontal landmarks ``[T, 68, 3]`` onto reference ``frames [N, S, S, 3]`` of any length N.
+
+    ``detector`` is a :class:`data.landmarks.FaceLandmarkDetector`, ``reconstructor`` a
+    :class:`data.recon3d.FaceReconstructor`; each reference frame is analysed once, then played
+    back and forth (:func:`pingpong_indices`) when the landmarks outlast the video. Returns
+    ``aligned [T, 68, 2]`` int64, ``video [T, 3, size, size]`` uint8, the reference's ``lm68``,
+    ``coeff``, the frame index used for each output frame ``ref_index`` and ``n_interpolated``.
+    """
+    frontal = np.asarray(frontal_lm3d, dtype=np.float32)
+    frames = np.asarray(frames)
+    hw = frames.shape[1:3]
+    lm68, n_interp = detector.detect(frames, progress=progress)
+    coeff = reconstructor.reconstruct(frames, lm68, progress=progress)
+    idx = pingpong_indices(len(frames), len(frontal))
+    aligned = align_landmarks(frontal, lm68[idx], coeff[idx], reconstructor.lm3d_std, hw)
+    return {
+        "aligned": aligned,
+        "video": render_landmarks(aligned, hw, size=size),
+        "lm68": np.asarray(lm68, np.float32),
+        "coeff": np.asarray(coeff, np.float32),
+        "ref_index": idx,
+        "n_interpolated": np.int64(n_interp),
+    }
+
+
+def read_reference(path: str | Path, max_frames: int | None = None, fps: float = 25) -> np.ndarray:
+    """Reference frames uint8 ``[N, H, W, 3]`` from a video file or a folder of images (sorted by name)."""
+    path = Path(path)
+    if path.is_dir():
+        from data.video import read_image
+
+        files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not files:
+            raise UserError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in the frames folder {path}")
+        frames = [read_image(p) for p in files[:max_frames]]
+        if len({f.shape for f in frames}) > 1:
+            raise UserError(f"the images in {path} do not all have the same size")
+        return np.stack(frames)
+    if not path.exists():
+        raise UserError(f"reference video or frames folder not found: {path}")
+    from data.video import read_video
+
+    frames, _ = read_video(path, fps=fps, max_frames=max_frames)
+    if len(frames) == 0:
+        raise UserError(f"{path} has no video frames")
+    return frames
+
+
+def load_frontal(path: str | Path) -> np.ndarray:
+    """AToM's frontal landmarks ``[T, 68, 3]`` (``[T, 204]`` accepted) from ``.npy``, checked."""
+    from data.fileio import load_npy
+
+    arr = np.asarray(load_npy(path, "frontal landmarks"), dtype=np.float32)
+    if arr.ndim == 2 and arr.shape[1] == 204:
+        arr = arr.reshape(-1, 68, 3)
+    if arr.ndim != 3 or arr.shape[1:] != (68, 3) or len(arr) == 0:
+        raise UserError(f"{path}: frontal landmarks must be [T, 68, 3] (AToM output), got {arr.shape}")
+    if not np.isfinite(arr).all():
+        raise UserError(f"{path}: frontal landmarks contain NaN or inf")
+    return arr
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="python -m data.motion_align",
+        description="Re-pose AToM's frontal 3D landmarks onto a reference video (pose per frame from "
+        "Deep3DFaceRecon, position from FAN), project, snap and render landmark dots.",
+    )
+    ap.add_argument("--landmarks", required=True, help="AToM frontal landmarks .npy [T, 68, 3]")
+    ap.add_argument("--reference", required=True, help="reference video file or folder of frame images")
+    ap.add_argument("--out_dir", required=True, help="output folder")
+    ap.add_argument(
+        "--size", type=int, default=256, help="reference frames are centre-cropped and resized to this"
+    )
+    ap.add_argument("--audio", default=None, help="optional audio to mux into landmarks.mp4")
+    ap.add_argument("--fps", type=float, default=25.0, help="frame rate for reading and writing (default 25)")
+    ap.add_argument("--device", default="auto", help="auto|cpu|cuda|cuda:N")
+    ap.add_argument(
+        "--bfm_dir", default=None, help="folder with similarity_Lm3D_all.mat (default checkpoints/BFM)"
+    )
+    ap.add_argument(
+        "--deep3d", default=None, help="Deep3DFaceRecon weights (default checkpoints/deep3d/epoch_20.pth)"
+    )
+    ap.add_argument(
+        "--fan_dir", default=None, help="face_alignment weights folder (default checkpoints/face_alignment)"
+    )
+    ap.add_argument(
+        "--allow_download", action="store_true", help="let face_alignment download missing weights"
+    )
+    ap.add_argument(
+        "--batch_size", type=int, default=16, help="frames per batch for FAN and the 3DMM network"
+    )
+    ap.add_argument("--max_gap", type=int, default=5, help="longest run of faceless frames to interpolate")
+    ap.add_argument("--no_png", action="store_true", help="do not write the per-frame PNGs")
+    ap.add_argument("--no_video", action="store_true", help="do not write landmarks.mp4")
+    ap.add_argument(
+        "--random_weights",
+        action="store_true",
+        help="smoke test without weights: random 3DMM network, template face instead of FAN",
+    )
+    ap.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    return ap
+
+
+def _write_pngs(folder: Path, video: np.ndarray, overwrite: bool) -> None:
+    """Write ``video [T, 3, S, S]`` as ``folder/00000.png ...`` via a temp folder renamed at the end."""
+    import cv2
+
+    tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    for i, frame in enumerate(tqdm(video, desc="png", leave=False)):
+        cv2.imwrite(str(tmp / f"{i:05d}.png"), np.ascontiguousarray(frame[0]))  # white dots: one channel
+    if folder.exists() and overwrite:
+        shutil.rmtree(folder)
+    os.replace(tmp, folder)
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """CLI: align AToM landmarks to a reference video; writes ``aligned_lm68.npy`` + PNGs + mp4."""
+    args = build_parser().parse_args(argv)
+    from data.config import save_config
+    from data.device import resolve_device
+    from data.fileio import check_output, save_npy
+    from data.imageops import resize_crop
+    from data.landmarks import FaceLandmarkDetector, template_face_detector
+    from data.recon3d import FaceReconstructor
+
+    out_dir = Path(args.out_dir)
+    out_npy = check_output(out_dir / "aligned_lm68.npy", args.overwrite)
+    png_dir = out_dir / "landmarks_png"
+    if not args.no_png and png_dir.exists() and not args.overwrite:
+        raise UserError(f"output {png_dir} already exists; pass --overwrite to replace it")
+    if not args.no_video:
+        check_output(out_dir / "landmarks.mp4", args.overwrite)
+    if args.size < 32:
+        raise UserError("--size must be at least 32")
+    device = resolve_device(args.device)
+    t0 = time.perf_counter()
+    frontal = load_frontal(args.landmarks)
+    raw = read_reference(args.reference, max_frames=len(frontal), fps=args.fps)
+    frames = resize_crop(raw, args.size, device=device)
+    if args.random_weights:
+        detector = FaceLandmarkDetector(device=device, detector=template_face_detector, max_gap=args.max_gap)
+    else:
+        detector = FaceLandmarkDetector(
+            device=device,
+            weights_dir=args.fan_dir,
+            allow_download=args.allow_download,
+            batch_size=args.batch_size,
+            max_gap=args.max_gap,
+        )
+    recon = FaceReconstructor(
+        weights=args.deep3d,
+        bfm_dir=args.bfm_dir,
+        device=device,
+        random_weights=args.random_weights,
+        batch_size=args.batch_size,
+    )
+    result = align_to_reference(frontal, frames, detector, recon, size=args.size, progress=True)
+    save_npy(out_npy, result["aligned"])
+    save_npy(out_dir / "reference_lm68.npy", result["lm68"])
+    save_npy(out_dir / "reference_coeff.npy", result["coeff"])
+    save_npy(out_dir / "reference_index.npy", result["ref_index"])
+    if not args.no_png:
+        _write_pngs(png_dir, result["video"], args.overwrite)
+    if not args.no_video:
+        from data.video import write_video
+
+        audio = None
+        if args.audio is not None:
+            from data.audio import load_audio
+
+            audio = load_audio(args.audio, 16000)
+        video = np.ascontiguousarray(result["video"].transpose(0, 2, 3, 1))
+        write_video(out_dir / "landmarks.mp4", video, fps=args.fps, audio=audio, sample_rate=16000)
+    save_config(
+        {**vars(args), "n_reference_frames": len(frames), "n_frames": len(frontal)}, out_dir / "config.yaml"
+    )
+    n_interp = int(result["n_interpolated"])
+    print(
+        f"aligned {len(frontal)} frames onto {len(frames)} reference frames"
+        + (f" ({n_interp} without a face, interpolated)" if n_interp else "")
+        + f" in {time.perf_counter() - t0:.1f} s -> {out_dir}"
+    )
+    return result
+
+
+if __name__ == "__main__":
+    cli_main(main)

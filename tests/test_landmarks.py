@@ -103,3 +103,20 @@ def test_heatmap_decoding_matches_face_alignment():
     for i in range(3):
         _, ref, _ = get_preds_fromhm(heat[i : i + 1], centers[i], scales[i])
         np.testing.assert_array_equal(mine[i], ref[0])
+
+
+def test_template_face_detector():
+    from data.landmarks import template_face_detector
+
+    lm = template_face_detector(np.zeros((2, 100, 80, 3), np.uint8))
+    assert lm.shape == (2, 68, 2) and lm.dtype == np.float32
+    assert np.array_equal(lm[0], lm[1])
+    assert (
+        (lm[..., 0] > 0).all()
+        and (lm[..., 0] < 80).all()
+        and (lm[..., 1] > 0).all()
+        and (lm[..., 1] < 100).all()
+    )
+    assert lm[0, 8, 1] > lm[0, 30, 1] > lm[0, 19, 1]  # chin below nose below brows (y down)
+    det = FaceLandmarkDetector(detector=template_face_detector)
+    assert det.detect(np.zeros((3, 100, 80, 3), np.uint8))[1] == 0

@@ -106,3 +106,78 @@ def test_pingpong_indices():
     assert ma.pingpong_indices(5, 3).tolist() == [0, 1, 2]
     with pytest.raises(UserError):
         ma.pingpong_indices(0, 3)
+
+
+# ----------------------------------------------------------------------------- CLI
+def _inputs(tmp_path, n_ref: int = 3, t: int = 7):
+    from data.face3d import canonical_face_lm68
+    from data.video import write_video
+
+    rng = np.random.default_rng(0)
+    frames = rng.integers(0, 256, (n_ref, 48, 64, 3), dtype=np.uint8)  # non-square: centre-cropped
+    write_video(tmp_path / "ref.mp4", frames, fps=25)
+    lm = (canonical_face_lm68()[None] + rng.normal(0, 0.01, (t, 68, 3))).astype(np.float32)
+    np.save(tmp_path / "atom.npy", lm)
+    return frames, lm
+
+
+def test_cli_random_weights_plays_reference_back_and_forth(tmp_path):
+    import cv2
+
+    from data.errors import cli_main
+    from data.video import probe
+
+    _, lm = _inputs(tmp_path)
+    out = tmp_path / "out"
+    argv = ["--landmarks", str(tmp_path / "atom.npy"), "--reference", str(tmp_path / "ref.mp4")]
+    argv += ["--out_dir", str(out), "--size", "64", "--random_weights", "--device", "cpu"]
+    result = ma.main(argv)
+    aligned = np.load(out / "aligned_lm68.npy")
+    assert aligned.shape == (7, 68, 2) and aligned.dtype == np.int64
+    assert np.load(out / "reference_index.npy").tolist() == [0, 1, 2, 1, 0, 1, 2]
+    coeff, lm68 = np.load(out / "reference_coeff.npy"), np.load(out / "reference_lm68.npy")
+    assert coeff.shape == (3, 257) and lm68.shape == (3, 68, 2)
+    # the CLI result is exactly the library pipeline on the played-back reference
+    idx = result["ref_index"]
+    np.testing.assert_array_equal(aligned, ma.align_landmarks(lm, lm68[idx], coeff[idx], _std(), (64, 64)))
+    pngs = sorted((out / "landmarks_png").glob("*.png"))
+    assert len(pngs) == 7
+    np.testing.assert_array_equal(cv2.imread(str(pngs[4]), cv2.IMREAD_GRAYSCALE), result["video"][4, 0])
+    assert (result["video"] > 0).any() and set(np.unique(result["video"])) <= {0, 255}
+    assert probe(out / "landmarks.mp4")["video"]["frames"] == 7
+    assert (out / "config.yaml").is_file()
+    with pytest.raises(UserError, match="overwrite"):
+        ma.main(argv)
+    with pytest.raises(SystemExit) as exc:
+        cli_main(ma.main, argv)
+    assert exc.value.code == 2
+    ma.main(argv + ["--overwrite", "--no_video"])
+
+
+def _std() -> np.ndarray:
+    from data.face3d import canonical_face_lm68
+
+    return ma.lm68_to_lm5(canonical_face_lm68())
+
+
+def test_cli_frames_folder_and_bad_inputs(tmp_path):
+    import cv2
+
+    frames, lm = _inputs(tmp_path, n_ref=2, t=3)
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    for i, f in enumerate(frames):
+        cv2.imwrite(str(folder / f"{i:05d}.png"), f[..., ::-1])
+    out = tmp_path / "out"
+    base = ["--out_dir", str(out), "--size", "32", "--random_weights", "--device", "cpu", "--no_video"]
+    ma.main(["--landmarks", str(tmp_path / "atom.npy"), "--reference", str(folder), *base])
+    assert np.load(out / "aligned_lm68.npy").shape == (3, 68, 2)
+    base.append("--overwrite")
+    np.save(tmp_path / "bad.npy", np.zeros((3, 68, 2), np.float32))
+    with pytest.raises(UserError, match=r"\[T, 68, 3\]"):
+        ma.main(["--landmarks", str(tmp_path / "bad.npy"), "--reference", str(folder), *base])
+    with pytest.raises(UserError, match="not found"):
+        ma.main(["--landmarks", str(tmp_path / "atom.npy"), "--reference", str(tmp_path / "nope.mp4"), *base])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="no images"):
+        ma.main(["--landmarks", str(tmp_path / "atom.npy"), "--reference", str(tmp_path / "empty"), *base])
