@@ -19,6 +19,7 @@ import numpy as np
 import scipy.io as sio
 import torch
 
+from data.device import resolve_device
 from data.errors import UserError
 
 BFM_FILE = "BFM_model_front.mat"
@@ -69,7 +70,7 @@ class Face3DHelper:
     """
 
     def __init__(self, bfm_dir: str | Path, device: str | torch.device = "cpu") -> None:
-        self.device = torch.device(device)
+        self.device = resolve_device(device)
         mat = load_bfm(bfm_dir)
         dev = self.device
         self.meanshape = torch.from_numpy(mat["meanshape"].astype(np.float32)).reshape(1, -1).to(dev)

