@@ -369,7 +369,8 @@ def run_inference(
 
     ``detector`` replaces FAN and s3fd inside :class:`data.landmarks.FaceLandmarkDetector` (a
     callable on uint8 frame batches returning per-frame ``[68, 2]`` landmarks or None), e.g. to
-    test the no-face path; with ``random_weights`` the default is :func:`template_face_detector`.
+    test the no-face path; with ``random_weights`` the default is
+    :func:`data.landmarks.template_face_detector` (random FAN/s3fd weights find no face).
     """
     t_total = time.perf_counter()
     timings: dict[str, float] = {}
@@ -444,7 +445,7 @@ def run_inference(
 
     # 2. FAN landmarks -----------------------------------------------------------------------
     def _landmarks(_: Path) -> dict[str, np.ndarray]:
-        from data.landmarks import FaceLandmarkDetector
+        from data.landmarks import FaceLandmarkDetector, template_face_detector
 
         injected = detector if detector is not None else (template_face_detector if rw else None)
         det = FaceLandmarkDetector(
@@ -704,23 +705,6 @@ def _random_hubert_size(cfg: DictConfig) -> int:
         return int(atom_cfg["model"]["cond_feature_dim"])
     except (TypeError, KeyError):
         return 1024
-
-
-def template_face_detector(frames: np.ndarray) -> np.ndarray:
-    """Landmarks of a fixed frontal template face in the middle of each frame, ``[B, 68, 2]``.
-
-    The ``--random_weights`` stand-in for FAN: randomly initialised FAN/s3fd networks find no face
-    at all, so the run would stop at the landmark stage. This places
-    :func:`data.face3d.canonical_face_lm68` (jaw width 1.5 units) at about 45% of the frame width,
-    centred horizontally, roughly where an HDTF-style crop shows the face.
-    """
-    from data.face3d import canonical_face_lm68
-
-    frames = np.asarray(frames)
-    height, width = frames.shape[1:3]
-    face = canonical_face_lm68()[:, :2]
-    lm = np.stack([width / 2 + face[:, 0] * 0.3 * width, 0.45 * height - face[:, 1] * 0.3 * height], axis=1)
-    return np.repeat(lm[None].astype(np.float32), len(frames), axis=0)
 
 
 def _plain(node: Any) -> Any:
