@@ -439,7 +439,7 @@ def build_toolkit(
     dev = resolve_device(device)
     if random_weights:
         if bfm_dir is None:
-            bfm_dir = write_synthetic_bfm(Path(workdir or ".") / "synthetic_bfm")
+            bfm_dir = write_synthetic_bfm(Path(workdir or ".") / "synthetic_bfm")  # per shard: no write races
         detector = FaceLandmarkDetector(device=dev, detector=_random_detector())
         recon = FaceReconstructor(bfm_dir=bfm_dir, device=dev, random_weights=True)
         hub = HubertExtractor.random(device=dev) if need_hubert else None
@@ -558,7 +558,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         need_hubert=(not is_hdtf) or args.hubert,
         allow_download=args.allow_download,
         random_weights=args.random_weights,
-        workdir=out_dir,
+        workdir=out_dir / "random_weights" / f"shard{args.shard}of{args.num_shards}",
     )
     save_config(vars(args), out_dir / "configs" / f"{args.dataset}_shard{args.shard}of{args.num_shards}.yaml")
     common = dict(

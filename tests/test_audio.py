@@ -281,3 +281,18 @@ def test_cli_too_short_exits_2(tmp_path, tiny_hubert_dir, capsys):
     assert "too short" in capsys.readouterr().err
     assert not (tmp_path / "short.npy").exists()
     assert main(argv + ["--min_duration", "0.1"]) == [tmp_path / "short.npy"]
+
+
+@pytest.mark.slow
+def test_process_audio_script_random_weights(tmp_path):
+    """scripts/process_audio.sh end to end in a fresh process (random HuBERT, default 1024-d)."""
+    import subprocess
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "process_audio.sh"
+    sf.write(tmp_path / "a.flac", _speechy(20000), 16000)
+    cmd = ["bash", str(script), "--audio", str(tmp_path / "a.flac"), "--out_dir", str(tmp_path / "h")]
+    run = subprocess.run(
+        cmd + ["--random_weights", "--device", "cpu"], capture_output=True, text=True, timeout=600
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert np.load(tmp_path / "h" / "a.npy").shape == ((20000 - 80) // 320, 1024)

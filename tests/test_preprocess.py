@@ -297,3 +297,25 @@ def test_lrs3_too_short_clip_is_skipped(tmp_path, videos, toolkit):
         find_sources(root, recursive=True), tmp_path / "npz", toolkit, min_frames=10, progress=False
     )
     assert list(report["failed"]) == ["test/spk/00002"] and "min_frames" in report["failed"]["test/spk/00002"]
+
+
+@pytest.mark.slow
+def test_shard_launcher_script(tmp_path, videos):
+    """scripts/preprocess_hdtf.sh with NUM_SHARDS=2 runs two processes that together finish every id."""
+    import os
+    import subprocess
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "preprocess_hdtf.sh"
+    out = tmp_path / "sharded"
+    cmd = ["bash", str(script), "--videos", str(videos), "--out_dir", str(out), "--random_weights"]
+    cmd += ["--device", "cpu", "--max_frames", "3"]
+    run = subprocess.run(
+        cmd, env=dict(os.environ, NUM_SHARDS="2"), capture_output=True, text=True, timeout=900
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert sorted(p.stem for p in (out / "meta").glob("*.json")) == sorted(find_sources(videos))
+    assert sorted(p.name for p in (out / "configs").iterdir()) == [
+        "hdtf_shard0of2.yaml",
+        "hdtf_shard1of2.yaml",
+    ]
