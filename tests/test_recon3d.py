@@ -62,9 +62,7 @@ def test_reconstruct_is_batched_and_deterministic(recon):
     coeff = recon.reconstruct(frames, lms)
     assert coeff.shape == (3, 257) and coeff.dtype == np.float32 and np.isfinite(coeff).all()
     assert np.abs(coeff[:, 224:227]).max() < 0.5  # random heads give small poses
-    one = np.concatenate([recon.reconstruct(frames[i : i + 1], lms[i : i + 1]) for i in range(3)])
-    np.testing.assert_allclose(coeff, one, atol=1e-4)
-    crops, t, s = recon.align(frames, lms)
+    crops, t, s = recon.align(frames, lms)  # batches of 2 + 1 above vs all 3 at once here
     x = torch.from_numpy(crops).permute(0, 3, 1, 2).float() / 255
     with torch.inference_mode():
         np.testing.assert_allclose(recon.net(x).numpy(), coeff, atol=1e-5)
