@@ -197,6 +197,8 @@ def align_landmarks(
             f"need one FAN landmark set [68, 2] and one 257-d coefficient vector per frame for {n} frames, "
             f"got {fan.shape} and {coeff.shape}"
         )
+    if not (torch.isfinite(frontal).all() and np.isfinite(fan).all() and np.isfinite(coeff).all()):
+        raise UserError("landmarks or 3DMM coefficients contain NaN or inf; check the inputs")
     height = int(image_hw[0])
     rotation = compute_rotation_matrix(coeff[:, 224:227])
     posed = rigid_transform(frontal, rotation, coeff[:, 254:257])

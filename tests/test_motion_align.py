@@ -105,6 +105,10 @@ def test_snap_and_errors(fx):
             m["lm3d_std_5x3"],
             (128, 128),
         )
+    nan = m["fa_lm68_per_frame"].clone()
+    nan[1, 3, 0] = float("nan")
+    with pytest.raises(UserError, match="NaN"):
+        ma.align_landmarks(m["atom_frontal_lm3d"], nan, m["recon_coeff_257"], m["lm3d_std_5x3"], (128, 128))
     with pytest.raises(UserError, match="68, 3"):
         ma.align_landmarks(
             np.zeros((4, 68, 2)), m["fa_lm68_per_frame"], m["recon_coeff_257"], m["lm3d_std_5x3"], (128, 128)
