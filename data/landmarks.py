@@ -161,8 +161,8 @@ class FaceLandmarkDetector:
                 return folder / FAN_FILE, folder / S3FD_FILE
         if not allow_download:
             raise UserError(
-                missing_message("face_alignment", folders[0])
-                + "; or allow the download into torch-hub's cache (allow_download=True / --allow_download)"
+                "face-alignment weights not found (allow_download=True / --allow_download lets the package "
+                "fetch them into torch-hub's cache); " + missing_message("face_alignment", folders[0])
             )
         from face_alignment.utils import load_file_from_url
 
