@@ -433,14 +433,14 @@ def build_toolkit(
     from data.audio import HubertExtractor
     from data.device import resolve_device
     from data.face3d import Face3DHelper, write_synthetic_bfm
-    from data.landmarks import FaceLandmarkDetector
+    from data.landmarks import FaceLandmarkDetector, template_face_detector
     from data.recon3d import FaceReconstructor
 
     dev = resolve_device(device)
     if random_weights:
         if bfm_dir is None:
             bfm_dir = write_synthetic_bfm(Path(workdir or ".") / "synthetic_bfm")  # per shard: no write races
-        detector = FaceLandmarkDetector(device=dev, detector=_random_detector())
+        detector = FaceLandmarkDetector(device=dev, detector=template_face_detector)
         recon = FaceReconstructor(bfm_dir=bfm_dir, device=dev, random_weights=True)
         hub = HubertExtractor.random(device=dev) if need_hubert else None
     else:
@@ -455,21 +455,6 @@ def build_toolkit(
     return Toolkit(
         detector=detector, reconstructor=recon, face3d=Face3DHelper(bfm_dir, device=dev), hubert=hub
     )
-
-
-def _random_detector() -> Callable[[np.ndarray], list]:
-    """For ``--random_weights`` smoke runs: the synthetic face layout in the middle of every frame."""
-    from data.face3d import canonical_face_lm68
-
-    face = canonical_face_lm68()[:, :2].astype(np.float32)  # BFM units, y up, about [-1, 1]
-
-    def detect(frames: np.ndarray) -> list:
-        h, w = frames.shape[1:3]
-        r = 0.35 * min(h, w)
-        pts = np.stack([w / 2 + r * face[:, 0], h / 2 - r * face[:, 1]], 1)
-        return [pts.copy() for _ in range(frames.shape[0])]
-
-    return detect
 
 
 def _common_args(ap: argparse.ArgumentParser) -> None:
