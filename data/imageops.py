@@ -49,7 +49,8 @@ def resize_crop(
     with torch.inference_mode():
         for i in range(0, frames.shape[0], batch):
             x = torch.from_numpy(np.ascontiguousarray(crop[i : i + batch])).to(device, torch.float32)
-            y = F.interpolate(x.permute(0, 3, 1, 2), size=(size, size), mode="bilinear", align_corners=False)
+            nchw = x.permute(0, 3, 1, 2).contiguous()  # NCHW like the original (same kernel, same bits)
+            y = F.interpolate(nchw, size=(size, size), mode="bilinear", align_corners=False)
             out[i : i + batch] = y.permute(0, 2, 3, 1).cpu().numpy()
     if frames.dtype == np.uint8:
         return np.clip(np.rint(out), 0, 255).astype(np.uint8)

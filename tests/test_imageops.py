@@ -36,10 +36,13 @@ def test_resize_crop_non_square():
         frames = rng.integers(0, 256, (3, h, w, 3), dtype=np.uint8).astype(np.float32)
         top, left, side = square_crop_box(h, w)
         assert side == 40 and (top, left) == ((0, 12) if w > h else (12, 0))
-        out = resize_crop(frames, 16, batch=2)
-        crop = torch.from_numpy(frames[:, top : top + side, left : left + side]).permute(0, 3, 1, 2)
-        ref = F.interpolate(crop, size=(16, 16), mode="bilinear", align_corners=False).permute(0, 2, 3, 1)
-        np.testing.assert_allclose(out, ref.numpy(), atol=1e-4)
+        out = resize_crop(frames, 15, batch=2)
+        # the original's layout: the video as [C, T, H, W], channels acting as the batch
+        crop = (
+            torch.from_numpy(frames[:, top : top + side, left : left + side]).permute(3, 0, 1, 2).contiguous()
+        )
+        ref = F.interpolate(crop, size=(15, 15), mode="bilinear", align_corners=False).permute(1, 2, 3, 0)
+        np.testing.assert_array_equal(out, ref.numpy())
     with pytest.raises(UserError, match=r"\[T, H, W, 3\]"):
         resize_crop(np.zeros((4, 8, 8), np.uint8))
 
