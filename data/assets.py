@@ -8,6 +8,7 @@ a message that ends with "see `python -m data.assets check`". This module is tha
     python -m data.assets check --only hubert bfm_front
     python -m data.assets check --set hubert=/models/hubert   # check a non-default location
     python -m data.assets table                     # the Markdown table of checkpoints/README.md
+    python -m data.assets download                  # fetch HuBERT, FAN/s3fd, VGG16 (needs network)
 
 Default paths are relative to the checkpoints folder, which is ``<repo>/checkpoints`` unless the
 environment variable ``MODITALKER_CHECKPOINTS`` names another folder.
@@ -34,6 +35,7 @@ __all__ = [
     "require_asset",
     "missing_message",
     "markdown_table",
+    "download_asset",
     "main",
 ]
 
@@ -258,6 +260,62 @@ def markdown_table(relative: bool = True) -> str:
     return "\n".join(rows) + "\n"
 
 
+# Assets with a public direct download (the others need a registration or a Google-Drive link).
+DOWNLOAD_URLS: dict[str, dict[str, str]] = {
+    "face_alignment": {
+        "2DFAN4-11f355bf06.pth.tar": "https://www.adrianbulat.com/downloads/python-fan/2DFAN4-11f355bf06.pth.tar",
+        "s3fd-619a316812.pth": "https://www.adrianbulat.com/downloads/python-fan/s3fd-619a316812.pth",
+    },
+    "lpips_vgg16": {"": "https://download.pytorch.org/models/vgg16-397923af.pth"},
+}
+HUBERT_HUB_ID = "facebook/hubert-large-ls960-ft"
+
+
+def download_asset(name: str, path: str | Path | None = None) -> Path:
+    """Fetch one of ``hubert``, ``face_alignment``, ``lpips_vgg16`` to ``path`` (default location).
+
+    Needs network access; files are written atomically, existing complete assets are left alone.
+    """
+    from data.fileio import atomic_path
+
+    asset = _asset(name)
+    dest = Path(path) if path is not None else default_path(name)
+    if asset_present(name, dest):
+        return dest
+    if name == "hubert":
+        from transformers import AutoFeatureExtractor, HubertModel
+
+        try:
+            model = HubertModel.from_pretrained(HUBERT_HUB_ID)
+            extractor = AutoFeatureExtractor.from_pretrained(HUBERT_HUB_ID)
+        except OSError as exc:
+            raise UserError(f"cannot download {HUBERT_HUB_ID} (network?): {exc}") from exc
+        tmp = dest.with_name(f".{dest.name}.partial")
+        model.save_pretrained(tmp)
+        extractor.save_pretrained(tmp)
+        if dest.exists():
+            import shutil
+
+            shutil.rmtree(dest)
+        tmp.rename(dest)
+        return dest
+    if name not in DOWNLOAD_URLS:
+        raise UserError(f"{name} cannot be downloaded automatically; source: {asset.source}")
+    from torch.hub import download_url_to_file
+
+    for file_name, url in DOWNLOAD_URLS[name].items():
+        target = dest / file_name if file_name else dest
+        if target.is_file():
+            continue
+        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            with atomic_path(target) as tmp:
+                download_url_to_file(url, str(tmp), progress=True)
+        except OSError as exc:
+            raise UserError(f"cannot download {url} (network?): {exc}") from exc
+    return dest
+
+
 def _parse_sets(items: Sequence[str]) -> dict[str, str]:
     out = {}
     for item in items:
@@ -280,7 +338,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     chk.add_argument("--set", nargs="+", default=[], metavar="NAME=PATH", help="check another location")
     chk.add_argument("--required", action="store_true", help="skip the optional assets")
     sub.add_parser("table", help="print the Markdown table of checkpoints/README.md")
+    dl = sub.add_parser("download", help="fetch the publicly downloadable assets (needs network)")
+    dl.add_argument(
+        "names", nargs="*", default=["hubert", "face_alignment", "lpips_vgg16"], help="default: all three"
+    )
     args = ap.parse_args(argv)
+
+    if args.command == "download":
+        for name in args.names:
+            print(f"{name}: {download_asset(name)}")
+        return 0
 
     if args.command == "table":
         print(markdown_table(), end="")

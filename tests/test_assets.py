@@ -109,3 +109,52 @@ def test_checkpoints_readme_has_the_current_table():
     readme = assets.REPO_ROOT / "checkpoints" / "README.md"
     text = readme.read_text()
     assert markdown_table() in text, "regenerate the table with `python -m data.assets table`"
+
+
+def test_download_writes_where_check_looks(ckpt, monkeypatch):
+    """The download command (network replaced by a stub) fills the default locations."""
+    import torch.hub
+
+    fetched = []
+
+    def fake_download(url, dst, progress=True):
+        fetched.append(url)
+        with open(dst, "wb") as f:
+            f.write(b"weights")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", fake_download)
+    assert main(["download", "face_alignment", "lpips_vgg16"]) == 0
+    assert check_assets(["face_alignment", "lpips_vgg16"]) == []
+    assert len(fetched) == 3 and all(u.startswith("https://") for u in fetched)
+    assert main(["download", "face_alignment"]) == 0 and len(fetched) == 3  # present: nothing fetched
+    with pytest.raises(UserError, match="cannot be downloaded automatically"):
+        assets.download_asset("bfm_front")
+
+
+def test_download_hubert_saves_a_loadable_folder(ckpt, monkeypatch):
+    import transformers
+    from transformers import HubertConfig, HubertModel, Wav2Vec2FeatureExtractor
+
+    tiny = HubertModel(
+        HubertConfig(
+            hidden_size=16,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=16,
+            conv_dim=(4,) * 7,
+            num_conv_pos_embeddings=4,
+            num_conv_pos_embedding_groups=2,
+        )
+    )
+    monkeypatch.setattr(transformers.HubertModel, "from_pretrained", classmethod(lambda cls, *a, **k: tiny))
+    monkeypatch.setattr(
+        transformers.AutoFeatureExtractor,
+        "from_pretrained",
+        classmethod(lambda cls, *a, **k: Wav2Vec2FeatureExtractor()),
+    )
+    path = assets.download_asset("hubert")
+    assert path == ckpt / "hubert-large-ls960-ft" and asset_present("hubert")
+    monkeypatch.undo()
+    from data.audio import HubertExtractor
+
+    assert HubertExtractor(path).hidden_size == 16
