@@ -45,8 +45,12 @@ def _as_tensor(x: np.ndarray | torch.Tensor, device: torch.device) -> torch.Tens
     return x.to(device=device, dtype=torch.float32)
 
 
-def load_bfm(bfm_dir: str | Path) -> dict[str, np.ndarray]:
-    """Read ``bfm_dir/BFM_model_front.mat`` (or a ``.mat`` path) with a clear error when it is absent."""
+def load_bfm(bfm_dir: str | Path | None = None) -> dict[str, np.ndarray]:
+    """Read ``bfm_dir/BFM_model_front.mat`` (or a ``.mat`` path; None: ``checkpoints/BFM``)."""
+    if bfm_dir is None:
+        from data.assets import default_path
+
+        bfm_dir = default_path("bfm_front").parent
     path = Path(bfm_dir)
     if path.is_dir() or path.suffix != ".mat":
         path = path / BFM_FILE
@@ -66,10 +70,11 @@ class Face3DHelper:
     """Keypoint bases of the BFM and the landmark reconstructions AToM and the aligner use.
 
     ``bfm_dir`` is the folder holding ``BFM_model_front.mat`` (the real one or the synthetic
-    stand-in written by :func:`write_synthetic_bfm`). All outputs are float32 tensors on ``device``.
+    stand-in written by :func:`write_synthetic_bfm`), or that file itself; None means
+    ``checkpoints/BFM``. All outputs are float32 tensors on ``device``.
     """
 
-    def __init__(self, bfm_dir: str | Path, device: str | torch.device = "cpu") -> None:
+    def __init__(self, bfm_dir: str | Path | None = None, device: str | torch.device = "cpu") -> None:
         self.device = resolve_device(device)
         mat = load_bfm(bfm_dir)
         dev = self.device
