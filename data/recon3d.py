@@ -8,8 +8,10 @@ Only the coefficients are needed here, so there is no renderer and no pytorch3d.
 
 Weights: the official ``epoch_20.pth`` is a dict ``{"net_recon": state_dict, "optimizer": ...,
 "epoch": ...}`` whose state_dict keys are ``backbone.conv1.weight``, ``backbone.layer1.0.conv1.weight``,
-..., ``final_layers.0.weight`` [80, 2048, 1, 1] ... ``final_layers.6.bias`` [1]. Accepted as well:
-the bare state_dict, and keys with a ``net_recon.`` or ``module.`` prefix.
+..., ``final_layers.0.weight`` [80, 2048, 1, 1] ... ``final_layers.6.bias`` [1] (the layout
+Deep3DFaceRecon_pytorch's ``save_networks`` writes; not checked against the real file in this
+repository's tests). Accepted as well: the bare state_dict, keys with a ``net_recon.`` or
+``module.`` prefix, and checkpoints without BatchNorm ``num_batches_tracked`` counters.
 
 Input alignment (Deep3DFaceRecon's ``align_img``): the 5 key points from the 68 FAN landmarks are
 flipped to y-up with the frame's true height and POS-fitted to the standard template of
