@@ -242,7 +242,15 @@ def process_hdtf_item(
 
     out_dir, source = Path(out_dir), Path(source)
     started = time.time()
-    frames = resize_crop(_read_frames(source, fps, max_frames), size)
+    frames = _read_frames(source, fps, max_frames)
+    # Frames already extracted into this very tree (the original two-step workflow) stay as they are.
+    in_place = source.is_dir() and source.resolve() == (out_dir / "frames" / item_id).resolve()
+    if in_place and frames.shape[1:3] != (size, size):
+        raise UserError(
+            f"{source}: frames are {frames.shape[2]}x{frames.shape[1]}, not {size}x{size}; they are the "
+            "output folder's own frames, so they cannot be resized in place; use another --out_dir"
+        )
+    frames = resize_crop(frames, size)
     kp = face_keypoints(toolkit, frames, source=str(source))
     n = frames.shape[0]
 
@@ -270,11 +278,13 @@ def process_hdtf_item(
         meta["hubert_frames"] = int(feats.shape[0])
 
     # Unfinished leftovers of an interrupted run are replaced as a whole.
-    for d in _item_dirs(out_dir, item_id):
+    for d in _item_dirs(out_dir, item_id)[int(in_place) :]:
         if d.exists():
             shutil.rmtree(d)
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        if frame_format == "png":
+        if in_place:
+            futures = []
+        elif frame_format == "png":
             futures = _write_per_frame(
                 pool, out_dir / "frames" / item_id, frames, lambda p, a: Image.fromarray(a).save(p), ".png"
             )

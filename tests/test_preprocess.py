@@ -222,6 +222,26 @@ def test_hdtf_resume_overwrite_and_leftovers(hdtf_run, videos, toolkit):
     assert forced["done"] == [short]
 
 
+def test_hdtf_frames_already_in_the_tree_are_kept(tmp_path, videos, toolkit):
+    """Original two-step workflow: frames extracted to {out}/frames/{id} first, then keypoints in place."""
+    from PIL import Image
+
+    frames = resize_crop(_video_frames(3, 240, 320), 256)
+    folder = tmp_path / "frames" / "idA"
+    folder.mkdir(parents=True)
+    for i, f in enumerate(frames):
+        Image.fromarray(f).save(folder / f"{i:05d}.png")
+    stamps = sorted(p.stat().st_mtime_ns for p in folder.iterdir())
+    report = build_hdtf(find_sources(tmp_path / "frames"), tmp_path, toolkit, progress=False)
+    assert report["done"] == ["idA"]
+    assert sorted(p.stat().st_mtime_ns for p in folder.iterdir()) == stamps  # untouched, not re-encoded
+    assert len(list((tmp_path / KEYPOINT_DIRS["nfc"] / "idA").glob("*.npy"))) == 3
+    with pytest.raises(UserError, match="in place"):
+        build_hdtf(
+            find_sources(tmp_path / "frames"), tmp_path, toolkit, size=128, overwrite=True, fail_fast=True
+        )
+
+
 def test_hdtf_no_face_is_reported_and_run_continues(tmp_path, videos, bfm_dir):
     tk = _toolkit(bfm_dir, ScriptedDetector(no_face=True), hubert=False)
     sources = {"WDA_Short_001": find_sources(videos)["WDA_Short_001"]}
