@@ -1,0 +1,387 @@
+"""Train the MToV video autoencoders: ``python -m MToV.train_autoencoder --config ... [key=value ...]``.
+
+Two modes (``mode:`` in the config):
+
+* ``rgb``: the RGB autoencoder on video clips ``x`` (``autoencoder_rgb.pth``);
+* ``ldmk``: the landmark ("motion") autoencoder on rendered landmark clips ``x_l``, initialised
+  from the RGB checkpoint (``init_from``) with the TimeSformer decoder frozen
+  (``freeze_decoder``), as the original ``first_stage_ldmk`` (``autoencoder_motion.pth``).
+
+Objective (``MToV.losses``): 4*L1 + 4*LPIPS(one random frame per clip); from step ``disc_start``
+on, also the 2D/3D PatchGAN hinge game with feature matching. AdamW (betas 0.5, 0.9), gradient
+accumulation, fp16 autocast + grad scaling on CUDA only, ``accelerate`` for CPU / one GPU /
+``accelerate launch`` multi-GPU or multi-node. Resumable: ``{out_dir}/state`` holds model,
+optimizers, scaler, RNG states and the step; rerunning the same command continues from it.
+
+Outputs in ``out_dir``: ``config.yaml`` (resolved), ``model_last.pth`` / ``model_best.pth`` (plain
+state_dicts, the official checkpoint layout), ``metrics.jsonl`` (validation PSNR per evaluation),
+``tb/`` (tensorboard), ``state/`` (resume).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import shutil
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from data.config import load_config, save_config
+from data.device import resolve_device
+from data.errors import UserError, cli_main
+from data.fileio import torch_save
+from MToV.dataset import build_dataset
+from MToV.losses import AELossWeights, AutoencoderLoss, build_lpips
+from MToV.models.autoencoder import ViTAutoencoder, load_autoencoder_weights
+from MToV.models.discriminator import PatchDiscriminator2D, PatchDiscriminator3D
+
+DEFAULTS: dict = {
+    "mode": "rgb",
+    "init_from": None,
+    "freeze_decoder": None,  # None: True in ldmk mode, False in rgb mode
+    "out_dir": "runs/mtov_autoencoder",
+    "model": {
+        "embed_dim": 4,
+        "ddconfig": {
+            "double_z": False,
+            "channels": 384,
+            "resolution": 256,
+            "timesteps": 16,
+            "skip": 1,
+            "in_channels": 3,
+            "out_ch": 3,
+            "num_res_blocks": 2,
+            "attn_resolutions": [],
+            "splits": 1,
+        },
+    },
+    "data": {
+        "root": None,
+        "frames_dir": "frames",
+        "keypoints_dir": "keypoints/non-face-centric/posed",
+        "split_file": None,
+        "split_mode": "heldout",
+        "short_videos": "skip",
+        "landmark_radius": 3,
+        "train_clips_per_video": 1,
+        "val_clips_per_video": 1,
+        "max_val_clips": 100,
+        "num_workers": 4,
+    },
+    "loss": {
+        "l1_weight": 4.0,
+        "perceptual_weight": 4.0,
+        "lpips_vgg": None,  # None: checkpoints/lpips/vgg16.pth
+        "lpips_random_backbone": False,
+        "disc_start": 100_000_000,
+        "gan_weight": 1.0,
+        "feature_matching_weight": 4.0,
+        "disc_layers": 3,
+        "disc_ndf": 64,
+    },
+    "train": {
+        "lr": 1e-4,
+        "betas": [0.5, 0.9],
+        "weight_decay": 0.01,
+        "batch_size": 1,
+        "grad_accum": 3,
+        "max_steps": 200_000,
+        "amp": True,
+        "seed": 0,
+        "log_every": 50,
+        "val_every": 2000,
+        "save_every": 2000,
+        "device": "auto",
+    },
+}
+
+
+def _frames_to_video(frames: torch.Tensor, batch: int) -> torch.Tensor:
+    """[(B*T), C, H, W] (frame-major per clip) -> [B, C, T, H, W]."""
+    bt, c, h, w = frames.shape
+    return frames.view(batch, bt // batch, c, h, w).transpose(1, 2)
+
+
+def _infinite(loader: DataLoader) -> Iterator[dict]:
+    while True:
+        yield from loader
+
+
+def psnr(target: torch.Tensor, recon: torch.Tensor) -> torch.Tensor:
+    """Per-clip PSNR (dB) of [B, C, T, H, W] clips in [-1, 1], measured on the [0, 1] scale."""
+    mse = ((target.float() - recon.float()) / 2).square().flatten(1).mean(1).clamp_min(1e-10)
+    return 10 * torch.log10(1.0 / mse)
+
+
+@torch.inference_mode()
+def evaluate_psnr(
+    model: ViTAutoencoder, loader: DataLoader, key: str, device: torch.device, max_clips: int
+) -> float:
+    """Mean PSNR of reconstructions over up to ``max_clips`` validation clips."""
+    was_training = model.training
+    model.eval()
+    scores = []
+    for batch in loader:
+        x = batch[key].to(device)
+        rec = _frames_to_video(model(x)[0].clamp(-1, 1), x.shape[0])
+        scores.append(psnr(x, rec).cpu())
+        if sum(len(s) for s in scores) >= max_clips:
+            break
+    model.train(was_training)
+    return float(torch.cat(scores)[:max_clips].mean())
+
+
+def _save_state(accelerator, out_dir: Path, step: int, best: float) -> None:
+    """accelerate state (+ step) written to state.tmp, then swapped in: a crash leaves one valid copy."""
+    tmp, final, old = out_dir / "state.tmp", out_dir / "state", out_dir / "state.old"
+    if accelerator.is_main_process and tmp.exists():
+        shutil.rmtree(tmp)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    if accelerator.is_main_process:
+        (tmp / "trainer.json").write_text(json.dumps({"step": step, "best_psnr": best}))
+        if final.exists():
+            final.rename(old)
+        tmp.rename(final)
+        if old.exists():
+            shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+
+
+def _find_state(out_dir: Path) -> Path | None:
+    for name in ("state", "state.old"):
+        if (out_dir / name / "trainer.json").is_file():
+            return out_dir / name
+    return None
+
+
+def train(cfg: DictConfig, resume: bool = True, overwrite: bool = False, progress: bool = True) -> dict:
+    """Run (or continue) one autoencoder training; returns ``{"step", "best_psnr", "history"}``."""
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    mode = cfg.mode
+    if mode not in ("rgb", "ldmk"):
+        raise UserError(f"mode must be rgb or ldmk, got {mode!r}")
+    key = "x" if mode == "rgb" else "x_l"
+    freeze_decoder = (mode == "ldmk") if cfg.freeze_decoder is None else bool(cfg.freeze_decoder)
+    out_dir = Path(cfg.out_dir)
+    state_dir = _find_state(out_dir) if resume else None
+    if out_dir.exists() and any(out_dir.iterdir()) and state_dir is None and not overwrite:
+        raise UserError(
+            f"output folder {out_dir} already holds files but no resumable state; "
+            "pass --overwrite to start a new run there, or choose another out_dir"
+        )
+    if overwrite and not resume and out_dir.exists():
+        for name in ("state", "state.old", "state.tmp", "metrics.jsonl"):
+            p = out_dir / name
+            if p.is_dir():
+                shutil.rmtree(p)
+            elif p.exists():
+                p.unlink()
+
+    tc, lc = cfg.train, cfg.loss
+    device = resolve_device(tc.device)
+    use_amp = bool(tc.amp) and device.type == "cuda"
+    accelerator = Accelerator(cpu=device.type == "cpu", mixed_precision="fp16" if use_amp else "no")
+    set_seed(int(tc.seed))
+    main_proc = accelerator.is_main_process
+
+    ddconfig = OmegaConf.to_container(cfg.model.ddconfig, resolve=True)
+    model = ViTAutoencoder(cfg.model.embed_dim, ddconfig)
+    if state_dir is None and cfg.init_from:
+        load_autoencoder_weights(model, cfg.init_from)
+    elif state_dir is None and mode == "ldmk":
+        raise UserError(
+            "ldmk mode starts from the RGB autoencoder: set init_from=/path/to/autoencoder_rgb.pth "
+            "(the model_last.pth of an rgb run)"
+        )
+    if freeze_decoder:
+        for name, p in model.named_parameters():
+            if name.startswith("decoder."):
+                p.requires_grad_(False)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=tc.lr, betas=tuple(tc.betas), weight_decay=tc.weight_decay)
+
+    gan_enabled = int(lc.disc_start) < int(tc.max_steps)
+    disc2d = disc3d = opt_d = None
+    if gan_enabled:
+        disc2d = PatchDiscriminator2D(3, lc.disc_ndf, lc.disc_layers)
+        disc3d = PatchDiscriminator3D(3, lc.disc_ndf, lc.disc_layers)
+        opt_d = torch.optim.AdamW(
+            list(disc2d.parameters()) + list(disc3d.parameters()),
+            lr=tc.lr,
+            betas=tuple(tc.betas),
+            weight_decay=tc.weight_decay,
+        )
+    lpips = None
+    if lc.perceptual_weight > 0:
+        lpips = build_lpips(lc.lpips_vgg, random_backbone=bool(lc.lpips_random_backbone)).to(
+            accelerator.device
+        )
+    criterion = AutoencoderLoss(
+        lpips, AELossWeights(lc.l1_weight, lc.perceptual_weight, lc.gan_weight, lc.feature_matching_weight)
+    )
+
+    dc = cfg.data
+    timesteps, resolution = int(ddconfig["timesteps"]), int(ddconfig["resolution"])
+    train_ds = build_dataset(dc, "train", (key,), timesteps, resolution)
+    val_ds = build_dataset(dc, "test", (key,), timesteps, resolution)
+    workers = int(dc.num_workers)
+    train_loader = DataLoader(
+        train_ds,
+        batch_size=tc.batch_size,
+        shuffle=True,
+        drop_last=len(train_ds) >= tc.batch_size,
+        num_workers=workers,
+        persistent_workers=workers > 0,
+    )
+    val_loader = DataLoader(val_ds, batch_size=tc.batch_size, shuffle=False, num_workers=workers)
+
+    if gan_enabled:
+        model, opt, disc2d, disc3d, opt_d, train_loader = accelerator.prepare(
+            model, opt, disc2d, disc3d, opt_d, train_loader
+        )
+    else:
+        model, opt, train_loader = accelerator.prepare(model, opt, train_loader)
+
+    step, best = 0, -math.inf
+    if state_dir is not None:
+        accelerator.load_state(str(state_dir))
+        info = json.loads((state_dir / "trainer.json").read_text())
+        step, best = int(info["step"]), float(info["best_psnr"])
+        accelerator.print(f"resuming from {state_dir} at step {step}")
+    if main_proc:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out_dir / "config.yaml")
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(str(out_dir / "tb")) if main_proc else None
+    history: list[dict] = []
+
+    def validate_and_save(at_step: int, save_state: bool) -> None:
+        nonlocal best
+        if main_proc:
+            net = accelerator.unwrap_model(model)
+            score = evaluate_psnr(net, val_loader, key, accelerator.device, int(dc.max_val_clips))
+            record = {"step": at_step, "val_psnr": score}
+            history.append(record)
+            with open(out_dir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+            writer.add_scalar("val/psnr", score, at_step)
+            state = {k: v.detach().cpu() for k, v in net.state_dict().items()}
+            torch_save(state, out_dir / "model_last.pth")
+            if score > best:
+                best = score
+                torch_save(state, out_dir / "model_best.pth")
+        if save_state:
+            _save_state(accelerator, out_dir, at_step, best)
+
+    if step == 0 and main_proc:  # baseline PSNR of the initial weights (no checkpoint written)
+        score = evaluate_psnr(accelerator.unwrap_model(model), val_loader, key, accelerator.device,
+                              int(dc.max_val_clips))  # fmt: skip
+        history.append({"step": 0, "val_psnr": score})
+        with open(out_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(history[-1]) + "\n")
+        writer.add_scalar("val/psnr", score, 0)
+
+    accum = int(tc.grad_accum)
+    batches = _infinite(train_loader)
+    model.train()
+    bar = tqdm(
+        total=int(tc.max_steps), initial=step, disable=not (progress and main_proc), desc=f"AE[{mode}]"
+    )
+    running: dict[str, float] = {}
+    while step < int(tc.max_steps):
+        use_gan = gan_enabled and step >= int(lc.disc_start)
+        kept = []
+        for micro in range(accum):
+            x = next(batches)[key]
+            # gradients are all-reduced only on the last micro-batch of an accumulation
+            ctx = accelerator.no_sync(model) if micro < accum - 1 else contextlib.nullcontext()
+            with ctx:
+                with accelerator.autocast():
+                    rec = _frames_to_video(model(x)[0], x.shape[0])
+                    idx = torch.randint(0, x.shape[2], (x.shape[0],), device=x.device)
+                    d2, d3 = (disc2d, disc3d) if use_gan else (None, None)
+                    loss, logs = criterion.generator(x, rec, idx, d2, d3)
+                accelerator.backward(loss / accum)
+            if use_gan:
+                kept.append((x, rec.detach(), idx))
+            for k, v in logs.items():
+                running[k] = running.get(k, 0.0) + float(v) / accum
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if use_gan:
+            opt_d.zero_grad(set_to_none=True)
+            for x, rec, idx in kept:
+                with accelerator.autocast():
+                    d_loss, d_logs = criterion.discriminator(x, rec, idx, disc2d, disc3d)
+                accelerator.backward(d_loss / accum)
+                for k, v in d_logs.items():
+                    running[k] = running.get(k, 0.0) + float(v) / accum
+            opt_d.step()
+            opt_d.zero_grad(set_to_none=True)
+        step += 1
+        bar.update(1)
+        if main_proc and (step % int(tc.log_every) == 0 or step == int(tc.max_steps)):
+            n = int(tc.log_every) if step % int(tc.log_every) == 0 else step % int(tc.log_every)
+            for k, v in running.items():
+                writer.add_scalar(f"train/{k}", v / max(n, 1), step)
+            bar.set_postfix({k: f"{v / max(n, 1):.4f}" for k, v in running.items() if k in ("l1", "lpips")})
+            running = {}
+        elif not main_proc:
+            running = {}
+        do_val = step % int(tc.val_every) == 0 or step == int(tc.max_steps)
+        do_save = step % int(tc.save_every) == 0 or step == int(tc.max_steps)
+        if do_val:
+            validate_and_save(step, do_save)
+        elif do_save:
+            _save_state(accelerator, out_dir, step, best)
+    bar.close()
+    if writer is not None:
+        writer.close()
+    return {"step": step, "best_psnr": best, "history": history}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m MToV.train_autoencoder",
+        description="Train the MToV RGB or landmark video autoencoder (resumable; accelerate).",
+    )
+    p.add_argument("--config", default="configs/mtov_autoencoder.yaml", help="YAML config (OmegaConf)")
+    p.add_argument("--out_dir", default=None, help="run folder (overrides out_dir in the config)")
+    p.add_argument("--mode", choices=["rgb", "ldmk"], default=None, help="overrides mode in the config")
+    p.add_argument("--init_from", default=None, help="ldmk mode: the RGB autoencoder checkpoint")
+    p.add_argument("--device", default=None, help="auto|cpu|cuda|cuda:N (overrides train.device)")
+    p.add_argument("--no_resume", action="store_true", help="ignore {out_dir}/state (needs --overwrite)")
+    p.add_argument("--overwrite", action="store_true", help="allow writing into a non-empty out_dir")
+    p.add_argument("--no_progress", action="store_true", help="no tqdm bar")
+    p.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. train.max_steps=1000")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    args = build_parser().parse_intermixed_args(argv)
+    cfg = load_config(args.config, args.overrides, DEFAULTS)
+    for name in ("out_dir", "mode", "init_from"):
+        if getattr(args, name) is not None:
+            cfg[name] = getattr(args, name)
+    if args.device is not None:
+        cfg.train.device = args.device
+    if args.no_resume and not args.overwrite:
+        raise UserError("--no_resume restarts the run in place; add --overwrite to confirm")
+    result = train(cfg, resume=not args.no_resume, overwrite=args.overwrite, progress=not args.no_progress)
+    print(json.dumps({"step": result["step"], "best_val_psnr": result["best_psnr"], "out_dir": cfg.out_dir}))
+    return result
+
+
+if __name__ == "__main__":
+    cli_main(main)

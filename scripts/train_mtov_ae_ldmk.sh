@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Train the MToV landmark ("motion") autoencoder (-> autoencoder_motion.pth): initialised from the RGB
+# autoencoder, TimeSformer decoder frozen, trained on rendered landmark-dot clips (radius-3 dots).
+#
+#   scripts/train_mtov_ae_ldmk.sh data.root=data/train/HDTF --init_from runs/mtov_ae_rgb/model_last.pth
+#   scripts/train_mtov_ae_ldmk.sh data.root=... --out_dir runs/mtov_ae_ldmk --device cuda [key=value ...]
+#   NUM_PROCESSES=4 scripts/train_mtov_ae_ldmk.sh ...               # 4 GPUs via `accelerate launch`
+#
+# --init_from defaults to checkpoints/autoencoder_rgb.pth (configs/mtov_autoencoder_ldmk.yaml).
+# Rerunning the same command resumes from {out_dir}/state.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+CONFIG="${CONFIG:-$ROOT/configs/mtov_autoencoder_ldmk.yaml}"
+NUM_PROCESSES="${NUM_PROCESSES:-1}"
+if [ "$NUM_PROCESSES" -gt 1 ]; then
+  # shellcheck disable=SC2086
+  exec "$ROOT/.venv/bin/accelerate" launch --num_processes "$NUM_PROCESSES" ${ACCELERATE_ARGS:-} \
+    -m MToV.train_autoencoder --config "$CONFIG" --mode ldmk "$@"
+fi
+exec "$ROOT/.venv/bin/python" -m MToV.train_autoencoder --config "$CONFIG" --mode ldmk "$@"
