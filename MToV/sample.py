@@ -1,0 +1,510 @@
+"""MToV sampling: aligned landmarks + reference frames -> talking-head frames.
+
+``python -m MToV.sample --landmarks aligned.npy --ref_video ref.mp4 --out results/x`` (see
+``--help``), or from Python :func:`load_mtov` + :func:`generate_video` (the end-to-end pipeline).
+
+The original's inference path: every non-overlapping 16-frame clip is sampled independently. The
+conditions are the landmark-AE latent of the rendered landmark clip and the RGB-AE latent of the
+reference frames masked below the nose; the reference is the identity frame repeated over a clip,
+whose full tri-plane latent is the SDEdit start (noised to t = start_ratio * 1000 = 250) and whose
+xy-plane is the UNet's image condition. DDIM with eta 1 over the last 25 steps of a 100-step
+schedule; x0 clamped to [-1, 1]; decoded with the RGB AE.
+
+Here clips run in batches; the reference latent is encoded once per video; only the encoders the
+sampler needs run (``extract``); each clip draws its noise from its own generator seeded by
+(seed, clip index), so the result does not depend on ``batch_size``. Any length works: the last
+partial clip is padded by repeating its last frame and trimmed afterwards.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig, OmegaConf
+from tqdm.auto import tqdm
+
+from data.config import load_config, save_config
+from data.device import resolve_device
+from data.errors import UserError, cli_main
+from MToV.diffusion import DDPM
+from MToV.models.autoencoder import ViTAutoencoder, load_autoencoder_weights
+from MToV.models.unet import DiffusionWrapper, UNetModel
+
+REPO = Path(__file__).resolve().parents[1]
+
+#: Model settings shared by sampling and diffusion training (the official full-size values).
+MODEL_DEFAULTS: dict = {
+    "autoencoder": {
+        "embed_dim": 4,
+        "ddconfig": {
+            "double_z": False,
+            "channels": 384,
+            "resolution": 256,
+            "timesteps": 16,
+            "skip": 1,
+            "in_channels": 3,
+            "out_ch": 3,
+            "num_res_blocks": 2,
+            "attn_resolutions": [],
+            "splits": 1,
+        },
+    },
+    "autoencoder_ldmk": None,  # None: same sizes as the RGB autoencoder (as the official scripts)
+    "unet": {
+        "image_size": 32,
+        "in_channels": 4,
+        "out_channels": 4,
+        "model_channels": 128,
+        "attention_resolutions": [4, 2, 1],
+        "num_res_blocks": 2,
+        "channel_mult": [1, 2, 4, 4],
+        "num_heads": 8,
+        "use_scale_shift_norm": True,
+        "resblock_updown": True,
+        "cond_model": False,
+    },
+    "diffusion": {"linear_start": 0.0015, "linear_end": 0.0195, "timesteps": 1000, "loss_type": "l2"},
+    "checkpoints": {
+        "ae_rgb": "checkpoints/autoencoder_rgb.pth",
+        "ae_ldmk": "checkpoints/autoencoder_motion.pth",
+        "unet": "checkpoints/diffusion_model.pth",
+    },
+    "sample": {
+        "batch_size": 4,
+        "start_ratio": 0.25,
+        "sampling_timesteps": 100,
+        "eta": 1.0,
+        "seed": 0,
+        "use_last_as_reference": False,
+    },
+}
+
+
+@dataclass
+class MToVModels:
+    """The three networks of MToV, in eval mode on one device, plus the config they came from."""
+
+    ae_rgb: ViTAutoencoder
+    ae_ldmk: ViTAutoencoder
+    unet: DiffusionWrapper
+    config: DictConfig
+    device: torch.device
+
+    @property
+    def resolution(self) -> int:
+        return self.ae_rgb.res
+
+    @property
+    def clip_frames(self) -> int:
+        return self.ae_rgb.s
+
+
+def model_config(config: str | Path | Mapping | DictConfig | None = None) -> DictConfig:
+    """MODEL_DEFAULTS <- ``config`` (YAML path or mapping): the config of :func:`load_mtov`."""
+    if config is None or isinstance(config, str | Path):
+        return load_config(config, (), MODEL_DEFAULTS)
+    return OmegaConf.merge(OmegaConf.create(MODEL_DEFAULTS), OmegaConf.create(config))
+
+
+def build_models(cfg: DictConfig) -> tuple[ViTAutoencoder, ViTAutoencoder, DiffusionWrapper]:
+    """Construct (RGB AE, landmark AE, UNet wrapper) from a model config; sizes are checked to agree."""
+    ae_cfg = OmegaConf.to_container(cfg.autoencoder, resolve=True)
+    ldmk_cfg = ae_cfg if cfg.get("autoencoder_ldmk") is None else OmegaConf.to_container(cfg.autoencoder_ldmk)
+    ae_rgb = ViTAutoencoder(ae_cfg["embed_dim"], ae_cfg["ddconfig"])
+    ae_ldmk = ViTAutoencoder(ldmk_cfg["embed_dim"], ldmk_cfg["ddconfig"])
+    if ae_ldmk.latent_length != ae_rgb.latent_length or ae_ldmk.s != ae_rgb.s:
+        raise UserError(
+            f"the landmark autoencoder's latent ({ae_ldmk.embed_dim}x{ae_ldmk.latent_length}, {ae_ldmk.s} "
+            f"frames) must match the RGB one's ({ae_rgb.embed_dim}x{ae_rgb.latent_length}, {ae_rgb.s} frames)"
+        )
+    unet_cfg = OmegaConf.to_container(cfg.unet, resolve=True)
+    unet_cfg.setdefault("frames", ae_rgb.s)
+    if int(unet_cfg["image_size"]) != ae_rgb.r or int(unet_cfg["frames"]) != ae_rgb.s:
+        raise UserError(
+            f"unet.image_size={unet_cfg['image_size']}, unet.frames={unet_cfg['frames']} do not match the "
+            f"autoencoder latent ({ae_rgb.r}x{ae_rgb.r} plane, {ae_rgb.s} frames): fix the config"
+        )
+    if int(unet_cfg["in_channels"]) != ae_rgb.embed_dim or ae_ldmk.embed_dim != ae_rgb.embed_dim:
+        raise UserError(
+            f"unet.in_channels={unet_cfg['in_channels']} must equal the autoencoders' embed_dim "
+            f"({ae_rgb.embed_dim}, {ae_ldmk.embed_dim})"
+        )
+    return ae_rgb, ae_ldmk, DiffusionWrapper(UNetModel(**unet_cfg))
+
+
+def load_unet_weights(wrapper: DiffusionWrapper, path: str | Path) -> DiffusionWrapper:
+    """Load ``diffusion_model.pth`` (a DiffusionWrapper state_dict; bare UNet keys, ``module.``
+    prefixes and ``{"model"|"state_dict"|"ema": ...}`` wrappers are accepted) strictly."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"MToV UNet checkpoint not found: {path}; see `python -m data.assets check`")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - a corrupt or foreign file is the user's to fix
+        raise UserError(f"cannot read MToV UNet checkpoint {path}: {exc}") from exc
+    if isinstance(state, dict):
+        for key in ("ema", "model", "state_dict"):
+            if isinstance(state.get(key), dict):
+                state = state[key]
+                break
+    if not isinstance(state, dict) or not state:
+        raise UserError(f"{path} does not hold a state_dict")
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    if not any(k.startswith("diffusion_model.") for k in state):
+        state = {f"diffusion_model.{k}": v for k, v in state.items()}
+    try:
+        wrapper.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        u = wrapper.diffusion_model
+        first = " ".join(str(exc).strip().splitlines()[:3])[:400]
+        raise UserError(
+            f"MToV UNet checkpoint {path} does not match the configured UNet (model_channels="
+            f"{u.model_channels}, cond_model={u.cond_model}); pass the matching --config: {first}"
+        ) from exc
+    return wrapper
+
+
+def load_mtov(
+    ae_rgb: str | None,
+    ae_ldmk: str | None,
+    unet: str | None,
+    config: Any = None,
+    device: str | torch.device = "cpu",
+    random_weights: bool = False,
+) -> MToVModels:
+    """Build the MToV networks from ``config`` (YAML path, mapping or None = official sizes) and load
+    the three checkpoints (``None`` = the config's ``checkpoints`` path); ``random_weights`` skips
+    loading and keeps a seeded random initialisation (smoke tests, the pipeline's tiny mode)."""
+    cfg = model_config(config)
+    dev = resolve_device(device)
+    with torch.random.fork_rng(devices=[]):  # seeded init without touching the caller's RNG
+        torch.manual_seed(0)
+        m_rgb, m_ldmk, m_unet = build_models(cfg)
+    if not random_weights:
+        ck = cfg.checkpoints
+        load_autoencoder_weights(m_rgb, ae_rgb or _repo_path(ck.ae_rgb), "MToV RGB autoencoder")
+        load_autoencoder_weights(m_ldmk, ae_ldmk or _repo_path(ck.ae_ldmk), "MToV landmark autoencoder")
+        load_unet_weights(m_unet, unet or _repo_path(ck.unet))
+    nets = [n.to(dev).eval().requires_grad_(False) for n in (m_rgb, m_ldmk, m_unet)]
+    return MToVModels(nets[0], nets[1], nets[2], cfg, dev)
+
+
+def _repo_path(p: str) -> Path:
+    path = Path(p)
+    return path if path.is_absolute() or path.exists() else REPO / path
+
+
+def clip_generator(seed: int, clip: int, device: torch.device) -> torch.Generator:
+    """The RNG of clip ``clip``: seeded from (seed, clip) only, so batching does not change it."""
+    state = np.random.SeedSequence([int(seed) & 0xFFFFFFFF, int(clip)]).generate_state(2, dtype=np.uint64)
+    return torch.Generator(device=device).manual_seed(int(state[0] >> np.uint64(1)))
+
+
+def _to_model(frames: np.ndarray | torch.Tensor, size: int, device: torch.device, name: str) -> torch.Tensor:
+    """uint8 [T, 3, S, S] -> float32 [T, 3, size, size] in [-1, 1] on ``device`` (resized if S != size)."""
+    x = torch.as_tensor(np.asarray(frames))
+    if x.ndim != 4 or x.shape[1] != 3 or x.shape[2] != x.shape[3]:
+        raise UserError(f"{name} must be uint8 [T, 3, S, S], got shape {tuple(x.shape)}")
+    x = x.to(device=device, dtype=torch.float32) / 127.5 - 1.0
+    if x.shape[-1] != size:
+        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+    return x
+
+
+def _pad_clips(x: torch.Tensor, clip: int) -> torch.Tensor:
+    """[T, 3, H, W] -> [n_clips, 3, clip, H, W], repeating the last frame to fill the last clip."""
+    pad = (-x.shape[0]) % clip
+    if pad:
+        x = torch.cat([x, x[-1:].expand(pad, -1, -1, -1)], dim=0)
+    return x.reshape(-1, clip, *x.shape[1:]).transpose(1, 2)
+
+
+def generate_video(
+    models: MToVModels,
+    landmark_video: np.ndarray,
+    masked_frames: np.ndarray,
+    identity_frame: np.ndarray,
+    *,
+    batch_size: int = 4,
+    seed: int = 0,
+    start_ratio: float = 0.25,
+    sampling_timesteps: int = 100,
+    use_last_as_reference: bool = False,
+    progress: bool = True,
+    eta: float = 1.0,
+) -> np.ndarray:
+    """Generate uint8 ``[T, 3, S, S]`` frames for uint8 ``[T, 3, S, S]`` rendered landmarks and
+    masked reference frames and a uint8 ``[3, S, S]`` identity (reference) frame.
+
+    ``use_last_as_reference``: the last generated frame of clip i becomes the image condition of
+    clip i+1 (the noised start stays the identity frame's latent, as the original); clips then run
+    one after another. Inputs at another size than the autoencoder's are resized, the output is
+    returned at the input size S.
+    """
+    n = int(np.asarray(landmark_video).shape[0]) if np.asarray(landmark_video).ndim == 4 else -1
+    if n <= 0:
+        raise UserError(f"landmark_video must be uint8 [T, 3, S, S], got {np.asarray(landmark_video).shape}")
+    if np.asarray(masked_frames).shape != np.asarray(landmark_video).shape:
+        raise UserError(
+            f"masked_frames {np.asarray(masked_frames).shape} and landmark_video "
+            f"{np.asarray(landmark_video).shape} must have the same shape [T, 3, S, S]"
+        )
+    ident = np.asarray(identity_frame)
+    if ident.shape != np.asarray(landmark_video).shape[1:]:
+        raise UserError(
+            f"identity_frame must be uint8 {np.asarray(landmark_video).shape[1:]}, got {ident.shape}"
+        )
+    if batch_size < 1:
+        raise UserError(f"batch_size must be >= 1, got {batch_size}")
+    if not 0.0 < start_ratio < 1.0:
+        raise UserError(f"start_ratio must be in (0, 1), got {start_ratio}")
+    out_size = int(ident.shape[-1])
+    dev, size, clip = models.device, models.resolution, models.clip_frames
+    ddpm = DDPM(
+        models.unet,
+        channels=models.ae_rgb.embed_dim,
+        image_size=models.ae_rgb.r,
+        frames=clip,
+        sampling_timesteps=sampling_timesteps,
+        ddim_sampling_eta=eta,
+        **{k: models.config.diffusion[k] for k in ("linear_start", "linear_end", "timesteps")},
+    ).to(dev)
+    n_xy = models.ae_rgb.r**2
+    with torch.inference_mode():
+        x_l = _pad_clips(_to_model(landmark_video, size, dev, "landmark_video"), clip)
+        masked = _pad_clips(_to_model(masked_frames, size, dev, "masked_frames"), clip)
+        ref = _to_model(ident[None], size, dev, "identity_frame")  # [1, 3, R, R]
+        ref_latent = models.ae_rgb.extract(ref[:, :, None].expand(-1, -1, clip, -1, -1))  # once per video
+        n_clips = x_l.shape[0]
+        step = 1 if use_last_as_reference else batch_size
+        image_cond = ref_latent[:, :, :n_xy]
+        outputs = []
+        bar = tqdm(total=n_clips, desc="MToV clips", unit="clip", disable=not progress)
+        for start in range(0, n_clips, step):
+            idx = range(start, min(start + step, n_clips))
+            b = len(idx)
+            cond = torch.cat(
+                [
+                    models.ae_ldmk.extract(x_l[idx.start : idx.stop]),
+                    models.ae_rgb.extract(masked[idx.start : idx.stop]),
+                ],
+                dim=1,
+            )
+            z = ddpm.sample(
+                b,
+                cond,
+                image_cond.expand(b, -1, -1),
+                noised_start=ref_latent.expand(b, -1, -1),
+                start_ratio=start_ratio,
+                generator=[clip_generator(seed, i, dev) for i in idx],
+            )
+            frames = models.ae_rgb.decode_from_sample(z).clamp(-1.0, 1.0)  # [(b*clip), 3, R, R]
+            if use_last_as_reference:
+                last = frames[-1:, :, None].expand(-1, -1, clip, -1, -1)
+                image_cond = models.ae_rgb.extract(last)[:, :, :n_xy]
+            if size != out_size:
+                frames = F.interpolate(
+                    frames, size=(out_size, out_size), mode="bilinear", align_corners=False
+                )
+            outputs.append(((frames + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8).cpu())
+            bar.update(b)
+        bar.close()
+    return torch.cat(outputs)[:n].numpy()
+
+
+# ----------------------------------------------------------------------------------------------- CLI
+def _read_landmark_input(
+    path: Path, image_hw: tuple[int, int], size: int
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """--landmarks: aligned ``.npy [T, 68, 2]`` (rendered here) or a folder of rendered PNGs.
+
+    Returns (uint8 [T, 3, size, size] landmark video, the [T, 68, 2] landmarks or None).
+    """
+    from data.motion_align import render_landmarks
+    from data.video import read_image
+
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
+        if not files:
+            raise UserError(f"no PNG/JPEG landmark frames in {path}")
+        imgs = np.stack([read_image(p) for p in files])
+        if imgs.shape[1] != imgs.shape[2]:
+            raise UserError(f"landmark frames in {path} must be square, got {imgs.shape[1:3]}")
+        video = torch.from_numpy(imgs).permute(0, 3, 1, 2).float()
+        if video.shape[-1] != size:
+            video = F.interpolate(video, size=(size, size), mode="bilinear", align_corners=False)
+        return video.round().clamp(0, 255).to(torch.uint8).numpy(), None
+    from data.fileio import load_npy
+
+    lm = load_npy(path, "aligned landmarks")
+    if lm.ndim != 3 or lm.shape[1:] != (68, 2) or lm.shape[0] == 0:
+        raise UserError(f"{path}: aligned landmarks must be [T, 68, 2] pixel coordinates, got {lm.shape}")
+    if not np.isfinite(lm).all():
+        raise UserError(f"{path}: aligned landmarks contain NaN or inf")
+    return render_landmarks(lm, image_hw, size=size), lm
+
+
+def _read_reference(args: argparse.Namespace) -> np.ndarray:
+    from data.video import read_image, read_video
+
+    if args.ref_video:
+        frames, _ = read_video(args.ref_video, fps=args.fps)
+        return frames
+    folder = Path(args.ref_frames)
+    if not folder.is_dir():
+        raise UserError(f"reference frames folder not found: {folder}")
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
+    if not files:
+        raise UserError(f"no PNG/JPEG frames in {folder}")
+    frames = [read_image(p) for p in files]
+    if any(f.shape != frames[0].shape for f in frames):
+        raise UserError(f"frames in {folder} differ in size")
+    return np.stack(frames)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m MToV.sample",
+        description="MToV: aligned landmarks + reference video -> talking-head video (noised-start DDIM).",
+        epilog="Any config value can also be given as key=value, e.g. sample.eta=0.5 train.lr=1e-4.",
+    )
+    p.add_argument(
+        "--landmarks",
+        required=True,
+        help="aligned landmarks .npy [T,68,2] (reference-frame pixels) or a folder of rendered landmark PNGs",
+    )
+    ref = p.add_mutually_exclusive_group(required=True)
+    ref.add_argument("--ref_video", help="reference video (upper face, background, pose come from it)")
+    ref.add_argument("--ref_frames", help="folder of reference frames (PNG/JPEG, sorted by name)")
+    p.add_argument(
+        "--ref_landmarks",
+        default=None,
+        help="[T,68,2] .npy of the reference frames' own landmarks, "
+        "used for masking below the nose (default: the aligned landmarks; required with PNG landmarks)",
+    )
+    p.add_argument("--identity_frame", type=int, default=0, help="reference frame used as identity [0]")
+    p.add_argument("--out", required=True, help="output folder (video.mp4, frames/, config.yaml)")
+    p.add_argument(
+        "--config", default=None, help="YAML with model sizes/checkpoints (e.g. configs/mtov_tiny.yaml)"
+    )
+    p.add_argument(
+        "--ae_rgb", default=None, help="RGB autoencoder checkpoint [checkpoints/autoencoder_rgb.pth]"
+    )
+    p.add_argument(
+        "--ae_ldmk", default=None, help="landmark AE checkpoint [checkpoints/autoencoder_motion.pth]"
+    )
+    p.add_argument("--unet", default=None, help="UNet checkpoint [checkpoints/diffusion_model.pth]")
+    p.add_argument(
+        "--random_weights", action="store_true", help="no checkpoints: random networks (smoke test)"
+    )
+    p.add_argument("--batch_size", type=int, default=None, help="16-frame clips per batch [4]")
+    p.add_argument("--seed", type=int, default=None, help="sampling seed [0]")
+    p.add_argument("--start_ratio", type=float, default=None, help="noised start at t = ratio*1000 [0.25]")
+    p.add_argument("--steps", type=int, default=None, help="DDIM schedule length (ratio of it is run) [100]")
+    p.add_argument(
+        "--use_last_as_reference", action="store_true", help="carry the last frame as next reference"
+    )
+    p.add_argument("--audio", default=None, help="audio (or video) file muxed into video.mp4")
+    p.add_argument("--fps", type=float, default=25.0, help="frame rate of the reference and output [25]")
+    p.add_argument("--save_frames", action="store_true", help="also write frames/%%05d.png")
+    p.add_argument("--device", default="auto", help="auto|cpu|cuda|cuda:N")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    p.add_argument("--no_progress", action="store_true")
+    p.add_argument("overrides", nargs="*", help="key=value config overrides")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    from data.fileio import check_output, load_npy
+    from data.imageops import mask_below_nose, resize_crop
+    from data.motion_align import pingpong_indices
+    from data.video import write_video
+
+    args = build_parser().parse_intermixed_args(argv)
+    cfg = load_config(args.config, args.overrides, MODEL_DEFAULTS)
+    for flag, key in (
+        ("batch_size", "batch_size"),
+        ("seed", "seed"),
+        ("start_ratio", "start_ratio"),
+        ("steps", "sampling_timesteps"),
+    ):
+        if getattr(args, flag) is not None:
+            cfg.sample[key] = getattr(args, flag)
+    if args.use_last_as_reference:
+        cfg.sample.use_last_as_reference = True
+    out = Path(args.out)
+    video_path = check_output(out / "video.mp4", args.overwrite)
+
+    ref = _read_reference(args)  # [N, H, W, 3]
+    hw = ref.shape[1:3]
+    models = load_mtov(args.ae_rgb, args.ae_ldmk, args.unet, cfg, args.device, args.random_weights)
+    size = models.resolution
+    lm_video, lm = _read_landmark_input(Path(args.landmarks), hw, size)
+    n = lm_video.shape[0]
+    idx = pingpong_indices(len(ref), n)  # reference played back and forth when shorter
+    if args.ref_landmarks:
+        mask_lm = load_npy(args.ref_landmarks, "reference landmarks")
+        if mask_lm.ndim != 3 or mask_lm.shape[1:] != (68, 2) or len(mask_lm) != len(ref):
+            raise UserError(
+                f"{args.ref_landmarks}: expected [{len(ref)}, 68, 2] (one per reference frame), "
+                f"got {mask_lm.shape}"
+            )
+        mask_lm = mask_lm[idx]
+    elif lm is not None:
+        mask_lm = lm
+    else:
+        raise UserError("PNG landmark frames carry no nose position: pass --ref_landmarks for the masking")
+    if not 0 <= args.identity_frame < len(ref):
+        raise UserError(f"--identity_frame {args.identity_frame} outside the {len(ref)} reference frames")
+    frames = ref[idx]
+    masked = resize_crop(mask_below_nose(frames, mask_lm), size).transpose(0, 3, 1, 2)
+    ident = resize_crop(ref[args.identity_frame : args.identity_frame + 1], size)[0].transpose(2, 0, 1)
+    sc = cfg.sample
+    t0 = time.perf_counter()
+    video = generate_video(
+        models,
+        lm_video,
+        np.ascontiguousarray(masked),
+        np.ascontiguousarray(ident),
+        batch_size=int(sc.batch_size),
+        seed=int(sc.seed),
+        start_ratio=float(sc.start_ratio),
+        sampling_timesteps=int(sc.sampling_timesteps),
+        use_last_as_reference=bool(sc.use_last_as_reference),
+        progress=not args.no_progress,
+        eta=float(sc.eta),
+    )
+    seconds = time.perf_counter() - t0
+    audio = None
+    if args.audio:
+        from data.audio import load_audio
+
+        audio = load_audio(args.audio, 16000)[: int(round(n / args.fps * 16000))]
+    hwc = video.transpose(0, 2, 3, 1)
+    write_video(video_path, hwc, fps=args.fps, audio=audio, sample_rate=16000)
+    if args.save_frames:
+        from PIL import Image
+
+        from data.fileio import atomic_path
+
+        (out / "frames").mkdir(parents=True, exist_ok=True)
+        for i, fr in enumerate(hwc):
+            with atomic_path(out / "frames" / f"{i:05d}.png") as tmp:
+                Image.fromarray(fr).save(tmp)
+    save_config(cfg, out / "config.yaml")
+    result = {"video": str(video_path), "frames": n, "seconds": round(seconds, 3)}
+    print(json.dumps(result))
+    return result
+
+
+if __name__ == "__main__":
+    cli_main(main)

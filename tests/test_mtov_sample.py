@@ -1,0 +1,194 @@
+"""MToV.sample: batched == one clip at a time, any length, encode-once, CLI and its errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from data.errors import UserError
+from MToV.sample import generate_video, load_mtov, main
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = str(REPO / "configs" / "mtov_tiny.yaml")
+
+
+@pytest.fixture(scope="module")
+def models():
+    m = load_mtov(None, None, None, config=TINY, random_weights=True)
+    g = torch.Generator().manual_seed(5)
+    for p in m.unet.parameters():  # give the zero-initialised output layers weights: eps != 0
+        if p.abs().sum() == 0:
+            p.data.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    return m
+
+
+def _inputs(t: int, size: int, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    lv = np.zeros((t, 3, size, size), np.uint8)
+    lv[:, :, rng.integers(0, size, 20), rng.integers(0, size, 20)] = 255
+    masked = rng.integers(0, 256, (t, 3, size, size), dtype=np.uint8)
+    masked[:, :, size // 2 :] = 0
+    ident = rng.integers(0, 256, (3, size, size), dtype=np.uint8)
+    return lv, masked, ident
+
+
+def test_batched_equals_single_any_length(models):
+    clip = models.clip_frames
+    t = 2 * clip + 3  # last clip partial: padded and trimmed
+    lv, masked, ident = _inputs(t, models.resolution)
+    kw = dict(sampling_timesteps=8, progress=False, seed=3)
+    one = generate_video(models, lv, masked, ident, batch_size=1, **kw)
+    many = generate_video(models, lv, masked, ident, batch_size=3, **kw)
+    assert one.shape == (t, 3, models.resolution, models.resolution) and one.dtype == np.uint8
+    assert np.abs(one.astype(int) - many).max() <= 1
+    assert one.std() > 1  # not a constant image
+    other_seed = generate_video(models, lv, masked, ident, batch_size=3, **dict(kw, seed=4))
+    assert np.abs(other_seed.astype(int) - many).mean() > 1
+    # the first clip does not depend on the frames of later clips
+    short = generate_video(models, lv[:clip], masked[:clip], ident, batch_size=1, **kw)
+    assert np.abs(short.astype(int) - one[:clip]).max() <= 1
+
+
+def test_encodes_reference_once_and_only_what_is_needed(models, monkeypatch):
+    clip = models.clip_frames
+    t = 3 * clip
+    lv, masked, ident = _inputs(t, models.resolution, seed=1)
+    calls = {"rgb": [], "ldmk": [], "ldmk_decode": 0}
+    rgb_extract, ldmk_extract = models.ae_rgb.extract, models.ae_ldmk.extract
+    monkeypatch.setattr(models.ae_rgb, "extract", lambda x: calls["rgb"].append(x.shape[0]) or rgb_extract(x))
+    monkeypatch.setattr(
+        models.ae_ldmk, "extract", lambda x: calls["ldmk"].append(x.shape[0]) or ldmk_extract(x)
+    )
+    monkeypatch.setattr(models.ae_ldmk, "decode", lambda z: calls.__setitem__("ldmk_decode", 1))
+    generate_video(models, lv, masked, ident, batch_size=2, sampling_timesteps=8, progress=False)
+    assert calls["rgb"] == [1, 2, 1]  # reference once, then the masked clips per batch
+    assert calls["ldmk"] == [2, 1]
+    assert calls["ldmk_decode"] == 0
+
+
+def test_use_last_as_reference_and_resizing(models):
+    clip = models.clip_frames
+    size = 2 * models.resolution
+    lv, masked, ident = _inputs(2 * clip, size, seed=2)
+    kw = dict(sampling_timesteps=8, progress=False, batch_size=2)
+    base = generate_video(models, lv, masked, ident, **kw)
+    carried = generate_video(models, lv, masked, ident, use_last_as_reference=True, **kw)
+    assert base.shape == carried.shape == (2 * clip, 3, size, size)
+    assert np.abs(base[:clip].astype(int) - carried[:clip]).max() <= 1  # clip 0 uses the identity frame
+    assert np.abs(base[clip:].astype(int) - carried[clip:]).mean() > 0.5
+
+
+def test_bad_inputs_raise_user_errors(models):
+    lv, masked, ident = _inputs(4, models.resolution)
+    with pytest.raises(UserError, match="same shape"):
+        generate_video(models, lv, masked[:3], ident, progress=False)
+    with pytest.raises(UserError, match="identity_frame"):
+        generate_video(models, lv, masked, ident[:, :5], progress=False)
+    with pytest.raises(UserError, match="landmark_video"):
+        generate_video(models, lv[0], masked, ident, progress=False)
+
+
+def test_checkpoint_errors(tmp_path):
+    with pytest.raises(UserError, match="not found"):
+        load_mtov(str(tmp_path / "a.pth"), str(tmp_path / "b.pth"), str(tmp_path / "c.pth"), config=TINY)
+    m = load_mtov(None, None, None, config=TINY, random_weights=True)
+    torch.save(m.ae_rgb.state_dict(), tmp_path / "ae.pth")
+    torch.save({k: v[..., :1] if v.ndim else v for k, v in m.unet.state_dict().items()}, tmp_path / "bad.pth")
+    torch.save(m.unet.diffusion_model.state_dict(), tmp_path / "bare.pth")  # no diffusion_model. prefix
+    with pytest.raises(UserError, match="does not match"):
+        load_mtov(str(tmp_path / "ae.pth"), str(tmp_path / "ae.pth"), str(tmp_path / "bad.pth"), config=TINY)
+    ok = load_mtov(
+        str(tmp_path / "ae.pth"), str(tmp_path / "ae.pth"), str(tmp_path / "bare.pth"), config=TINY
+    )
+    assert ok.unet.diffusion_model.model_channels == 32
+
+
+def _write_reference(folder: Path, n: int, hw=(40, 48)) -> np.ndarray:
+    from PIL import Image
+
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    frames = rng.integers(0, 256, (n, *hw, 3), dtype=np.uint8)
+    for i, f in enumerate(frames):
+        Image.fromarray(f).save(folder / f"{i:05d}.png")
+    return frames
+
+
+def test_cli_end_to_end_random_weights(tmp_path, capsys):
+    from data.video import probe
+
+    _write_reference(tmp_path / "ref", 5)
+    lm = np.random.default_rng(1).uniform(5, 35, (11, 68, 2)).astype(np.float32)
+    np.save(tmp_path / "aligned.npy", lm)
+    out = tmp_path / "out"
+    args = [
+        "--landmarks",
+        str(tmp_path / "aligned.npy"),
+        "--ref_frames",
+        str(tmp_path / "ref"),
+        "--out",
+        str(out),
+        "--config",
+        TINY,
+        "--random_weights",
+        "--device",
+        "cpu",
+        "--no_progress",
+        "--save_frames",
+        "--batch_size",
+        "2",
+    ]
+    res = main(args)
+    assert res["frames"] == 11
+    info = probe(out / "video.mp4")
+    assert json.dumps(info)  # probe result is plain data
+    assert len(list((out / "frames").glob("*.png"))) == 11
+    assert (out / "config.yaml").is_file()
+    with pytest.raises(UserError, match="already exists"):
+        main(args)
+
+
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        (["--unet", "/nonexistent/diffusion_model.pth"], "not found"),
+        (["--random_weights", "--landmarks_bad"], "landmarks must be"),
+    ],
+)
+def test_cli_errors_exit_2(tmp_path, extra, message):
+    _write_reference(tmp_path / "ref", 2)
+    good = tmp_path / "aligned.npy"
+    np.save(good, np.zeros((3, 68, 2), np.float32))
+    bad = tmp_path / "bad.npy"
+    np.save(bad, np.zeros((3, 5, 2), np.float32))
+    lm = bad if "--landmarks_bad" in extra else good
+    extra = [e for e in extra if e != "--landmarks_bad"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "MToV.sample",
+        "--landmarks",
+        str(lm),
+        "--ref_frames",
+        str(tmp_path / "ref"),
+        "--out",
+        str(tmp_path / "o"),
+        "--config",
+        TINY,
+        "--device",
+        "cpu",
+        "--no_progress",
+        *extra,
+    ]
+    if "--unet" in extra:
+        cmd += ["--ae_rgb", "/nonexistent/a.pth", "--ae_ldmk", "/nonexistent/b.pth"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], proc.stderr
