@@ -10,12 +10,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile as sf
+import torch
+from omegaconf import OmegaConf
 
 from data.errors import cli_main
 from data.video import probe
 from pipeline.cache import WorkCache, stable_key
 from pipeline.inference import build_parser, main, resolve_config, run_inference
-from pipeline.sample_data import reference_frames, write_reference_video, write_speech
+from pipeline.sample_data import reference_frames, write_reference_image, write_reference_video, write_speech
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = str(REPO / "configs" / "inference_tiny.yaml")
@@ -210,3 +212,77 @@ def test_no_face_in_reference(inputs, tmp_path, capsys):
     assert exc.value.code == 2 and len(err_lines) == 1
     assert "no face found" in err_lines[0] and "ref.mp4" in err_lines[0]
     assert not out.exists() and not out.with_suffix(".yaml").exists()
+
+
+# ----------------------------------------------------------------------------- end to end
+@pytest.fixture()
+def one_thread():
+    """Tiny models gain nothing from a second thread, and on a busy shared CPU the OpenMP spin-wait
+    of two threads made these runs ~10x slower; one thread keeps them well under a minute."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _stage_status(result) -> dict[str, bool]:
+    return {name: rec.cached for name, rec in result.stages.items()}
+
+
+def test_end_to_end_tiny_random_weights_and_stage_cache(inputs, tmp_path, capsys, one_thread):
+    """3 s speech + 1 s reference video -> 25 fps 256x256 mp4 with 75 +- 1 frames and an audio stream;
+    a re-run that changes only MToV settings recomputes only MToV, an AToM change only AToM onwards."""
+    out = tmp_path / "result" / "talk.mp4"
+    argv = _base(inputs, out) + ["--random_weights", "--config", TINY, "--preview"]
+    first = main(argv)
+    captured = capsys.readouterr()
+    assert "WARNING: --random_weights" in captured.err
+    for stage in ("reference", "landmarks", "recon", "hubert", "atom", "align", "mtov", "write", "total"):
+        assert stage in captured.out  # per-stage timings printed
+    assert not any(_stage_status(first).values())
+
+    info = probe(out)
+    video, audio = info["video"], info["audio"]
+    assert video["codec"] == "h264" and video["fps"] == 25.0
+    assert (video["width"], video["height"]) == (256, 256)
+    assert abs(video["frames"] - 75) <= 1
+    assert audio is not None and audio["codec"] == "aac"
+    assert abs(audio["duration"] - video["frames"] / 25) <= 1 / 25 + 1e-6  # within one frame
+    assert "RANDOM WEIGHTS" in info["metadata"]["comment"]
+    preview = probe(out.with_name("talk_preview.mp4"))["video"]
+    assert (preview["width"], preview["height"], preview["frames"]) == (512, 256, video["frames"])
+
+    saved = OmegaConf.load(out.with_suffix(".yaml"))
+    assert saved.random_weights is True and saved.run.n_frames == first.n_frames == 75
+    work = tmp_path / "result" / "talk_work"
+    assert len(list(work.glob("align-*/landmarks_png/*.png"))) == 75
+    assert len(list(work.glob("hubert-*/hubert.npy"))) == 1
+
+    # only an MToV setting changes: everything up to the landmark video is reused
+    second = main(argv + ["--overwrite", "mtov.seed=1"])
+    status = _stage_status(second)
+    assert status.pop("mtov") is False
+    assert all(status.values()), status
+    assert abs(probe(out)["video"]["frames"] - 75) <= 1
+
+    # an AToM setting changes: AToM, alignment and MToV re-run, the reference/audio stages do not
+    third = main(argv + ["--overwrite", "mtov.seed=1", "--steps", "3"])
+    status = _stage_status(third)
+    assert {k: status[k] for k in ("reference", "landmarks", "recon", "hubert")} == dict.fromkeys(
+        ("reference", "landmarks", "recon", "hubert"), True
+    )
+    assert {k: status[k] for k in ("atom", "align", "mtov")} == dict.fromkeys(
+        ("atom", "align", "mtov"), False
+    )
+
+
+def test_end_to_end_reference_photo(inputs, tmp_path, one_thread):
+    """--ref_image: one photo, static pose, same output format."""
+    photo = tmp_path / "face.png"
+    write_reference_image(photo)
+    out = tmp_path / "photo.mp4"
+    argv = ["--audio", str(inputs["speech"]), "--ref_image", str(photo), "--out", str(out)]
+    result = main(argv + ["--random_weights", "--config", TINY, "--device", "cpu"])
+    info = probe(out)
+    assert info["video"]["frames"] == result.n_frames == 75
+    assert (info["video"]["width"], info["video"]["height"]) == (256, 256) and info["audio"] is not None
