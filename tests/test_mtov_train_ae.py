@@ -140,3 +140,14 @@ def test_cli_error_exit_code(tmp_path, capsys):
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith("error: frames folder not found") and "Traceback" not in err
+
+
+def test_training_with_splits(synth, tmp_path):
+    """splits=2: each 8-frame window is cut into two 4-frame clips; loss/PSNR see the whole window."""
+    out = tmp_path / "splits"
+    result = main(["--config", TINY, "--out_dir", str(out), "--no_progress", f"data.root={synth.root}",
+                   "model.ddconfig.splits=2", "train.max_steps=1", "train.val_every=1",
+                   "loss.perceptual_weight=0"])  # fmt: skip
+    assert result["step"] == 1 and len(result["history"]) == 2
+    model = _tiny_model(out)
+    assert (model.splits, model.s) == (2, 4)
