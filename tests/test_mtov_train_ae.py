@@ -151,3 +151,13 @@ def test_training_with_splits(synth, tmp_path):
     assert result["step"] == 1 and len(result["history"]) == 2
     model = _tiny_model(out)
     assert (model.splits, model.s) == (2, 4)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_amp_on_cuda_saves_the_grad_scaler(synth, tmp_path):
+    out = tmp_path / "cuda"
+    result = main(["--config", TINY, "--out_dir", str(out), "--no_progress", "--device", "cuda",
+                   f"data.root={synth.root}", "train.max_steps=2", "train.val_every=2",
+                   "train.amp=true"])  # fmt: skip
+    assert result["step"] == 2 and all(h["val_psnr"] == h["val_psnr"] for h in result["history"])
+    assert (out / "state" / "scaler.pt").is_file()
