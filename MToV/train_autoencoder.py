@@ -103,6 +103,16 @@ DEFAULTS: dict = {
 }
 
 
+def _resolve(path: str) -> Path:
+    """A relative path that does not exist from the working directory is tried from the repo root
+    (so ``checkpoints/...`` defaults work from anywhere)."""
+    p = Path(path).expanduser()
+    if p.is_absolute() or p.exists():
+        return p
+    repo_relative = Path(__file__).resolve().parents[1] / p
+    return repo_relative if repo_relative.exists() else p
+
+
 def _frames_to_video(frames: torch.Tensor, batch: int) -> torch.Tensor:
     """[(B*T), C, H, W] (frame-major per clip) -> [B, C, T, H, W]."""
     bt, c, h, w = frames.shape
@@ -197,7 +207,7 @@ def train(cfg: DictConfig, resume: bool = True, overwrite: bool = False, progres
     ddconfig = OmegaConf.to_container(cfg.model.ddconfig, resolve=True)
     model = ViTAutoencoder(cfg.model.embed_dim, ddconfig)
     if state_dir is None and cfg.init_from:
-        load_autoencoder_weights(model, cfg.init_from)
+        load_autoencoder_weights(model, _resolve(cfg.init_from), "initial (init_from) autoencoder")
     elif state_dir is None and mode == "ldmk":
         raise UserError(
             "ldmk mode starts from the RGB autoencoder: set init_from=/path/to/autoencoder_rgb.pth "
