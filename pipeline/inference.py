@@ -450,7 +450,7 @@ def run_inference(
         injected = detector if detector is not None else (template_face_detector if rw else None)
         det = FaceLandmarkDetector(
             device=device,
-            weights_dir=None if injected is not None else paths["face_alignment"],
+            weights_dir=cfg.assets.face_alignment or None,  # None: checkpoints/ or the torch-hub cache
             detector=injected,
         )
         lm68, n_interp = det.detect(frames, progress=progress, source=str(inputs.ref))

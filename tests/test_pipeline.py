@@ -286,3 +286,54 @@ def test_end_to_end_reference_photo(inputs, tmp_path, one_thread):
     info = probe(out)
     assert info["video"]["frames"] == result.n_frames == 75
     assert (info["video"]["width"], info["video"]["height"]) == (256, 256) and info["audio"] is not None
+
+
+def test_end_to_end_from_checkpoint_files(inputs, tmp_path, one_thread):
+    """The non-random path: every stage loads its weights from files (tiny networks saved in the
+    official layouts, a synthetic BFM), passed as assets.* overrides; only FAN is injected."""
+    from AToM.inference import load_atom
+    from data.audio import HubertExtractor
+    from data.face3d import write_synthetic_bfm
+    from data.landmarks import FAN_FILE, S3FD_FILE, template_face_detector
+    from data.recon3d import FaceReconstructor
+    from MToV.sample import load_mtov
+
+    ck = tmp_path / "ckpt"
+    write_synthetic_bfm(ck / "BFM", seed=3)
+    rec = FaceReconstructor(bfm_dir=ck / "BFM", random_weights=True, seed=5)
+    torch.save({"net_recon": rec.net.state_dict()}, ck / "epoch_20.pth")
+    hub = HubertExtractor.random(hidden_size=16, seed=2)
+    hub.model.save_pretrained(ck / "hubert")
+    hub.feature_extractor.save_pretrained(ck / "hubert")
+    (ck / "fa").mkdir()
+    for name in (FAN_FILE, S3FD_FILE):  # present for the asset check; FAN itself is injected below
+        (ck / "fa" / name).write_bytes(b"stand-in")
+    atom_sd = load_atom(
+        None, config=REPO / "configs" / "atom_tiny.yaml", random_weights=True
+    ).model.state_dict()
+    torch.save(
+        {"model_state_dict": atom_sd, "ema_state_dict": atom_sd, "optimizer_state_dict": {}}, ck / "atom.pt"
+    )
+    mtov = load_mtov(None, None, None, config=REPO / "configs" / "mtov_tiny.yaml", random_weights=True)
+    torch.save(mtov.ae_rgb.state_dict(), ck / "autoencoder_rgb.pth")
+    torch.save(mtov.ae_ldmk.state_dict(), ck / "autoencoder_motion.pth")
+    torch.save(mtov.unet.state_dict(), ck / "diffusion_model.pth")
+
+    out = tmp_path / "real.mp4"
+    argv = _base(inputs, out) + ["--config", TINY]
+    argv += [f"assets.{k}={ck / k}.pth" for k in ("autoencoder_rgb", "autoencoder_motion", "diffusion_model")]
+    argv += [f"assets.atom={ck / 'atom.pt'}", f"assets.deep3d={ck / 'epoch_20.pth'}"]
+    argv += [
+        f"assets.bfm_dir={ck / 'BFM'}",
+        f"assets.hubert={ck / 'hubert'}",
+        f"assets.face_alignment={ck / 'fa'}",
+    ]
+    cfg = resolve_config(build_parser().parse_args(argv))
+    result = run_inference(cfg, detector=template_face_detector, progress=False, log=lambda s: None)
+    info = probe(out)
+    assert info["video"]["frames"] == result.n_frames == 75 and info["audio"]["codec"] == "aac"
+    assert "RANDOM" not in info["metadata"]["comment"]
+    assert OmegaConf.load(out.with_suffix(".yaml")).random_weights is False
+    # the features really come from the saved HuBERT folder
+    feats = np.load(next((tmp_path / "real_work").glob("hubert-*/hubert.npy")))
+    assert feats.shape == (2 * 75, 16)
