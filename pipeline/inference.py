@@ -377,7 +377,7 @@ def run_inference(
     inputs = _validate(cfg)
     paths = _check_assets(cfg)
 
-    from data.audio import load_audio
+    from data.audio import check_waveform, load_audio
 
     wave = load_audio(inputs.audio, SAMPLE_RATE)
     seconds = len(wave) / SAMPLE_RATE
@@ -385,6 +385,7 @@ def run_inference(
         raise UserError(
             f"{inputs.audio} holds {seconds:.2f} s of audio; at least {cfg.min_audio_seconds} s is needed"
         )
+    check_waveform(wave, str(inputs.audio))  # silence / NaN: fail now, not after the reference stages
     if cfg.random_weights:
         print(RANDOM_WARNING, file=sys.stderr, flush=True)
 

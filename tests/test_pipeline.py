@@ -337,3 +337,13 @@ def test_end_to_end_from_checkpoint_files(inputs, tmp_path, one_thread):
     # the features really come from the saved HuBERT folder
     feats = np.load(next((tmp_path / "real_work").glob("hubert-*/hubert.npy")))
     assert feats.shape == (2 * 75, 16)
+
+
+def test_silent_audio(inputs, tmp_path, capsys):
+    silent = tmp_path / "silence.wav"
+    sf.write(silent, np.zeros(32000, np.float32), 16000)
+    out = tmp_path / "o.mp4"
+    argv = ["--audio", str(silent), "--ref_video", str(inputs["video"]), "--out", str(out)]
+    code, _, err = _run_cli(argv + ["--random_weights", "--config", TINY], capsys)
+    _assert_one_line_error(code, err, "silent", "silence.wav")
+    assert not out.exists() and not (tmp_path / "o_work").exists()
