@@ -347,3 +347,11 @@ def test_silent_audio(inputs, tmp_path, capsys):
     code, _, err = _run_cli(argv + ["--random_weights", "--config", TINY], capsys)
     _assert_one_line_error(code, err, "silent", "silence.wav")
     assert not out.exists() and not (tmp_path / "o_work").exists()
+
+
+def test_inference_yaml_spells_out_the_defaults():
+    """configs/inference.yaml and pipeline.inference.DEFAULTS hold the same tree and values."""
+    from pipeline.inference import DEFAULTS
+
+    on_disk = OmegaConf.to_container(OmegaConf.load(REPO / "configs" / "inference.yaml"))
+    assert on_disk == DEFAULTS
