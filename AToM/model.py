@@ -217,9 +217,6 @@ class EncodedConditions:
     face_tokens: Tensor  # [B, T, d] reference tokens (null embedding where dropped)
     cond_face_hidden: Tensor  # [B, d] = 2 * face_hidden + cond_hidden (the FiLM additions)
 
-    def repeat(self, n: int) -> EncodedConditions:
-        return EncodedConditions(*(t.repeat(n, *([1] * (t.dim() - 1))) for t in self._fields()))
-
     def _fields(self) -> tuple[Tensor, Tensor, Tensor]:
         return self.cond_tokens, self.face_tokens, self.cond_face_hidden
 
@@ -313,23 +310,23 @@ class MotionDecoder(nn.Module):
         """Encode audio and reference landmarks once; rows with ``keep=False`` get the null embeddings
         (their encoders are not run at all)."""
         b = face.shape[0]
-        d = self.latent_dim
         if cond_embed.shape[1] != self.null_cond_embed.shape[1]:
             raise ValueError(
                 f"audio features must have {self.null_cond_embed.shape[1]} frames (2 x seq_len), "
                 f"got {cond_embed.shape[1]}"
             )
-        null_tokens = self.null_cond_embed.to(cond_embed.dtype).expand(b, -1, -1)
-        null_face = self.face_null_cond_embed.to(face.dtype).expand(b, -1, -1)
-        null_hidden = self.null_cond_hidden.to(face.dtype).expand(b, -1)
-        # face_hidden of a dropped row: the MLP of the mean null face embedding (there is no null hidden).
-        null_face_hidden = self.non_attn_face_projection(self.face_null_cond_embed.mean(dim=-2)).expand(b, -1)
         if bool(keep.all()):
             cond_tokens = self.cond_encoder(self.cond_projection(cond_embed))
             face_tokens = self.face_encoder(self.face_projection(face))
             cond_hidden = self.non_attn_cond_projection(cond_tokens.mean(dim=-2))
             face_hidden = self.non_attn_face_projection(face_tokens.mean(dim=-2))
-        elif not bool(keep.any()):
+            return EncodedConditions(cond_tokens, face_tokens, face_hidden + face_hidden + cond_hidden)
+        null_tokens = self.null_cond_embed.to(cond_embed.dtype).expand(b, -1, -1)
+        null_face = self.face_null_cond_embed.to(face.dtype).expand(b, -1, -1)
+        null_hidden = self.null_cond_hidden.to(face.dtype).expand(b, -1)
+        # face_hidden of a dropped row: the MLP of the mean null face embedding (there is no null hidden).
+        null_face_hidden = self.non_attn_face_projection(self.face_null_cond_embed.mean(dim=-2)).expand(b, -1)
+        if not bool(keep.any()):
             cond_tokens, face_tokens, cond_hidden, face_hidden = (
                 null_tokens,
                 null_face,
@@ -346,7 +343,6 @@ class MotionDecoder(nn.Module):
             fh = self.non_attn_face_projection(ft.mean(dim=-2))
             cond_hidden = null_hidden.clone().index_copy(0, idx, ch.to(null_hidden.dtype))
             face_hidden = null_face_hidden.clone().index_copy(0, idx, fh.to(null_face_hidden.dtype))
-        assert cond_tokens.shape[-1] == d
         # QUIRK (aliasing): lip_t and nonlip_t alias t, and face_hidden is added twice, cond_hidden once.
         return EncodedConditions(cond_tokens, face_tokens, face_hidden + face_hidden + cond_hidden)
 

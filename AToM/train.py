@@ -1,0 +1,278 @@
+"""Train AToM: ``python -m AToM.train --config configs/atom.yaml [key=value ...]``.
+
+Runs under ``accelerate`` (CPU, one GPU, ``accelerate launch`` for several GPUs or nodes; fp16/bf16 via
+``train.mixed_precision``). Adan (``adan-pytorch``), EMA every step, checkpoints in the official layout
+(``model_state_dict``, ``ema_state_dict``, ``optimizer_state_dict``, plus ``step`` and ``config``),
+automatic resume from the latest checkpoint in ``train.out_dir``, tensorboard logs in
+``out_dir/tb``, a progress bar and a periodic validation loss (model and EMA).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import re
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from AToM.common import DEFAULT_CONFIG, build_diffusion, load_weights, read_checkpoint
+from AToM.dataset import WindowDataset, open_sources
+from AToM.diffusion import GaussianDiffusion
+from data.config import load_config, save_config
+from data.errors import UserError, cli_main
+from data.fileio import torch_save
+
+TRAIN_DEFAULTS: dict = {
+    **DEFAULT_CONFIG,
+    "data": {
+        "root": "data/train/lrs3",
+        "format": "auto",
+        "min_frames": 8,
+        "val_every": 100,
+        "num_workers": 4,
+    },
+    "train": {
+        "out_dir": "runs/atom",
+        "batch_size": 64,
+        "lr": 4e-4,
+        "weight_decay": 0.02,
+        "adan_betas": [0.02, 0.08, 0.01],
+        "ema_decay": 0.9999,
+        "max_steps": 1_000_000,
+        "save_every": 2000,
+        "val_every": 2000,
+        "val_batches": 8,
+        "log_every": 50,
+        "keep_checkpoints": 3,
+        "mixed_precision": "no",
+        "seed": 0,
+        "resume": "auto",
+        "cpu": False,
+    },
+}
+
+
+class EMA:
+    """Exponential moving average of a module's parameters (buffers copied)."""
+
+    def __init__(self, model: torch.nn.Module, decay: float):
+        self.decay = decay
+        self.model = copy.deepcopy(model).eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module) -> None:
+        ema_p = list(self.model.parameters())
+        cur_p = [p.detach().to(e.dtype) for p, e in zip(model.parameters(), ema_p)]
+        torch._foreach_lerp_(ema_p, cur_p, 1.0 - self.decay)
+        for e, b in zip(self.model.buffers(), model.buffers()):
+            e.copy_(b)
+
+
+def checkpoint_step(path: Path) -> int:
+    m = re.search(r"step_(\d+)\.pt$", path.name)
+    return int(m.group(1)) if m else -1
+
+
+def latest_checkpoint(out_dir: Path) -> Path | None:
+    """The checkpoint with the highest step in ``out_dir/checkpoints``, or None."""
+    ckpts = sorted((out_dir / "checkpoints").glob("step_*.pt"), key=checkpoint_step)
+    return ckpts[-1] if ckpts else None
+
+
+def batch_to_inputs(batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(residual, face, hubert, mask): the reference is the window's first frame, repeated."""
+    x = batch["x"]
+    face = x[:, :1].expand_as(x)
+    return x - face, face, batch["hubert"], batch["mask"]
+
+
+@torch.no_grad()
+def validation_loss(diffusion: GaussianDiffusion, loader: DataLoader, n_batches: int, device) -> float:
+    """Deterministic validation loss: fixed t and noise, conditions kept (drop prob 0)."""
+    gen = torch.Generator().manual_seed(1234)
+    old, diffusion.cond_drop_prob = diffusion.cond_drop_prob, 0.0
+    was_training = diffusion.training
+    diffusion.eval()
+    total, count = 0.0, 0
+    try:
+        for i, batch in enumerate(loader):
+            if i >= n_batches:
+                break
+            res, face, hub, mask = (t.to(device) for t in batch_to_inputs(batch))
+            t = torch.randint(0, diffusion.n_timestep, (res.shape[0],), generator=gen).to(device)
+            noise = torch.randn(res.shape, generator=gen).to(device)
+            loss, _ = diffusion.p_losses(res, None, face, hub, t, noise=noise, mask=mask)
+            total, count = total + loss.item(), count + 1
+    finally:
+        diffusion.cond_drop_prob = old
+        diffusion.train(was_training)
+    return total / max(count, 1)
+
+
+def train(cfg: DictConfig) -> Path:
+    """Train until ``train.max_steps``; returns the path of the last checkpoint written."""
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs, set_seed
+    from adan_pytorch import Adan
+    from torch.utils.tensorboard import SummaryWriter
+
+    tc, dc = cfg.train, cfg.data
+    acc = Accelerator(
+        mixed_precision=tc.mixed_precision,
+        cpu=bool(tc.cpu),
+        # unused official modules and randomly dropped null embeddings get no gradient
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
+    )
+    set_seed(int(tc.seed))
+    out_dir = Path(tc.out_dir)
+    diffusion = build_diffusion(cfg)
+    opt = Adan(
+        diffusion.model.parameters(),
+        lr=float(tc.lr),
+        betas=tuple(float(b) for b in tc.adan_betas),
+        weight_decay=float(tc.weight_decay),
+    )
+    ema = EMA(diffusion.model, float(tc.ema_decay))
+    step = 0
+    resume = str(tc.resume)
+    ckpt_path = (
+        None if resume == "never" else latest_checkpoint(out_dir) if resume == "auto" else Path(resume)
+    )
+    if ckpt_path is not None:
+        ckpt = read_checkpoint(ckpt_path)
+        load_weights(diffusion.model, ckpt["model_state_dict"], ckpt_path, "model_state_dict")
+        ema_sd = ckpt.get("ema_state_dict", ckpt["model_state_dict"])
+        load_weights(ema.model, ema_sd, ckpt_path, "ema_state_dict")
+        if "optimizer_state_dict" in ckpt:
+            opt.load_state_dict(ckpt["optimizer_state_dict"])
+        step = int(ckpt.get("step", 0))
+        acc.print(f"resumed from {ckpt_path} at step {step}")
+
+    train_src, val_src = open_sources(dc.root, dc.format, int(dc.val_every))
+    horizon = int(cfg.diffusion.horizon)
+    train_ds = WindowDataset(train_src, horizon, int(dc.min_frames))
+    val_ds = WindowDataset(val_src, horizon, int(dc.min_frames), deterministic=True)
+    bs = int(tc.batch_size)
+    nw = int(dc.num_workers)
+    loader = DataLoader(
+        train_ds, bs, shuffle=True, drop_last=len(train_ds) >= bs, num_workers=nw, persistent_workers=nw > 0
+    )
+    val_loader = DataLoader(val_ds, bs, shuffle=False, num_workers=0)
+    diffusion, opt, loader = acc.prepare(diffusion, opt, loader)
+    ema.model.to(acc.device)
+    raw: GaussianDiffusion = acc.unwrap_model(diffusion)
+    ema_diffusion = GaussianDiffusion(ema.model, **OmegaConf.to_container(cfg.diffusion, resolve=True)).to(
+        acc.device
+    )
+
+    writer = None
+    metrics = None
+    if acc.is_main_process:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out_dir / "config.yaml")
+        writer = SummaryWriter(str(out_dir / "tb"))
+        metrics = open(out_dir / "metrics.jsonl", "a")  # noqa: SIM115 - closed at the end
+
+    def log(**kw) -> None:
+        if metrics is not None:
+            metrics.write(json.dumps(kw) + "\n")
+            metrics.flush()
+
+    max_steps = int(tc.max_steps)
+    last_path = ckpt_path
+    bar = tqdm(total=max_steps, initial=step, desc="AToM train", disable=not acc.is_local_main_process)
+    diffusion.train()
+    running, n_running = 0.0, 0
+    while step < max_steps:
+        for batch in loader:
+            res, face, hub, mask = batch_to_inputs(batch)
+            with acc.autocast():
+                loss, extras = diffusion(res, None, face, hub, mask=mask)
+            if not torch.isfinite(loss):
+                raise UserError(f"training loss became {loss.item()} at step {step}; lower train.lr")
+            acc.backward(loss)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            ema.update(raw.model)
+            step += 1
+            running, n_running = running + loss.item(), n_running + 1
+            bar.update(1)
+            if step % int(tc.log_every) == 0 or step == max_steps:
+                avg = running / n_running
+                bar.set_postfix(loss=f"{avg:.4f}")
+                if writer:
+                    writer.add_scalar("train/loss", avg, step)
+                    writer.add_scalar("train/loss_x0", extras["loss"].item(), step)
+                    writer.add_scalar("train/loss_velocity", extras["v_loss"].item(), step)
+                log(step=step, train_loss=avg)
+                running, n_running = 0.0, 0
+            if step % int(tc.val_every) == 0 or step == max_steps:
+                vl = validation_loss(raw, val_loader, int(tc.val_batches), acc.device)
+                vle = validation_loss(ema_diffusion, val_loader, int(tc.val_batches), acc.device)
+                if writer:
+                    writer.add_scalar("val/loss", vl, step)
+                    writer.add_scalar("val/loss_ema", vle, step)
+                log(step=step, val_loss=vl, val_loss_ema=vle)
+                acc.print(f"step {step}: val loss {vl:.4f} (EMA {vle:.4f})")
+            if step % int(tc.save_every) == 0 or step == max_steps:
+                acc.wait_for_everyone()
+                if acc.is_main_process:
+                    last_path = save_checkpoint(out_dir, step, raw, ema, opt, cfg, int(tc.keep_checkpoints))
+            if step >= max_steps:
+                break
+    bar.close()
+    if writer:
+        writer.close()
+    if metrics is not None:
+        metrics.close()
+    acc.wait_for_everyone()
+    return last_path if last_path is not None else latest_checkpoint(out_dir)
+
+
+def save_checkpoint(out_dir: Path, step: int, raw, ema: EMA, opt, cfg: DictConfig, keep: int) -> Path:
+    """Official layout + ``step`` and ``config``; keeps the newest ``keep`` checkpoints."""
+    path = out_dir / "checkpoints" / f"step_{step:08d}.pt"
+    torch_save(
+        {
+            "model_state_dict": raw.model.state_dict(),
+            "ema_state_dict": ema.model.state_dict(),
+            "optimizer_state_dict": opt.state_dict(),
+            "step": step,
+            "config": OmegaConf.to_container(cfg, resolve=True),
+        },
+        path,
+    )
+    old = sorted((out_dir / "checkpoints").glob("step_*.pt"), key=checkpoint_step)[:-keep] if keep > 0 else []
+    for p in old:
+        p.unlink(missing_ok=True)
+    return path
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description="Train AToM (audio -> landmark motion diffusion).")
+    ap.add_argument("--config", default="configs/atom.yaml", help="YAML config (default configs/atom.yaml)")
+    ap.add_argument("--cpu", action="store_true", help="train on the CPU even if a GPU is present")
+    ap.add_argument(
+        "overrides", nargs="*", help="key=value overrides, e.g. train.batch_size=32 data.root=DIR"
+    )
+    args = ap.parse_args(argv)
+    cfg = load_config(args.config, args.overrides, TRAIN_DEFAULTS)
+    if args.cpu:
+        cfg.train.cpu = True
+    if int(cfg.train.max_steps) <= 0 or int(cfg.train.batch_size) <= 0:
+        raise UserError("train.max_steps and train.batch_size must be positive")
+    if not math.isfinite(float(cfg.train.lr)) or float(cfg.train.lr) <= 0:
+        raise UserError("train.lr must be a positive number")
+    path = train(cfg)
+    print(f"last checkpoint: {path}")
+
+
+if __name__ == "__main__":
+    cli_main(main)

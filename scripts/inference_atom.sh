@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# AToM inference: HuBERT features + reference frontal landmark -> frontal landmarks for the whole audio.
+# Usage: scripts/inference_atom.sh HUBERT.npy REF_LM3D.npy OUT.npy [more AToM.inference flags]
+#   e.g. scripts/inference_atom.sh results/hubert.npy results/ref_lm3d.npy results/atom.npy --ema --png_dir results/atom_png
+# Defaults: --checkpoint checkpoints/atom.pt --bfm_dir checkpoints/BFM --steps 50 --eta 1 --guidance 2 --seed 0
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+if [ "$#" -lt 3 ]; then
+  echo "usage: $0 HUBERT.npy REF_LM3D.npy OUT.npy [flags of python -m AToM.inference]" >&2
+  exit 2
+fi
+PY="${PYTHON:-$ROOT/.venv/bin/python}"
+HUBERT="$1"; REF="$2"; OUT="$3"; shift 3
+exec "$PY" -m AToM.inference --hubert "$HUBERT" --ref_lm3d "$REF" --out "$OUT" \
+  --checkpoint "${CHECKPOINT:-$ROOT/checkpoints/atom.pt}" --bfm_dir "${BFM_DIR:-$ROOT/checkpoints/BFM}" "$@"
