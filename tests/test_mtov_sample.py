@@ -18,6 +18,11 @@ REPO = Path(__file__).resolve().parents[1]
 TINY = str(REPO / "configs" / "mtov_tiny.yaml")
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    torch.set_num_threads(1)  # tiny tensors: one thread is faster, and fair to a shared CPU
+
+
 @pytest.fixture(scope="module")
 def models():
     m = load_mtov(None, None, None, config=TINY, random_weights=True)

@@ -1,0 +1,330 @@
+"""Train the MToV latent diffusion UNet: ``python -m MToV.train_diffusion --config ... [key=value ...]``.
+
+Per step (as the original ``latentDDPM`` trainer), with both autoencoders frozen:
+
+* ``z = E_rgb.extract(x)``, ``masked_z = E_rgb.extract(masked_x)``, ``ref = E_rgb.extract(x_ref)``
+  (one batched call), ``z_l = E_ldmk.extract(x_l)``;
+* loss ``|| eps - UNet(q_sample(z, t, eps), cat(z_l, masked_z), ref[..., :r*r], t) ||^2`` at a
+  uniform t (``diffusion.loss_type: l1`` is the documented option: the original YAML said l1 but
+  its trainer always used l2); no condition dropout (the original has none);
+* AdamW (lr 1e-4, weight decay 0.01, constant lr, no clipping), EMA (decay 0.9999 with warm-up)
+  updated every ``train.ema_every`` = 25 steps.
+
+``accelerate`` runs it on CPU, one GPU or ``accelerate launch`` multi-GPU. Resumable: ``{out_dir}/state``
+holds UNet, optimizer, EMA, RNG states and the step; rerunning the same command continues.
+
+Outputs in ``out_dir``: ``config.yaml``; ``diffusion_model.pth`` (EMA weights, DiffusionWrapper
+state_dict: the file ``MToV.sample`` loads), ``model_last.pth`` (raw weights), ``metrics.jsonl``
+(validation loss at fixed t and noise), ``tb/`` (tensorboard), ``state/``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from data.config import load_config, save_config
+from data.device import resolve_device
+from data.errors import UserError, cli_main
+from data.fileio import torch_save
+from MToV.dataset import build_dataset
+from MToV.diffusion import DDPM
+from MToV.ema import EMA
+from MToV.models.autoencoder import load_autoencoder_weights
+from MToV.sample import MODEL_DEFAULTS, _repo_path, build_models, load_unet_weights
+
+DEFAULTS: dict = OmegaConf.to_container(
+    OmegaConf.merge(
+        OmegaConf.create(MODEL_DEFAULTS),
+        {
+            "out_dir": "runs/mtov_diffusion",
+            "random_autoencoders": False,  # tests / smoke runs only: frozen random AEs, no checkpoints
+            "init_unet": None,  # optional warm start of the UNet (DiffusionWrapper state_dict)
+            "data": {
+                "root": None,
+                "frames_dir": "frames",
+                "keypoints_dir": "keypoints/non-face-centric/posed",
+                "split_file": None,
+                "split_mode": "heldout",
+                "short_videos": "skip",
+                "landmark_radius": 3,
+                "train_clips_per_video": 1,
+                "val_clips_per_video": 1,
+                "max_val_clips": 16,
+                "num_workers": 4,
+            },
+            "train": {
+                "lr": 1e-4,
+                "betas": [0.9, 0.999],
+                "weight_decay": 0.01,
+                "batch_size": 10,
+                "max_steps": 200_000,
+                "ema_decay": 0.9999,
+                "ema_every": 25,
+                "amp": False,  # fp16 autocast on CUDA for the frozen encoders only
+                "seed": 0,
+                "log_every": 50,
+                "save_every": 1000,
+                "device": "auto",
+            },
+        },
+    )
+)
+
+KEYS = ("x", "x_ref", "x_l", "masked_x")
+
+
+class LatentBatcher:
+    """Frozen autoencoders -> (z, cond, image_cond) latents for a dataset batch (no grad)."""
+
+    def __init__(self, ae_rgb, ae_ldmk) -> None:
+        self.ae_rgb, self.ae_ldmk = ae_rgb, ae_ldmk
+        self.n_xy = ae_rgb.r**2
+
+    @torch.no_grad()
+    def __call__(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        x, masked, ref = batch["x"], batch["masked_x"], batch["x_ref"]
+        b = x.shape[0]
+        # x_ref is one frame repeated: encoding it costs a clip like the others, so batch all three
+        z, masked_z, ref_z = self.ae_rgb.extract(torch.cat([x, masked, ref])).float().split(b)
+        z_l = self.ae_ldmk.extract(batch["x_l"]).float()
+        return z, torch.cat([z_l, masked_z], dim=1), ref_z[:, :, : self.n_xy]
+
+
+def _infinite(loader: DataLoader) -> Iterator[dict]:
+    while True:
+        yield from loader
+
+
+def _save_state(accelerator, out_dir: Path, step: int) -> None:
+    """accelerate state (+ step) written to state.tmp, then swapped in (a crash leaves one valid copy)."""
+    tmp, final, old = out_dir / "state.tmp", out_dir / "state", out_dir / "state.old"
+    if accelerator.is_main_process and tmp.exists():
+        shutil.rmtree(tmp)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    if accelerator.is_main_process:
+        (tmp / "trainer.json").write_text(json.dumps({"step": step}))
+        if final.exists():
+            final.rename(old)
+        tmp.rename(final)
+        if old.exists():
+            shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+
+
+def _find_state(out_dir: Path) -> Path | None:
+    for name in ("state", "state.old"):
+        if (out_dir / name / "trainer.json").is_file():
+            return out_dir / name
+    return None
+
+
+@torch.no_grad()
+def validation_loss(ddpm: DDPM, batcher: LatentBatcher, loader: DataLoader, device, max_clips: int) -> float:
+    """Mean eps loss on held-out clips at fixed timesteps and noise (comparable across steps)."""
+    g = torch.Generator().manual_seed(1234)
+    was_training = ddpm.training
+    ddpm.eval()
+    total, count = 0.0, 0
+    for batch in loader:
+        batch = {k: v.to(device) for k, v in batch.items() if k in KEYS}
+        z, cond, image_cond = batcher(batch)
+        t = torch.randint(0, ddpm.num_timesteps, (z.shape[0],), generator=g).to(device)
+        noise = torch.randn(z.shape, generator=g).to(device)
+        loss, _ = ddpm.p_losses(z, cond, image_cond, t, noise=noise)
+        total += float(loss) * z.shape[0]
+        count += z.shape[0]
+        if count >= max_clips:
+            break
+    ddpm.train(was_training)
+    return total / max(count, 1)
+
+
+def train(cfg: DictConfig, resume: bool = True, overwrite: bool = False, progress: bool = True) -> dict:
+    """Run (or continue) diffusion training; returns ``{"step", "history", "train_losses"}``."""
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+    from torch.utils.tensorboard import SummaryWriter
+
+    out_dir = Path(cfg.out_dir)
+    state_dir = _find_state(out_dir) if resume else None
+    if out_dir.exists() and any(out_dir.iterdir()) and state_dir is None and not overwrite:
+        raise UserError(
+            f"output folder {out_dir} already holds files but no resumable state; "
+            "pass --overwrite to start a new run there, or choose another out_dir"
+        )
+    if overwrite and not resume and out_dir.exists():
+        for name in ("state", "state.old", "state.tmp", "metrics.jsonl"):
+            p = out_dir / name
+            if p.is_dir():
+                shutil.rmtree(p)
+            elif p.exists():
+                p.unlink()
+    if cfg.diffusion.loss_type not in ("l1", "l2"):
+        raise UserError(f"diffusion.loss_type must be l1 or l2, got {cfg.diffusion.loss_type!r}")
+
+    tc = cfg.train
+    device = resolve_device(tc.device)
+    accelerator = Accelerator(cpu=device.type == "cpu")
+    set_seed(int(tc.seed))
+    main_proc = accelerator.is_main_process
+
+    ae_rgb, ae_ldmk, unet = build_models(cfg)
+    if not cfg.random_autoencoders:
+        ck = cfg.checkpoints
+        load_autoencoder_weights(ae_rgb, _repo_path(ck.ae_rgb), "MToV RGB autoencoder")
+        load_autoencoder_weights(ae_ldmk, _repo_path(ck.ae_ldmk), "MToV landmark autoencoder")
+    if state_dir is None and cfg.init_unet:
+        load_unet_weights(unet, cfg.init_unet)
+    for ae in (ae_rgb, ae_ldmk):
+        ae.to(accelerator.device).eval().requires_grad_(False)
+    dc = cfg.diffusion
+    ddpm = DDPM(
+        unet,
+        channels=ae_rgb.embed_dim,
+        image_size=ae_rgb.r,
+        frames=ae_rgb.s,
+        linear_start=dc.linear_start,
+        linear_end=dc.linear_end,
+        timesteps=dc.timesteps,
+        loss_type=dc.loss_type,
+    )
+    ema = EMA(unet, decay=float(tc.ema_decay)).to(accelerator.device)
+    opt = torch.optim.AdamW(unet.parameters(), lr=tc.lr, betas=tuple(tc.betas), weight_decay=tc.weight_decay)
+
+    data_cfg = cfg.data
+    timesteps, resolution = ae_rgb.timesteps, ae_rgb.res
+    train_ds = build_dataset(data_cfg, "train", KEYS, timesteps, resolution)
+    val_ds = build_dataset(data_cfg, "test", KEYS, timesteps, resolution)
+    workers = int(data_cfg.num_workers)
+    train_loader = DataLoader(
+        train_ds,
+        batch_size=tc.batch_size,
+        shuffle=True,
+        drop_last=len(train_ds) >= tc.batch_size,
+        num_workers=workers,
+        persistent_workers=workers > 0,
+    )
+    val_loader = DataLoader(val_ds, batch_size=tc.batch_size, shuffle=False, num_workers=workers)
+    ddpm, opt, train_loader = accelerator.prepare(ddpm, opt, train_loader)
+    accelerator.register_for_checkpointing(ema)
+    raw_ddpm = accelerator.unwrap_model(ddpm)
+    batcher = LatentBatcher(ae_rgb, ae_ldmk)
+    amp = bool(tc.amp) and accelerator.device.type == "cuda"
+
+    step = 0
+    if state_dir is not None:
+        accelerator.load_state(str(state_dir))
+        step = int(json.loads((state_dir / "trainer.json").read_text())["step"])
+        accelerator.print(f"resuming from {state_dir} at step {step}")
+    if main_proc:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out_dir / "config.yaml")
+    writer = SummaryWriter(str(out_dir / "tb")) if main_proc else None
+    history: list[dict] = []
+    train_losses: list[float] = []
+
+    def evaluate_and_save(at_step: int) -> None:
+        if main_proc:
+            val = validation_loss(
+                raw_ddpm, batcher, val_loader, accelerator.device, int(data_cfg.max_val_clips)
+            )
+            record = {"step": at_step, "val_loss": val}
+            history.append(record)
+            with open(out_dir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+            writer.add_scalar("val/loss", val, at_step)
+            torch_save(ema.averaged_state_dict(raw_ddpm.model), out_dir / "diffusion_model.pth")
+            torch_save({k: v.detach().cpu() for k, v in raw_ddpm.model.state_dict().items()},
+                       out_dir / "model_last.pth")  # fmt: skip
+        _save_state(accelerator, out_dir, at_step)
+
+    if step == 0 and main_proc:  # validation loss of the initial weights
+        val = validation_loss(raw_ddpm, batcher, val_loader, accelerator.device, int(data_cfg.max_val_clips))
+        history.append({"step": 0, "val_loss": val})
+        with open(out_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(history[-1]) + "\n")
+        writer.add_scalar("val/loss", val, 0)
+
+    batches = _infinite(train_loader)
+    ddpm.train()
+    max_steps = int(tc.max_steps)
+    bar = tqdm(total=max_steps, initial=step, disable=not (progress and main_proc), desc="MToV diffusion")
+    running, n_running = 0.0, 0
+    while step < max_steps:
+        batch = next(batches)
+        with torch.autocast(accelerator.device.type, dtype=torch.float16, enabled=amp):
+            z, cond, image_cond = batcher(batch)
+        loss, _ = ddpm(z, cond, image_cond)
+        accelerator.backward(loss)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        step += 1
+        if step % int(tc.ema_every) == 0:
+            ema.update(raw_ddpm.model)
+        value = float(loss.detach())
+        train_losses.append(value)
+        running += value
+        n_running += 1
+        bar.update(1)
+        if main_proc and (step % int(tc.log_every) == 0 or step == max_steps):
+            writer.add_scalar("train/loss", running / n_running, step)
+            bar.set_postfix(loss=f"{running / n_running:.4f}")
+            running, n_running = 0.0, 0
+        if step % int(tc.save_every) == 0 or step == max_steps:
+            evaluate_and_save(step)
+    bar.close()
+    if writer is not None:
+        writer.close()
+    return {"step": step, "history": history, "train_losses": train_losses}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m MToV.train_diffusion",
+        description="Train the MToV tri-plane latent diffusion UNet (frozen autoencoders; resumable).",
+    )
+    p.add_argument("--config", default="configs/mtov_diffusion.yaml", help="YAML config (OmegaConf)")
+    p.add_argument("--out_dir", default=None, help="run folder (overrides out_dir)")
+    p.add_argument("--ae_rgb", default=None, help="RGB autoencoder checkpoint (checkpoints.ae_rgb)")
+    p.add_argument("--ae_ldmk", default=None, help="landmark autoencoder checkpoint (checkpoints.ae_ldmk)")
+    p.add_argument("--device", default=None, help="auto|cpu|cuda|cuda:N (overrides train.device)")
+    p.add_argument("--no_resume", action="store_true", help="ignore {out_dir}/state (needs --overwrite)")
+    p.add_argument("--overwrite", action="store_true", help="allow writing into a non-empty out_dir")
+    p.add_argument("--no_progress", action="store_true", help="no tqdm bar")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. data.root=... train.batch_size=4")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    args = build_parser().parse_intermixed_args(argv)
+    cfg = load_config(args.config, args.overrides, DEFAULTS)
+    if args.out_dir is not None:
+        cfg.out_dir = args.out_dir
+    if args.ae_rgb is not None:
+        cfg.checkpoints.ae_rgb = args.ae_rgb
+    if args.ae_ldmk is not None:
+        cfg.checkpoints.ae_ldmk = args.ae_ldmk
+    if args.device is not None:
+        cfg.train.device = args.device
+    if args.no_resume and not args.overwrite:
+        raise UserError("--no_resume restarts the run in place; add --overwrite to confirm")
+    if cfg.data.root is None:
+        raise UserError("set data.root=/path/to/HDTF (a folder with frames/ and keypoints/)")
+    result = train(cfg, resume=not args.no_resume, overwrite=args.overwrite, progress=not args.no_progress)
+    last = result["history"][-1] if result["history"] else {}
+    print(json.dumps({"step": result["step"], "val_loss": last.get("val_loss"), "out_dir": str(cfg.out_dir)}))
+    return result
+
+
+if __name__ == "__main__":
+    cli_main(main)
