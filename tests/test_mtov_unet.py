@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -150,3 +151,20 @@ def test_bad_latent_length_is_rejected(model):
         model(
             torch.zeros(1, 4, 1000), torch.zeros(1, 8, 1000), torch.zeros(1, 4, 1000), torch.zeros(1).long()
         )
+
+
+@pytest.mark.parametrize(
+    "name,channels,keys", [("mtov_diffusion.yaml", 128, 804), ("mtov_diffusion_longvid.yaml", 256, 805)]
+)
+def test_shipped_configs_build_the_official_sizes(name, channels, keys):
+    from MToV.sample import build_models, model_config
+
+    man = json.loads((MANIFESTS / "mtov_unet.json").read_text())
+    cfg = model_config(Path(__file__).resolve().parents[1] / "configs" / name)
+    with torch.device("meta"):
+        ae_rgb, _, unet = build_models(cfg)
+    assert ae_rgb.latent_length == 2048
+    assert unet.diffusion_model.model_channels == channels
+    assert len(unet.state_dict()) == keys
+    if channels == 128:
+        assert sum(p.numel() for p in unet.parameters()) == man["param_count"]
