@@ -40,7 +40,7 @@ def frame_times(n_frames: int, fps: float) -> np.ndarray:
 
 
 def read_video(
-    path: str | Path, fps: float | None = 25, max_frames: int | None = None
+    path: str | Path, fps: float | None = 25, max_frames: int | None = None, autorotate: bool = True
 ) -> tuple[np.ndarray, float]:
     """Decode the first video stream of ``path`` to uint8 RGB frames ``[T, H, W, 3]``.
 
@@ -49,6 +49,7 @@ def read_video(
     (ffmpeg ``fps`` filter semantics); the clip keeps its duration: ``T = round(duration * fps)``.
     With ``fps=None`` every decoded frame is returned with the stream's own average rate.
     ``max_frames`` stops decoding early (e.g. when only as many frames as the audio are needed).
+    ``autorotate`` applies the stream's display rotation (phone videos), as ffmpeg does by default.
     Returns ``(frames, fps)``.
     """
     path = Path(path)
@@ -69,6 +70,8 @@ def read_video(
         try:
             for frame in container.decode(stream):
                 image = frame.to_ndarray(format="rgb24")
+                if autorotate and frame.rotation:  # counter-clockwise degrees from the display matrix
+                    image = np.ascontiguousarray(np.rot90(image, k=int(round(frame.rotation / 90)) % 4))
                 n_decoded += 1
                 if fps is None:
                     out.append(image)

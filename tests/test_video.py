@@ -134,3 +134,27 @@ def test_read_image_png_and_exif(tmp_path):
 def read_image_via(image: Image.Image, path) -> np.ndarray:
     image.save(path)
     return read_image(path)
+
+
+def test_display_rotation_is_applied(tmp_path):
+    """Phone videos store a display rotation; frames come back upright (as ffmpeg autorotates)."""
+    import av
+
+    image = np.zeros((32, 64, 3), np.uint8)
+    image[:8, :8] = 255  # a white block in the top-left corner
+    path = tmp_path / "rotated.mp4"
+    with av.open(str(path), "w") as c:
+        s = c.add_stream("libx264", rate=25)
+        s.width, s.height, s.pix_fmt = 64, 32, "yuv420p"
+        s.set_display_rotation(90)  # counter-clockwise
+        for k in range(3):
+            frame = av.VideoFrame.from_ndarray(image, format="rgb24")
+            frame.pts = k
+            c.mux(s.encode(frame))
+        c.mux(s.encode(None))
+    upright, _ = read_video(path)
+    assert upright.shape == (3, 64, 32, 3)
+    rows, cols = np.argwhere(upright[0, ..., 0] > 128).mean(axis=0)
+    assert rows > 48 and cols < 16  # turned counter-clockwise: top-left -> bottom-left
+    raw, _ = read_video(path, autorotate=False)
+    assert raw.shape == (3, 32, 64, 3)
