@@ -660,6 +660,14 @@ def run_inference(
         mux_audio = wave if mux_rate == SAMPLE_RATE else load_audio(inputs.audio, mux_rate)
         metadata = _metadata(cfg)
         hwc = video.transpose(0, 2, 3, 1)
+        # the preview and the config first: the main output appears last, only when all is done
+        if inputs.preview is not None:
+            side = np.concatenate([landmark_video.transpose(0, 2, 3, 1), hwc], axis=2)
+            write_video(
+                inputs.preview, side, fps=FPS, audio=mux_audio, sample_rate=mux_rate, metadata=metadata
+            )
+        resolved = OmegaConf.merge(cfg, {"run": {"n_frames": n_frames, "audio_seconds": round(seconds, 4)}})
+        save_config(resolved, inputs.config_path)
         write_video(
             inputs.out,
             hwc,
@@ -670,13 +678,6 @@ def run_inference(
             crf=int(cfg.output.crf),
             preset=str(cfg.output.preset),
         )
-        if inputs.preview is not None:
-            side = np.concatenate([landmark_video.transpose(0, 2, 3, 1), hwc], axis=2)
-            write_video(
-                inputs.preview, side, fps=FPS, audio=mux_audio, sample_rate=mux_rate, metadata=metadata
-            )
-        resolved = OmegaConf.merge(cfg, {"run": {"n_frames": n_frames, "audio_seconds": round(seconds, 4)}})
-        save_config(resolved, inputs.config_path)
 
     for name, rec_ in cache.records.items():
         timings[name] = rec_.seconds
