@@ -307,7 +307,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> dict:
     args = build_parser().parse_intermixed_args(argv)
-    cfg = load_config(args.config, args.overrides, DEFAULTS)
+    cfg = load_config(_repo_path(args.config), args.overrides, DEFAULTS)
     if args.out_dir is not None:
         cfg.out_dir = args.out_dir
     if args.ae_rgb is not None:
