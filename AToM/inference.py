@@ -7,11 +7,12 @@ offsets from the BFM mean shape) but the original inference fed it the absolute 
 first, ``ref_idexp = (ref_lm3d - key_mean_shape) * 10``, and return
 ``(residual + ref_idexp) / 10 + key_mean_shape``.
 
-Long audio: overlapping windows of ``horizon`` frames; each later window inpaints its first
-``overlap`` frames with the frames already generated (EDGE-style: at every DDIM step the known region
-is replaced by ``q_sample`` of the known values), then the overlap is cross-faded linearly from the
-previous window's frames to the new window's own final estimate of them, so a small disagreement
-between windows is spread over the overlap instead of showing as a jump. As in training, a window's
+Long audio: overlapping windows of ``horizon`` frames. Each later window inpaints the first half of
+its overlap with the frames already generated (EDGE-style: at every DDIM step the known region is
+replaced by ``q_sample`` of the known values); over the second half of the overlap the output is
+cross-faded (raised cosine) from the previous window's frames to the new window's, so a small
+disagreement between windows (or a kink at the inpainting boundary) is spread out instead of showing
+as a jump. As in training, a window's
 reference is its own first frame: for window k > 0 that is the already generated frame at the window
 start, and the known overlap is re-expressed as residuals w.r.t. it (so the known residual of frame 0
 is exactly 0, as the model saw in training). Audio shorter than a window is edge-padded to one window
@@ -145,12 +146,13 @@ def generate_landmarks(
         ref = ref0 if k == 0 else out[s].clone()
         face = ref.expand(1, w, -1)
         known = None
-        n_known = filled - s
+        n_known = filled - s  # frames of this window already generated (the overlap)
+        n_inpaint = (n_known + 1) // 2  # first half: inpainted; second half: cross-faded
         if n_known > 0:
             mask = torch.zeros(1, w, 1, device=device)
-            mask[:, :n_known] = 1
+            mask[:, :n_inpaint] = 1
             values = torch.zeros(1, w, 204, device=device)
-            values[0, :n_known] = out[s:filled] - ref
+            values[0, :n_inpaint] = out[s : s + n_inpaint] - ref
             known = (mask, values)
         res = diffusion.ddim_sample(
             (1, w, 204),
@@ -162,13 +164,16 @@ def generate_landmarks(
             guidance_weight=guidance_weight,
             generator=gen,
             known=known,
-            replace_final=False,
             progress=progress and len(starts) == 1,
         )
         new = res[0] + ref
-        if n_known > 0:  # cross-fade the overlap from the previous window to this one
-            alpha = torch.arange(1, n_known + 1, device=device, dtype=new.dtype)[:, None] / (n_known + 1)
-            out[s:filled] = (1 - alpha) * out[s:filled] + alpha * new[:n_known]
+        m = n_known - n_inpaint
+        if m > 0:  # raised-cosine cross-fade from the previous window to this one
+            ramp = torch.arange(1, m + 1, device=device, dtype=new.dtype)[:, None] / (m + 1)
+            alpha = 0.5 - 0.5 * torch.cos(torch.pi * ramp)
+            out[s + n_inpaint : filled] = (1 - alpha) * out[s + n_inpaint : filled] + alpha * new[
+                n_inpaint:n_known
+            ]
         new_from = max(n_known, 0)
         out[s + new_from : s + w] = new[new_from:]
         filled = s + w
