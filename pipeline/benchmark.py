@@ -1,0 +1,705 @@
+"""Benchmark of every inference stage: the original's call pattern ("faithful") against the fast path.
+
+``python -m pipeline.benchmark [--device cpu|cuda] [--seconds S] [--steps-scale F] [--json OUT.json]``
+(also ``scripts/benchmark.sh``). Full-size networks with random weights (speed does not depend on
+the values; the zero-initialised output layers of the UNet get small random weights so that the
+outputs, and the comparisons between modes, mean something), S seconds of the bundled speech clip
+and the moving reference face of :mod:`pipeline.sample_data`. Stages, timed one after another:
+
+* ``hubert``  HuBERT-large features of the audio (same code in every mode);
+* ``atom``    AToM DDIM sampling of the frontal landmarks;
+* ``align``   re-posing onto the reference frames, rendering the dot video, masking below the nose;
+* ``mtov_encode`` / ``mtov_unet`` / ``mtov_decode``  MToV condition encodes, UNet steps, decode
+  (their sum plus bookkeeping is ``mtov``); ``total`` is the whole chain.
+
+Modes, run side by side in one process on the same inputs and the same noise:
+
+* ``faithful``  the original's call pattern: two decoder passes per guided AToM step with the
+  conditions re-encoded each time; one 16-frame clip at a time with four encodes per clip (the
+  target clip, whose latent is unused, the reference, the landmarks, the masked frames); fp32, eager,
+  explicit attention (PyTorch's math backend, as the original's einsum/bmm attention);
+* ``fast``      the default path of :func:`AToM.inference.generate_landmarks` and
+  :func:`MToV.sample.generate_video`: CFG as one batched pass, conditions encoded once, the reference
+  latent once per video, only the encodes sampling uses, ``torch.inference_mode``, SDPA attention,
+  clips batched, bf16 autocast for the autoencoders where the device has bf16 matrix units
+  (``--precision``), channels-last UNet and optional ``torch.compile`` on GPU;
+* ``fast_fp32`` the same fast path in full precision (it must equal ``faithful`` up to rounding).
+
+With ``--steps-scale F < 1`` the samplers run ``F`` times their steps (quick runs); the per-stage
+seconds, totals and speed-ups in the JSON are then extrapolated to the full step counts (the AToM
+stage and the UNet time scale with the number of steps; everything else is measured as is), and the
+raw measurements are kept under ``measured``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import tempfile
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from data.errors import UserError, cli_main
+
+REPO = Path(__file__).resolve().parents[1]
+FPS = 25
+SAMPLE_RATE = 16000
+MODES = ("faithful", "fast", "fast_fp32")
+STAGES = ("hubert", "atom", "align", "mtov_encode", "mtov_unet", "mtov_decode", "mtov", "total")
+FULL_ATOM_STEPS = 50
+FULL_MTOV_SCHEDULE = 100  # DDIM schedule length of MToV; start_ratio 0.25 runs 25 UNet passes of it
+START_RATIO = 0.25
+
+# HuBERT-large (facebook/hubert-large-ls960-ft) architecture, for the random full-size extractor.
+HUBERT_LARGE = dict(
+    hidden_size=1024,
+    num_hidden_layers=24,
+    num_attention_heads=16,
+    intermediate_size=4096,
+    conv_dim=(512,) * 7,
+    feat_extract_norm="layer",
+    do_stable_layer_norm=True,
+    conv_bias=True,
+)
+
+
+# ----------------------------------------------------------------------------- setup
+@dataclass
+class Networks:
+    """Every network of the chain, with random weights, on one device."""
+
+    hubert: Any  # data.audio.HubertExtractor
+    atom: Any  # AToM.diffusion.GaussianDiffusion
+    mtov: Any  # MToV.sample.MToVModels
+    tiny: bool
+
+
+@dataclass
+class Inputs:
+    """Audio, reference frames and the per-frame geometry the alignment needs."""
+
+    wave: np.ndarray  # float32 [n_frames * 640 + 80] at 16 kHz
+    frames: np.ndarray  # uint8 [T, S, S, 3] reference frames (one per output frame)
+    lm68: np.ndarray  # float32 [T, 68, 2] their 2D landmarks
+    coeff: np.ndarray  # float32 [T, 257] their 3DMM coefficients
+    lm3d_std: np.ndarray  # [5, 3] POS template
+    ref_lm3d: np.ndarray  # [T, 68, 3] their frontal landmarks (idexp / 10 + key mean shape)
+    key_mean: np.ndarray  # [68, 3]
+    n_frames: int
+
+
+def randomize_zero_params(module: torch.nn.Module, seed: int = 0, std: float = 0.02) -> int:
+    """Give every all-zero parameter (zero-initialised output convolutions, biases) N(0, std) values so
+    the network's output is not trivially zero; returns how many tensors were changed."""
+    gen = torch.Generator().manual_seed(seed)
+    changed = 0
+    with torch.no_grad():
+        for p in module.parameters():
+            if p.numel() and not p.any():
+                p.copy_((torch.randn(p.shape, generator=gen) * std).to(p.device, p.dtype))
+                changed += 1
+    return changed
+
+
+def build_networks(device: torch.device, tiny: bool = False, seed: int = 0) -> Networks:
+    """Full-size AToM, MToV and HuBERT-large with random weights (``tiny``: the tiny test configs)."""
+    from AToM.inference import load_atom
+    from data.audio import HubertExtractor
+    from MToV.sample import load_mtov
+
+    atom_cfg = str(REPO / "configs" / "atom_tiny.yaml") if tiny else None
+    mtov_cfg = str(REPO / "configs" / "mtov_tiny.yaml") if tiny else None
+    atom = load_atom(None, atom_cfg, device=device, random_weights=True)
+    mtov = load_mtov(None, None, None, config=mtov_cfg, device=device, random_weights=True)
+    randomize_zero_params(mtov.unet, seed + 1)
+    hidden = int(atom.model.cond_feature_dim)
+    if tiny:
+        hubert = HubertExtractor.random(hidden_size=hidden, seed=seed, device=device)
+    else:
+        from transformers import HubertConfig, HubertModel, Wav2Vec2FeatureExtractor
+
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = HubertModel(HubertConfig(**HUBERT_LARGE))
+        hubert = HubertExtractor(
+            "random-hubert-large",
+            device=device,
+            _model=model,
+            _feature_extractor=Wav2Vec2FeatureExtractor(do_normalize=True, sampling_rate=SAMPLE_RATE),
+        )
+    return Networks(hubert, atom, mtov, tiny)
+
+
+def make_inputs(seconds: float, size: int = 256, seed: int = 0) -> Inputs:
+    """``seconds`` of the bundled speech clip (looped if needed) and the moving astronaut reference,
+    with template landmarks and smooth synthetic head poses (the geometry FAN and Deep3DFaceRecon
+    would give; they are not part of the benchmark)."""
+    import soundfile as sf
+
+    from data.audio import resample
+    from data.face3d import Face3DHelper, write_synthetic_bfm
+    from data.landmarks import template_face_detector
+    from data.recon3d import load_lm3d_std
+    from pipeline.sample_data import SAMPLE_SPEECH, reference_frames
+
+    n_frames = max(1, int(round(seconds * FPS)))
+    speech, sr = sf.read(SAMPLE_SPEECH, dtype="float32", always_2d=False)
+    speech = resample(np.asarray(speech if speech.ndim == 1 else speech[:, 0]), sr, SAMPLE_RATE)
+    need = n_frames * (SAMPLE_RATE // FPS) + 80
+    wave = np.resize(speech, need).astype(np.float32)  # loops a short clip
+    frames = reference_frames(n_frames, size)
+    rng = np.random.default_rng(seed)
+    k = np.arange(n_frames)[:, None]
+    lm68 = template_face_detector(frames) + np.sin(2 * math.pi * k / max(n_frames, 1))[..., None] * 2.0
+    coeff = np.zeros((n_frames, 257), np.float32)
+    coeff[:, :80] = rng.normal(0, 0.3, 80)
+    coeff[:, 80:144] = rng.normal(0, 0.3, (n_frames, 64)) * 0.3
+    phase = 2 * math.pi * np.arange(n_frames) / max(n_frames, 1)
+    coeff[:, 224] = 0.05 * np.sin(phase)
+    coeff[:, 225] = 0.08 * np.sin(2 * phase)
+    coeff[:, 254:257] = np.stack([0.02 * np.sin(phase), 0.01 * np.cos(phase), np.zeros(n_frames)], 1)
+    with tempfile.TemporaryDirectory() as tmp:
+        bfm = write_synthetic_bfm(Path(tmp), seed=seed)
+        helper = Face3DHelper(bfm)
+        lm3d_std = np.asarray(load_lm3d_std(bfm), np.float32)
+        parts = helper.split_coeff(coeff)
+        idexp = helper.reconstruct_idexp_lm3d(parts["identity"], parts["expression"]).cpu().numpy()
+        key_mean = helper.key_mean_shape.cpu().numpy().astype(np.float32)
+    return Inputs(
+        wave=wave,
+        frames=frames,
+        lm68=lm68.astype(np.float32),
+        coeff=coeff,
+        lm3d_std=lm3d_std,
+        ref_lm3d=(idexp / 10.0 + key_mean).astype(np.float32),
+        key_mean=key_mean,
+        n_frames=n_frames,
+    )
+
+
+# ----------------------------------------------------------------------------- faithful paths
+@dataclass
+class _RawConditions:
+    face: torch.Tensor
+    cond: torch.Tensor
+
+
+@contextlib.contextmanager
+def faithful_atom(diffusion: Any) -> Iterator[None]:
+    """Within this context, AToM's sampler runs the original's pattern: at every DDIM step two full
+    decoder passes (conditional, then unconditional), each re-encoding audio and reference."""
+    model = diffusion.model
+
+    def encode(face: torch.Tensor, cond: torch.Tensor) -> _RawConditions:
+        return _RawConditions(face, cond)
+
+    def guided(x: torch.Tensor, t: torch.Tensor, raw: _RawConditions, w: float) -> torch.Tensor:
+        return model.guided_forward(None, x, raw.face, raw.cond, t, w, faithful=True)
+
+    model.encode_guidance_conditions = encode
+    model.guided_decode = guided
+    try:
+        yield
+    finally:
+        del model.encode_guidance_conditions
+        del model.guided_decode
+
+
+def faithful_generate_video(
+    models: Any,
+    landmark_video: np.ndarray,
+    masked_frames: np.ndarray,
+    identity_frame: np.ndarray,
+    target_frames: np.ndarray,
+    *,
+    seed: int = 0,
+    start_ratio: float = START_RATIO,
+    sampling_timesteps: int = FULL_MTOV_SCHEDULE,
+    eta: float = 1.0,
+    timings: dict[str, float] | None = None,
+    return_float: bool = False,
+    progress: bool = False,
+) -> np.ndarray:
+    """The original MToV call pattern (fp32, eager, ``no_grad``): each 16-frame clip on its own, with
+    four encodes per clip (target, whose latent the sampler never uses, reference, landmarks, masked
+    frames), noised-start DDIM and a decode. Noise per clip as :func:`MToV.sample.generate_video`
+    (``clip_generator(seed, clip)``), so the two agree up to float rounding. Inputs uint8 [T, 3, S, S]
+    at the autoencoder's size; returns uint8 (or float in [-1, 1]) [T, 3, S, S]."""
+    from tqdm.auto import tqdm
+
+    from MToV.diffusion import DDPM
+    from MToV.sample import _pad_clips, _StageTimer, _to_model, clip_generator, to_uint8
+
+    dev, size, clip = models.device, models.resolution, models.clip_frames
+    timed = _StageTimer(timings, dev)
+    n = len(landmark_video)
+    ddpm = DDPM(
+        models.unet,
+        channels=models.ae_rgb.embed_dim,
+        image_size=models.ae_rgb.r,
+        frames=clip,
+        sampling_timesteps=sampling_timesteps,
+        ddim_sampling_eta=eta,
+        **{k: models.config.diffusion[k] for k in ("linear_start", "linear_end", "timesteps")},
+    ).to(dev)
+    n_xy = models.ae_rgb.r**2
+    outputs = []
+    with torch.no_grad():
+        x_l = _pad_clips(_to_model(landmark_video, size, dev, "landmark_video"), clip)
+        masked = _pad_clips(_to_model(masked_frames, size, dev, "masked_frames"), clip)
+        target = _pad_clips(_to_model(target_frames, size, dev, "target_frames"), clip)
+        ref = _to_model(identity_frame[None], size, dev, "identity_frame")[:, :, None]
+        for i in tqdm(range(x_l.shape[0]), desc="MToV clips (faithful)", disable=not progress):
+            with timed("encode"):
+                _ = models.ae_rgb.extract(target[i : i + 1])  # encoded by the original, never used
+                ref_latent = models.ae_rgb.extract(ref.expand(-1, -1, clip, -1, -1).contiguous())
+                z_l = models.ae_ldmk.extract(x_l[i : i + 1])
+                z_m = models.ae_rgb.extract(masked[i : i + 1])
+            with timed("unet"):
+                z = ddpm.sample(
+                    1,
+                    torch.cat([z_l, z_m], dim=1),
+                    ref_latent[:, :, :n_xy],
+                    noised_start=ref_latent,
+                    start_ratio=start_ratio,
+                    generator=[clip_generator(seed, i, dev)],
+                )
+            with timed("decode"):
+                frames = models.ae_rgb.decode_from_sample(z).clamp(-1.0, 1.0)
+            outputs.append(frames.cpu() if return_float else to_uint8(frames).cpu())
+    return torch.cat(outputs)[:n].numpy()
+
+
+# ----------------------------------------------------------------------------- measuring
+class PeakMemory:
+    """Peak resident memory (CPU, sampled every 10 ms) or peak allocated memory (CUDA) in a block."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.peak_bytes = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    @staticmethod
+    def rss_bytes() -> int:
+        try:
+            with open("/proc/self/statm") as f:
+                return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        except (OSError, ValueError):
+            import resource
+
+            return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+    def _poll(self) -> None:
+        while not self._stop.wait(0.01):
+            self.peak_bytes = max(self.peak_bytes, self.rss_bytes())
+
+    def __enter__(self) -> PeakMemory:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        else:
+            self.peak_bytes = self.rss_bytes()
+            self._thread = threading.Thread(target=self._poll, daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.peak_bytes = int(torch.cuda.max_memory_allocated(self.device))
+        else:
+            self._stop.set()
+            if self._thread is not None:
+                self._thread.join()
+            self.peak_bytes = max(self.peak_bytes, self.rss_bytes())
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def mtov_unet_passes(sampling_timesteps: int, start_ratio: float = START_RATIO, timesteps: int = 1000) -> int:
+    """UNet evaluations per clip of the noised-start DDIM (25 for the official 100 steps at 0.25)."""
+    times = torch.linspace(-1, timesteps - 1, sampling_timesteps + 1).int().tolist()[::-1]
+    return sum(1 for t in times[:-1] if t < int(timesteps * start_ratio))
+
+
+@dataclass
+class ModeResult:
+    seconds: dict[str, float]  # wall clock
+    cpu_seconds: dict[str, float]  # process CPU time (all threads) of the top-level stages
+    peak_memory_bytes: int
+    landmarks: np.ndarray  # AToM output [T, 68, 3]
+    frames: np.ndarray  # float32 [T, 3, S, S] in [-1, 1]
+
+
+def run_mode(
+    mode: str,
+    nets: Networks,
+    inputs: Inputs,
+    *,
+    atom_steps: int,
+    mtov_steps: int,
+    seed: int = 0,
+    batch_size: int = 4,
+    precision: str = "auto",
+    progress: bool = False,
+) -> ModeResult:
+    """Run the whole chain once in ``mode`` (``faithful``, ``fast`` or ``fast_fp32``), timing each stage."""
+    from AToM.inference import generate_landmarks
+    from data.imageops import mask_below_nose
+    from data.motion_align import align_landmarks, render_landmarks
+    from MToV.sample import generate_video
+
+    if mode not in MODES:
+        raise UserError(f"unknown mode {mode!r}; use one of {MODES}")
+    dev = nets.mtov.device
+    size = nets.mtov.resolution
+    sec: dict[str, float] = {}
+    mt: dict[str, float] = {}
+
+    cpu: dict[str, float] = {}
+
+    def clock() -> float:
+        _sync(dev)
+        return time.perf_counter()
+
+    def cpu_mark(name: str, since: float) -> float:
+        now = time.process_time()
+        cpu[name] = now - since
+        return now
+
+    # The original computes attention explicitly (softmax(q k^T) v, no fused kernels): the faithful
+    # mode runs every network with PyTorch's math attention backend; the fast modes use SDPA's fused
+    # (flash) kernels.
+    attention = sdpa_kernel(SDPBackend.MATH) if mode == "faithful" else contextlib.nullcontext()
+    with PeakMemory(dev) as mem, attention:
+        c0 = time.process_time()
+        t_start = clock()
+        hub = nets.hubert(inputs.wave, name="benchmark speech")
+        t1 = clock()
+        sec["hubert"] = t1 - t_start
+        c1 = cpu_mark("hubert", c0)
+        ctx = faithful_atom(nets.atom) if mode == "faithful" else contextlib.nullcontext()
+        with ctx:
+            lm3d = generate_landmarks(
+                nets.atom,
+                hub,
+                inputs.ref_lm3d[0],
+                inputs.key_mean,
+                steps=atom_steps,
+                seed=seed,
+                progress=progress,
+            )[: inputs.n_frames]
+        t2 = clock()
+        sec["atom"] = t2 - t1
+        c2 = cpu_mark("atom", c1)
+        hw = inputs.frames.shape[1:3]
+        aligned = align_landmarks(lm3d, inputs.lm68, inputs.coeff, inputs.lm3d_std, hw)
+        posed_ref = align_landmarks(inputs.ref_lm3d, inputs.lm68, inputs.coeff, inputs.lm3d_std, hw)
+        landmark_video = render_landmarks(aligned, hw, size=size)
+        masked = np.ascontiguousarray(mask_below_nose(inputs.frames, posed_ref).transpose(0, 3, 1, 2))
+        ident = np.ascontiguousarray(inputs.frames[0].transpose(2, 0, 1))
+        t3 = clock()
+        sec["align"] = t3 - t2
+        c3 = cpu_mark("align", c2)
+        if mode == "faithful":
+            frames = faithful_generate_video(
+                nets.mtov,
+                landmark_video,
+                masked,
+                ident,
+                np.ascontiguousarray(inputs.frames.transpose(0, 3, 1, 2)),
+                seed=seed,
+                sampling_timesteps=mtov_steps,
+                timings=mt,
+                return_float=True,
+                progress=progress,
+            )
+        else:
+            frames = generate_video(
+                nets.mtov,
+                landmark_video,
+                masked,
+                ident,
+                batch_size=batch_size,
+                seed=seed,
+                sampling_timesteps=mtov_steps,
+                precision="fp32" if mode == "fast_fp32" else precision,
+                timings=mt,
+                return_float=True,
+                progress=progress,
+            )
+        t4 = clock()
+        cpu_mark("mtov", c3)
+        cpu_mark("total", c0)
+    sec["mtov"] = t4 - t3
+    for k in ("encode", "unet", "decode"):
+        sec[f"mtov_{k}"] = mt.get(k, 0.0)
+    sec["total"] = t4 - t_start
+    return ModeResult(sec, cpu, mem.peak_bytes, np.asarray(lm3d), np.asarray(frames, np.float32))
+
+
+def extrapolate(sec: dict[str, float], atom_factor: float, unet_factor: float) -> dict[str, float]:
+    """Seconds at full steps: the AToM stage and the UNet time scaled, everything else as measured."""
+    out = dict(sec)
+    out["atom"] = sec["atom"] * atom_factor
+    out["mtov_unet"] = sec["mtov_unet"] * unet_factor
+    out["mtov"] = sec["mtov"] + out["mtov_unet"] - sec["mtov_unet"]
+    out["total"] = sec["total"] + (out["atom"] - sec["atom"]) + (out["mtov_unet"] - sec["mtov_unet"])
+    return out
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    """PSNR in dB of uint8-quantised frames (inputs in [-1, 1]); inf when identical."""
+    qa = np.round((np.asarray(a, np.float64) + 1) * 127.5).clip(0, 255)
+    qb = np.round((np.asarray(b, np.float64) + 1) * 127.5).clip(0, 255)
+    mse = float(np.mean((qa - qb) ** 2))
+    return math.inf if mse == 0 else 10 * math.log10(255.0**2 / mse)
+
+
+def run_benchmark(
+    device: str = "auto",
+    seconds: float = 4.0,
+    steps_scale: float = 1.0,
+    modes: Sequence[str] = ("fast", "fast_fp32", "faithful"),
+    precision: str = "auto",
+    batch_size: int | None = None,
+    compile: bool = False,
+    tiny: bool = False,
+    seed: int = 0,
+    progress: bool = True,
+    log=print,
+) -> dict[str, Any]:
+    """Build the networks, run every mode on the same inputs and return the report dict (see module doc)."""
+    from data.device import resolve_device
+    from MToV.sample import autoencoder_dtype, prepare_for_device
+
+    if seconds <= 0:
+        raise UserError(f"--seconds must be > 0, got {seconds}")
+    if not 0 < steps_scale <= 1:
+        raise UserError(f"--steps-scale must be in (0, 1], got {steps_scale}")
+    for m in modes:
+        if m not in MODES:
+            raise UserError(f"unknown mode {m!r}; use a comma list of {', '.join(MODES)}")
+    dev = resolve_device(device)
+    if batch_size is None:
+        batch_size = 4
+    t0 = time.perf_counter()
+    nets = build_networks(dev, tiny=tiny, seed=seed)
+    size = nets.mtov.resolution
+    inputs = make_inputs(seconds, size=size, seed=seed)
+    full_atom = FULL_ATOM_STEPS
+    atom_steps = max(1, int(round(full_atom * steps_scale)))
+    mtov_steps = max(4, int(round(FULL_MTOV_SCHEDULE * steps_scale)))
+    full_passes = mtov_unet_passes(FULL_MTOV_SCHEDULE)
+    passes = mtov_unet_passes(mtov_steps)
+    log(
+        f"device {dev}, {torch.get_num_threads()} CPU threads; {'tiny' if tiny else 'full-size'} random "
+        f"networks built in {time.perf_counter() - t0:.1f} s; {inputs.n_frames} frames ({seconds:g} s); "
+        f"AToM {atom_steps}/{full_atom} steps, MToV {passes}/{full_passes} UNet passes per clip; "
+        f"autoencoders in {str(autoencoder_dtype(precision, dev)).replace('torch.', '')} on the fast path"
+    )
+    results: dict[str, ModeResult] = {}
+    for mode in modes:
+        if mode == "fast" and compile:
+            prepare_for_device(nets.mtov, compile=True)
+        log(f"--- {mode}")
+        res = run_mode(
+            mode,
+            nets,
+            inputs,
+            atom_steps=atom_steps,
+            mtov_steps=mtov_steps,
+            seed=seed,
+            batch_size=batch_size,
+            precision=precision,
+            progress=progress,
+        )
+        results[mode] = res
+        log("    " + ", ".join(f"{k} {v:.2f} s" for k, v in res.seconds.items()))
+    atom_factor, unet_factor = full_atom / atom_steps, full_passes / passes
+    report: dict[str, Any] = {
+        "device": _device_name(dev),
+        "seconds_of_video": float(seconds),
+        "frames": inputs.n_frames,
+        "threads": torch.get_num_threads(),
+        "networks": "tiny" if tiny else "full-size, random weights",
+        "steps_scale": steps_scale,
+        "steps": {
+            "atom": atom_steps,
+            "atom_full": full_atom,
+            "mtov_unet_passes": passes,
+            "mtov_unet_passes_full": full_passes,
+        },  # fmt: skip
+        "precision": precision,
+        "autoencoder_dtype": str(autoencoder_dtype(precision, dev)).replace("torch.", ""),
+        "batch_size": batch_size,
+        "compile": compile,
+    }
+    for mode, res in results.items():
+        report[mode] = extrapolate(res.seconds, atom_factor, unet_factor)
+    report["measured"] = {mode: res.seconds for mode, res in results.items()}
+    report["measured_cpu_seconds"] = {mode: res.cpu_seconds for mode, res in results.items()}
+    report["seconds_per_second_of_video"] = {m: report[m]["total"] / seconds for m in results}
+    report["peak_memory_mb"] = {m: round(r.peak_memory_bytes / 2**20, 1) for m, r in results.items()}
+    report["memory_kind"] = "allocated (CUDA)" if dev.type == "cuda" else "resident set (RSS, whole process)"
+    faithful = results.get("faithful")
+    for mode, key in (("fast", "speedup_total"), ("fast_fp32", "speedup_total_fp32")):
+        report[key] = (
+            (report["faithful"]["total"] / report[mode]["total"]) if faithful and mode in results else None
+        )
+    if faithful and "fast" in results:
+        report["speedup_by_stage"] = {
+            s: report["faithful"][s] / report["fast"][s] for s in STAGES if report["fast"][s] > 0
+        }
+    if faithful and "fast_fp32" in results:
+        fp32 = results["fast_fp32"]
+        report["max_abs_diff_fp32"] = float(np.abs(fp32.frames - faithful.frames).max())
+        report["max_abs_diff_fp32_landmarks"] = float(np.abs(fp32.landmarks - faithful.landmarks).max())
+    else:
+        report["max_abs_diff_fp32"] = None
+    report["psnr_db"] = (
+        psnr(results["fast"].frames, faithful.frames) if faithful and "fast" in results else None
+    )
+    return report
+
+
+def _device_name(dev: torch.device) -> str:
+    if dev.type == "cuda":
+        return f"{dev} ({torch.cuda.get_device_name(dev)})"
+    name = "cpu"
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    name = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"cpu ({name}, {os.cpu_count()} cores, {torch.get_num_threads()} threads)"
+
+
+def format_table(report: dict[str, Any]) -> str:
+    """The report as a plain-text table: seconds per stage and mode, speed-ups, quality."""
+    modes = [m for m in MODES if m in report]
+    extrapolated = " (seconds extrapolated to full steps)" if report["steps_scale"] < 1 else ""
+    header = f"{'stage':<12}" + "".join(f"{m:>12}" for m in modes)
+    if "speedup_by_stage" in report:
+        header += "   faithful/fast"
+    lines = [
+        f"device: {report['device']}; {report['seconds_of_video']:g} s of video ({report['frames']} frames); "
+        f"steps scale {report['steps_scale']:g}{extrapolated}",
+        header,
+    ]
+    for s in STAGES:
+        row = f"{s:<12}" + "".join(f"{report[m][s]:>11.2f}s" for m in modes)
+        if "speedup_by_stage" in report and s in report["speedup_by_stage"]:
+            row += f"   {report['speedup_by_stage'][s]:>8.2f}x"
+        lines.append(row)
+    lines.append(
+        f"{'s per s':<12}" + "".join(f"{report['seconds_per_second_of_video'][m]:>12.2f}" for m in modes)
+    )
+    lines.append(f"{'peak MB':<12}" + "".join(f"{report['peak_memory_mb'][m]:>12.0f}" for m in modes))
+
+    def fmt(v: Any, spec: str, unit: str = "") -> str:
+        return "n/a" if v is None else format(v, spec) + unit
+
+    lines.append(
+        f"speedup_total {fmt(report['speedup_total'], '.2f', 'x')} "
+        f"(fast, {report['autoencoder_dtype']} autoencoders), "
+        f"speedup_total_fp32 {fmt(report['speedup_total_fp32'], '.2f', 'x')}, "
+        f"max_abs_diff_fp32 {fmt(report['max_abs_diff_fp32'], '.2e')}, "
+        f"psnr_db {fmt(report['psnr_db'], '.1f')}"
+    )
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- CLI
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m pipeline.benchmark",
+        description="Time every inference stage: original call pattern vs fast path (random weights).",
+    )
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N [auto]")
+    p.add_argument("--seconds", type=float, default=4.0, help="seconds of video to generate [4]")
+    p.add_argument(
+        "--steps-scale",
+        type=float,
+        default=1.0,
+        help="fraction of the diffusion steps to run (quick runs); times are extrapolated to full steps [1]",
+    )
+    p.add_argument("--json", default=None, help="write the report as JSON here")
+    p.add_argument(
+        "--precision",
+        choices=("auto", "bf16", "fp32"),
+        default="auto",
+        help="autoencoder precision of the fast mode: auto = bf16 where the device has bf16 matrix units",
+    )
+    p.add_argument(
+        "--modes", default="fast,fast_fp32,faithful", help="comma list of faithful, fast, fast_fp32 [all]"
+    )
+    p.add_argument("--batch-size", type=int, default=None, help="MToV clips per batch on the fast path [4]")
+    p.add_argument("--compile", action="store_true", help="torch.compile the UNet on the fast path (GPU)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: PyTorch's choice)")
+    p.add_argument("--tiny", action="store_true", help="tiny test configs instead of the full-size networks")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    args = build_parser().parse_args(argv)
+    if args.threads is not None:
+        if args.threads < 1:
+            raise UserError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    out = Path(args.json) if args.json else None
+    if out is not None and out.parent and not out.parent.exists():
+        out.parent.mkdir(parents=True, exist_ok=True)
+    report = run_benchmark(
+        device=args.device,
+        seconds=args.seconds,
+        steps_scale=args.steps_scale,
+        modes=[m.strip() for m in args.modes.split(",") if m.strip()],
+        precision=args.precision,
+        batch_size=args.batch_size,
+        compile=args.compile,
+        tiny=args.tiny,
+        seed=args.seed,
+        progress=not args.no_progress,
+    )
+    print(format_table(report), flush=True)
+    if out is not None:
+        from data.fileio import atomic_path
+
+        with atomic_path(out) as tmp:
+            Path(tmp).write_text(json.dumps(_finite(report), indent=2) + "\n")
+        print(f"wrote {out}")
+    return report
+
+
+def _finite(v: Any) -> Any:
+    """Strict JSON: infinite floats (PSNR of identical frames) become the string "inf"."""
+    if isinstance(v, dict):
+        return {k: _finite(x) for k, x in v.items()}
+    if isinstance(v, float) and math.isinf(v):
+        return "inf"
+    return v
+
+
+if __name__ == "__main__":
+    cli_main(main)

@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Speed of every inference stage: the original's call pattern ("faithful") vs the fast path, side by
+# side, with full-size random-weight networks (no checkpoints needed).
+#   scripts/benchmark.sh [--device cpu|cuda] [--seconds S] [--steps-scale F] [--json OUT.json] \
+#       [--precision auto|bf16|fp32] [--modes fast,fast_fp32,faithful] [--batch-size B] [--compile] \
+#       [--threads N] [--tiny]
+# --steps-scale F < 1 runs F x the diffusion steps and extrapolates the times to full steps.
+# See `scripts/benchmark.sh --help`. Run scripts/setup.sh once first.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+PY="$ROOT/.venv/bin/python"
+if [ ! -x "$PY" ]; then
+  echo "error: $ROOT/.venv is missing; run scripts/setup.sh first" >&2
+  exit 2
+fi
+exec "$PY" -m pipeline.benchmark "$@"

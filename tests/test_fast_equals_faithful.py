@@ -1,0 +1,220 @@
+"""The fast inference path equals the original's call pattern (fp32, tiny configs), and the benchmark
+that compares them runs and reports what it says."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import load_fixture
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from AToM.diffusion import GaussianDiffusion
+from AToM.model import MotionDecoder
+from data.errors import UserError
+from MToV.sample import autoencoder_dtype, generate_video, load_mtov
+from pipeline.benchmark import (
+    STAGES,
+    extrapolate,
+    faithful_atom,
+    faithful_generate_video,
+    main,
+    mtov_unet_passes,
+    psnr,
+    randomize_zero_params,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_MTOV = str(REPO / "configs" / "mtov_tiny.yaml")
+
+
+# ----------------------------------------------------------------------------- AToM
+@pytest.fixture(scope="module")
+def atom_fx() -> dict:
+    return load_fixture("atom_tiny_seed0.pt")
+
+
+@pytest.fixture(scope="module")
+def diffusion(atom_fx) -> GaussianDiffusion:
+    model = MotionDecoder(**atom_fx["config"]["MotionDecoder"])
+    model.load_state_dict(atom_fx["state_dict"], strict=True)
+    return GaussianDiffusion(model.eval(), **atom_fx["diffusion"]["config"]).eval()
+
+
+def test_atom_fast_and_faithful_sampler_equal_the_original(atom_fx, diffusion):
+    """Batched CFG with conditions encoded once == two passes per step re-encoding everything, and
+    both reproduce the original's recorded 50-step DDIM output under its global seed."""
+    s, i = atom_fx["diffusion"]["ddim_sample"], atom_fx["diffusion"]["inputs"]
+    torch.manual_seed(s["global_seed_before_call"])
+    fast = diffusion.ddim_sample(s["shape"], i["face"], i["x_pos"], i["cond"])
+    calls = []
+    forward = diffusion.model.forward
+    diffusion.model.forward = lambda *a, **k: calls.append(k.get("cond_drop_prob")) or forward(*a, **k)
+    try:
+        with faithful_atom(diffusion), sdpa_kernel(SDPBackend.MATH):
+            torch.manual_seed(s["global_seed_before_call"])
+            faithful = diffusion.ddim_sample(s["shape"], i["face"], i["x_pos"], i["cond"])
+    finally:
+        del diffusion.model.forward
+    assert calls == [1.0, 0.0] * s["sampling_timesteps"]  # two full passes per step, as the original
+    assert "guided_decode" not in vars(diffusion.model)  # the context restored the fast methods
+    assert (fast - s["output"]).abs().max().item() <= 1e-4
+    assert (faithful - s["output"]).abs().max().item() <= 1e-4
+    assert (fast - faithful).abs().max().item() <= 1e-5
+
+
+# ----------------------------------------------------------------------------- MToV
+@pytest.fixture(scope="module")
+def mtov():
+    m = load_mtov(None, None, None, config=TINY_MTOV, random_weights=True)
+    assert randomize_zero_params(m.unet, seed=3, std=0.1) > 0  # eps != 0, so sampling does something
+    return m
+
+
+def _clips(t: int, size: int, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    lv = np.zeros((t, 3, size, size), np.uint8)
+    lv[:, :, rng.integers(0, size, 12), rng.integers(0, size, 12)] = 255
+    target = rng.integers(0, 256, (t, 3, size, size), dtype=np.uint8)
+    masked = target.copy()
+    masked[:, :, size // 2 :] = 0
+    return lv, masked, target[0].copy(), target
+
+
+def test_mtov_fast_fp32_equals_faithful_and_does_less_work(mtov, monkeypatch):
+    clip = mtov.clip_frames
+    t = 3 * clip + 2  # 4 clips, the last one partial
+    lv, masked, ident, target = _clips(t, mtov.resolution)
+    kw = dict(seed=7, sampling_timesteps=12)
+    counts = {"rgb": 0, "ldmk": 0, "unet": 0}
+    for name, ae in (("rgb", mtov.ae_rgb), ("ldmk", mtov.ae_ldmk)):
+        orig = ae.extract
+
+        def counted(x, _orig=orig, _name=name):
+            counts[_name] += x.shape[0]
+            return _orig(x)
+
+        monkeypatch.setattr(ae, "extract", counted)
+    unet_forward = mtov.unet.forward
+    monkeypatch.setattr(
+        mtov.unet, "forward", lambda *a: counts.__setitem__("unet", counts["unet"] + 1) or unet_forward(*a)
+    )
+
+    with sdpa_kernel(SDPBackend.MATH):
+        slow = faithful_generate_video(mtov, lv, masked, ident, target, return_float=True, **kw)
+    faithful_counts = dict(counts)
+    counts.update(rgb=0, ldmk=0, unet=0)
+    fast = generate_video(
+        mtov, lv, masked, ident, batch_size=3, precision="fp32", return_float=True, progress=False, **kw
+    )
+    n_clips = math.ceil(t / clip)
+    passes = mtov_unet_passes(12)
+    assert faithful_counts == {"rgb": 3 * n_clips, "ldmk": n_clips, "unet": n_clips * passes}
+    assert counts == {"rgb": 1 + n_clips, "ldmk": n_clips, "unet": math.ceil(n_clips / 3) * passes}
+    assert slow.shape == fast.shape == (t, 3, mtov.resolution, mtov.resolution)
+    assert fast.dtype == np.float32 and fast.std() > 0.01
+    assert np.abs(fast - slow).max() <= 1e-4
+    # uint8 output is the rounded float output
+    fast_u8 = generate_video(mtov, lv, masked, ident, batch_size=3, precision="fp32", progress=False, **kw)
+    assert np.abs(fast_u8.astype(np.float32) - np.round((fast + 1) * 127.5)).max() <= 1
+
+
+def test_mtov_bf16_autoencoders_stay_close(mtov):
+    lv, masked, ident, _ = _clips(2 * mtov.clip_frames, mtov.resolution, seed=1)
+    kw = dict(seed=2, sampling_timesteps=8, batch_size=2, progress=False, return_float=True)
+    fp32 = generate_video(mtov, lv, masked, ident, precision="fp32", **kw)
+    timings: dict[str, float] = {}
+    bf16 = generate_video(mtov, lv, masked, ident, precision="bf16", timings=timings, **kw)
+    assert 0 < np.abs(bf16 - fp32).max() < 0.1  # really ran in reduced precision, and stayed close
+    assert psnr(bf16, fp32) >= 35
+    assert set(timings) == {"encode", "unet", "decode"} and all(v > 0 for v in timings.values())
+
+
+def test_precision_choice():
+    cpu = torch.device("cpu")
+    assert autoencoder_dtype("fp32", cpu) == torch.float32
+    assert autoencoder_dtype("bf16", cpu) == torch.bfloat16
+    assert autoencoder_dtype("auto", cpu) in (torch.float32, torch.bfloat16)
+    with pytest.raises(UserError, match="precision"):
+        autoencoder_dtype("fp16", cpu)
+
+
+# ----------------------------------------------------------------------------- benchmark
+def test_unet_passes_and_extrapolation():
+    assert mtov_unet_passes(100) == 25  # the official 25 UNet passes per clip
+    assert mtov_unet_passes(8) == 2
+    sec = {s: 1.0 for s in STAGES} | {"atom": 2.0, "mtov_unet": 3.0, "mtov": 5.0, "total": 9.0}
+    full = extrapolate(sec, atom_factor=5.0, unet_factor=2.0)
+    assert full["atom"] == 10.0 and full["mtov_unet"] == 6.0 and full["mtov"] == 8.0
+    assert full["total"] == 9.0 + 8.0 + 3.0 and full["hubert"] == 1.0
+    assert psnr(np.zeros(4), np.zeros(4)) == math.inf
+
+
+def test_benchmark_tiny_report(tmp_path, capsys):
+    out = tmp_path / "bench" / "report.json"
+    # one thread: tiny ops on a busy 2-core machine are dominated by OpenMP barriers with two
+    args = ["--tiny", "--seconds", "0.7", "--steps-scale", "0.5", "--json", str(out), "--threads", "1"]
+    report = main(args + ["--no-progress"])
+    on_disk = json.loads(out.read_text())
+    assert on_disk["speedup_total"] == pytest.approx(report["speedup_total"])
+    for mode in ("faithful", "fast", "fast_fp32"):
+        assert set(STAGES) <= set(on_disk[mode]) and all(v >= 0 for v in on_disk[mode].values())
+        measured = on_disk["measured"][mode]
+        # extrapolated to full steps: 50 AToM steps (25 run), 25 UNet passes per clip (12 run)
+        assert on_disk[mode]["atom"] == pytest.approx(measured["atom"] * 50 / 25)
+        assert on_disk[mode]["mtov_unet"] == pytest.approx(measured["mtov_unet"] * 25 / 12)
+        assert on_disk["peak_memory_mb"][mode] > 0
+    assert on_disk["steps"] == {
+        "atom": 25,
+        "atom_full": 50,
+        "mtov_unet_passes": 12,
+        "mtov_unet_passes_full": 25,
+    }
+    assert on_disk["speedup_total"] == pytest.approx(on_disk["faithful"]["total"] / on_disk["fast"]["total"])
+    assert on_disk["speedup_total_fp32"] == pytest.approx(
+        on_disk["faithful"]["total"] / on_disk["fast_fp32"]["total"]
+    )
+    assert on_disk["max_abs_diff_fp32"] <= 1e-3
+    assert on_disk["max_abs_diff_fp32_landmarks"] <= 1e-4
+    assert on_disk["psnr_db"] == "inf" or on_disk["psnr_db"] >= 35
+    assert on_disk["frames"] == 18 and on_disk["seconds_of_video"] == 0.7
+    printed = capsys.readouterr().out
+    assert "speedup_total" in printed and "mtov_unet" in printed
+
+
+def test_benchmark_script_and_errors(tmp_path):
+    script = REPO / "scripts" / "benchmark.sh"
+    out = tmp_path / "fast.json"
+    run = subprocess.run(
+        [
+            "bash",
+            str(script),
+            "--tiny",
+            "--seconds",
+            "0.3",
+            "--modes",
+            "fast",
+            "--json",
+            str(out),
+            "--no-progress",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    report = json.loads(out.read_text())
+    assert report["speedup_total"] is None and report["psnr_db"] is None and "faithful" not in report
+    bad = subprocess.run(
+        [sys.executable, "-m", "pipeline.benchmark", "--tiny", "--steps-scale", "2"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert bad.returncode == 2 and bad.stderr.strip().startswith("error:") and "steps-scale" in bad.stderr
