@@ -72,6 +72,9 @@ def test_training_learns_and_resumes(tmp_path):
     losses = first["train_losses"] + second["train_losses"]
     assert np.mean(losses[-10:]) < 0.7 * np.mean(losses[:5]), losses
     assert (out / "config.yaml").is_file() and any((out / "tb").iterdir())
+    # the EMA state was restored on resume: 60 steps / ema_every 5 = 12 updates, not 40 / 5 = 8
+    (ema_file,) = (out / "state").glob("custom_checkpoint_*.pkl")
+    assert int(torch.load(ema_file, weights_only=True)["num_updates"]) == 12
 
     # the EMA checkpoint is what MToV.sample loads (strict), with any AE of the configured size
     rnd = load_mtov(None, None, None, config=TINY, random_weights=True)
