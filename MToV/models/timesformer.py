@@ -84,7 +84,9 @@ class FactorAttention(nn.Module):
             self.to_qkv(x).view(n, length, 3, self.heads, self.dim_head).permute(2, 0, 3, 1, 4).unbind(0)
         )
         if rot is not None:
-            sin, cos = rot
+            # tables in the activations' dtype: under bf16 autocast the rotation stays in bf16
+            # instead of promoting q/k to fp32 and back (a no-op in fp32)
+            sin, cos = rot[0].to(q.dtype), rot[1].to(q.dtype)
             q, k = apply_rotary(q, sin, cos), apply_rotary(k, sin, cos)
         out = F.scaled_dot_product_attention(q, k, v)
         return self.to_out(out.transpose(1, 2).reshape(n, length, self.heads * self.dim_head))
