@@ -119,8 +119,11 @@ def build_models(cfg: DictConfig) -> tuple[ViTAutoencoder, ViTAutoencoder, Diffu
     """Construct (RGB AE, landmark AE, UNet wrapper) from a model config; sizes are checked to agree."""
     ae_cfg = OmegaConf.to_container(cfg.autoencoder, resolve=True)
     ldmk_cfg = ae_cfg if cfg.get("autoencoder_ldmk") is None else OmegaConf.to_container(cfg.autoencoder_ldmk)
-    ae_rgb = ViTAutoencoder(ae_cfg["embed_dim"], ae_cfg["ddconfig"])
-    ae_ldmk = ViTAutoencoder(ldmk_cfg["embed_dim"], ldmk_cfg["ddconfig"])
+    try:
+        ae_rgb = ViTAutoencoder(ae_cfg["embed_dim"], ae_cfg["ddconfig"])
+        ae_ldmk = ViTAutoencoder(ldmk_cfg["embed_dim"], ldmk_cfg["ddconfig"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise UserError(f"bad autoencoder config: {exc!r}; see configs/mtov_diffusion.yaml") from exc
     if ae_ldmk.latent_length != ae_rgb.latent_length or ae_ldmk.s != ae_rgb.s:
         raise UserError(
             f"the landmark autoencoder's latent ({ae_ldmk.embed_dim}x{ae_ldmk.latent_length}, {ae_ldmk.s} "
@@ -138,7 +141,11 @@ def build_models(cfg: DictConfig) -> tuple[ViTAutoencoder, ViTAutoencoder, Diffu
             f"unet.in_channels={unet_cfg['in_channels']} must equal the autoencoders' embed_dim "
             f"({ae_rgb.embed_dim}, {ae_ldmk.embed_dim})"
         )
-    return ae_rgb, ae_ldmk, DiffusionWrapper(UNetModel(**unet_cfg))
+    try:
+        unet = UNetModel(**unet_cfg)
+    except (TypeError, ValueError) as exc:
+        raise UserError(f"bad unet config {unet_cfg}: {exc}") from exc
+    return ae_rgb, ae_ldmk, DiffusionWrapper(unet)
 
 
 def load_unet_weights(wrapper: DiffusionWrapper, path: str | Path) -> DiffusionWrapper:

@@ -162,6 +162,20 @@ def zero_module(module: nn.Module) -> nn.Module:
     return module
 
 
+# Other LDM UNet options that official-style YAMLs may carry; they do not change this network
+# (no gradient checkpointing / fp16 / spatial transformer variants here), so they are accepted and ignored.
+_ACCEPTED_LDM_OPTIONS = {
+    "use_checkpoint",
+    "use_fp16",
+    "num_head_channels",
+    "num_heads_upsample",
+    "conv_resample",
+    "dims",
+    "legacy",
+    "use_new_attention_order",
+}
+
+
 class UNetModel(nn.Module):
     """Tri-plane UNet predicting the noise of a video latent (constructor args of the official YAML).
 
@@ -192,9 +206,12 @@ class UNetModel(nn.Module):
         cond_model: bool = False,
         dropout: float = 0.0,
         frames: int = 16,
-        **_ignored: object,
+        **ldm_options: object,
     ) -> None:
         super().__init__()
+        unknown = set(ldm_options) - _ACCEPTED_LDM_OPTIONS
+        if unknown:
+            raise TypeError(f"UNetModel got unknown arguments {sorted(unknown)}")
         self.image_size = int(image_size)
         self.frames = int(frames)
         self.in_channels = in_channels
