@@ -222,7 +222,6 @@ class GaussianDiffusion(nn.Module):
         guidance_weight: float | None = None,
         generator: torch.Generator | None = None,
         known: tuple[Tensor, Tensor] | None = None,
-        replace_final: bool = True,
         progress: bool = False,
     ) -> Tensor:
         """DDIM with classifier-free guidance; returns the final (clamped) x0 estimate.
@@ -230,8 +229,7 @@ class GaussianDiffusion(nn.Module):
         RNG order is the original's: ``randn(shape)`` first, then one ``randn_like`` per step except
         the last, from the global RNG or from ``generator``. ``known = (mask, values)`` (broadcastable
         to ``shape``) turns on EDGE-style inpainting: after every step the masked region is replaced
-        by ``q_sample(values, time_next)`` and, at the end (unless ``replace_final=False``, which
-        returns the model's own final estimate there), by ``values`` itself.
+        by ``q_sample(values, time_next)`` and, at the end, by ``values`` itself.
         """
         device = self.betas.device
         gen_device = generator.device if generator is not None else device
@@ -252,9 +250,7 @@ class GaussianDiffusion(nn.Module):
                 if time_next >= 0:
                     t_next = torch.full((x.shape[0],), time_next, device=device, dtype=torch.long)
                     target = self.q_sample(values.expand_as(x), t_next, randn(x.shape))
-                elif replace_final:
-                    target = values.expand_as(x)
                 else:
-                    break
+                    target = values.expand_as(x)
                 x = mask * target + (1 - mask) * x
         return x

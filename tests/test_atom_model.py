@@ -200,3 +200,19 @@ def test_full_size_manifest():
     assert sum(p.numel() for p in m.parameters()) == man["param_count"] == 65_177_292
     extra = {k for k in diff.state_dict() if not k.startswith("model.")}
     assert extra == set(man["diffusion_wrapper_state_dict_extra_keys"])
+
+
+@pytest.mark.slow
+def test_full_size_random_model_runs_long_audio():
+    """Full-size AToM (random weights) on 8 s of audio: two windows, 200 frames out (RUN_SLOW=1)."""
+    import numpy as np
+
+    from AToM.inference import generate_landmarks, load_atom
+
+    d = load_atom(None, random_weights=True)
+    assert sum(p.numel() for p in d.model.parameters()) == 65_177_292
+    rng = np.random.default_rng(0)
+    hub = rng.normal(size=(400, 1024)).astype(np.float32)
+    kms = rng.normal(size=(68, 3)).astype(np.float32) * 0.5
+    out = generate_landmarks(d, hub, kms, kms, steps=2, progress=False)
+    assert out.shape == (200, 68, 3) and np.isfinite(out).all()
