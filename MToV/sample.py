@@ -527,6 +527,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fps", type=float, default=25.0, help="frame rate of the reference and output [25]")
     p.add_argument("--save_frames", action="store_true", help="also write frames/%%05d.png")
     p.add_argument("--device", default="auto", help="auto|cpu|cuda|cuda:N")
+    p.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default="auto",
+        help="autoencoders in bf16 autocast where the device has bf16 units (auto) or fp32; UNet always fp32",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
     p.add_argument("--no_progress", action="store_true")
     p.add_argument("overrides", nargs="*", help="key=value config overrides")
@@ -592,6 +598,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         use_last_as_reference=bool(sc.use_last_as_reference),
         progress=not args.no_progress,
         eta=float(sc.eta),
+        precision=args.precision,
     )
     seconds = time.perf_counter() - t0
     audio = None
