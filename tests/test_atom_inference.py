@@ -16,6 +16,17 @@ from AToM.inference import generate_landmarks, load_atom, main, window_starts
 from data.errors import UserError, cli_main
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models: one thread is fastest and does not fight other test processes."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 TINY = REPO / "configs" / "atom_tiny.yaml"
 
 
