@@ -98,6 +98,7 @@ DEFAULTS: dict[str, Any] = {
         "start_ratio": 0.25,
         "sampling_timesteps": 100,
         "use_last_as_reference": False,
+        "precision": "auto",  # autoencoders: auto = bf16 autocast where the device has bf16 units; fp32
         "seed": None,  # null: the top-level seed
     },
     "output": {"crf": 18, "preset": "medium"},
@@ -623,6 +624,7 @@ def run_inference(
             start_ratio=float(cfg.mtov.start_ratio),
             sampling_timesteps=int(cfg.mtov.sampling_timesteps),
             use_last_as_reference=bool(cfg.mtov.use_last_as_reference),
+            precision=str(cfg.mtov.precision),
             progress=progress,
         )
         return {"frames": np.asarray(video, np.uint8)}
@@ -643,6 +645,7 @@ def run_inference(
             "start_ratio": float(cfg.mtov.start_ratio),
             "sampling_timesteps": int(cfg.mtov.sampling_timesteps),
             "use_last_as_reference": bool(cfg.mtov.use_last_as_reference),
+            "precision": str(cfg.mtov.precision),
             "seed": int(cfg.mtov.seed),
         },
         _mtov,
