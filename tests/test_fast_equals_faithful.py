@@ -203,6 +203,10 @@ def test_benchmark_script_and_errors(tmp_path):
             "--json",
             str(out),
             "--no-progress",
+            "--threads",
+            "1",
+            "--clock",
+            "cpu",
         ],
         capture_output=True,
         text=True,
@@ -211,6 +215,7 @@ def test_benchmark_script_and_errors(tmp_path):
     assert run.returncode == 0, run.stderr[-2000:]
     report = json.loads(out.read_text())
     assert report["speedup_total"] is None and report["psnr_db"] is None and "faithful" not in report
+    assert report["clock"].startswith("process CPU") and report["fast"]["mtov_unet"] > 0
     bad = subprocess.run(
         [sys.executable, "-m", "pipeline.benchmark", "--tiny", "--steps-scale", "2"],
         capture_output=True,
