@@ -5,12 +5,9 @@
 #       [--precision auto|bf16|fp32] [--modes fast,fast_fp32,faithful] [--batch-size B] [--compile] \
 #       [--threads N] [--tiny]
 # --steps-scale F < 1 runs F x the diffusion steps and extrapolates the times to full steps.
-# See `scripts/benchmark.sh --help`. Run scripts/setup.sh once first.
+# See `scripts/benchmark.sh --help`. Sets up .venv first when missing (scripts/setup.sh).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+bash "$ROOT/scripts/setup.sh"
 PY="$ROOT/.venv/bin/python"
-if [ ! -x "$PY" ]; then
-  echo "error: $ROOT/.venv is missing; run scripts/setup.sh first" >&2
-  exit 2
-fi
 exec "$PY" -m pipeline.benchmark "$@"
