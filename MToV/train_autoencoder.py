@@ -24,8 +24,7 @@ import argparse
 import contextlib
 import json
 import math
-import shutil
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -41,6 +40,7 @@ from MToV.dataset import build_dataset
 from MToV.losses import AELossWeights, AutoencoderLoss, build_lpips
 from MToV.models.autoencoder import ViTAutoencoder, load_autoencoder_weights
 from MToV.models.discriminator import PatchDiscriminator2D, PatchDiscriminator3D
+from MToV.run_state import infinite, prepare_run_dir, read_state_info, save_state
 
 DEFAULTS: dict = {
     "mode": "rgb",
@@ -119,11 +119,6 @@ def _frames_to_video(frames: torch.Tensor, batch: int) -> torch.Tensor:
     return frames.view(batch, bt // batch, c, h, w).transpose(1, 2)
 
 
-def _infinite(loader: DataLoader) -> Iterator[dict]:
-    while True:
-        yield from loader
-
-
 def psnr(target: torch.Tensor, recon: torch.Tensor) -> torch.Tensor:
     """Per-clip PSNR (dB) of [B, C, T, H, W] clips in [-1, 1], measured on the [0, 1] scale."""
     mse = ((target.float() - recon.float()) / 2).square().flatten(1).mean(1).clamp_min(1e-10)
@@ -148,30 +143,6 @@ def evaluate_psnr(
     return float(torch.cat(scores)[:max_clips].mean())
 
 
-def _save_state(accelerator, out_dir: Path, step: int, best: float) -> None:
-    """accelerate state (+ step) written to state.tmp, then swapped in: a crash leaves one valid copy."""
-    tmp, final, old = out_dir / "state.tmp", out_dir / "state", out_dir / "state.old"
-    if accelerator.is_main_process and tmp.exists():
-        shutil.rmtree(tmp)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    if accelerator.is_main_process:
-        (tmp / "trainer.json").write_text(json.dumps({"step": step, "best_psnr": best}))
-        if final.exists():
-            final.rename(old)
-        tmp.rename(final)
-        if old.exists():
-            shutil.rmtree(old)
-    accelerator.wait_for_everyone()
-
-
-def _find_state(out_dir: Path) -> Path | None:
-    for name in ("state", "state.old"):
-        if (out_dir / name / "trainer.json").is_file():
-            return out_dir / name
-    return None
-
-
 def train(cfg: DictConfig, resume: bool = True, overwrite: bool = False, progress: bool = True) -> dict:
     """Run (or continue) one autoencoder training; returns ``{"step", "best_psnr", "history"}``."""
     from accelerate import Accelerator
@@ -183,19 +154,7 @@ def train(cfg: DictConfig, resume: bool = True, overwrite: bool = False, progres
     key = "x" if mode == "rgb" else "x_l"
     freeze_decoder = (mode == "ldmk") if cfg.freeze_decoder is None else bool(cfg.freeze_decoder)
     out_dir = Path(cfg.out_dir)
-    state_dir = _find_state(out_dir) if resume else None
-    if out_dir.exists() and any(out_dir.iterdir()) and state_dir is None and not overwrite:
-        raise UserError(
-            f"output folder {out_dir} already holds files but no resumable state; "
-            "pass --overwrite to start a new run there, or choose another out_dir"
-        )
-    if overwrite and not resume and out_dir.exists():
-        for name in ("state", "state.old", "state.tmp", "metrics.jsonl"):
-            p = out_dir / name
-            if p.is_dir():
-                shutil.rmtree(p)
-            elif p.exists():
-                p.unlink()
+    state_dir = prepare_run_dir(out_dir, resume, overwrite)
 
     tc, lc = cfg.train, cfg.loss
     device = resolve_device(tc.device)
@@ -265,7 +224,7 @@ def train(cfg: DictConfig, resume: bool = True, overwrite: bool = False, progres
     step, best = 0, -math.inf
     if state_dir is not None:
         accelerator.load_state(str(state_dir))
-        info = json.loads((state_dir / "trainer.json").read_text())
+        info = read_state_info(state_dir)
         step, best = int(info["step"]), float(info["best_psnr"])
         accelerator.print(f"resuming from {state_dir} at step {step}")
     if main_proc:
@@ -276,7 +235,7 @@ def train(cfg: DictConfig, resume: bool = True, overwrite: bool = False, progres
     writer = SummaryWriter(str(out_dir / "tb")) if main_proc else None
     history: list[dict] = []
 
-    def validate_and_save(at_step: int, save_state: bool) -> None:
+    def validate_and_save(at_step: int, keep_state: bool) -> None:
         nonlocal best
         if main_proc:
             net = accelerator.unwrap_model(model)
@@ -291,8 +250,8 @@ def train(cfg: DictConfig, resume: bool = True, overwrite: bool = False, progres
             if score > best:
                 best = score
                 torch_save(state, out_dir / "model_best.pth")
-        if save_state:
-            _save_state(accelerator, out_dir, at_step, best)
+        if keep_state:
+            save_state(accelerator, out_dir, {"step": at_step, "best_psnr": best})
 
     if step == 0 and main_proc:  # baseline PSNR of the initial weights (no checkpoint written)
         score = evaluate_psnr(accelerator.unwrap_model(model), val_loader, key, accelerator.device,
@@ -303,7 +262,7 @@ def train(cfg: DictConfig, resume: bool = True, overwrite: bool = False, progres
         writer.add_scalar("val/psnr", score, 0)
 
     accum = int(tc.grad_accum)
-    batches = _infinite(train_loader)
+    batches = infinite(train_loader)
     model.train()
     bar = tqdm(
         total=int(tc.max_steps), initial=step, disable=not (progress and main_proc), desc=f"AE[{mode}]"
@@ -354,7 +313,7 @@ def train(cfg: DictConfig, resume: bool = True, overwrite: bool = False, progres
         if do_val:
             validate_and_save(step, do_save)
         elif do_save:
-            _save_state(accelerator, out_dir, step, best)
+            save_state(accelerator, out_dir, {"step": step, "best_psnr": best})
     bar.close()
     if writer is not None:
         writer.close()

@@ -22,8 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -39,6 +38,7 @@ from MToV.dataset import build_dataset
 from MToV.diffusion import DDPM
 from MToV.ema import EMA
 from MToV.models.autoencoder import load_autoencoder_weights
+from MToV.run_state import infinite, prepare_run_dir, read_state_info, save_state
 from MToV.sample import MODEL_DEFAULTS, _repo_path, build_models, load_unet_weights
 
 DEFAULTS: dict = OmegaConf.to_container(
@@ -99,35 +99,6 @@ class LatentBatcher:
         return z, torch.cat([z_l, masked_z], dim=1), ref_z[:, :, : self.n_xy]
 
 
-def _infinite(loader: DataLoader) -> Iterator[dict]:
-    while True:
-        yield from loader
-
-
-def _save_state(accelerator, out_dir: Path, step: int) -> None:
-    """accelerate state (+ step) written to state.tmp, then swapped in (a crash leaves one valid copy)."""
-    tmp, final, old = out_dir / "state.tmp", out_dir / "state", out_dir / "state.old"
-    if accelerator.is_main_process and tmp.exists():
-        shutil.rmtree(tmp)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    if accelerator.is_main_process:
-        (tmp / "trainer.json").write_text(json.dumps({"step": step}))
-        if final.exists():
-            final.rename(old)
-        tmp.rename(final)
-        if old.exists():
-            shutil.rmtree(old)
-    accelerator.wait_for_everyone()
-
-
-def _find_state(out_dir: Path) -> Path | None:
-    for name in ("state", "state.old"):
-        if (out_dir / name / "trainer.json").is_file():
-            return out_dir / name
-    return None
-
-
 @torch.no_grad()
 def validation_loss(ddpm: DDPM, batcher: LatentBatcher, loader: DataLoader, device, max_clips: int) -> float:
     """Mean eps loss on held-out clips at fixed timesteps and noise (comparable across steps)."""
@@ -156,19 +127,7 @@ def train(cfg: DictConfig, resume: bool = True, overwrite: bool = False, progres
     from torch.utils.tensorboard import SummaryWriter
 
     out_dir = Path(cfg.out_dir)
-    state_dir = _find_state(out_dir) if resume else None
-    if out_dir.exists() and any(out_dir.iterdir()) and state_dir is None and not overwrite:
-        raise UserError(
-            f"output folder {out_dir} already holds files but no resumable state; "
-            "pass --overwrite to start a new run there, or choose another out_dir"
-        )
-    if overwrite and not resume and out_dir.exists():
-        for name in ("state", "state.old", "state.tmp", "metrics.jsonl"):
-            p = out_dir / name
-            if p.is_dir():
-                shutil.rmtree(p)
-            elif p.exists():
-                p.unlink()
+    state_dir = prepare_run_dir(out_dir, resume, overwrite)
     if cfg.diffusion.loss_type not in ("l1", "l2"):
         raise UserError(f"diffusion.loss_type must be l1 or l2, got {cfg.diffusion.loss_type!r}")
 
@@ -224,7 +183,7 @@ def train(cfg: DictConfig, resume: bool = True, overwrite: bool = False, progres
     step = 0
     if state_dir is not None:
         accelerator.load_state(str(state_dir))
-        step = int(json.loads((state_dir / "trainer.json").read_text())["step"])
+        step = int(read_state_info(state_dir)["step"])
         accelerator.print(f"resuming from {state_dir} at step {step}")
     if main_proc:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -246,7 +205,7 @@ def train(cfg: DictConfig, resume: bool = True, overwrite: bool = False, progres
             torch_save(ema.averaged_state_dict(raw_ddpm.model), out_dir / "diffusion_model.pth")
             torch_save({k: v.detach().cpu() for k, v in raw_ddpm.model.state_dict().items()},
                        out_dir / "model_last.pth")  # fmt: skip
-        _save_state(accelerator, out_dir, at_step)
+        save_state(accelerator, out_dir, {"step": at_step})
 
     if step == 0 and main_proc:  # validation loss of the initial weights
         val = validation_loss(raw_ddpm, batcher, val_loader, accelerator.device, int(data_cfg.max_val_clips))
@@ -255,7 +214,7 @@ def train(cfg: DictConfig, resume: bool = True, overwrite: bool = False, progres
             f.write(json.dumps(history[-1]) + "\n")
         writer.add_scalar("val/loss", val, 0)
 
-    batches = _infinite(train_loader)
+    batches = infinite(train_loader)
     ddpm.train()
     max_steps = int(tc.max_steps)
     bar = tqdm(total=max_steps, initial=step, disable=not (progress and main_proc), desc="MToV diffusion")

@@ -1,0 +1,75 @@
+"""Resumable run folders shared by the MToV trainers (autoencoder and diffusion).
+
+``<out_dir>/state`` holds the accelerate state plus ``trainer.json`` (step and trainer extras). It is
+written to ``state.tmp`` and swapped in, so a crash at any moment leaves one valid copy
+(``state`` or ``state.old``).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+from torch.utils.data import DataLoader
+
+from data.errors import UserError
+
+
+def infinite(loader: DataLoader) -> Iterator[dict]:
+    """Cycle over ``loader`` forever (a new shuffle each pass)."""
+    while True:
+        yield from loader
+
+
+def save_state(accelerator, out_dir: Path, info: dict) -> None:
+    """Save the accelerate state and ``info`` (JSON) atomically as ``out_dir/state``."""
+    tmp, final, old = out_dir / "state.tmp", out_dir / "state", out_dir / "state.old"
+    if accelerator.is_main_process and tmp.exists():
+        shutil.rmtree(tmp)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    if accelerator.is_main_process:
+        (tmp / "trainer.json").write_text(json.dumps(info))
+        if final.exists():
+            final.rename(old)
+        tmp.rename(final)
+        if old.exists():
+            shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+
+
+def find_state(out_dir: Path) -> Path | None:
+    """The newest complete state folder in ``out_dir``, or None."""
+    for name in ("state", "state.old"):
+        if (out_dir / name / "trainer.json").is_file():
+            return out_dir / name
+    return None
+
+
+def read_state_info(state_dir: Path) -> dict:
+    """The ``trainer.json`` saved with a state."""
+    return json.loads((state_dir / "trainer.json").read_text())
+
+
+def prepare_run_dir(out_dir: Path, resume: bool, overwrite: bool) -> Path | None:
+    """Check ``out_dir`` for a new run or a resume; returns the state to resume from (or None).
+
+    A folder that holds files but no resumable state is refused unless ``overwrite``; with
+    ``overwrite`` and no resume, the previous state and metrics are removed.
+    """
+    state_dir = find_state(out_dir) if resume else None
+    if out_dir.exists() and any(out_dir.iterdir()) and state_dir is None and not overwrite:
+        raise UserError(
+            f"output folder {out_dir} already holds files but no resumable state; "
+            "pass --overwrite to start a new run there, or choose another out_dir"
+        )
+    if overwrite and not resume and out_dir.exists():
+        for name in ("state", "state.old", "state.tmp", "metrics.jsonl"):
+            p = out_dir / name
+            if p.is_dir():
+                shutil.rmtree(p)
+            elif p.exists():
+                p.unlink()
+    return state_dir
