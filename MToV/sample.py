@@ -19,6 +19,7 @@ partial clip is padded by repeating its last frame and trimmed afterwards.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import time
 from collections.abc import Mapping, Sequence
@@ -36,28 +37,14 @@ from data.config import load_config, save_config
 from data.device import resolve_device
 from data.errors import UserError, cli_main
 from MToV.diffusion import DDPM
-from MToV.models.autoencoder import ViTAutoencoder, load_autoencoder_weights
+from MToV.models.autoencoder import OFFICIAL_CONFIG, ViTAutoencoder, load_autoencoder_weights
 from MToV.models.unet import DiffusionWrapper, UNetModel
 
 REPO = Path(__file__).resolve().parents[1]
 
 #: Model settings shared by sampling and diffusion training (the official full-size values).
 MODEL_DEFAULTS: dict = {
-    "autoencoder": {
-        "embed_dim": 4,
-        "ddconfig": {
-            "double_z": False,
-            "channels": 384,
-            "resolution": 256,
-            "timesteps": 16,
-            "skip": 1,
-            "in_channels": 3,
-            "out_ch": 3,
-            "num_res_blocks": 2,
-            "attn_resolutions": [],
-            "splits": 1,
-        },
-    },
+    "autoencoder": copy.deepcopy(OFFICIAL_CONFIG),
     "autoencoder_ldmk": None,  # None: same sizes as the RGB autoencoder (as the official scripts)
     "unet": {
         "image_size": 32,

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import json
 import math
 from collections.abc import Sequence
@@ -38,7 +39,7 @@ from data.errors import UserError, cli_main
 from data.fileio import torch_save
 from MToV.dataset import build_dataset
 from MToV.losses import AELossWeights, AutoencoderLoss, build_lpips
-from MToV.models.autoencoder import ViTAutoencoder, load_autoencoder_weights
+from MToV.models.autoencoder import OFFICIAL_CONFIG, ViTAutoencoder, load_autoencoder_weights
 from MToV.models.discriminator import PatchDiscriminator2D, PatchDiscriminator3D
 from MToV.run_state import infinite, prepare_run_dir, read_state_info, save_state
 
@@ -47,21 +48,7 @@ DEFAULTS: dict = {
     "init_from": None,
     "freeze_decoder": None,  # None: True in ldmk mode, False in rgb mode
     "out_dir": "runs/mtov_autoencoder",
-    "model": {
-        "embed_dim": 4,
-        "ddconfig": {
-            "double_z": False,
-            "channels": 384,
-            "resolution": 256,
-            "timesteps": 16,
-            "skip": 1,
-            "in_channels": 3,
-            "out_ch": 3,
-            "num_res_blocks": 2,
-            "attn_resolutions": [],
-            "splits": 1,
-        },
-    },
+    "model": copy.deepcopy(OFFICIAL_CONFIG),
     "data": {
         "root": None,
         "frames_dir": "frames",

@@ -30,6 +30,24 @@ from torch import nn
 from data.errors import UserError
 from MToV.models.timesformer import TimeSformerDecoder, TimeSformerEncoder
 
+#: The official constructor arguments (``configs/autoencoder/base.yaml`` of the original; the RGB and
+#: landmark autoencoders share them).
+OFFICIAL_CONFIG: dict = {
+    "embed_dim": 4,
+    "ddconfig": {
+        "double_z": False,
+        "channels": 384,
+        "resolution": 256,
+        "timesteps": 16,
+        "skip": 1,
+        "in_channels": 3,
+        "out_ch": 3,
+        "num_res_blocks": 2,
+        "attn_resolutions": [],
+        "splits": 1,
+    },
+}
+
 ENCODER_DEPTH = 8
 QUANT_DEPTH = 4
 QUANT_HEADS = 4
