@@ -10,7 +10,7 @@ import torch
 from conftest import MANIFESTS, load_fixture
 
 from MToV.models import ViTAutoencoder
-from MToV.models.autoencoder import patch_size_for
+from MToV.models.autoencoder import OFFICIAL_CONFIG, patch_size_for
 
 AE_FIXTURES = ["mtov_ae_rgb_tiny_seed0.pt", "mtov_ae_ldmk_tiny_seed0.pt"]
 ATOL = 1e-5
@@ -88,6 +88,7 @@ def test_extract_layout_matches_encode(ae_fixture):
 def test_full_size_manifest(name):
     manifest = json.loads((MANIFESTS / f"{name}.json").read_text())
     cfg = manifest["constructor_config"]
+    assert cfg == OFFICIAL_CONFIG  # the defaults of sampling and training are the official sizes
     model = ViTAutoencoder(cfg["embed_dim"], cfg["ddconfig"])
     sd = model.state_dict()
     assert list(sd) == list(manifest["state_dict"])
