@@ -10,24 +10,4 @@
 # All flags: python -m data.preprocess lrs3 --help
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-PY="${PYTHON:-$ROOT/.venv/bin/python}"
-NUM_SHARDS="${NUM_SHARDS:-1}"
-read -r -a DEVS <<< "${DEVICES:-}"
-if [ "$NUM_SHARDS" -le 1 ] && [ "${#DEVS[@]}" -eq 0 ]; then
-  exec "$PY" -m data.preprocess lrs3 "$@"
-fi
-# NUM_SHARDS parallel processes; DEVICES="cuda:0 cuda:1 ..." spreads them round-robin.
-pids=()
-for ((i = 0; i < NUM_SHARDS; i++)); do
-  extra=(--shard "$i" --num_shards "$NUM_SHARDS")
-  if [ "${#DEVS[@]}" -gt 0 ]; then
-    extra+=(--device "${DEVS[$((i % ${#DEVS[@]}))]}")
-  fi
-  "$PY" -m data.preprocess lrs3 "$@" "${extra[@]}" &
-  pids+=("$!")
-done
-rc=0
-for pid in "${pids[@]}"; do
-  wait "$pid" || rc=$?
-done
-exit "$rc"
+exec bash "$ROOT/scripts/_shards.sh" lrs3 "$@"
