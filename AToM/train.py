@@ -26,6 +26,7 @@ from AToM.common import DEFAULT_CONFIG, build_diffusion, load_weights, read_chec
 from AToM.dataset import WindowDataset, open_sources
 from AToM.diffusion import GaussianDiffusion
 from data.config import load_config, save_config
+from data.device import is_main_rank, start_accelerator
 from data.errors import UserError, cli_main
 from data.fileio import torch_save
 
@@ -118,13 +119,13 @@ def validation_loss(diffusion: GaussianDiffusion, loader: DataLoader, n_batches:
 
 def train(cfg: DictConfig) -> Path:
     """Train until ``train.max_steps``; returns the path of the last checkpoint written."""
-    from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs, set_seed
     from adan_pytorch import Adan
     from torch.utils.tensorboard import SummaryWriter
 
     tc, dc = cfg.train, cfg.data
-    acc = Accelerator(
+    acc = start_accelerator(
+        "AToM train",
         mixed_precision=tc.mixed_precision,
         cpu=bool(tc.cpu),
         # unused official modules and randomly dropped null embeddings get no gradient
@@ -162,10 +163,20 @@ def train(cfg: DictConfig) -> Path:
     bs = int(tc.batch_size)
     nw = int(dc.num_workers)
     loader = DataLoader(
-        train_ds, bs, shuffle=True, drop_last=len(train_ds) >= bs, num_workers=nw, persistent_workers=nw > 0
+        train_ds,
+        bs,
+        shuffle=True,
+        drop_last=len(train_ds) >= bs * acc.num_processes,
+        num_workers=nw,
+        persistent_workers=nw > 0,
     )
     val_loader = DataLoader(val_ds, bs, shuffle=False, num_workers=0)
     diffusion, opt, loader = acc.prepare(diffusion, opt, loader)
+    if len(loader) == 0:
+        raise UserError(
+            f"{len(train_ds)} training windows are too few for train.batch_size={bs} on "
+            f"{acc.num_processes} process(es); lower train.batch_size or add training data"
+        )
     ema.model.to(acc.device)
     raw: GaussianDiffusion = acc.unwrap_model(diffusion)
     ema_diffusion = GaussianDiffusion(ema.model, **OmegaConf.to_container(cfg.diffusion, resolve=True)).to(
@@ -271,7 +282,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     if not math.isfinite(float(cfg.train.lr)) or float(cfg.train.lr) <= 0:
         raise UserError("train.lr must be a positive number")
     path = train(cfg)
-    print(f"last checkpoint: {path}")
+    if is_main_rank():
+        print(f"last checkpoint: {path}")
 
 
 if __name__ == "__main__":

@@ -18,9 +18,24 @@ from data.errors import UserError
 
 
 def infinite(loader: DataLoader) -> Iterator[dict]:
-    """Cycle over ``loader`` forever (a new shuffle each pass)."""
+    """Cycle over ``loader`` forever (a new shuffle each pass); a pass with no batch is an error, not
+    an endless loop."""
     while True:
-        yield from loader
+        empty = True
+        for batch in loader:
+            empty = False
+            yield batch
+        if empty:
+            raise UserError("the training loader gave no batch; lower train.batch_size or add training data")
+
+
+def check_train_loader(loader, n_items: int, batch_size: int, num_processes: int) -> None:
+    """Refuse a (prepared) training loader with no batch on this process, naming the sizes."""
+    if len(loader) == 0:
+        raise UserError(
+            f"{n_items} training items are too few for train.batch_size={batch_size} on "
+            f"{num_processes} process(es); lower train.batch_size or add training data"
+        )
 
 
 def save_state(accelerator, out_dir: Path, info: dict) -> None:

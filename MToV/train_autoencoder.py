@@ -34,14 +34,14 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from data.config import load_config, save_config
-from data.device import resolve_device
+from data.device import is_main_rank, resolve_device, start_accelerator
 from data.errors import UserError, cli_main
 from data.fileio import torch_save
 from MToV.dataset import build_dataset
 from MToV.losses import AELossWeights, AutoencoderLoss, build_lpips
 from MToV.models.autoencoder import OFFICIAL_CONFIG, ViTAutoencoder, load_autoencoder_weights
 from MToV.models.discriminator import PatchDiscriminator2D, PatchDiscriminator3D
-from MToV.run_state import infinite, prepare_run_dir, read_state_info, save_state
+from MToV.run_state import check_train_loader, infinite, prepare_run_dir, read_state_info, save_state
 
 DEFAULTS: dict = {
     "mode": "rgb",
@@ -132,7 +132,6 @@ def evaluate_psnr(
 
 def train(cfg: DictConfig, resume: bool = True, overwrite: bool = False, progress: bool = True) -> dict:
     """Run (or continue) one autoencoder training; returns ``{"step", "best_psnr", "history"}``."""
-    from accelerate import Accelerator
     from accelerate.utils import set_seed
 
     mode = cfg.mode
@@ -146,7 +145,11 @@ def train(cfg: DictConfig, resume: bool = True, overwrite: bool = False, progres
     tc, lc = cfg.train, cfg.loss
     device = resolve_device(tc.device)
     use_amp = bool(tc.amp) and device.type == "cuda"
-    accelerator = Accelerator(cpu=device.type == "cpu", mixed_precision="fp16" if use_amp else "no")
+    accelerator = start_accelerator(
+        f"MToV {mode} autoencoder train",
+        cpu=device.type == "cpu",
+        mixed_precision="fp16" if use_amp else "no",
+    )
     set_seed(int(tc.seed))
     main_proc = accelerator.is_main_process
 
@@ -195,7 +198,7 @@ def train(cfg: DictConfig, resume: bool = True, overwrite: bool = False, progres
         train_ds,
         batch_size=tc.batch_size,
         shuffle=True,
-        drop_last=len(train_ds) >= tc.batch_size,
+        drop_last=len(train_ds) >= tc.batch_size * accelerator.num_processes,
         num_workers=workers,
         persistent_workers=workers > 0,
     )
@@ -207,6 +210,7 @@ def train(cfg: DictConfig, resume: bool = True, overwrite: bool = False, progres
         )
     else:
         model, opt, train_loader = accelerator.prepare(model, opt, train_loader)
+    check_train_loader(train_loader, len(train_ds), int(tc.batch_size), accelerator.num_processes)
 
     step, best = 0, -math.inf
     if state_dir is not None:
@@ -304,7 +308,7 @@ def train(cfg: DictConfig, resume: bool = True, overwrite: bool = False, progres
     bar.close()
     if writer is not None:
         writer.close()
-    return {"step": step, "best_psnr": best, "history": history}
+    return {"step": step, "best_psnr": best, "history": history, "num_processes": accelerator.num_processes}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -335,7 +339,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
     if args.no_resume and not args.overwrite:
         raise UserError("--no_resume restarts the run in place; add --overwrite to confirm")
     result = train(cfg, resume=not args.no_resume, overwrite=args.overwrite, progress=not args.no_progress)
-    print(json.dumps({"step": result["step"], "best_val_psnr": result["best_psnr"], "out_dir": cfg.out_dir}))
+    if is_main_rank():
+        summary = {"step": result["step"], "best_val_psnr": result["best_psnr"], "out_dir": cfg.out_dir}
+        print(json.dumps({**summary, "num_processes": result["num_processes"]}))
     return result
 
 

@@ -31,14 +31,14 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from data.config import load_config, save_config
-from data.device import resolve_device
+from data.device import is_main_rank, resolve_device, start_accelerator
 from data.errors import UserError, cli_main
 from data.fileio import torch_save
 from MToV.dataset import build_dataset
 from MToV.diffusion import DDPM
 from MToV.ema import EMA
 from MToV.models.autoencoder import load_autoencoder_weights
-from MToV.run_state import infinite, prepare_run_dir, read_state_info, save_state
+from MToV.run_state import check_train_loader, infinite, prepare_run_dir, read_state_info, save_state
 from MToV.sample import MODEL_DEFAULTS, _repo_path, build_models, load_unet_weights
 
 DEFAULTS: dict = OmegaConf.to_container(
@@ -122,7 +122,6 @@ def validation_loss(ddpm: DDPM, batcher: LatentBatcher, loader: DataLoader, devi
 
 def train(cfg: DictConfig, resume: bool = True, overwrite: bool = False, progress: bool = True) -> dict:
     """Run (or continue) diffusion training; returns ``{"step", "history", "train_losses"}``."""
-    from accelerate import Accelerator
     from accelerate.utils import set_seed
     from torch.utils.tensorboard import SummaryWriter
 
@@ -133,7 +132,7 @@ def train(cfg: DictConfig, resume: bool = True, overwrite: bool = False, progres
 
     tc = cfg.train
     device = resolve_device(tc.device)
-    accelerator = Accelerator(cpu=device.type == "cpu")
+    accelerator = start_accelerator("MToV diffusion train", cpu=device.type == "cpu")
     set_seed(int(tc.seed))
     main_proc = accelerator.is_main_process
 
@@ -157,8 +156,10 @@ def train(cfg: DictConfig, resume: bool = True, overwrite: bool = False, progres
         timesteps=dc.timesteps,
         loss_type=dc.loss_type,
     )
+    unet.diffusion_model.freeze_unused()  # output_bg_*: in the checkpoint, never run
     ema = EMA(unet, decay=float(tc.ema_decay)).to(accelerator.device)
-    opt = torch.optim.AdamW(unet.parameters(), lr=tc.lr, betas=tuple(tc.betas), weight_decay=tc.weight_decay)
+    trainable = [p for p in unet.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(trainable, lr=tc.lr, betas=tuple(tc.betas), weight_decay=tc.weight_decay)
 
     data_cfg = cfg.data
     timesteps, resolution = ae_rgb.timesteps, ae_rgb.res
@@ -169,12 +170,13 @@ def train(cfg: DictConfig, resume: bool = True, overwrite: bool = False, progres
         train_ds,
         batch_size=tc.batch_size,
         shuffle=True,
-        drop_last=len(train_ds) >= tc.batch_size,
+        drop_last=len(train_ds) >= tc.batch_size * accelerator.num_processes,
         num_workers=workers,
         persistent_workers=workers > 0,
     )
     val_loader = DataLoader(val_ds, batch_size=tc.batch_size, shuffle=False, num_workers=workers)
     ddpm, opt, train_loader = accelerator.prepare(ddpm, opt, train_loader)
+    check_train_loader(train_loader, len(train_ds), int(tc.batch_size), accelerator.num_processes)
     accelerator.register_for_checkpointing(ema)
     raw_ddpm = accelerator.unwrap_model(ddpm)
     batcher = LatentBatcher(ae_rgb, ae_ldmk)
@@ -244,7 +246,12 @@ def train(cfg: DictConfig, resume: bool = True, overwrite: bool = False, progres
     bar.close()
     if writer is not None:
         writer.close()
-    return {"step": step, "history": history, "train_losses": train_losses}
+    return {
+        "step": step,
+        "history": history,
+        "train_losses": train_losses,
+        "num_processes": accelerator.num_processes,
+    }
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -281,7 +288,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
         raise UserError("set data.root=/path/to/HDTF (a folder with frames/ and keypoints/)")
     result = train(cfg, resume=not args.no_resume, overwrite=args.overwrite, progress=not args.no_progress)
     last = result["history"][-1] if result["history"] else {}
-    print(json.dumps({"step": result["step"], "val_loss": last.get("val_loss"), "out_dir": str(cfg.out_dir)}))
+    if is_main_rank():
+        summary = {"step": result["step"], "val_loss": last.get("val_loss"), "out_dir": str(cfg.out_dir)}
+        print(json.dumps({**summary, "num_processes": result["num_processes"]}))
     return result
 
 

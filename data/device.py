@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from data.errors import UserError
@@ -26,3 +28,31 @@ def resolve_device(spec: str | torch.device | None = "auto") -> torch.device:
     if device.type == "mps" and not torch.backends.mps.is_available():
         raise UserError("device 'mps' requested but MPS is not available; use --device cpu")
     return device
+
+
+def start_accelerator(name: str, **kwargs):
+    """An ``accelerate.Accelerator(**kwargs)`` for trainer ``name``, checked against the launcher.
+
+    Several processes started by a launcher (``WORLD_SIZE`` > 1) that did not join one process group
+    would each train alone and write the same run folder; that is refused here. Prints one line on
+    the main process: how many processes, which distributed mode, which device.
+    """
+    from accelerate import Accelerator
+
+    if not torch.cuda.is_available():
+        kwargs["cpu"] = True  # lets torchrun-launched CPU processes join one gloo group (MULTI_CPU)
+    acc = Accelerator(**kwargs)
+    launched = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if launched > 1 and acc.num_processes != launched:
+        raise UserError(
+            f"{launched} processes were launched but accelerate set up {acc.num_processes} "
+            f"({acc.distributed_type}); launch with NUM_PROCESSES=N scripts/train_*.sh or "
+            "`accelerate launch --multi_gpu --num_processes N`"
+        )
+    acc.print(f"{name}: {acc.num_processes} process(es), {acc.distributed_type}, device {acc.device}")
+    return acc
+
+
+def is_main_rank() -> bool:
+    """True in a single process and in rank 0 of a launched group (``RANK`` from torchrun)."""
+    return int(os.environ.get("RANK", "0") or 0) == 0

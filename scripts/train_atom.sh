@@ -1,14 +1,13 @@
 #!/usr/bin/env bash
-# Train AToM. Extra arguments are key=value config overrides, e.g.
+# Train AToM (-> checkpoints/step_*.pt, the official checkpoint layout). Extra arguments are
+# key=value config overrides:
+#
 #   scripts/train_atom.sh data.root=data/train/lrs3 train.batch_size=32
-# Several GPUs / nodes: ACCELERATE="accelerate launch --multi_gpu --num_processes 4" scripts/train_atom.sh
-# CONFIG=configs/atom_tiny.yaml picks another config. Resumes from the latest checkpoint in train.out_dir.
+#   CONFIG=configs/atom_tiny.yaml scripts/train_atom.sh data.root=...      # tiny CPU smoke run
+#   NUM_PROCESSES=4 scripts/train_atom.sh data.root=...                    # 4 GPUs via `accelerate launch`
+#   NUM_MACHINES=2 MACHINE_RANK=0 MAIN_PROCESS_IP=HOST NUM_PROCESSES=16 scripts/train_atom.sh ...  # 2 nodes
+#
+# Resumes from the latest checkpoint in train.out_dir. Launcher variables: scripts/_train.sh.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-cd "$ROOT"
-PY="${PYTHON:-$ROOT/.venv/bin/python}"
-CONFIG="${CONFIG:-configs/atom.yaml}"
-if [ -n "${ACCELERATE:-}" ]; then
-  exec $ACCELERATE -m AToM.train --config "$CONFIG" "$@"
-fi
-exec "$PY" -m AToM.train --config "$CONFIG" "$@"
+exec "$ROOT/scripts/_train.sh" AToM.train --config "${CONFIG:-$ROOT/configs/atom.yaml}" "$@"

@@ -5,19 +5,13 @@
 #   scripts/train_mtov_ae.sh --out_dir runs/mtov_ae_rgb --device cuda train.batch_size=2 [key=value ...]
 #   CONFIG=configs/mtov_autoencoder_tiny.yaml scripts/train_mtov_ae.sh data.root=...   # tiny CPU smoke run
 #   NUM_PROCESSES=4 scripts/train_mtov_ae.sh data.root=...          # 4 GPUs via `accelerate launch`
-#   ACCELERATE_ARGS="--num_machines 2 --machine_rank 0 --main_process_ip HOST" NUM_PROCESSES=16 ...
+#   NUM_MACHINES=2 MACHINE_RANK=0 MAIN_PROCESS_IP=HOST NUM_PROCESSES=16 scripts/train_mtov_ae.sh ...  # 2 nodes
 #
 # GAN phase (the original base_gan.yaml): rerun on the same out_dir with loss.disc_start=<current step>.
 # Rerunning the same command resumes from {out_dir}/state (model, optimizers, scaler, step).
 # Outputs: {out_dir}/model_last.pth (plain state_dict = autoencoder_rgb.pth), model_best.pth,
-# metrics.jsonl (validation PSNR), tb/ (tensorboard), config.yaml.
+# metrics.jsonl (validation PSNR), tb/ (tensorboard), config.yaml. Launcher variables: scripts/_train.sh.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-CONFIG="${CONFIG:-$ROOT/configs/mtov_autoencoder.yaml}"
-NUM_PROCESSES="${NUM_PROCESSES:-1}"
-if [ "$NUM_PROCESSES" -gt 1 ]; then
-  # shellcheck disable=SC2086
-  exec "$ROOT/.venv/bin/accelerate" launch --num_processes "$NUM_PROCESSES" ${ACCELERATE_ARGS:-} \
-    -m MToV.train_autoencoder --config "$CONFIG" "$@"
-fi
-exec "$ROOT/.venv/bin/python" -m MToV.train_autoencoder --config "$CONFIG" "$@"
+exec "$ROOT/scripts/_train.sh" MToV.train_autoencoder \
+  --config "${CONFIG:-$ROOT/configs/mtov_autoencoder.yaml}" "$@"

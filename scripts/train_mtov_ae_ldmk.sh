@@ -7,14 +7,8 @@
 #   NUM_PROCESSES=4 scripts/train_mtov_ae_ldmk.sh ...               # 4 GPUs via `accelerate launch`
 #
 # --init_from defaults to checkpoints/autoencoder_rgb.pth (configs/mtov_autoencoder_ldmk.yaml).
-# Rerunning the same command resumes from {out_dir}/state.
+# Rerunning the same command resumes from {out_dir}/state. Launcher variables: scripts/_train.sh.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-CONFIG="${CONFIG:-$ROOT/configs/mtov_autoencoder_ldmk.yaml}"
-NUM_PROCESSES="${NUM_PROCESSES:-1}"
-if [ "$NUM_PROCESSES" -gt 1 ]; then
-  # shellcheck disable=SC2086
-  exec "$ROOT/.venv/bin/accelerate" launch --num_processes "$NUM_PROCESSES" ${ACCELERATE_ARGS:-} \
-    -m MToV.train_autoencoder --config "$CONFIG" --mode ldmk "$@"
-fi
-exec "$ROOT/.venv/bin/python" -m MToV.train_autoencoder --config "$CONFIG" --mode ldmk "$@"
+exec "$ROOT/scripts/_train.sh" MToV.train_autoencoder \
+  --config "${CONFIG:-$ROOT/configs/mtov_autoencoder_ldmk.yaml}" --mode ldmk "$@"

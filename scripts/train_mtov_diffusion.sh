@@ -7,17 +7,11 @@
 #   CONFIG=configs/mtov_diffusion_longvid.yaml scripts/train_mtov_diffusion.sh data.root=...   # 256-channel variant
 #   CONFIG=configs/mtov_tiny.yaml scripts/train_mtov_diffusion.sh data.root=... random_autoencoders=true  # CPU smoke run
 #   NUM_PROCESSES=4 scripts/train_mtov_diffusion.sh data.root=...      # 4 GPUs via `accelerate launch`
+#   NUM_MACHINES=2 MACHINE_RANK=0 MAIN_PROCESS_IP=HOST NUM_PROCESSES=16 scripts/train_mtov_diffusion.sh ...
 #
 # Rerunning the same command resumes from {out_dir}/state (UNet, optimizer, EMA, step).
 # Outputs: {out_dir}/diffusion_model.pth (EMA weights, what MToV.sample loads), model_last.pth,
-# metrics.jsonl (validation loss), tb/ (tensorboard), config.yaml.
+# metrics.jsonl (validation loss), tb/ (tensorboard), config.yaml. Launcher variables: scripts/_train.sh.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-CONFIG="${CONFIG:-$ROOT/configs/mtov_diffusion.yaml}"
-NUM_PROCESSES="${NUM_PROCESSES:-1}"
-if [ "$NUM_PROCESSES" -gt 1 ]; then
-  # shellcheck disable=SC2086
-  exec "$ROOT/.venv/bin/accelerate" launch --num_processes "$NUM_PROCESSES" ${ACCELERATE_ARGS:-} \
-    -m MToV.train_diffusion --config "$CONFIG" "$@"
-fi
-exec "$ROOT/.venv/bin/python" -m MToV.train_diffusion --config "$CONFIG" "$@"
+exec "$ROOT/scripts/_train.sh" MToV.train_diffusion --config "${CONFIG:-$ROOT/configs/mtov_diffusion.yaml}" "$@"

@@ -287,6 +287,18 @@ class UNetModel(nn.Module):
         if cond_model:
             self.register_buffer("zeros", torch.zeros(1, in_channels, self.latent_length))
 
+    def freeze_unused(self) -> int:
+        """``requires_grad=False`` on the modules the forward never runs (``output_bg_*``); returns how
+        many parameters that is. Their values stay in the state_dict; training changes nothing for
+        them either way (no gradient, so no optimizer step or weight decay), but DDP refuses
+        parameters that get no gradient and would reserve gradient buffers for them."""
+        frozen = 0
+        for module in (self.output_bg_blocks, self.output_bg_attns):
+            for p in module.parameters():
+                p.requires_grad_(False)
+                frozen += p.numel()
+        return frozen
+
     @property
     def latent_length(self) -> int:
         """Tri-plane latent length ``r*r + 2*s*r`` for the configured resolution and frames."""

@@ -1,0 +1,153 @@
+"""Several processes: every trainer through its script with NUM_PROCESSES=2 on this CPU.
+
+``scripts/_train.sh`` starts the ranks with torchrun (``accelerate launch --multi_gpu``); without a GPU
+the trainers join one gloo process group (MULTI_CPU). This runs the same code paths as a multi-GPU
+or multi-node run: process-group set-up, DDP gradient sync, sharded loaders, ``no_sync`` under
+gradient accumulation, main-process-only writes, ``wait_for_everyone`` around checkpoints, resume.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from mtov_synth import write_synthetic_hdtf  # noqa: E402
+from test_atom_train import write_npz_clips  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _launch(
+    script: str, *args: str, processes: int = 2, config: str | None = None
+) -> subprocess.CompletedProcess:
+    env = {
+        **os.environ,
+        "PYTHON": sys.executable,  # the test's interpreter; no venv set-up from inside the suite
+        "NUM_PROCESSES": str(processes),
+        "OMP_NUM_THREADS": "1",
+        "MAIN_PROCESS_PORT": "0",
+    }
+    env.pop("WORLD_SIZE", None)
+    env.pop("RANK", None)
+    if config:
+        env["CONFIG"] = str(REPO / "configs" / config)
+    return subprocess.run(
+        ["bash", str(REPO / "scripts" / script), *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=REPO,
+    )
+
+
+def _summary(proc: subprocess.CompletedProcess) -> dict:
+    """The JSON line the MToV trainers print on rank 0 only."""
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert len(lines) == 1, proc.stdout  # printed once, not once per rank
+    return json.loads(lines[0])
+
+
+def test_atom_two_processes_train_and_resume(tmp_path):
+    write_npz_clips(tmp_path / "data", 32, seed=0)
+    out = tmp_path / "run"
+    common = [
+        f"data.root={tmp_path / 'data'}",
+        f"train.out_dir={out}",
+        "train.val_every=2",
+        "train.save_every=2",
+    ]
+    first = _launch("train_atom.sh", *common, "train.max_steps=4", config="atom_tiny.yaml")
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "2 process(es), DistributedType.MULTI_CPU" in first.stdout
+    assert first.stdout.count("last checkpoint:") == 1  # rank 0 only
+    second = _launch("train_atom.sh", *common, "train.max_steps=6", config="atom_tiny.yaml")
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "resumed from" in second.stdout and "step_00000004.pt" in second.stdout
+    ckpt = torch.load(out / "checkpoints" / "step_00000006.pt", weights_only=False, map_location="cpu")
+    assert ckpt["step"] == 6
+    # the wrapped (DDP) model is saved unwrapped: official key names, no "module." prefix
+    assert not any(k.startswith("module.") for k in ckpt["model_state_dict"])
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    val_steps = [r["step"] for r in records if "val_loss" in r]
+    assert val_steps == [2, 4, 6]  # one writer: no duplicated lines from the second rank
+
+
+def test_mtov_diffusion_two_processes(tmp_path):
+    info = write_synthetic_hdtf(
+        tmp_path / "hdtf", ids=("WDA_A_000", "WDA_B_000", "RD_C_000"), heldout=("RD_C_000",), n_frames=16
+    )
+    out = tmp_path / "run"
+    proc = _launch(
+        "train_mtov_diffusion.sh",
+        "--out_dir",
+        str(out),
+        "--device",
+        "cpu",
+        "--no_progress",
+        f"data.root={info.root}",
+        f"data.split_file={info.split_file}",
+        "random_autoencoders=true",
+        "train.batch_size=2",
+        "train.save_every=4",
+        "train.max_steps=8",
+        "data.max_val_clips=2",
+        config="mtov_tiny.yaml",
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = _summary(proc)
+    assert summary["num_processes"] == 2 and summary["step"] == 8
+    assert np.isfinite(summary["val_loss"])
+    sd = torch.load(out / "diffusion_model.pth", weights_only=True, map_location="cpu")
+    assert not any(k.startswith("module.") for k in sd) and all(torch.isfinite(v).all() for v in sd.values())
+
+
+def test_mtov_autoencoder_gan_accumulation_two_processes(tmp_path):
+    synth = write_synthetic_hdtf(tmp_path / "hdtf", n_frames=24)
+    out = tmp_path / "gan"
+    proc = _launch(
+        "train_mtov_ae.sh",
+        "--out_dir",
+        str(out),
+        "--device",
+        "cpu",
+        "--no_progress",
+        f"data.root={synth.root}",
+        "loss.disc_start=1",
+        "train.max_steps=2",
+        "train.grad_accum=2",
+        "train.val_every=2",
+        "loss.perceptual_weight=0",
+        config="mtov_autoencoder_tiny.yaml",
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = _summary(proc)
+    assert summary["num_processes"] == 2 and summary["step"] == 2 and np.isfinite(summary["best_val_psnr"])
+    assert len(list((out / "state").glob("model*.safetensors"))) == 3  # AE + both discriminators
+    sd = torch.load(out / "model_last.pth", weights_only=True, map_location="cpu")
+    assert not any(k.startswith("module.") for k in sd)
+
+
+@pytest.mark.parametrize(
+    "script,out_args",
+    [
+        ("train_atom.sh", ["train.out_dir={out}"]),
+        ("train_mtov_diffusion.sh", ["--out_dir", "{out}", "random_autoencoders=true"]),
+    ],
+)
+def test_bad_input_under_launcher_is_one_line_per_rank(tmp_path, script, out_args):
+    missing = tmp_path / "missing"
+    args = [a.format(out=tmp_path / "out") for a in out_args]
+    proc = _launch(script, f"data.root={missing}", *args)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    assert "error: training stopped: " in proc.stderr
+    assert any(line.startswith("error: ") and str(missing) in line for line in proc.stderr.splitlines())
