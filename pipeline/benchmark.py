@@ -19,7 +19,8 @@ Modes, run side by side in one process on the same inputs and the same noise:
   target clip, whose latent is unused, the reference, the landmarks, the masked frames); fp32, eager,
   explicit attention (PyTorch's math backend, as the original's einsum/bmm attention);
 * ``fast``      the default path of :func:`AToM.inference.generate_landmarks` and
-  :func:`MToV.sample.generate_video`: CFG as one batched pass, conditions encoded once, the reference
+  :func:`MToV.sample.generate_video`: conditions encoded once, CFG as one batched pass on GPU (two
+  passes on the CPU, which runs them faster), the reference
   latent once per video, only the encodes sampling uses, ``torch.inference_mode``, SDPA attention,
   clips batched, bf16 autocast for the autoencoders where the device has bf16 matrix units
   (``--precision``), channels-last UNet and optional ``torch.compile`` on GPU;

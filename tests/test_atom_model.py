@@ -85,6 +85,17 @@ def test_guided_forward(fx, model, w, key, faithful):
     _close(out, fx["outputs"][key], FWD_TOL)
 
 
+@pytest.mark.parametrize("batched", [None, True, False])
+def test_guided_decode_batched_or_two_passes(fx, model, batched):
+    """The fast sampler's guided x0: one batch-2B forward or two batch-B forwards (the CPU default)
+    give the recorded guided output."""
+    i = fx["inputs"]
+    with torch.no_grad():
+        enc2 = model.encode_guidance_conditions(i["face"], i["cond_embed"])
+        out = model.guided_decode(i["x"], i["times"], enc2, 2.0, batched=batched)
+    _close(out, fx["outputs"]["guided_forward_w2"], FWD_TOL)
+
+
 def test_schedule_buffers(fx, diffusion):
     for name in SCHEDULE_BUFFERS:
         _close(getattr(diffusion, name), fx["diffusion"]["buffers"][name], 1e-6)
