@@ -11,15 +11,17 @@ xy-plane is the UNet's image condition. DDIM with eta 1 over the last 25 steps o
 schedule; x0 clamped to [-1, 1]; decoded with the RGB AE.
 
 Here clips run in batches; the reference latent is encoded once per video; only the encoders the
-sampler needs run (``extract``); each clip draws its noise from its own generator seeded by
-(seed, clip index), so the result does not depend on ``batch_size``. Any length works: the last
-partial clip is padded by repeating its last frame and trimmed afterwards.
+sampler needs run (``extract``); a clip whose frames were already encoded (a still reference image
+gives the same masked clip every time) reuses its latent; each clip draws its noise from its own
+generator seeded by (seed, clip index), so the result does not depend on ``batch_size``. Any length
+works: the last partial clip is padded by repeating its last frame and trimmed afterwards.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import hashlib
 import json
 import time
 from collections.abc import Mapping, Sequence
@@ -299,6 +301,38 @@ def _pad_clips(x: torch.Tensor, clip: int) -> torch.Tensor:
     return x.reshape(-1, clip, *x.shape[1:]).transpose(1, 2)
 
 
+def clip_keys(frames: np.ndarray, clip: int) -> list[bytes]:
+    """One content hash per ``clip``-frame clip of uint8 ``[T, ...]`` frames (the last clip padded by
+    repeating its last frame, as :func:`_pad_clips`): equal keys = equal clips = equal latents."""
+    frames = np.ascontiguousarray(frames)
+    keys = []
+    for start in range(0, frames.shape[0], clip):
+        block = frames[start : start + clip]
+        h = hashlib.blake2b(block.tobytes(), digest_size=16)
+        h.update(frames[-1].tobytes() * (clip - block.shape[0]))  # the padding frames
+        keys.append(h.digest())
+    return keys
+
+
+class _LatentCache:
+    """Latents by clip content: a clip seen before (a still reference image gives the same masked
+    clip every time; a reference video played back and forth repeats clips) is not encoded again."""
+
+    def __init__(self, extract) -> None:
+        self.extract, self.latents = extract, {}
+
+    def __call__(self, ae: ViTAutoencoder, clips: torch.Tensor, keys: Sequence[bytes]) -> torch.Tensor:
+        todo: dict[bytes, int] = {}
+        for j, k in enumerate(keys):
+            if (id(ae), k) not in self.latents and k not in todo:
+                todo[k] = j
+        if todo:
+            new = self.extract(ae, clips[list(todo.values())])
+            for k, latent in zip(todo, new):
+                self.latents[(id(ae), k)] = latent
+        return torch.stack([self.latents[(id(ae), k)] for k in keys])
+
+
 def to_uint8(frames: torch.Tensor) -> torch.Tensor:
     """Frames in [-1, 1] -> uint8 ``round((x + 1) * 127.5)``."""
     return ((frames + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8)
@@ -377,6 +411,9 @@ def generate_video(
 
         with timed("encode"):  # the reference latent: once per video
             ref_latent = extract(models.ae_rgb, ref[:, :, None].expand(-1, -1, clip, -1, -1))
+        cached = _LatentCache(extract)
+        ldmk_keys = clip_keys(np.asarray(landmark_video), clip)
+        mask_keys = clip_keys(np.asarray(masked_frames), clip)
         n_clips = x_l.shape[0]
         step = 1 if use_last_as_reference else batch_size
         image_cond = ref_latent[:, :, :n_xy]
@@ -385,11 +422,12 @@ def generate_video(
         for start in range(0, n_clips, step):
             idx = range(start, min(start + step, n_clips))
             b = len(idx)
-            with timed("encode"):  # only what the sampler uses: landmark and masked-frame latents
+            with timed("encode"):  # only what the sampler uses, each distinct clip once
+                sl = slice(idx.start, idx.stop)
                 cond = torch.cat(
                     [
-                        extract(models.ae_ldmk, x_l[idx.start : idx.stop]),
-                        extract(models.ae_rgb, masked[idx.start : idx.stop]),
+                        cached(models.ae_ldmk, x_l[sl], ldmk_keys[sl]),
+                        cached(models.ae_rgb, masked[sl], mask_keys[sl]),
                     ],
                     dim=1,
                 )

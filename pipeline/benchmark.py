@@ -142,10 +142,11 @@ def build_networks(device: torch.device, tiny: bool = False, seed: int = 0) -> N
     return Networks(hubert, atom, mtov, tiny)
 
 
-def make_inputs(seconds: float, size: int = 256, seed: int = 0) -> Inputs:
+def make_inputs(seconds: float, size: int = 256, seed: int = 0, still: bool = False) -> Inputs:
     """``seconds`` of the bundled speech clip (looped if needed) and the moving astronaut reference,
     with template landmarks and smooth synthetic head poses (the geometry FAN and Deep3DFaceRecon
-    would give; they are not part of the benchmark)."""
+    would give; they are not part of the benchmark). ``still``: the first frame, its landmarks and
+    its pose held for every frame, as ``--ref_image`` gives."""
     import soundfile as sf
 
     from data.audio import resample
@@ -170,6 +171,8 @@ def make_inputs(seconds: float, size: int = 256, seed: int = 0) -> Inputs:
     coeff[:, 224] = 0.05 * np.sin(phase)
     coeff[:, 225] = 0.08 * np.sin(2 * phase)
     coeff[:, 254:257] = np.stack([0.02 * np.sin(phase), 0.01 * np.cos(phase), np.zeros(n_frames)], 1)
+    if still:
+        frames[:], lm68[:], coeff[:] = frames[0], lm68[0], coeff[0]
     with tempfile.TemporaryDirectory() as tmp:
         bfm = write_synthetic_bfm(Path(tmp), seed=seed)
         helper = Face3DHelper(bfm)
@@ -518,6 +521,7 @@ def run_benchmark(
     progress: bool = True,
     log=print,
     clock: str = "wall",
+    still: bool = False,
 ) -> dict[str, Any]:
     """Build the networks, run every mode on the same inputs and return the report dict (see module doc)."""
     from data.device import resolve_device
@@ -538,7 +542,7 @@ def run_benchmark(
     t0 = time.perf_counter()
     nets = build_networks(dev, tiny=tiny, seed=seed)
     size = nets.mtov.resolution
-    inputs = make_inputs(seconds, size=size, seed=seed)
+    inputs = make_inputs(seconds, size=size, seed=seed, still=still)
     full_atom = FULL_ATOM_STEPS
     atom_steps = max(1, int(round(full_atom * steps_scale)))
     mtov_steps = max(4, int(round(FULL_MTOV_SCHEDULE * steps_scale)))
@@ -574,6 +578,7 @@ def run_benchmark(
         "device": _device_name(dev),
         "seconds_of_video": float(seconds),
         "frames": inputs.n_frames,
+        "reference": "still" if still else "moving",
         "threads": torch.get_num_threads(),
         "networks": "tiny" if tiny else "full-size, random weights",
         "steps_scale": steps_scale,
@@ -701,8 +706,12 @@ def build_parser() -> argparse.ArgumentParser:
         default="wall",
         help="wall seconds, or process CPU seconds (steadier on a busy machine; with --threads 1) [wall]",
     )
+    p.add_argument(
+        "--still", action="store_true", help="a still reference (one frame held, as --ref_image) [moving]"
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
     return p
 
 
@@ -713,6 +722,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             raise UserError(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
     out = Path(args.json) if args.json else None
+    if out is not None and out.exists() and not args.overwrite:
+        raise UserError(f"{out} exists; add --overwrite to replace it")
     if out is not None and out.parent and not out.parent.exists():
         out.parent.mkdir(parents=True, exist_ok=True)
     report = run_benchmark(
@@ -727,6 +738,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         seed=args.seed,
         progress=not args.no_progress,
         clock=args.clock,
+        still=args.still,
     )
     print(format_table(report), flush=True)
     if out is not None:

@@ -81,6 +81,8 @@ def _clips(t: int, size: int, seed: int = 0):
     rng = np.random.default_rng(seed)
     lv = np.zeros((t, 3, size, size), np.uint8)
     lv[:, :, rng.integers(0, size, 12), rng.integers(0, size, 12)] = 255
+    for i in range(t):  # every landmark frame distinct (equal clips would be encoded once)
+        lv[i, :, 0, i % size] = 255
     target = rng.integers(0, 256, (t, 3, size, size), dtype=np.uint8)
     masked = target.copy()
     masked[:, :, size // 2 :] = 0
@@ -207,15 +209,25 @@ def test_benchmark_script_and_errors(tmp_path):
             "1",
             "--clock",
             "cpu",
+            "--still",
         ],
         capture_output=True,
         text=True,
         timeout=300,
     )
     assert run.returncode == 0, run.stderr[-2000:]
-    report = json.loads(out.read_text())
+    written = out.read_text()
+    report = json.loads(written)
     assert report["speedup_total"] is None and report["psnr_db"] is None and "faithful" not in report
     assert report["clock"].startswith("process CPU") and report["fast"]["mtov_unet"] > 0
+    assert report["reference"] == "still"
+    again = subprocess.run(
+        [sys.executable, "-m", "pipeline.benchmark", "--tiny", "--json", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert again.returncode == 2 and "--overwrite" in again.stderr and out.read_text() == written
     bad = subprocess.run(
         [sys.executable, "-m", "pipeline.benchmark", "--tiny", "--steps-scale", "2"],
         capture_output=True,

@@ -43,6 +43,12 @@ def _inputs(t: int, size: int, seed: int = 0):
     return lv, masked, ident
 
 
+def _mark_frames(lv: np.ndarray) -> None:
+    """Make every frame distinct: a dot in row 0 at column (frame index mod width)."""
+    for i in range(lv.shape[0]):
+        lv[i, :, 0, i % lv.shape[-1]] = 255
+
+
 def test_batched_equals_single_any_length(models):
     clip = models.clip_frames
     t = 2 * clip + 3  # last clip partial: padded and trimmed
@@ -64,6 +70,7 @@ def test_encodes_reference_once_and_only_what_is_needed(models, monkeypatch):
     clip = models.clip_frames
     t = 3 * clip
     lv, masked, ident = _inputs(t, models.resolution, seed=1)
+    _mark_frames(lv)  # landmark clips differ from each other (as real ones do)
     calls = {"rgb": [], "ldmk": [], "ldmk_decode": 0}
     rgb_extract, ldmk_extract = models.ae_rgb.extract, models.ae_ldmk.extract
     monkeypatch.setattr(models.ae_rgb, "extract", lambda x: calls["rgb"].append(x.shape[0]) or rgb_extract(x))
@@ -75,6 +82,39 @@ def test_encodes_reference_once_and_only_what_is_needed(models, monkeypatch):
     assert calls["rgb"] == [1, 2, 1]  # reference once, then the masked clips per batch
     assert calls["ldmk"] == [2, 1]
     assert calls["ldmk_decode"] == 0
+
+
+def test_repeated_clips_encoded_once_same_result(models, monkeypatch):
+    """A still reference (every masked clip the same) and repeated landmark clips: each distinct clip
+    is encoded once, and the video equals the one made with every clip encoded."""
+    import MToV.sample as sample
+
+    clip = models.clip_frames
+    t = 4 * clip - 2
+    lv, masked, ident = _inputs(t, models.resolution, seed=2)
+    masked[:] = masked[0]  # a still image: all masked clips equal, the padded last one too
+    _mark_frames(lv)
+    lv[2 * clip :] = lv[: t - 2 * clip]  # clip 2 repeats clip 0; the partial clip 3 (padded) does not
+    kw = dict(batch_size=3, sampling_timesteps=8, progress=False, seed=1)
+    calls = {"rgb": [], "ldmk": []}
+    rgb_extract, ldmk_extract = models.ae_rgb.extract, models.ae_ldmk.extract
+    monkeypatch.setattr(models.ae_rgb, "extract", lambda x: calls["rgb"].append(x.shape[0]) or rgb_extract(x))
+    monkeypatch.setattr(
+        models.ae_ldmk, "extract", lambda x: calls["ldmk"].append(x.shape[0]) or ldmk_extract(x)
+    )
+    cached = generate_video(models, lv, masked, ident, **kw)
+    assert calls["rgb"] == [1, 1]  # the reference, then the one distinct masked clip
+    assert calls["ldmk"] == [2, 1]  # clips 0 and 1 (2 = 0), then clip 3
+
+    class NoCache(sample._LatentCache):
+        def __call__(self, ae, clips, keys):
+            return self.extract(ae, clips)
+
+    monkeypatch.setattr(sample, "_LatentCache", NoCache)
+    calls = {"rgb": [], "ldmk": []}
+    every = generate_video(models, lv, masked, ident, **kw)
+    assert calls["rgb"] == [1, 3, 1] and calls["ldmk"] == [3, 1]
+    assert cached.std() > 1 and np.abs(cached.astype(int) - every).max() <= 1
 
 
 def test_use_last_as_reference_and_resizing(models):
