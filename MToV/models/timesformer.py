@@ -21,12 +21,30 @@ def rotate_pairs(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rotary(t: torch.Tensor, sin: torch.Tensor, cos: torch.Tensor) -> torch.Tensor:
-    """Rotary position embedding on the first ``sin.shape[-1]`` channels of ``t`` (rest passed through)."""
+    """Rotary position embedding on the first ``sin.shape[-1]`` channels of ``t`` (rest passed through):
+    ``t * cos + rotate_pairs(t) * sin``."""
     d = sin.shape[-1]
     if d == t.shape[-1]:
         return t * cos + rotate_pairs(t) * sin
     head, rest = t[..., :d], t[..., d:]
     return torch.cat((head * cos + rotate_pairs(head) * sin, rest), dim=-1)
+
+
+def signed_sin(sin: torch.Tensor) -> torch.Tensor:
+    """``sin`` with the sign of ``rotate_pairs`` folded in: (-s0, s1, -s2, s3, ...)."""
+    sign = torch.ones(2, dtype=sin.dtype, device=sin.device)
+    sign[0] = -1
+    return (sin.unflatten(-1, (-1, 2)) * sign).flatten(-2)
+
+
+def apply_rotary_signed(t: torch.Tensor, ssin: torch.Tensor, cos: torch.Tensor) -> torch.Tensor:
+    """:func:`apply_rotary` with a :func:`signed_sin` table: the pair swap is a flip, no negation
+    pass over the activations (same numbers: the sign moves from the activations to the table)."""
+    d = ssin.shape[-1]
+    head = t if d == t.shape[-1] else t[..., :d]
+    swapped = head.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)
+    out = head * cos + swapped * ssin
+    return out if d == t.shape[-1] else torch.cat((out, t[..., d:]), dim=-1)
 
 
 class FrameRotaryEmbedding(nn.Module):
@@ -86,8 +104,8 @@ class FactorAttention(nn.Module):
         if rot is not None:
             # tables in the activations' dtype: under bf16 autocast the rotation stays in bf16
             # instead of promoting q/k to fp32 and back (a no-op in fp32)
-            sin, cos = rot[0].to(q.dtype), rot[1].to(q.dtype)
-            q, k = apply_rotary(q, sin, cos), apply_rotary(k, sin, cos)
+            ssin, cos = signed_sin(rot[0]).to(q.dtype), rot[1].to(q.dtype)
+            q, k = apply_rotary_signed(q, ssin, cos), apply_rotary_signed(k, ssin, cos)
         out = F.scaled_dot_product_attention(q, k, v)
         return self.to_out(out.transpose(1, 2).reshape(n, length, self.heads * self.dim_head))
 
