@@ -41,10 +41,13 @@ def check_train_loader(loader, n_items: int, batch_size: int, num_processes: int
 def save_state(accelerator, out_dir: Path, info: dict) -> None:
     """Save the accelerate state and ``info`` (JSON) atomically as ``out_dir/state``."""
     tmp, final, old = out_dir / "state.tmp", out_dir / "state", out_dir / "state.old"
-    if accelerator.is_main_process and tmp.exists():
-        shutil.rmtree(tmp)
+    if accelerator.is_main_process:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)  # before any rank writes its RNG state file into it
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()  # every rank's files are in before the folder is renamed
     if accelerator.is_main_process:
         (tmp / "trainer.json").write_text(json.dumps(info))
         if final.exists():

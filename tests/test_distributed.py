@@ -86,8 +86,7 @@ def test_mtov_diffusion_two_processes(tmp_path):
         tmp_path / "hdtf", ids=("WDA_A_000", "WDA_B_000", "RD_C_000"), heldout=("RD_C_000",), n_frames=16
     )
     out = tmp_path / "run"
-    proc = _launch(
-        "train_mtov_diffusion.sh",
+    args = [
         "--out_dir",
         str(out),
         "--device",
@@ -100,12 +99,23 @@ def test_mtov_diffusion_two_processes(tmp_path):
         "train.save_every=4",
         "train.max_steps=8",
         "data.max_val_clips=2",
-        config="mtov_tiny.yaml",
-    )
+    ]
+    proc = _launch("train_mtov_diffusion.sh", *args, config="mtov_tiny.yaml")
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = _summary(proc)
     assert summary["num_processes"] == 2 and summary["step"] == 8
     assert np.isfinite(summary["val_loss"])
+    # every rank's RNG state is in the saved state (written before the folder was renamed)
+    assert {p.name for p in (out / "state").glob("random_states_*.pkl")} == {
+        "random_states_0.pkl",
+        "random_states_1.pkl",
+    }
+    resumed = _launch("train_mtov_diffusion.sh", *args[:-2], "train.max_steps=12", "data.max_val_clips=2",
+                      config="mtov_tiny.yaml")  # fmt: skip
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming from" in resumed.stdout and _summary(resumed)["step"] == 12
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [0, 4, 8, 12]
     sd = torch.load(out / "diffusion_model.pth", weights_only=True, map_location="cpu")
     assert not any(k.startswith("module.") for k in sd) and all(torch.isfinite(v).all() for v in sd.values())
 
@@ -132,6 +142,7 @@ def test_mtov_autoencoder_gan_accumulation_two_processes(tmp_path):
     summary = _summary(proc)
     assert summary["num_processes"] == 2 and summary["step"] == 2 and np.isfinite(summary["best_val_psnr"])
     assert len(list((out / "state").glob("model*.safetensors"))) == 3  # AE + both discriminators
+    assert len(list((out / "state").glob("random_states_*.pkl"))) == 2
     sd = torch.load(out / "model_last.pth", weights_only=True, map_location="cpu")
     assert not any(k.startswith("module.") for k in sd)
 
