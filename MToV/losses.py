@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from data.assets import require_asset
-from data.errors import UserError
+from data.errors import UserError, describe
 
 # torchvision vgg16.features index ranges of the five LPIPS slices
 _VGG_SLICES = ((0, 4), (4, 9), (9, 16), (16, 23), (23, 30))
@@ -47,7 +47,7 @@ def build_lpips(vgg_path: str | Path | None = None, random_backbone: bool = Fals
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:  # noqa: BLE001 - any unreadable file is the user's to fix
-            raise UserError(f"cannot read the LPIPS VGG16 weights {path}: {exc}") from exc
+            raise UserError(f"cannot read the LPIPS VGG16 weights {path}: {describe(exc)}") from exc
         state = state.get("state_dict", state) if isinstance(state, dict) else state
         mapped = {}
         for i, (lo, hi) in enumerate(_VGG_SLICES, start=1):

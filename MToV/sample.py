@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 
 from data.config import load_config, save_config
 from data.device import resolve_device
-from data.errors import UserError, cli_main
+from data.errors import UserError, cli_main, describe
 from MToV.diffusion import DDPM
 from MToV.models.autoencoder import OFFICIAL_CONFIG, ViTAutoencoder, load_autoencoder_weights
 from MToV.models.unet import DiffusionWrapper, UNetModel
@@ -146,7 +146,7 @@ def load_unet_weights(wrapper: DiffusionWrapper, path: str | Path) -> DiffusionW
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - a corrupt or foreign file is the user's to fix
-        raise UserError(f"cannot read MToV UNet checkpoint {path}: {exc}") from exc
+        raise UserError(f"cannot read MToV UNet checkpoint {path}: {describe(exc)}") from exc
     if isinstance(state, dict):
         for key in ("ema", "model", "state_dict"):
             if isinstance(state.get(key), dict):

@@ -22,7 +22,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from data.errors import UserError, cli_main
+from data.errors import UserError, cli_main, describe
 
 __all__ = [
     "Asset",
@@ -289,7 +289,7 @@ def download_asset(name: str, path: str | Path | None = None) -> Path:
             model = HubertModel.from_pretrained(HUBERT_HUB_ID)
             extractor = AutoFeatureExtractor.from_pretrained(HUBERT_HUB_ID)
         except OSError as exc:
-            raise UserError(f"cannot download {HUBERT_HUB_ID} (network?): {exc}") from exc
+            raise UserError(f"cannot download {HUBERT_HUB_ID} (network?): {describe(exc)}") from exc
         tmp = dest.with_name(f".{dest.name}.partial")
         model.save_pretrained(tmp)
         extractor.save_pretrained(tmp)
@@ -312,7 +312,7 @@ def download_asset(name: str, path: str | Path | None = None) -> Path:
             with atomic_path(target) as tmp:
                 download_url_to_file(url, str(tmp), progress=True)
         except OSError as exc:
-            raise UserError(f"cannot download {url} (network?): {exc}") from exc
+            raise UserError(f"cannot download {url} (network?): {describe(exc)}") from exc
     return dest
 
 

@@ -16,6 +16,17 @@ class UserError(Exception):
     """An error caused by the user's inputs, files or settings (printed without a traceback)."""
 
 
+def describe(exc: BaseException) -> str:
+    """``exc`` in one line for a :class:`UserError` message: its first non-empty line, or its type's
+    name when it has no text (``EOFError()`` of an empty file). Library errors often span several lines
+    (torch.load's weights-only advice, transformers' offline hints), which would break the one-line rule.
+    """
+    for line in str(exc).splitlines():
+        if line.strip():
+            return line.strip()
+    return type(exc).__name__
+
+
 def fail(message: str) -> NoReturn:
     """Raise a :class:`UserError` with ``message``."""
     raise UserError(message)

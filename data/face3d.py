@@ -20,7 +20,7 @@ import scipy.io as sio
 import torch
 
 from data.device import resolve_device
-from data.errors import UserError
+from data.errors import UserError, describe
 
 BFM_FILE = "BFM_model_front.mat"
 SIMILARITY_FILE = "similarity_Lm3D_all.mat"
@@ -59,7 +59,7 @@ def load_bfm(bfm_dir: str | Path | None = None) -> dict[str, np.ndarray]:
     try:
         mat = sio.loadmat(str(path))
     except Exception as exc:  # scipy raises several types for corrupt files
-        raise UserError(f"cannot read BFM model {path}: {exc}; {ASSET_HINT}") from exc
+        raise UserError(f"cannot read BFM model {path}: {describe(exc)}; {ASSET_HINT}") from exc
     missing = [k for k in _REQUIRED_KEYS if k not in mat]
     if missing:
         raise UserError(f"BFM model {path} lacks keys {missing}; is it BFM_model_front.mat? {ASSET_HINT}")

@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from data.assets import default_path, missing_message
 from data.device import resolve_device
-from data.errors import UserError
+from data.errors import UserError, describe
 
 __all__ = [
     "FaceLandmarkDetector",
@@ -176,7 +176,9 @@ class FaceLandmarkDetector:
             try:
                 return torch.load(path, map_location="cpu", weights_only=True)
             except Exception as exc:
-                raise UserError(f"cannot read face-alignment weights {path}: {exc}; re-download it") from exc
+                raise UserError(
+                    f"cannot read face-alignment weights {path}: {describe(exc)}; re-download it"
+                ) from exc
 
         self.fan = FAN(4)
         self.s3fd = s3fd()
@@ -184,7 +186,7 @@ class FaceLandmarkDetector:
             try:
                 net.load_state_dict(load(path))
             except RuntimeError as exc:
-                raise UserError(f"{path} does not fit the expected network: {exc}") from exc
+                raise UserError(f"{path} does not fit the expected network: {describe(exc)}") from exc
         self.fan.eval().to(self.device)
         self.s3fd.eval().to(self.device)
 

@@ -35,7 +35,7 @@ from tqdm import tqdm
 
 from data.assets import default_path, require_asset
 from data.device import resolve_device
-from data.errors import UserError
+from data.errors import UserError, describe
 from data.face3d import SIMILARITY_FILE, canonical_face_lm68
 from data.motion_align import CROP, RESCALE, lm68_to_lm5, pos_fit
 
@@ -69,7 +69,7 @@ def load_lm3d_std(bfm_dir: str | Path) -> np.ndarray:
     try:
         lm = np.asarray(sio.loadmat(str(path))["lm"], dtype=np.float64)
     except Exception as exc:
-        raise UserError(f"cannot read the 68x3 'lm' array from {path}: {exc}") from exc
+        raise UserError(f"cannot read the 68x3 'lm' array from {path}: {describe(exc)}") from exc
     if lm.shape != (68, 3):
         raise UserError(f"{path}: 'lm' must be [68, 3], got {lm.shape}")
     return lm68_to_lm5(lm)
@@ -150,7 +150,7 @@ class FaceReconstructor:
             try:
                 obj = torch.load(path, map_location="cpu", weights_only=True)
             except Exception as exc:
-                raise UserError(f"cannot read Deep3DFaceRecon weights {path}: {exc}") from exc
+                raise UserError(f"cannot read Deep3DFaceRecon weights {path}: {describe(exc)}") from exc
             self._load(_extract_state_dict(obj, path), path)
         self.net.eval().to(self.device)
 

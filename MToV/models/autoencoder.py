@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from data.errors import UserError
+from data.errors import UserError, describe
 from MToV.models.timesformer import TimeSformerDecoder, TimeSformerEncoder
 
 #: The official constructor arguments (``configs/autoencoder/base.yaml`` of the original; the RGB and
@@ -332,7 +332,7 @@ def load_autoencoder_weights(
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - corrupt/foreign files are the user's to fix
-        raise UserError(f"cannot read {what} checkpoint {path}: {exc}") from exc
+        raise UserError(f"cannot read {what} checkpoint {path}: {describe(exc)}") from exc
     if isinstance(state, dict):
         for key in ("model", "state_dict"):
             if isinstance(state.get(key), dict):

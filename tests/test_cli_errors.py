@@ -1,0 +1,89 @@
+"""Bad inputs to the user-facing commands: one ``error:`` line on stderr, exit status 2, nothing written.
+
+Cases found by running the CLIs with broken files and settings; each module's own test file has the
+cases specific to it, this file the ones shared by several loaders (checkpoints, .npy files, YAML).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from data.errors import cli_main, describe
+
+REPO = Path(__file__).resolve().parents[1]
+MTOV_TINY = str(REPO / "configs" / "mtov_tiny.yaml")
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    torch.set_num_threads(1)
+
+
+def run_cli(main: Callable[[Sequence[str] | None], object], argv: list[str], capsys) -> tuple[int, str]:
+    """Run ``main`` through :func:`cli_main`; returns (exit status, stderr)."""
+    with pytest.raises(SystemExit) as exc:
+        cli_main(main, argv)
+    return exc.value.code, capsys.readouterr().err
+
+
+def assert_one_line_error(code: int, err: str, *needles: str) -> str:
+    lines = [line for line in err.strip().splitlines() if line.strip()]
+    assert code == 2, err
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    return lines[0]
+
+
+def test_describe_is_one_line():
+    assert describe(OSError("first\n\nsecond")) == "first"
+    assert describe(EOFError()) == "EOFError"
+    assert describe(ValueError("\n  indented  \nmore")) == "indented"
+
+
+def _mtov_inputs(tmp_path: Path) -> list[str]:
+    from PIL import Image
+
+    ref = tmp_path / "ref"
+    ref.mkdir(parents=True)
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(ref / "00000.png")
+    np.save(tmp_path / "aligned.npy", np.full((3, 68, 2), 16.0, np.float32))
+    return ["--landmarks", str(tmp_path / "aligned.npy"), "--ref_frames", str(ref), "--config", MTOV_TINY]
+
+
+def test_mtov_checkpoint_that_is_not_a_checkpoint(tmp_path, capsys):
+    """torch.load's weights-only failure is several lines long; the error stays on one."""
+    from MToV.sample import main
+
+    not_ckpt = tmp_path / "weights.pth"
+    with open(not_ckpt, "wb") as f:  # an .npy under a .pth name
+        np.save(f, np.zeros(3))
+    empty = tmp_path / "empty.pth"
+    empty.write_bytes(b"")
+    out = tmp_path / "out"
+    for bad in (not_ckpt, empty):
+        argv = _mtov_inputs(tmp_path / bad.stem) + ["--out", str(out), "--no_progress"]
+        argv += ["--ae_rgb", str(bad), "--ae_ldmk", str(bad), "--unet", str(bad)]
+        code, err = run_cli(main, argv, capsys)
+        assert_one_line_error(code, err, "cannot read", str(bad))
+        assert not (out / "video.mp4").exists() and not (out / "config.yaml").exists()
+
+
+def test_asset_download_error_is_one_line(tmp_path, monkeypatch, capsys):
+    import transformers
+
+    from data.assets import main
+
+    def offline(*args, **kwargs):
+        raise OSError("We couldn't connect to 'https://huggingface.co'.\nCheck your internet connection.")
+
+    monkeypatch.setattr(transformers.HubertModel, "from_pretrained", offline)
+    monkeypatch.setenv("MODITALKER_CHECKPOINTS", str(tmp_path / "ck"))
+    code, err = run_cli(main, ["download", "hubert"], capsys)
+    assert_one_line_error(code, err, "cannot download", "couldn't connect")
+    assert not (tmp_path / "ck" / "hubert-large-ls960-ft").exists()
