@@ -5,10 +5,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
+import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from data.errors import UserError
+from data.errors import UserError, describe
 from data.fileio import atomic_write_text
 
 
@@ -23,16 +24,35 @@ def load_config(
             raise UserError(f"config file not found: {path}")
         try:
             cfg = OmegaConf.merge(cfg, OmegaConf.load(path))
-        except (OmegaConfBaseException, ValueError) as exc:
-            raise UserError(f"cannot parse config {path}: {exc}") from exc
+        except (OmegaConfBaseException, ValueError, yaml.YAMLError) as exc:
+            raise UserError(f"cannot parse config {path}: {_yaml_error(exc)}") from exc
     bad = [o for o in overrides if "=" not in o]
     if bad:
         raise UserError(f"overrides must look like key=value, got {bad}")
     try:
         cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
-    except OmegaConfBaseException as exc:
-        raise UserError(f"bad override: {exc}") from exc
+    except (OmegaConfBaseException, yaml.YAMLError) as exc:
+        culprit = next((o for o in overrides if not _parses(o)), None)
+        where = f" {culprit!r}" if culprit is not None else ""
+        raise UserError(f"bad override{where}: {_yaml_error(exc)}") from exc
     return cfg
+
+
+def _parses(override: str) -> bool:
+    try:
+        OmegaConf.from_dotlist([override])
+    except (OmegaConfBaseException, yaml.YAMLError):
+        return False
+    return True
+
+
+def _yaml_error(exc: Exception) -> str:
+    """A YAML syntax error in one line, with its position when the parser gives one."""
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None)
+    if problem and mark is not None:
+        return f"{problem} (line {mark.line + 1}, column {mark.column + 1})"
+    return describe(exc)
 
 
 def save_config(cfg: DictConfig | dict, path: str | Path) -> None:

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from data.errors import UserError
+from data.errors import UserError, describe
 
 
 @contextmanager
@@ -71,7 +71,12 @@ def load_npy(path: str | Path, what: str = "array") -> np.ndarray:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{what} file not found: {path}")
+    with open(path, "rb") as f:
+        magic = f.read(6)
+    if magic != b"\x93NUMPY":
+        kind = "an empty file" if not magic else "a .npz archive" if magic.startswith(b"PK") else "not one"
+        raise UserError(f"{what}: {path} must be a NumPy .npy file (np.save), but it is {kind}")
     try:
         return np.load(path, allow_pickle=False)
-    except (ValueError, OSError) as exc:
-        raise UserError(f"cannot read {what} from {path}: {exc}") from exc
+    except (ValueError, OSError, EOFError) as exc:
+        raise UserError(f"cannot read {what} from {path}: {describe(exc)}") from exc

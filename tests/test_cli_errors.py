@@ -87,3 +87,43 @@ def test_asset_download_error_is_one_line(tmp_path, monkeypatch, capsys):
     code, err = run_cli(main, ["download", "hubert"], capsys)
     assert_one_line_error(code, err, "cannot download", "couldn't connect")
     assert not (tmp_path / "ck" / "hubert-large-ls960-ft").exists()
+
+
+@pytest.mark.parametrize("content,kind", [(b"", "empty file"), (b"hello\n", "not one"), (None, ".npz")])
+def test_npy_inputs_that_are_not_npy(tmp_path, capsys, content, kind):
+    """A zero-byte .npy gave an EOFError traceback; text and .npz files confusing messages."""
+    from AToM.inference import main
+
+    bad = tmp_path / "hubert.npy"
+    if content is None:
+        np.savez(tmp_path / "arch", a=np.zeros(3))
+        (tmp_path / "arch.npz").rename(bad)
+    else:
+        bad.write_bytes(content)
+    np.save(tmp_path / "ref.npy", np.zeros((68, 3), np.float32))
+    out = tmp_path / "out" / "atom.npy"
+    argv = ["--hubert", str(bad), "--ref_lm3d", str(tmp_path / "ref.npy"), "--out", str(out)]
+    code, err = run_cli(main, argv + ["--random_weights"], capsys)
+    assert_one_line_error(code, err, "HuBERT features", str(bad), kind)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    "extra,needle",
+    [
+        (["--config", "BAD_YAML"], "cannot parse config"),
+        (["atom.steps=[1"], "bad override 'atom.steps=[1'"),
+    ],
+)
+def test_yaml_syntax_errors(tmp_path, capsys, extra, needle):
+    """A YAML syntax error in a config file or an override was a yaml.ParserError traceback."""
+    from pipeline.inference import main
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("atom: {steps: [1\n")
+    out = tmp_path / "o.mp4"
+    argv = ["--audio", "a.wav", "--ref_video", "v.mp4", "--out", str(out)]
+    code, err = run_cli(main, argv + [str(bad) if e == "BAD_YAML" else e for e in extra], capsys)
+    line = assert_one_line_error(code, err, needle)
+    assert "line " in line  # where the parser stopped
+    assert not out.exists() and not (tmp_path / "o_work").exists()
