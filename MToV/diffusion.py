@@ -38,6 +38,13 @@ def _extract(a: torch.Tensor, t: torch.Tensor, ndim: int) -> torch.Tensor:
     return a.gather(-1, t).reshape(t.shape[0], *([1] * (ndim - 1)))
 
 
+def ddim_times(num_timesteps: int, sampling_timesteps: int) -> list[tuple[int, int]]:
+    """DDIM (time, time_next) pairs: ``linspace(-1, T-1, S+1)`` truncated to int, reversed."""
+    times = torch.linspace(-1, num_timesteps - 1, sampling_timesteps + 1).int().tolist()
+    times = list(reversed(times))
+    return list(zip(times[:-1], times[1:]))
+
+
 class DDPM(nn.Module):
     """Gaussian diffusion around a :class:`~MToV.models.DiffusionWrapper` (eps prediction).
 
@@ -167,9 +174,7 @@ class DDPM(nn.Module):
     # ------------------------------------------------------------------ sampling
     def ddim_times(self) -> list[tuple[int, int]]:
         """(time, time_next) pairs: ``linspace(-1, T-1, S+1)`` truncated to int, reversed."""
-        times = torch.linspace(-1, self.num_timesteps - 1, self.sampling_timesteps + 1).int().tolist()
-        times = list(reversed(times))
-        return list(zip(times[:-1], times[1:]))
+        return ddim_times(self.num_timesteps, self.sampling_timesteps)
 
     def model_predictions(self, x, cond, image_cond, t):
         """(raw eps prediction, x0 from it clamped to [-1, 1])."""

@@ -23,6 +23,7 @@ import argparse
 import copy
 import hashlib
 import json
+import math
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -38,7 +39,7 @@ from tqdm.auto import tqdm
 from data.config import load_config, save_config
 from data.device import resolve_device
 from data.errors import UserError, cli_main, describe
-from MToV.diffusion import DDPM
+from MToV.diffusion import DDPM, ddim_times
 from MToV.models.autoencoder import OFFICIAL_CONFIG, ViTAutoencoder, load_autoencoder_weights
 from MToV.models.unet import DiffusionWrapper, UNetModel
 
@@ -206,6 +207,40 @@ def clip_generator(seed: int, clip: int, device: torch.device) -> torch.Generato
 
 
 PRECISIONS = ("auto", "bf16", "fp32")
+
+
+def denoising_steps(start_ratio: float, sampling_timesteps: int, timesteps: int = 1000) -> int:
+    """UNet passes per clip of the noised-start sampler: the DDIM times below ``int(T * start_ratio)``."""
+    t_start = int(timesteps * start_ratio)
+    return sum(1 for t, _ in ddim_times(timesteps, sampling_timesteps) if t < t_start)
+
+
+def check_sampling(
+    start_ratio: float, sampling_timesteps: int, eta: float = 1.0, timesteps: int = 1000
+) -> None:
+    """UserError unless the sampler settings run at least one denoising step.
+
+    ``sampling_timesteps`` 0 (or too few for ``start_ratio``: 3 steps of 1000 put no step below
+    t = 250) would return the noised reference latent undenoised, i.e. a noise video with exit 0.
+    """
+    if not (isinstance(start_ratio, int | float) and 0.0 < start_ratio < 1.0):
+        raise UserError(f"start_ratio must be in (0, 1), got {start_ratio}")
+    if isinstance(sampling_timesteps, bool) or not isinstance(sampling_timesteps, int | np.integer):
+        raise UserError(f"sampling_timesteps must be an integer, got {sampling_timesteps!r}")
+    if not 1 <= sampling_timesteps <= timesteps:
+        raise UserError(f"sampling_timesteps must be in 1..{timesteps}, got {sampling_timesteps}")
+    if not (isinstance(eta, int | float) and 0.0 <= eta <= 1.0):
+        raise UserError(f"eta must be in [0, 1], got {eta}")
+    if int(timesteps * start_ratio) < 1:
+        raise UserError(f"start_ratio {start_ratio} starts at t = 0 of {timesteps}: nothing to denoise")
+    if denoising_steps(start_ratio, sampling_timesteps, timesteps) == 0:
+        need = next(
+            s for s in range(sampling_timesteps, timesteps + 1) if denoising_steps(start_ratio, s, timesteps)
+        )
+        raise UserError(
+            f"sampling_timesteps {sampling_timesteps} with start_ratio {start_ratio} runs no denoising "
+            f"step (the output would be noise); use at least {need} steps"
+        )
 
 
 def bf16_supported(device: torch.device) -> bool:
@@ -384,8 +419,7 @@ def generate_video(
         )
     if batch_size < 1:
         raise UserError(f"batch_size must be >= 1, got {batch_size}")
-    if not 0.0 < start_ratio < 1.0:
-        raise UserError(f"start_ratio must be in (0, 1), got {start_ratio}")
+    check_sampling(start_ratio, sampling_timesteps, eta, int(models.config.diffusion.timesteps))
     out_size = int(ident.shape[-1])
     dev, size, clip = models.device, models.resolution, models.clip_frames
     ae_dtype = autoencoder_dtype(precision, dev)
@@ -564,6 +598,38 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _check_sample_config(cfg: DictConfig) -> None:
+    """The ``sample`` section after overrides: known keys, right types, a sampler that denoises."""
+    if not OmegaConf.is_dict(cfg.get("sample")):
+        raise UserError(f"sample must be a mapping of sampler settings, got {cfg.get('sample')!r}")
+    try:
+        sample = OmegaConf.to_container(cfg.sample, resolve=True)
+    except Exception as exc:  # noqa: BLE001 - interpolation errors from the user's YAML
+        raise UserError(f"bad sample settings: {exc}") from exc
+    known = MODEL_DEFAULTS["sample"]
+    unknown = sorted(set(sample) - set(known))
+    if unknown:
+        raise UserError(f"unknown sample setting(s) {unknown}; known: {', '.join(known)}")
+    types = {"batch_size": int, "seed": int, "sampling_timesteps": int, "use_last_as_reference": bool}
+    for key, kind in types.items():
+        value = sample[key]
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise UserError(
+                f"sample.{key} must be {'true/false' if kind is bool else 'an integer'}, got {value!r}"
+            )
+    for key in ("start_ratio", "eta"):
+        if isinstance(sample[key], bool) or not isinstance(sample[key], int | float):
+            raise UserError(f"sample.{key} must be a number, got {sample[key]!r}")
+    if sample["batch_size"] < 1:
+        raise UserError(f"sample.batch_size (--batch_size) must be >= 1, got {sample['batch_size']}")
+    check_sampling(
+        float(sample["start_ratio"]),
+        sample["sampling_timesteps"],
+        float(sample["eta"]),
+        int(cfg.diffusion.timesteps),
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> dict:
     from data.fileio import check_output, load_npy
     from data.imageops import mask_below_nose, resize_crop
@@ -582,8 +648,16 @@ def main(argv: Sequence[str] | None = None) -> dict:
             cfg.sample[key] = getattr(args, flag)
     if args.use_last_as_reference:
         cfg.sample.use_last_as_reference = True
+    _check_sample_config(cfg)
+    if not (math.isfinite(args.fps) and args.fps > 0):
+        raise UserError(f"--fps must be a positive number, got {args.fps}")
     out = Path(args.out)
     video_path = check_output(out / "video.mp4", args.overwrite)
+    audio = None
+    if args.audio:  # read first: a bad file fails now, not after the sampling
+        from data.audio import load_audio
+
+        audio = load_audio(args.audio, 16000)
 
     ref = _read_reference(args)  # [N, H, W, 3]
     hw = ref.shape[1:3]
@@ -626,11 +700,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
         precision=args.precision,
     )
     seconds = time.perf_counter() - t0
-    audio = None
-    if args.audio:
-        from data.audio import load_audio
-
-        audio = load_audio(args.audio, 16000)[: int(round(n / args.fps * 16000))]
+    if audio is not None:
+        audio = audio[: int(round(n / args.fps * 16000))]
     hwc = video.transpose(0, 2, 3, 1)
     write_video(video_path, hwc, fps=args.fps, audio=audio, sample_rate=16000)
     if args.save_frames:

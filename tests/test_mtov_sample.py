@@ -237,3 +237,52 @@ def test_cli_errors_exit_2(tmp_path, extra, message):
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], proc.stderr
+
+
+def test_sampler_that_would_not_denoise_is_refused(models):
+    """0, 1 or 3 DDIM steps put no step below t = 250: the output was the noised reference, exit 0."""
+    lv, masked, ident = _inputs(2, models.resolution)
+    for steps in (0, 1, 3):
+        with pytest.raises(UserError, match="sampling_timesteps"):
+            generate_video(models, lv, masked, ident, sampling_timesteps=steps, progress=False)
+    with pytest.raises(UserError, match="start_ratio"):
+        generate_video(models, lv, masked, ident, start_ratio=0.0005, progress=False)
+    with pytest.raises(UserError, match="eta"):
+        generate_video(models, lv, masked, ident, eta=5.0, progress=False)
+
+
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        (["--steps", "0"], "sampling_timesteps must be in 1..1000, got 0"),
+        (["--steps", "1"], "runs no denoising step"),
+        (["--steps", "-5"], "sampling_timesteps must be in 1..1000"),
+        (["--start_ratio", "0.0005"], "nothing to denoise"),
+        (["sample.eta=5"], "eta must be in [0, 1]"),
+        (["sample.seed=abc"], "sample.seed must be an integer"),
+        (["sample.foo=1"], "unknown sample setting(s) ['foo']"),
+        (["sample=3"], "sample must be a mapping"),
+        (["--fps", "0"], "--fps must be a positive number"),
+        (["--fps", "nan"], "--fps must be a positive number"),
+        (["--audio", "TEXT"], "cannot read audio"),
+    ],
+)
+def test_cli_bad_settings_fail_before_sampling(tmp_path, capsys, extra, message):
+    """Each of these was a traceback, or exit 0 with a noise video, or (--audio) an error only after
+    the whole sampling; now one line, exit 2, before any network is built, nothing written."""
+    from data.errors import cli_main
+
+    _write_reference(tmp_path / "ref", 2)
+    np.save(tmp_path / "aligned.npy", np.full((3, 68, 2), 20.0, np.float32))
+    (tmp_path / "text.wav").write_text("not audio")
+    extra = [str(tmp_path / "text.wav") if e == "TEXT" else e for e in extra]
+    out = tmp_path / "out"
+    argv = ["--landmarks", str(tmp_path / "aligned.npy"), "--ref_frames", str(tmp_path / "ref")]
+    argv += ["--out", str(out), "--config", TINY, "--random_weights", "--no_progress", *extra]
+    with pytest.raises(SystemExit) as exc:
+        cli_main(main, argv)
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert exc.value.code == 2 and len(lines) == 1 and lines[0].startswith("error: "), err
+    assert message in lines[0], lines[0]
+    assert not (out / "video.mp4").exists() and not (out / "config.yaml").exists()
