@@ -195,28 +195,25 @@ _FLAG_TO_KEY = {
 
 def resolve_config(args: argparse.Namespace) -> DictConfig:
     """defaults <- YAML (--config, else configs/inference.yaml) <- flags <- key=value overrides."""
+    from omegaconf.errors import OmegaConfBaseException
+
     path = args.config if args.config is not None else REPO / "configs" / "inference.yaml"
     if args.config is None and not Path(path).is_file():
         path = None
-    flags = []
+    cfg = load_config(path, (), defaults=DEFAULTS)
     for name, key in _FLAG_TO_KEY.items():
         value = getattr(args, name)
-        if value is not None:
-            flags.append(f"{key}={_dotlist_value(value)}")
-    cfg = load_config(path, list(flags) + list(args.overrides), defaults=DEFAULTS)
-    if cfg.atom.seed is None:
-        cfg.atom.seed = cfg.seed
-    if cfg.mtov.seed is None:
-        cfg.mtov.seed = cfg.seed
+        if value is None:
+            continue
+        try:  # set as is: a path such as "it's a.wav" or "123" is not re-parsed as YAML
+            OmegaConf.update(cfg, key, value, merge=False)
+        except OmegaConfBaseException as exc:
+            raise UserError(f"cannot set {key} from --{name}: {str(exc).splitlines()[0]}") from exc
+    cfg = load_config(None, list(args.overrides), defaults=cfg)
+    for stage in ("atom", "mtov"):  # (a section that is not a mapping is reported by _check_settings)
+        if OmegaConf.is_dict(cfg.get(stage)) and cfg[stage].get("seed") is None:
+            cfg[stage].seed = cfg.get("seed")
     return cfg
-
-
-def _dotlist_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, str):
-        return "'" + value.replace("'", "\\'") + "'" if any(c in value for c in " ,:=[]{}#") else value
-    return str(value)
 
 
 # ----------------------------------------------------------------------------- validation
@@ -242,10 +239,121 @@ def _check_writable(folder: Path) -> None:
         ) from exc
 
 
+X264_PRESETS = (
+    "ultrafast",
+    "superfast",
+    "veryfast",
+    "faster",
+    "fast",
+    "medium",
+    "slow",
+    "slower",
+    "veryslow",
+    "placebo",
+)
+_INT, _FLOAT, _BOOL, _STR = "an integer", "a number", "true or false", "a string"
+# every leaf of DEFAULTS: (kind, may be null, check on the value, what the check asks for)
+_SETTINGS: dict[str, tuple[str, bool, Callable[[Any], bool] | None, str]] = {
+    "audio": (_STR, True, None, ""),
+    "ref_video": (_STR, True, None, ""),
+    "ref_image": (_STR, True, None, ""),
+    "out": (_STR, True, None, ""),
+    "work_dir": (_STR, True, None, ""),
+    "ref_frame": (_INT, False, lambda v: v >= 0, ">= 0"),
+    "device": (_STR, False, None, ""),
+    "seed": (_INT, False, lambda v: 0 <= v < 2**63, "in 0..2**63-1"),
+    "size": (_INT, False, lambda v: v >= 32, ">= 32"),
+    "random_weights": (_BOOL, False, None, ""),
+    "preview": (_BOOL, False, None, ""),
+    "overwrite": (_BOOL, False, None, ""),
+    "min_audio_seconds": (_FLOAT, False, lambda v: v >= 0, ">= 0"),
+    **{f"assets.{k}": (_STR, True, None, "") for k in DEFAULTS["assets"]},
+    "hubert.batch_size": (_INT, False, lambda v: v >= 1, ">= 1"),
+    "hubert.random_hidden_size": (_INT, True, lambda v: v >= 4 and v % 4 == 0, "a positive multiple of 4"),
+    "reference.max_frames": (_INT, True, lambda v: v >= 1, ">= 1"),
+    "atom.ema": (_BOOL, False, None, ""),
+    "atom.steps": (_INT, False, lambda v: v >= 1, ">= 1"),
+    "atom.eta": (_FLOAT, False, lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "atom.guidance_weight": (_FLOAT, False, None, ""),
+    "atom.seed": (_INT, True, lambda v: 0 <= v < 2**63, "in 0..2**63-1"),
+    "mtov.batch_size": (_INT, False, lambda v: v >= 1, ">= 1"),
+    "mtov.start_ratio": (_FLOAT, False, lambda v: 0 < v < 1, "in (0, 1)"),
+    "mtov.sampling_timesteps": (_INT, False, lambda v: v >= 1, ">= 1"),
+    "mtov.use_last_as_reference": (_BOOL, False, None, ""),
+    "mtov.precision": (_STR, False, lambda v: v in ("auto", "bf16", "fp32"), "one of auto, bf16, fp32"),
+    "mtov.seed": (_INT, True, lambda v: 0 <= v < 2**63, "in 0..2**63-1"),
+    "output.crf": (_INT, False, lambda v: 0 <= v <= 51, "in 0..51"),
+    "output.preset": (
+        _STR,
+        False,
+        lambda v: v in X264_PRESETS,
+        f"an x264 preset ({', '.join(X264_PRESETS)})",
+    ),
+}
+_FREE_FORM = ("atom.config", "mtov.config")  # a YAML path or an inline mapping, checked by the loaders
+_IGNORED = ("run",)  # written into OUT.yaml by a finished run; that file may be passed as --config
+
+
+def _check_settings(cfg: DictConfig) -> None:
+    """Every setting known, of the right type and in range: a typo such as ``atom.stesp=10`` or a
+    value such as ``atom.steps=abc`` stops the run here, not as a traceback deep inside a stage."""
+    try:
+        plain = OmegaConf.to_container(cfg, resolve=True)
+    except Exception as exc:  # noqa: BLE001 - interpolation errors in the user's YAML
+        raise UserError(f"bad config: {exc}") from exc
+
+    def walk(node: dict, defaults: dict, prefix: str) -> None:
+        unknown = [f"{prefix}{k}" for k in node if k not in defaults and f"{prefix}{k}" not in _IGNORED]
+        if unknown:
+            raise UserError(
+                f"unknown setting(s) {unknown}; see configs/inference.yaml for the keys "
+                f"(sections: {', '.join(k for k, v in DEFAULTS.items() if isinstance(v, dict))})"
+            )
+        for key, default in defaults.items():
+            name = f"{prefix}{key}"
+            value = node.get(key)
+            if name in _FREE_FORM:
+                if value is not None and not isinstance(value, str | dict):
+                    raise UserError(f"{name} must be a YAML path or a mapping, got {value!r}")
+            elif isinstance(default, dict):
+                if not isinstance(value, dict):
+                    raise UserError(f"{name} must be a section of settings ({name}.KEY=VALUE), got {value!r}")
+                walk(value, default, f"{name}.")
+            else:
+                _check_value(name, value)
+
+    walk(plain, DEFAULTS, "")
+    m = cfg.mtov
+    from MToV.sample import check_sampling
+
+    check_sampling(float(m.start_ratio), int(m.sampling_timesteps))
+
+
+def _check_value(name: str, value: Any) -> None:
+    kind, nullable, ok, wanted = _SETTINGS[name]
+    if value is None:
+        if nullable:
+            return
+        raise UserError(f"{name} must be {kind}, got null")
+    good_type = {
+        _INT: isinstance(value, int) and not isinstance(value, bool),
+        _FLOAT: isinstance(value, int | float) and not isinstance(value, bool),
+        _BOOL: isinstance(value, bool),
+        _STR: isinstance(value, str),
+    }[kind]
+    if not good_type:
+        raise UserError(f"{name} must be {kind}, got {value!r}")
+    if kind == _FLOAT and not np.isfinite(value):
+        raise UserError(f"{name} must be a finite number, got {value}")
+    if ok is not None and not ok(value):
+        raise UserError(f"{name} must be {wanted}, got {value!r}")
+
+
 def _validate(cfg: DictConfig) -> _Inputs:
-    """Every check that is cheap: arguments, paths, output writability, media streams."""
+    """Every check that is cheap: settings, arguments, paths, output writability, media streams."""
     from data.video import probe
 
+    _check_settings(cfg)
     if not cfg.audio:
         raise UserError("--audio is required (a speech recording, or a video with an audio track)")
     if not cfg.ref_video and not cfg.ref_image:
@@ -287,6 +395,9 @@ def _validate(cfg: DictConfig) -> _Inputs:
         rinfo = probe(ref)
         if rinfo["video"] is None:
             raise UserError(f"{ref} has no video stream; pass a video, or a photo with --ref_image")
+        from data.video import read_video
+
+        read_video(ref, fps=FPS, max_frames=1)  # headers can be fine and the frames not decode
     _plain(cfg.atom.config)  # a stage config file that does not exist fails here, before any work
     _plain(cfg.mtov.config)
     if int(cfg.ref_frame) < 0:

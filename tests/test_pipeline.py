@@ -355,3 +355,71 @@ def test_inference_yaml_spells_out_the_defaults():
 
     on_disk = OmegaConf.to_container(OmegaConf.load(REPO / "configs" / "inference.yaml"))
     assert on_disk == DEFAULTS
+
+
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        (["atom.stesp=10"], "unknown setting(s) ['atom.stesp']"),
+        (["nonsense=3"], "unknown setting(s) ['nonsense']"),
+        (["atom.steps=abc"], "atom.steps must be an integer, got 'abc'"),
+        (["seed=abc"], "seed must be an integer"),
+        (["--seed", "-1"], "seed must be in 0..2**63-1"),
+        (["atom=3"], "atom must be a section of settings"),
+        (["--steps", "0"], "atom.steps must be >= 1"),
+        (["--guidance", "nan"], "atom.guidance_weight must be a finite number"),
+        (["--batch_size", "0"], "mtov.batch_size must be >= 1"),
+        (["--mtov_steps", "0"], "mtov.sampling_timesteps must be >= 1"),
+        (["--mtov_steps", "3"], "runs no denoising step"),
+        (["mtov.precision=foo"], "mtov.precision must be one of"),
+        (["size=0"], "size must be >= 32"),
+        (["min_audio_seconds=abc"], "min_audio_seconds must be a number"),
+        (["output.preset=foo"], "output.preset must be an x264 preset"),
+        (["output.crf=99"], "output.crf must be in 0..51"),
+        (["--config", "TEXT"], "unknown setting(s) ['hello, not a config']"),
+    ],
+)
+def test_bad_settings_stop_before_any_work(inputs, tmp_path, capsys, extra, message):
+    """Each was a traceback (some only after the reference, AToM or MToV stages had run), or silently
+    ignored (unknown keys, a text file as --config), or exit 0 with a noise video (mtov steps 0)."""
+    text = tmp_path / "notes.txt"
+    text.write_text("hello, not a config\n")
+    out = tmp_path / "o.mp4"
+    argv = _base(inputs, out) + ["--random_weights", "--config", TINY]
+    code, stdout, err = _run_cli(argv + [str(text) if e == "TEXT" else e for e in extra], capsys)
+    _assert_one_line_error(code, err, message)
+    assert stdout == "" and not out.exists() and not (tmp_path / "o_work").exists()
+    assert not out.with_suffix(".yaml").exists()
+
+
+def test_undecodable_reference_stops_before_any_work(inputs, tmp_path, capsys):
+    """A video whose headers read but whose frames do not decode failed only in the reference stage,
+    after the work folder was made; now it is caught with the other cheap checks."""
+    cut = tmp_path / "cut.mp4"
+    cut.write_bytes(inputs["video"].read_bytes()[:2000])  # moov (faststart) but no frame data
+    out = tmp_path / "o.mp4"
+    argv = ["--audio", str(inputs["speech"]), "--ref_video", str(cut), "--out", str(out)]
+    code, _, err = _run_cli(argv + ["--random_weights", "--config", TINY], capsys)
+    _assert_one_line_error(code, err, "cannot decode", "cut.mp4")
+    assert not out.exists() and not (tmp_path / "o_work").exists()
+
+
+def test_flag_values_are_not_parsed_as_yaml():
+    """`--audio "it's a.wav"` was a YAML error (quote inside quotes), `--work_dir 123` the integer 123."""
+    args = build_parser().parse_args(["--audio", "it's a.wav", "--work_dir", "123", "--device", "cuda:0"])
+    cfg = resolve_config(args)
+    assert cfg.audio == "it's a.wav" and cfg.work_dir == "123" and cfg.device == "cuda:0"
+
+
+def test_every_default_setting_has_a_check():
+    """_check_settings looks every leaf of DEFAULTS up in _SETTINGS: a new setting needs an entry."""
+    from pipeline.inference import _FREE_FORM, _SETTINGS, DEFAULTS
+
+    def leaves(node: dict, prefix: str = "") -> set[str]:
+        out: set[str] = set()
+        for k, v in node.items():
+            name = f"{prefix}{k}"
+            out |= leaves(v, f"{name}.") if isinstance(v, dict) and name not in _FREE_FORM else {name}
+        return out
+
+    assert leaves(DEFAULTS) - set(_FREE_FORM) == set(_SETTINGS)
