@@ -9,7 +9,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from AToM.diffusion import GaussianDiffusion
 from AToM.model import MotionDecoder
-from data.errors import UserError
+from data.errors import UserError, describe
 
 # The official full-size configuration (also in configs/atom.yaml); used when no config is given.
 DEFAULT_CONFIG: dict = {
@@ -65,8 +65,8 @@ def build_diffusion(cfg: DictConfig) -> GaussianDiffusion:
         )
     try:
         return GaussianDiffusion(MotionDecoder(**model_kw), **diff_kw)
-    except (TypeError, ValueError) as exc:
-        raise UserError(f"bad AToM model/diffusion config: {exc}") from exc
+    except (TypeError, ValueError, RuntimeError) as exc:  # RuntimeError: e.g. a negative size
+        raise UserError(f"bad AToM model/diffusion config: {describe(exc)}") from exc
 
 
 def strip_module_prefix(sd: dict) -> dict:

@@ -86,8 +86,9 @@ def _check_inputs(diffusion: GaussianDiffusion, hubert, ref_lm3d, key_mean_shape
     if key_mean_shape.shape != (68, 3):
         raise UserError(f"key_mean_shape must be [68, 3], got shape {key_mean_shape.shape}")
     for name, a in (("HuBERT features", hubert), ("reference landmark", ref_lm3d)):
-        if not np.issubdtype(a.dtype, np.number) or not np.isfinite(a).all():
-            raise UserError(f"{name} contain NaN/inf or are not numeric")
+        real = np.issubdtype(a.dtype, np.integer) or np.issubdtype(a.dtype, np.floating)
+        if not real or not np.isfinite(a).all():
+            raise UserError(f"{name} contain NaN/inf or are not real numbers (dtype {a.dtype})")
     return hubert.astype(np.float32), ref_lm3d.astype(np.float32), key_mean_shape.astype(np.float32)
 
 
@@ -125,6 +126,10 @@ def generate_landmarks(
         raise UserError(f"steps must be in 1..{diffusion.n_timestep}, got {steps}")
     if not 0.0 <= eta <= 1.0:
         raise UserError(f"eta must be in [0, 1], got {eta}")
+    if not np.isfinite(guidance_weight):
+        raise UserError(f"guidance weight must be a finite number, got {guidance_weight}")
+    if not 0 <= int(seed) < 2**63:
+        raise UserError(f"seed must be in 0..2**63-1, got {seed}")
     w = diffusion.horizon
     if overlap is None:
         cfg = getattr(diffusion, "atom_config", None)
@@ -227,6 +232,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     out = check_output(args.out, args.overwrite)
     if out.suffix != ".npy":
         raise UserError(f"--out must end in .npy, got {out}")
+    check_output(out.with_suffix(".yaml"), args.overwrite)  # the run's config, written beside it
+    if args.png_dir and Path(args.png_dir).exists() and not Path(args.png_dir).is_dir():
+        raise UserError(f"--png_dir {args.png_dir} is a file, not a folder")
     hubert = load_npy(args.hubert, "HuBERT features")
     ref = load_npy(args.ref_lm3d, "reference landmark")
     bfm_dir = Path(args.bfm_dir) if args.bfm_dir else default_path("bfm_front").parent

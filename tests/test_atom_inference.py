@@ -251,3 +251,40 @@ def test_cli_subprocess_exit_code(tmp_path):
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: HuBERT features file not found"), proc.stderr
+
+
+def test_cli_more_bad_inputs_one_line_nothing_written(tiny_ckpt, bfm_dir, tmp_path, capsys):
+    """Found by running the CLI: --guidance nan/inf and complex features exited 0 (NaN or cast
+    landmarks), a seed past 64 bits, a negative model size and a --png_dir that is a file were
+    tracebacks (the last after writing the .npy); an existing OUT.yaml was overwritten silently."""
+    hub, ref, _ = _inputs(16, 21)
+    np.save(tmp_path / "h.npy", hub)
+    np.save(tmp_path / "c.npy", hub.astype(np.complex64))
+    np.save(tmp_path / "r.npy", ref)
+    (tmp_path / "afile").write_text("x")
+    (tmp_path / "neg.yaml").write_text("model: {latent_dim: -3}\n")
+    h, c, r = (str(tmp_path / n) for n in ("h.npy", "c.npy", "r.npy"))
+    out = tmp_path / "out" / "o.npy"
+    base = ["--out", str(out), "--bfm_dir", str(bfm_dir), "--device", "cpu", "--ref_lm3d", r]
+    ck = ["--checkpoint", str(tiny_ckpt), "--steps", "2"]
+    cases = [
+        (["--hubert", h, *ck, "--guidance", "nan"], "guidance weight must be a finite number"),
+        (["--hubert", h, *ck, "--guidance", "inf"], "guidance weight must be a finite number"),
+        (["--hubert", h, *ck, "--seed", "99999999999999999999"], "seed must be in 0..2**63-1"),
+        (["--hubert", h, *ck, "--seed", "-1"], "seed must be in 0..2**63-1"),
+        (["--hubert", c, *ck], "not real numbers (dtype complex64)"),
+        (["--hubert", h, *ck, "--png_dir", str(tmp_path / "afile")], "is a file, not a folder"),
+        (["--hubert", h, "--random_weights", "--config", str(tmp_path / "neg.yaml")], "negative dimension"),
+    ]
+    for extra, needle in cases:
+        with pytest.raises(SystemExit) as exc:
+            cli_main(main, [*base, *extra])
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert exc.value.code == 2 and len(lines) == 1 and lines[0].startswith("error: "), lines
+        assert needle in lines[0], lines[0]
+        assert not out.exists() and not out.with_suffix(".yaml").exists()
+    out.with_suffix(".yaml").write_text("kept: true\n")
+    with pytest.raises(SystemExit) as exc:
+        cli_main(main, [*base, "--hubert", h, *ck])
+    assert exc.value.code == 2 and "already exists" in capsys.readouterr().err
+    assert not out.exists() and out.with_suffix(".yaml").read_text() == "kept: true\n"
