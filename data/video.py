@@ -18,7 +18,7 @@ import av
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from data.errors import UserError
+from data.errors import UserError, describe
 from data.fileio import atomic_path
 
 __all__ = ["read_video", "read_image", "write_video", "probe", "frame_times"]
@@ -26,12 +26,20 @@ __all__ = ["read_video", "read_image", "write_video", "probe", "frame_times"]
 
 def _open(path: str | Path, what: str = "video") -> av.container.InputContainer:
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{path} is a folder; pass a {what} file")
     if not path.is_file():
         raise UserError(f"{what} file not found: {path}")
     try:
         return av.open(str(path), mode="r")
     except (av.FFmpegError, OSError, ValueError) as exc:
-        raise UserError(f"cannot read {what} {path}: {exc}; is it a valid video file?") from exc
+        kind = "video" if what == "video" else "audio or video"
+        raise UserError(f"cannot read {what} {path}: {describe(exc)}; is it a valid {kind} file?") from exc
+
+
+def _check_fps(fps: float) -> None:
+    if not (math.isfinite(fps) and fps > 0):
+        raise UserError(f"fps must be a positive number, got {fps}")
 
 
 def frame_times(n_frames: int, fps: float) -> np.ndarray:
@@ -53,10 +61,12 @@ def read_video(
     Returns ``(frames, fps)``.
     """
     path = Path(path)
+    if fps is not None:
+        _check_fps(fps)
     container = _open(path)
     try:
         if not container.streams.video:
-            raise UserError(f"{path} has no video stream; pass a video file (or --ref_image for a photo)")
+            raise UserError(f"{path} has no video stream; pass a video file")
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"
         src_rate = float(stream.average_rate) if stream.average_rate else None
@@ -182,6 +192,7 @@ def write_video(
     tags (e.g. ``comment``). The file appears at ``path`` only once it is complete.
     """
     path = Path(path)
+    _check_fps(fps)
     frames = _as_frames(frames)
     audio_cp = _as_audio(audio) if audio is not None else None
     rate = Fraction(fps).limit_denominator(1001)

@@ -158,3 +158,20 @@ def test_display_rotation_is_applied(tmp_path):
     assert rows > 48 and cols < 16  # turned counter-clockwise: top-left -> bottom-left
     raw, _ = read_video(path, autorotate=False)
     assert raw.shape == (3, 32, 64, 3)
+
+
+def test_bad_fps_folder_and_junk_are_user_errors(tmp_path):
+    """fps 0 wrote a video of one held frame (exit 0), fps -1 / nan were av/ValueError tracebacks;
+    a folder was reported as 'not found', a text file renamed .wav as 'not a valid video file'."""
+    write_video(tmp_path / "v.mp4", _ramp_video(3))
+    for fps in (0, -25, float("nan")):
+        with pytest.raises(UserError, match="fps must be a positive number"):
+            read_video(tmp_path / "v.mp4", fps=fps)
+        with pytest.raises(UserError, match="fps must be a positive number"):
+            write_video(tmp_path / "w.mp4", _ramp_video(3), fps=fps)
+    assert not (tmp_path / "w.mp4").exists()
+    with pytest.raises(UserError, match="is a folder"):
+        read_video(tmp_path)
+    (tmp_path / "notes.wav").write_text("hello")
+    with pytest.raises(UserError, match="valid audio or video file"):
+        probe(tmp_path / "notes.wav")
