@@ -19,6 +19,7 @@ video of any length (played back and forth when shorter than the landmarks).
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import shutil
 import time
@@ -384,8 +385,19 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         check_output(out_dir / "landmarks.mp4", args.overwrite)
     if args.size < 32:
         raise UserError("--size must be at least 32")
+    if not (math.isfinite(args.fps) and args.fps > 0):
+        raise UserError(f"--fps must be a positive number, got {args.fps}")
+    if args.batch_size < 1:
+        raise UserError(f"--batch_size must be >= 1, got {args.batch_size}")
+    if args.max_gap < 0:
+        raise UserError(f"--max_gap must be >= 0, got {args.max_gap}")
     device = resolve_device(args.device)
     t0 = time.perf_counter()
+    audio = None
+    if args.audio is not None and not args.no_video:  # read first: a bad file fails before any work
+        from data.audio import load_audio
+
+        audio = load_audio(args.audio, 16000)
     frontal = load_frontal(args.landmarks)
     raw = read_reference(args.reference, max_frames=len(frontal), fps=args.fps)
     frames = resize_crop(raw, args.size, device=device)
@@ -416,11 +428,6 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if not args.no_video:
         from data.video import write_video
 
-        audio = None
-        if args.audio is not None:
-            from data.audio import load_audio
-
-            audio = load_audio(args.audio, 16000)
         video = np.ascontiguousarray(result["video"].transpose(0, 2, 3, 1))
         write_video(out_dir / "landmarks.mp4", video, fps=args.fps, audio=audio, sample_rate=16000)
     save_config(

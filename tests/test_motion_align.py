@@ -196,3 +196,34 @@ def test_cli_frames_folder_and_bad_inputs(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match="no images"):
         ma.main(["--landmarks", str(tmp_path / "atom.npy"), "--reference", str(tmp_path / "empty"), *base])
+
+
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        (["--audio", "TEXT"], "cannot read audio"),
+        (["--audio", "MISSING"], "audio file not found"),
+        (["--fps", "0"], "--fps must be a positive number"),
+        (["--fps", "nan"], "--fps must be a positive number"),
+        (["--batch_size", "0"], "--batch_size must be >= 1"),
+        (["--max_gap", "-1"], "--max_gap must be >= 0"),
+    ],
+)
+def test_cli_bad_arguments_fail_before_writing(tmp_path, capsys, extra, message):
+    """A bad --audio failed only after aligned_lm68.npy, the reference arrays and the PNGs had been
+    written (partial output, exit 2); --fps 0 exited 0, --fps -1/nan and --batch_size 0 were
+    tracebacks. Now: one line, exit 2, nothing in the output folder."""
+    from data.errors import cli_main
+
+    _inputs(tmp_path)
+    (tmp_path / "text.wav").write_text("not audio")
+    swap = {"TEXT": str(tmp_path / "text.wav"), "MISSING": str(tmp_path / "nope.wav")}
+    out = tmp_path / "out"
+    argv = ["--landmarks", str(tmp_path / "atom.npy"), "--reference", str(tmp_path / "ref.mp4")]
+    argv += ["--out_dir", str(out), "--size", "32", "--random_weights", "--device", "cpu"]
+    with pytest.raises(SystemExit) as exc:
+        cli_main(ma.main, argv + [swap.get(e, e) for e in extra])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert exc.value.code == 2 and len(lines) == 1 and lines[0].startswith("error: "), lines
+    assert message in lines[0], lines[0]
+    assert not out.exists() or not any(out.iterdir())
