@@ -289,8 +289,10 @@ class HubertExtractor:
         """
         from transformers import HubertConfig, HubertModel, Wav2Vec2FeatureExtractor
 
-        if hidden_size % num_heads:
-            raise UserError(f"hidden_size {hidden_size} must be divisible by num_heads {num_heads}")
+        if hidden_size < 1 or hidden_size % num_heads:
+            raise UserError(
+                f"hidden_size must be a positive multiple of num_heads {num_heads}, got {hidden_size}"
+            )
         groups = math.gcd(16, hidden_size)
         config = HubertConfig(
             hidden_size=hidden_size,
@@ -408,6 +410,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> list[Path]:
     """Extract HuBERT features for every input; returns the written ``.npy`` paths."""
     args = build_parser().parse_args(argv)
+    if not (math.isfinite(args.min_duration) and args.min_duration >= 0):
+        raise UserError(f"--min_duration must be a number of seconds >= 0, got {args.min_duration}")
+    if args.out is not None and Path(args.out).suffix != ".npy":
+        raise UserError(f"--out must end in .npy, got {args.out}")
     inputs = _collect_inputs(args.audio)
     if args.out is not None and len(inputs) != 1:
         raise UserError(f"--out takes a single input, got {len(inputs)}; use --out_dir for several")
@@ -434,6 +440,9 @@ def main(argv: Sequence[str] | None = None) -> list[Path]:
             batch_size=args.batch_size,
         )
     min_samples = max(MIN_SAMPLES, int(round(args.min_duration * SAMPLE_RATE)))
+    if len(todo) > 1:  # every input read and checked first: a bad file stops the run before any output
+        for src, _ in tqdm(todo, desc="checking audio", unit="file"):
+            check_waveform(load_audio(src), str(src), min_samples=min_samples)
     written = []
     for src, out in tqdm(todo, desc="hubert", unit="file", disable=len(todo) < 2):
         wave = load_audio(src)

@@ -296,3 +296,41 @@ def test_process_audio_script_random_weights(tmp_path):
     )
     assert run.returncode == 0, run.stderr[-2000:]
     assert np.load(tmp_path / "h" / "a.npy").shape == ((20000 - 80) // 320, 1024)
+
+
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        (["--hidden_size", "0"], "hidden_size must be a positive multiple"),
+        (["--hidden_size", "-4"], "hidden_size must be a positive multiple"),
+        (["--min_duration", "nan"], "--min_duration must be a number of seconds >= 0"),
+        (["--out", "OUT/feats.txt"], "--out must end in .npy"),
+        (["--audio", "BAD_IN_FOLDER"], "cannot read audio"),
+    ],
+)
+def test_cli_bad_arguments_exit_2_nothing_written(tmp_path, capsys, extra, message):
+    """--hidden_size 0 / -4 and --min_duration nan were tracebacks; --out x.txt wrote .npy data to
+    a .txt; a folder with one unreadable file among good ones wrote the good files' features and
+    then stopped (exit 2, partial output, no config). Now every input is checked first."""
+    from data.errors import cli_main
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    sf.write(folder / "a_good.wav", _speechy(16000), 16000)
+    (folder / "b_bad.wav").write_text("not audio")
+    out_dir = tmp_path / "out"
+    if "BAD_IN_FOLDER" in extra:
+        argv = ["--audio", str(folder)]
+    else:
+        argv = ["--audio", str(folder / "a_good.wav")]
+        argv += [str(out_dir / "feats.txt") if e == "OUT/feats.txt" else e for e in extra]
+    argv += ["--out_dir", str(out_dir), "--random_weights", "--device", "cpu"]
+    if "--hidden_size" not in extra:
+        argv += ["--hidden_size", "16"]
+    with pytest.raises(SystemExit) as exc:
+        cli_main(main, argv)
+    lines = capsys.readouterr().err.strip().splitlines()
+    lines = [line for line in lines if line.startswith("error")] if exc.value.code == 2 else lines
+    assert exc.value.code == 2 and len(lines) == 1, lines
+    assert message in lines[0], lines[0]
+    assert not out_dir.exists() or not any(out_dir.iterdir())
