@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import shutil
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -133,7 +134,9 @@ def find_sources(root: str | Path, recursive: bool = False) -> dict[str, Path]:
 
 def select_shard(ids: Iterable[str], shard: int = 0, num_shards: int = 1) -> list[str]:
     """Every ``num_shards``-th id of the sorted list, starting at ``shard`` (disjoint, covering)."""
-    if num_shards < 1 or not 0 <= shard < num_shards:
+    if num_shards < 1:
+        raise UserError(f"--num_shards must be >= 1, got {num_shards}")
+    if not 0 <= shard < num_shards:
         raise UserError(
             f"--shard must be in 0..{num_shards - 1} (got {shard} with --num_shards {num_shards})"
         )
@@ -538,6 +541,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = build_parser().parse_args(argv)
     out_dir = Path(args.out_dir)
     is_hdtf = args.dataset == "hdtf"
+    if is_hdtf:  # checked here, not once per video after the networks are built
+        if args.size < 32:
+            raise UserError(f"--size must be at least 32, got {args.size}")
+        if not (math.isfinite(args.fps) and args.fps > 0):
+            raise UserError(f"--fps must be a positive number, got {args.fps}")
+        if args.max_frames is not None and args.max_frames < 1:
+            raise UserError(f"--max_frames must be >= 1, got {args.max_frames}")
     sources = find_sources(args.videos if is_hdtf else args.root, recursive=not is_hdtf)
     sources = _filter_ids(sources, args.ids, args.id_list)
     if not sources:

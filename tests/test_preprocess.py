@@ -268,6 +268,29 @@ def test_hdtf_cli_random_weights_shards(tmp_path, videos, capsys):
     assert exc.value.code == 2 and "not_there" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        (["--size", "0"], "--size must be at least 32"),
+        (["--fps", "nan"], "--fps must be a positive number"),
+        (["--fps", "0"], "--fps must be a positive number"),
+        (["--max_frames", "0"], "--max_frames must be >= 1"),
+        (["--num_shards", "0"], "--num_shards must be >= 1, got 0"),
+    ],
+)
+def test_hdtf_cli_bad_arguments_stop_before_any_work(tmp_path, videos, capsys, extra, message):
+    """--size 0, --fps nan and --max_frames 0 were tracebacks after the networks were built; --fps 0
+    exited 0; --num_shards 0 said '--shard must be in 0..-1'. Now one line, exit 2, nothing written."""
+    out = tmp_path / "cli"
+    argv = ["hdtf", "--videos", str(videos), "--out_dir", str(out), "--random_weights", "--device", "cpu"]
+    with pytest.raises(SystemExit) as exc:
+        cli_main(main, argv + extra)
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert exc.value.code == 2 and len(lines) == 1 and lines[0].startswith("error: "), lines
+    assert message in lines[0], lines[0]
+    assert not out.exists()
+
+
 # ------------------------------------------------------------------------------------------------
 # LRS3
 
