@@ -141,8 +141,10 @@ def read_image(path: str | Path) -> np.ndarray:
         with Image.open(path) as im:
             im = ImageOps.exif_transpose(im)
             return np.asarray(im.convert("RGB"), dtype=np.uint8).copy()
+    except Image.DecompressionBombError as exc:
+        raise UserError(f"image {path} is too large to read ({describe(exc)}); scale it down") from exc
     except (UnidentifiedImageError, OSError, ValueError) as exc:
-        raise UserError(f"cannot read image {path}: {exc}; use a PNG or JPEG file") from exc
+        raise UserError(f"cannot read image {path}: {describe(exc)}; use a PNG or JPEG file") from exc
 
 
 def _as_frames(frames: np.ndarray) -> np.ndarray:

@@ -175,3 +175,10 @@ def test_bad_fps_folder_and_junk_are_user_errors(tmp_path):
     (tmp_path / "notes.wav").write_text("hello")
     with pytest.raises(UserError, match="valid audio or video file"):
         probe(tmp_path / "notes.wav")
+
+
+def test_huge_image_is_a_user_error(tmp_path):
+    """A PNG over PIL's decompression-bomb limit (a tiny file) was a DecompressionBombError traceback."""
+    Image.new("L", (14000, 14000)).save(tmp_path / "huge.png")
+    with pytest.raises(UserError, match="too large"):
+        read_image(tmp_path / "huge.png")
