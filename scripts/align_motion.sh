@@ -11,4 +11,8 @@
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 PY="${PYTHON:-$ROOT/.venv/bin/python}"
+if ! command -v "$PY" >/dev/null 2>&1; then
+  echo "error: no Python at $PY; run scripts/setup.sh first (it creates $ROOT/.venv), or set PYTHON" >&2
+  exit 2
+fi
 exec "$PY" -m data.motion_align "$@"

@@ -10,6 +10,10 @@ if [ "$#" -lt 3 ]; then
   exit 2
 fi
 PY="${PYTHON:-$ROOT/.venv/bin/python}"
+if ! command -v "$PY" >/dev/null 2>&1; then
+  echo "error: no Python at $PY; run scripts/setup.sh first (it creates $ROOT/.venv), or set PYTHON" >&2
+  exit 2
+fi
 HUBERT="$1"; REF="$2"; OUT="$3"; shift 3
 exec "$PY" -m AToM.inference --hubert "$HUBERT" --ref_lm3d "$REF" --out "$OUT" \
   --checkpoint "${CHECKPOINT:-$ROOT/checkpoints/atom.pt}" --bfm_dir "${BFM_DIR:-$ROOT/checkpoints/BFM}" "$@"

@@ -11,4 +11,9 @@
 # (--ae_rgb/--ae_ldmk/--unet override them). Outputs: {out}/video.mp4, config.yaml, frames/ (--save_frames).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-exec "$ROOT/.venv/bin/python" -m MToV.sample "$@"
+PY="${PYTHON:-$ROOT/.venv/bin/python}"
+if ! command -v "$PY" >/dev/null 2>&1; then
+  echo "error: no Python at $PY; run scripts/setup.sh first (it creates $ROOT/.venv), or set PYTHON" >&2
+  exit 2
+fi
+exec "$PY" -m MToV.sample "$@"

@@ -6,6 +6,7 @@ cases specific to it, this file the ones shared by several loaders (checkpoints,
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -127,3 +128,30 @@ def test_yaml_syntax_errors(tmp_path, capsys, extra, needle):
     line = assert_one_line_error(code, err, needle)
     assert "line " in line  # where the parser stopped
     assert not out.exists() and not (tmp_path / "o_work").exists()
+
+
+@pytest.mark.parametrize(
+    "script,args",
+    [
+        ("inference_atom.sh", ["h.npy", "r.npy", "o.npy"]),
+        ("sample_mtov.sh", ["--help"]),
+        ("align_motion.sh", ["--help"]),
+        ("process_audio.sh", ["--help"]),
+        ("preprocess_hdtf.sh", ["--help"]),
+        ("preprocess_lrs3.sh", ["--help"]),
+    ],
+)
+def test_scripts_without_venv_say_so(tmp_path, script, args):
+    """Without .venv these wrappers died with bash's 'No such file or directory' and exit 127
+    (scripts/inference.sh already said 'run scripts/setup.sh')."""
+    import shutil
+    import subprocess
+
+    shutil.copytree(REPO / "scripts", tmp_path / "scripts")  # a checkout without .venv
+    env = {k: v for k, v in os.environ.items() if k != "PYTHON"}
+    proc = subprocess.run(
+        ["bash", str(tmp_path / "scripts" / script), *args], capture_output=True, text=True, env=env
+    )
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "scripts/setup.sh" in lines[0], lines
