@@ -54,9 +54,14 @@ def torch_save(obj: object, path: str | Path) -> None:
 def check_output(path: str | Path, overwrite: bool = False) -> Path:
     """Refuse to overwrite an existing output unless ``overwrite``; check the folder is writable."""
     path = Path(path)
+    if path.is_dir():  # even with overwrite: a file cannot replace a folder
+        raise UserError(f"output {path} is a folder; remove it or choose another output name")
     if path.exists() and not overwrite:
         raise UserError(f"output {path} already exists; pass --overwrite to replace it")
     parent = path.parent if str(path.parent) else Path(".")
+    blocker = next((p for p in (parent, *parent.parents) if p.exists()), None)
+    if blocker is not None and not blocker.is_dir():
+        raise UserError(f"cannot write {path}: {blocker} is a file, not a folder")
     try:
         parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:

@@ -155,3 +155,17 @@ def test_scripts_without_venv_say_so(tmp_path, script, args):
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and "scripts/setup.sh" in lines[0], lines
+
+
+def test_output_that_is_a_folder_with_overwrite(tmp_path, capsys):
+    """AToM.inference --out d.npy --overwrite with d.npy a folder ran the model, then died with
+    IsADirectoryError (data.audio and MToV.sample likewise)."""
+    from AToM.inference import main
+
+    (tmp_path / "d.npy").mkdir()
+    np.save(tmp_path / "h.npy", np.zeros((4, 16), np.float32))
+    np.save(tmp_path / "r.npy", np.zeros((68, 3), np.float32))
+    argv = ["--hubert", str(tmp_path / "h.npy"), "--ref_lm3d", str(tmp_path / "r.npy")]
+    code, err = run_cli(main, argv + ["--out", str(tmp_path / "d.npy"), "--overwrite"], capsys)
+    assert_one_line_error(code, err, "is a folder")
+    assert not any((tmp_path / "d.npy").iterdir()) and not (tmp_path / "d.yaml").exists()

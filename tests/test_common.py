@@ -51,6 +51,19 @@ def test_atomic_npy_and_no_overwrite(tmp_path):
         load_npy(tmp_path / "nope.npy")
 
 
+def test_check_output_folder_in_the_way(tmp_path):
+    """An output path that is a folder (with --overwrite: an IsADirectoryError traceback after all
+    the work, in AToM.inference, data.audio and MToV.sample) or whose parent is a file."""
+    (tmp_path / "d.npy").mkdir()
+    for overwrite in (False, True):
+        with pytest.raises(UserError, match="is a folder"):
+            check_output(tmp_path / "d.npy", overwrite)
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(UserError, match="afile is a file, not a folder"):
+        check_output(tmp_path / "afile" / "sub" / "o.npy")
+    assert not (tmp_path / "afile").is_dir()
+
+
 def test_cli_main_prints_one_line_and_exits_2():
     code = (
         "from data.errors import cli_main, fail\n"
