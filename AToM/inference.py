@@ -183,7 +183,14 @@ def generate_landmarks(
         out[s + new_from : s + w] = new[new_from:]
         filled = s + w
     lm = out[:n].reshape(n, 68, 3) / 10 + torch.from_numpy(key_mean_shape).to(device)
-    return lm.float().cpu().numpy()
+    lm = lm.float().cpu().numpy()
+    if not np.isfinite(lm).all():  # finite but huge inputs (|x| ~ 1e30) overflow inside the network
+        raise UserError(
+            "AToM produced NaN/inf landmarks: the inputs are out of range (HuBERT features up to "
+            f"{np.abs(hubert).max():.3g}, reference landmark up to {np.abs(ref_lm3d).max():.3g}); "
+            "pass HuBERT features from data.audio and a BFM-space reference landmark"
+        )
+    return lm
 
 
 def render_previews(lm3d: np.ndarray, folder: str | Path, size: int = 256) -> None:

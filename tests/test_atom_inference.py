@@ -288,3 +288,18 @@ def test_cli_more_bad_inputs_one_line_nothing_written(tiny_ckpt, bfm_dir, tmp_pa
         cli_main(main, [*base, "--hubert", h, *ck])
     assert exc.value.code == 2 and "already exists" in capsys.readouterr().err
     assert not out.exists() and out.with_suffix(".yaml").read_text() == "kept: true\n"
+
+
+def test_out_of_range_inputs_are_refused_not_saved_as_nan(tiny_ckpt, bfm_dir, tmp_path, capsys):
+    """Finite but huge inputs (1e30) made the network overflow: exit 0 with an all-NaN .npy."""
+    hub, ref, _ = _inputs(16, 21)
+    np.save(tmp_path / "h.npy", np.full_like(hub, 1e30))
+    np.save(tmp_path / "r.npy", ref)
+    out = tmp_path / "o.npy"
+    argv = ["--hubert", str(tmp_path / "h.npy"), "--ref_lm3d", str(tmp_path / "r.npy"), "--out", str(out)]
+    argv += ["--checkpoint", str(tiny_ckpt), "--bfm_dir", str(bfm_dir), "--steps", "2", "--device", "cpu"]
+    with pytest.raises(SystemExit) as exc:
+        cli_main(main, argv)
+    lines = [line for line in capsys.readouterr().err.splitlines() if "AToM windows" not in line]
+    assert exc.value.code == 2 and len(lines) == 1 and "NaN/inf landmarks" in lines[0], lines
+    assert not out.exists() and not out.with_suffix(".yaml").exists()
