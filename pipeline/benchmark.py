@@ -508,6 +508,25 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
     return math.inf if mse == 0 else 10 * math.log10(255.0**2 / mse)
 
 
+def check_settings(
+    seconds: float, steps_scale: float, modes: Sequence[str], batch_size: int | None, seed: int
+) -> None:
+    """One-line errors for settings the benchmark cannot run with (before any network is built)."""
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise UserError(f"--seconds must be a positive number, got {seconds}")
+    if not math.isfinite(steps_scale) or not 0 < steps_scale <= 1:
+        raise UserError(f"--steps-scale must be in (0, 1], got {steps_scale}")
+    if not modes:
+        raise UserError(f"--modes names no mode; use a comma list of {', '.join(MODES)}")
+    for m in modes:
+        if m not in MODES:
+            raise UserError(f"unknown mode {m!r}; use a comma list of {', '.join(MODES)}")
+    if batch_size is not None and batch_size < 1:
+        raise UserError(f"--batch-size must be >= 1, got {batch_size}")
+    if not 0 <= seed < 2**32:
+        raise UserError(f"--seed must be in 0..2**32-1, got {seed}")
+
+
 def run_benchmark(
     device: str = "auto",
     seconds: float = 4.0,
@@ -529,13 +548,7 @@ def run_benchmark(
 
     if clock not in ("wall", "cpu"):
         raise UserError(f"clock must be 'wall' or 'cpu', got {clock!r}")
-    if seconds <= 0:
-        raise UserError(f"--seconds must be > 0, got {seconds}")
-    if not 0 < steps_scale <= 1:
-        raise UserError(f"--steps-scale must be in (0, 1], got {steps_scale}")
-    for m in modes:
-        if m not in MODES:
-            raise UserError(f"unknown mode {m!r}; use a comma list of {', '.join(MODES)}")
+    check_settings(seconds, steps_scale, modes, batch_size, seed)
     dev = resolve_device(device)
     if batch_size is None:
         batch_size = 4
@@ -721,16 +734,18 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         if args.threads < 1:
             raise UserError(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
-    out = Path(args.json) if args.json else None
-    if out is not None and out.exists() and not args.overwrite:
-        raise UserError(f"{out} exists; add --overwrite to replace it")
-    if out is not None and out.parent and not out.parent.exists():
-        out.parent.mkdir(parents=True, exist_ok=True)
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    check_settings(args.seconds, args.steps_scale, modes, args.batch_size, args.seed)
+    out = None
+    if args.json:
+        from data.fileio import check_output
+
+        out = check_output(args.json, overwrite=args.overwrite)  # before any work
     report = run_benchmark(
         device=args.device,
         seconds=args.seconds,
         steps_scale=args.steps_scale,
-        modes=[m.strip() for m in args.modes.split(",") if m.strip()],
+        modes=modes,
         precision=args.precision,
         batch_size=args.batch_size,
         compile=args.compile,

@@ -235,3 +235,25 @@ def test_benchmark_script_and_errors(tmp_path):
         timeout=300,
     )
     assert bad.returncode == 2 and bad.stderr.strip().startswith("error:") and "steps-scale" in bad.stderr
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--seconds", "nan"], "--seconds"),
+        (["--steps-scale", "inf"], "--steps-scale"),
+        (["--modes", ","], "--modes"),
+        (["--modes", "fast,turbo"], "turbo"),
+        (["--batch-size", "0"], "--batch-size"),
+        (["--seed", "-1"], "--seed"),
+        (["--json", "{file}/report.json"], "is a file"),
+    ],
+)
+def test_benchmark_bad_settings_fail_before_any_work(tmp_path, monkeypatch, args, message):
+    import pipeline.benchmark as bench
+
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    monkeypatch.setattr(bench, "build_networks", lambda *a, **k: pytest.fail("networks were built"))
+    with pytest.raises(UserError, match=message):
+        main(["--tiny", "--no-progress", *(a.format(file=blocker) for a in args)])
