@@ -23,7 +23,18 @@ def load_config(
         if not path.is_file():
             raise UserError(f"config file not found: {path}")
         try:
-            cfg = OmegaConf.merge(cfg, OmegaConf.load(path))
+            loaded = OmegaConf.load(path)
+        except (OmegaConfBaseException, ValueError, yaml.YAMLError) as exc:
+            raise UserError(f"cannot parse config {path}: {_yaml_error(exc)}") from exc
+        if not isinstance(loaded, DictConfig):
+            raise UserError(f"config {path} must be a YAML mapping (key: value), not a list")
+        if defaults and len(loaded) and not set(loaded) & set(defaults):
+            raise UserError(
+                f"{path} is not a config for this command: none of its top-level keys "
+                f"{sorted(map(str, loaded))[:6]} is one of {sorted(defaults)}"
+            )
+        try:
+            cfg = OmegaConf.merge(cfg, loaded)
         except (OmegaConfBaseException, ValueError, yaml.YAMLError) as exc:
             raise UserError(f"cannot parse config {path}: {_yaml_error(exc)}") from exc
     bad = [o for o in overrides if "=" not in o]

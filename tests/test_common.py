@@ -72,3 +72,44 @@ def test_cli_main_prints_one_line_and_exits_2():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 2
     assert proc.stderr.strip() == "error: input foo.npy has shape [3]; expected [68, 3]"
+
+
+def _command_defaults() -> dict[str, list[dict]]:
+    """Each shipped config and the defaults of the commands that read it."""
+    from AToM.train import TRAIN_DEFAULTS
+    from MToV.sample import MODEL_DEFAULTS
+    from MToV.train_autoencoder import DEFAULTS as AE_DEFAULTS
+    from MToV.train_diffusion import DEFAULTS as DIFF_DEFAULTS
+    from pipeline.inference import DEFAULTS as PIPELINE_DEFAULTS
+
+    return {
+        "atom": [TRAIN_DEFAULTS],
+        "mtov_autoencoder": [AE_DEFAULTS],
+        "mtov_diffusion": [DIFF_DEFAULTS, MODEL_DEFAULTS],
+        "mtov_tiny": [DIFF_DEFAULTS, MODEL_DEFAULTS],
+        "inference": [PIPELINE_DEFAULTS],
+    }
+
+
+def test_every_shipped_config_loads_and_a_foreign_file_is_refused(tmp_path):
+    from pathlib import Path
+
+    configs = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+    table = _command_defaults()
+    assert len(configs) >= 10
+    for path in configs:
+        families = [k for k in table if path.stem.startswith(k)]
+        assert families, f"no command listed for {path.name}"
+        for defaults in table[max(families, key=len)]:
+            load_config(path, (), defaults)
+    text = tmp_path / "notes.txt"
+    text.write_text("hello world\n")
+    with pytest.raises(UserError, match="not a config for this command"):
+        load_config(text, (), table["atom"][0])
+    listing = tmp_path / "list.yaml"
+    listing.write_text("- a\n- b\n")
+    with pytest.raises(UserError, match="mapping"):
+        load_config(listing, (), table["atom"][0])
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("")
+    assert load_config(empty, (), {"a": 1}).a == 1  # an empty file: the defaults
