@@ -25,6 +25,14 @@ from test_atom_train import write_npz_clips  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def _launch(
     script: str, *args: str, processes: int = 2, config: str | None = None
 ) -> subprocess.CompletedProcess:
@@ -33,7 +41,7 @@ def _launch(
         "PYTHON": sys.executable,  # the test's interpreter; no venv set-up from inside the suite
         "NUM_PROCESSES": str(processes),
         "OMP_NUM_THREADS": "1",
-        "MAIN_PROCESS_PORT": "0",
+        "MAIN_PROCESS_PORT": str(_free_port()),  # no clash with another job on this machine
     }
     env.pop("WORLD_SIZE", None)
     env.pop("RANK", None)
@@ -162,3 +170,11 @@ def test_bad_input_under_launcher_is_one_line_per_rank(tmp_path, script, out_arg
     assert "Traceback" not in proc.stderr
     assert "error: training stopped: " in proc.stderr
     assert any(line.startswith("error: ") and str(missing) in line for line in proc.stderr.splitlines())
+
+
+def test_launcher_refuses_a_bad_process_count(tmp_path):
+    proc = _launch("train_atom.sh", f"train.out_dir={tmp_path}", processes="two")
+    assert (
+        proc.returncode == 2
+        and proc.stderr.strip() == "error: NUM_PROCESSES must be a positive integer, got 'two'"
+    )
