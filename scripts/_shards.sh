@@ -4,11 +4,8 @@
 #   scripts/_shards.sh <builder> [args...]
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-PY="${PYTHON:-$ROOT/.venv/bin/python}"
-if ! command -v "$PY" >/dev/null 2>&1; then
-  echo "error: no Python at $PY; run scripts/setup.sh first (it creates $ROOT/.venv), or set PYTHON" >&2
-  exit 2
-fi
+# shellcheck source=scripts/_python.sh
+source "$ROOT/scripts/_python.sh"
 BUILDER="$1"
 shift
 NUM_SHARDS="${NUM_SHARDS:-1}"

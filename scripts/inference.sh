@@ -7,9 +7,6 @@
 # See `scripts/inference.sh --help`. Run scripts/setup.sh once first.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-PY="$ROOT/.venv/bin/python"
-if [ ! -x "$PY" ]; then
-  echo "error: $ROOT/.venv is missing; run scripts/setup.sh first" >&2
-  exit 2
-fi
+# shellcheck source=scripts/_python.sh
+source "$ROOT/scripts/_python.sh"
 exec "$PY" -m pipeline.inference "$@"

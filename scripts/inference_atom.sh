@@ -9,11 +9,8 @@ if [ "$#" -lt 3 ]; then
   echo "usage: $0 HUBERT.npy REF_LM3D.npy OUT.npy [flags of python -m AToM.inference]" >&2
   exit 2
 fi
-PY="${PYTHON:-$ROOT/.venv/bin/python}"
-if ! command -v "$PY" >/dev/null 2>&1; then
-  echo "error: no Python at $PY; run scripts/setup.sh first (it creates $ROOT/.venv), or set PYTHON" >&2
-  exit 2
-fi
+# shellcheck source=scripts/_python.sh
+source "$ROOT/scripts/_python.sh"
 HUBERT="$1"; REF="$2"; OUT="$3"; shift 3
 exec "$PY" -m AToM.inference --hubert "$HUBERT" --ref_lm3d "$REF" --out "$OUT" \
   --checkpoint "${CHECKPOINT:-$ROOT/checkpoints/atom.pt}" --bfm_dir "${BFM_DIR:-$ROOT/checkpoints/BFM}" "$@"

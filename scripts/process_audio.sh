@@ -9,9 +9,6 @@
 # or --model <folder or hub id> [--allow_download]. All flags: --help.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-PY="${PYTHON:-$ROOT/.venv/bin/python}"
-if ! command -v "$PY" >/dev/null 2>&1; then
-  echo "error: no Python at $PY; run scripts/setup.sh first (it creates $ROOT/.venv), or set PYTHON" >&2
-  exit 2
-fi
+# shellcheck source=scripts/_python.sh
+source "$ROOT/scripts/_python.sh"
 exec "$PY" -m data.audio "$@"

@@ -11,9 +11,6 @@
 # (--ae_rgb/--ae_ldmk/--unet override them). Outputs: {out}/video.mp4, config.yaml, frames/ (--save_frames).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-PY="${PYTHON:-$ROOT/.venv/bin/python}"
-if ! command -v "$PY" >/dev/null 2>&1; then
-  echo "error: no Python at $PY; run scripts/setup.sh first (it creates $ROOT/.venv), or set PYTHON" >&2
-  exit 2
-fi
+# shellcheck source=scripts/_python.sh
+source "$ROOT/scripts/_python.sh"
 exec "$PY" -m MToV.sample "$@"

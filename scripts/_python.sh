@@ -1,0 +1,7 @@
+# Sourced by the stage scripts (after they set ROOT): PY is $PYTHON or the repo's .venv Python; a
+# missing one is a one-line error, exit 2.
+PY="${PYTHON:-$ROOT/.venv/bin/python}"
+if ! command -v "$PY" >/dev/null 2>&1; then
+  echo "error: no Python at $PY; run scripts/setup.sh first (it creates $ROOT/.venv), or set PYTHON" >&2
+  exit 2
+fi
