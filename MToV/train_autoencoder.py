@@ -34,14 +34,23 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from data.config import load_config, save_config
-from data.device import is_main_rank, resolve_device, start_accelerator
+from data.device import resolve_device, start_accelerator
 from data.errors import UserError, cli_main
 from data.fileio import torch_save
 from MToV.dataset import build_dataset
 from MToV.losses import AELossWeights, AutoencoderLoss, build_lpips
 from MToV.models.autoencoder import OFFICIAL_CONFIG, ViTAutoencoder, load_autoencoder_weights
 from MToV.models.discriminator import PatchDiscriminator2D, PatchDiscriminator3D
-from MToV.run_state import check_train_loader, infinite, prepare_run_dir, read_state_info, save_state
+from MToV.run_state import (
+    add_run_arguments,
+    apply_run_arguments,
+    check_train_loader,
+    infinite,
+    prepare_run_dir,
+    print_summary,
+    read_state_info,
+    save_state,
+)
 
 DEFAULTS: dict = {
     "mode": "rgb",
@@ -316,32 +325,22 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m MToV.train_autoencoder",
         description="Train the MToV RGB or landmark video autoencoder (resumable; accelerate).",
     )
-    p.add_argument("--config", default="configs/mtov_autoencoder.yaml", help="YAML config (OmegaConf)")
-    p.add_argument("--out_dir", default=None, help="run folder (overrides out_dir in the config)")
+    add_run_arguments(p, "configs/mtov_autoencoder.yaml")
     p.add_argument("--mode", choices=["rgb", "ldmk"], default=None, help="overrides mode in the config")
     p.add_argument("--init_from", default=None, help="ldmk mode: the RGB autoencoder checkpoint")
-    p.add_argument("--device", default=None, help="auto|cpu|cuda|cuda:N (overrides train.device)")
-    p.add_argument("--no_resume", action="store_true", help="ignore {out_dir}/state (needs --overwrite)")
-    p.add_argument("--overwrite", action="store_true", help="allow writing into a non-empty out_dir")
-    p.add_argument("--no_progress", action="store_true", help="no tqdm bar")
-    p.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. train.max_steps=1000")
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
     args = build_parser().parse_intermixed_args(argv)
     cfg = load_config(args.config, args.overrides, DEFAULTS)
-    for name in ("out_dir", "mode", "init_from"):
+    for name in ("mode", "init_from"):
         if getattr(args, name) is not None:
             cfg[name] = getattr(args, name)
-    if args.device is not None:
-        cfg.train.device = args.device
-    if args.no_resume and not args.overwrite:
-        raise UserError("--no_resume restarts the run in place; add --overwrite to confirm")
+    apply_run_arguments(cfg, args)
     result = train(cfg, resume=not args.no_resume, overwrite=args.overwrite, progress=not args.no_progress)
-    if is_main_rank():
-        summary = {"step": result["step"], "best_val_psnr": result["best_psnr"], "out_dir": cfg.out_dir}
-        print(json.dumps({**summary, "num_processes": result["num_processes"]}))
+    summary = {"step": result["step"], "best_val_psnr": result["best_psnr"], "out_dir": cfg.out_dir}
+    print_summary({**summary, "num_processes": result["num_processes"]})
     return result
 
 

@@ -31,14 +31,23 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from data.config import load_config, save_config
-from data.device import is_main_rank, resolve_device, start_accelerator
+from data.device import resolve_device, start_accelerator
 from data.errors import UserError, cli_main
 from data.fileio import torch_save
 from MToV.dataset import build_dataset
 from MToV.diffusion import DDPM
 from MToV.ema import EMA
 from MToV.models.autoencoder import load_autoencoder_weights
-from MToV.run_state import check_train_loader, infinite, prepare_run_dir, read_state_info, save_state
+from MToV.run_state import (
+    add_run_arguments,
+    apply_run_arguments,
+    check_train_loader,
+    infinite,
+    prepare_run_dir,
+    print_summary,
+    read_state_info,
+    save_state,
+)
 from MToV.sample import MODEL_DEFAULTS, _repo_path, build_models, load_unet_weights
 
 DEFAULTS: dict = OmegaConf.to_container(
@@ -259,38 +268,26 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m MToV.train_diffusion",
         description="Train the MToV tri-plane latent diffusion UNet (frozen autoencoders; resumable).",
     )
-    p.add_argument("--config", default="configs/mtov_diffusion.yaml", help="YAML config (OmegaConf)")
-    p.add_argument("--out_dir", default=None, help="run folder (overrides out_dir)")
+    add_run_arguments(p, "configs/mtov_diffusion.yaml")
     p.add_argument("--ae_rgb", default=None, help="RGB autoencoder checkpoint (checkpoints.ae_rgb)")
     p.add_argument("--ae_ldmk", default=None, help="landmark autoencoder checkpoint (checkpoints.ae_ldmk)")
-    p.add_argument("--device", default=None, help="auto|cpu|cuda|cuda:N (overrides train.device)")
-    p.add_argument("--no_resume", action="store_true", help="ignore {out_dir}/state (needs --overwrite)")
-    p.add_argument("--overwrite", action="store_true", help="allow writing into a non-empty out_dir")
-    p.add_argument("--no_progress", action="store_true", help="no tqdm bar")
-    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. data.root=... train.batch_size=4")
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
     args = build_parser().parse_intermixed_args(argv)
     cfg = load_config(_repo_path(args.config), args.overrides, DEFAULTS)
-    if args.out_dir is not None:
-        cfg.out_dir = args.out_dir
     if args.ae_rgb is not None:
         cfg.checkpoints.ae_rgb = args.ae_rgb
     if args.ae_ldmk is not None:
         cfg.checkpoints.ae_ldmk = args.ae_ldmk
-    if args.device is not None:
-        cfg.train.device = args.device
-    if args.no_resume and not args.overwrite:
-        raise UserError("--no_resume restarts the run in place; add --overwrite to confirm")
+    apply_run_arguments(cfg, args)
     if cfg.data.root is None:
         raise UserError("set data.root=/path/to/HDTF (a folder with frames/ and keypoints/)")
     result = train(cfg, resume=not args.no_resume, overwrite=args.overwrite, progress=not args.no_progress)
     last = result["history"][-1] if result["history"] else {}
-    if is_main_rank():
-        summary = {"step": result["step"], "val_loss": last.get("val_loss"), "out_dir": str(cfg.out_dir)}
-        print(json.dumps({**summary, "num_processes": result["num_processes"]}))
+    summary = {"step": result["step"], "val_loss": last.get("val_loss"), "out_dir": str(cfg.out_dir)}
+    print_summary({**summary, "num_processes": result["num_processes"]})
     return result
 
 
