@@ -97,6 +97,18 @@ class MToVModels:
     def clip_frames(self) -> int:
         return self.ae_rgb.s
 
+    def sampler(self, sampling_timesteps: int, eta: float) -> DDPM:
+        """The DDIM sampler over the RGB latent, with the schedule of ``config.diffusion``."""
+        return DDPM(
+            self.unet,
+            channels=self.ae_rgb.embed_dim,
+            image_size=self.ae_rgb.r,
+            frames=self.clip_frames,
+            sampling_timesteps=sampling_timesteps,
+            ddim_sampling_eta=eta,
+            **{k: self.config.diffusion[k] for k in ("linear_start", "linear_end", "timesteps")},
+        ).to(self.device)
+
 
 def model_config(config: str | Path | Mapping | DictConfig | None = None) -> DictConfig:
     """MODEL_DEFAULTS <- ``config`` (YAML path or mapping): the config of :func:`load_mtov`."""
@@ -427,15 +439,7 @@ def generate_video(
     dev, size, clip = models.device, models.resolution, models.clip_frames
     ae_dtype = autoencoder_dtype(precision, dev)
     timed = _StageTimer(timings, dev)
-    ddpm = DDPM(
-        models.unet,
-        channels=models.ae_rgb.embed_dim,
-        image_size=models.ae_rgb.r,
-        frames=clip,
-        sampling_timesteps=sampling_timesteps,
-        ddim_sampling_eta=eta,
-        **{k: models.config.diffusion[k] for k in ("linear_start", "linear_end", "timesteps")},
-    ).to(dev)
+    ddpm = models.sampler(sampling_timesteps, eta)
     n_xy = models.ae_rgb.r**2
     with torch.inference_mode():
         x_l = _pad_clips(_to_model(landmark_video, size, dev, "landmark_video"), clip)

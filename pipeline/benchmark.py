@@ -242,21 +242,12 @@ def faithful_generate_video(
     at the autoencoder's size; returns uint8 (or float in [-1, 1]) [T, 3, S, S]."""
     from tqdm.auto import tqdm
 
-    from MToV.diffusion import DDPM
     from MToV.sample import _pad_clips, _StageTimer, _to_model, clip_generator, to_uint8
 
     dev, size, clip = models.device, models.resolution, models.clip_frames
     timed = _StageTimer(timings, dev)
     n = len(landmark_video)
-    ddpm = DDPM(
-        models.unet,
-        channels=models.ae_rgb.embed_dim,
-        image_size=models.ae_rgb.r,
-        frames=clip,
-        sampling_timesteps=sampling_timesteps,
-        ddim_sampling_eta=eta,
-        **{k: models.config.diffusion[k] for k in ("linear_start", "linear_end", "timesteps")},
-    ).to(dev)
+    ddpm = models.sampler(sampling_timesteps, eta)
     n_xy = models.ae_rgb.r**2
     outputs = []
     with torch.no_grad():
