@@ -48,6 +48,23 @@ DEFAULT_FRAMES_DIR = "frames"
 DEFAULT_KEYPOINTS_DIR = "keypoints/non-face-centric/posed"
 
 
+def data_defaults(max_val_clips: int) -> dict:
+    """The ``data`` section of the MToV trainers' configs (what :func:`build_dataset` reads)."""
+    return {
+        "root": None,
+        "frames_dir": DEFAULT_FRAMES_DIR,
+        "keypoints_dir": DEFAULT_KEYPOINTS_DIR,
+        "split_file": None,
+        "split_mode": "heldout",
+        "short_videos": "skip",
+        "landmark_radius": 3,
+        "train_clips_per_video": 1,
+        "val_clips_per_video": 1,
+        "max_val_clips": max_val_clips,
+        "num_workers": 4,
+    }
+
+
 def read_split_file(path: str | Path) -> list[str]:
     """Ids listed one per line (blank lines and ``#`` comments ignored)."""
     path = Path(path)

@@ -37,7 +37,7 @@ from data.config import load_config, save_config
 from data.device import resolve_device, start_accelerator
 from data.errors import UserError, cli_main
 from data.fileio import torch_save
-from MToV.dataset import build_dataset
+from MToV.dataset import build_dataset, data_defaults
 from MToV.losses import AELossWeights, AutoencoderLoss, build_lpips
 from MToV.models.autoencoder import OFFICIAL_CONFIG, ViTAutoencoder, load_autoencoder_weights
 from MToV.models.discriminator import PatchDiscriminator2D, PatchDiscriminator3D
@@ -58,19 +58,7 @@ DEFAULTS: dict = {
     "freeze_decoder": None,  # None: True in ldmk mode, False in rgb mode
     "out_dir": "runs/mtov_autoencoder",
     "model": copy.deepcopy(OFFICIAL_CONFIG),
-    "data": {
-        "root": None,
-        "frames_dir": "frames",
-        "keypoints_dir": "keypoints/non-face-centric/posed",
-        "split_file": None,
-        "split_mode": "heldout",
-        "short_videos": "skip",
-        "landmark_radius": 3,
-        "train_clips_per_video": 1,
-        "val_clips_per_video": 1,
-        "max_val_clips": 100,
-        "num_workers": 4,
-    },
+    "data": data_defaults(max_val_clips=100),
     "loss": {
         "l1_weight": 4.0,
         "perceptual_weight": 4.0,

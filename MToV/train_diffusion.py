@@ -34,7 +34,7 @@ from data.config import load_config, save_config
 from data.device import resolve_device, start_accelerator
 from data.errors import UserError, cli_main
 from data.fileio import torch_save
-from MToV.dataset import build_dataset
+from MToV.dataset import build_dataset, data_defaults
 from MToV.diffusion import DDPM
 from MToV.ema import EMA
 from MToV.models.autoencoder import load_autoencoder_weights
@@ -57,19 +57,7 @@ DEFAULTS: dict = OmegaConf.to_container(
             "out_dir": "runs/mtov_diffusion",
             "random_autoencoders": False,  # tests / smoke runs only: frozen random AEs, no checkpoints
             "init_unet": None,  # optional warm start of the UNet (DiffusionWrapper state_dict)
-            "data": {
-                "root": None,
-                "frames_dir": "frames",
-                "keypoints_dir": "keypoints/non-face-centric/posed",
-                "split_file": None,
-                "split_mode": "heldout",
-                "short_videos": "skip",
-                "landmark_radius": 3,
-                "train_clips_per_video": 1,
-                "val_clips_per_video": 1,
-                "max_val_clips": 16,
-                "num_workers": 4,
-            },
+            "data": data_defaults(max_val_clips=16),
             "train": {
                 "lr": 1e-4,
                 "betas": [0.9, 0.999],
