@@ -330,21 +330,47 @@ def build_hdtf(
     used (no face, unreadable) is reported and the run goes on, unless ``fail_fast``.
     """
     out_dir = Path(out_dir)
-    ids = select_shard(sources, shard, num_shards)
+
+    def process(item_id: str) -> None:
+        if overwrite:
+            (out_dir / "meta" / f"{item_id}.json").unlink(missing_ok=True)
+        process_hdtf_item(item_id, sources[item_id], out_dir, toolkit, **item_kwargs)
+
+    return run_items(
+        select_shard(sources, shard, num_shards),
+        lambda item_id: is_finished(out_dir, item_id) and not overwrite,
+        process,
+        desc=f"hdtf shard {shard}/{num_shards}",
+        unit="video",
+        fail_fast=fail_fast,
+        progress=progress,
+    )
+
+
+def run_items(
+    ids: list[str],
+    skip: Callable[[str], bool],
+    process: Callable[[str], Any],
+    *,
+    desc: str,
+    unit: str,
+    fail_fast: bool,
+    progress: bool,
+) -> dict[str, Any]:
+    """Run ``process`` on every id that ``skip`` does not skip, under a progress bar. A ``UserError``
+    (an unusable item) is reported and the run goes on, unless ``fail_fast``.
+
+    Returns ``{"done": [...], "skipped": [...], "failed": {id: message}}``.
+    """
     report: dict[str, Any] = {"done": [], "skipped": [], "failed": {}}
     todo = []
     for item_id in ids:
-        if is_finished(out_dir, item_id) and not overwrite:
-            report["skipped"].append(item_id)
-        else:
-            todo.append(item_id)
-    bar = tqdm(todo, desc=f"hdtf shard {shard}/{num_shards}", unit="video", disable=not progress)
+        (report["skipped"] if skip(item_id) else todo).append(item_id)
+    bar = tqdm(todo, desc=desc, unit=unit, disable=not progress)
     for item_id in bar:
         bar.set_postfix_str(item_id)
-        if overwrite:
-            (out_dir / "meta" / f"{item_id}.json").unlink(missing_ok=True)
         try:
-            process_hdtf_item(item_id, sources[item_id], out_dir, toolkit, **item_kwargs)
+            process(item_id)
             report["done"].append(item_id)
         except UserError as exc:
             if fail_fast:
@@ -404,24 +430,17 @@ def build_lrs3(
 ) -> dict[str, Any]:
     """Process this shard's clips to ``{out_dir}/{npz_name(id)}`` (existing ones kept unless overwrite)."""
     out_dir = Path(out_dir)
-    ids = select_shard(sources, shard, num_shards)
-    report: dict[str, Any] = {"done": [], "skipped": [], "failed": {}}
-    todo = []
-    for item_id in ids:
-        if (out_dir / npz_name(item_id)).is_file() and not overwrite:
-            report["skipped"].append(item_id)
-        else:
-            todo.append(item_id)
-    for item_id in tqdm(todo, desc=f"lrs3 shard {shard}/{num_shards}", unit="clip", disable=not progress):
-        try:
-            process_lrs3_clip(sources[item_id], out_dir / npz_name(item_id), toolkit, min_frames=min_frames)
-            report["done"].append(item_id)
-        except UserError as exc:
-            if fail_fast:
-                raise
-            report["failed"][item_id] = str(exc)
-            tqdm.write(f"skipping {item_id}: {exc}")
-    return report
+    return run_items(
+        select_shard(sources, shard, num_shards),
+        lambda item_id: (out_dir / npz_name(item_id)).is_file() and not overwrite,
+        lambda item_id: process_lrs3_clip(
+            sources[item_id], out_dir / npz_name(item_id), toolkit, min_frames=min_frames
+        ),
+        desc=f"lrs3 shard {shard}/{num_shards}",
+        unit="clip",
+        fail_fast=fail_fast,
+        progress=progress,
+    )
 
 
 # ------------------------------------------------------------------------------------------------
