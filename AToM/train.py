@@ -26,7 +26,7 @@ from AToM.common import DEFAULT_CONFIG, build_diffusion, load_weights, read_chec
 from AToM.dataset import WindowDataset, open_sources
 from AToM.diffusion import GaussianDiffusion
 from data.config import load_config, save_config
-from data.device import is_main_rank, start_accelerator
+from data.device import check_train_loader, is_main_rank, start_accelerator
 from data.errors import UserError, cli_main
 from data.fileio import torch_save
 
@@ -172,11 +172,7 @@ def train(cfg: DictConfig) -> Path:
     )
     val_loader = DataLoader(val_ds, bs, shuffle=False, num_workers=0)
     diffusion, opt, loader = acc.prepare(diffusion, opt, loader)
-    if len(loader) == 0:
-        raise UserError(
-            f"{len(train_ds)} training windows are too few for train.batch_size={bs} on "
-            f"{acc.num_processes} process(es); lower train.batch_size or add training data"
-        )
+    check_train_loader(loader, len(train_ds), bs, acc.num_processes, what="windows")
     ema.model.to(acc.device)
     raw: GaussianDiffusion = acc.unwrap_model(diffusion)
     ema_diffusion = GaussianDiffusion(ema.model, **OmegaConf.to_container(cfg.diffusion, resolve=True)).to(

@@ -31,15 +31,6 @@ def infinite(loader: DataLoader) -> Iterator[dict]:
             raise UserError("the training loader gave no batch; lower train.batch_size or add training data")
 
 
-def check_train_loader(loader, n_items: int, batch_size: int, num_processes: int) -> None:
-    """Refuse a (prepared) training loader with no batch on this process, naming the sizes."""
-    if len(loader) == 0:
-        raise UserError(
-            f"{n_items} training items are too few for train.batch_size={batch_size} on "
-            f"{num_processes} process(es); lower train.batch_size or add training data"
-        )
-
-
 def save_state(accelerator, out_dir: Path, info: dict) -> None:
     """Save the accelerate state and ``info`` (JSON) atomically as ``out_dir/state``."""
     tmp, final, old = out_dir / "state.tmp", out_dir / "state", out_dir / "state.old"

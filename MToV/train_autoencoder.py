@@ -34,7 +34,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from data.config import load_config, save_config
-from data.device import resolve_device, start_accelerator
+from data.device import check_train_loader, resolve_device, start_accelerator
 from data.errors import UserError, cli_main
 from data.fileio import torch_save
 from MToV.dataset import build_dataset, data_defaults
@@ -44,7 +44,6 @@ from MToV.models.discriminator import PatchDiscriminator2D, PatchDiscriminator3D
 from MToV.run_state import (
     add_run_arguments,
     apply_run_arguments,
-    check_train_loader,
     infinite,
     prepare_run_dir,
     print_summary,

@@ -1,4 +1,5 @@
-"""Device selection: the only place that names CUDA (``--device auto|cpu|cuda|cuda:N``)."""
+"""Device selection, the only place that names CUDA (``--device auto|cpu|cuda|cuda:N``), and the
+trainers' accelerate set-up checks."""
 
 from __future__ import annotations
 
@@ -51,6 +52,18 @@ def start_accelerator(name: str, **kwargs):
         )
     acc.print(f"{name}: {acc.num_processes} process(es), {acc.distributed_type}, device {acc.device}")
     return acc
+
+
+def check_train_loader(
+    loader, n_items: int, batch_size: int, num_processes: int, what: str = "items"
+) -> None:
+    """Refuse a (prepared, sharded) training loader with no batch on this process, naming the sizes:
+    a trainer cycling over it would otherwise loop forever."""
+    if len(loader) == 0:
+        raise UserError(
+            f"{n_items} training {what} are too few for train.batch_size={batch_size} on "
+            f"{num_processes} process(es); lower train.batch_size or add training data"
+        )
 
 
 def is_main_rank() -> bool:
