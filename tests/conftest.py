@@ -9,7 +9,8 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-REFERENCE = Path(os.environ.get("MODITALKER_REFERENCE", REPO.parent / "shared" / "reference"))
+# The recorded reference data ships with the repository; MODITALKER_REFERENCE points elsewhere.
+REFERENCE = Path(os.environ.get("MODITALKER_REFERENCE") or Path(__file__).resolve().parent / "reference")
 FIXTURES = REFERENCE / "fixtures"
 MANIFESTS = REFERENCE / "manifests"
 
