@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
 from omegaconf import DictConfig, OmegaConf
 
 from AToM.diffusion import GaussianDiffusion
 from AToM.model import MotionDecoder
-from data.errors import UserError, describe
+from moditalker.checkpoint import CHECK_HINT, load_strict
+from moditalker.checkpoint import read_checkpoint as read_checkpoint_file
+from moditalker.errors import UserError, describe
 
 # The official full-size configuration (also in configs/atom.yaml); used when no config is given.
 DEFAULT_CONFIG: dict = {
@@ -49,7 +50,7 @@ def as_config(config: str | Path | dict | DictConfig | None) -> DictConfig:
     if config is None:
         return base
     if isinstance(config, (str, Path)):
-        from data.config import load_config
+        from moditalker.config import load_config
 
         return load_config(config, (), DEFAULT_CONFIG)
     return OmegaConf.merge(base, OmegaConf.create(config) if isinstance(config, dict) else config)
@@ -69,52 +70,20 @@ def build_diffusion(cfg: DictConfig) -> GaussianDiffusion:
         raise UserError(f"bad AToM model/diffusion config: {describe(exc)}") from exc
 
 
-def strip_module_prefix(sd: dict) -> dict:
-    """Drop a ``module.`` prefix (checkpoints saved from DDP)."""
-    if sd and all(k.startswith("module.") for k in sd):
-        return {k[len("module.") :]: v for k, v in sd.items()}
-    return sd
-
-
 def read_checkpoint(path: str | Path) -> dict:
     """Load an AToM checkpoint dict (official or ours) on the CPU, with clear errors."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"AToM checkpoint not found: {path}; see `python -m data.assets check`")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any unpickling failure means a bad/foreign file
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"cannot read AToM checkpoint {path}: {first}") from exc
+    ckpt = read_checkpoint_file(path, "AToM")
     if not isinstance(ckpt, dict) or "model_state_dict" not in ckpt:
         got = sorted(ckpt)[:6] if isinstance(ckpt, dict) else type(ckpt).__name__
         raise UserError(
-            f"{path} is not an AToM checkpoint (expected keys {CHECKPOINT_KEYS}, got {got}); "
-            "see `python -m data.assets check`"
+            f"{path} is not an AToM checkpoint (expected keys {CHECKPOINT_KEYS}, got {got}); {CHECK_HINT}"
         )
     return ckpt
 
 
 def load_weights(model: MotionDecoder, sd: dict, path: str | Path, which: str) -> None:
-    """``load_state_dict(strict=True)`` turning a mismatch into one readable UserError."""
-    sd = strip_module_prefix(sd)
-    own = model.state_dict()
-    missing = [k for k in own if k not in sd]
-    unexpected = [k for k in sd if k not in own]
-    wrong = [k for k in own if k in sd and tuple(sd[k].shape) != tuple(own[k].shape)]
-    if missing or unexpected or wrong:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing (e.g. {missing[0]})")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]})")
-        if wrong:
-            k = wrong[0]
-            parts.append(
-                f"{len(wrong)} with other shapes (e.g. {k}: {tuple(sd[k].shape)} vs {tuple(own[k].shape)})"
-            )
-        raise UserError(
-            f"{which} in {path} does not match the AToM config: {'; '.join(parts)}; "
-            "pass the --config the checkpoint was trained with"
-        )
-    model.load_state_dict(sd, strict=True)
+    """Strict load of one of the checkpoint's state_dicts (``which``) into ``model``."""
+    sizes = (
+        f"latent_dim={model.latent_dim}, seq_len={model.seq_len}, layers={len(model.seqTransDecoder.stack)}"
+    )
+    load_strict(model, sd, path, f"AToM {which} in", sizes)

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from data.errors import UserError
+from moditalker.errors import UserError
 
 
 # ---------------------------------------------------------------------- GeneFace IndexedDataset

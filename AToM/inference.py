@@ -32,10 +32,11 @@ from tqdm.auto import tqdm
 
 from AToM.common import as_config, build_diffusion, load_weights, read_checkpoint
 from AToM.diffusion import GaussianDiffusion
-from data.config import save_config
-from data.device import resolve_device
-from data.errors import UserError, cli_main
-from data.fileio import atomic_path, check_output, load_npy, save_npy
+from data.face3d import idexp_to_lm3d, lm3d_to_idexp
+from moditalker.config import save_config
+from moditalker.device import resolve_device
+from moditalker.errors import UserError, cli_main
+from moditalker.fileio import atomic_path, check_output, load_npy, save_npy
 
 
 def load_atom(
@@ -142,7 +143,7 @@ def generate_landmarks(
     hub = torch.from_numpy(hubert[: 2 * n]).to(device)
     if n < w:  # short audio: repeat the last HuBERT frame up to one window, trim afterwards
         hub = torch.cat([hub, hub[-1:].expand(2 * w - 2 * n, -1)])
-    ref0 = torch.from_numpy((ref_lm3d - key_mean_shape).reshape(-1) * 10).to(device)
+    ref0 = torch.from_numpy(lm3d_to_idexp(ref_lm3d, key_mean_shape).reshape(-1)).to(device)
     out = torch.zeros(max(n, w), 204, device=device)  # absolute idexp landmarks
     gen = torch.Generator().manual_seed(int(seed))
     filled = 0
@@ -182,7 +183,7 @@ def generate_landmarks(
         new_from = max(n_known, 0)
         out[s + new_from : s + w] = new[new_from:]
         filled = s + w
-    lm = out[:n].reshape(n, 68, 3) / 10 + torch.from_numpy(key_mean_shape).to(device)
+    lm = idexp_to_lm3d(out[:n].reshape(n, 68, 3), torch.from_numpy(key_mean_shape).to(device))
     lm = lm.float().cpu().numpy()
     if not np.isfinite(lm).all():  # finite but huge inputs (|x| ~ 1e30) overflow inside the network
         raise UserError(
@@ -234,7 +235,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     args = ap.parse_args(argv)
 
-    from data.assets import default_path, missing_message
+    from moditalker.assets import default_path, missing_message
 
     out = check_output(args.out, args.overwrite)
     if out.suffix != ".npy":

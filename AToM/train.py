@@ -10,7 +10,6 @@ automatic resume from the latest checkpoint in ``train.out_dir``, tensorboard lo
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import math
 import re
@@ -25,10 +24,12 @@ from tqdm.auto import tqdm
 from AToM.common import DEFAULT_CONFIG, build_diffusion, load_weights, read_checkpoint
 from AToM.dataset import WindowDataset, open_sources
 from AToM.diffusion import GaussianDiffusion
-from data.config import load_config, save_config
-from data.device import check_train_loader, is_main_rank, start_accelerator
-from data.errors import UserError, cli_main
-from data.fileio import torch_save
+from moditalker.config import load_config, save_config
+from moditalker.device import is_main_rank
+from moditalker.errors import UserError, cli_main
+from moditalker.fileio import torch_save
+from moditalker.training.accelerator import check_train_loader, start_accelerator
+from moditalker.training.ema import ModelEMA
 
 TRAIN_DEFAULTS: dict = {
     **DEFAULT_CONFIG,
@@ -58,22 +59,6 @@ TRAIN_DEFAULTS: dict = {
         "cpu": False,
     },
 }
-
-
-class EMA:
-    """Exponential moving average of a module's parameters (buffers copied)."""
-
-    def __init__(self, model: torch.nn.Module, decay: float):
-        self.decay = decay
-        self.model = copy.deepcopy(model).eval().requires_grad_(False)
-
-    @torch.no_grad()
-    def update(self, model: torch.nn.Module) -> None:
-        ema_p = list(self.model.parameters())
-        cur_p = [p.detach().to(e.dtype) for p, e in zip(model.parameters(), ema_p)]
-        torch._foreach_lerp_(ema_p, cur_p, 1.0 - self.decay)
-        for e, b in zip(self.model.buffers(), model.buffers()):
-            e.copy_(b)
 
 
 def checkpoint_step(path: Path) -> int:
@@ -140,7 +125,7 @@ def train(cfg: DictConfig) -> Path:
         betas=tuple(float(b) for b in tc.adan_betas),
         weight_decay=float(tc.weight_decay),
     )
-    ema = EMA(diffusion.model, float(tc.ema_decay))
+    ema = ModelEMA(diffusion.model, float(tc.ema_decay))
     step = 0
     resume = str(tc.resume)
     ckpt_path = (
@@ -243,7 +228,7 @@ def train(cfg: DictConfig) -> Path:
     return last_path if last_path is not None else latest_checkpoint(out_dir)
 
 
-def save_checkpoint(out_dir: Path, step: int, raw, ema: EMA, opt, cfg: DictConfig, keep: int) -> Path:
+def save_checkpoint(out_dir: Path, step: int, raw, ema: ModelEMA, opt, cfg: DictConfig, keep: int) -> Path:
     """Official layout + ``step`` and ``config``; keeps the newest ``keep`` checkpoints."""
     path = out_dir / "checkpoints" / f"step_{step:08d}.pt"
     torch_save(

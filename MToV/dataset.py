@@ -38,9 +38,9 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from data.errors import UserError
 from data.imageops import mask_below_nose, resize_crop
 from data.motion_align import render_landmarks
+from moditalker.errors import UserError
 
 ALL_KEYS = ("x", "x_ref", "x_l", "masked_x")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")

@@ -23,8 +23,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from data.assets import require_asset
-from data.errors import UserError, describe
+from moditalker.assets import require_asset
+from moditalker.checkpoint import read_checkpoint, unwrap_state_dict
+from moditalker.errors import UserError
 
 # torchvision vgg16.features index ranges of the five LPIPS slices
 _VGG_SLICES = ((0, 4), (4, 9), (9, 16), (16, 23), (23, 30))
@@ -44,11 +45,7 @@ def build_lpips(vgg_path: str | Path | None = None, random_backbone: bool = Fals
         warnings.simplefilter("ignore")
         model = lpips.LPIPS(net="vgg", pretrained=True, pnet_rand=True, verbose=False)
     if path is not None:
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:  # noqa: BLE001 - any unreadable file is the user's to fix
-            raise UserError(f"cannot read the LPIPS VGG16 weights {path}: {describe(exc)}") from exc
-        state = state.get("state_dict", state) if isinstance(state, dict) else state
+        state = unwrap_state_dict(read_checkpoint(path, "LPIPS VGG16"), path, ("state_dict",))
         mapped = {}
         for i, (lo, hi) in enumerate(_VGG_SLICES, start=1):
             for j in range(lo, hi):
@@ -60,7 +57,7 @@ def build_lpips(vgg_path: str | Path | None = None, random_backbone: bool = Fals
         if set(mapped) != expected:
             raise UserError(
                 f"{path} is not a torchvision VGG16 state_dict "
-                f"(missing {sorted(expected - set(mapped))[:3]}); see `python -m data.assets check`"
+                f"(missing {sorted(expected - set(mapped))[:3]}); see `python -m moditalker.assets check`"
             )
         model.net.load_state_dict(mapped, strict=True)
     model.eval()

@@ -36,14 +36,18 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from data.config import load_config, save_config
-from data.device import resolve_device
-from data.errors import UserError, cli_main, describe
+from moditalker.checkpoint import load_strict, read_checkpoint, unwrap_state_dict
+from moditalker.config import load_config, save_config
+from moditalker.constants import FPS, SAMPLE_RATE
+from moditalker.device import autocast, bf16_supported, resolve_device
+from moditalker.errors import UserError, cli_main
+from moditalker.timing import StageTimer
 from MToV.diffusion import DDPM, ddim_times
 from MToV.models.autoencoder import OFFICIAL_CONFIG, ViTAutoencoder, load_autoencoder_weights
 from MToV.models.unet import DiffusionWrapper, UNetModel
 
 REPO = Path(__file__).resolve().parents[1]
+_StageTimer = StageTimer  # the benchmark swaps the clock through this name (until it has a seam)
 
 #: Model settings shared by sampling and diffusion training (the official full-size values).
 MODEL_DEFAULTS: dict = {
@@ -153,33 +157,12 @@ def build_models(cfg: DictConfig) -> tuple[ViTAutoencoder, ViTAutoencoder, Diffu
 def load_unet_weights(wrapper: DiffusionWrapper, path: str | Path) -> DiffusionWrapper:
     """Load ``diffusion_model.pth`` (a DiffusionWrapper state_dict; bare UNet keys, ``module.``
     prefixes and ``{"model"|"state_dict"|"ema": ...}`` wrappers are accepted) strictly."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"MToV UNet checkpoint not found: {path}; see `python -m data.assets check`")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - a corrupt or foreign file is the user's to fix
-        raise UserError(f"cannot read MToV UNet checkpoint {path}: {describe(exc)}") from exc
-    if isinstance(state, dict):
-        for key in ("ema", "model", "state_dict"):
-            if isinstance(state.get(key), dict):
-                state = state[key]
-                break
-    if not isinstance(state, dict) or not state:
-        raise UserError(f"{path} does not hold a state_dict")
-    state = {k.removeprefix("module."): v for k, v in state.items()}
+    state = unwrap_state_dict(read_checkpoint(path, "MToV UNet"), path, ("ema", "model", "state_dict"))
     if not any(k.startswith("diffusion_model.") for k in state):
         state = {f"diffusion_model.{k}": v for k, v in state.items()}
-    try:
-        wrapper.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
-        u = wrapper.diffusion_model
-        first = " ".join(str(exc).strip().splitlines()[:3])[:400]
-        raise UserError(
-            f"MToV UNet checkpoint {path} does not match the configured UNet (model_channels="
-            f"{u.model_channels}, cond_model={u.cond_model}); pass the matching --config: {first}"
-        ) from exc
-    return wrapper
+    u = wrapper.diffusion_model
+    sizes = f"model_channels={u.model_channels}, cond_model={u.cond_model}"
+    return load_strict(wrapper, state, path, "MToV UNet checkpoint", sizes)
 
 
 def load_mtov(
@@ -255,19 +238,6 @@ def check_sampling(
         )
 
 
-def bf16_supported(device: torch.device) -> bool:
-    """Whether ``device`` runs bf16 matrix products natively (CUDA with bf16, or a CPU whose oneDNN
-    has bf16 kernels: AVX512-BF16 or AMX)."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    if device.type == "cpu":
-        try:
-            return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-        except (AttributeError, RuntimeError):
-            return False
-    return False
-
-
 def autoencoder_dtype(precision: str, device: torch.device) -> torch.dtype:
     """dtype the autoencoders run in: ``auto`` = bf16 autocast where the device has bf16 matrix units
     (the decoded frames stay ~50 dB from fp32, 2x faster on CPU), else fp32; the UNet always runs fp32.
@@ -277,11 +247,6 @@ def autoencoder_dtype(precision: str, device: torch.device) -> torch.dtype:
     if precision == "fp32" or (precision == "auto" and not bf16_supported(device)):
         return torch.float32
     return torch.bfloat16
-
-
-def _autocast(device: torch.device, dtype: torch.dtype):
-    """bf16 autocast on ``device`` when ``dtype`` is bf16, else a no-op context."""
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16)
 
 
 def prepare_for_device(models: MToVModels, compile: bool = False) -> MToVModels:
@@ -294,42 +259,6 @@ def prepare_for_device(models: MToVModels, compile: bool = False) -> MToVModels:
         models.unet.diffusion_model.forward = torch.compile(models.unet.diffusion_model.forward)
     models._prepared = True
     return models
-
-
-class _StageTimer:
-    """Accumulates seconds of ``clock`` (wall by default) per stage into ``timings`` (device-synchronised);
-    no-op without it."""
-
-    clock = staticmethod(time.perf_counter)
-
-    def __init__(self, timings: dict[str, float] | None, device: torch.device) -> None:
-        self.timings, self.device = timings, device
-
-    def __call__(self, name: str):
-        import contextlib
-
-        if self.timings is None:
-            return contextlib.nullcontext()
-        return self._timed(name)
-
-    def _sync(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-
-    def _timed(self, name: str):
-        import contextlib
-
-        @contextlib.contextmanager
-        def cm():
-            self._sync()
-            t0 = self.clock()
-            try:
-                yield
-            finally:
-                self._sync()
-                self.timings[name] = self.timings.get(name, 0.0) + self.clock() - t0
-
-        return cm()
 
 
 def _to_model(frames: np.ndarray | torch.Tensor, size: int, device: torch.device, name: str) -> torch.Tensor:
@@ -447,7 +376,7 @@ def generate_video(
         ref = _to_model(ident[None], size, dev, "identity_frame")  # [1, 3, R, R]
 
         def extract(ae: ViTAutoencoder, x: torch.Tensor) -> torch.Tensor:
-            with _autocast(dev, ae_dtype):
+            with autocast(dev, ae_dtype):
                 return ae.extract(x).float()
 
         with timed("encode"):  # the reference latent: once per video
@@ -481,7 +410,7 @@ def generate_video(
                     start_ratio=start_ratio,
                     generator=[clip_generator(seed, i, dev) for i in idx],
                 )
-            with timed("decode"), _autocast(dev, ae_dtype):
+            with timed("decode"), autocast(dev, ae_dtype):
                 frames = models.ae_rgb.decode_from_sample(z).float().clamp(-1.0, 1.0)  # [(b*clip), 3, R, R]
             if use_last_as_reference:
                 last = frames[-1:, :, None].expand(-1, -1, clip, -1, -1)
@@ -519,7 +448,7 @@ def _read_landmark_input(
         if video.shape[-1] != size:
             video = F.interpolate(video, size=(size, size), mode="bilinear", align_corners=False)
         return video.round().clamp(0, 255).to(torch.uint8).numpy(), None
-    from data.fileio import load_npy
+    from moditalker.fileio import load_npy
 
     lm = load_npy(path, "aligned landmarks")
     if lm.ndim != 3 or lm.shape[1:] != (68, 2) or lm.shape[0] == 0:
@@ -590,7 +519,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--use_last_as_reference", action="store_true", help="carry the last frame as next reference"
     )
     p.add_argument("--audio", default=None, help="audio (or video) file muxed into video.mp4")
-    p.add_argument("--fps", type=float, default=25.0, help="frame rate of the reference and output [25]")
+    p.add_argument(
+        "--fps", type=float, default=float(FPS), help=f"frame rate of the reference and output [{FPS}]"
+    )
     p.add_argument("--save_frames", action="store_true", help="also write frames/%%05d.png")
     p.add_argument("--device", default="auto", help="auto|cpu|cuda|cuda:N")
     p.add_argument(
@@ -638,10 +569,10 @@ def _check_sample_config(cfg: DictConfig) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
-    from data.fileio import check_output, load_npy
     from data.imageops import mask_below_nose, resize_crop
     from data.motion_align import pingpong_indices
     from data.video import write_video
+    from moditalker.fileio import check_output, load_npy
 
     args = build_parser().parse_intermixed_args(argv)
     cfg = load_config(_repo_path(args.config) if args.config else None, args.overrides, MODEL_DEFAULTS)
@@ -664,7 +595,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     if args.audio:  # read first: a bad file fails now, not after the sampling
         from data.audio import load_audio
 
-        audio = load_audio(args.audio, 16000)
+        audio = load_audio(args.audio, SAMPLE_RATE)
 
     ref = _read_reference(args)  # [N, H, W, 3]
     hw = ref.shape[1:3]
@@ -708,13 +639,13 @@ def main(argv: Sequence[str] | None = None) -> dict:
     )
     seconds = time.perf_counter() - t0
     if audio is not None:
-        audio = audio[: int(round(n / args.fps * 16000))]
+        audio = audio[: int(round(n / args.fps * SAMPLE_RATE))]
     hwc = video.transpose(0, 2, 3, 1)
-    write_video(video_path, hwc, fps=args.fps, audio=audio, sample_rate=16000)
+    write_video(video_path, hwc, fps=args.fps, audio=audio, sample_rate=SAMPLE_RATE)
     if args.save_frames:
         from PIL import Image
 
-        from data.fileio import atomic_path
+        from moditalker.fileio import atomic_path
 
         (out / "frames").mkdir(parents=True, exist_ok=True)
         for i, fr in enumerate(hwc):

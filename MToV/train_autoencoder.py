@@ -33,23 +33,17 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from data.config import load_config, save_config
-from data.device import check_train_loader, resolve_device, start_accelerator
-from data.errors import UserError, cli_main
-from data.fileio import torch_save
+from moditalker.config import load_config, save_config
+from moditalker.device import resolve_device
+from moditalker.errors import UserError, cli_main
+from moditalker.fileio import torch_save
+from moditalker.training.accelerator import check_train_loader, infinite, start_accelerator
+from moditalker.training.options import add_run_arguments, apply_run_arguments, print_summary
+from moditalker.training.run_state import prepare_run_dir, read_state_info, save_state
 from MToV.dataset import build_dataset, data_defaults
 from MToV.losses import AELossWeights, AutoencoderLoss, build_lpips
 from MToV.models.autoencoder import OFFICIAL_CONFIG, ViTAutoencoder, load_autoencoder_weights
 from MToV.models.discriminator import PatchDiscriminator2D, PatchDiscriminator3D
-from MToV.run_state import (
-    add_run_arguments,
-    apply_run_arguments,
-    infinite,
-    prepare_run_dir,
-    print_summary,
-    read_state_info,
-    save_state,
-)
 
 DEFAULTS: dict = {
     "mode": "rgb",

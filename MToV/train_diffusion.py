@@ -30,23 +30,17 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from data.config import load_config, save_config
-from data.device import check_train_loader, resolve_device, start_accelerator
-from data.errors import UserError, cli_main
-from data.fileio import torch_save
+from moditalker.config import load_config, save_config
+from moditalker.device import resolve_device
+from moditalker.errors import UserError, cli_main
+from moditalker.fileio import torch_save
+from moditalker.training.accelerator import check_train_loader, infinite, start_accelerator
+from moditalker.training.ema import LitEMA
+from moditalker.training.options import add_run_arguments, apply_run_arguments, print_summary
+from moditalker.training.run_state import prepare_run_dir, read_state_info, save_state
 from MToV.dataset import build_dataset, data_defaults
 from MToV.diffusion import DDPM
-from MToV.ema import EMA
 from MToV.models.autoencoder import load_autoencoder_weights
-from MToV.run_state import (
-    add_run_arguments,
-    apply_run_arguments,
-    infinite,
-    prepare_run_dir,
-    print_summary,
-    read_state_info,
-    save_state,
-)
 from MToV.sample import MODEL_DEFAULTS, _repo_path, build_models, load_unet_weights
 
 DEFAULTS: dict = OmegaConf.to_container(
@@ -153,7 +147,7 @@ def train(cfg: DictConfig, resume: bool = True, overwrite: bool = False, progres
         loss_type=dc.loss_type,
     )
     unet.diffusion_model.freeze_unused()  # output_bg_*: in the checkpoint, never run
-    ema = EMA(unet, decay=float(tc.ema_decay)).to(accelerator.device)
+    ema = LitEMA(unet, decay=float(tc.ema_decay)).to(accelerator.device)
     trainable = [p for p in unet.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(trainable, lr=tc.lr, betas=tuple(tc.betas), weight_decay=tc.weight_decay)
 

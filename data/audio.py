@@ -27,9 +27,10 @@ import torch
 from scipy.signal import resample_poly
 from tqdm import tqdm
 
-from data.device import resolve_device
-from data.errors import UserError, cli_main
-from data.fileio import atomic_path, check_output, save_npy
+from moditalker.constants import SAMPLE_RATE
+from moditalker.device import resolve_device
+from moditalker.errors import UserError, cli_main
+from moditalker.fileio import atomic_path, check_output, save_npy
 
 __all__ = [
     "SAMPLE_RATE",
@@ -47,7 +48,6 @@ __all__ = [
     "main",
 ]
 
-SAMPLE_RATE = 16000
 HOP = 320  # HuBERT feature stride in samples (20 ms at 16 kHz -> 50 Hz)
 KERNEL = 400  # receptive field of one feature frame (25 ms)
 CHUNK_FRAMES = 1000  # features per full chunk
@@ -196,7 +196,7 @@ def _missing_model_message(name: str, reason: str) -> str:
     return (
         f"HuBERT model {name!r} not available ({reason}); download facebook/hubert-large-ls960-ft into "
         "checkpoints/hubert-large-ls960-ft (or pass a hub id with --allow_download); "
-        "see `python -m data.assets check`"
+        "see `python -m moditalker.assets check`"
     )
 
 
@@ -385,7 +385,7 @@ def _collect_inputs(paths: Sequence[str]) -> list[Path]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from data.assets import default_path
+    from moditalker.assets import default_path
 
     ap = argparse.ArgumentParser(
         prog="python -m data.audio",
@@ -454,7 +454,7 @@ def main(argv: Sequence[str] | None = None) -> list[Path]:
         written.append(out)
         print(f"{src} -> {out} {tuple(feats.shape)}")
     if written:
-        from data.config import save_config
+        from moditalker.config import save_config
 
         cfg = dict(vars(args), model_used=extractor.name, hidden_size_used=extractor.hidden_size)
         cfg_path = (

@@ -19,12 +19,12 @@ import numpy as np
 import scipy.io as sio
 import torch
 
-from data.device import resolve_device
-from data.errors import UserError, describe
+from moditalker.device import resolve_device
+from moditalker.errors import UserError, describe
 
 BFM_FILE = "BFM_model_front.mat"
 SIMILARITY_FILE = "similarity_Lm3D_all.mat"
-ASSET_HINT = "see `python -m data.assets check`"
+ASSET_HINT = "see `python -m moditalker.assets check`"
 
 # Coefficient layout of Deep3DFaceRecon's 257-d vector.
 COEFF_SLICES: dict[str, slice] = {
@@ -48,7 +48,7 @@ def _as_tensor(x: np.ndarray | torch.Tensor, device: torch.device) -> torch.Tens
 def load_bfm(bfm_dir: str | Path | None = None) -> dict[str, np.ndarray]:
     """Read ``bfm_dir/BFM_model_front.mat`` (or a ``.mat`` path; None: ``checkpoints/BFM``)."""
     if bfm_dir is None:
-        from data.assets import default_path
+        from moditalker.assets import default_path
 
         bfm_dir = default_path("bfm_front").parent
     path = Path(bfm_dir)
@@ -64,6 +64,17 @@ def load_bfm(bfm_dir: str | Path | None = None) -> dict[str, np.ndarray]:
     if missing:
         raise UserError(f"BFM model {path} lacks keys {missing}; is it BFM_model_front.mat? {ASSET_HINT}")
     return mat
+
+
+def idexp_to_lm3d(idexp_lm3d, key_mean_shape):
+    """Absolute frontal landmarks from identity+expression offsets: ``idexp / 10 + key_mean_shape``
+    (not re-centred); the space AToM reads and writes. Both arguments NumPy arrays or both tensors."""
+    return idexp_lm3d / 10 + key_mean_shape
+
+
+def lm3d_to_idexp(lm3d, key_mean_shape):
+    """Inverse of :func:`idexp_to_lm3d`: ``(lm3d - key_mean_shape) * 10``."""
+    return (lm3d - key_mean_shape) * 10
 
 
 class Face3DHelper:
@@ -160,12 +171,12 @@ class Face3DHelper:
 
     # ----------------------------------------------------------------- landmark spaces
     def idexp_to_lm3d(self, idexp_lm3d: np.ndarray | torch.Tensor) -> torch.Tensor:
-        """Absolute frontal landmarks ``idexp / 10 + key_mean_shape`` (not re-centred), [..., 68, 3]."""
-        return _as_tensor(idexp_lm3d, self.device) / 10 + self.key_mean_shape
+        """:func:`idexp_to_lm3d` with this model's key mean shape, [..., 68, 3]."""
+        return idexp_to_lm3d(_as_tensor(idexp_lm3d, self.device), self.key_mean_shape)
 
     def lm3d_to_idexp(self, lm3d: np.ndarray | torch.Tensor) -> torch.Tensor:
-        """Inverse of :meth:`idexp_to_lm3d`: ``(lm3d - key_mean_shape) * 10``."""
-        return (_as_tensor(lm3d, self.device) - self.key_mean_shape) * 10
+        """:func:`lm3d_to_idexp` with this model's key mean shape."""
+        return lm3d_to_idexp(_as_tensor(lm3d, self.device), self.key_mean_shape)
 
     @staticmethod
     def close_mouth_for_idexp_lm3d(

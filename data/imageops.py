@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from data.errors import UserError
+from moditalker.errors import UserError
 
 __all__ = ["square_crop_box", "resize_crop", "mask_below_nose", "draw_dots"]
 

@@ -24,9 +24,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from data.assets import default_path, missing_message
-from data.device import resolve_device
-from data.errors import UserError, describe
+from moditalker.assets import default_path, missing_message
+from moditalker.checkpoint import load_strict, read_checkpoint, unwrap_state_dict
+from moditalker.device import resolve_device
+from moditalker.errors import UserError
 
 __all__ = [
     "FaceLandmarkDetector",
@@ -172,21 +173,20 @@ class FaceLandmarkDetector:
         from face_alignment.detection.sfd.net_s3fd import s3fd
         from face_alignment.models import FAN
 
-        def load(path: Path) -> dict:
-            try:
-                return torch.load(path, map_location="cpu", weights_only=True)
-            except Exception as exc:
-                raise UserError(
-                    f"cannot read face-alignment weights {path}: {describe(exc)}; re-download it"
-                ) from exc
-
         self.fan = FAN(4)
         self.s3fd = s3fd()
-        for net, path in ((self.fan, fan_path), (self.s3fd, s3fd_path)):
-            try:
-                net.load_state_dict(load(path))
-            except RuntimeError as exc:
-                raise UserError(f"{path} does not fit the expected network: {describe(exc)}") from exc
+        for net, path, what in (
+            (self.fan, fan_path, "FAN landmark"),
+            (self.s3fd, s3fd_path, "s3fd face detector"),
+        ):
+            state = unwrap_state_dict(read_checkpoint(path, what), path)
+            load_strict(
+                net,
+                state,
+                path,
+                f"{what} checkpoint",
+                fix="re-download it (python -m moditalker.assets download)",
+            )
         self.fan.eval().to(self.device)
         self.s3fd.eval().to(self.device)
 

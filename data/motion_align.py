@@ -2,6 +2,9 @@
 
 For every reference frame (pose from the Deep3DFaceRecon coefficients, position from FAN):
 
+The geometry (rotation, POS fit, crop projection) lives in :mod:`data.geometry`, shared with
+:mod:`data.recon3d`; its public names stay importable from here.
+
 1. rotate and translate the frontal BFM landmarks with the frame's Euler angles and translation
    (:func:`compute_rotation_matrix`, :func:`rigid_transform`);
 2. project orthographically into the 224-pixel Deep3DFaceRecon crop, ``u = int(x * 112 + 112)``;
@@ -20,8 +23,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
-import shutil
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -29,10 +30,19 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
-from data.errors import UserError, cli_main
+from data.geometry import (
+    compute_rotation_matrix,
+    de_align,
+    lm68_to_lm5,
+    pos_fit,
+    pose_params,
+    project_to_crop,
+    rigid_transform,
+)
 from data.imageops import draw_dots
+from moditalker.constants import FPS, SAMPLE_RATE
+from moditalker.errors import UserError, cli_main
 
 __all__ = [
     "compute_rotation_matrix",
@@ -50,117 +60,6 @@ __all__ = [
     "read_reference",
     "main",
 ]
-
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
-
-CROP = 224  # Deep3DFaceRecon crop size
-HALF_CROP = CROP / 2  # orthographic scale and centre of the crop (112)
-RESCALE = 102.0  # Deep3DFaceRecon's rescale factor: s = 102 / POS scale
-# 5-point reduction of the 68 iBUG points (0-based): nose tip, eye corners, mouth corners.
-_NOSE, _LEYE, _REYE, _LMOUTH, _RMOUTH = 30, (36, 39), (42, 45), 48, 54
-
-
-def compute_rotation_matrix(angles: np.ndarray | torch.Tensor) -> torch.Tensor:
-    """Euler angles ``[N, 3]`` (x, y, z; radians) -> ``(Rz @ Ry @ Rx)^T``, ``[N, 3, 3]``.
-
-    Deep3DFaceRecon's convention: the transposed matrix is applied to row vectors (``v @ R``).
-    """
-    angles = torch.as_tensor(angles, dtype=torch.float32).reshape(-1, 3)
-    x, y, z = angles[:, 0], angles[:, 1], angles[:, 2]
-    one, zero = torch.ones_like(x), torch.zeros_like(x)
-    cx, sx, cy, sy, cz, sz = x.cos(), x.sin(), y.cos(), y.sin(), z.cos(), z.sin()
-    rot_x = torch.stack([one, zero, zero, zero, cx, -sx, zero, sx, cx], 1).reshape(-1, 3, 3)
-    rot_y = torch.stack([cy, zero, sy, zero, one, zero, -sy, zero, cy], 1).reshape(-1, 3, 3)
-    rot_z = torch.stack([cz, -sz, zero, sz, cz, zero, zero, zero, one], 1).reshape(-1, 3, 3)
-    return (rot_z @ rot_y @ rot_x).transpose(1, 2)
-
-
-def rigid_transform(
-    vs: np.ndarray | torch.Tensor, rotation: torch.Tensor, translation: np.ndarray | torch.Tensor
-) -> torch.Tensor:
-    """``vs [N, K, 3] @ rotation [N, 3, 3] + translation [N, 3]`` (row-vector convention)."""
-    vs = torch.as_tensor(vs, dtype=torch.float32)
-    translation = torch.as_tensor(translation, dtype=torch.float32).reshape(-1, 1, 3)
-    return vs @ rotation + translation
-
-
-def lm68_to_lm5(lm: np.ndarray) -> np.ndarray:
-    """68 points ``[..., 68, D]`` -> the 5 POS points ``[..., 5, D]`` (left eye, right eye, nose, mouth
-    corners), eye centres as the mean of the two corners; keeps a float dtype (ints give float64)."""
-    lm = np.asarray(lm)
-    if not np.issubdtype(lm.dtype, np.floating):
-        lm = lm.astype(np.float64)
-    return np.stack(
-        [
-            lm[..., _LEYE, :].mean(-2),
-            lm[..., _REYE, :].mean(-2),
-            lm[..., _NOSE, :],
-            lm[..., _LMOUTH, :],
-            lm[..., _RMOUTH, :],
-        ],
-        axis=-2,
-    ).astype(lm.dtype)
-
-
-def pos_fit(points_2d: np.ndarray, points_3d: np.ndarray) -> tuple[np.ndarray, float]:
-    """POS: least-squares scaled-orthographic fit of ``points_3d [K, 3]`` onto ``points_2d [K, 2]``.
-
-    Solves ``p = s R[:2] X + t`` linearly (8 unknowns); returns ``(t [2], scale)`` with the scale the
-    mean norm of the two fitted rotation rows.
-    """
-    xp = np.asarray(points_2d, dtype=np.float64)
-    x = np.asarray(points_3d, dtype=np.float64)
-    n = x.shape[0]
-    a = np.zeros((2 * n, 8))
-    a[0::2, 0:3], a[0::2, 3] = x, 1.0
-    a[1::2, 4:7], a[1::2, 7] = x, 1.0
-    k = np.linalg.lstsq(a, xp.reshape(-1), rcond=None)[0]
-    scale = (np.linalg.norm(k[0:3]) + np.linalg.norm(k[4:7])) / 2
-    return np.array([k[3], k[7]]), float(scale)
-
-
-def pose_params(
-    fan_lm68: np.ndarray, lm3d_std: np.ndarray, image_hw: tuple[int, int]
-) -> tuple[np.ndarray, np.ndarray]:
-    """Per-frame crop parameters of Deep3DFaceRecon's alignment: ``t [T, 2]`` and ``s [T]``.
-
-    FAN points are flipped to y-up (``H - 1 - y``, in float32 as the original) before the POS fit;
-    ``s = 102 / pos_scale`` is the resize factor that brings the face to the 224 crop.
-    """
-    height = int(image_hw[0])
-    lm5 = lm68_to_lm5(np.asarray(fan_lm68, dtype=np.float32))
-    lm5 = np.stack([lm5[..., 0], np.float32(height - 1) - lm5[..., 1]], axis=-1)
-    ts, ss = [], []
-    for pts in lm5:
-        t, scale = pos_fit(pts, lm3d_std)
-        ts.append(t)
-        ss.append(RESCALE / scale)
-    return np.asarray(ts, dtype=np.float64).reshape(-1, 2), np.asarray(ss, dtype=np.float64)
-
-
-def project_to_crop(posed_lm3d: np.ndarray | torch.Tensor) -> np.ndarray:
-    """Orthographic projection into the 224 crop: ``int(x * 112 + 112)`` (y still up), int64 ``[..., 2]``."""
-    p = torch.as_tensor(posed_lm3d, dtype=torch.float32)[..., :2]
-    return (p * HALF_CROP + HALF_CROP).to(torch.int64).numpy()
-
-
-def de_align(lm_224: np.ndarray, t: np.ndarray, s: np.ndarray, image_hw: tuple[int, int]) -> np.ndarray:
-    """Map crop pixels ``[T, K, 2]`` back to frame pixels (y still up), float64.
-
-    ``x = (u + w/2 - 112 + t_x - W/2) / s`` with ``w = int(W * s)`` (likewise y with H). The
-    original's batched version mixes up the frames' ``w, h`` (it pairs frame f with ``s`` of other
-    frames); that only shifts each frame by a constant, which the snap removes, so each frame's
-    own size is used here and the final landmarks are identical.
-    """
-    height, width = int(image_hw[0]), int(image_hw[1])
-    s = np.asarray(s, dtype=np.float64).reshape(-1, 1)
-    t = np.asarray(t, dtype=np.float64).reshape(-1, 2)
-    w = np.trunc(width * s)
-    h = np.trunc(height * s)
-    lm = np.asarray(lm_224, dtype=np.float64)
-    x = (lm[..., 0] + w / 2 - HALF_CROP + t[:, :1] - width / 2) / s
-    y = (lm[..., 1] + h / 2 - HALF_CROP + t[:, 1:] - height / 2) / s
-    return np.stack([x, y], axis=-1)
 
 
 def snap_to(lm: np.ndarray, target_lm68: np.ndarray) -> np.ndarray:
@@ -272,19 +171,13 @@ def align_to_reference(
     }
 
 
-def read_reference(path: str | Path, max_frames: int | None = None, fps: float = 25) -> np.ndarray:
+def read_reference(path: str | Path, max_frames: int | None = None, fps: float = FPS) -> np.ndarray:
     """Reference frames uint8 ``[N, H, W, 3]`` from a video file or a folder of images (sorted by name)."""
     path = Path(path)
     if path.is_dir():
-        from data.video import read_image
+        from data.video import read_frame_folder
 
-        files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-        if not files:
-            raise UserError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in the frames folder {path}")
-        frames = [read_image(p) for p in files[:max_frames]]
-        if len({f.shape for f in frames}) > 1:
-            raise UserError(f"the images in {path} do not all have the same size")
-        return np.stack(frames)
+        return read_frame_folder(path, max_frames, what="reference frames")
     if not path.exists():
         raise UserError(f"reference video or frames folder not found: {path}")
     from data.video import read_video
@@ -297,7 +190,7 @@ def read_reference(path: str | Path, max_frames: int | None = None, fps: float =
 
 def load_frontal(path: str | Path) -> np.ndarray:
     """AToM's frontal landmarks ``[T, 68, 3]`` (``[T, 204]`` accepted) from ``.npy``, checked."""
-    from data.fileio import load_npy
+    from moditalker.fileio import load_npy
 
     arr = np.asarray(load_npy(path, "frontal landmarks"), dtype=np.float32)
     if arr.ndim == 2 and arr.shape[1] == 204:
@@ -322,7 +215,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--size", type=int, default=256, help="reference frames are centre-cropped and resized to this"
     )
     ap.add_argument("--audio", default=None, help="optional audio to mux into landmarks.mp4")
-    ap.add_argument("--fps", type=float, default=25.0, help="frame rate for reading and writing (default 25)")
+    ap.add_argument(
+        "--fps", type=float, default=float(FPS), help=f"frame rate for reading and writing (default {FPS})"
+    )
     ap.add_argument("--device", default="auto", help="auto|cpu|cuda|cuda:N")
     ap.add_argument(
         "--bfm_dir", default=None, help="folder with similarity_Lm3D_all.mat (default checkpoints/BFM)"
@@ -351,30 +246,15 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-def _write_pngs(folder: Path, video: np.ndarray, overwrite: bool) -> None:
-    """Write ``video [T, 3, S, S]`` as ``folder/00000.png ...`` via a temp folder renamed at the end."""
-    import cv2
-
-    tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    for i, frame in enumerate(tqdm(video, desc="png", leave=False)):
-        cv2.imwrite(str(tmp / f"{i:05d}.png"), np.ascontiguousarray(frame[0]))  # white dots: one channel
-    if folder.exists() and overwrite:
-        shutil.rmtree(folder)
-    os.replace(tmp, folder)
-
-
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """CLI: align AToM landmarks to a reference video; writes ``aligned_lm68.npy`` + PNGs + mp4."""
     args = build_parser().parse_args(argv)
-    from data.config import save_config
-    from data.device import resolve_device
-    from data.fileio import check_output, save_npy
     from data.imageops import resize_crop
     from data.landmarks import FaceLandmarkDetector, template_face_detector
     from data.recon3d import FaceReconstructor
+    from moditalker.config import save_config
+    from moditalker.device import resolve_device
+    from moditalker.fileio import check_output, save_npy
 
     out_dir = Path(args.out_dir)
     out_npy = check_output(out_dir / "aligned_lm68.npy", args.overwrite)
@@ -397,7 +277,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if args.audio is not None and not args.no_video:  # read first: a bad file fails before any work
         from data.audio import load_audio
 
-        audio = load_audio(args.audio, 16000)
+        audio = load_audio(args.audio, SAMPLE_RATE)
     frontal = load_frontal(args.landmarks)
     raw = read_reference(args.reference, max_frames=len(frontal), fps=args.fps)
     frames = resize_crop(raw, args.size, device=device)
@@ -424,12 +304,15 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     save_npy(out_dir / "reference_coeff.npy", result["coeff"])
     save_npy(out_dir / "reference_index.npy", result["ref_index"])
     if not args.no_png:
-        _write_pngs(png_dir, result["video"], args.overwrite)
+        from data.video import write_frame_folder
+
+        # white dots: one channel
+        write_frame_folder(png_dir, result["video"][:, 0], overwrite=args.overwrite)
     if not args.no_video:
         from data.video import write_video
 
         video = np.ascontiguousarray(result["video"].transpose(0, 2, 3, 1))
-        write_video(out_dir / "landmarks.mp4", video, fps=args.fps, audio=audio, sample_rate=16000)
+        write_video(out_dir / "landmarks.mp4", video, fps=args.fps, audio=audio, sample_rate=SAMPLE_RATE)
     save_config(
         {**vars(args), "n_reference_frames": len(frames), "n_frames": len(frontal)}, out_dir / "config.yaml"
     )

@@ -48,11 +48,12 @@ from typing import Any, Protocol
 
 import numpy as np
 import torch
-from PIL import Image
 from tqdm import tqdm
 
-from data.errors import UserError, cli_main
-from data.fileio import atomic_path, atomic_write_text, save_npy
+from data.video import IMAGE_SUFFIXES
+from moditalker.constants import FPS
+from moditalker.errors import UserError, cli_main
+from moditalker.fileio import atomic_path, atomic_write_text, save_npy
 
 __all__ = [
     "Toolkit",
@@ -68,9 +69,7 @@ __all__ = [
     "main",
 ]
 
-FPS = 25
 VIDEO_EXTENSIONS = (".mp4", ".mov", ".mkv", ".avi", ".webm", ".m4v", ".flv", ".mpg", ".mpeg")
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 KEYPOINT_DIRS = {
     "unposed": Path("keypoints/face-centric/unposed"),
     "posed": Path("keypoints/face-centric/posed"),
@@ -124,7 +123,7 @@ def find_sources(root: str | Path, recursive: bool = False) -> dict[str, Path]:
             out[p.stem] = p
         elif p.is_dir():
             videos = sorted(f for f in p.iterdir() if f.is_file() and f.suffix.lower() in VIDEO_EXTENSIONS)
-            images = [f for f in p.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS]
+            images = [f for f in p.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES]
             if len(videos) == 1:
                 out[p.name] = videos[0]
             elif images:
@@ -144,18 +143,10 @@ def select_shard(ids: Iterable[str], shard: int = 0, num_shards: int = 1) -> lis
 
 
 def _read_frames(source: Path, fps: float, max_frames: int | None = None) -> np.ndarray:
-    from data.video import read_image, read_video
+    from data.video import read_frame_folder, read_video
 
     if source.is_dir():
-        files = sorted(f for f in source.iterdir() if f.suffix.lower() in IMAGE_EXTENSIONS)
-        if max_frames is not None:
-            files = files[:max_frames]
-        if not files:
-            raise UserError(f"no frames in {source}")
-        frames = [read_image(f) for f in files]
-        if len({f.shape for f in frames}) != 1:
-            raise UserError(f"frames in {source} have different sizes")
-        return np.stack(frames)
+        return read_frame_folder(source, max_frames)
     frames, _ = read_video(source, fps=fps, max_frames=max_frames)
     if frames.shape[0] == 0:
         raise UserError(f"{source} has no video frames")
@@ -168,6 +159,7 @@ def _read_frames(source: Path, fps: float, max_frames: int | None = None) -> np.
 
 def face_keypoints(toolkit: Toolkit, frames: np.ndarray, source: str = "video") -> dict[str, np.ndarray]:
     """FAN + 3DMM for ``frames [T, H, W, 3]``: fa, coeff, idexp, unposed, posed and non-face-centric."""
+    from data.face3d import idexp_to_lm3d
     from data.motion_align import align_landmarks, compute_rotation_matrix, rigid_transform
 
     frames = np.ascontiguousarray(frames)
@@ -177,7 +169,7 @@ def face_keypoints(toolkit: Toolkit, frames: np.ndarray, source: str = "video") 
     helper = toolkit.face3d
     with torch.inference_mode():
         idexp = helper.reconstruct_idexp_lm3d(coeff[:, 0:80], coeff[:, 80:144])
-        unposed = idexp / 10 + helper.key_mean_shape
+        unposed = idexp_to_lm3d(idexp, helper.key_mean_shape)
         posed = rigid_transform(unposed.cpu(), compute_rotation_matrix(coeff[:, 224:227]), coeff[:, 254:257])
     unposed_np = unposed.cpu().numpy().astype(np.float32)
     nfc = align_landmarks(
@@ -196,10 +188,6 @@ def face_keypoints(toolkit: Toolkit, frames: np.ndarray, source: str = "video") 
 
 # ------------------------------------------------------------------------------------------------
 # HDTF
-
-
-def _save_jpeg(path: Path, frame: np.ndarray, quality: int) -> None:
-    Image.fromarray(frame).save(path, quality=quality)
 
 
 def _write_per_frame(
@@ -242,6 +230,7 @@ def process_hdtf_item(
 ) -> dict[str, Any]:
     """Build the frames/keypoints (and optionally audio/HuBERT) of one video; returns its meta dict."""
     from data.imageops import resize_crop
+    from data.video import write_frame_folder
 
     out_dir, source = Path(out_dir), Path(source)
     started = time.time()
@@ -284,21 +273,16 @@ def process_hdtf_item(
     for d in _item_dirs(out_dir, item_id)[int(in_place) :]:
         if d.exists():
             shutil.rmtree(d)
+    if not in_place:
+        write_frame_folder(
+            out_dir / "frames" / item_id,
+            frames,
+            ".png" if frame_format == "png" else ".jpg",
+            quality=jpeg_quality,
+            workers=workers,
+        )
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        if in_place:
-            futures = []
-        elif frame_format == "png":
-            futures = _write_per_frame(
-                pool, out_dir / "frames" / item_id, frames, lambda p, a: Image.fromarray(a).save(p), ".png"
-            )
-        else:
-            futures = _write_per_frame(
-                pool,
-                out_dir / "frames" / item_id,
-                frames,
-                lambda p, a: _save_jpeg(p, a, jpeg_quality),
-                ".jpg",
-            )
+        futures = []
         for key, rel in KEYPOINT_DIRS.items():
             futures += _write_per_frame(pool, out_dir / rel / item_id, kp[key], _npy_writer, ".npy")
         for f in futures:
@@ -461,12 +445,12 @@ def build_toolkit(
     workdir: str | Path | None = None,
 ) -> Toolkit:
     """Build detector, 3DMM regressor, BFM helper (and HuBERT) from paths; random stand-ins on request."""
-    from data.assets import default_path
     from data.audio import HubertExtractor
-    from data.device import resolve_device
     from data.face3d import Face3DHelper, write_synthetic_bfm
     from data.landmarks import FaceLandmarkDetector, template_face_detector
     from data.recon3d import FaceReconstructor
+    from moditalker.assets import default_path
+    from moditalker.device import resolve_device
 
     dev = resolve_device(device)
     if random_weights:
@@ -555,7 +539,7 @@ def _filter_ids(sources: dict[str, Path], ids: Sequence[str] | None, id_list: st
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Run one builder for one shard; exits 2 (UserError) when some inputs failed."""
-    from data.config import save_config
+    from moditalker.config import save_config
 
     args = build_parser().parse_args(argv)
     out_dir = Path(args.out_dir)

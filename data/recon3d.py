@@ -33,11 +33,12 @@ import torchvision
 from PIL import Image
 from tqdm import tqdm
 
-from data.assets import default_path, require_asset
-from data.device import resolve_device
-from data.errors import UserError, describe
 from data.face3d import SIMILARITY_FILE, canonical_face_lm68
-from data.motion_align import CROP, RESCALE, lm68_to_lm5, pos_fit
+from data.geometry import CROP, RESCALE, lm68_to_lm5, pos_fit
+from moditalker.assets import default_path, require_asset
+from moditalker.checkpoint import load_strict, read_checkpoint
+from moditalker.device import resolve_device
+from moditalker.errors import UserError, describe
 
 __all__ = ["ReconNet", "FaceReconstructor", "load_lm3d_std", "align_crop"]
 
@@ -65,7 +66,7 @@ def load_lm3d_std(bfm_dir: str | Path) -> np.ndarray:
     if path.is_dir() or path.suffix != ".mat":
         path = path / SIMILARITY_FILE
     if not path.is_file():
-        raise UserError(f"landmark template not found: {path}; see `python -m data.assets check`")
+        raise UserError(f"landmark template not found: {path}; see `python -m moditalker.assets check`")
     try:
         lm = np.asarray(sio.loadmat(str(path))["lm"], dtype=np.float64)
     except Exception as exc:
@@ -147,30 +148,22 @@ class FaceReconstructor:
                     nn.init.zeros_(head.bias)
         if not random_weights:
             path = require_asset("deep3d", weights)
-            try:
-                obj = torch.load(path, map_location="cpu", weights_only=True)
-            except Exception as exc:
-                raise UserError(f"cannot read Deep3DFaceRecon weights {path}: {describe(exc)}") from exc
+            obj = read_checkpoint(path, "Deep3DFaceRecon")
             self._load(_extract_state_dict(obj, path), path)
         self.net.eval().to(self.device)
 
     def _load(self, state: dict[str, torch.Tensor], path: Path) -> None:
-        own = self.net.state_dict()
-        missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]
-        unexpected = [k for k in state if k not in own]
-        if missing or unexpected:
-            raise UserError(
-                f"{path} does not match the Deep3DFaceRecon ResNet-50 (missing {missing[:3]}..., unexpected "
-                f"{unexpected[:3]}...); expected keys like backbone.conv1.weight and final_layers.0.weight"
-            )
-        for key, value in own.items():  # old checkpoints may lack BatchNorm step counters
-            state.setdefault(key, value)
-        try:
-            self.net.load_state_dict(state, strict=True)
-        except RuntimeError as exc:
-            raise UserError(
-                f"{path}: tensor shapes do not match the Deep3DFaceRecon ResNet-50: {exc}"
-            ) from exc
+        for key, value in self.net.state_dict().items():  # old checkpoints lack BatchNorm step counters
+            if key.endswith("num_batches_tracked"):
+                state.setdefault(key, value)
+        load_strict(
+            self.net,
+            state,
+            path,
+            "Deep3DFaceRecon checkpoint",
+            "ResNet-50 with 257-coefficient heads",
+            fix="expected Deep3DFaceRecon_pytorch's epoch_20.pth (keys like backbone.conv1.weight)",
+        )
 
     def align(self, frames: np.ndarray, lm68: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Aligned 224 crops uint8 ``[T, 224, 224, 3]`` with their POS params ``t [T, 2]``, ``s [T]``."""

@@ -18,8 +18,9 @@ import av
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from data.errors import UserError, describe
-from data.fileio import atomic_path
+from moditalker.constants import FPS, SAMPLE_RATE
+from moditalker.errors import UserError, describe
+from moditalker.fileio import atomic_path
 
 __all__ = ["read_video", "read_image", "write_video", "probe", "frame_times"]
 
@@ -48,7 +49,7 @@ def frame_times(n_frames: int, fps: float) -> np.ndarray:
 
 
 def read_video(
-    path: str | Path, fps: float | None = 25, max_frames: int | None = None, autorotate: bool = True
+    path: str | Path, fps: float | None = FPS, max_frames: int | None = None, autorotate: bool = True
 ) -> tuple[np.ndarray, float]:
     """Decode the first video stream of ``path`` to uint8 RGB frames ``[T, H, W, 3]``.
 
@@ -128,7 +129,7 @@ def read_video(
         raise UserError(f"no frames could be decoded from {path}; is it a valid video file?")
     if max_frames is not None:
         out = out[:max_frames]
-    rate = float(fps) if fps is not None else (src_rate or 25.0)
+    rate = float(fps) if fps is not None else (src_rate or float(FPS))
     return np.stack(out), rate
 
 
@@ -145,6 +146,91 @@ def read_image(path: str | Path) -> np.ndarray:
         raise UserError(f"image {path} is too large to read ({describe(exc)}); scale it down") from exc
     except (UnidentifiedImageError, OSError, ValueError) as exc:
         raise UserError(f"cannot read image {path}: {describe(exc)}; use a PNG or JPEG file") from exc
+
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+
+
+def frame_files(folder: str | Path) -> list[Path]:
+    """The image files of a frame folder (``IMAGE_SUFFIXES``), sorted by name."""
+    return sorted(p for p in Path(folder).iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def read_frame_folder(folder: str | Path, max_frames: int | None = None, what: str = "frames") -> np.ndarray:
+    """A folder of images (sorted by name) as uint8 RGB ``[N, H, W, 3]``; the one frame-folder reader.
+
+    A missing folder, one without images, or images of different sizes is one UserError naming it.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise UserError(f"{what} folder not found: {folder}")
+    files = frame_files(folder)[:max_frames]
+    if not files:
+        raise UserError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in the {what} folder {folder}")
+    frames = [read_image(p) for p in files]
+    if len({f.shape for f in frames}) > 1:
+        raise UserError(f"the images in the {what} folder {folder} do not all have the same size")
+    return np.stack(frames)
+
+
+def write_frame(path: str | Path, frame: np.ndarray, quality: int = 95) -> None:
+    """One uint8 frame ``[H, W, 3]`` (RGB) or ``[H, W]`` (gray) as PNG/JPEG, by ``path``'s suffix."""
+    Image.fromarray(np.ascontiguousarray(frame)).save(path, quality=quality)
+
+
+def write_frame_folder(
+    folder: str | Path,
+    frames: np.ndarray,
+    ext: str = ".png",
+    *,
+    channels_first: bool = False,
+    quality: int = 95,
+    workers: int = 1,
+    overwrite: bool = False,
+) -> Path:
+    """Write uint8 frames as ``folder/00000.png, 00001.png, ...``; the one frame-folder writer.
+
+    ``frames`` is ``[T, H, W, 3]`` or ``[T, H, W]`` (``[T, 3, H, W]`` with ``channels_first``). The
+    files go to a temp folder beside ``folder`` that is renamed into place when all are written, so
+    an interrupted run leaves no half-written folder. An existing ``folder`` is replaced only with
+    ``overwrite``. ``workers`` > 1 encodes in threads (PIL releases the GIL while encoding).
+    """
+    import os
+    import shutil
+    import tempfile
+    from concurrent.futures import ThreadPoolExecutor
+
+    folder = Path(folder)
+    if folder.exists() and not overwrite:
+        raise UserError(f"{folder} already exists; pass --overwrite to replace it")
+    frames = np.asarray(frames)
+    if channels_first:
+        frames = frames.transpose(0, 2, 3, 1)
+    if frames.ndim == 4 and frames.shape[-1] == 1:
+        frames = frames[..., 0]
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        paths = [tmp / f"{i:05d}{ext}" for i in range(len(frames))]
+        with ThreadPoolExecutor(max_workers=max(1, int(workers))) as pool:
+            for f in [pool.submit(write_frame, p, a, quality) for p, a in zip(paths, frames)]:
+                f.result()
+        tmp.chmod(0o777 & ~_umask())
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(tmp, folder)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
+def _umask() -> int:
+    import os
+
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _as_frames(frames: np.ndarray) -> np.ndarray:
@@ -179,9 +265,9 @@ def _as_audio(audio: np.ndarray) -> np.ndarray:
 def write_video(
     path: str | Path,
     frames: np.ndarray,
-    fps: float = 25,
+    fps: float = FPS,
     audio: np.ndarray | None = None,
-    sample_rate: int = 16000,
+    sample_rate: int = SAMPLE_RATE,
     *,
     metadata: dict[str, str] | None = None,
     crf: int = 18,

@@ -51,11 +51,10 @@ import numpy as np
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from data.errors import UserError, cli_main
+from moditalker.constants import FPS, SAMPLE_RATE
+from moditalker.errors import UserError, cli_main
 
 REPO = Path(__file__).resolve().parents[1]
-FPS = 25
-SAMPLE_RATE = 16000
 MODES = ("faithful", "fast", "fast_fp32")
 STAGES = ("hubert", "atom", "align", "mtov_encode", "mtov_unet", "mtov_decode", "mtov", "total")
 FULL_ATOM_STEPS = 50
@@ -523,7 +522,7 @@ def run_benchmark(
     still: bool = False,
 ) -> dict[str, Any]:
     """Build the networks, run every mode on the same inputs and return the report dict (see module doc)."""
-    from data.device import resolve_device
+    from moditalker.device import resolve_device
     from MToV.sample import autoencoder_dtype, prepare_for_device
 
     if clock not in ("wall", "cpu"):
@@ -718,7 +717,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     check_settings(args.seconds, args.steps_scale, modes, args.batch_size, args.seed)
     out = None
     if args.json:
-        from data.fileio import check_output
+        from moditalker.fileio import check_output
 
         out = check_output(args.json, overwrite=args.overwrite)  # before any work
     report = run_benchmark(
@@ -737,7 +736,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     )
     print(format_table(report), flush=True)
     if out is not None:
-        from data.fileio import atomic_path
+        from moditalker.fileio import atomic_path
 
         with atomic_path(out) as tmp:
             Path(tmp).write_text(json.dumps(_finite(report), indent=2) + "\n")

@@ -36,9 +36,11 @@ from typing import Any
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
-from data.config import load_config, save_config
-from data.errors import UserError, cli_main
-from data.fileio import check_output
+from moditalker.config import load_config, save_config
+from moditalker.constants import FPS, SAMPLE_RATE, SAMPLES_PER_FRAME
+from moditalker.errors import UserError, cli_main
+from moditalker.fileio import check_output
+from moditalker.timing import StageTimer
 from pipeline.cache import WorkCache, asset_identity, file_digest
 
 __all__ = [
@@ -52,9 +54,6 @@ __all__ = [
 ]
 
 REPO = Path(__file__).resolve().parents[1]
-SAMPLE_RATE = 16000
-FPS = 25
-SAMPLES_PER_FRAME = SAMPLE_RATE // FPS  # 640: two HuBERT frames (hop 320) per video frame
 
 # Defaults of every setting; configs/inference.yaml spells the same tree out with comments.
 DEFAULTS: dict[str, Any] = {
@@ -71,7 +70,7 @@ DEFAULTS: dict[str, Any] = {
     "preview": False,
     "overwrite": False,
     "min_audio_seconds": 0.5,
-    # asset paths; null = the default location of data.assets (checkpoints/...)
+    # asset paths; null = the default location of moditalker.assets (checkpoints/...)
     "assets": {
         "atom": None,
         "autoencoder_rgb": None,
@@ -104,7 +103,7 @@ DEFAULTS: dict[str, Any] = {
     "output": {"crf": 18, "preset": "medium"},
 }
 
-# data.assets names the pipeline needs (bfm_dir covers bfm_front + bfm_similarity)
+# moditalker.assets names the pipeline needs (bfm_dir covers bfm_front + bfm_similarity)
 REQUIRED_ASSETS = (
     "hubert",
     "face_alignment",
@@ -123,7 +122,7 @@ RANDOM_WARNING = """\
 #  AToM, MToV) is RANDOMLY INITIALISED and the BFM is SYNTHETIC.               #
 #  The video this produces is NOT a talking head; it only exercises the        #
 #  pipeline. Put the real checkpoints in checkpoints/ for real results         #
-#  (see `python -m data.assets check`).                                        #
+#  (see `python -m moditalker.assets check`).                                        #
 ################################################################################"""
 
 
@@ -407,8 +406,8 @@ def _validate(cfg: DictConfig) -> _Inputs:
 
 
 def _asset_paths(cfg: DictConfig) -> dict[str, Path]:
-    """data.assets name -> path (config value, else the registry default)."""
-    from data.assets import default_path
+    """moditalker.assets name -> path (config value, else the registry default)."""
+    from moditalker.assets import default_path
 
     a = cfg.assets
     bfm_dir = Path(a.bfm_dir) if a.bfm_dir else default_path("bfm_front").parent
@@ -428,7 +427,7 @@ def _asset_paths(cfg: DictConfig) -> dict[str, Path]:
 
 
 def _check_assets(cfg: DictConfig) -> dict[str, Path]:
-    from data.assets import check_assets
+    from moditalker.assets import check_assets
 
     paths = _asset_paths(cfg)
     if cfg.random_weights:
@@ -444,20 +443,6 @@ def _check_assets(cfg: DictConfig) -> dict[str, Path]:
 
 
 # ----------------------------------------------------------------------------- helpers
-def _timer(timings: dict[str, float], name: str, log: Callable[[str], None]):
-    class _T:
-        def __enter__(self):
-            self.start = time.perf_counter()
-            return self
-
-        def __exit__(self, *exc):
-            timings[name] = time.perf_counter() - self.start
-            if exc[0] is None:
-                log(f"[{name}] {timings[name]:.2f} s")
-
-    return _T()
-
-
 def _write_pngs(folder: Path, frames_chw: np.ndarray) -> None:
     from PIL import Image
 
@@ -501,7 +486,7 @@ def run_inference(
     if cfg.random_weights:
         print(RANDOM_WARNING, file=sys.stderr, flush=True)
 
-    from data.device import resolve_device
+    from moditalker.device import resolve_device
 
     device = resolve_device(cfg.device)
     size = int(cfg.size)
@@ -710,7 +695,7 @@ def run_inference(
     from data.imageops import mask_below_nose
     from data.motion_align import render_landmarks
 
-    with _timer(timings, "render", log):
+    with StageTimer(timings, log=log)("render"):
         landmark_video = render_landmarks(al["aligned_lm68"], (size, size), size=size)  # [T,3,S,S]
 
     def _mtov(_: Path) -> dict[str, np.ndarray]:
@@ -769,7 +754,7 @@ def run_inference(
     # 8. mp4 (+ preview) with the input audio --------------------------------------------------
     from data.video import write_video
 
-    with _timer(timings, "write", log):
+    with StageTimer(timings, log=log)("write"):
         mux_rate = min(max(inputs.audio_rate, 8000), 48000)
         mux_audio = wave if mux_rate == SAMPLE_RATE else load_audio(inputs.audio, mux_rate)
         metadata = _metadata(cfg)

@@ -21,9 +21,9 @@ import numpy as np
 import soundfile as sf
 from PIL import Image
 
-from data.errors import UserError, cli_main
-from data.fileio import atomic_path
 from data.video import write_video
+from moditalker.errors import UserError, cli_main
+from moditalker.fileio import atomic_path
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE_SPEECH = REPO / "assets" / "sample" / "speech.wav"

@@ -47,4 +47,4 @@ fi
 # --multi_gpu = torchrun; on a machine without GPUs the trainers join a gloo group (MULTI_CPU)
 launch+=(--multi_gpu --mixed_precision no --dynamo_backend no)  # precision is the trainer's config value
 # shellcheck disable=SC2086
-exec "$PY" -m data.launch "${launch[@]}" ${ACCELERATE_ARGS:-} -m "$MODULE" "$@"
+exec "$PY" -m moditalker.training.launch "${launch[@]}" ${ACCELERATE_ARGS:-} -m "$MODULE" "$@"

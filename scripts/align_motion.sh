@@ -7,7 +7,7 @@
 #
 # Writes out_dir/aligned_lm68.npy (int64 [T, 68, 2] pixels in the --size crop of the reference),
 # landmarks_png/%05d.png, landmarks.mp4, reference_{lm68,coeff,index}.npy and config.yaml.
-# Weights: checkpoints/{BFM,deep3d,face_alignment} (see `python -m data.assets check`). All flags: --help.
+# Weights: checkpoints/{BFM,deep3d,face_alignment} (see `python -m moditalker.assets check`). All flags: --help.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 # shellcheck source=scripts/_python.sh

@@ -19,11 +19,11 @@ echo "[demo] writing sample inputs to $OUT_DIR/inputs"
 "$PY" -m pipeline.sample_data --out_dir "$OUT_DIR/inputs" --video_seconds 2 >/dev/null
 
 ASSETS=(hubert face_alignment deep3d bfm_front bfm_similarity atom autoencoder_rgb autoencoder_motion diffusion_model)
-if "$PY" -m data.assets check --only "${ASSETS[@]}" >/dev/null 2>&1; then
+if "$PY" -m moditalker.assets check --only "${ASSETS[@]}" >/dev/null 2>&1; then
   echo "[demo] official checkpoints found: full models (configs/inference.yaml)"
   MODE=(--config "$ROOT/configs/inference.yaml")
 else
-  echo "[demo] some checkpoints are missing (python -m data.assets check lists them):"
+  echo "[demo] some checkpoints are missing (python -m moditalker.assets check lists them):"
   echo "[demo] running with --random_weights and configs/inference_tiny.yaml instead"
   MODE=(--config "$ROOT/configs/inference_tiny.yaml" --random_weights)
 fi

@@ -6,7 +6,7 @@
 #   NUM_SHARDS=2 DEVICES="cuda:0 cuda:1" scripts/preprocess_hdtf.sh ...     # one shard per GPU
 #
 # Resumable: finished ids (meta/{id}.json) are skipped on the next run. Weights: checkpoints/
-# (`python -m data.assets check --only face_alignment deep3d bfm_front bfm_similarity`).
+# (`python -m moditalker.assets check --only face_alignment deep3d bfm_front bfm_similarity`).
 # All flags: python -m data.preprocess hdtf --help
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"

@@ -6,7 +6,7 @@
 #   scripts/preprocess_lrs3.sh --root data/LRS3/test --out_dir data/train/lrs3_npz/val
 #   NUM_SHARDS=4 scripts/preprocess_lrs3.sh --root ... --out_dir ...        # 4 processes in parallel
 #
-# Resumable: existing .npz files are skipped. Weights: checkpoints/ (`python -m data.assets check`).
+# Resumable: existing .npz files are skipped. Weights: checkpoints/ (`python -m moditalker.assets check`).
 # All flags: python -m data.preprocess lrs3 --help
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"

@@ -5,7 +5,7 @@
 #   scripts/process_audio.sh --audio clip.mp4 --out outputs/hubert/clip.npy --wav_dir outputs/audio16k
 #   scripts/process_audio.sh --audio speech.wav --random_weights        # smoke test, no weights
 #
-# Weights: checkpoints/hubert-large-ls960-ft (see `python -m data.assets check --only hubert`),
+# Weights: checkpoints/hubert-large-ls960-ft (see `python -m moditalker.assets check --only hubert`),
 # or --model <folder or hub id> [--allow_download]. All flags: --help.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"

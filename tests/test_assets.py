@@ -1,12 +1,20 @@
-"""data.assets: the registry, the presence check and its CLI, and checkpoints/README.md staying in sync."""
+"""moditalker.assets: the registry, the presence check and its CLI, checkpoints/README.md in sync."""
 
 from __future__ import annotations
 
 import pytest
 
-from data import assets
-from data.assets import ASSETS, asset_present, check_assets, default_path, main, markdown_table, require_asset
-from data.errors import UserError, cli_main
+from moditalker import assets
+from moditalker.assets import (
+    ASSETS,
+    asset_present,
+    check_assets,
+    default_path,
+    main,
+    markdown_table,
+    require_asset,
+)
+from moditalker.errors import UserError, cli_main
 
 EXPECTED_DEFAULTS = {
     "atom": "atom.pt",
@@ -48,7 +56,7 @@ def test_registry_defaults_match_the_agreed_table(ckpt):
 def test_check_reports_missing_and_present(ckpt):
     missing = check_assets()
     assert len(missing) == len(ASSETS)
-    assert all("python -m data.assets check" in line for line in missing)
+    assert all("python -m moditalker.assets check" in line for line in missing)
     _touch(ckpt / "atom.pt")
     _touch(ckpt / "BFM" / "BFM_model_front.mat")
     assert check_assets(["atom", "bfm_front"]) == []
@@ -66,7 +74,7 @@ def test_check_reports_missing_and_present(ckpt):
 def test_overrides_and_require(ckpt, tmp_path):
     other = tmp_path / "elsewhere" / "my_atom.pt"
     assert not asset_present("atom")
-    with pytest.raises(UserError, match="atom.pt.*data.assets check"):
+    with pytest.raises(UserError, match="atom.pt.*moditalker.assets check"):
         require_asset("atom")
     _touch(other)
     assert check_assets(["atom"], overrides={"atom": other}) == []
@@ -108,7 +116,7 @@ def test_cli_exit_codes(ckpt, capsys):
 def test_checkpoints_readme_has_the_current_table():
     readme = assets.REPO_ROOT / "checkpoints" / "README.md"
     text = readme.read_text()
-    assert markdown_table() in text, "regenerate the table with `python -m data.assets table`"
+    assert markdown_table() in text, "regenerate the table with `python -m moditalker.assets table`"
 
 
 def test_download_writes_where_check_looks(ckpt, monkeypatch):

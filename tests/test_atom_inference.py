@@ -13,7 +13,7 @@ from omegaconf import OmegaConf
 
 from AToM.common import as_config, build_diffusion
 from AToM.inference import generate_landmarks, load_atom, main, window_starts
-from data.errors import UserError, cli_main
+from moditalker.errors import UserError, cli_main
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -213,7 +213,10 @@ def test_cli_errors_one_line_exit_2(tiny_ckpt, bfm_dir, tmp_path, capsys):
         (["--hubert", str(tmp_path / "missing.npy"), "--ref_lm3d", r, "--checkpoint", ck], "not found"),
         (["--hubert", h, "--ref_lm3d", bad_r, "--checkpoint", ck], "[68, 3]"),
         (["--hubert", r, "--ref_lm3d", r, "--checkpoint", ck], "HuBERT features must be"),
-        (["--hubert", h, "--ref_lm3d", r, "--checkpoint", str(tmp_path / "nope.pt")], "data.assets check"),
+        (
+            ["--hubert", h, "--ref_lm3d", r, "--checkpoint", str(tmp_path / "nope.pt")],
+            "moditalker.assets check",
+        ),
         (["--hubert", h, "--ref_lm3d", r, "--checkpoint", h], "cannot read AToM checkpoint"),
         (["--hubert", h, "--ref_lm3d", r, "--checkpoint", ck, "--bfm_dir", str(tmp_path)], "BFM_model_front"),
         (["--hubert", h, "--ref_lm3d", r, "--checkpoint", ck, "--steps", "0"], "steps must be"),

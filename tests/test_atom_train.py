@@ -17,7 +17,7 @@ import torch
 from AToM.dataset import GeneFaceSource, NpzFolderSource, WindowDataset, open_sources, write_indexed_dataset
 from AToM.inference import generate_landmarks, load_atom, window_starts
 from AToM.train import main as train_main
-from data.errors import UserError, cli_main
+from moditalker.errors import UserError, cli_main
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -24,7 +24,7 @@ from data.audio import (
     main,
     resample,
 )
-from data.errors import UserError
+from moditalker.errors import UserError
 
 HIDDEN = 32
 
@@ -220,12 +220,12 @@ def test_errors_reach_the_extractor(extractor):
 
 
 def test_missing_model_points_to_assets(tmp_path):
-    with pytest.raises(UserError, match="data.assets check"):
+    with pytest.raises(UserError, match="moditalker.assets check"):
         HubertExtractor(tmp_path / "no_such_folder")
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match="config.json"):
         HubertExtractor(tmp_path / "empty")
-    with pytest.raises(UserError, match="data.assets check"):
+    with pytest.raises(UserError, match="moditalker.assets check"):
         HubertExtractor("no-such-org-xyz/no-such-hubert-xyz", local_files_only=True)
 
 
@@ -264,7 +264,7 @@ def test_cli_writes_features_wav_and_config(tmp_path, tiny_hubert_dir, capsys):
 
 
 def test_cli_too_short_exits_2(tmp_path, tiny_hubert_dir, capsys):
-    from data.errors import cli_main
+    from moditalker.errors import cli_main
 
     sf.write(tmp_path / "short.wav", _speechy(4000), 16000)  # 0.25 s < --min_duration 0.5
     argv = [
@@ -312,7 +312,7 @@ def test_cli_bad_arguments_exit_2_nothing_written(tmp_path, capsys, extra, messa
     """--hidden_size 0 / -4 and --min_duration nan were tracebacks; --out x.txt wrote .npy data to
     a .txt; a folder with one unreadable file among good ones wrote the good files' features and
     then stopped (exit 2, partial output, no config). Now every input is checked first."""
-    from data.errors import cli_main
+    from moditalker.errors import cli_main
 
     folder = tmp_path / "in"
     folder.mkdir()

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from data.errors import cli_main, describe
+from moditalker.errors import cli_main, describe
 
 REPO = Path(__file__).resolve().parents[1]
 MTOV_TINY = str(REPO / "configs" / "mtov_tiny.yaml")
@@ -78,7 +78,7 @@ def test_mtov_checkpoint_that_is_not_a_checkpoint(tmp_path, capsys):
 def test_asset_download_error_is_one_line(tmp_path, monkeypatch, capsys):
     import transformers
 
-    from data.assets import main
+    from moditalker.assets import main
 
     def offline(*args, **kwargs):
         raise OSError("We couldn't connect to 'https://huggingface.co'.\nCheck your internet connection.")

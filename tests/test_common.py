@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from data.config import load_config, save_config
-from data.device import resolve_device
-from data.errors import UserError
-from data.fileio import check_output, load_npy, save_npy
+from moditalker.config import load_config, save_config
+from moditalker.device import resolve_device
+from moditalker.errors import UserError
+from moditalker.fileio import check_output, load_npy, save_npy
 
 
 def test_resolve_device():
@@ -66,7 +66,7 @@ def test_check_output_folder_in_the_way(tmp_path):
 
 def test_cli_main_prints_one_line_and_exits_2():
     code = (
-        "from data.errors import cli_main, fail\n"
+        "from moditalker.errors import cli_main, fail\n"
         "cli_main(lambda argv: fail('input foo.npy has shape [3]; expected [68, 3]'))\n"
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)

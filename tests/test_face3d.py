@@ -8,8 +8,8 @@ import scipy.io as sio
 import torch
 from conftest import FIXTURES, load_fixture
 
-from data.errors import UserError
 from data.face3d import Face3DHelper, canonical_face_lm68, write_synthetic_bfm
+from moditalker.errors import UserError
 
 ATOL = 1e-5
 
@@ -79,7 +79,7 @@ def test_folder_and_errors(tmp_path, fx):
     folder.mkdir()
     (folder / "BFM_model_front.mat").write_bytes((FIXTURES / fx["bfm"]["file"]).read_bytes())
     assert Face3DHelper(folder).key_points.shape == (68,)
-    with pytest.raises(UserError, match="data.assets check"):
+    with pytest.raises(UserError, match="moditalker.assets check"):
         Face3DHelper(tmp_path / "nowhere")
     sio.savemat(str(tmp_path / "bad.mat"), {"meanshape": np.zeros((1, 30), np.float32)})
     with pytest.raises(UserError, match="lacks keys"):

@@ -17,7 +17,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from AToM.diffusion import GaussianDiffusion
 from AToM.model import MotionDecoder
-from data.errors import UserError
+from moditalker.errors import UserError
 from MToV.sample import autoencoder_dtype, generate_video, load_mtov
 from pipeline.benchmark import (
     STAGES,

@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 from conftest import load_fixture
 
-from data.errors import UserError
 from data.imageops import draw_dots, mask_below_nose, resize_crop, square_crop_box
+from moditalker.errors import UserError
 
 
 @pytest.fixture(scope="module")

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from data.errors import UserError
 from data.landmarks import FAN_FILE, S3FD_FILE, FaceLandmarkDetector, fill_missing, heatmaps_to_points
+from moditalker.errors import UserError
 
 
 def _lm(t: int) -> np.ndarray:
@@ -69,7 +69,7 @@ def test_heatmap_decoding():
 
 
 def test_weights_missing_and_random_networks(tmp_path, monkeypatch):
-    with pytest.raises(UserError, match="data.assets check"):
+    with pytest.raises(UserError, match="moditalker.assets check"):
         FaceLandmarkDetector(weights_dir=tmp_path / "none")
     from face_alignment.detection.sfd.net_s3fd import s3fd
     from face_alignment.models import FAN

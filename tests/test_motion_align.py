@@ -8,7 +8,7 @@ import torch
 from conftest import load_fixture
 
 from data import motion_align as ma
-from data.errors import UserError
+from moditalker.errors import UserError
 
 
 @pytest.fixture(scope="module")
@@ -139,8 +139,8 @@ def _inputs(tmp_path, n_ref: int = 3, t: int = 7):
 def test_cli_random_weights_plays_reference_back_and_forth(tmp_path):
     import cv2
 
-    from data.errors import cli_main
     from data.video import probe
+    from moditalker.errors import cli_main
 
     _, lm = _inputs(tmp_path)
     out = tmp_path / "out"
@@ -213,7 +213,7 @@ def test_cli_bad_arguments_fail_before_writing(tmp_path, capsys, extra, message)
     """A bad --audio failed only after aligned_lm68.npy, the reference arrays and the PNGs had been
     written (partial output, exit 2); --fps 0 exited 0, --fps -1/nan and --batch_size 0 were
     tracebacks. Now: one line, exit 2, nothing in the output folder."""
-    from data.errors import cli_main
+    from moditalker.errors import cli_main
 
     _inputs(tmp_path)
     (tmp_path / "text.wav").write_text("not audio")

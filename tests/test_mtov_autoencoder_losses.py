@@ -6,7 +6,7 @@ import pytest
 import torch
 import torchvision
 
-from data.errors import UserError
+from moditalker.errors import UserError
 from MToV.losses import (
     AELossWeights,
     AutoencoderLoss,
@@ -51,7 +51,7 @@ def test_lpips_reads_a_local_torchvision_vgg16(tmp_path):
 
 
 def test_lpips_missing_or_bad_file(tmp_path):
-    with pytest.raises(UserError, match=r"python -m data.assets check"):
+    with pytest.raises(UserError, match=r"python -m moditalker.assets check"):
         build_lpips(tmp_path / "missing.pth")
     bad = tmp_path / "bad.pth"
     torch.save({"features.0.weight": torch.zeros(1)}, bad)

@@ -7,9 +7,9 @@ import pytest
 import torch
 from mtov_synth import write_synthetic_hdtf
 
-from data.errors import UserError
 from data.imageops import mask_below_nose, resize_crop
 from data.motion_align import render_landmarks
+from moditalker.errors import UserError
 from MToV.dataset import HDTFClipDataset, read_rgb, select_ids
 
 

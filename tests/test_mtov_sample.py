@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from data.errors import UserError
+from moditalker.errors import UserError
 from MToV.sample import generate_video, load_mtov, main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -270,7 +270,7 @@ def test_sampler_that_would_not_denoise_is_refused(models):
 def test_cli_bad_settings_fail_before_sampling(tmp_path, capsys, extra, message):
     """Each of these was a traceback, or exit 0 with a noise video, or (--audio) an error only after
     the whole sampling; now one line, exit 2, before any network is built, nothing written."""
-    from data.errors import cli_main
+    from moditalker.errors import cli_main
 
     _write_reference(tmp_path / "ref", 2)
     np.save(tmp_path / "aligned.npy", np.full((3, 68, 2), 20.0, np.float32))

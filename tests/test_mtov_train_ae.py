@@ -9,7 +9,7 @@ import pytest
 import torch
 from mtov_synth import write_synthetic_hdtf
 
-from data.errors import UserError
+from moditalker.errors import UserError
 from MToV.models import ViTAutoencoder
 from MToV.models.autoencoder import load_autoencoder_weights
 from MToV.train_autoencoder import main
@@ -131,7 +131,7 @@ def test_gan_phase_with_accumulation(synth, tmp_path):
 
 
 def test_cli_error_exit_code(tmp_path, capsys):
-    from data.errors import cli_main
+    from moditalker.errors import cli_main
 
     with pytest.raises(SystemExit) as exc:
         cli_main(

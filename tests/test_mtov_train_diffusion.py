@@ -11,8 +11,8 @@ import torch
 from mtov_synth import write_synthetic_hdtf
 from torch import nn
 
-from data.errors import UserError
-from MToV.ema import EMA
+from moditalker.errors import UserError
+from moditalker.training.ema import LitEMA
 from MToV.sample import generate_video, load_mtov
 from MToV.train_diffusion import main
 
@@ -22,7 +22,7 @@ TINY = str(REPO / "configs" / "mtov_tiny.yaml")
 
 def test_ema_decay_schedule():
     net = nn.Linear(2, 1)
-    ema = EMA(net, decay=0.9999)
+    ema = LitEMA(net, decay=0.9999)
     start = net.weight.detach().clone()
     with torch.no_grad():
         net.weight.add_(1.0)

@@ -13,8 +13,8 @@ import soundfile as sf
 import torch
 from omegaconf import OmegaConf
 
-from data.errors import cli_main
 from data.video import probe
+from moditalker.errors import cli_main
 from pipeline.cache import WorkCache, stable_key
 from pipeline.inference import build_parser, main, resolve_config, run_inference
 from pipeline.sample_data import reference_frames, write_reference_image, write_reference_video, write_speech
@@ -156,7 +156,7 @@ def test_missing_assets_listed_before_work(inputs, tmp_path, capsys):
     named = "\n".join(lines[1:])
     for part in ("atom", "autoencoder_rgb", "autoencoder_motion", "diffusion_model", "BFM_model_front.mat"):
         assert part in named
-    assert len(lines) == 10 and all("python -m data.assets check" in line for line in lines[1:])
+    assert len(lines) == 10 and all("python -m moditalker.assets check" in line for line in lines[1:])
     assert stdout == "" and not out.exists() and not (tmp_path / "o_work").exists()
 
 

@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 
 from data.audio import HubertExtractor, hubert_num_frames
-from data.errors import UserError, cli_main
 from data.face3d import Face3DHelper, canonical_face_lm68, write_synthetic_bfm
 from data.imageops import resize_crop
 from data.motion_align import align_landmarks, compute_rotation_matrix, lm68_to_lm5, rigid_transform
@@ -28,6 +27,7 @@ from data.preprocess import (
     select_shard,
 )
 from data.video import read_video, write_video
+from moditalker.errors import UserError, cli_main
 
 N_FRAMES = 50  # 2 s at 25 fps
 HUBERT_DIM = 32

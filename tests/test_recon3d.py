@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from data.errors import UserError
 from data.face3d import canonical_face_lm68, write_synthetic_bfm
 from data.motion_align import lm68_to_lm5
 from data.recon3d import FaceReconstructor, ReconNet, align_crop, load_lm3d_std
+from moditalker.errors import UserError
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +38,7 @@ def _face_frames(n: int, height: int = 200, width: int = 160, px_per_unit: float
 
 def test_template_from_similarity_file(bfm):
     np.testing.assert_allclose(load_lm3d_std(bfm), lm68_to_lm5(canonical_face_lm68()), atol=1e-12)
-    with pytest.raises(UserError, match="data.assets check"):
+    with pytest.raises(UserError, match="moditalker.assets check"):
         load_lm3d_std(bfm / "missing")
 
 
@@ -94,6 +94,6 @@ def test_checkpoint_layouts(tmp_path, bfm, recon):
     torch.save({"net_recon": {"conv.weight": torch.zeros(1)}}, tmp_path / "wrong.pth")
     with pytest.raises(UserError, match="does not match"):
         FaceReconstructor(weights=tmp_path / "wrong.pth", bfm_dir=bfm)
-    with pytest.raises(UserError, match="data.assets check"):
+    with pytest.raises(UserError, match="moditalker.assets check"):
         FaceReconstructor(weights=tmp_path / "absent.pth", bfm_dir=bfm)
     assert isinstance(recon.net, ReconNet)

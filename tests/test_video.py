@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data.errors import UserError
 from data.video import probe, read_image, read_video, write_video
+from moditalker.errors import UserError
 
 
 def _ramp_video(n: int, h: int = 64, w: int = 96) -> np.ndarray:

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from data.errors import UserError, describe
+from moditalker.checkpoint import load_strict, read_checkpoint, unwrap_state_dict
 from MToV.models.timesformer import TimeSformerDecoder, TimeSformerEncoder
 
 #: The official constructor arguments (``configs/autoencoder/base.yaml`` of the original; the RGB and
@@ -326,28 +326,9 @@ def load_autoencoder_weights(
 ) -> ViTAutoencoder:
     """Load an official-layout checkpoint (plain state_dict; ``{"model"|"state_dict": ...}`` also
     accepted) into ``model`` strictly, turning a missing file or a size/key mismatch into a UserError."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{what} checkpoint not found: {path}; see `python -m data.assets check`")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - corrupt/foreign files are the user's to fix
-        raise UserError(f"cannot read {what} checkpoint {path}: {describe(exc)}") from exc
-    if isinstance(state, dict):
-        for key in ("model", "state_dict"):
-            if isinstance(state.get(key), dict):
-                state = state[key]
-                break
-    if not isinstance(state, dict):
-        raise UserError(f"{path} does not hold a state_dict")
-    state = {k.removeprefix("module."): v for k, v in state.items()}
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
-        first = str(exc).strip().splitlines()
-        raise UserError(
-            f"{what} checkpoint {path} does not match the configured model "
-            f"(embed_dim={model.embed_dim}, channels={model.channels}, resolution={model.res}, "
-            f"timesteps={model.timesteps}, splits={model.splits}): {' '.join(first[:3])[:400]}"
-        ) from exc
-    return model
+    state = unwrap_state_dict(read_checkpoint(path, what), path)
+    sizes = (
+        f"embed_dim={model.embed_dim}, channels={model.channels}, resolution={model.res}, "
+        f"timesteps={model.timesteps}, splits={model.splits}"
+    )
+    return load_strict(model, state, path, f"{what} checkpoint", sizes)

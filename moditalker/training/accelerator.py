@@ -1,34 +1,15 @@
-"""Device selection, the only place that names CUDA (``--device auto|cpu|cuda|cuda:N``), and the
-trainers' accelerate set-up checks."""
+"""The trainers' accelerate set-up: one process group that matches the launcher, and training
+loaders that cannot spin forever."""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 
 import torch
+from torch.utils.data import DataLoader
 
-from data.errors import UserError
-
-
-def resolve_device(spec: str | torch.device | None = "auto") -> torch.device:
-    """Turn ``auto|cpu|cuda|cuda:N|mps`` into a ``torch.device``; ``auto`` picks CUDA when present."""
-    if isinstance(spec, torch.device):
-        return spec
-    spec = (spec or "auto").strip().lower()
-    if spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(spec)
-    except RuntimeError as exc:
-        raise UserError(f"unknown device {spec!r}; use auto, cpu, cuda or cuda:N") from exc
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise UserError(f"device {spec!r} requested but CUDA is not available; use --device cpu")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise UserError(f"device {spec!r} does not exist ({torch.cuda.device_count()} CUDA devices)")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise UserError("device 'mps' requested but MPS is not available; use --device cpu")
-    return device
+from moditalker.errors import UserError
 
 
 def start_accelerator(name: str, **kwargs):
@@ -66,6 +47,13 @@ def check_train_loader(
         )
 
 
-def is_main_rank() -> bool:
-    """True in a single process and in rank 0 of a launched group (``RANK`` from torchrun)."""
-    return int(os.environ.get("RANK", "0") or 0) == 0
+def infinite(loader: DataLoader) -> Iterator[dict]:
+    """Cycle over ``loader`` forever (a new shuffle each pass); a pass with no batch is an error, not
+    an endless loop."""
+    while True:
+        empty = True
+        for batch in loader:
+            empty = False
+            yield batch
+        if empty:
+            raise UserError("the training loader gave no batch; lower train.batch_size or add training data")

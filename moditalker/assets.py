@@ -2,13 +2,13 @@
 
 Nothing here is downloaded at import or at run time by the rest of the code: each loader takes a
 path (defaults below, all overridable by flags/configs) and, when the file is missing, fails with
-a message that ends with "see `python -m data.assets check`". This module is that check::
+a message that ends with "see `python -m moditalker.assets check`". This module is that check::
 
-    python -m data.assets check                     # every asset; exit 2 when one is missing
-    python -m data.assets check --only hubert bfm_front
-    python -m data.assets check --set hubert=/models/hubert   # check a non-default location
-    python -m data.assets table                     # the Markdown table of checkpoints/README.md
-    python -m data.assets download                  # fetch HuBERT, FAN/s3fd, VGG16 (needs network)
+    python -m moditalker.assets check                     # every asset; exit 2 when one is missing
+    python -m moditalker.assets check --only hubert bfm_front
+    python -m moditalker.assets check --set hubert=/models/hubert   # check a non-default location
+    python -m moditalker.assets table                     # the Markdown table of checkpoints/README.md
+    python -m moditalker.assets download                  # fetch HuBERT, FAN/s3fd, VGG16 (needs network)
 
 Default paths are relative to the checkpoints folder, which is ``<repo>/checkpoints`` unless the
 environment variable ``MODITALKER_CHECKPOINTS`` names another folder.
@@ -22,7 +22,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from data.errors import UserError, cli_main, describe
+from moditalker.errors import UserError, cli_main, describe
 
 __all__ = [
     "Asset",
@@ -40,7 +40,7 @@ __all__ = [
 ]
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-CHECK_HINT = "see `python -m data.assets check`"
+CHECK_HINT = "see `python -m moditalker.assets check`"
 
 
 @dataclass(frozen=True)
@@ -276,7 +276,7 @@ def download_asset(name: str, path: str | Path | None = None) -> Path:
 
     Needs network access; files are written atomically, existing complete assets are left alone.
     """
-    from data.fileio import atomic_path
+    from moditalker.fileio import atomic_path
 
     asset = _asset(name)
     dest = Path(path) if path is not None else default_path(name)
@@ -328,7 +328,8 @@ def _parse_sets(items: Sequence[str]) -> dict[str, str]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
-        prog="python -m data.assets", description="List the external files (weights, BFM) and check them."
+        prog="python -m moditalker.assets",
+        description="List the external files (weights, BFM) and check them.",
     )
     sub = ap.add_subparsers(dest="command", required=True)
     chk = sub.add_parser("check", help="report present/missing assets; exit 2 when one is missing")

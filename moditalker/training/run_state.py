@@ -1,4 +1,4 @@
-"""Resumable run folders shared by the MToV trainers (autoencoder and diffusion).
+"""Resumable run folders of the accelerate trainers (the MToV autoencoder and diffusion trainers).
 
 ``<out_dir>/state`` holds the accelerate state plus ``trainer.json`` (step and trainer extras). It is
 written to ``state.tmp`` and swapped in, so a crash at any moment leaves one valid copy
@@ -7,28 +7,11 @@ written to ``state.tmp`` and swapped in, so a crash at any moment leaves one val
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 
-from torch.utils.data import DataLoader
-
-from data.device import is_main_rank
-from data.errors import UserError
-
-
-def infinite(loader: DataLoader) -> Iterator[dict]:
-    """Cycle over ``loader`` forever (a new shuffle each pass); a pass with no batch is an error, not
-    an endless loop."""
-    while True:
-        empty = True
-        for batch in loader:
-            empty = False
-            yield batch
-        if empty:
-            raise UserError("the training loader gave no batch; lower train.batch_size or add training data")
+from moditalker.errors import UserError
 
 
 def save_state(accelerator, out_dir: Path, info: dict) -> None:
@@ -84,30 +67,3 @@ def prepare_run_dir(out_dir: Path, resume: bool, overwrite: bool) -> Path | None
             elif p.exists():
                 p.unlink()
     return state_dir
-
-
-def add_run_arguments(p: argparse.ArgumentParser, default_config: str) -> None:
-    """The command-line options both MToV trainers share (see :func:`apply_run_arguments`)."""
-    p.add_argument("--config", default=default_config, help="YAML config (OmegaConf)")
-    p.add_argument("--out_dir", default=None, help="run folder (overrides out_dir in the config)")
-    p.add_argument("--device", default=None, help="auto|cpu|cuda|cuda:N (overrides train.device)")
-    p.add_argument("--no_resume", action="store_true", help="ignore {out_dir}/state (needs --overwrite)")
-    p.add_argument("--overwrite", action="store_true", help="allow writing into a non-empty out_dir")
-    p.add_argument("--no_progress", action="store_true", help="no tqdm bar")
-    p.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. train.max_steps=1000")
-
-
-def apply_run_arguments(cfg, args: argparse.Namespace) -> None:
-    """Write ``--out_dir`` / ``--device`` into ``cfg``; ``--no_resume`` needs ``--overwrite``."""
-    if args.out_dir is not None:
-        cfg.out_dir = args.out_dir
-    if args.device is not None:
-        cfg.train.device = args.device
-    if args.no_resume and not args.overwrite:
-        raise UserError("--no_resume restarts the run in place; add --overwrite to confirm")
-
-
-def print_summary(summary: dict) -> None:
-    """The trainer's one JSON result line, printed by rank 0 only."""
-    if is_main_rank():
-        print(json.dumps(summary))

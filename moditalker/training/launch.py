@@ -1,7 +1,7 @@
-"""``python -m data.launch [accelerate launch options] -m MODULE [args]``: ``accelerate launch`` for the
-training scripts, with a one-line ending when a process fails.
+"""``python -m moditalker.training.launch [accelerate launch options] -m MODULE [args]``: ``accelerate
+launch`` for the training scripts, with a one-line ending when a process fails.
 
-Each failing rank already prints its own one-line ``error: ...`` (``data.errors.cli_main``); the
+Each failing rank already prints its own one-line ``error: ...`` (``moditalker.errors.cli_main``); the
 launcher's traceback (torchrun's ``ChildFailedError``) is replaced by one summary line, and the exit
 status is the first failing rank's (2 for a bad input or missing asset).
 """

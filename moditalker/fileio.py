@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from data.errors import UserError, describe
+from moditalker.errors import UserError, describe
 
 
 @contextmanager

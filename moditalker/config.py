@@ -9,8 +9,8 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from data.errors import UserError, describe
-from data.fileio import atomic_write_text
+from moditalker.errors import UserError, describe
+from moditalker.fileio import atomic_write_text
 
 
 def load_config(

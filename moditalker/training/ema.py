@@ -1,16 +1,22 @@
-"""Exponential moving average of a model's parameters (the original's LitEma behaviour).
+"""Exponential moving averages of a model's parameters, both kinds the trainers use, side by side.
 
-Decay ``min(decay, (1 + n) / (10 + n))`` with ``n`` the number of updates so far, so early updates
-follow the model closely; buffers are copied as they are.
+* :class:`LitEMA` (MToV diffusion, the original's LitEma): decay ``min(decay, (1 + n) / (10 + n))``
+  with ``n`` the number of updates so far, so early updates follow the model closely; the averages
+  are buffers of the EMA module itself (saved with the accelerate state), buffers are not averaged.
+* :class:`ModelEMA` (AToM, the original's EDGE-style EMA): a frozen deep copy of the model, fixed
+  decay, parameters lerped in one foreach call, buffers copied; the copy's ``state_dict`` is the
+  checkpoint's ``ema_state_dict``.
 """
 
 from __future__ import annotations
+
+import copy
 
 import torch
 from torch import nn
 
 
-class EMA(nn.Module):
+class LitEMA(nn.Module):
     """Shadow copies of ``model``'s floating-point parameters, updated by :meth:`update`."""
 
     def __init__(self, model: nn.Module, decay: float = 0.9999) -> None:
@@ -52,3 +58,19 @@ class EMA(nn.Module):
         for name, shadow in self._buffers_by_name().items():
             state[name] = shadow.detach().cpu().to(state[name].dtype).clone()
         return state
+
+
+class ModelEMA:
+    """A frozen copy of ``model`` whose parameters follow it with a fixed ``decay`` (buffers copied)."""
+
+    def __init__(self, model: nn.Module, decay: float) -> None:
+        self.decay = decay
+        self.model = copy.deepcopy(model).eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        ema_p = list(self.model.parameters())
+        cur_p = [p.detach().to(e.dtype) for p, e in zip(model.parameters(), ema_p)]
+        torch._foreach_lerp_(ema_p, cur_p, 1.0 - self.decay)
+        for e, b in zip(self.model.buffers(), model.buffers()):
+            e.copy_(b)

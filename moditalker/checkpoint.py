@@ -1,0 +1,87 @@
+"""The one way checkpoints are read and loaded: ``torch.load(weights_only=True)`` on the CPU, and a
+strict ``load_state_dict`` whose mismatch is reported in one format for every network:
+
+    ``<what> <path> does not match the configured model (<sizes>): 3 missing (e.g. k); 1 unexpected
+    (e.g. k); 2 with other shapes (e.g. k: (4, 8) vs (8, 8)); <fix>``
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from moditalker.errors import UserError, describe
+
+CHECK_HINT = "see `python -m moditalker.assets check`"
+
+
+def read_checkpoint(path: str | Path, what: str, hint: str = CHECK_HINT) -> object:
+    """``torch.load`` a checkpoint on the CPU (weights only: no code runs); a missing or unreadable
+    file is one :class:`UserError` line naming ``what`` and the path."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{what} checkpoint not found: {path}; {hint}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unpickling failure means a bad or foreign file
+        raise UserError(f"cannot read {what} checkpoint {path}: {describe(exc)}") from exc
+
+
+def unwrap_state_dict(
+    obj: object, path: str | Path, wrappers: Sequence[str] = ("model", "state_dict")
+) -> dict:
+    """The state_dict inside ``obj``: ``obj[key]`` for the first of ``wrappers`` that holds a mapping,
+    else ``obj`` itself; a ``module.`` prefix (DDP) is dropped. Anything else is a UserError."""
+    if isinstance(obj, Mapping):
+        for key in wrappers:
+            if isinstance(obj.get(key), Mapping):
+                obj = obj[key]
+                break
+    if not isinstance(obj, Mapping) or not obj:
+        raise UserError(f"{path} does not hold a state_dict")
+    return strip_module_prefix(dict(obj))
+
+
+def strip_module_prefix(state: Mapping[str, torch.Tensor]) -> dict:
+    """Drop a ``module.`` prefix (checkpoints saved from DDP)."""
+    return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+def mismatch(own: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor]) -> str:
+    """How ``state`` differs from ``own`` (a model's state_dict) in keys and shapes; "" when it fits."""
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    wrong = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} missing (e.g. {missing[0]})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]})")
+    if wrong:
+        k = wrong[0]
+        parts.append(
+            f"{len(wrong)} with other shapes (e.g. {k}: {tuple(state[k].shape)} vs {tuple(own[k].shape)})"
+        )
+    return "; ".join(parts)
+
+
+def load_strict(
+    model: nn.Module,
+    state: Mapping[str, torch.Tensor],
+    path: str | Path,
+    what: str,
+    sizes: str = "",
+    fix: str = "pass the --config the checkpoint was trained with",
+) -> nn.Module:
+    """``model.load_state_dict(state, strict=True)``; a key or shape mismatch is one UserError line in
+    the format of this module's docstring (``sizes`` describes the configured model)."""
+    state = strip_module_prefix(state)
+    problem = mismatch(model.state_dict(), state)
+    if problem:
+        about = f" ({sizes})" if sizes else ""
+        raise UserError(f"{what} {path} does not match the configured model{about}: {problem}; {fix}")
+    model.load_state_dict(state, strict=True)
+    return model

@@ -1,0 +1,54 @@
+"""Device selection (the only place that names CUDA: ``--device auto|cpu|cuda|cuda:N``), what the
+device can do (bf16 matrix units) and which process of a launched group this is."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from moditalker.errors import UserError
+
+
+def resolve_device(spec: str | torch.device | None = "auto") -> torch.device:
+    """Turn ``auto|cpu|cuda|cuda:N|mps`` into a ``torch.device``; ``auto`` picks CUDA when present."""
+    if isinstance(spec, torch.device):
+        return spec
+    spec = (spec or "auto").strip().lower()
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(spec)
+    except RuntimeError as exc:
+        raise UserError(f"unknown device {spec!r}; use auto, cpu, cuda or cuda:N") from exc
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"device {spec!r} requested but CUDA is not available; use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UserError(f"device {spec!r} does not exist ({torch.cuda.device_count()} CUDA devices)")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise UserError("device 'mps' requested but MPS is not available; use --device cpu")
+    return device
+
+
+def is_main_rank() -> bool:
+    """True in a single process and in rank 0 of a launched group (``RANK`` from torchrun)."""
+    return int(os.environ.get("RANK", "0") or 0) == 0
+
+
+def bf16_supported(device: torch.device) -> bool:
+    """Whether ``device`` runs bf16 matrix products natively (CUDA with bf16, or a CPU whose oneDNN
+    has bf16 kernels: AVX512-BF16 or AMX). Code paths are chosen by this, never by CPU name."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        try:
+            return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        except (AttributeError, RuntimeError):
+            return False
+    return False
+
+
+def autocast(device: torch.device, dtype: torch.dtype):
+    """bf16 autocast on ``device`` when ``dtype`` is bf16, else a no-op context."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16)
