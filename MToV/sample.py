@@ -41,12 +41,12 @@ from moditalker.config import load_config, save_config
 from moditalker.constants import FPS, SAMPLE_RATE
 from moditalker.device import autocast, bf16_supported, resolve_device
 from moditalker.errors import UserError, cli_main
+from moditalker.fileio import repo_path
 from moditalker.timing import StageTimer
 from MToV.diffusion import DDPM, ddim_times
 from MToV.models.autoencoder import OFFICIAL_CONFIG, ViTAutoencoder, load_autoencoder_weights
 from MToV.models.unet import DiffusionWrapper, UNetModel
 
-REPO = Path(__file__).resolve().parents[1]
 _StageTimer = StageTimer  # the benchmark swaps the clock through this name (until it has a seam)
 
 #: Model settings shared by sampling and diffusion training (the official full-size values).
@@ -117,7 +117,7 @@ class MToVModels:
 def model_config(config: str | Path | Mapping | DictConfig | None = None) -> DictConfig:
     """MODEL_DEFAULTS <- ``config`` (YAML path or mapping): the config of :func:`load_mtov`."""
     if config is None or isinstance(config, str | Path):
-        return load_config(None if config is None else _repo_path(str(config)), (), MODEL_DEFAULTS)
+        return load_config(None if config is None else repo_path(str(config)), (), MODEL_DEFAULTS)
     return OmegaConf.merge(OmegaConf.create(MODEL_DEFAULTS), OmegaConf.create(config))
 
 
@@ -183,16 +183,11 @@ def load_mtov(
         m_rgb, m_ldmk, m_unet = build_models(cfg)
     if not random_weights:
         ck = cfg.checkpoints
-        load_autoencoder_weights(m_rgb, ae_rgb or _repo_path(ck.ae_rgb), "MToV RGB autoencoder")
-        load_autoencoder_weights(m_ldmk, ae_ldmk or _repo_path(ck.ae_ldmk), "MToV landmark autoencoder")
-        load_unet_weights(m_unet, unet or _repo_path(ck.unet))
+        load_autoencoder_weights(m_rgb, ae_rgb or repo_path(ck.ae_rgb), "MToV RGB autoencoder")
+        load_autoencoder_weights(m_ldmk, ae_ldmk or repo_path(ck.ae_ldmk), "MToV landmark autoencoder")
+        load_unet_weights(m_unet, unet or repo_path(ck.unet))
     nets = [n.to(dev).eval().requires_grad_(False) for n in (m_rgb, m_ldmk, m_unet)]
     return MToVModels(nets[0], nets[1], nets[2], cfg, dev)
-
-
-def _repo_path(p: str) -> Path:
-    path = Path(p)
-    return path if path.is_absolute() or path.exists() else REPO / path
 
 
 def clip_generator(seed: int, clip: int, device: torch.device) -> torch.Generator:
@@ -575,7 +570,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     from moditalker.fileio import check_output, load_npy
 
     args = build_parser().parse_intermixed_args(argv)
-    cfg = load_config(_repo_path(args.config) if args.config else None, args.overrides, MODEL_DEFAULTS)
+    cfg = load_config(repo_path(args.config) if args.config else None, args.overrides, MODEL_DEFAULTS)
     for flag, key in (
         ("batch_size", "batch_size"),
         ("seed", "seed"),

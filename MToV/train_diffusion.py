@@ -33,7 +33,7 @@ from tqdm import tqdm
 from moditalker.config import load_config, save_config
 from moditalker.device import resolve_device
 from moditalker.errors import UserError, cli_main
-from moditalker.fileio import torch_save
+from moditalker.fileio import repo_path, torch_save
 from moditalker.training.accelerator import check_train_loader, infinite, start_accelerator
 from moditalker.training.ema import LitEMA
 from moditalker.training.options import add_run_arguments, apply_run_arguments, print_summary
@@ -41,7 +41,7 @@ from moditalker.training.run_state import prepare_run_dir, read_state_info, save
 from MToV.dataset import build_dataset, data_defaults
 from MToV.diffusion import DDPM
 from MToV.models.autoencoder import load_autoencoder_weights
-from MToV.sample import MODEL_DEFAULTS, _repo_path, build_models, load_unet_weights
+from MToV.sample import MODEL_DEFAULTS, build_models, load_unet_weights
 
 DEFAULTS: dict = OmegaConf.to_container(
     OmegaConf.merge(
@@ -129,8 +129,8 @@ def train(cfg: DictConfig, resume: bool = True, overwrite: bool = False, progres
     ae_rgb, ae_ldmk, unet = build_models(cfg)
     if not cfg.random_autoencoders:
         ck = cfg.checkpoints
-        load_autoencoder_weights(ae_rgb, _repo_path(ck.ae_rgb), "MToV RGB autoencoder")
-        load_autoencoder_weights(ae_ldmk, _repo_path(ck.ae_ldmk), "MToV landmark autoencoder")
+        load_autoencoder_weights(ae_rgb, repo_path(ck.ae_rgb), "MToV RGB autoencoder")
+        load_autoencoder_weights(ae_ldmk, repo_path(ck.ae_ldmk), "MToV landmark autoencoder")
     if state_dir is None and cfg.init_unet:
         load_unet_weights(unet, cfg.init_unet)
     for ae in (ae_rgb, ae_ldmk):
@@ -257,7 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> dict:
     args = build_parser().parse_intermixed_args(argv)
-    cfg = load_config(_repo_path(args.config), args.overrides, DEFAULTS)
+    cfg = load_config(repo_path(args.config), args.overrides, DEFAULTS)
     if args.ae_rgb is not None:
         cfg.checkpoints.ae_rgb = args.ae_rgb
     if args.ae_ldmk is not None:

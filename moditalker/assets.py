@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from moditalker.errors import UserError, cli_main, describe
+from moditalker.fileio import REPO_ROOT
 
 __all__ = [
     "Asset",
@@ -39,7 +40,6 @@ __all__ = [
     "main",
 ]
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 CHECK_HINT = "see `python -m moditalker.assets check`"
 
 

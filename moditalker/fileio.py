@@ -1,4 +1,5 @@
-"""Atomic writes (temp file in the same folder, then rename) and the no-overwrite rule."""
+"""Paths and files: the repository root, atomic writes (temp file in the same folder, then rename),
+the no-overwrite rule and checked ``.npy`` reading."""
 
 from __future__ import annotations
 
@@ -12,6 +13,16 @@ import numpy as np
 import torch
 
 from moditalker.errors import UserError, describe
+
+#: The repository (source checkout) root: configs/ and checkpoints/ defaults are relative to it.
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def repo_path(path: str | Path) -> Path:
+    """``path`` as given when it is absolute or exists from the working folder, else relative to the
+    repository root (so ``configs/mtov_tiny.yaml`` works from any folder)."""
+    path = Path(path)
+    return path if path.is_absolute() or path.exists() else REPO_ROOT / path
 
 
 @contextmanager
