@@ -27,10 +27,11 @@ import torch
 from scipy.signal import resample_poly
 from tqdm import tqdm
 
+from data.video import media_problem
 from moditalker.constants import SAMPLE_RATE
 from moditalker.device import resolve_device
 from moditalker.errors import UserError, cli_main
-from moditalker.fileio import atomic_path, check_output, save_npy
+from moditalker.fileio import atomic_path, check_output, require_file, save_npy
 
 __all__ = [
     "SAMPLE_RATE",
@@ -120,9 +121,7 @@ def load_audio(path: str | Path, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
     mono (the original kept channel 0 only; averaging is the usual downmix and equal for dual-mono
     recordings) and the signal is resampled with a polyphase low-pass filter.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"audio file not found: {path}")
+    path = require_file(path, "audio file")
     readers = (_read_soundfile, _read_pyav)
     if path.suffix.lower() not in _SOUNDFILE_FIRST:
         readers = (_read_pyav, _read_soundfile)
@@ -134,11 +133,12 @@ def load_audio(path: str | Path, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
         except UserError:
             raise
         except (sf.LibsndfileError, RuntimeError, av.FFmpegError, OSError, ValueError, TypeError) as exc:
-            errors.append(f"{reader.__name__.strip('_')}: {exc}")
+            errors.append(exc)
     else:
+        pyav = next((e for e in errors if isinstance(e, av.FFmpegError)), errors[-1])
         raise UserError(
-            f"cannot read audio from {path} ({'; '.join(errors)}); pass a wav, flac, mp3 or m4a file "
-            "or a video with an audio track"
+            f"cannot read audio from {path}: {media_problem(path, pyav)}; pass a wav, flac, mp3 or m4a "
+            "file or a video with an audio track"
         )
     if data.shape[0] == 0:
         raise UserError(f"{path} contains no audio samples; pass a file with speech in it")

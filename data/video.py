@@ -20,9 +20,18 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from moditalker.constants import FPS, SAMPLE_RATE
 from moditalker.errors import UserError, describe
-from moditalker.fileio import atomic_path
+from moditalker.fileio import atomic_path, require_file
 
-__all__ = ["read_video", "read_image", "write_video", "probe", "frame_times"]
+__all__ = [
+    "read_video",
+    "read_image",
+    "read_frame_folder",
+    "write_frame_folder",
+    "write_video",
+    "probe",
+    "frame_times",
+    "media_problem",
+]
 
 
 def _open(path: str | Path, what: str = "video") -> av.container.InputContainer:
@@ -35,7 +44,19 @@ def _open(path: str | Path, what: str = "video") -> av.container.InputContainer:
         return av.open(str(path), mode="r")
     except (av.FFmpegError, OSError, ValueError) as exc:
         kind = "video" if what == "video" else "audio or video"
-        raise UserError(f"cannot read {what} {path}: {describe(exc)}; is it a valid {kind} file?") from exc
+        raise UserError(f"cannot read {what} {path}: {media_problem(path, exc, kind)}") from exc
+
+
+def media_problem(path: str | Path, exc: BaseException, kind: str = "audio or video") -> str:
+    """Why a decoder refused ``path``, in words: an empty file, a file that is no media at all (FFmpeg's
+    ``[Errno 1094995529] Invalid data found ...``), or the decoder's own first line."""
+    path = Path(path)
+    if path.is_file() and path.stat().st_size == 0:
+        return "the file is empty"
+    if isinstance(exc, av.InvalidDataError) or "Invalid data found" in str(exc):
+        article = "an" if kind[0] in "aeiou" else "a"
+        return f"not {article} {kind} file that FFmpeg can decode (another format, or damaged)"
+    return f"{describe(exc)}; is it a valid {kind} file?"
 
 
 def _check_fps(fps: float) -> None:
@@ -135,9 +156,7 @@ def read_video(
 
 def read_image(path: str | Path) -> np.ndarray:
     """Read an image file as uint8 RGB ``[H, W, 3]`` (EXIF orientation applied)."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"image file not found: {path}")
+    path = require_file(path, "image file")
     try:
         with Image.open(path) as im:
             im = ImageOps.exif_transpose(im)

@@ -22,12 +22,43 @@ def read_checkpoint(path: str | Path, what: str, hint: str = CHECK_HINT) -> obje
     """``torch.load`` a checkpoint on the CPU (weights only: no code runs); a missing or unreadable
     file is one :class:`UserError` line naming ``what`` and the path."""
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{what} checkpoint {path} is a folder, not a checkpoint file; {hint}")
     if not path.is_file():
         raise UserError(f"{what} checkpoint not found: {path}; {hint}")
+    problem = _not_a_checkpoint(path)
+    if problem:
+        raise UserError(f"cannot read {what} checkpoint {path}: {problem}")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unpickling failure means a bad or foreign file
-        raise UserError(f"cannot read {what} checkpoint {path}: {describe(exc)}") from exc
+        raise UserError(f"cannot read {what} checkpoint {path}: {_load_error(exc)}") from exc
+
+
+def _not_a_checkpoint(path: Path) -> str:
+    """Why ``path`` cannot be a torch checkpoint, judged from its first bytes ("" when it may be one)."""
+    with open(path, "rb") as f:
+        head = f.read(512)
+    if not head:
+        return "the file is empty (an interrupted download or copy?); download it again"
+    text = head.lstrip().lower()
+    if text.startswith((b"<!doctype html", b"<html", b"<head", b"<?xml")):
+        return (
+            "it is a web page, not a checkpoint (a Google Drive download often saves the 'cannot scan "
+            "for viruses' page instead of the file); download it again, confirming the warning page"
+        )
+    return ""
+
+
+def _load_error(exc: BaseException) -> str:
+    """torch.load's failure in one line, without its advice to retry with ``weights_only=False``
+    (wrong for a damaged file, and unsafe for a foreign one)."""
+    text = describe(exc)
+    if "weights_only" in text or "Weights only load failed" in text:
+        return "not a checkpoint of plain tensors, or a damaged file; download it again"
+    if isinstance(exc, (EOFError, RuntimeError)) and ("zip" in text.lower() or "EOF" in type(exc).__name__):
+        return "the file is truncated or damaged (an interrupted download?); download it again"
+    return text[:200]
 
 
 def unwrap_state_dict(

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -35,6 +35,7 @@ def atomic_path(path: str | Path, suffix: str | None = None) -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix or path.suffix, dir=path.parent)
+    os.fchmod(fd, 0o666 & ~current_umask())  # mkstemp makes 0600; a normal write follows the umask
     os.close(fd)
     tmp_path = Path(tmp)
     try:
@@ -43,6 +44,35 @@ def atomic_path(path: str | Path, suffix: str | None = None) -> Iterator[Path]:
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+def current_umask() -> int:
+    """The process umask (read without changing it for longer than the call)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def require_file(path: str | Path, what: str) -> Path:
+    """``path`` as a Path when it is a file; else one UserError: ``<what> not found: <path>`` or, for a
+    folder, ``<what> <path> is a folder, not a file``."""
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{what} {path} is a folder, not a file")
+    if not path.is_file():
+        raise UserError(f"{what} not found: {path}")
+    return path
+
+
+def same_file(a: str | Path, b: str | Path) -> bool:
+    """Whether two paths name the same file: equal resolved paths, or one inode (hard links)."""
+    a, b = Path(a), Path(b)
+    if a.resolve() == b.resolve():
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one of them does not exist (yet)
+        return False
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
@@ -62,9 +92,16 @@ def torch_save(obj: object, path: str | Path) -> None:
         torch.save(obj, tmp)
 
 
-def check_output(path: str | Path, overwrite: bool = False) -> Path:
-    """Refuse to overwrite an existing output unless ``overwrite``; check the folder is writable."""
+def check_output(path: str | Path, overwrite: bool = False, inputs: Iterable[str | Path | None] = ()) -> Path:
+    """Refuse to overwrite an existing output unless ``overwrite``; check the folder is writable.
+
+    An output that is one of ``inputs`` (same resolved path or a hard link to it) is refused whatever
+    ``overwrite`` says: an input is never an output.
+    """
     path = Path(path)
+    for given in inputs:
+        if given is not None and same_file(path, given):
+            raise UserError(f"output {path} is the input {given}; choose another output name")
     if path.is_dir():  # even with overwrite: a file cannot replace a folder
         raise UserError(f"output {path} is a folder; remove it or choose another output name")
     if path.exists() and not overwrite:
@@ -84,9 +121,7 @@ def check_output(path: str | Path, overwrite: bool = False) -> Path:
 
 def load_npy(path: str | Path, what: str = "array") -> np.ndarray:
     """``np.load`` with a clear error for a missing or unreadable file."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{what} file not found: {path}")
+    path = require_file(path, f"{what} file")
     with open(path, "rb") as f:
         magic = f.read(6)
     if magic != b"\x93NUMPY":

@@ -157,3 +157,65 @@ def test_dependencies_point_one_way(package, forbidden):
 def test_data_holds_only_preprocessing():
     infra = {"errors", "config", "fileio", "device", "assets", "launch", "run_state", "ema"}
     assert {p.stem for p in (REPO / "data").glob("*.py")} & infra == set()
+
+
+def test_atomic_writes_follow_the_umask(tmp_path):
+    """mkstemp's 0600 made every output unreadable to other users and web servers."""
+    from moditalker.fileio import atomic_write_text, current_umask, save_npy
+
+    old = os.umask(0o022)
+    try:
+        assert current_umask() == 0o022
+        atomic_write_text(tmp_path / "a.yaml", "x: 1\n")
+        save_npy(tmp_path / "b.npy", np.zeros(2))
+        assert (tmp_path / "a.yaml").stat().st_mode & 0o777 == 0o644
+        assert (tmp_path / "b.npy").stat().st_mode & 0o777 == 0o644
+        os.umask(0o077)
+        atomic_write_text(tmp_path / "c.yaml", "x: 1\n")
+        assert (tmp_path / "c.yaml").stat().st_mode & 0o777 == 0o600
+    finally:
+        os.umask(old)
+
+
+def test_an_input_is_never_an_output(tmp_path, monkeypatch):
+    from moditalker.fileio import check_output, same_file
+
+    src = tmp_path / "speech.wav"
+    src.write_bytes(b"RIFF")
+    os.link(src, tmp_path / "hard.wav")
+    (tmp_path / "sym.wav").symlink_to(src)
+    monkeypatch.chdir(tmp_path)
+    for out in (
+        src,
+        tmp_path / "hard.wav",
+        tmp_path / "sym.wav",
+        Path("speech.wav"),
+        tmp_path / "x" / ".." / "speech.wav",
+    ):
+        with pytest.raises(UserError, match="is the input"):
+            check_output(out, overwrite=True, inputs=[None, src])
+    assert not same_file(tmp_path / "new.mp4", src)
+    assert check_output(tmp_path / "new.mp4", inputs=[src]) == tmp_path / "new.mp4"
+    assert src.read_bytes() == b"RIFF"
+
+
+def test_damaged_checkpoints_get_their_own_line(tmp_path):
+    (tmp_path / "empty.pth").write_bytes(b"")
+    (tmp_path / "drive.pth").write_text("<!DOCTYPE html><html><head><title>Google Drive - Virus scan warning")
+    torch.save({"w": torch.zeros(1000)}, tmp_path / "ok.pth")
+    (tmp_path / "cut.pth").write_bytes((tmp_path / "ok.pth").read_bytes()[:300])
+    with open(tmp_path / "npy.pth", "wb") as f:
+        np.save(f, np.zeros(3))
+    cases = {
+        "empty.pth": "the file is empty",
+        "drive.pth": "a web page, not a checkpoint",
+        "cut.pth": "truncated or damaged",
+        "npy.pth": "not a checkpoint of plain tensors",
+    }
+    for name, words in cases.items():
+        with pytest.raises(UserError, match=words) as info:
+            read_checkpoint(tmp_path / name, "test")
+        msg = str(info.value)
+        assert "\n" not in msg and "weights_only" not in msg and len(msg) < 300, msg
+    with pytest.raises(UserError, match="is a folder, not a checkpoint file"):
+        read_checkpoint(tmp_path, "test")

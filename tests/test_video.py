@@ -173,8 +173,14 @@ def test_bad_fps_folder_and_junk_are_user_errors(tmp_path):
     with pytest.raises(UserError, match="is a folder"):
         read_video(tmp_path)
     (tmp_path / "notes.wav").write_text("hello")
-    with pytest.raises(UserError, match="valid audio or video file"):
+    with pytest.raises(UserError, match="not an audio or video file that FFmpeg can decode") as info:
         probe(tmp_path / "notes.wav")
+    assert "Errno" not in str(info.value)  # FFmpeg's raw '[Errno 1094995529] Invalid data found'
+    (tmp_path / "empty.mp4").write_bytes(b"")
+    with pytest.raises(UserError, match="empty.mp4: the file is empty"):
+        read_video(tmp_path / "empty.mp4")
+    with pytest.raises(UserError, match="image file .* is a folder, not a file"):
+        read_image(tmp_path)
 
 
 def test_huge_image_is_a_user_error(tmp_path):
