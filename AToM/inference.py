@@ -237,10 +237,11 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     from moditalker.assets import default_path, missing_message
 
-    out = check_output(args.out, args.overwrite)
+    inputs = (args.hubert, args.ref_lm3d, args.checkpoint, args.config)
+    out = check_output(args.out, args.overwrite, inputs)
     if out.suffix != ".npy":
         raise UserError(f"--out must end in .npy, got {out}")
-    check_output(out.with_suffix(".yaml"), args.overwrite)  # the run's config, written beside it
+    check_output(out.with_suffix(".yaml"), args.overwrite, inputs)  # the run's config, written beside it
     if args.png_dir and Path(args.png_dir).exists() and not Path(args.png_dir).is_dir():
         raise UserError(f"--png_dir {args.png_dir} is a file, not a folder")
     hubert = load_npy(args.hubert, "HuBERT features")

@@ -426,9 +426,9 @@ def main(argv: Sequence[str] | None = None) -> list[Path]:
     for src, out in zip(inputs, outs):
         if args.skip_existing and out.exists():
             continue
-        check_output(out, args.overwrite)
+        check_output(out, args.overwrite, inputs)
         if args.wav_dir:
-            check_output(Path(args.wav_dir) / f"{src.stem}.wav", args.overwrite)
+            check_output(Path(args.wav_dir) / f"{src.stem}.wav", args.overwrite, inputs)
         todo.append((src, out))
     if args.random_weights:
         extractor = HubertExtractor.random(args.hidden_size, device=args.device, batch_size=args.batch_size)

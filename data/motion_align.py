@@ -257,12 +257,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     from moditalker.fileio import check_output, save_npy
 
     out_dir = Path(args.out_dir)
-    out_npy = check_output(out_dir / "aligned_lm68.npy", args.overwrite)
+    inputs = (args.landmarks, args.reference, args.audio)
+    out_npy = check_output(out_dir / "aligned_lm68.npy", args.overwrite, inputs)
     png_dir = out_dir / "landmarks_png"
     if not args.no_png and png_dir.exists() and not args.overwrite:
         raise UserError(f"output {png_dir} already exists; pass --overwrite to replace it")
     if not args.no_video:
-        check_output(out_dir / "landmarks.mp4", args.overwrite)
+        check_output(out_dir / "landmarks.mp4", args.overwrite, inputs)
     if args.size < 32:
         raise UserError("--size must be at least 32")
     if not (math.isfinite(args.fps) and args.fps > 0):

@@ -169,3 +169,25 @@ def test_output_that_is_a_folder_with_overwrite(tmp_path, capsys):
     code, err = run_cli(main, argv + ["--out", str(tmp_path / "d.npy"), "--overwrite"], capsys)
     assert_one_line_error(code, err, "is a folder")
     assert not any((tmp_path / "d.npy").iterdir()) and not (tmp_path / "d.yaml").exists()
+
+
+def test_an_input_named_as_the_output_is_refused_even_with_overwrite(tmp_path, capsys):
+    """``--out`` naming an input (or a hard link to it) replaced the input when ``--overwrite`` was given."""
+    from AToM.inference import main as atom_main
+    from data.audio import main as audio_main
+    from pipeline.sample_data import write_speech
+
+    hub = tmp_path / "hubert.npy"
+    np.save(hub, np.zeros((100, 16), np.float32))
+    os.link(hub, tmp_path / "hardlink.npy")
+    ref = tmp_path / "ref.npy"
+    np.save(ref, np.zeros((68, 3), np.float32))
+    speech = write_speech(tmp_path / "speech.wav", seconds=1.0)
+    before = {p: p.read_bytes() for p in (hub, ref, speech)}
+    for out in (hub, tmp_path / "hardlink.npy", ref):
+        argv = ["--hubert", str(hub), "--ref_lm3d", str(ref), "--out", str(out), "--overwrite"]
+        code, err = run_cli(atom_main, [*argv, "--random_weights"], capsys)
+        assert_one_line_error(code, err, "is the input")
+    code, err = run_cli(audio_main, ["--audio", str(speech), "--out", str(speech), "--overwrite"], capsys)
+    assert_one_line_error(code, err)
+    assert {p: p.read_bytes() for p in (hub, ref, speech)} == before
