@@ -180,8 +180,18 @@ class WindowDataset(Dataset):
     ``mask [horizon]`` (False on padding). ``deterministic=True`` (validation) takes fixed windows.
     """
 
-    def __init__(self, source: ClipSource, horizon: int, min_frames: int = 8, deterministic: bool = False):
+    def __init__(
+        self,
+        source: ClipSource,
+        horizon: int,
+        min_frames: int = 8,
+        deterministic: bool = False,
+        seed: int = 0,
+    ):
         self.source, self.horizon, self.deterministic = source, horizon, deterministic
+        # the window of item i in epoch e comes from a generator seeded by (seed, epoch, i): the same
+        # in every worker and after a resume, whatever else drew random numbers before
+        self.seed, self.epoch = int(seed), 0
         keep = np.nonzero(source.lengths >= min_frames)[0]
         if len(keep) == 0:
             raise UserError(f"no clip has at least {min_frames} frames (data.min_frames)")
@@ -195,7 +205,11 @@ class WindowDataset(Dataset):
         hubert, idexp = self.source.load(int(self.index[i]))
         w, t = self.horizon, len(idexp)
         if t >= w:
-            start = (t - w) // 2 if self.deterministic else int(torch.randint(0, t - w + 1, (1,)))
+            if self.deterministic:
+                start = (t - w) // 2
+            else:
+                rng = np.random.default_rng([self.seed & 0xFFFFFFFF, self.epoch, int(i)])
+                start = int(rng.integers(0, t - w + 1))
             idexp, hubert = idexp[start : start + w], hubert[2 * start : 2 * (start + w)]
             mask = np.ones(w, dtype=bool)
         else:  # short clip: edge-pad, mask the padding out of the loss

@@ -30,6 +30,7 @@ from moditalker.errors import UserError, cli_main
 from moditalker.fileio import torch_save
 from moditalker.training.accelerator import check_train_loader, start_accelerator
 from moditalker.training.ema import ModelEMA
+from moditalker.training.rng import derived_seed, rng_state, seed_everything, set_rng_state
 
 TRAIN_DEFAULTS: dict = {
     **DEFAULT_CONFIG,
@@ -127,6 +128,7 @@ def train(cfg: DictConfig) -> Path:
     )
     ema = ModelEMA(diffusion.model, float(tc.ema_decay))
     step = 0
+    position: dict = {}  # where in the data the checkpoint stopped, and the RNG states then
     resume = str(tc.resume)
     ckpt_path = (
         None if resume == "never" else latest_checkpoint(out_dir) if resume == "auto" else Path(resume)
@@ -139,11 +141,12 @@ def train(cfg: DictConfig) -> Path:
         if "optimizer_state_dict" in ckpt:
             opt.load_state_dict(ckpt["optimizer_state_dict"])
         step = int(ckpt.get("step", 0))
+        position = ckpt.get("data_position") or {}
         acc.print(f"resumed from {ckpt_path} at step {step}")
 
     train_src, val_src = open_sources(dc.root, dc.format, int(dc.val_every))
     horizon = int(cfg.diffusion.horizon)
-    train_ds = WindowDataset(train_src, horizon, int(dc.min_frames))
+    train_ds = WindowDataset(train_src, horizon, int(dc.min_frames), seed=int(tc.seed))
     val_ds = WindowDataset(val_src, horizon, int(dc.min_frames), deterministic=True)
     bs = int(tc.batch_size)
     nw = int(dc.num_workers)
@@ -152,8 +155,7 @@ def train(cfg: DictConfig) -> Path:
         bs,
         shuffle=True,
         drop_last=len(train_ds) >= bs * acc.num_processes,
-        num_workers=nw,
-        persistent_workers=nw > 0,
+        num_workers=nw,  # new workers each epoch: they must see the dataset's epoch number
     )
     val_loader = DataLoader(val_ds, bs, shuffle=False, num_workers=0)
     diffusion, opt, loader = acc.prepare(diffusion, opt, loader)
@@ -182,8 +184,19 @@ def train(cfg: DictConfig) -> Path:
     bar = tqdm(total=max_steps, initial=step, desc="AToM train", disable=not acc.is_local_main_process)
     diffusion.train()
     running, n_running = 0.0, 0
+    # Exact resume: each epoch's shuffle and windows are functions of (seed, epoch); a resumed run
+    # re-enters its epoch, passes over the batches already trained, then restores the RNG states of
+    # the moment the checkpoint was written (noise, timesteps, condition dropout continue as before).
+    epoch, skip, saved_rng = int(position.get("epoch", 0)), int(position.get("batch", 0)), position.get("rng")
     while step < max_steps:
-        for batch in loader:
+        seed_everything(derived_seed(int(tc.seed), epoch))
+        train_ds.epoch = epoch
+        for batch_index, batch in enumerate(loader):
+            if batch_index < skip:
+                continue
+            if saved_rng is not None:
+                set_rng_state(saved_rng)
+                saved_rng = None
             res, face, hub, mask = batch_to_inputs(batch)
             with acc.autocast():
                 loss, extras = diffusion(res, None, face, hub, mask=mask)
@@ -216,9 +229,13 @@ def train(cfg: DictConfig) -> Path:
             if step % int(tc.save_every) == 0 or step == max_steps:
                 acc.wait_for_everyone()
                 if acc.is_main_process:
-                    last_path = save_checkpoint(out_dir, step, raw, ema, opt, cfg, int(tc.keep_checkpoints))
+                    where = {"epoch": epoch, "batch": batch_index + 1, "rng": rng_state()}
+                    last_path = save_checkpoint(
+                        out_dir, step, raw, ema, opt, cfg, int(tc.keep_checkpoints), where
+                    )
             if step >= max_steps:
                 break
+        epoch, skip, saved_rng = epoch + 1, 0, None
     bar.close()
     if writer:
         writer.close()
@@ -228,8 +245,18 @@ def train(cfg: DictConfig) -> Path:
     return last_path if last_path is not None else latest_checkpoint(out_dir)
 
 
-def save_checkpoint(out_dir: Path, step: int, raw, ema: ModelEMA, opt, cfg: DictConfig, keep: int) -> Path:
-    """Official layout + ``step`` and ``config``; keeps the newest ``keep`` checkpoints."""
+def save_checkpoint(
+    out_dir: Path,
+    step: int,
+    raw,
+    ema: ModelEMA,
+    opt,
+    cfg: DictConfig,
+    keep: int,
+    position: dict | None = None,
+) -> Path:
+    """Official layout + ``step``, ``config`` and ``data_position`` (epoch, batches done in it, RNG
+    states: what an exact resume needs); keeps the newest ``keep`` checkpoints."""
     path = out_dir / "checkpoints" / f"step_{step:08d}.pt"
     torch_save(
         {
@@ -238,6 +265,7 @@ def save_checkpoint(out_dir: Path, step: int, raw, ema: ModelEMA, opt, cfg: Dict
             "optimizer_state_dict": opt.state_dict(),
             "step": step,
             "config": OmegaConf.to_container(cfg, resolve=True),
+            "data_position": position,
         },
         path,
     )

@@ -282,3 +282,20 @@ def test_train_cli_bad_data_exit_2(tmp_path, capsys):
     with pytest.raises(SystemExit):
         cli_main(train_main, ["--config", TINY, "model.seq_len=12", f"data.root={tmp_path}"])
     assert "must equal model.seq_len" in capsys.readouterr().err
+
+
+def test_resume_is_exact(tmp_path):
+    """Kill + re-run gives the weights of an uninterrupted run: the RNG states and the position in the
+    epoch are in the checkpoint (a resumed run re-seeded from train.seed and restarted the data order)."""
+    root = tmp_path / "data"
+    write_npz_clips(root, 6, seed=5)
+    common = ("train.batch_size=4", "train.save_every=3", "train.val_every=3", "train.keep_checkpoints=10")
+    _train(root, tmp_path / "straight", 9, *common)
+    _train(root, tmp_path / "resumed", 3, *common)  # stops at step 3 (a crash after the save)
+    _train(root, tmp_path / "resumed", 9, *common)
+    a = torch.load(tmp_path / "straight" / "checkpoints" / "step_00000009.pt", weights_only=True)
+    b = torch.load(tmp_path / "resumed" / "checkpoints" / "step_00000009.pt", weights_only=True)
+    assert a["data_position"]["epoch"] >= 1  # the run crossed at least one epoch boundary
+    for key in ("model_state_dict", "ema_state_dict"):
+        for name, value in a[key].items():
+            assert torch.equal(value, b[key][name]), (key, name)
