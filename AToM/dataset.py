@@ -20,7 +20,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from moditalker.errors import UserError
+from moditalker.errors import UserError, describe
+from moditalker.training.bad_items import READ_ERRORS, allowed_bad_items, warn_unreadable
 
 
 # ---------------------------------------------------------------------- GeneFace IndexedDataset
@@ -94,6 +95,10 @@ class ClipSource:
     def load(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         raise NotImplementedError
 
+    def name(self, i: int) -> str:
+        """Clip ``i`` in messages (its file or item)."""
+        return f"clip {i}"
+
 
 class GeneFaceSource(ClipSource):
     """GeneFace binarized LRS3 split (``{root}/{split}.data``); item keys ``hubert``, ``idexp_lm3d``."""
@@ -107,6 +112,9 @@ class GeneFaceSource(ClipSource):
             self.lengths = np.array([len(self.ds[i]["idexp_lm3d"]) for i in range(len(self.ds))], np.int64)
         self.where = f"{root}/{split}.data"
 
+    def name(self, i: int) -> str:
+        return f"{self.where} item {i}"
+
     def load(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         item = self.ds[i]
         for key in ("hubert", "idexp_lm3d"):
@@ -118,15 +126,38 @@ class GeneFaceSource(ClipSource):
 class NpzFolderSource(ClipSource):
     """A folder of ``*.npz`` clips, each with ``hubert [2T, D]`` and ``idexp_lm3d [T, 68, 3]``."""
 
-    def __init__(self, files: list[Path]):
-        self.files = files
+    def __init__(self, files: list[Path], max_bad_items: float = 0.0):
+        """``max_bad_items``: unreadable files (a fraction of them when < 1, else a count) that are
+        skipped with a warning; more stop with one line naming the first ones."""
+        self.files, self.bad_files = [], []
         lengths = []
         for f in files:
-            with np.load(f) as z:
-                if "hubert" not in z or "idexp_lm3d" not in z:
-                    raise UserError(f"{f} must hold 'hubert' and 'idexp_lm3d' arrays (has {list(z.keys())})")
-                lengths.append(min(z["idexp_lm3d"].shape[0], z["hubert"].shape[0] // 2))
+            try:
+                with open(f, "rb") as fh:
+                    if fh.read(2) != b"PK":
+                        raise ValueError("not a .npz archive (np.savez); empty, truncated or another format")
+                with np.load(f) as z:
+                    if "hubert" not in z or "idexp_lm3d" not in z:
+                        raise UserError(
+                            f"{f} must hold 'hubert' and 'idexp_lm3d' arrays (has {list(z.keys())})"
+                        )
+                    length = min(z["idexp_lm3d"].shape[0], z["hubert"].shape[0] // 2)
+            except READ_ERRORS as exc:
+                self.bad_files.append(f"{f}: {describe(exc)}")
+                if max_bad_items > 0:
+                    warn_unreadable(str(f), exc)
+                continue
+            self.files.append(f)
+            lengths.append(length)
+        if len(self.bad_files) > allowed_bad_items(max_bad_items, len(files)):
+            raise UserError(
+                f"{len(self.bad_files)} of {len(files)} clips cannot be read (data.max_bad_items="
+                f"{max_bad_items}); first: {self.bad_files[0]}"
+            )
         self.lengths = np.array(lengths, dtype=np.int64)
+
+    def name(self, i: int) -> str:
+        return str(self.files[i])
 
     def load(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         with np.load(self.files[i]) as z:
@@ -146,7 +177,9 @@ def detect_format(root: str | Path) -> str:
     )
 
 
-def open_sources(root: str | Path, fmt: str = "auto", val_every: int = 100) -> tuple[ClipSource, ClipSource]:
+def open_sources(
+    root: str | Path, fmt: str = "auto", val_every: int = 100, max_bad_items: float = 0.0
+) -> tuple[ClipSource, ClipSource]:
     """Train and val clip sources. npz: ``root/{train,val}/*.npz`` if present, else every
     ``val_every``-th file (sorted) goes to val, as GeneFace's 99:1 split; one file serves both."""
     root = Path(root)
@@ -168,7 +201,10 @@ def open_sources(root: str | Path, fmt: str = "auto", val_every: int = 100) -> t
         train_files = [f for f in files if f not in set(val_files)] or files
     if not train_files:
         raise UserError(f"no .npz clips found in {root}")
-    return NpzFolderSource(train_files), NpzFolderSource(val_files)
+    train = NpzFolderSource(train_files, max_bad_items)
+    if not train.files:
+        raise UserError(f"none of the {len(train_files)} .npz clips in {root} can be read")
+    return train, NpzFolderSource(val_files, max_bad_items)
 
 
 # ---------------------------------------------------------------------- windows
@@ -200,6 +236,10 @@ class WindowDataset(Dataset):
 
     def __len__(self) -> int:
         return len(self.index)
+
+    def name(self, i: int) -> str:
+        """Item ``i`` in messages: the clip it is a window of."""
+        return self.source.name(int(self.index[i]))
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         hubert, idexp = self.source.load(int(self.index[i]))

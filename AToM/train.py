@@ -29,6 +29,7 @@ from moditalker.device import is_main_rank
 from moditalker.errors import UserError, cli_main
 from moditalker.fileio import torch_save
 from moditalker.training.accelerator import check_train_loader, start_accelerator
+from moditalker.training.bad_items import BadItems, SkipUnreadable, check_items
 from moditalker.training.ema import ModelEMA
 from moditalker.training.rng import derived_seed, rng_state, seed_everything, set_rng_state
 
@@ -40,6 +41,7 @@ TRAIN_DEFAULTS: dict = {
         "min_frames": 8,
         "val_every": 100,
         "num_workers": 4,
+        "max_bad_items": 0.01,  # unreadable clips skipped: a fraction when < 1, else a count
     },
     "train": {
         "out_dir": "runs/atom",
@@ -103,6 +105,29 @@ def validation_loss(diffusion: GaussianDiffusion, loader: DataLoader, n_batches:
     return total / max(count, 1)
 
 
+def open_windows(cfg: DictConfig) -> tuple[WindowDataset, WindowDataset]:
+    """The training windows (random, seeded by ``train.seed``) and the fixed validation windows."""
+    dc = cfg.data
+    train_src, val_src = open_sources(dc.root, dc.format, int(dc.val_every), float(dc.max_bad_items))
+    horizon = int(cfg.diffusion.horizon)
+    train = WindowDataset(train_src, horizon, int(dc.min_frames), seed=int(cfg.train.seed))
+    return train, WindowDataset(val_src, horizon, int(dc.min_frames), deterministic=True)
+
+
+def check_data(cfg: DictConfig) -> int:
+    """``--check``: read every clip and window of both splits without training; prints one line per
+    unreadable item and returns how many there were."""
+    cfg = OmegaConf.merge(cfg, {"data": {"max_bad_items": 10**12}})  # list them all, stop at none
+    train, val = open_windows(cfg)
+    lines = train.source.bad_files + ([] if val.source is train.source else val.source.bad_files)
+    for ds in (train, val) if val.source is not train.source else (train,):
+        lines += check_items(ds, ds.name)
+    for line in dict.fromkeys(lines):
+        print(f"unreadable: {line}")
+    print(f"checked {len(train)} training windows of {len(train.source)} clips: {len(lines)} unreadable")
+    return len(lines)
+
+
 def train(cfg: DictConfig) -> Path:
     """Train until ``train.max_steps``; returns the path of the last checkpoint written."""
     from accelerate.utils import DistributedDataParallelKwargs, set_seed
@@ -144,10 +169,9 @@ def train(cfg: DictConfig) -> Path:
         position = ckpt.get("data_position") or {}
         acc.print(f"resumed from {ckpt_path} at step {step}")
 
-    train_src, val_src = open_sources(dc.root, dc.format, int(dc.val_every))
-    horizon = int(cfg.diffusion.horizon)
-    train_ds = WindowDataset(train_src, horizon, int(dc.min_frames), seed=int(tc.seed))
-    val_ds = WindowDataset(val_src, horizon, int(dc.min_frames), deterministic=True)
+    windows, val_ds = open_windows(cfg)
+    bad_items = BadItems(float(dc.max_bad_items), len(windows), windows.name)
+    train_ds = SkipUnreadable(windows, windows.name)
     bs = int(tc.batch_size)
     nw = int(dc.num_workers)
     loader = DataLoader(
@@ -157,7 +181,7 @@ def train(cfg: DictConfig) -> Path:
         drop_last=len(train_ds) >= bs * acc.num_processes,
         num_workers=nw,  # new workers each epoch: they must see the dataset's epoch number
     )
-    val_loader = DataLoader(val_ds, bs, shuffle=False, num_workers=0)
+    val_loader = DataLoader(SkipUnreadable(val_ds, val_ds.name), bs, shuffle=False, num_workers=0)
     diffusion, opt, loader = acc.prepare(diffusion, opt, loader)
     check_train_loader(loader, len(train_ds), bs, acc.num_processes, what="windows")
     ema.model.to(acc.device)
@@ -190,13 +214,14 @@ def train(cfg: DictConfig) -> Path:
     epoch, skip, saved_rng = int(position.get("epoch", 0)), int(position.get("batch", 0)), position.get("rng")
     while step < max_steps:
         seed_everything(derived_seed(int(tc.seed), epoch))
-        train_ds.epoch = epoch
+        windows.epoch = epoch
         for batch_index, batch in enumerate(loader):
             if batch_index < skip:
                 continue
             if saved_rng is not None:
                 set_rng_state(saved_rng)
                 saved_rng = None
+            bad_items.note_batch(batch)
             res, face, hub, mask = batch_to_inputs(batch)
             with acc.autocast():
                 loss, extras = diffusion(res, None, face, hub, mask=mask)
@@ -216,7 +241,7 @@ def train(cfg: DictConfig) -> Path:
                     writer.add_scalar("train/loss", avg, step)
                     writer.add_scalar("train/loss_x0", extras["loss"].item(), step)
                     writer.add_scalar("train/loss_velocity", extras["v_loss"].item(), step)
-                log(step=step, train_loss=avg)
+                log(step=step, train_loss=avg, skipped_items=len(bad_items))
                 running, n_running = 0.0, 0
             if step % int(tc.val_every) == 0 or step == max_steps:
                 vl = validation_loss(raw, val_loader, int(tc.val_batches), acc.device)
@@ -282,8 +307,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument(
         "overrides", nargs="*", help="key=value overrides, e.g. train.batch_size=32 data.root=DIR"
     )
+    ap.add_argument("--check", action="store_true", help="read every training item and report, no training")
     args = ap.parse_args(argv)
     cfg = load_config(args.config, args.overrides, TRAIN_DEFAULTS)
+    if args.check:
+        if check_data(cfg):
+            raise UserError("some training items are unreadable (listed above)")
+        return
     if args.cpu:
         cfg.train.cpu = True
     if int(cfg.train.max_steps) <= 0 or int(cfg.train.batch_size) <= 0:

@@ -299,3 +299,60 @@ def test_resume_is_exact(tmp_path):
     for key in ("model_state_dict", "ema_state_dict"):
         for name, value in a[key].items():
             assert torch.equal(value, b[key][name]), (key, name)
+
+
+def test_unreadable_clips_are_skipped_counted_and_limited(tmp_path, capsys):
+    """One corrupt clip among good ones stopped the run with np.load's traceback."""
+    root = tmp_path / "data"
+    write_npz_clips(root, 8, seed=3)
+    (root / "zz_truncated.npz").write_bytes(
+        (root / sorted(p.name for p in root.iterdir())[0]).read_bytes()[:50]
+    )
+    (root / "zz_text.npz").write_text("not an archive")
+    out = tmp_path / "run"
+    _train(root, out, 2, "train.batch_size=2", "data.max_bad_items=2")
+    err = capsys.readouterr().err
+    warnings = [line for line in err.splitlines() if line.startswith("warning: skipped an unreadable")]
+    assert len(warnings) == 2 and any("zz_truncated.npz" in w for w in warnings), err
+    assert (out / "checkpoints" / "step_00000002.pt").is_file()
+    # more unreadable clips than allowed: one line naming the first, before any training
+    argv = ["--config", TINY, "--cpu", f"data.root={root}", f"train.out_dir={tmp_path / 'b'}"]
+    with pytest.raises(SystemExit) as info:
+        cli_main(train_main, [*argv, "data.max_bad_items=1"])
+    code = info.value.code
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert code == 2 and len(lines) == 1 and "2 of 9 clips cannot be read" in lines[0], lines
+    assert "allow_pickle" not in lines[0]  # no advice to unpickle an untrusted file
+    assert not (tmp_path / "b").exists()
+    # --check lists them all and exits 2 without training
+    with pytest.raises(SystemExit) as info:
+        cli_main(train_main, ["--config", TINY, "--check", f"data.root={root}"])
+    out_text = capsys.readouterr().out
+    assert info.value.code == 2
+    assert sum(line.startswith("unreadable: ") for line in out_text.splitlines()) == 2, out_text
+
+
+def test_skip_unreadable_keeps_the_batch_size_and_counts(tmp_path):
+    from moditalker.errors import UserError
+    from moditalker.training.bad_items import BadItems, SkipUnreadable
+
+    class Flaky(torch.utils.data.Dataset):
+        def __len__(self):
+            return 5
+
+        def __getitem__(self, i):
+            if i in (1, 2):
+                raise OSError(f"truncated file {i}")
+            return {"v": torch.tensor(i)}
+
+    ds = SkipUnreadable(Flaky(), lambda i: f"item{i}")
+    items = [ds[i] for i in range(5)]
+    assert [int(it["v"]) for it in items] == [0, 3, 3, 3, 4]
+    assert [it["skipped_item"] for it in items] == [-1, 1, 2, -1, -1]
+    batch = torch.utils.data.default_collate(items)
+    bad = BadItems(2, 5, lambda i: f"item{i}")
+    bad.note_batch(batch)
+    assert len(bad) == 2
+    bad = BadItems(0.2, 5, lambda i: f"item{i}")  # 20 % of 5 = 1 allowed
+    with pytest.raises(UserError, match="2 training items are unreadable.*first: item1, item2"):
+        bad.note_batch(batch)
