@@ -41,6 +41,7 @@ from torch.utils.data import Dataset
 from data.imageops import mask_below_nose, resize_crop
 from data.motion_align import render_landmarks
 from moditalker.errors import UserError
+from moditalker.training.bad_items import SkipUnreadable, check_items
 
 ALL_KEYS = ("x", "x_ref", "x_l", "masked_x")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
@@ -62,6 +63,7 @@ def data_defaults(max_val_clips: int) -> dict:
         "val_clips_per_video": 1,
         "max_val_clips": max_val_clips,
         "num_workers": 4,
+        "max_bad_items": 0.01,  # unreadable clips skipped with a warning: a fraction (< 1) or a count
     }
 
 
@@ -161,6 +163,14 @@ class HDTFClipDataset(Dataset):
         all_ids = sorted(p.name for p in self.frames_root.iterdir() if p.is_dir())
         listed = read_split_file(split_file) if split_file else None
         ids = select_ids(all_ids, split, listed, split_mode)
+        absent = sorted(set(listed or ()) - set(all_ids))
+        if absent:
+            warnings.warn(
+                f"{len(absent)} id(s) of {split_file} have no folder in {self.frames_root}: "
+                + ", ".join(absent[:5])
+                + (" ..." if len(absent) > 5 else ""),
+                stacklevel=2,
+            )
 
         self.videos: list[tuple[str, list[Path]]] = []
         skipped = []
@@ -189,6 +199,11 @@ class HDTFClipDataset(Dataset):
 
     def __len__(self) -> int:
         return len(self.videos) * self.clips_per_video
+
+    def name(self, index: int) -> str:
+        """Item ``index`` in messages: its video's frames folder."""
+        vid, paths = self.videos[index // self.clips_per_video]
+        return str(paths[0].parent) if paths else vid
 
     def _start(self, n_frames: int, clip: int) -> int:
         last = max(n_frames - self.timesteps, 0)
@@ -248,11 +263,13 @@ def _front_pad(clip: torch.Tensor, pad: int) -> torch.Tensor:
 
 
 def build_dataset(
-    data_cfg, split: str, keys: Sequence[str], timesteps: int, resolution: int
-) -> HDTFClipDataset:
-    """Construct the dataset from a config's ``data`` section (shared by both MToV trainers)."""
+    data_cfg, split: str, keys: Sequence[str], timesteps: int, resolution: int, skip_unreadable: bool = True
+) -> HDTFClipDataset | SkipUnreadable:
+    """Construct the dataset from a config's ``data`` section (shared by both MToV trainers); with
+    ``skip_unreadable`` an item that cannot be read is replaced by the next one (see
+    :mod:`moditalker.training.bad_items`)."""
     get = data_cfg.get
-    return HDTFClipDataset(
+    ds = HDTFClipDataset(
         root=get("root"),
         split=split,
         split_file=get("split_file", None),
@@ -269,3 +286,37 @@ def build_dataset(
         short_videos=get("short_videos", "skip"),
         radius=get("landmark_radius", 3),
     )
+    return SkipUnreadable(ds, ds.name) if skip_unreadable else ds
+
+
+def check_data(data_cfg, keys: Sequence[str], timesteps: int, resolution: int) -> int:
+    """The trainers' ``--check``: read every clip of both splits without training; prints one line per
+    unreadable item and returns how many there were."""
+    lines: list[str] = []
+    seen: set[str] = set()
+    for split in ("train", "test"):  # without a split file both splits hold every video: once each
+        ds = build_dataset(data_cfg, split, keys, timesteps, resolution, skip_unreadable=False)
+        ds.videos = [v for v in ds.videos if v[0] not in seen]
+        seen.update(vid for vid, _ in ds.videos)
+        lines += check_items(_WholeVideos(ds), lambda i, ds=ds: ds.name(i * ds.clips_per_video))
+    for line in lines:
+        print(f"unreadable: {line}")
+    print(f"checked {len(seen)} videos: {len(lines)} unreadable")
+    return len(lines)
+
+
+class _WholeVideos:
+    """Item i reads every frame (and keypoint file) of video i: what ``--check`` validates."""
+
+    def __init__(self, ds: HDTFClipDataset) -> None:
+        self.ds = ds
+
+    def __len__(self) -> int:
+        return len(self.ds.videos)
+
+    def __getitem__(self, i: int) -> None:
+        vid, paths = self.ds.videos[i]
+        for p in paths:
+            read_rgb(p)
+        if self.ds._need_kp:
+            self.ds._keypoints(vid, paths)

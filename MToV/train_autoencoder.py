@@ -38,9 +38,10 @@ from moditalker.device import resolve_device
 from moditalker.errors import UserError, cli_main
 from moditalker.fileio import torch_save
 from moditalker.training.accelerator import check_train_loader, infinite, start_accelerator
+from moditalker.training.bad_items import BadItems
 from moditalker.training.options import add_run_arguments, apply_run_arguments, print_summary
 from moditalker.training.run_state import prepare_run_dir, read_state_info, save_state
-from MToV.dataset import build_dataset, data_defaults
+from MToV.dataset import build_dataset, check_data, data_defaults
 from MToV.losses import AELossWeights, AutoencoderLoss, build_lpips
 from MToV.models.autoencoder import OFFICIAL_CONFIG, ViTAutoencoder, load_autoencoder_weights
 from MToV.models.discriminator import PatchDiscriminator2D, PatchDiscriminator3D
@@ -183,6 +184,7 @@ def train(cfg: DictConfig, resume: bool = True, overwrite: bool = False, progres
     timesteps, resolution = int(ddconfig["timesteps"]), int(ddconfig["resolution"])
     train_ds = build_dataset(dc, "train", (key,), timesteps, resolution)
     val_ds = build_dataset(dc, "test", (key,), timesteps, resolution)
+    bad_items = BadItems(float(dc.max_bad_items), len(train_ds), train_ds.name)
     workers = int(dc.num_workers)
     train_loader = DataLoader(
         train_ds,
@@ -253,7 +255,9 @@ def train(cfg: DictConfig, resume: bool = True, overwrite: bool = False, progres
         use_gan = gan_enabled and step >= int(lc.disc_start)
         kept = []
         for micro in range(accum):
-            x = next(batches)[key]
+            batch = next(batches)
+            bad_items.note_batch(batch)
+            x = batch[key]
             # gradients are all-reduced only on the last micro-batch of an accumulation
             ctx = accelerator.no_sync(model) if micro < accum - 1 else contextlib.nullcontext()
             with ctx:
@@ -285,6 +289,7 @@ def train(cfg: DictConfig, resume: bool = True, overwrite: bool = False, progres
             n = int(tc.log_every) if step % int(tc.log_every) == 0 else step % int(tc.log_every)
             for k, v in running.items():
                 writer.add_scalar(f"train/{k}", v / max(n, 1), step)
+            writer.add_scalar("train/skipped_items", len(bad_items), step)
             bar.set_postfix({k: f"{v / max(n, 1):.4f}" for k, v in running.items() if k in ("l1", "lpips")})
             running = {}
         elif not main_proc:
@@ -319,6 +324,12 @@ def main(argv: Sequence[str] | None = None) -> dict:
         if getattr(args, name) is not None:
             cfg[name] = getattr(args, name)
     apply_run_arguments(cfg, args)
+    if args.check:
+        dd = cfg.model.ddconfig
+        key = "x" if cfg.mode == "rgb" else "x_l"
+        if check_data(cfg.data, (key,), int(dd.timesteps), int(dd.resolution)):
+            raise UserError("some training clips are unreadable (listed above)")
+        return {}
     result = train(cfg, resume=not args.no_resume, overwrite=args.overwrite, progress=not args.no_progress)
     summary = {"step": result["step"], "best_val_psnr": result["best_psnr"], "out_dir": cfg.out_dir}
     print_summary({**summary, "num_processes": result["num_processes"]})

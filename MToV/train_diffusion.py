@@ -35,10 +35,11 @@ from moditalker.device import resolve_device
 from moditalker.errors import UserError, cli_main
 from moditalker.fileio import repo_path, torch_save
 from moditalker.training.accelerator import check_train_loader, infinite, start_accelerator
+from moditalker.training.bad_items import BadItems
 from moditalker.training.ema import LitEMA
 from moditalker.training.options import add_run_arguments, apply_run_arguments, print_summary
 from moditalker.training.run_state import prepare_run_dir, read_state_info, save_state
-from MToV.dataset import build_dataset, data_defaults
+from MToV.dataset import build_dataset, check_data, data_defaults
 from MToV.diffusion import DDPM
 from MToV.models.autoencoder import load_autoencoder_weights
 from MToV.sample import MODEL_DEFAULTS, build_models, load_unet_weights
@@ -155,6 +156,7 @@ def train(cfg: DictConfig, resume: bool = True, overwrite: bool = False, progres
     timesteps, resolution = ae_rgb.timesteps, ae_rgb.res
     train_ds = build_dataset(data_cfg, "train", KEYS, timesteps, resolution)
     val_ds = build_dataset(data_cfg, "test", KEYS, timesteps, resolution)
+    bad_items = BadItems(float(data_cfg.max_bad_items), len(train_ds), train_ds.name)
     workers = int(data_cfg.num_workers)
     train_loader = DataLoader(
         train_ds,
@@ -189,7 +191,7 @@ def train(cfg: DictConfig, resume: bool = True, overwrite: bool = False, progres
             val = validation_loss(
                 raw_ddpm, batcher, val_loader, accelerator.device, int(data_cfg.max_val_clips)
             )
-            record = {"step": at_step, "val_loss": val}
+            record = {"step": at_step, "val_loss": val, "skipped_items": len(bad_items)}
             history.append(record)
             with open(out_dir / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")
@@ -213,6 +215,7 @@ def train(cfg: DictConfig, resume: bool = True, overwrite: bool = False, progres
     running, n_running = 0.0, 0
     while step < max_steps:
         batch = next(batches)
+        bad_items.note_batch(batch)
         with torch.autocast(accelerator.device.type, dtype=torch.float16, enabled=amp):
             z, cond, image_cond = batcher(batch)
         loss, _ = ddpm(z, cond, image_cond)
@@ -229,6 +232,7 @@ def train(cfg: DictConfig, resume: bool = True, overwrite: bool = False, progres
         bar.update(1)
         if main_proc and (step % int(tc.log_every) == 0 or step == max_steps):
             writer.add_scalar("train/loss", running / n_running, step)
+            writer.add_scalar("train/skipped_items", len(bad_items), step)
             bar.set_postfix(loss=f"{running / n_running:.4f}")
             running, n_running = 0.0, 0
         if step % int(tc.save_every) == 0 or step == max_steps:
@@ -265,6 +269,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
     apply_run_arguments(cfg, args)
     if cfg.data.root is None:
         raise UserError("set data.root=/path/to/HDTF (a folder with frames/ and keypoints/)")
+    if args.check:
+        dd = cfg.autoencoder.ddconfig
+        if check_data(cfg.data, KEYS, int(dd.timesteps), int(dd.resolution)):
+            raise UserError("some training clips are unreadable (listed above)")
+        return {}
     result = train(cfg, resume=not args.no_resume, overwrite=args.overwrite, progress=not args.no_progress)
     last = result["history"][-1] if result["history"] else {}
     summary = {"step": result["step"], "val_loss": last.get("val_loss"), "out_dir": str(cfg.out_dir)}

@@ -161,3 +161,33 @@ def test_amp_on_cuda_saves_the_grad_scaler(synth, tmp_path):
                    "train.amp=true"])  # fmt: skip
     assert result["step"] == 2 and all(h["val_psnr"] == h["val_psnr"] for h in result["history"])
     assert (out / "state" / "scaler.pt").is_file()
+
+
+def test_unreadable_frames_are_skipped_and_check_lists_them(tmp_path, capsys):
+    """A truncated frame or a keypoint file of the wrong shape stopped the run with a traceback."""
+    from mtov_synth import write_synthetic_hdtf
+
+    synth = write_synthetic_hdtf(tmp_path / "hdtf", n_frames=16)
+    bad_vid = synth.train_ids[0]
+    frame = sorted((synth.frames_dir / bad_vid).iterdir())[3]
+    frame.write_bytes(frame.read_bytes()[:20])  # truncated PNG
+    argv = [
+        "--config",
+        TINY,
+        "--no_progress",
+        f"data.root={synth.root}",
+        "train.max_steps=2",
+        "train.val_every=2",
+    ]
+    result = main([*argv, "--out_dir", str(tmp_path / "run"), "data.max_bad_items=1"])
+    assert result["step"] == 2
+    err = capsys.readouterr().err
+    assert f"warning: skipped an unreadable training item {synth.frames_dir / bad_vid}" in err, err
+    with pytest.raises(UserError, match="more than data.max_bad_items=0.0"):
+        main([*argv, "--out_dir", str(tmp_path / "strict"), "data.max_bad_items=0"])
+    with pytest.raises(UserError, match="unreadable"):
+        main(["--config", TINY, "--check", f"data.root={synth.root}"])
+    out = capsys.readouterr().out
+    assert [line for line in out.splitlines() if line.startswith("unreadable: ")] == [
+        f"unreadable: {synth.frames_dir / bad_vid}: cannot read frame {frame} (corrupt or not an image)"
+    ], out

@@ -17,6 +17,7 @@ def add_run_arguments(p: argparse.ArgumentParser, default_config: str) -> None:
     p.add_argument("--no_resume", action="store_true", help="ignore {out_dir}/state (needs --overwrite)")
     p.add_argument("--overwrite", action="store_true", help="allow writing into a non-empty out_dir")
     p.add_argument("--no_progress", action="store_true", help="no tqdm bar")
+    p.add_argument("--check", action="store_true", help="read every training item and report; no training")
     p.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. train.max_steps=1000")
 
 
