@@ -39,9 +39,18 @@ from omegaconf import DictConfig, OmegaConf
 from moditalker.config import load_config, save_config
 from moditalker.constants import FPS, SAMPLE_RATE, SAMPLES_PER_FRAME
 from moditalker.errors import UserError, cli_main
-from moditalker.fileio import check_output
+from moditalker.fileio import REPO_ROOT, check_output
 from moditalker.timing import StageTimer
 from pipeline.cache import WorkCache, asset_identity, file_digest
+from pipeline.settings import (
+    DEFAULTS,
+    FLAGS,
+    check_settings,
+    flag_settings,
+    inherit_settings,
+    stage_config,
+    stage_settings,
+)
 
 __all__ = [
     "DEFAULTS",
@@ -53,55 +62,6 @@ __all__ = [
     "main",
 ]
 
-REPO = Path(__file__).resolve().parents[1]
-
-# Defaults of every setting; configs/inference.yaml spells the same tree out with comments.
-DEFAULTS: dict[str, Any] = {
-    "audio": None,
-    "ref_video": None,
-    "ref_image": None,
-    "out": None,
-    "work_dir": None,  # default: <out folder>/<out stem>_work
-    "ref_frame": 0,
-    "device": "auto",
-    "seed": 0,
-    "size": 256,
-    "random_weights": False,
-    "preview": False,
-    "overwrite": False,
-    "min_audio_seconds": 0.5,
-    # asset paths; null = the default location of moditalker.assets (checkpoints/...)
-    "assets": {
-        "atom": None,
-        "autoencoder_rgb": None,
-        "autoencoder_motion": None,
-        "diffusion_model": None,
-        "bfm_dir": None,
-        "deep3d": None,
-        "hubert": None,
-        "face_alignment": None,
-    },
-    "hubert": {"batch_size": 4, "random_hidden_size": None},
-    "reference": {"max_frames": None},  # null: as many frames as the audio needs
-    "atom": {
-        "config": None,  # passed to AToM.inference.load_atom (null: its default, the official sizes)
-        "ema": False,
-        "steps": 50,
-        "eta": 1.0,
-        "guidance_weight": 2.0,
-        "seed": None,  # null: the top-level seed
-    },
-    "mtov": {
-        "config": None,  # passed to MToV.sample.load_mtov
-        "batch_size": 4,
-        "start_ratio": 0.25,
-        "sampling_timesteps": 100,
-        "use_last_as_reference": False,
-        "precision": "auto",  # autoencoders: auto = bf16 autocast where the device has bf16 units; fp32
-        "seed": None,  # null: the top-level seed
-    },
-    "output": {"crf": 18, "preset": "medium"},
-}
 
 # moditalker.assets names the pipeline needs (bfm_dir covers bfm_front + bfm_similarity)
 REQUIRED_ASSETS = (
@@ -142,65 +102,42 @@ class PipelineResult:
 
 # ----------------------------------------------------------------------------- configuration
 def build_parser() -> argparse.ArgumentParser:
+    """One flag per setting that has one in :mod:`pipeline.settings` (type, help and default from
+    there), plus ``--config`` and the ``key=value`` overrides."""
     p = argparse.ArgumentParser(
         prog="python -m pipeline.inference",
         description="Audio + reference video (or photo) -> talking-head mp4 (AToM + alignment + MToV).",
         epilog="Any setting can also be given as key=value (e.g. atom.steps=25 mtov.batch_size=8).",
     )
-    p.add_argument("--audio", help="speech: wav/flac/mp3/m4a or a video with an audio track")
-    ref = p.add_mutually_exclusive_group()
-    ref.add_argument("--ref_video", help="reference video: identity, head pose and background")
-    ref.add_argument("--ref_image", help="a single reference photo instead (static pose)")
-    p.add_argument("--out", help="output .mp4 (H.264 25 fps 256x256 + AAC)")
+    groups: dict[str, Any] = {}
+    for s in flag_settings():
+        target = p
+        if s.exclusive is not None:
+            if s.exclusive not in groups:
+                groups[s.exclusive] = p.add_mutually_exclusive_group()
+            target = groups[s.exclusive]
+        help_ = s.help if s.key == s.flag else f"{s.help} ({s.key})"
+        if s.type is bool:  # a switch; None (not given) leaves the config's value
+            target.add_argument(f"--{s.flag}", action="store_true", default=None, help=help_)
+            continue
+        if s.default is not None:
+            help_ += f" [{s.default:g}]" if isinstance(s.default, float) else f" [{s.default}]"
+        kind = s.type if s.type in (int, float) else None
+        target.add_argument(f"--{s.flag}", type=kind, default=None, help=help_)
     p.add_argument("--config", default=None, help="YAML config (default: configs/inference.yaml)")
-    p.add_argument("--ref_frame", type=int, default=None, help="frame giving the reference landmark [0]")
-    p.add_argument("--preview", action="store_true", default=None, help="also write OUT_preview.mp4")
-    p.add_argument("--seed", type=int, default=None, help="seed of both diffusion samplers [0]")
-    p.add_argument("--steps", type=int, default=None, help="AToM DDIM steps (atom.steps) [50]")
-    p.add_argument("--guidance", type=float, default=None, help="AToM CFG weight (atom.guidance_weight) [2]")
-    p.add_argument("--mtov_steps", type=int, default=None, help="MToV DDIM schedule length [100]")
-    p.add_argument("--batch_size", type=int, default=None, help="MToV clips per batch (mtov.batch_size) [4]")
-    p.add_argument("--device", default=None, help="auto|cpu|cuda|cuda:N [auto]")
-    p.add_argument("--work_dir", default=None, help="cache folder [<out folder>/<out stem>_work]")
-    p.add_argument(
-        "--random_weights",
-        action="store_true",
-        default=None,
-        help="random networks + synthetic BFM: exercises the pipeline without the licensed assets",
-    )
-    p.add_argument("--overwrite", action="store_true", default=None, help="replace an existing output")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
     return p
-
-
-_FLAG_TO_KEY = {
-    "audio": "audio",
-    "ref_video": "ref_video",
-    "ref_image": "ref_image",
-    "out": "out",
-    "ref_frame": "ref_frame",
-    "preview": "preview",
-    "seed": "seed",
-    "steps": "atom.steps",
-    "guidance": "atom.guidance_weight",
-    "mtov_steps": "mtov.sampling_timesteps",
-    "batch_size": "mtov.batch_size",
-    "device": "device",
-    "work_dir": "work_dir",
-    "random_weights": "random_weights",
-    "overwrite": "overwrite",
-}
 
 
 def resolve_config(args: argparse.Namespace) -> DictConfig:
     """defaults <- YAML (--config, else configs/inference.yaml) <- flags <- key=value overrides."""
     from omegaconf.errors import OmegaConfBaseException
 
-    path = args.config if args.config is not None else REPO / "configs" / "inference.yaml"
+    path = args.config if args.config is not None else REPO_ROOT / "configs" / "inference.yaml"
     if args.config is None and not Path(path).is_file():
         path = None
     cfg = load_config(path, (), defaults=DEFAULTS)
-    for name, key in _FLAG_TO_KEY.items():
+    for name, key in FLAGS.items():
         value = getattr(args, name)
         if value is None:
             continue
@@ -209,9 +146,7 @@ def resolve_config(args: argparse.Namespace) -> DictConfig:
         except OmegaConfBaseException as exc:
             raise UserError(f"cannot set {key} from --{name}: {str(exc).splitlines()[0]}") from exc
     cfg = load_config(None, list(args.overrides), defaults=cfg)
-    for stage in ("atom", "mtov"):  # (a section that is not a mapping is reported by _check_settings)
-        if OmegaConf.is_dict(cfg.get(stage)) and cfg[stage].get("seed") is None:
-            cfg[stage].seed = cfg.get("seed")
+    inherit_settings(cfg)  # null atom.seed / mtov.seed: the top-level seed
     return cfg
 
 
@@ -238,121 +173,13 @@ def _check_writable(folder: Path) -> None:
         ) from exc
 
 
-X264_PRESETS = (
-    "ultrafast",
-    "superfast",
-    "veryfast",
-    "faster",
-    "fast",
-    "medium",
-    "slow",
-    "slower",
-    "veryslow",
-    "placebo",
-)
-_INT, _FLOAT, _BOOL, _STR = "an integer", "a number", "true or false", "a string"
-# every leaf of DEFAULTS: (kind, may be null, check on the value, what the check asks for)
-_SETTINGS: dict[str, tuple[str, bool, Callable[[Any], bool] | None, str]] = {
-    "audio": (_STR, True, None, ""),
-    "ref_video": (_STR, True, None, ""),
-    "ref_image": (_STR, True, None, ""),
-    "out": (_STR, True, None, ""),
-    "work_dir": (_STR, True, None, ""),
-    "ref_frame": (_INT, False, lambda v: v >= 0, ">= 0"),
-    "device": (_STR, False, None, ""),
-    "seed": (_INT, False, lambda v: 0 <= v < 2**63, "in 0..2**63-1"),
-    "size": (_INT, False, lambda v: v >= 32, ">= 32"),
-    "random_weights": (_BOOL, False, None, ""),
-    "preview": (_BOOL, False, None, ""),
-    "overwrite": (_BOOL, False, None, ""),
-    "min_audio_seconds": (_FLOAT, False, lambda v: v >= 0, ">= 0"),
-    **{f"assets.{k}": (_STR, True, None, "") for k in DEFAULTS["assets"]},
-    "hubert.batch_size": (_INT, False, lambda v: v >= 1, ">= 1"),
-    "hubert.random_hidden_size": (_INT, True, lambda v: v >= 4 and v % 4 == 0, "a positive multiple of 4"),
-    "reference.max_frames": (_INT, True, lambda v: v >= 1, ">= 1"),
-    "atom.ema": (_BOOL, False, None, ""),
-    "atom.steps": (_INT, False, lambda v: v >= 1, ">= 1"),
-    "atom.eta": (_FLOAT, False, lambda v: 0 <= v <= 1, "in [0, 1]"),
-    "atom.guidance_weight": (_FLOAT, False, None, ""),
-    "atom.seed": (_INT, True, lambda v: 0 <= v < 2**63, "in 0..2**63-1"),
-    "mtov.batch_size": (_INT, False, lambda v: v >= 1, ">= 1"),
-    "mtov.start_ratio": (_FLOAT, False, lambda v: 0 < v < 1, "in (0, 1)"),
-    "mtov.sampling_timesteps": (_INT, False, lambda v: v >= 1, ">= 1"),
-    "mtov.use_last_as_reference": (_BOOL, False, None, ""),
-    "mtov.precision": (_STR, False, lambda v: v in ("auto", "bf16", "fp32"), "one of auto, bf16, fp32"),
-    "mtov.seed": (_INT, True, lambda v: 0 <= v < 2**63, "in 0..2**63-1"),
-    "output.crf": (_INT, False, lambda v: 0 <= v <= 51, "in 0..51"),
-    "output.preset": (
-        _STR,
-        False,
-        lambda v: v in X264_PRESETS,
-        f"an x264 preset ({', '.join(X264_PRESETS)})",
-    ),
-}
-_FREE_FORM = ("atom.config", "mtov.config")  # a YAML path or an inline mapping, checked by the loaders
-_IGNORED = ("run",)  # written into OUT.yaml by a finished run; that file may be passed as --config
-
-
-def _check_settings(cfg: DictConfig) -> None:
-    """Every setting known, of the right type and in range: a typo such as ``atom.stesp=10`` or a
-    value such as ``atom.steps=abc`` stops the run here, not as a traceback deep inside a stage."""
-    try:
-        plain = OmegaConf.to_container(cfg, resolve=True)
-    except Exception as exc:  # noqa: BLE001 - interpolation errors in the user's YAML
-        raise UserError(f"bad config: {exc}") from exc
-
-    def walk(node: dict, defaults: dict, prefix: str) -> None:
-        unknown = [f"{prefix}{k}" for k in node if k not in defaults and f"{prefix}{k}" not in _IGNORED]
-        if unknown:
-            raise UserError(
-                f"unknown setting(s) {unknown}; see configs/inference.yaml for the keys "
-                f"(sections: {', '.join(k for k, v in DEFAULTS.items() if isinstance(v, dict))})"
-            )
-        for key, default in defaults.items():
-            name = f"{prefix}{key}"
-            value = node.get(key)
-            if name in _FREE_FORM:
-                if value is not None and not isinstance(value, str | dict):
-                    raise UserError(f"{name} must be a YAML path or a mapping, got {value!r}")
-            elif isinstance(default, dict):
-                if not isinstance(value, dict):
-                    raise UserError(f"{name} must be a section of settings ({name}.KEY=VALUE), got {value!r}")
-                walk(value, default, f"{name}.")
-            else:
-                _check_value(name, value)
-
-    walk(plain, DEFAULTS, "")
-    m = cfg.mtov
-    from MToV.sample import check_sampling
-
-    check_sampling(float(m.start_ratio), int(m.sampling_timesteps))
-
-
-def _check_value(name: str, value: Any) -> None:
-    kind, nullable, ok, wanted = _SETTINGS[name]
-    if value is None:
-        if nullable:
-            return
-        raise UserError(f"{name} must be {kind}, got null")
-    good_type = {
-        _INT: isinstance(value, int) and not isinstance(value, bool),
-        _FLOAT: isinstance(value, int | float) and not isinstance(value, bool),
-        _BOOL: isinstance(value, bool),
-        _STR: isinstance(value, str),
-    }[kind]
-    if not good_type:
-        raise UserError(f"{name} must be {kind}, got {value!r}")
-    if kind == _FLOAT and not np.isfinite(value):
-        raise UserError(f"{name} must be a finite number, got {value}")
-    if ok is not None and not ok(value):
-        raise UserError(f"{name} must be {wanted}, got {value!r}")
-
-
 def _validate(cfg: DictConfig) -> _Inputs:
     """Every check that is cheap: settings, arguments, paths, output writability, media streams."""
     from data.video import probe
+    from MToV.sample import check_sampling
 
-    _check_settings(cfg)
+    check_settings(cfg)
+    check_sampling(float(cfg.mtov.start_ratio), int(cfg.mtov.sampling_timesteps))
     if not cfg.audio:
         raise UserError("--audio is required (a speech recording, or a video with an audio track)")
     if not cfg.ref_video and not cfg.ref_image:
@@ -397,8 +224,8 @@ def _validate(cfg: DictConfig) -> _Inputs:
         from data.video import read_video
 
         read_video(ref, fps=FPS, max_frames=1)  # headers can be fine and the frames not decode
-    _plain(cfg.atom.config)  # a stage config file that does not exist fails here, before any work
-    _plain(cfg.mtov.config)
+    stage_config(cfg.atom.config)  # a stage config file that does not exist fails here, before any work
+    stage_config(cfg.mtov.config)
     if int(cfg.ref_frame) < 0:
         raise UserError(f"--ref_frame must be >= 0, got {cfg.ref_frame}")
     rate = int(info["audio"]["sample_rate"] or SAMPLE_RATE)
@@ -529,8 +356,8 @@ def run_inference(
         {
             "file": file_digest(inputs.ref),
             "image": inputs.ref_is_image,
-            "size": size,
             "max_frames": 1 if inputs.ref_is_image else max_ref,
+            **stage_settings(cfg, "reference"),  # size
         },
         _reference,
         log,
@@ -629,7 +456,7 @@ def run_inference(
         ref_lm3d_all, key_mean = _frontal_of_reference()
         diffusion = load_atom(
             None if rw else str(paths["atom"]),
-            config=_plain(cfg.atom.config),
+            config=stage_config(cfg.atom.config),
             ema=bool(cfg.atom.ema),
             device=device,
             random_weights=rw,
@@ -652,14 +479,8 @@ def run_inference(
         {
             "hubert": hub_key,
             "recon": rec_key,
-            "ref_frame": ref_frame,
             "model": "random" if rw else asset_identity(paths["atom"]),
-            "config": _config_identity(cfg.atom.config),
-            "ema": bool(cfg.atom.ema),
-            "steps": int(cfg.atom.steps),
-            "eta": float(cfg.atom.eta),
-            "guidance_weight": float(cfg.atom.guidance_weight),
-            "seed": int(cfg.atom.seed),
+            **stage_settings(cfg, "atom"),  # every atom.* setting and ref_frame
         },
         _atom,
         log,
@@ -686,7 +507,8 @@ def run_inference(
 
     al, al_key = cache.run(
         "align",
-        {"atom": atom_key, "recon": rec_key, "landmarks": lm_key, "n_frames": n_frames, "size": size},
+        {"atom": atom_key, "recon": rec_key, "landmarks": lm_key, "n_frames": n_frames}
+        | stage_settings(cfg, "align"),  # size
         _align,
         log,
     )
@@ -706,7 +528,7 @@ def run_inference(
             None if rw else str(paths["autoencoder_rgb"]),
             None if rw else str(paths["autoencoder_motion"]),
             None if rw else str(paths["diffusion_model"]),
-            config=_plain(cfg.mtov.config),
+            config=stage_config(cfg.mtov.config),
             device=device,
             random_weights=rw,
         )
@@ -730,19 +552,12 @@ def run_inference(
         {
             "align": al_key,
             "reference": ref_key,
-            "ref_frame": ref_frame,
             "models": "random"
             if rw
             else [
                 asset_identity(paths[k]) for k in ("autoencoder_rgb", "autoencoder_motion", "diffusion_model")
             ],
-            "config": _config_identity(cfg.mtov.config),
-            "batch_size": int(cfg.mtov.batch_size),
-            "start_ratio": float(cfg.mtov.start_ratio),
-            "sampling_timesteps": int(cfg.mtov.sampling_timesteps),
-            "use_last_as_reference": bool(cfg.mtov.use_last_as_reference),
-            "precision": str(cfg.mtov.precision),
-            "seed": int(cfg.mtov.seed),
+            **stage_settings(cfg, "mtov"),  # every mtov.* setting and ref_frame
         },
         _mtov,
         log,
@@ -799,34 +614,13 @@ def _random_hubert_size(cfg: DictConfig) -> int:
     config's ``model.cond_feature_dim`` so the two always agree (1024 for the official sizes)."""
     if cfg.hubert.random_hidden_size is not None:
         return int(cfg.hubert.random_hidden_size)
-    atom_cfg = _plain(cfg.atom.config)
+    atom_cfg = stage_config(cfg.atom.config)
     if isinstance(atom_cfg, str):
         atom_cfg = OmegaConf.to_container(OmegaConf.load(atom_cfg), resolve=True)
     try:
         return int(atom_cfg["model"]["cond_feature_dim"])
     except (TypeError, KeyError):
         return 1024
-
-
-def _plain(node: Any) -> Any:
-    """A stage's ``config`` setting for its loader: a YAML path (relative paths are tried against the
-    working folder, then the repository) or an inline mapping (plain dict); None = the loader's default."""
-    if OmegaConf.is_config(node):
-        return OmegaConf.to_container(node, resolve=True)
-    if isinstance(node, str):
-        path = Path(node).expanduser()
-        if not path.is_file() and not path.is_absolute() and (REPO / path).is_file():
-            path = REPO / path
-        if not path.is_file():
-            raise UserError(f"stage config file not found: {node}")
-        return str(path)
-    return node
-
-
-def _config_identity(node: Any) -> Any:
-    """Cache-key part of a stage config: the file's digest for a path, else the value itself."""
-    value = _plain(node)
-    return file_digest(value) if isinstance(value, str) else value
 
 
 def _metadata(cfg: DictConfig) -> dict[str, str]:
