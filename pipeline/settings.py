@@ -143,8 +143,11 @@ class AssetSettings:
 @dataclass
 class HubertSettings:
     batch_size: int = setting(
-        4, "20 s chunks per HuBERT forward pass", check=at_least(1), stages=()
-    )  # batching does not change the features
+        4,
+        "20 s chunks per HuBERT forward pass",
+        check=at_least(1),
+        stages=(),  # batching does not change the features
+    )
     random_hidden_size: int | None = setting(
         None,
         "random HuBERT feature size (--random_weights); null: AToM's cond_feature_dim",
