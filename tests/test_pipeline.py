@@ -412,14 +412,18 @@ def test_flag_values_are_not_parsed_as_yaml():
 
 
 def test_every_default_setting_has_a_check():
-    """_check_settings looks every leaf of DEFAULTS up in _SETTINGS: a new setting needs an entry."""
-    from pipeline.inference import _FREE_FORM, _SETTINGS, DEFAULTS
+    """check_settings looks every leaf of DEFAULTS up in pipeline.settings.SETTINGS (both derived from
+    one schema): every setting has its type and check."""
+    from pipeline.inference import DEFAULTS
+    from pipeline.settings import FREE_FORM, SETTINGS
 
     def leaves(node: dict, prefix: str = "") -> set[str]:
         out: set[str] = set()
         for k, v in node.items():
             name = f"{prefix}{k}"
-            out |= leaves(v, f"{name}.") if isinstance(v, dict) and name not in _FREE_FORM else {name}
+            out |= leaves(v, f"{name}.") if isinstance(v, dict) and name not in FREE_FORM else {name}
         return out
 
-    assert leaves(DEFAULTS) - set(_FREE_FORM) == set(_SETTINGS)
+    assert leaves(DEFAULTS) == set(SETTINGS)
+    assert set(FREE_FORM) <= set(SETTINGS)
+    assert all(s.type is not None for k, s in SETTINGS.items() if k not in FREE_FORM)
