@@ -15,9 +15,10 @@ and the moving reference face of :mod:`pipeline.sample_data`. Stages, timed one 
 Modes, run side by side in one process on the same inputs and the same noise:
 
 * ``faithful``  the original's call pattern: two decoder passes per guided AToM step with the
-  conditions re-encoded each time; one 16-frame clip at a time with four encodes per clip (the
-  target clip, whose latent is unused, the reference, the landmarks, the masked frames); fp32, eager,
-  explicit attention (PyTorch's math backend, as the original's einsum/bmm attention);
+  conditions re-encoded each time (``generate_landmarks(..., guidance_mode="original")``); one
+  16-frame clip at a time with four encodes per clip (the target clip, whose latent is unused, the
+  reference, the landmarks, the masked frames); fp32, eager, explicit attention (PyTorch's math
+  backend, as the original's einsum/bmm attention);
 * ``fast``      the default path of :func:`AToM.inference.generate_landmarks` and
   :func:`MToV.sample.generate_video`: conditions encoded once, CFG as one batched pass on GPU (two
   passes on the CPU, which runs them faster), the reference
@@ -192,33 +193,6 @@ def make_inputs(seconds: float, size: int = 256, seed: int = 0, still: bool = Fa
 
 
 # ----------------------------------------------------------------------------- faithful paths
-@dataclass
-class _RawConditions:
-    face: torch.Tensor
-    cond: torch.Tensor
-
-
-@contextlib.contextmanager
-def faithful_atom(diffusion: Any) -> Iterator[None]:
-    """Within this context, AToM's sampler runs the original's pattern: at every DDIM step two full
-    decoder passes (conditional, then unconditional), each re-encoding audio and reference."""
-    model = diffusion.model
-
-    def encode(face: torch.Tensor, cond: torch.Tensor) -> _RawConditions:
-        return _RawConditions(face, cond)
-
-    def guided(x: torch.Tensor, t: torch.Tensor, raw: _RawConditions, w: float) -> torch.Tensor:
-        return model.guided_forward(None, x, raw.face, raw.cond, t, w, faithful=True)
-
-    model.encode_guidance_conditions = encode
-    model.guided_decode = guided
-    try:
-        yield
-    finally:
-        del model.encode_guidance_conditions
-        del model.guided_decode
-
-
 def faithful_generate_video(
     models: Any,
     landmark_video: np.ndarray,
@@ -390,17 +364,16 @@ def run_mode(
         t1 = clock()
         sec["hubert"] = t1 - t_start
         c1 = cpu_mark("hubert", c0)
-        ctx = faithful_atom(nets.atom) if mode == "faithful" else contextlib.nullcontext()
-        with ctx:
-            lm3d = generate_landmarks(
-                nets.atom,
-                hub,
-                inputs.ref_lm3d[0],
-                inputs.key_mean,
-                steps=atom_steps,
-                seed=seed,
-                progress=progress,
-            )[: inputs.n_frames]
+        lm3d = generate_landmarks(
+            nets.atom,
+            hub,
+            inputs.ref_lm3d[0],
+            inputs.key_mean,
+            steps=atom_steps,
+            seed=seed,
+            progress=progress,
+            guidance_mode="original" if mode == "faithful" else "auto",
+        )[: inputs.n_frames]
         t2 = clock()
         sec["atom"] = t2 - t1
         c2 = cpu_mark("atom", c1)
