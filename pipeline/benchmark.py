@@ -17,10 +17,10 @@ Modes, run side by side in one process on the same inputs and the same noise:
 * ``faithful``  the original's call pattern: two decoder passes per guided AToM step with the
   conditions re-encoded each time (``generate_landmarks(..., guidance_mode="original")``); one
   16-frame clip at a time with four encodes per clip (the target clip, whose latent is unused, the
-  reference, the landmarks, the masked frames); fp32, eager, explicit attention (PyTorch's math
-  backend, as the original's einsum/bmm attention);
+  reference, the landmarks, the masked frames: :func:`MToV.generate.generate_video_original`); fp32,
+  eager, explicit attention (PyTorch's math backend, as the original's einsum/bmm attention);
 * ``fast``      the default path of :func:`AToM.inference.generate_landmarks` and
-  :func:`MToV.sample.generate_video`: conditions encoded once, CFG as one batched pass on GPU (two
+  :func:`MToV.generate.generate_video`: conditions encoded once, CFG as one batched pass on GPU (two
   passes on the CPU, which runs them faster), the reference
   latent once per video, only the encodes sampling uses, ``torch.inference_mode``, SDPA attention,
   clips batched, bf16 autocast for the autoencoders where the device has bf16 matrix units
@@ -43,7 +43,7 @@ import os
 import tempfile
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -54,6 +54,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from moditalker.constants import FPS, SAMPLE_RATE
 from moditalker.errors import UserError, cli_main
+from moditalker.timing import StageTimer
 
 REPO = Path(__file__).resolve().parents[1]
 MODES = ("faithful", "fast", "fast_fp32")
@@ -82,7 +83,7 @@ class Networks:
 
     hubert: Any  # data.audio.HubertExtractor
     atom: Any  # AToM.diffusion.GaussianDiffusion
-    mtov: Any  # MToV.sample.MToVModels
+    mtov: Any  # MToV.loading.MToVModels
     tiny: bool
 
 
@@ -117,7 +118,7 @@ def build_networks(device: torch.device, tiny: bool = False, seed: int = 0) -> N
     """Full-size AToM, MToV and HuBERT-large with random weights (``tiny``: the tiny test configs)."""
     from AToM.inference import load_atom
     from data.audio import HubertExtractor
-    from MToV.sample import load_mtov
+    from MToV.loading import load_mtov
 
     atom_cfg = str(REPO / "configs" / "atom_tiny.yaml") if tiny else None
     mtov_cfg = str(REPO / "configs" / "mtov_tiny.yaml") if tiny else None
@@ -190,63 +191,6 @@ def make_inputs(seconds: float, size: int = 256, seed: int = 0, still: bool = Fa
         key_mean=key_mean,
         n_frames=n_frames,
     )
-
-
-# ----------------------------------------------------------------------------- faithful paths
-def faithful_generate_video(
-    models: Any,
-    landmark_video: np.ndarray,
-    masked_frames: np.ndarray,
-    identity_frame: np.ndarray,
-    target_frames: np.ndarray,
-    *,
-    seed: int = 0,
-    start_ratio: float = START_RATIO,
-    sampling_timesteps: int = FULL_MTOV_SCHEDULE,
-    eta: float = 1.0,
-    timings: dict[str, float] | None = None,
-    return_float: bool = False,
-    progress: bool = False,
-) -> np.ndarray:
-    """The original MToV call pattern (fp32, eager, ``no_grad``): each 16-frame clip on its own, with
-    four encodes per clip (target, whose latent the sampler never uses, reference, landmarks, masked
-    frames), noised-start DDIM and a decode. Noise per clip as :func:`MToV.sample.generate_video`
-    (``clip_generator(seed, clip)``), so the two agree up to float rounding. Inputs uint8 [T, 3, S, S]
-    at the autoencoder's size; returns uint8 (or float in [-1, 1]) [T, 3, S, S]."""
-    from tqdm.auto import tqdm
-
-    from MToV.sample import _pad_clips, _StageTimer, _to_model, clip_generator, to_uint8
-
-    dev, size, clip = models.device, models.resolution, models.clip_frames
-    timed = _StageTimer(timings, dev)
-    n = len(landmark_video)
-    ddpm = models.sampler(sampling_timesteps, eta)
-    n_xy = models.ae_rgb.r**2
-    outputs = []
-    with torch.no_grad():
-        x_l = _pad_clips(_to_model(landmark_video, size, dev, "landmark_video"), clip)
-        masked = _pad_clips(_to_model(masked_frames, size, dev, "masked_frames"), clip)
-        target = _pad_clips(_to_model(target_frames, size, dev, "target_frames"), clip)
-        ref = _to_model(identity_frame[None], size, dev, "identity_frame")[:, :, None]
-        for i in tqdm(range(x_l.shape[0]), desc="MToV clips (faithful)", disable=not progress):
-            with timed("encode"):
-                _ = models.ae_rgb.extract(target[i : i + 1])  # encoded by the original, never used
-                ref_latent = models.ae_rgb.extract(ref.expand(-1, -1, clip, -1, -1).contiguous())
-                z_l = models.ae_ldmk.extract(x_l[i : i + 1])
-                z_m = models.ae_rgb.extract(masked[i : i + 1])
-            with timed("unet"):
-                z = ddpm.sample(
-                    1,
-                    torch.cat([z_l, z_m], dim=1),
-                    ref_latent[:, :, :n_xy],
-                    noised_start=ref_latent,
-                    start_ratio=start_ratio,
-                    generator=[clip_generator(seed, i, dev)],
-                )
-            with timed("decode"):
-                frames = models.ae_rgb.decode_from_sample(z).clamp(-1.0, 1.0)
-            outputs.append(frames.cpu() if return_float else to_uint8(frames).cpu())
-    return torch.cat(outputs)[:n].numpy()
 
 
 # ----------------------------------------------------------------------------- measuring
@@ -331,7 +275,7 @@ def run_mode(
     from AToM.inference import generate_landmarks
     from data.imageops import mask_below_nose
     from data.motion_align import align_landmarks, render_landmarks
-    from MToV.sample import generate_video
+    from MToV.generate import generate_video, generate_video_original
 
     if mode not in MODES:
         raise UserError(f"unknown mode {mode!r}; use one of {MODES}")
@@ -339,7 +283,8 @@ def run_mode(
     size = nets.mtov.resolution
     sec: dict[str, float] = {}
     mt: dict[str, float] = {}
-
+    # MToV's per-stage seconds on the same clock as the top-level stages
+    timer = StageTimer(mt, dev, clock=time.process_time if clock_kind == "cpu" else None)
     cpu: dict[str, float] = {}
 
     now = time.process_time if clock_kind == "cpu" else time.perf_counter
@@ -386,35 +331,35 @@ def run_mode(
         t3 = clock()
         sec["align"] = t3 - t2
         c3 = cpu_mark("align", c2)
-        stage_clock = _cpu_stage_timer() if clock_kind == "cpu" else contextlib.nullcontext()
-        with stage_clock:
-            if mode == "faithful":
-                frames = faithful_generate_video(
-                    nets.mtov,
-                    landmark_video,
-                    masked,
-                    ident,
-                    np.ascontiguousarray(inputs.frames.transpose(0, 3, 1, 2)),
-                    seed=seed,
-                    sampling_timesteps=mtov_steps,
-                    timings=mt,
-                    return_float=True,
-                    progress=progress,
-                )
-            else:
-                frames = generate_video(
-                    nets.mtov,
-                    landmark_video,
-                    masked,
-                    ident,
-                    batch_size=batch_size,
-                    seed=seed,
-                    sampling_timesteps=mtov_steps,
-                    precision="fp32" if mode == "fast_fp32" else precision,
-                    timings=mt,
-                    return_float=True,
-                    progress=progress,
-                )
+        if mode == "faithful":
+            frames = generate_video_original(
+                nets.mtov,
+                landmark_video,
+                masked,
+                ident,
+                np.ascontiguousarray(inputs.frames.transpose(0, 3, 1, 2)),
+                seed=seed,
+                start_ratio=START_RATIO,
+                sampling_timesteps=mtov_steps,
+                timer=timer,
+                return_float=True,
+                progress=progress,
+            )
+        else:
+            frames = generate_video(
+                nets.mtov,
+                landmark_video,
+                masked,
+                ident,
+                batch_size=batch_size,
+                seed=seed,
+                start_ratio=START_RATIO,
+                sampling_timesteps=mtov_steps,
+                precision="fp32" if mode == "fast_fp32" else precision,
+                timer=timer,
+                return_float=True,
+                progress=progress,
+            )
         t4 = clock()
         cpu_mark("mtov", c3)
         cpu_mark("total", c0)
@@ -423,23 +368,6 @@ def run_mode(
         sec[f"mtov_{k}"] = mt.get(k, 0.0)
     sec["total"] = t4 - t_start
     return ModeResult(sec, cpu, mem.peak_bytes, np.asarray(lm3d), np.asarray(frames, np.float32))
-
-
-@contextlib.contextmanager
-def _cpu_stage_timer() -> Iterator[None]:
-    """Make :func:`MToV.sample.generate_video`'s per-stage timings count process CPU seconds."""
-    import MToV.sample as sample
-
-    base = sample._StageTimer
-
-    class CpuStageTimer(base):
-        clock = staticmethod(time.process_time)
-
-    sample._StageTimer = CpuStageTimer
-    try:
-        yield
-    finally:
-        sample._StageTimer = base
 
 
 def extrapolate(sec: dict[str, float], atom_factor: float, unet_factor: float) -> dict[str, float]:
@@ -496,7 +424,7 @@ def run_benchmark(
 ) -> dict[str, Any]:
     """Build the networks, run every mode on the same inputs and return the report dict (see module doc)."""
     from moditalker.device import resolve_device
-    from MToV.sample import autoencoder_dtype, prepare_for_device
+    from MToV.loading import autoencoder_dtype, prepare_for_device
 
     if clock not in ("wall", "cpu"):
         raise UserError(f"clock must be 'wall' or 'cpu', got {clock!r}")

@@ -323,7 +323,7 @@ def _check_settings(cfg: DictConfig) -> None:
 
     walk(plain, DEFAULTS, "")
     m = cfg.mtov
-    from MToV.sample import check_sampling
+    from MToV.generate import check_sampling
 
     check_sampling(float(m.start_ratio), int(m.sampling_timesteps))
 
@@ -699,7 +699,8 @@ def run_inference(
         landmark_video = render_landmarks(al["aligned_lm68"], (size, size), size=size)  # [T,3,S,S]
 
     def _mtov(_: Path) -> dict[str, np.ndarray]:
-        from MToV.sample import generate_video, load_mtov
+        from MToV.generate import generate_video
+        from MToV.loading import load_mtov
 
         masked = mask_below_nose(frames, al["reference_posed_lm68"])[idx]  # [T,S,S,3]
         models = load_mtov(

@@ -1,4 +1,5 @@
-"""MToV.sample: batched == one clip at a time, any length, encode-once, CLI and its errors."""
+"""MToV sampling (MToV.generate, the MToV.sample CLI): batched == one clip at a time, any length,
+encode-once, CLI and its errors."""
 
 from __future__ import annotations
 
@@ -12,7 +13,9 @@ import pytest
 import torch
 
 from moditalker.errors import UserError
-from MToV.sample import generate_video, load_mtov, main
+from MToV.generate import generate_video
+from MToV.loading import load_mtov
+from MToV.sample import main
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = str(REPO / "configs" / "mtov_tiny.yaml")
@@ -87,7 +90,7 @@ def test_encodes_reference_once_and_only_what_is_needed(models, monkeypatch):
 def test_repeated_clips_encoded_once_same_result(models, monkeypatch):
     """A still reference (every masked clip the same) and repeated landmark clips: each distinct clip
     is encoded once, and the video equals the one made with every clip encoded."""
-    import MToV.sample as sample
+    import MToV.generate as gen
 
     clip = models.clip_frames
     t = 4 * clip - 2
@@ -106,11 +109,11 @@ def test_repeated_clips_encoded_once_same_result(models, monkeypatch):
     assert calls["rgb"] == [1, 1]  # the reference, then the one distinct masked clip
     assert calls["ldmk"] == [2, 1]  # clips 0 and 1 (2 = 0), then clip 3
 
-    class NoCache(sample._LatentCache):
+    class NoCache(gen.LatentCache):
         def __call__(self, ae, clips, keys):
             return self.extract(ae, clips)
 
-    monkeypatch.setattr(sample, "_LatentCache", NoCache)
+    monkeypatch.setattr(gen, "LatentCache", NoCache)
     calls = {"rgb": [], "ldmk": []}
     every = generate_video(models, lv, masked, ident, **kw)
     assert calls["rgb"] == [1, 3, 1] and calls["ldmk"] == [3, 1]
