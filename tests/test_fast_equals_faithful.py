@@ -20,7 +20,8 @@ from AToM.model import MotionDecoder
 from moditalker.errors import UserError
 from MToV.generate import generate_video, generate_video_original
 from MToV.loading import autoencoder_dtype, load_mtov
-from pipeline.benchmark import STAGES, extrapolate, main, mtov_unet_passes, psnr, randomize_zero_params
+from pipeline.benchmark import STAGES, extrapolate, main, mtov_unet_passes, psnr
+from pipeline.benchmark_setup import randomize_zero_params
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_MTOV = str(REPO / "configs" / "mtov_tiny.yaml")
