@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -32,6 +33,30 @@ SCHEDULE_BUFFERS = (
 
 LOSS_WEIGHT = 7.5  # weight of the x0 reconstruction loss
 VELOCITY_LOSS_WEIGHT = 1.5  # weight of the first-difference (velocity) loss
+
+#: How the sampler evaluates classifier-free guidance (``guidance_mode``); all give the same numbers
+#: up to float rounding and use the RNG identically:
+#: ``"auto"`` (default): conditions encoded once per sampling call, conditional and unconditional
+#: decoder passes batched on GPUs, two passes on the CPU (see ``MotionDecoder.guided_decode``);
+#: ``"batched"`` / ``"two_pass"``: that choice forced on any device;
+#: ``"original"``: the original's pattern, two full forward passes per step (unconditional, then
+#: conditional), each re-encoding audio and reference (the benchmark's ``faithful`` mode).
+GUIDANCE_MODES = ("auto", "batched", "two_pass", "original")
+_BATCHED = {"auto": None, "batched": True, "two_pass": False}
+
+
+def check_guidance_mode(guidance_mode: str) -> str:
+    if guidance_mode not in GUIDANCE_MODES:
+        raise ValueError(f"guidance_mode must be one of {GUIDANCE_MODES}, got {guidance_mode!r}")
+    return guidance_mode
+
+
+@dataclass
+class RawConditions:
+    """The conditions of the ``"original"`` guidance mode: not encoded, re-encoded at every pass."""
+
+    face: Tensor
+    cond: Tensor
 
 
 def make_beta_schedule(schedule: str, n_timestep: int, cosine_s: float = 8e-3) -> np.ndarray:
@@ -177,11 +202,39 @@ class GaussianDiffusion(nn.Module):
             self.sqrt_recipm1_alphas_cumprod, t, x_t.dim()
         )
 
+    def guidance_conditions(
+        self, face: Tensor, cond: Tensor, guidance_mode: str = "auto"
+    ) -> EncodedConditions | RawConditions:
+        """What the guided steps of one sampling call share: the conditions encoded once (conditional
+        rows, then null rows), or for ``guidance_mode="original"`` the raw inputs."""
+        if check_guidance_mode(guidance_mode) == "original":
+            return RawConditions(face, cond)
+        return self.model.encode_guidance_conditions(face, cond)
+
+    def guided_x0(
+        self,
+        x: Tensor,
+        t: Tensor,
+        enc2: EncodedConditions | RawConditions,
+        guidance_weight: float,
+        guidance_mode: str = "auto",
+    ) -> Tensor:
+        """Guided x0 estimate ``uncond + (cond - uncond) * w`` in the call pattern of ``guidance_mode``
+        (``enc2`` from :meth:`guidance_conditions` with the same mode)."""
+        if check_guidance_mode(guidance_mode) == "original":
+            return self.model.guided_forward(None, x, enc2.face, enc2.cond, t, guidance_weight, faithful=True)
+        return self.model.guided_decode(x, t, enc2, guidance_weight, batched=_BATCHED[guidance_mode])
+
     def model_predictions(
-        self, x: Tensor, t: Tensor, enc2: EncodedConditions, guidance_weight: float
+        self,
+        x: Tensor,
+        t: Tensor,
+        enc2: EncodedConditions | RawConditions,
+        guidance_weight: float,
+        guidance_mode: str = "auto",
     ) -> tuple[Tensor, Tensor]:
         """Guided x0 (clamped to [-1, 1] when ``clip_denoised``) and the eps implied by it."""
-        x_start = self.model.guided_decode(x, t, enc2, guidance_weight)
+        x_start = self.guided_x0(x, t, enc2, guidance_weight, guidance_mode)
         if self.clip_denoised:
             x_start = x_start.clamp(-1.0, 1.0)
         return self.predict_noise_from_start(x, t, x_start), x_start
@@ -191,16 +244,18 @@ class GaussianDiffusion(nn.Module):
         x: Tensor,
         time: int,
         time_next: int,
-        enc2: EncodedConditions,
+        enc2: EncodedConditions | RawConditions,
         noise_fn: Callable[[Tensor], Tensor],
         eta: float = 1.0,
         guidance_weight: float | None = None,
+        guidance_mode: str = "auto",
     ) -> tuple[Tensor, Tensor, Tensor]:
         """One DDIM update; returns ``(x_next, x_start, pred_noise)``. ``noise_fn(x)`` is called only
-        when ``time_next >= 0`` (the original draws no noise at the last step)."""
+        when ``time_next >= 0`` (the original draws no noise at the last step). ``enc2`` comes from
+        :meth:`guidance_conditions` with the same ``guidance_mode``."""
         w = self.guidance_weight if guidance_weight is None else guidance_weight
         t = torch.full((x.shape[0],), time, device=x.device, dtype=torch.long)
-        pred_noise, x_start = self.model_predictions(x, t, enc2, w)
+        pred_noise, x_start = self.model_predictions(x, t, enc2, w, guidance_mode)
         if time_next < 0:
             return x_start, x_start, pred_noise
         a = self.alphas_cumprod[time]
@@ -223,21 +278,24 @@ class GaussianDiffusion(nn.Module):
         generator: torch.Generator | None = None,
         known: tuple[Tensor, Tensor] | None = None,
         progress: bool = False,
+        guidance_mode: str = "auto",
     ) -> Tensor:
         """DDIM with classifier-free guidance; returns the final (clamped) x0 estimate.
 
         RNG order is the original's: ``randn(shape)`` first, then one ``randn_like`` per step except
         the last, from the global RNG or from ``generator``. ``known = (mask, values)`` (broadcastable
         to ``shape``) turns on EDGE-style inpainting: after every step the masked region is replaced
-        by ``q_sample(values, time_next)`` and, at the end, by ``values`` itself.
+        by ``q_sample(values, time_next)`` and, at the end, by ``values`` itself. ``guidance_mode``
+        picks the call pattern of the guidance (:data:`GUIDANCE_MODES`); it changes no number.
         """
+        check_guidance_mode(guidance_mode)
         device = self.betas.device
         gen_device = generator.device if generator is not None else device
 
         def randn(ref_shape) -> Tensor:
             return torch.randn(ref_shape, generator=generator, device=gen_device).to(device)
 
-        enc2 = self.model.encode_guidance_conditions(face, cond)
+        enc2 = self.guidance_conditions(face, cond, guidance_mode)
         x = randn(tuple(shape))
         pairs = ddim_times(self.n_timestep, steps)
         if known is not None:
@@ -245,7 +303,9 @@ class GaussianDiffusion(nn.Module):
             mask = mask.to(device=device, dtype=x.dtype)
             values = values.to(device=device, dtype=x.dtype)
         for time, time_next in tqdm(pairs, desc="DDIM", disable=not progress, leave=False):
-            x, _, _ = self.ddim_step(x, time, time_next, enc2, lambda r: randn(r.shape), eta, guidance_weight)
+            x, _, _ = self.ddim_step(
+                x, time, time_next, enc2, lambda r: randn(r.shape), eta, guidance_weight, guidance_mode
+            )
             if known is not None:
                 if time_next >= 0:
                     t_next = torch.full((x.shape[0],), time_next, device=device, dtype=torch.long)

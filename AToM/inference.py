@@ -31,7 +31,7 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from AToM.common import as_config, build_diffusion, load_weights, read_checkpoint
-from AToM.diffusion import GaussianDiffusion
+from AToM.diffusion import GUIDANCE_MODES, GaussianDiffusion
 from data.face3d import idexp_to_lm3d, lm3d_to_idexp
 from moditalker.config import save_config
 from moditalker.device import resolve_device
@@ -115,12 +115,17 @@ def generate_landmarks(
     seed: int = 0,
     progress: bool = True,
     overlap: int | None = None,
+    guidance_mode: str = "auto",
 ) -> np.ndarray:
     """Frontal landmarks ``float32 [T_a // 2, 68, 3]`` (BFM space) for the whole audio.
 
     ``ref_lm3d`` is the absolute frontal reference landmark (``idexp / 10 + key_mean_shape``).
     ``overlap`` (frames shared by consecutive windows) defaults to the config's ``sample.overlap``.
     Deterministic for a given ``seed`` (noise comes from a CPU generator on every device).
+    ``guidance_mode`` (``"auto"``, ``"batched"``, ``"two_pass"`` or ``"original"``, see
+    :data:`AToM.diffusion.GUIDANCE_MODES`) picks how the classifier-free guidance is evaluated; the
+    landmarks are the same up to float rounding (``"original"``: the original's two full passes per
+    step, re-encoding the conditions each time; the benchmark's ``faithful`` mode).
     """
     hubert, ref_lm3d, key_mean_shape = _check_inputs(diffusion, hubert, ref_lm3d, key_mean_shape)
     if steps < 1 or steps > diffusion.n_timestep:
@@ -131,6 +136,8 @@ def generate_landmarks(
         raise UserError(f"guidance weight must be a finite number, got {guidance_weight}")
     if not 0 <= int(seed) < 2**63:
         raise UserError(f"seed must be in 0..2**63-1, got {seed}")
+    if guidance_mode not in GUIDANCE_MODES:
+        raise UserError(f"guidance_mode must be one of {', '.join(GUIDANCE_MODES)}, got {guidance_mode!r}")
     w = diffusion.horizon
     if overlap is None:
         cfg = getattr(diffusion, "atom_config", None)
@@ -171,6 +178,7 @@ def generate_landmarks(
             generator=gen,
             known=known,
             progress=progress and len(starts) == 1,
+            guidance_mode=guidance_mode,
         )
         new = res[0] + ref
         m = n_known - n_inpaint

@@ -173,7 +173,7 @@ class DDPM(nn.Module):
 
     # ------------------------------------------------------------------ sampling
     def ddim_times(self) -> list[tuple[int, int]]:
-        """(time, time_next) pairs: ``linspace(-1, T-1, S+1)`` truncated to int, reversed."""
+        """This sampler's schedule: :func:`ddim_times` of its ``num_timesteps`` and ``sampling_timesteps``."""
         return ddim_times(self.num_timesteps, self.sampling_timesteps)
 
     def model_predictions(self, x, cond, image_cond, t):

@@ -41,8 +41,8 @@ from moditalker.training.options import add_run_arguments, apply_run_arguments, 
 from moditalker.training.run_state import prepare_run_dir, read_state_info, save_state
 from MToV.dataset import build_dataset, check_data, data_defaults
 from MToV.diffusion import DDPM
+from MToV.loading import MODEL_DEFAULTS, build_models, load_unet_weights
 from MToV.models.autoencoder import load_autoencoder_weights
-from MToV.sample import MODEL_DEFAULTS, build_models, load_unet_weights
 
 DEFAULTS: dict = OmegaConf.to_container(
     OmegaConf.merge(

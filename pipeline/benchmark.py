@@ -15,11 +15,12 @@ and the moving reference face of :mod:`pipeline.sample_data`. Stages, timed one 
 Modes, run side by side in one process on the same inputs and the same noise:
 
 * ``faithful``  the original's call pattern: two decoder passes per guided AToM step with the
-  conditions re-encoded each time; one 16-frame clip at a time with four encodes per clip (the
-  target clip, whose latent is unused, the reference, the landmarks, the masked frames); fp32, eager,
-  explicit attention (PyTorch's math backend, as the original's einsum/bmm attention);
+  conditions re-encoded each time (``generate_landmarks(..., guidance_mode="original")``); one
+  16-frame clip at a time with four encodes per clip (the target clip, whose latent is unused, the
+  reference, the landmarks, the masked frames: :func:`MToV.generate.generate_video_original`); fp32,
+  eager, explicit attention (PyTorch's math backend, as the original's einsum/bmm attention);
 * ``fast``      the default path of :func:`AToM.inference.generate_landmarks` and
-  :func:`MToV.sample.generate_video`: conditions encoded once, CFG as one batched pass on GPU (two
+  :func:`MToV.generate.generate_video`: conditions encoded once, CFG as one batched pass on GPU (two
   passes on the CPU, which runs them faster), the reference
   latent once per video, only the encodes sampling uses, ``torch.inference_mode``, SDPA attention,
   clips batched, bf16 autocast for the autoencoders where the device has bf16 matrix units
@@ -30,443 +31,57 @@ With ``--steps-scale F < 1`` the samplers run ``F`` times their steps (quick run
 seconds, totals and speed-ups in the JSON are then extrapolated to the full step counts (the AToM
 stage and the UNet time scale with the number of steps; everything else is measured as is), and the
 raw measurements are kept under ``measured``.
+
+Layout: :mod:`pipeline.benchmark_setup` builds the networks and inputs, :mod:`pipeline.benchmark_run`
+runs and times one mode; this module is the CLI and the report (extrapolation, speed-ups, table).
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
 import os
-import tempfile
-import threading
 import time
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from moditalker.constants import FPS, SAMPLE_RATE
 from moditalker.errors import UserError, cli_main
-
-REPO = Path(__file__).resolve().parents[1]
-MODES = ("faithful", "fast", "fast_fp32")
-STAGES = ("hubert", "atom", "align", "mtov_encode", "mtov_unet", "mtov_decode", "mtov", "total")
-FULL_ATOM_STEPS = 50
-FULL_MTOV_SCHEDULE = 100  # DDIM schedule length of MToV; start_ratio 0.25 runs 25 UNet passes of it
-START_RATIO = 0.25
-
-# HuBERT-large (facebook/hubert-large-ls960-ft) architecture, for the random full-size extractor.
-HUBERT_LARGE = dict(
-    hidden_size=1024,
-    num_hidden_layers=24,
-    num_attention_heads=16,
-    intermediate_size=4096,
-    conv_dim=(512,) * 7,
-    feat_extract_norm="layer",
-    do_stable_layer_norm=True,
-    conv_bias=True,
+from pipeline.benchmark_run import (
+    FULL_ATOM_STEPS,
+    FULL_MTOV_SCHEDULE,
+    MODES,
+    STAGES,
+    START_RATIO,
+    ModeResult,
+    run_mode,
 )
+from pipeline.benchmark_setup import build_networks, make_inputs
 
-
-# ----------------------------------------------------------------------------- setup
-@dataclass
-class Networks:
-    """Every network of the chain, with random weights, on one device."""
-
-    hubert: Any  # data.audio.HubertExtractor
-    atom: Any  # AToM.diffusion.GaussianDiffusion
-    mtov: Any  # MToV.sample.MToVModels
-    tiny: bool
-
-
-@dataclass
-class Inputs:
-    """Audio, reference frames and the per-frame geometry the alignment needs."""
-
-    wave: np.ndarray  # float32 [n_frames * 640 + 80] at 16 kHz
-    frames: np.ndarray  # uint8 [T, S, S, 3] reference frames (one per output frame)
-    lm68: np.ndarray  # float32 [T, 68, 2] their 2D landmarks
-    coeff: np.ndarray  # float32 [T, 257] their 3DMM coefficients
-    lm3d_std: np.ndarray  # [5, 3] POS template
-    ref_lm3d: np.ndarray  # [T, 68, 3] their frontal landmarks (idexp / 10 + key mean shape)
-    key_mean: np.ndarray  # [68, 3]
-    n_frames: int
-
-
-def randomize_zero_params(module: torch.nn.Module, seed: int = 0, std: float = 0.02) -> int:
-    """Give every all-zero parameter (zero-initialised output convolutions, biases) N(0, std) values so
-    the network's output is not trivially zero; returns how many tensors were changed."""
-    gen = torch.Generator().manual_seed(seed)
-    changed = 0
-    with torch.no_grad():
-        for p in module.parameters():
-            if p.numel() and not p.any():
-                p.copy_((torch.randn(p.shape, generator=gen) * std).to(p.device, p.dtype))
-                changed += 1
-    return changed
-
-
-def build_networks(device: torch.device, tiny: bool = False, seed: int = 0) -> Networks:
-    """Full-size AToM, MToV and HuBERT-large with random weights (``tiny``: the tiny test configs)."""
-    from AToM.inference import load_atom
-    from data.audio import HubertExtractor
-    from MToV.sample import load_mtov
-
-    atom_cfg = str(REPO / "configs" / "atom_tiny.yaml") if tiny else None
-    mtov_cfg = str(REPO / "configs" / "mtov_tiny.yaml") if tiny else None
-    atom = load_atom(None, atom_cfg, device=device, random_weights=True)
-    mtov = load_mtov(None, None, None, config=mtov_cfg, device=device, random_weights=True)
-    randomize_zero_params(mtov.unet, seed + 1)
-    hidden = int(atom.model.cond_feature_dim)
-    if tiny:
-        hubert = HubertExtractor.random(hidden_size=hidden, seed=seed, device=device)
-    else:
-        from transformers import HubertConfig, HubertModel, Wav2Vec2FeatureExtractor
-
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            model = HubertModel(HubertConfig(**HUBERT_LARGE))
-        hubert = HubertExtractor(
-            "random-hubert-large",
-            device=device,
-            _model=model,
-            _feature_extractor=Wav2Vec2FeatureExtractor(do_normalize=True, sampling_rate=SAMPLE_RATE),
-        )
-    return Networks(hubert, atom, mtov, tiny)
-
-
-def make_inputs(seconds: float, size: int = 256, seed: int = 0, still: bool = False) -> Inputs:
-    """``seconds`` of the bundled speech clip (looped if needed) and the moving astronaut reference,
-    with template landmarks and smooth synthetic head poses (the geometry FAN and Deep3DFaceRecon
-    would give; they are not part of the benchmark). ``still``: the first frame, its landmarks and
-    its pose held for every frame, as ``--ref_image`` gives."""
-    import soundfile as sf
-
-    from data.audio import resample
-    from data.face3d import Face3DHelper, write_synthetic_bfm
-    from data.landmarks import template_face_detector
-    from data.recon3d import load_lm3d_std
-    from pipeline.sample_data import SAMPLE_SPEECH, reference_frames
-
-    n_frames = max(1, int(round(seconds * FPS)))
-    speech, sr = sf.read(SAMPLE_SPEECH, dtype="float32", always_2d=False)
-    speech = resample(np.asarray(speech if speech.ndim == 1 else speech[:, 0]), sr, SAMPLE_RATE)
-    need = n_frames * (SAMPLE_RATE // FPS) + 80
-    wave = np.resize(speech, need).astype(np.float32)  # loops a short clip
-    frames = reference_frames(n_frames, size)
-    rng = np.random.default_rng(seed)
-    k = np.arange(n_frames)[:, None]
-    lm68 = template_face_detector(frames) + np.sin(2 * math.pi * k / max(n_frames, 1))[..., None] * 2.0
-    coeff = np.zeros((n_frames, 257), np.float32)
-    coeff[:, :80] = rng.normal(0, 0.3, 80)
-    coeff[:, 80:144] = rng.normal(0, 0.3, (n_frames, 64)) * 0.3
-    phase = 2 * math.pi * np.arange(n_frames) / max(n_frames, 1)
-    coeff[:, 224] = 0.05 * np.sin(phase)
-    coeff[:, 225] = 0.08 * np.sin(2 * phase)
-    coeff[:, 254:257] = np.stack([0.02 * np.sin(phase), 0.01 * np.cos(phase), np.zeros(n_frames)], 1)
-    if still:
-        frames[:], lm68[:], coeff[:] = frames[0], lm68[0], coeff[0]
-    with tempfile.TemporaryDirectory() as tmp:
-        bfm = write_synthetic_bfm(Path(tmp), seed=seed)
-        helper = Face3DHelper(bfm)
-        lm3d_std = np.asarray(load_lm3d_std(bfm), np.float32)
-        parts = helper.split_coeff(coeff)
-        idexp = helper.reconstruct_idexp_lm3d(parts["identity"], parts["expression"]).cpu().numpy()
-        key_mean = helper.key_mean_shape.cpu().numpy().astype(np.float32)
-    return Inputs(
-        wave=wave,
-        frames=frames,
-        lm68=lm68.astype(np.float32),
-        coeff=coeff,
-        lm3d_std=lm3d_std,
-        ref_lm3d=(idexp / 10.0 + key_mean).astype(np.float32),
-        key_mean=key_mean,
-        n_frames=n_frames,
-    )
-
-
-# ----------------------------------------------------------------------------- faithful paths
-@dataclass
-class _RawConditions:
-    face: torch.Tensor
-    cond: torch.Tensor
-
-
-@contextlib.contextmanager
-def faithful_atom(diffusion: Any) -> Iterator[None]:
-    """Within this context, AToM's sampler runs the original's pattern: at every DDIM step two full
-    decoder passes (conditional, then unconditional), each re-encoding audio and reference."""
-    model = diffusion.model
-
-    def encode(face: torch.Tensor, cond: torch.Tensor) -> _RawConditions:
-        return _RawConditions(face, cond)
-
-    def guided(x: torch.Tensor, t: torch.Tensor, raw: _RawConditions, w: float) -> torch.Tensor:
-        return model.guided_forward(None, x, raw.face, raw.cond, t, w, faithful=True)
-
-    model.encode_guidance_conditions = encode
-    model.guided_decode = guided
-    try:
-        yield
-    finally:
-        del model.encode_guidance_conditions
-        del model.guided_decode
-
-
-def faithful_generate_video(
-    models: Any,
-    landmark_video: np.ndarray,
-    masked_frames: np.ndarray,
-    identity_frame: np.ndarray,
-    target_frames: np.ndarray,
-    *,
-    seed: int = 0,
-    start_ratio: float = START_RATIO,
-    sampling_timesteps: int = FULL_MTOV_SCHEDULE,
-    eta: float = 1.0,
-    timings: dict[str, float] | None = None,
-    return_float: bool = False,
-    progress: bool = False,
-) -> np.ndarray:
-    """The original MToV call pattern (fp32, eager, ``no_grad``): each 16-frame clip on its own, with
-    four encodes per clip (target, whose latent the sampler never uses, reference, landmarks, masked
-    frames), noised-start DDIM and a decode. Noise per clip as :func:`MToV.sample.generate_video`
-    (``clip_generator(seed, clip)``), so the two agree up to float rounding. Inputs uint8 [T, 3, S, S]
-    at the autoencoder's size; returns uint8 (or float in [-1, 1]) [T, 3, S, S]."""
-    from tqdm.auto import tqdm
-
-    from MToV.sample import _pad_clips, _StageTimer, _to_model, clip_generator, to_uint8
-
-    dev, size, clip = models.device, models.resolution, models.clip_frames
-    timed = _StageTimer(timings, dev)
-    n = len(landmark_video)
-    ddpm = models.sampler(sampling_timesteps, eta)
-    n_xy = models.ae_rgb.r**2
-    outputs = []
-    with torch.no_grad():
-        x_l = _pad_clips(_to_model(landmark_video, size, dev, "landmark_video"), clip)
-        masked = _pad_clips(_to_model(masked_frames, size, dev, "masked_frames"), clip)
-        target = _pad_clips(_to_model(target_frames, size, dev, "target_frames"), clip)
-        ref = _to_model(identity_frame[None], size, dev, "identity_frame")[:, :, None]
-        for i in tqdm(range(x_l.shape[0]), desc="MToV clips (faithful)", disable=not progress):
-            with timed("encode"):
-                _ = models.ae_rgb.extract(target[i : i + 1])  # encoded by the original, never used
-                ref_latent = models.ae_rgb.extract(ref.expand(-1, -1, clip, -1, -1).contiguous())
-                z_l = models.ae_ldmk.extract(x_l[i : i + 1])
-                z_m = models.ae_rgb.extract(masked[i : i + 1])
-            with timed("unet"):
-                z = ddpm.sample(
-                    1,
-                    torch.cat([z_l, z_m], dim=1),
-                    ref_latent[:, :, :n_xy],
-                    noised_start=ref_latent,
-                    start_ratio=start_ratio,
-                    generator=[clip_generator(seed, i, dev)],
-                )
-            with timed("decode"):
-                frames = models.ae_rgb.decode_from_sample(z).clamp(-1.0, 1.0)
-            outputs.append(frames.cpu() if return_float else to_uint8(frames).cpu())
-    return torch.cat(outputs)[:n].numpy()
-
-
-# ----------------------------------------------------------------------------- measuring
-class PeakMemory:
-    """Peak resident memory (CPU, sampled every 10 ms) or peak allocated memory (CUDA) in a block."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-        self.peak_bytes = 0
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    @staticmethod
-    def rss_bytes() -> int:
-        try:
-            with open("/proc/self/statm") as f:
-                return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-        except (OSError, ValueError):
-            import resource
-
-            return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-    def _poll(self) -> None:
-        while not self._stop.wait(0.01):
-            self.peak_bytes = max(self.peak_bytes, self.rss_bytes())
-
-    def __enter__(self) -> PeakMemory:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-        else:
-            self.peak_bytes = self.rss_bytes()
-            self._thread = threading.Thread(target=self._poll, daemon=True)
-            self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            self.peak_bytes = int(torch.cuda.max_memory_allocated(self.device))
-        else:
-            self._stop.set()
-            if self._thread is not None:
-                self._thread.join()
-            self.peak_bytes = max(self.peak_bytes, self.rss_bytes())
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+__all__ = [
+    "MODES",
+    "STAGES",
+    "build_parser",
+    "check_settings",
+    "extrapolate",
+    "format_table",
+    "main",
+    "mtov_unet_passes",
+    "psnr",
+    "run_benchmark",
+]
 
 
 def mtov_unet_passes(sampling_timesteps: int, start_ratio: float = START_RATIO, timesteps: int = 1000) -> int:
-    """UNet evaluations per clip of the noised-start DDIM (25 for the official 100 steps at 0.25)."""
-    times = torch.linspace(-1, timesteps - 1, sampling_timesteps + 1).int().tolist()[::-1]
-    return sum(1 for t in times[:-1] if t < int(timesteps * start_ratio))
+    """UNet evaluations per clip of the noised-start DDIM (25 for the official 100 steps at 0.25):
+    :func:`MToV.generate.denoising_steps` with the benchmark's start ratio."""
+    from MToV.generate import denoising_steps
 
-
-@dataclass
-class ModeResult:
-    seconds: dict[str, float]  # wall clock
-    cpu_seconds: dict[str, float]  # process CPU time (all threads) of the top-level stages
-    peak_memory_bytes: int
-    landmarks: np.ndarray  # AToM output [T, 68, 3]
-    frames: np.ndarray  # float32 [T, 3, S, S] in [-1, 1]
-
-
-def run_mode(
-    mode: str,
-    nets: Networks,
-    inputs: Inputs,
-    *,
-    atom_steps: int,
-    mtov_steps: int,
-    seed: int = 0,
-    batch_size: int = 4,
-    precision: str = "auto",
-    progress: bool = False,
-    clock_kind: str = "wall",
-) -> ModeResult:
-    """Run the whole chain once in ``mode`` (``faithful``, ``fast`` or ``fast_fp32``), timing each stage."""
-    from AToM.inference import generate_landmarks
-    from data.imageops import mask_below_nose
-    from data.motion_align import align_landmarks, render_landmarks
-    from MToV.sample import generate_video
-
-    if mode not in MODES:
-        raise UserError(f"unknown mode {mode!r}; use one of {MODES}")
-    dev = nets.mtov.device
-    size = nets.mtov.resolution
-    sec: dict[str, float] = {}
-    mt: dict[str, float] = {}
-
-    cpu: dict[str, float] = {}
-
-    now = time.process_time if clock_kind == "cpu" else time.perf_counter
-
-    def clock() -> float:
-        _sync(dev)
-        return now()
-
-    def cpu_mark(name: str, since: float) -> float:
-        now = time.process_time()
-        cpu[name] = now - since
-        return now
-
-    # The original computes attention explicitly (softmax(q k^T) v, no fused kernels): the faithful
-    # mode runs every network with PyTorch's math attention backend; the fast modes use SDPA's fused
-    # (flash) kernels.
-    attention = sdpa_kernel(SDPBackend.MATH) if mode == "faithful" else contextlib.nullcontext()
-    with PeakMemory(dev) as mem, attention:
-        c0 = time.process_time()
-        t_start = clock()
-        hub = nets.hubert(inputs.wave, name="benchmark speech")
-        t1 = clock()
-        sec["hubert"] = t1 - t_start
-        c1 = cpu_mark("hubert", c0)
-        ctx = faithful_atom(nets.atom) if mode == "faithful" else contextlib.nullcontext()
-        with ctx:
-            lm3d = generate_landmarks(
-                nets.atom,
-                hub,
-                inputs.ref_lm3d[0],
-                inputs.key_mean,
-                steps=atom_steps,
-                seed=seed,
-                progress=progress,
-            )[: inputs.n_frames]
-        t2 = clock()
-        sec["atom"] = t2 - t1
-        c2 = cpu_mark("atom", c1)
-        hw = inputs.frames.shape[1:3]
-        aligned = align_landmarks(lm3d, inputs.lm68, inputs.coeff, inputs.lm3d_std, hw)
-        posed_ref = align_landmarks(inputs.ref_lm3d, inputs.lm68, inputs.coeff, inputs.lm3d_std, hw)
-        landmark_video = render_landmarks(aligned, hw, size=size)
-        masked = np.ascontiguousarray(mask_below_nose(inputs.frames, posed_ref).transpose(0, 3, 1, 2))
-        ident = np.ascontiguousarray(inputs.frames[0].transpose(2, 0, 1))
-        t3 = clock()
-        sec["align"] = t3 - t2
-        c3 = cpu_mark("align", c2)
-        stage_clock = _cpu_stage_timer() if clock_kind == "cpu" else contextlib.nullcontext()
-        with stage_clock:
-            if mode == "faithful":
-                frames = faithful_generate_video(
-                    nets.mtov,
-                    landmark_video,
-                    masked,
-                    ident,
-                    np.ascontiguousarray(inputs.frames.transpose(0, 3, 1, 2)),
-                    seed=seed,
-                    sampling_timesteps=mtov_steps,
-                    timings=mt,
-                    return_float=True,
-                    progress=progress,
-                )
-            else:
-                frames = generate_video(
-                    nets.mtov,
-                    landmark_video,
-                    masked,
-                    ident,
-                    batch_size=batch_size,
-                    seed=seed,
-                    sampling_timesteps=mtov_steps,
-                    precision="fp32" if mode == "fast_fp32" else precision,
-                    timings=mt,
-                    return_float=True,
-                    progress=progress,
-                )
-        t4 = clock()
-        cpu_mark("mtov", c3)
-        cpu_mark("total", c0)
-    sec["mtov"] = t4 - t3
-    for k in ("encode", "unet", "decode"):
-        sec[f"mtov_{k}"] = mt.get(k, 0.0)
-    sec["total"] = t4 - t_start
-    return ModeResult(sec, cpu, mem.peak_bytes, np.asarray(lm3d), np.asarray(frames, np.float32))
-
-
-@contextlib.contextmanager
-def _cpu_stage_timer() -> Iterator[None]:
-    """Make :func:`MToV.sample.generate_video`'s per-stage timings count process CPU seconds."""
-    import MToV.sample as sample
-
-    base = sample._StageTimer
-
-    class CpuStageTimer(base):
-        clock = staticmethod(time.process_time)
-
-    sample._StageTimer = CpuStageTimer
-    try:
-        yield
-    finally:
-        sample._StageTimer = base
+    return denoising_steps(start_ratio, sampling_timesteps, timesteps)
 
 
 def extrapolate(sec: dict[str, float], atom_factor: float, unet_factor: float) -> dict[str, float]:
@@ -523,7 +138,7 @@ def run_benchmark(
 ) -> dict[str, Any]:
     """Build the networks, run every mode on the same inputs and return the report dict (see module doc)."""
     from moditalker.device import resolve_device
-    from MToV.sample import autoencoder_dtype, prepare_for_device
+    from MToV.loading import autoencoder_dtype, prepare_for_device
 
     if clock not in ("wall", "cpu"):
         raise UserError(f"clock must be 'wall' or 'cpu', got {clock!r}")

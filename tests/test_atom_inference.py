@@ -166,6 +166,44 @@ def test_long_audio_windows_chain(tiny_ckpt):
     assert np.isfinite(out).all()
 
 
+def test_guidance_modes_give_the_same_landmarks(monkeypatch):
+    """guidance_mode only changes the call pattern: batched, two_pass and original (two full passes
+    per step, conditions re-encoded each time) give the same landmarks with the same noise, over two
+    windows (so inpainting runs too); random weights of configs/atom_tiny.yaml."""
+    d = load_atom(None, TINY, random_weights=True)
+    w, steps = d.horizon, 3
+    hub, ref, kms = _inputs(d.model.cond_feature_dim, 2 * (w + 5), seed=3)  # two windows
+    n_windows = len(window_starts(w + 5, w, int(d.atom_config.sample.overlap)))
+    assert n_windows == 2
+    calls = {"encode": 0, "decode": 0, "forward": 0}
+    for name, key in (("encode_conditions", "encode"), ("decode", "decode"), ("forward", "forward")):
+        method = getattr(d.model, name)
+
+        def counted(*a, _method=method, _key=key, **k):
+            calls[_key] += 1
+            return _method(*a, **k)
+
+        monkeypatch.setattr(d.model, name, counted)
+    out, counts = {}, {}
+    for mode in ("auto", "batched", "two_pass", "original"):
+        calls.update(encode=0, decode=0, forward=0)
+        out[mode] = generate_landmarks(
+            d, hub, ref, kms, steps=steps, seed=4, progress=False, guidance_mode=mode
+        )
+        counts[mode] = dict(calls)
+    per_step = n_windows * steps
+    assert counts["batched"] == {"encode": 2 * n_windows, "decode": per_step, "forward": 0}
+    assert counts["two_pass"] == {"encode": 2 * n_windows, "decode": 2 * per_step, "forward": 0}
+    assert counts["auto"] == counts["two_pass"]  # on the CPU, auto runs two passes
+    assert counts["original"] == {"encode": 2 * per_step, "decode": 2 * per_step, "forward": 2 * per_step}
+    assert out["auto"].shape == (w + 5, 68, 3) and np.abs(out["auto"] - ref).max() > 1e-3
+    for mode in ("batched", "two_pass", "original"):
+        np.testing.assert_allclose(out[mode], out["auto"], rtol=0, atol=1e-5)
+    np.testing.assert_array_equal(out["two_pass"], out["auto"])
+    with pytest.raises(UserError, match="guidance_mode"):
+        generate_landmarks(d, hub, ref, kms, steps=1, progress=False, guidance_mode="fast")
+
+
 @pytest.mark.parametrize(
     "bad, match",
     [

@@ -77,7 +77,7 @@ def test_cli_main_prints_one_line_and_exits_2():
 def _command_defaults() -> dict[str, list[dict]]:
     """Each shipped config and the defaults of the commands that read it."""
     from AToM.train import TRAIN_DEFAULTS
-    from MToV.sample import MODEL_DEFAULTS
+    from MToV.loading import MODEL_DEFAULTS
     from MToV.train_autoencoder import DEFAULTS as AE_DEFAULTS
     from MToV.train_diffusion import DEFAULTS as DIFF_DEFAULTS
     from pipeline.inference import DEFAULTS as PIPELINE_DEFAULTS

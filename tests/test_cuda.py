@@ -58,7 +58,7 @@ def _mtov_inputs(models, t: int):
 
 @pytest.fixture(scope="module")
 def mtov_cuda():
-    from MToV.sample import load_mtov
+    from MToV.loading import load_mtov
 
     models = load_mtov(
         None, None, None, config=REPO / "configs" / "mtov_tiny.yaml", random_weights=True, device="cuda"
@@ -71,7 +71,8 @@ def mtov_cuda():
 
 
 def test_mtov_fast_path_on_cuda(mtov_cuda):
-    from MToV.sample import generate_video, prepare_for_device
+    from MToV.generate import generate_video
+    from MToV.loading import prepare_for_device
 
     models = mtov_cuda
     t = 2 * models.clip_frames + 3
@@ -94,7 +95,8 @@ def test_mtov_fast_path_on_cuda(mtov_cuda):
 
 @pytest.mark.slow
 def test_mtov_compiled_unet_on_cuda(mtov_cuda):
-    from MToV.sample import generate_video, prepare_for_device
+    from MToV.generate import generate_video
+    from MToV.loading import prepare_for_device
 
     models = mtov_cuda
     lv, masked, ident = _mtov_inputs(models, models.clip_frames)

@@ -16,7 +16,7 @@ import torch
 from AToM.inference import load_atom
 from AToM.model import EncodedConditions
 from MToV.diffusion import DDPM
-from MToV.sample import load_mtov
+from MToV.loading import load_mtov
 
 REPO = Path(__file__).resolve().parents[1]
 META = torch.device("meta")

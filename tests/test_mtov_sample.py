@@ -1,4 +1,5 @@
-"""MToV.sample: batched == one clip at a time, any length, encode-once, CLI and its errors."""
+"""MToV sampling (MToV.generate, MToV.conditions, the MToV.sample CLI): batched == one clip at a time,
+any length, encode-once, the stage timer, the conditions, CLI and its errors."""
 
 from __future__ import annotations
 
@@ -12,7 +13,9 @@ import pytest
 import torch
 
 from moditalker.errors import UserError
-from MToV.sample import generate_video, load_mtov, main
+from MToV.generate import generate_video
+from MToV.loading import load_mtov
+from MToV.sample import main
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = str(REPO / "configs" / "mtov_tiny.yaml")
@@ -87,7 +90,7 @@ def test_encodes_reference_once_and_only_what_is_needed(models, monkeypatch):
 def test_repeated_clips_encoded_once_same_result(models, monkeypatch):
     """A still reference (every masked clip the same) and repeated landmark clips: each distinct clip
     is encoded once, and the video equals the one made with every clip encoded."""
-    import MToV.sample as sample
+    import MToV.generate as gen
 
     clip = models.clip_frames
     t = 4 * clip - 2
@@ -106,11 +109,11 @@ def test_repeated_clips_encoded_once_same_result(models, monkeypatch):
     assert calls["rgb"] == [1, 1]  # the reference, then the one distinct masked clip
     assert calls["ldmk"] == [2, 1]  # clips 0 and 1 (2 = 0), then clip 3
 
-    class NoCache(sample._LatentCache):
+    class NoCache(gen.LatentCache):
         def __call__(self, ae, clips, keys):
             return self.extract(ae, clips)
 
-    monkeypatch.setattr(sample, "_LatentCache", NoCache)
+    monkeypatch.setattr(gen, "LatentCache", NoCache)
     calls = {"rgb": [], "ldmk": []}
     every = generate_video(models, lv, masked, ident, **kw)
     assert calls["rgb"] == [1, 3, 1] and calls["ldmk"] == [3, 1]
@@ -127,6 +130,104 @@ def test_use_last_as_reference_and_resizing(models):
     assert base.shape == carried.shape == (2 * clip, 3, size, size)
     assert np.abs(base[:clip].astype(int) - carried[:clip]).max() <= 1  # clip 0 uses the identity frame
     assert np.abs(base[clip:].astype(int) - carried[clip:]).mean() > 0.5
+
+
+def test_timer_records_the_stages_with_its_clock(models):
+    """``timer`` replaces the wall clock: a fake clock that ticks once per reading makes every timed
+    block last exactly 1, so the recorded values count the blocks of each stage."""
+    from moditalker.timing import StageTimer
+    from MToV.generate import generate_video_original
+
+    clip = models.clip_frames
+    lv, masked, ident = _inputs(3 * clip, models.resolution, seed=4)
+    ticks = iter(range(10**6))
+
+    def fake_clock() -> float:
+        return float(next(ticks))
+
+    timings: dict[str, float] = {}
+    unused: dict[str, float] = {}
+    kw = dict(sampling_timesteps=8, progress=False, return_float=True)
+    generate_video(
+        models,
+        lv,
+        masked,
+        ident,
+        batch_size=2,
+        timings=unused,
+        timer=StageTimer(timings, clock=fake_clock),
+        **kw,
+    )
+    # the reference encode, then per batch of clips (2 batches): encode, unet, decode
+    assert timings == {"encode": 3.0, "unet": 2.0, "decode": 2.0} and unused == {}
+    original: dict[str, float] = {}
+    generate_video_original(
+        models, lv, masked, ident, masked, timer=StageTimer(original, clock=fake_clock), **kw
+    )
+    assert original == {"encode": 3.0, "unet": 3.0, "decode": 3.0}  # one clip at a time
+
+
+def test_old_import_paths_and_training_imports_no_cli():
+    """``MToV.sample`` re-exports what was imported from it before the split; the trainers import
+    no CLI module."""
+    import MToV.conditions
+    import MToV.generate
+    import MToV.loading
+    import MToV.sample as sample
+
+    for name in sample.__all__:
+        if name not in ("build_parser", "main"):
+            home = MToV.loading if hasattr(MToV.loading, name) else MToV.generate
+            assert getattr(sample, name) is getattr(home, name), name
+    assert callable(MToV.conditions.build_conditions)
+    code = (
+        "import sys, MToV.train_diffusion, MToV.train_autoencoder; "
+        "assert 'MToV.sample' not in sys.modules and 'MToV.conditions' not in sys.modules"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_conditions_from_reference_and_landmarks(tmp_path):
+    """build_conditions: the reference played back and forth, masked from the nose down (nose from
+    --ref_landmarks or the aligned landmarks), the identity frame; read_landmark_input of a PNG folder
+    and read_reference of a frame folder through data.video's one frame-folder reader."""
+    from data.video import write_frame_folder
+    from MToV.conditions import build_conditions, read_landmark_input, read_reference
+
+    ref = _write_reference(tmp_path / "ref", 3, hw=(40, 40))
+    assert np.array_equal(read_reference(ref_frames=tmp_path / "ref"), ref)
+    lm = np.full((5, 68, 2), 10.0, np.float32)
+    lm[:, 33, 1] = 20.0  # nose base at row 20 of 40
+    video, lm_out = read_landmark_input(_save(tmp_path / "lm.npy", lm), (40, 40), 16)
+    assert video.shape == (5, 3, 16, 16) and video.dtype == np.uint8 and np.array_equal(lm_out, lm)
+    cond = build_conditions(ref, video, 16, landmarks=lm, identity_frame=2)
+    assert cond.masked_frames.shape == (5, 3, 16, 16) and cond.identity_frame.shape == (3, 16, 16)
+    assert cond.masked_frames[:, :, 8:].max() == 0 and cond.masked_frames[:, :, :7].max() > 0
+    # frames 0 1 2 1 0: the masked frame 3 is reference frame 1, frame 4 reference frame 0
+    assert np.array_equal(cond.masked_frames[3], cond.masked_frames[1])
+    assert np.array_equal(cond.masked_frames[4], cond.masked_frames[0])
+    by_ref = build_conditions(ref, video, 16, ref_landmarks=_save(tmp_path / "ref_lm.npy", lm[:3]))
+    assert np.array_equal(by_ref.masked_frames, cond.masked_frames)
+    write_frame_folder(tmp_path / "png", video, channels_first=True)
+    png_video, none = read_landmark_input(tmp_path / "png", (40, 40), 16)
+    assert none is None and np.array_equal(png_video, video)
+    with pytest.raises(UserError, match="--ref_landmarks"):
+        build_conditions(ref, png_video, 16)
+    with pytest.raises(UserError, match=r"expected \[3, 68, 2\]"):
+        build_conditions(ref, video, 16, ref_landmarks=lm)
+    with pytest.raises(UserError, match="--identity_frame 3 outside"):
+        build_conditions(ref, video, 16, landmarks=lm, identity_frame=3)
+    with pytest.raises(UserError, match="reference frames folder not found"):
+        read_reference(ref_frames=tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="no images"):
+        read_landmark_input(tmp_path / "empty", (40, 40), 16)
+
+
+def _save(path: Path, array: np.ndarray) -> Path:
+    np.save(path, array)
+    return path
 
 
 def test_bad_inputs_raise_user_errors(models):

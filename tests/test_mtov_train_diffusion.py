@@ -13,7 +13,8 @@ from torch import nn
 
 from moditalker.errors import UserError
 from moditalker.training.ema import LitEMA
-from MToV.sample import generate_video, load_mtov
+from MToV.generate import generate_video
+from MToV.loading import load_mtov
 from MToV.train_diffusion import main
 
 REPO = Path(__file__).resolve().parents[1]

@@ -158,7 +158,7 @@ def test_bad_latent_length_is_rejected(model):
     "name,channels,keys", [("mtov_diffusion.yaml", 128, 804), ("mtov_diffusion_longvid.yaml", 256, 805)]
 )
 def test_shipped_configs_build_the_official_sizes(name, channels, keys):
-    from MToV.sample import build_models, model_config
+    from MToV.loading import build_models, model_config
 
     man = json.loads((MANIFESTS / "mtov_unet.json").read_text())
     cfg = model_config(Path(__file__).resolve().parents[1] / "configs" / name)

@@ -296,7 +296,7 @@ def test_end_to_end_from_checkpoint_files(inputs, tmp_path, one_thread):
     from data.face3d import write_synthetic_bfm
     from data.landmarks import FAN_FILE, S3FD_FILE, template_face_detector
     from data.recon3d import FaceReconstructor
-    from MToV.sample import load_mtov
+    from MToV.loading import load_mtov
 
     ck = tmp_path / "ckpt"
     write_synthetic_bfm(ck / "BFM", seed=3)

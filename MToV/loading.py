@@ -1,0 +1,204 @@
+"""Loading MToV: the model settings, the three networks (RGB autoencoder, landmark autoencoder, UNet)
+built from a config, their checkpoints, and where and in which precision they run.
+
+:func:`load_mtov` is the entry point (the CLI ``python -m MToV.sample``, the end-to-end pipeline, the
+benchmark); :func:`build_models` and :func:`load_unet_weights` are shared with diffusion training.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from moditalker.checkpoint import load_strict, read_checkpoint, unwrap_state_dict
+from moditalker.config import load_config
+from moditalker.device import bf16_supported, resolve_device
+from moditalker.errors import UserError
+from moditalker.fileio import repo_path
+from MToV.diffusion import DDPM
+from MToV.models.autoencoder import OFFICIAL_CONFIG, ViTAutoencoder, load_autoencoder_weights
+from MToV.models.unet import DiffusionWrapper, UNetModel
+
+__all__ = [
+    "MODEL_DEFAULTS",
+    "PRECISIONS",
+    "MToVModels",
+    "autoencoder_dtype",
+    "build_models",
+    "load_mtov",
+    "load_unet_weights",
+    "model_config",
+    "prepare_for_device",
+]
+
+#: Model settings shared by sampling and diffusion training (the official full-size values).
+MODEL_DEFAULTS: dict = {
+    "autoencoder": copy.deepcopy(OFFICIAL_CONFIG),
+    "autoencoder_ldmk": None,  # None: same sizes as the RGB autoencoder (as the official scripts)
+    "unet": {
+        "image_size": 32,
+        "in_channels": 4,
+        "out_channels": 4,
+        "model_channels": 128,
+        "attention_resolutions": [4, 2, 1],
+        "num_res_blocks": 2,
+        "channel_mult": [1, 2, 4, 4],
+        "num_heads": 8,
+        "use_scale_shift_norm": True,
+        "resblock_updown": True,
+        "cond_model": False,
+    },
+    "diffusion": {"linear_start": 0.0015, "linear_end": 0.0195, "timesteps": 1000, "loss_type": "l2"},
+    "checkpoints": {
+        "ae_rgb": "checkpoints/autoencoder_rgb.pth",
+        "ae_ldmk": "checkpoints/autoencoder_motion.pth",
+        "unet": "checkpoints/diffusion_model.pth",
+    },
+    "sample": {
+        "batch_size": 4,
+        "start_ratio": 0.25,
+        "sampling_timesteps": 100,
+        "eta": 1.0,
+        "seed": 0,
+        "use_last_as_reference": False,
+    },
+}
+
+#: Choices of the autoencoders' precision (see :func:`autoencoder_dtype`).
+PRECISIONS = ("auto", "bf16", "fp32")
+
+
+@dataclass
+class MToVModels:
+    """The three networks of MToV, in eval mode on one device, plus the config they came from."""
+
+    ae_rgb: ViTAutoencoder
+    ae_ldmk: ViTAutoencoder
+    unet: DiffusionWrapper
+    config: DictConfig
+    device: torch.device
+
+    @property
+    def resolution(self) -> int:
+        return self.ae_rgb.res
+
+    @property
+    def clip_frames(self) -> int:
+        return self.ae_rgb.s
+
+    def sampler(self, sampling_timesteps: int, eta: float) -> DDPM:
+        """The DDIM sampler over the RGB latent, with the schedule of ``config.diffusion``."""
+        return DDPM(
+            self.unet,
+            channels=self.ae_rgb.embed_dim,
+            image_size=self.ae_rgb.r,
+            frames=self.clip_frames,
+            sampling_timesteps=sampling_timesteps,
+            ddim_sampling_eta=eta,
+            **{k: self.config.diffusion[k] for k in ("linear_start", "linear_end", "timesteps")},
+        ).to(self.device)
+
+
+def model_config(config: str | Path | Mapping | DictConfig | None = None) -> DictConfig:
+    """MODEL_DEFAULTS <- ``config`` (YAML path or mapping): the config of :func:`load_mtov`."""
+    if config is None or isinstance(config, str | Path):
+        return load_config(None if config is None else repo_path(str(config)), (), MODEL_DEFAULTS)
+    return OmegaConf.merge(OmegaConf.create(MODEL_DEFAULTS), OmegaConf.create(config))
+
+
+def build_models(cfg: DictConfig) -> tuple[ViTAutoencoder, ViTAutoencoder, DiffusionWrapper]:
+    """Construct (RGB AE, landmark AE, UNet wrapper) from a model config; sizes are checked to agree."""
+    ae_cfg = OmegaConf.to_container(cfg.autoencoder, resolve=True)
+    ldmk_cfg = ae_cfg if cfg.get("autoencoder_ldmk") is None else OmegaConf.to_container(cfg.autoencoder_ldmk)
+    try:
+        ae_rgb = ViTAutoencoder(ae_cfg["embed_dim"], ae_cfg["ddconfig"])
+        ae_ldmk = ViTAutoencoder(ldmk_cfg["embed_dim"], ldmk_cfg["ddconfig"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise UserError(f"bad autoencoder config: {exc!r}; see configs/mtov_diffusion.yaml") from exc
+    if ae_ldmk.latent_length != ae_rgb.latent_length or ae_ldmk.s != ae_rgb.s:
+        raise UserError(
+            f"the landmark autoencoder's latent ({ae_ldmk.embed_dim}x{ae_ldmk.latent_length}, {ae_ldmk.s} "
+            f"frames) must match the RGB one's ({ae_rgb.embed_dim}x{ae_rgb.latent_length}, {ae_rgb.s} frames)"
+        )
+    unet_cfg = OmegaConf.to_container(cfg.unet, resolve=True)
+    unet_cfg.setdefault("frames", ae_rgb.s)
+    if int(unet_cfg["image_size"]) != ae_rgb.r or int(unet_cfg["frames"]) != ae_rgb.s:
+        raise UserError(
+            f"unet.image_size={unet_cfg['image_size']}, unet.frames={unet_cfg['frames']} do not match the "
+            f"autoencoder latent ({ae_rgb.r}x{ae_rgb.r} plane, {ae_rgb.s} frames): fix the config"
+        )
+    if int(unet_cfg["in_channels"]) != ae_rgb.embed_dim or ae_ldmk.embed_dim != ae_rgb.embed_dim:
+        raise UserError(
+            f"unet.in_channels={unet_cfg['in_channels']} must equal the autoencoders' embed_dim "
+            f"({ae_rgb.embed_dim}, {ae_ldmk.embed_dim})"
+        )
+    try:
+        unet = UNetModel(**unet_cfg)
+    except (TypeError, ValueError) as exc:
+        raise UserError(f"bad unet config {unet_cfg}: {exc}") from exc
+    return ae_rgb, ae_ldmk, DiffusionWrapper(unet)
+
+
+def load_unet_weights(wrapper: DiffusionWrapper, path: str | Path) -> DiffusionWrapper:
+    """Load ``diffusion_model.pth`` (a DiffusionWrapper state_dict; bare UNet keys, ``module.``
+    prefixes and ``{"model"|"state_dict"|"ema": ...}`` wrappers are accepted) strictly."""
+    state = unwrap_state_dict(read_checkpoint(path, "MToV UNet"), path, ("ema", "model", "state_dict"))
+    if not any(k.startswith("diffusion_model.") for k in state):
+        state = {f"diffusion_model.{k}": v for k, v in state.items()}
+    u = wrapper.diffusion_model
+    sizes = f"model_channels={u.model_channels}, cond_model={u.cond_model}"
+    return load_strict(wrapper, state, path, "MToV UNet checkpoint", sizes)
+
+
+def load_mtov(
+    ae_rgb: str | None,
+    ae_ldmk: str | None,
+    unet: str | None,
+    config: Any = None,
+    device: str | torch.device = "cpu",
+    random_weights: bool = False,
+) -> MToVModels:
+    """Build the MToV networks from ``config`` (YAML path, mapping or None = official sizes) and load
+    the three checkpoints (``None`` = the config's ``checkpoints`` path); ``random_weights`` skips
+    loading and keeps a seeded random initialisation (smoke tests, the pipeline's tiny mode)."""
+    cfg = model_config(config)
+    dev = resolve_device(device)
+    with torch.random.fork_rng(devices=[]):  # seeded init without touching the caller's RNG
+        torch.manual_seed(0)
+        m_rgb, m_ldmk, m_unet = build_models(cfg)
+    if not random_weights:
+        ck = cfg.checkpoints
+        load_autoencoder_weights(m_rgb, ae_rgb or repo_path(ck.ae_rgb), "MToV RGB autoencoder")
+        load_autoencoder_weights(m_ldmk, ae_ldmk or repo_path(ck.ae_ldmk), "MToV landmark autoencoder")
+        load_unet_weights(m_unet, unet or repo_path(ck.unet))
+    nets = [n.to(dev).eval().requires_grad_(False) for n in (m_rgb, m_ldmk, m_unet)]
+    return MToVModels(nets[0], nets[1], nets[2], cfg, dev)
+
+
+def autoencoder_dtype(precision: str, device: torch.device) -> torch.dtype:
+    """dtype the autoencoders run in: ``auto`` = bf16 autocast where the device has bf16 matrix units
+    (the decoded frames stay ~50 dB from fp32, 2x faster on CPU), else fp32; the UNet always runs fp32.
+    """
+    if precision not in PRECISIONS:
+        raise UserError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if precision == "fp32" or (precision == "auto" and not bf16_supported(device)):
+        return torch.float32
+    return torch.bfloat16
+
+
+def prepare_for_device(models: MToVModels, compile: bool = False) -> MToVModels:
+    """GPU fast path: channels-last UNet (convolutions) and, with ``compile``, ``torch.compile`` of the
+    UNet forward. CPUs gain nothing from either (measured), so only CUDA is touched. Idempotent."""
+    if models.device.type != "cuda" or getattr(models, "_prepared", False):
+        return models
+    models.unet.to(memory_format=torch.channels_last)
+    if compile:
+        models.unet.diffusion_model.forward = torch.compile(models.unet.diffusion_model.forward)
+    models._prepared = True
+    return models
