@@ -192,7 +192,16 @@ def main(argv: Sequence[str] | None = None) -> dict:
     if not (math.isfinite(args.fps) and args.fps > 0):
         raise UserError(f"--fps must be a positive number, got {args.fps}")
     out = Path(args.out)
-    video_path = check_output(out / "video.mp4", args.overwrite)
+    inputs = (
+        args.landmarks,
+        args.ref_video,
+        args.ref_landmarks,
+        args.audio,
+        args.ae_rgb,
+        args.ae_ldmk,
+        args.unet,
+    )
+    video_path = check_output(out / "video.mp4", args.overwrite, inputs)
     if args.save_frames and (out / "frames").exists() and not args.overwrite:  # before the sampling
         raise UserError(f"{out / 'frames'} already exists; pass --overwrite to replace it")
     audio = None

@@ -183,7 +183,7 @@ class AtomSettings:
 @dataclass
 class MtovSettings:
     config: Any = setting(
-        None, "model config passed to MToV.sample.load_mtov (null: official sizes)", free_form=True
+        None, "model config passed to MToV.loading.load_mtov (null: official sizes)", free_form=True
     )
     batch_size: int = setting(4, "MToV 16-frame clips per batch", check=at_least(1), flag="batch_size")
     start_ratio: float = setting(

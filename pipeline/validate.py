@@ -57,7 +57,7 @@ def _check_writable(folder: Path) -> None:
 def validate(cfg: DictConfig) -> Inputs:
     """Every check that is cheap: settings, arguments, paths, output writability, media streams."""
     from data.video import probe
-    from MToV.sample import check_sampling
+    from MToV.generate import check_sampling
 
     check_settings(cfg)
     check_sampling(float(cfg.mtov.start_ratio), int(cfg.mtov.sampling_timesteps))
@@ -77,13 +77,15 @@ def validate(cfg: DictConfig) -> Inputs:
     if out.parent.exists() and not out.parent.is_dir():
         raise UserError(f"cannot write {out}: {out.parent} is a file, not a folder")
     overwrite = bool(cfg.overwrite)
-    check_output(out, overwrite)
+    # an input is never an output, whatever --overwrite says (resolved paths and hard links)
+    inputs = (cfg.audio, cfg.ref_video, cfg.ref_image, *cfg.assets.values())
+    check_output(out, overwrite, inputs)
     _check_writable(out.parent if str(out.parent) else Path("."))
     preview = out.with_name(out.stem + "_preview" + out.suffix) if cfg.preview else None
     if preview is not None:
-        check_output(preview, overwrite)
+        check_output(preview, overwrite, inputs)
     config_path = out.with_suffix(".yaml")
-    check_output(config_path, overwrite)
+    check_output(config_path, overwrite, inputs)
     work_dir = Path(cfg.work_dir) if cfg.work_dir else out.with_name(out.stem + "_work")
     if work_dir.exists() and not work_dir.is_dir():
         raise UserError(f"work folder {work_dir} exists and is not a folder; pass --work_dir")

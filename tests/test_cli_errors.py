@@ -191,3 +191,24 @@ def test_an_input_named_as_the_output_is_refused_even_with_overwrite(tmp_path, c
     code, err = run_cli(audio_main, ["--audio", str(speech), "--out", str(speech), "--overwrite"], capsys)
     assert_one_line_error(code, err)
     assert {p: p.read_bytes() for p in (hub, ref, speech)} == before
+
+
+def test_pipeline_and_mtov_refuse_an_input_as_output(tmp_path, capsys):
+    from MToV.sample import main as mtov_main
+    from pipeline.inference import main as pipeline_main
+    from pipeline.sample_data import write_reference_video, write_speech
+
+    speech = write_speech(tmp_path / "speech.mp4", seconds=1.0)
+    ref = write_reference_video(tmp_path / "ref.mp4", seconds=0.5, size=64)
+    before = {p: p.read_bytes() for p in (speech, ref)}
+    for out in (speech, ref):
+        argv = ["--audio", str(speech), "--ref_video", str(ref), "--out", str(out), "--overwrite"]
+        code, err = run_cli(pipeline_main, [*argv, "--random_weights"], capsys)
+        assert_one_line_error(code, err, "is the input")
+    argv = _mtov_inputs(tmp_path / "m") + ["--out", str(tmp_path), "--audio", str(tmp_path / "video.mp4")]
+    (tmp_path / "video.mp4").write_bytes(b"\x00")
+    code, err = run_cli(mtov_main, [*argv, "--overwrite", "--random_weights"], capsys)
+    assert_one_line_error(code, err, "is the input")
+    assert {p: p.read_bytes() for p in (speech, ref)} == before and (
+        tmp_path / "video.mp4"
+    ).read_bytes() == b"\x00"

@@ -27,7 +27,8 @@ def run(ctx: StageContext, ref: StageResult, al: StageResult) -> tuple[np.ndarra
         landmark_video = render_landmarks(al["aligned_lm68"], (size, size), size=size)  # [T,3,S,S]
 
     def compute(_: Path) -> dict[str, np.ndarray]:
-        from MToV.sample import generate_video, load_mtov
+        from MToV.generate import generate_video
+        from MToV.loading import load_mtov
 
         masked = mask_below_nose(frames, al["reference_posed_lm68"])[idx]  # [T,S,S,3]
         models = load_mtov(
