@@ -17,10 +17,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from mtov_synth import write_synthetic_hdtf  # noqa: E402
-from test_atom_train import write_npz_clips  # noqa: E402
+from atom_synth import write_npz_clips
+from mtov_synth import write_synthetic_hdtf
 
 REPO = Path(__file__).resolve().parents[1]
 

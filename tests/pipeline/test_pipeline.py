@@ -19,7 +19,7 @@ from pipeline.cache import WorkCache, stable_key
 from pipeline.inference import build_parser, main, resolve_config, run_inference
 from pipeline.sample_data import reference_frames, write_reference_image, write_reference_video, write_speech
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 TINY = str(REPO / "configs" / "inference_tiny.yaml")
 
 

@@ -14,7 +14,7 @@ from MToV.models import ViTAutoencoder
 from MToV.models.autoencoder import load_autoencoder_weights
 from MToV.train_autoencoder import main
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 TINY = str(REPO / "configs" / "mtov_autoencoder_tiny.yaml")
 
 

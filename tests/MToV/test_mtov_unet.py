@@ -161,7 +161,7 @@ def test_shipped_configs_build_the_official_sizes(name, channels, keys):
     from MToV.loading import build_models, model_config
 
     man = json.loads((MANIFESTS / "mtov_unet.json").read_text())
-    cfg = model_config(Path(__file__).resolve().parents[1] / "configs" / name)
+    cfg = model_config(Path(__file__).resolve().parents[2] / "configs" / name)
     with torch.device("meta"):
         ae_rgb, _, unet = build_models(cfg)
     assert ae_rgb.latent_length == 2048

@@ -15,7 +15,7 @@ from AToM.common import as_config, build_diffusion
 from AToM.inference import generate_landmarks, load_atom, main, window_starts
 from moditalker.errors import UserError, cli_main
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(autouse=True)

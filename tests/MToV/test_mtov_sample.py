@@ -17,7 +17,7 @@ from MToV.generate import generate_video
 from MToV.loading import load_mtov
 from MToV.sample import main
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 TINY = str(REPO / "configs" / "mtov_tiny.yaml")
 
 

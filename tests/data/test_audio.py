@@ -288,7 +288,7 @@ def test_process_audio_script_random_weights(tmp_path):
     """scripts/process_audio.sh end to end in a fresh process (random HuBERT, default 1024-d)."""
     import subprocess
 
-    script = Path(__file__).resolve().parents[1] / "scripts" / "process_audio.sh"
+    script = Path(__file__).resolve().parents[2] / "scripts" / "process_audio.sh"
     sf.write(tmp_path / "a.flac", _speechy(20000), 16000)
     cmd = ["bash", str(script), "--audio", str(tmp_path / "a.flac"), "--out_dir", str(tmp_path / "h")]
     run = subprocess.run(

@@ -24,7 +24,7 @@ from pipeline.settings import (
     stage_settings,
 )
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _cfg(*overrides: str, path: Path | None = None):

@@ -349,7 +349,7 @@ def test_shard_launcher_script(tmp_path, videos):
     import subprocess
     from pathlib import Path
 
-    script = Path(__file__).resolve().parents[1] / "scripts" / "preprocess_hdtf.sh"
+    script = Path(__file__).resolve().parents[2] / "scripts" / "preprocess_hdtf.sh"
     out = tmp_path / "sharded"
     cmd = ["bash", str(script), "--videos", str(videos), "--out_dir", str(out), "--random_weights"]
     cmd += ["--device", "cpu", "--max_frames", "3"]

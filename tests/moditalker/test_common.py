@@ -94,7 +94,7 @@ def _command_defaults() -> dict[str, list[dict]]:
 def test_every_shipped_config_loads_and_a_foreign_file_is_refused(tmp_path):
     from pathlib import Path
 
-    configs = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+    configs = sorted((Path(__file__).resolve().parents[2] / "configs").glob("*.yaml"))
     table = _command_defaults()
     assert len(configs) >= 10
     for path in configs:
