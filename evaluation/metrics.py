@@ -25,6 +25,7 @@ from evaluation.protocol import VideoPair
 
 PSNR_MAX = 100.0  # dB: identical frames (MSE 0) count as 100 dB instead of infinity
 FVD_CLIP = 16
+SSIM_WINDOW = 11
 FVD_SIZE = 224
 MOUTH = slice(48, 68)  # the 20 mouth points of the 68-point layout
 
@@ -116,10 +117,15 @@ def psnr_frames(pred: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
 
 
 def ssim_frames(pred: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
-    """Per-frame SSIM (Gaussian 11x11, sigma 1.5, RGB in [0, 1], channel mean)."""
+    """Per-frame SSIM (Gaussian 11x11, sigma 1.5, RGB in [0, 1], mean over channels and over the
+    pixels at least 5 px from the border, as Wang et al.'s reference and scikit-image).
+
+    torchmetrics computes the SSIM map; its own mean also covers the reflect-padded border, which
+    differs from the common form, so the map is cropped here before averaging.
+    """
     from torchmetrics.functional.image import structural_similarity_index_measure
 
-    return structural_similarity_index_measure(
+    _, full = structural_similarity_index_measure(
         pred.float() / 255.0,
         gt.float() / 255.0,
         gaussian_kernel=True,
@@ -127,7 +133,10 @@ def ssim_frames(pred: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
         kernel_size=11,
         data_range=1.0,
         reduction="none",
+        return_full_image=True,
     )
+    pad = SSIM_WINDOW // 2
+    return full[..., pad:-pad, pad:-pad].mean(dim=(1, 2, 3))
 
 
 class PSNR(_FrameMean):

@@ -95,14 +95,18 @@ def build_inception(path: str | Path | None, device: torch.device, random: bool 
 
     if random:
         torch.manual_seed(0)
-        state = torchvision.models.inception_v3(weights=None, aux_logits=False, num_classes=1008).state_dict()
+        state = torchvision.models.inception_v3(
+            weights=None, aux_logits=False, num_classes=1008, init_weights=False
+        ).state_dict()
     else:
         path = require_asset("fid_inception", path)
         state = _state(path, "FID InceptionV3")
     original = fid_inception.load_state_dict_from_url
     fid_inception.load_state_dict_from_url = lambda *args, **kwargs: state  # never the network
     try:
-        model = fid_inception.InceptionV3([fid_inception.InceptionV3.BLOCK_INDEX_BY_DIM[2048]])
+        with warnings.catch_warnings():  # torchvision's note on its default initialisation
+            warnings.simplefilter("ignore", FutureWarning)
+            model = fid_inception.InceptionV3([fid_inception.InceptionV3.BLOCK_INDEX_BY_DIM[2048]])
     except RuntimeError as exc:  # load_state_dict mismatch
         raise UserError(
             f"{path} is not the FID InceptionV3 state_dict ({str(exc).splitlines()[0]}); {FIX}"
@@ -148,7 +152,7 @@ def build_arcface(path: str | Path | None, device: torch.device, random: bool = 
     blocks = tuple(len({k.split(".")[1] for k in state if k.startswith(f"layer{i}.")}) for i in range(1, 5))
     depth = next((d for d, n in LAYERS.items() if n == blocks), 100)
     net = IResNet(depth)
-    load_strict(net, state, path, "ArcFace", f"IResNet-{depth}", FIX)
+    load_strict(net, _with_bn_counters(net, state), path, "ArcFace", f"IResNet-{depth}", FIX)
     return _freeze(net, device)
 
 
