@@ -67,6 +67,20 @@ def _with_bn_counters(net: nn.Module, state: dict) -> dict:
     return state
 
 
+@torch.no_grad()
+def _calibrate_bn(net: nn.Module, example: torch.Tensor) -> nn.Module:
+    """Random networks only: set every BatchNorm's running statistics from one forward pass of
+    ``example``, so that activations neither vanish nor explode (an uncalibrated random Inception
+    gives features ~1e-8 and every FID ~0)."""
+    bns = [m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average over the calibration batch
+    net.train()
+    net(example)
+    return net.eval()
+
+
 def build_lpips(path: str | Path | None, device: torch.device, random: bool = False) -> nn.Module:
     """LPIPS v0.1 with the AlexNet backbone (linear heads from the lpips package, AlexNet from
     ``path``: a torchvision AlexNet ImageNet state_dict)."""
@@ -113,6 +127,8 @@ def build_inception(path: str | Path | None, device: torch.device, random: bool 
         ) from exc
     finally:
         fid_inception.load_state_dict_from_url = original
+    if random:
+        _calibrate_bn(model, torch.rand(2, 3, 299, 299, generator=torch.Generator().manual_seed(0)))
     return _freeze(model, device)
 
 
@@ -125,6 +141,8 @@ def build_i3d(path: str | Path | None, device: torch.device, random: bool = Fals
     if not random:
         path = require_asset("i3d_400", path)
         load_strict(net, _with_bn_counters(net, _state(path, "I3D")), path, "I3D", "InceptionI3d(400)", FIX)
+    else:
+        _calibrate_bn(net, torch.rand(1, 3, 16, 224, 224, generator=torch.Generator().manual_seed(0)) * 2 - 1)
     return _freeze(net, device)
 
 
