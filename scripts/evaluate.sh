@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Metrics of generated vs real talking-head videos under one fixed protocol (25 fps, 256x256, by frame).
+#   scripts/evaluate.sh --pred P --gt G [--metrics psnr,ssim,lpips,fid,fvd,lmd,lse,csim,cpbd] \
+#       [--json OUT.json] [--device auto|cpu|cuda:N] [--batch_size 16] [--weights NAME=PATH ...] \
+#       [--random_weights] [--overwrite]
+# P and G: folders of .mp4 files with the same names (or two .mp4 files). See `scripts/evaluate.sh --help`.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+# shellcheck source=scripts/_python.sh
+source "$ROOT/scripts/_python.sh"
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+exec "$PY" -m evaluation "$@"
