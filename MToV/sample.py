@@ -27,57 +27,15 @@ from moditalker.config import load_config, save_config
 from moditalker.constants import FPS, SAMPLE_RATE
 from moditalker.errors import UserError, cli_main
 from moditalker.fileio import repo_path
+from MToV import generate, loading
 from MToV.conditions import build_conditions, read_landmark_input, read_reference
-from MToV.generate import (
-    LatentCache,
-    check_sampling,
-    clip_generator,
-    clip_keys,
-    denoising_steps,
-    generate_video,
-    generate_video_original,
-    pad_clips,
-    to_model,
-    to_uint8,
-)
-from MToV.loading import (
-    MODEL_DEFAULTS,
-    PRECISIONS,
-    MToVModels,
-    autoencoder_dtype,
-    build_models,
-    load_mtov,
-    load_unet_weights,
-    model_config,
-    prepare_for_device,
-)
+from MToV.generate import check_sampling, generate_video
+from MToV.loading import MODEL_DEFAULTS, PRECISIONS, load_mtov
 
-__all__ = [
-    # the CLI
-    "build_parser",
-    "main",
-    # re-exported from MToV.loading
-    "MODEL_DEFAULTS",
-    "PRECISIONS",
-    "MToVModels",
-    "autoencoder_dtype",
-    "build_models",
-    "load_mtov",
-    "load_unet_weights",
-    "model_config",
-    "prepare_for_device",
-    # re-exported from MToV.generate
-    "LatentCache",
-    "check_sampling",
-    "clip_generator",
-    "clip_keys",
-    "denoising_steps",
-    "generate_video",
-    "generate_video_original",
-    "pad_clips",
-    "to_model",
-    "to_uint8",
-]
+# the names code imported from here before the split keep working: every public name of both modules
+globals().update({name: getattr(loading, name) for name in loading.__all__})
+globals().update({name: getattr(generate, name) for name in generate.__all__})
+__all__ = ["build_parser", "main", *loading.__all__, *generate.__all__]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -329,3 +329,18 @@ def test_skip_unreadable_keeps_the_batch_size_and_counts(tmp_path):
     bad = BadItems(0.2, 5, lambda i: f"item{i}")  # 20 % of 5 = 1 allowed
     with pytest.raises(UserError, match="2 training items are unreadable.*first: item1, item2"):
         bad.note_batch(batch)
+
+
+def test_trainer_shares_the_run_options_and_refuses_typos(tmp_path):
+    """AToM took ``train.out_dir=`` and ``--cpu``; the MToV trainers ``--out_dir`` and ``--device``."""
+    root = tmp_path / "data"
+    write_npz_clips(root, 6, seed=5)
+    out = tmp_path / "flags"
+    argv = ["--config", TINY, "--device", "cpu", "--out_dir", str(out), f"data.root={root}"]
+    with pytest.raises(UserError, match="unknown setting train.max_stpes; did you mean train.max_steps"):
+        train_main([*argv, "train.max_stpes=2"])
+    assert not out.exists()
+    train_main([*argv, "train.max_steps=2", "train.batch_size=4", "--no_progress"])
+    assert (out / "checkpoints" / "step_00000002.pt").is_file()
+    with pytest.raises(UserError, match="add --overwrite"):
+        train_main([*argv, "train.max_steps=2", "--no_resume"])
