@@ -113,6 +113,13 @@ def open_windows(cfg: DictConfig) -> tuple[WindowDataset, WindowDataset]:
     train_src, val_src = open_sources(dc.root, dc.format, int(dc.val_every), float(dc.max_bad_items))
     horizon = int(cfg.diffusion.horizon)
     train = WindowDataset(train_src, horizon, int(dc.min_frames), seed=int(cfg.train.seed))
+    width, want = train.feature_width(), int(cfg.model.cond_feature_dim)
+    if width != want:
+        raise UserError(
+            f"the clips in {dc.root} hold {width}-wide HuBERT features but model.cond_feature_dim is "
+            f"{want}: make the data with that width (data.preprocess lrs3 --random_weights --hubert_dim "
+            f"{want}) or set model.cond_feature_dim={width}"
+        )
     return train, WindowDataset(val_src, horizon, int(dc.min_frames), deterministic=True)
 
 

@@ -344,3 +344,18 @@ def test_trainer_shares_the_run_options_and_refuses_typos(tmp_path):
     assert (out / "checkpoints" / "step_00000002.pt").is_file()
     with pytest.raises(UserError, match="add --overwrite"):
         train_main([*argv, "train.max_steps=2", "--no_resume"])
+
+
+def test_feature_width_mismatch_is_one_line(tmp_path):
+    """Data with 1024-wide features on the tiny config ended in 'mat1 and mat2 shapes cannot be multiplied'."""
+    root = tmp_path / "data"
+    root.mkdir()
+    for i in range(3):
+        np.savez(root / f"c{i}.npz", hubert=np.zeros((60, 1024), np.float32),
+                 idexp_lm3d=np.zeros((30, 68, 3), np.float32))  # fmt: skip
+    with pytest.raises(
+        UserError, match=r"1024-wide HuBERT features but model.cond_feature_dim is 16.*--hubert_dim 16"
+    ):
+        train_main(
+            ["--config", TINY, "--device", "cpu", "--out_dir", str(tmp_path / "o"), f"data.root={root}"]
+        )
