@@ -347,7 +347,7 @@ def test_trainer_shares_the_run_options_and_refuses_typos(tmp_path):
 
 
 def test_feature_width_mismatch_is_one_line(tmp_path):
-    """Data with 1024-wide features on the tiny config ended in 'mat1 and mat2 shapes cannot be multiplied'."""
+    """1024-wide features on the tiny config ended in "mat1 and mat2 shapes cannot be multiplied"."""
     root = tmp_path / "data"
     root.mkdir()
     for i in range(3):
