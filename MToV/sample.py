@@ -74,6 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--random_weights", action="store_true", help="no checkpoints: random networks (smoke test)"
     )
     p.add_argument("--batch_size", type=int, default=None, help="16-frame clips per batch [4]")
+    p.add_argument(
+        "--size", type=int, default=256, help="output frame size, 0 = the model's own resolution [256]"
+    )
     p.add_argument("--seed", type=int, default=None, help="sampling seed [0]")
     p.add_argument("--start_ratio", type=float, default=None, help="noised start at t = ratio*1000 [0.25]")
     p.add_argument("--steps", type=int, default=None, help="DDIM schedule length (ratio of it is run) [100]")
@@ -149,6 +152,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     _check_sample_config(cfg)
     if not (math.isfinite(args.fps) and args.fps > 0):
         raise UserError(f"--fps must be a positive number, got {args.fps}")
+    if args.size != 0 and args.size < 16:
+        raise UserError(f"--size must be 0 (the model's resolution) or at least 16, got {args.size}")
     out = Path(args.out)
     inputs = (
         args.landmarks,
@@ -170,7 +175,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
     ref = read_reference(args.ref_video, args.ref_frames, fps=args.fps)  # [N, H, W, 3]
     models = load_mtov(args.ae_rgb, args.ae_ldmk, args.unet, cfg, args.device, args.random_weights)
-    size = models.resolution
+    # output size: --size (256 by default, as the pipeline); a model of another resolution (the tiny
+    # config's 32) runs at its own size inside generate_video, which resizes in and out
+    size = int(args.size) if args.size else models.resolution
     lm_video, lm = read_landmark_input(args.landmarks, ref.shape[1:3], size)
     conditions = build_conditions(
         ref,
