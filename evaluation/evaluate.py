@@ -25,7 +25,7 @@ from evaluation import protocol, weights
 from evaluation.protocol import VideoPair
 from moditalker.assets import default_path
 from moditalker.device import resolve_device
-from moditalker.errors import UserError, cli_main
+from moditalker.errors import ArgumentParser, UserError, cli_main
 from moditalker.fileio import atomic_write_text, check_output
 
 #: the report's columns, in order
@@ -80,14 +80,18 @@ def parse_weights(items: Sequence[str]) -> dict[str, str]:
 
 
 def select_metrics(
-    requested: list[str] | None, overrides: dict[str, str], random: bool
+    requested: list[str] | None,
+    overrides: dict[str, str],
+    random: bool,
+    pool: Sequence[str] = weights.METRICS,
 ) -> tuple[list[str], dict[str, str]]:
-    """The metrics to run and ``{metric: why skipped}``; a requested metric with a missing file is a
-    UserError naming the file."""
+    """The metrics to run and ``{metric: why skipped}``: the ``requested`` ones, else those of
+    ``pool`` whose files are present; a requested metric with a missing file is a UserError naming
+    the file."""
     if random:
-        return list(requested or weights.METRICS), {}
+        return list(requested or pool), {}
     chosen, skipped = [], {}
-    for name in requested or weights.METRICS:
+    for name in requested or pool:
         missing = weights.missing_assets(name, overrides)
         if missing and requested is not None:
             raise UserError(f"metric {name} needs {missing[0]}")
@@ -216,13 +220,13 @@ def _json_safe(obj):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(
+    ap = ArgumentParser(
         prog="python -m evaluation",
         description="Metrics of generated vs real talking-head videos (PSNR, SSIM, LPIPS, FID, FVD, LMD, "
         "LSE-C/D, CSIM, CPBD) under one fixed protocol; prints a table with the real videos' reference row.",
     )
-    ap.add_argument("--pred", required=True, help="folder of generated .mp4 files (or one .mp4)")
-    ap.add_argument("--gt", required=True, help="folder of real .mp4 files with the same names (or one .mp4)")
+    ap.add_argument("--pred", default=None, help="folder of generated .mp4 files (or one .mp4)")
+    ap.add_argument("--gt", default=None, help="folder of real .mp4 files with the same names (or one .mp4)")
     ap.add_argument(
         "--metrics",
         default=None,
@@ -244,9 +248,60 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="random networks and a template face instead of the weights (smoke runs only)",
     )
-    ap.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
+    ap.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an existing --json file",
+    )
     ap.add_argument("--no_progress", action="store_true", help="no progress bar")
     return ap
+
+
+def score(
+    pairs: list[VideoPair],
+    requested: list[str] | None,
+    overrides: dict[str, str],
+    *,
+    random: bool,
+    device: str,
+    batch: int,
+    progress: bool = True,
+    pool: Sequence[str] = weights.METRICS,
+) -> dict:
+    """Score ``pairs`` -> the report ``{metrics, per_video, settings, reference}`` (``settings``
+    without the inputs, which the caller adds). Without ``requested``, every metric of ``pool`` whose
+    weights are present runs and the others are listed on stderr as skipped."""
+    names, skipped = select_metrics(requested, overrides, random, pool)
+    for name, why in skipped.items():
+        print(f"skipped {name}: {why}", file=sys.stderr)
+    if not names:
+        raise UserError("no metric can run (see the skipped lines above)")
+    if random:
+        print(RANDOM_WARNING, file=sys.stderr)
+    dev = resolve_device(device)
+    metric_objs, landmarks = build_metrics(names, dev, overrides, random, batch)
+    results, per_video, reference = run_metrics(pairs, metric_objs, dev, landmarks, batch, progress=progress)
+    used = sorted({a for n in names for a in weights.METRIC_ASSETS[n]})
+    settings = {
+        "videos": len(pairs),
+        "frames": sum(p.frames for p in pairs),
+        "metrics_run": names,
+        "skipped": skipped,
+        "random_weights": bool(random),
+        "weights": {a: "random" if random else str(overrides.get(a) or default_path(a)) for a in used},
+        "device": str(dev),
+        "protocol": {k: v for k, v in PROTOCOL.items() if k in names or k in ("fps", "size", "alignment")},
+        "packages": _versions(),
+    }
+    return {"metrics": results, "per_video": per_video, "settings": settings, "reference": reference}
+
+
+def write_report(report: dict, json_path: str | None) -> None:
+    """Print the table; with ``json_path`` also write the report there (checked beforehand)."""
+    print(format_table(report["metrics"], report["reference"]))
+    if json_path:
+        atomic_write_text(json_path, json.dumps(_json_safe(report), indent=2) + "\n")
+        print(f"wrote {json_path}")
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
@@ -255,48 +310,22 @@ def main(argv: Sequence[str] | None = None) -> dict:
         raise UserError(f"--batch_size must be at least 1, got {args.batch_size}")
     requested = parse_metrics(args.metrics)
     overrides = parse_weights(args.weights)
+    if args.pred is None or args.gt is None:
+        raise UserError("--pred and --gt are required")
     if args.json:
         check_output(args.json, args.overwrite)
     pairs = protocol.make_pairs(args.pred, args.gt)  # input errors before any network is built
-    names, skipped = select_metrics(requested, overrides, args.random_weights)
-    for name, why in skipped.items():
-        print(f"skipped {name}: {why}", file=sys.stderr)
-    if not names:
-        raise UserError("no metric can run (see the skipped lines above)")
-    if args.random_weights:
-        print(RANDOM_WARNING, file=sys.stderr)
-    device = resolve_device(args.device)
-    metric_objs, landmarks = build_metrics(names, device, overrides, args.random_weights, args.batch_size)
-    results, per_video, reference = run_metrics(
-        pairs, metric_objs, device, landmarks, args.batch_size, progress=not args.no_progress
+    report = score(
+        pairs,
+        requested,
+        overrides,
+        random=args.random_weights,
+        device=args.device,
+        batch=args.batch_size,
+        progress=not args.no_progress,
     )
-    used = sorted({a for n in names for a in weights.METRIC_ASSETS[n]})
-    report = {
-        "metrics": results,
-        "per_video": per_video,
-        "settings": {
-            "pred": str(args.pred),
-            "gt": str(args.gt),
-            "videos": len(pairs),
-            "frames": sum(p.frames for p in pairs),
-            "metrics_run": names,
-            "skipped": skipped,
-            "random_weights": bool(args.random_weights),
-            "weights": {
-                a: "random" if args.random_weights else str(overrides.get(a) or default_path(a)) for a in used
-            },
-            "device": str(device),
-            "protocol": {
-                k: v for k, v in PROTOCOL.items() if k in names or k in ("fps", "size", "alignment")
-            },
-            "packages": _versions(),
-        },
-        "reference": reference,
-    }
-    print(format_table(results, reference))
-    if args.json:
-        atomic_write_text(args.json, json.dumps(_json_safe(report), indent=2) + "\n")
-        print(f"wrote {args.json}")
+    report["settings"] = {"pred": str(args.pred), "gt": str(args.gt), **report["settings"]}
+    write_report(report, args.json)
     return report
 
 
