@@ -186,6 +186,10 @@ def _pipeline_argv(args: argparse.Namespace) -> list[str]:
 def _pipeline_settings(args: argparse.Namespace) -> dict:
     """The resolved pipeline settings without the per-job ones: checked here (values and the
     checkpoint files), before any work."""
+    for item in args.set or []:
+        key = item.partition("=")[0].strip()
+        if key in PER_JOB:
+            raise UserError(f"--set {item}: {key} is set for each video by the protocol (or by its own flag)")
     cfg = resolve_config(pipeline_parser().parse_args([*_pipeline_argv(args), *(args.set or [])]))
     check_settings(cfg)
     check_assets(cfg)
@@ -343,20 +347,19 @@ def run(args: argparse.Namespace, requested: list[str] | None, overrides: dict[s
     manifest.save()
 
     argv, generated, reused = _pipeline_argv(args), [], []
-    bar = tqdm(jobs, desc=f"{args.protocol}: generate", unit="video", disable=args.no_progress)
-    for job in bar:
-        bar.set_postfix_str(job.name)
-        paths = Paths.of(out, job.name, args.work_dir)
-        if job.name in manifest.done and paths.real.is_file() and paths.generated.is_file():
-            reused.append(job.name)
-            continue
-        _prepare(job, paths, args.seconds)
-        _generate(job, paths, argv, list(args.set or []))
-        if args.work_dir is None:
-            shutil.rmtree(paths.work, ignore_errors=True)
-        manifest.finish(job.name)
-        generated.append(job.name)
-    bar.close()
+    with tqdm(jobs, desc=f"{args.protocol}: generate", unit="video", disable=args.no_progress) as bar:
+        for job in bar:
+            bar.set_postfix_str(job.name)
+            paths = Paths.of(out, job.name, args.work_dir)
+            if job.name in manifest.done and paths.real.is_file() and paths.generated.is_file():
+                reused.append(job.name)
+                continue
+            _prepare(job, paths, args.seconds)
+            _generate(job, paths, argv, list(args.set or []))
+            if args.work_dir is None:
+                shutil.rmtree(paths.work, ignore_errors=True)
+            manifest.finish(job.name)
+            generated.append(job.name)
     if args.work_dir is None and (out / "work").is_dir() and not any((out / "work").iterdir()):
         (out / "work").rmdir()
 
