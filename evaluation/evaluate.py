@@ -6,6 +6,11 @@ P and G are folders of mp4 files with the same names (or two mp4 files). Without
 every metric whose weights are present runs and the others are listed as skipped, with the reason;
 a metric named in ``--metrics`` whose weights are missing is an error. See :mod:`evaluation.protocol`
 for the protocol and :mod:`evaluation.metrics` for each metric.
+
+    python -m evaluation --protocol hdtf_selfrecon --data DIR --split_file FILE --out OUT [...]
+    python -m evaluation --protocol cross_identity --data DIR --pairs FILE|auto --out OUT [...]
+
+generate the videos first, through the end-to-end pipeline, then score them (:mod:`evaluation.protocols`).
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ from evaluation import protocol, weights
 from evaluation.protocol import VideoPair
 from moditalker.assets import default_path
 from moditalker.device import resolve_device
-from moditalker.errors import UserError, cli_main
+from moditalker.errors import ArgumentParser, UserError, cli_main
 from moditalker.fileio import atomic_write_text, check_output
 
 #: the report's columns, in order
@@ -80,14 +85,18 @@ def parse_weights(items: Sequence[str]) -> dict[str, str]:
 
 
 def select_metrics(
-    requested: list[str] | None, overrides: dict[str, str], random: bool
+    requested: list[str] | None,
+    overrides: dict[str, str],
+    random: bool,
+    pool: Sequence[str] = weights.METRICS,
 ) -> tuple[list[str], dict[str, str]]:
-    """The metrics to run and ``{metric: why skipped}``; a requested metric with a missing file is a
-    UserError naming the file."""
+    """The metrics to run and ``{metric: why skipped}``: the ``requested`` ones, else those of
+    ``pool`` whose files are present; a requested metric with a missing file is a UserError naming
+    the file."""
     if random:
-        return list(requested or weights.METRICS), {}
+        return list(requested or pool), {}
     chosen, skipped = [], {}
-    for name in requested or weights.METRICS:
+    for name in requested or pool:
         missing = weights.missing_assets(name, overrides)
         if missing and requested is not None:
             raise UserError(f"metric {name} needs {missing[0]}")
@@ -215,21 +224,30 @@ def _json_safe(obj):
     return obj
 
 
+#: flags of the generating protocols (:mod:`evaluation.protocols`) only
+PROTOCOL_ONLY = ("data", "split_file", "pairs", "out", "max_videos", "seconds", "config", "set", "work_dir")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(
+    ap = ArgumentParser(
         prog="python -m evaluation",
         description="Metrics of generated vs real talking-head videos (PSNR, SSIM, LPIPS, FID, FVD, LMD, "
-        "LSE-C/D, CSIM, CPBD) under one fixed protocol; prints a table with the real videos' reference row.",
+        "LSE-C/D, CSIM, CPBD) under one fixed protocol; prints a table with the real videos' reference row. "
+        "With --protocol it first generates the videos through the end-to-end pipeline.",
     )
-    ap.add_argument("--pred", required=True, help="folder of generated .mp4 files (or one .mp4)")
-    ap.add_argument("--gt", required=True, help="folder of real .mp4 files with the same names (or one .mp4)")
+    ap.add_argument("--pred", default=None, help="folder of generated .mp4 files (or one .mp4)")
+    ap.add_argument("--gt", default=None, help="folder of real .mp4 files with the same names (or one .mp4)")
     ap.add_argument(
         "--metrics",
         default=None,
         help=f"comma list of {','.join(weights.METRICS)} (default: all whose weights are present)",
     )
-    ap.add_argument("--json", default=None, help="also write the report as JSON here")
-    ap.add_argument("--device", default="auto", help="auto|cpu|cuda|cuda:N")
+    ap.add_argument(
+        "--json", default=None, help="also write the report as JSON here (--protocol: OUT/report.json)"
+    )
+    ap.add_argument(
+        "--device", default="auto", help="auto|cpu|cuda|cuda:N (metrics and, with --protocol, pipeline)"
+    )
     ap.add_argument("--batch_size", type=int, default=16, help="frames per chunk on the device")
     ap.add_argument(
         "--weights",
@@ -242,11 +260,101 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument(
         "--random_weights",
         action="store_true",
-        help="random networks and a template face instead of the weights (smoke runs only)",
+        help="random networks and a template face instead of the weights (smoke runs only); with "
+        "--protocol the pipeline's networks are random too",
     )
-    ap.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
+    ap.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an existing --json file (--protocol: regenerate every video and replace the report)",
+    )
     ap.add_argument("--no_progress", action="store_true", help="no progress bar")
+    g = ap.add_argument_group(
+        "generating protocols",
+        "generate the videos with the current checkpoints through the end-to-end pipeline, then score them",
+    )
+    g.add_argument(
+        "--protocol",
+        choices=("hdtf_selfrecon", "cross_identity"),
+        default=None,
+        help="hdtf_selfrecon: each test video from its own audio and frames, scored against itself; "
+        "cross_identity: the audio of one id with the reference of another, no-reference metrics only",
+    )
+    g.add_argument(
+        "--data", default=None, help="folder of the videos with audio: {id}.mp4 (or {id}/one video)"
+    )
+    g.add_argument("--split_file", default=None, help="the test ids, one per line (# comments)")
+    g.add_argument(
+        "--pairs",
+        default=None,
+        help="cross_identity: a file of 'audio_id ref_id' lines, or 'auto' (each test id of --split_file "
+        "with the next one's reference, cyclic)",
+    )
+    g.add_argument("--out", default=None, help="output folder: generated/, real/, audio/, report.json")
+    g.add_argument("--max_videos", type=int, default=None, help="only the first N ids (or pairs)")
+    g.add_argument("--seconds", type=float, default=None, help="only the first S seconds of each video")
+    g.add_argument("--config", default=None, help="pipeline YAML config (default: configs/inference.yaml)")
+    g.add_argument(
+        "--set",
+        nargs="+",
+        default=None,
+        metavar="KEY=VALUE",
+        help="pipeline setting overrides (atom.steps=25)",
+    )
+    g.add_argument(
+        "--work_dir",
+        default=None,
+        help="pipeline cache folder shared by every video and kept (default: OUT/work/NAME, removed "
+        "once NAME is done)",
+    )
     return ap
+
+
+def score(
+    pairs: list[VideoPair],
+    requested: list[str] | None,
+    overrides: dict[str, str],
+    *,
+    random: bool,
+    device: str,
+    batch: int,
+    progress: bool = True,
+    pool: Sequence[str] = weights.METRICS,
+) -> dict:
+    """Score ``pairs`` -> the report ``{metrics, per_video, settings, reference}`` (``settings``
+    without the inputs, which the caller adds). Without ``requested``, every metric of ``pool`` whose
+    weights are present runs and the others are listed on stderr as skipped."""
+    names, skipped = select_metrics(requested, overrides, random, pool)
+    for name, why in skipped.items():
+        print(f"skipped {name}: {why}", file=sys.stderr)
+    if not names:
+        raise UserError("no metric can run (see the skipped lines above)")
+    if random:
+        print(RANDOM_WARNING, file=sys.stderr)
+    dev = resolve_device(device)
+    metric_objs, landmarks = build_metrics(names, dev, overrides, random, batch)
+    results, per_video, reference = run_metrics(pairs, metric_objs, dev, landmarks, batch, progress=progress)
+    used = sorted({a for n in names for a in weights.METRIC_ASSETS[n]})
+    settings = {
+        "videos": len(pairs),
+        "frames": sum(p.frames for p in pairs),
+        "metrics_run": names,
+        "skipped": skipped,
+        "random_weights": bool(random),
+        "weights": {a: "random" if random else str(overrides.get(a) or default_path(a)) for a in used},
+        "device": str(dev),
+        "protocol": {k: v for k, v in PROTOCOL.items() if k in names or k in ("fps", "size", "alignment")},
+        "packages": _versions(),
+    }
+    return {"metrics": results, "per_video": per_video, "settings": settings, "reference": reference}
+
+
+def write_report(report: dict, json_path: str | None) -> None:
+    """Print the table; with ``json_path`` also write the report there (checked beforehand)."""
+    print(format_table(report["metrics"], report["reference"]))
+    if json_path:
+        atomic_write_text(json_path, json.dumps(_json_safe(report), indent=2) + "\n")
+        print(f"wrote {json_path}")
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
@@ -255,48 +363,29 @@ def main(argv: Sequence[str] | None = None) -> dict:
         raise UserError(f"--batch_size must be at least 1, got {args.batch_size}")
     requested = parse_metrics(args.metrics)
     overrides = parse_weights(args.weights)
+    if args.protocol is not None:
+        from evaluation import protocols
+
+        return protocols.run(args, requested, overrides)
+    protocols_flags = [f"--{k}" for k in PROTOCOL_ONLY if getattr(args, k) not in (None, False)]
+    if protocols_flags:
+        raise UserError(f"{', '.join(protocols_flags)} need(s) --protocol hdtf_selfrecon|cross_identity")
+    if args.pred is None or args.gt is None:
+        raise UserError("--pred and --gt are required (or --protocol hdtf_selfrecon|cross_identity)")
     if args.json:
         check_output(args.json, args.overwrite)
     pairs = protocol.make_pairs(args.pred, args.gt)  # input errors before any network is built
-    names, skipped = select_metrics(requested, overrides, args.random_weights)
-    for name, why in skipped.items():
-        print(f"skipped {name}: {why}", file=sys.stderr)
-    if not names:
-        raise UserError("no metric can run (see the skipped lines above)")
-    if args.random_weights:
-        print(RANDOM_WARNING, file=sys.stderr)
-    device = resolve_device(args.device)
-    metric_objs, landmarks = build_metrics(names, device, overrides, args.random_weights, args.batch_size)
-    results, per_video, reference = run_metrics(
-        pairs, metric_objs, device, landmarks, args.batch_size, progress=not args.no_progress
+    report = score(
+        pairs,
+        requested,
+        overrides,
+        random=args.random_weights,
+        device=args.device,
+        batch=args.batch_size,
+        progress=not args.no_progress,
     )
-    used = sorted({a for n in names for a in weights.METRIC_ASSETS[n]})
-    report = {
-        "metrics": results,
-        "per_video": per_video,
-        "settings": {
-            "pred": str(args.pred),
-            "gt": str(args.gt),
-            "videos": len(pairs),
-            "frames": sum(p.frames for p in pairs),
-            "metrics_run": names,
-            "skipped": skipped,
-            "random_weights": bool(args.random_weights),
-            "weights": {
-                a: "random" if args.random_weights else str(overrides.get(a) or default_path(a)) for a in used
-            },
-            "device": str(device),
-            "protocol": {
-                k: v for k, v in PROTOCOL.items() if k in names or k in ("fps", "size", "alignment")
-            },
-            "packages": _versions(),
-        },
-        "reference": reference,
-    }
-    print(format_table(results, reference))
-    if args.json:
-        atomic_write_text(args.json, json.dumps(_json_safe(report), indent=2) + "\n")
-        print(f"wrote {args.json}")
+    report["settings"] = {"pred": str(args.pred), "gt": str(args.gt), **report["settings"]}
+    write_report(report, args.json)
     return report
 
 

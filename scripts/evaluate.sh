@@ -4,6 +4,10 @@
 #       [--json OUT.json] [--device auto|cpu|cuda:N] [--batch_size 16] [--weights NAME=PATH ...] \
 #       [--random_weights] [--overwrite]
 # P and G: folders of .mp4 files with the same names (or two .mp4 files). See `scripts/evaluate.sh --help`.
+# Generating protocols (the videos are made first with the current checkpoints, through the pipeline):
+#   scripts/evaluate.sh --protocol hdtf_selfrecon --data DIR --split_file FILE --out OUT \
+#       [--max_videos N] [--seconds S] [--config YAML] [--set KEY=VALUE ...] [--work_dir W] [--overwrite]
+#   scripts/evaluate.sh --protocol cross_identity --data DIR --pairs FILE|auto [--split_file FILE] --out OUT
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 # shellcheck source=scripts/_python.sh
