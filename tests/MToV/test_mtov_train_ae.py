@@ -15,7 +15,21 @@ from MToV.models.autoencoder import load_autoencoder_weights
 from MToV.train_autoencoder import main
 
 REPO = Path(__file__).resolve().parents[2]
-TINY = str(REPO / "configs" / "mtov_autoencoder_tiny.yaml")
+
+
+def _tiny16() -> str:
+    """The shipped tiny AE config at 16x16 frames: the learning tests were sized for it (the shipped file
+    is 32x32, the frame size of configs/mtov_tiny.yaml, so that autoencoders trained with it load there)."""
+    import tempfile
+
+    text = (REPO / "configs" / "mtov_autoencoder_tiny.yaml").read_text()
+    assert "    resolution: 32" in text
+    path = Path(tempfile.mkdtemp(prefix="ae_tiny16_")) / "mtov_autoencoder_tiny16.yaml"
+    path.write_text(text.replace("    resolution: 32", "    resolution: 16", 1))
+    return str(path)
+
+
+TINY = _tiny16()
 
 
 @pytest.fixture(autouse=True)
