@@ -5,6 +5,9 @@ resamples any input to the requested rate by presentation timestamps, the way ff
 filter does (each output slot shows the latest input frame whose timestamp rounds to it), without
 re-encoding anything to disk. ``write_video`` writes atomically: a temp file beside the target,
 renamed on success, so a crash never leaves a half-written mp4 at the output path.
+
+Both have streaming forms for videos of any length: :func:`iter_video` yields the frames as they are
+decoded, :class:`VideoWriter` encodes frames batch by batch (same file as ``write_video``).
 """
 
 from __future__ import annotations
