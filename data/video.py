@@ -12,7 +12,11 @@ decoded, :class:`VideoWriter` encodes frames batch by batch (same file as ``writ
 
 from __future__ import annotations
 
+import errno
 import math
+import os
+import shutil
+import tempfile
 from collections.abc import Iterator
 from fractions import Fraction
 from pathlib import Path
@@ -24,7 +28,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from moditalker.constants import FPS, SAMPLE_RATE
 from moditalker.errors import UserError, describe
-from moditalker.fileio import atomic_path, require_file
+from moditalker.fileio import atomic_path, current_umask, require_file
 
 __all__ = [
     "read_video",
@@ -237,9 +241,6 @@ def write_frame_folder(
     an interrupted run leaves no half-written folder. An existing ``folder`` is replaced only with
     ``overwrite``. ``workers`` > 1 encodes in threads (PIL releases the GIL while encoding).
     """
-    import os
-    import shutil
-    import tempfile
     from concurrent.futures import ThreadPoolExecutor
 
     folder = Path(folder)
@@ -257,7 +258,7 @@ def write_frame_folder(
         with ThreadPoolExecutor(max_workers=max(1, int(workers))) as pool:
             for f in [pool.submit(write_frame, p, a, quality) for p, a in zip(paths, frames)]:
                 f.result()
-        tmp.chmod(0o777 & ~_umask())
+        tmp.chmod(0o777 & ~current_umask())
         if folder.exists():
             shutil.rmtree(folder)
         os.replace(tmp, folder)
@@ -265,14 +266,6 @@ def write_frame_folder(
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return folder
-
-
-def _umask() -> int:
-    import os
-
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def _as_frames(frames: np.ndarray) -> np.ndarray:
@@ -335,11 +328,6 @@ class VideoWriter:
         preset: str = "medium",
         tmp_dir: str | Path | None = None,
     ) -> None:
-        import os
-        import tempfile
-
-        from moditalker.fileio import current_umask
-
         self.path = Path(path)
         _check_fps(fps)
         self.fps, self.sample_rate, self.n_frames = fps, int(sample_rate), n_frames
@@ -403,10 +391,6 @@ class VideoWriter:
 
     def close(self) -> Path:
         """Flush the encoders, mux the rest of the audio, close the file and move it to ``path``."""
-        import errno
-        import os
-        import shutil
-
         if self.tmp is None:
             raise ValueError(f"{self.path}: the writer is closed")
         if self.frames_written == 0:
