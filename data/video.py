@@ -335,7 +335,8 @@ class VideoWriter:
         self.size = (int(height), int(width))
         self.frames_written, self._a_pos = 0, 0
         folder = Path(tmp_dir) if tmp_dir is not None else self.path.parent
-        folder.mkdir(parents=True, exist_ok=True)
+        for d in {folder, self.path.parent}:
+            d.mkdir(parents=True, exist_ok=True)
         suffix = self.path.suffix
         fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=suffix, dir=folder)
         os.fchmod(fd, 0o666 & ~current_umask())  # mkstemp makes 0600; a normal write follows the umask
