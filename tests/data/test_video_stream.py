@@ -96,3 +96,18 @@ def test_writer_abort_and_errors_leave_nothing(tmp_path):
     with pytest.raises(ValueError, match="no frames"):
         VideoWriter(out, 64, 48).close()
     assert list(tmp_path.iterdir()) == []
+
+
+def test_writer_temp_on_another_file_system_is_copied(tmp_path):
+    import os
+    import tempfile
+
+    shm = "/dev/shm"
+    if not os.path.isdir(shm) or os.stat(shm).st_dev == os.stat(tmp_path).st_dev:
+        pytest.skip("no second file system to put the temp file on")
+    with tempfile.TemporaryDirectory(dir=shm) as other:
+        out = tmp_path / "v.mp4"
+        with VideoWriter(out, 64, 48, tmp_dir=other, preset="ultrafast") as writer:
+            writer.write(_frames(5))
+        assert os.listdir(other) == [] and probe(out)["video"]["frames"] == 5
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["v.mp4"]
