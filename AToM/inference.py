@@ -17,6 +17,13 @@ reference is its own first frame: for window k > 0 that is the already generated
 start, and the known overlap is re-expressed as residuals w.r.t. it (so the known residual of frame 0
 is exactly 0, as the model saw in training). Audio shorter than a window is edge-padded to one window
 and trimmed.
+
+Memory on long audio: the HuBERT features stay on the host (float32 input is not copied) and each
+window's part goes to the device when the window runs, so the device holds one window's features,
+activations and the ``[T, 204]`` result (816 bytes per frame) whatever the length. The windows run one
+after another: each depends on the previous one's frames (the inpainted overlap and its reference),
+so running several at once would change the landmarks; within a window the guided and unguided
+passes are already batched (``guidance_mode``).
 """
 
 from __future__ import annotations
@@ -92,7 +99,8 @@ def _check_inputs(diffusion: GaussianDiffusion, hubert, ref_lm3d, key_mean_shape
         real = np.issubdtype(a.dtype, np.integer) or np.issubdtype(a.dtype, np.floating)
         if not real or not np.isfinite(a).all():
             raise UserError(f"{name} contain NaN/inf or are not real numbers (dtype {a.dtype})")
-    return hubert.astype(np.float32), ref_lm3d.astype(np.float32), key_mean_shape.astype(np.float32)
+    # float32 input is not copied (HuBERT-large features of a long audio are 200 KB per second)
+    return tuple(np.asarray(a, dtype=np.float32) for a in (hubert, ref_lm3d, key_mean_shape))
 
 
 def window_starts(n_frames: int, horizon: int, overlap: int) -> list[int]:
@@ -149,7 +157,7 @@ def generate_landmarks(
         raise UserError(f"overlap must be in 0..{w - 1} frames (window {w}), got {overlap}")
     device = diffusion.betas.device
     n = hubert.shape[0] // 2
-    hub = torch.from_numpy(hubert[: 2 * n]).to(device)
+    hub = torch.from_numpy(hubert[: 2 * n])  # on the host; each window's part goes to the device in turn
     if n < w:  # short audio: repeat the last HuBERT frame up to one window, trim afterwards
         hub = torch.cat([hub, hub[-1:].expand(2 * w - 2 * n, -1)])
     ref0 = torch.from_numpy(lm3d_to_idexp(ref_lm3d, key_mean_shape).reshape(-1)).to(device)
@@ -173,7 +181,7 @@ def generate_landmarks(
             (1, w, 204),
             face,
             None,
-            hub[2 * s : 2 * (s + w)][None],
+            hub[2 * s : 2 * (s + w)][None].to(device),
             steps=steps,
             eta=eta,
             guidance_weight=guidance_weight,

@@ -28,7 +28,8 @@ and ``decode`` stages; by default one built from ``timings`` and the device (wal
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -43,7 +44,9 @@ from MToV.loading import MToVModels, autoencoder_dtype
 from MToV.models.autoencoder import ViTAutoencoder
 
 __all__ = [
+    "ClipBatch",
     "LatentCache",
+    "StreamState",
     "check_sampling",
     "clip_generator",
     "clip_keys",
@@ -51,6 +54,7 @@ __all__ = [
     "generate_video",
     "generate_video_original",
     "pad_clips",
+    "stream_video",
     "to_model",
     "to_uint8",
 ]
@@ -134,21 +138,48 @@ class LatentCache:
 
     ``extract(ae, clips)`` encodes a batch of clips; ``cache(ae, clips, keys)`` returns the latents of
     ``clips`` (keys from :func:`clip_keys`), encoding only the distinct clips not seen before.
+    ``capacity`` (clips per autoencoder; None: no limit) drops the oldest latents first (first in,
+    first out), so the cache of a video of any length stays bounded; its state is then a function
+    of the latents added, in order (:meth:`take_added`), which :meth:`restore` replays.
     """
 
-    def __init__(self, extract: Callable[[ViTAutoencoder, torch.Tensor], torch.Tensor]) -> None:
-        self.extract, self.latents = extract, {}
+    def __init__(
+        self, extract: Callable[[ViTAutoencoder, torch.Tensor], torch.Tensor], capacity: int | None = None
+    ) -> None:
+        self.extract, self.latents, self.capacity = extract, {}, capacity
+        self.added: list[tuple[ViTAutoencoder, bytes, torch.Tensor]] = []
 
     def __call__(self, ae: ViTAutoencoder, clips: torch.Tensor, keys: Sequence[bytes]) -> torch.Tensor:
+        found = {k: self.latents[(id(ae), k)] for k in keys if (id(ae), k) in self.latents}
         todo: dict[bytes, int] = {}
         for j, k in enumerate(keys):
-            if (id(ae), k) not in self.latents and k not in todo:
+            if k not in found and k not in todo:
                 todo[k] = j
         if todo:
             new = self.extract(ae, clips[list(todo.values())])
             for k, latent in zip(todo, new):
-                self.latents[(id(ae), k)] = latent
-        return torch.stack([self.latents[(id(ae), k)] for k in keys])
+                found[k] = latent
+                self.restore(ae, [k], latent[None], record=True)
+        return torch.stack([found[k] for k in keys])
+
+    def restore(
+        self, ae: ViTAutoencoder, keys: Sequence[bytes], latents: torch.Tensor, record: bool = False
+    ) -> None:
+        """Add ``latents`` [m, ...] of clips ``keys`` (as an encode would), dropping the oldest beyond
+        ``capacity``; ``record``: also list them for :meth:`take_added`."""
+        for k, latent in zip(keys, latents):
+            self.latents[(id(ae), k)] = latent
+            if record:
+                self.added.append((ae, k, latent))
+        if self.capacity is not None:
+            mine = [key for key in self.latents if key[0] == id(ae)]
+            for key in mine[: max(0, len(mine) - self.capacity)]:
+                del self.latents[key]
+
+    def take_added(self) -> list[tuple[ViTAutoencoder, bytes, torch.Tensor]]:
+        """The latents encoded since the last call, in the order they were added."""
+        added, self.added = self.added, []
+        return added
 
 
 def to_uint8(frames: torch.Tensor) -> torch.Tensor:
@@ -176,6 +207,150 @@ def _check_frames(landmark_video, masked_frames, identity_frame, target_frames=N
     if ident.shape != shape[1:]:
         raise UserError(f"identity_frame must be uint8 {shape[1:]}, got {ident.shape}")
     return n
+
+
+@dataclass
+class ClipBatch:
+    """One batch of clips from :func:`stream_video`: frames ``start .. start + len(frames) - 1``."""
+
+    index: int  # batch b: clips b * batch_size ... (clip b alone with use_last_as_reference)
+    start: int
+    frames: np.ndarray  # uint8 [n, 3, S, S] (float32 in [-1, 1] with return_float)
+    landmarks: np.ndarray  # the uint8 landmark frames it was conditioned on, [n, 3, S, S]
+    carry: np.ndarray | None  # use_last_as_reference: the next batch's image condition (float32); else None
+    encoded: dict[str, tuple[list[bytes], np.ndarray]]  # "rgb"/"ldmk": (keys, [m, ...]) first encoded here
+
+
+@dataclass
+class StreamState:
+    """Where :func:`stream_video` resumes: after ``batches`` finished batches, with the last one's
+    ``carry`` and every finished batch's ``encoded`` in order (replayed into the latent cache, so the
+    remaining batches are computed exactly as in an uninterrupted stream)."""
+
+    batches: int = 0
+    carry: np.ndarray | None = None
+    encoded: Iterable[dict[str, tuple[Sequence[bytes], np.ndarray]]] = ()
+
+
+def stream_video(
+    models: MToVModels,
+    conditions: Callable[[int, int], tuple[np.ndarray, np.ndarray]],
+    n_frames: int,
+    identity_frame: np.ndarray,
+    *,
+    batch_size: int = 4,
+    seed: int = 0,
+    start_ratio: float = 0.25,
+    sampling_timesteps: int = 100,
+    use_last_as_reference: bool = False,
+    progress: bool = True,
+    eta: float = 1.0,
+    precision: str = "auto",
+    timings: dict[str, float] | None = None,
+    return_float: bool = False,
+    timer: StageTimer | None = None,
+    latent_capacity: int | None = None,
+    resume: StreamState | None = None,
+) -> Iterator[ClipBatch]:
+    """:func:`generate_video` as a stream of :class:`ClipBatch`: nothing of the video's length is held.
+
+    ``conditions(start, stop)`` gives the uint8 ``[stop - start, 3, S, S]`` landmark frames and masked
+    reference frames of frames ``start .. stop - 1``; it is called once per batch, when the batch is
+    generated. Batch b covers clips ``b * batch_size ...`` (one clip per batch with
+    ``use_last_as_reference``); the frames equal :func:`generate_video`'s (which is this stream,
+    collected). ``latent_capacity`` bounds the condition-latent cache (clips per autoencoder, oldest
+    dropped first); ``resume`` (:class:`StreamState`) starts after finished batches.
+    """
+    n = int(n_frames)
+    ident = np.asarray(identity_frame)
+    if n < 1:
+        raise UserError(f"n_frames must be >= 1, got {n}")
+    if batch_size < 1:
+        raise UserError(f"batch_size must be >= 1, got {batch_size}")
+    check_sampling(start_ratio, sampling_timesteps, eta, int(models.config.diffusion.timesteps))
+    out_size = int(ident.shape[-1])
+    dev, size, clip = models.device, models.resolution, models.clip_frames
+    ae_dtype = autoencoder_dtype(precision, dev)
+    timed = timer if timer is not None else StageTimer(timings, dev)
+    ddpm = models.sampler(sampling_timesteps, eta)
+    n_xy = models.ae_rgb.r**2
+    step = 1 if use_last_as_reference else batch_size
+    n_clips = -(-n // clip)
+    resume = resume if resume is not None else StreamState()
+    aes = {"rgb": models.ae_rgb, "ldmk": models.ae_ldmk}
+    with torch.inference_mode():
+        ref = to_model(ident[None], size, dev, "identity_frame")  # [1, 3, R, R]
+
+        def extract(ae: ViTAutoencoder, x: torch.Tensor) -> torch.Tensor:
+            with autocast(dev, ae_dtype):
+                return ae.extract(x).float()
+
+        with timed("encode"):  # the reference latent: once per video
+            ref_latent = extract(models.ae_rgb, ref[:, :, None].expand(-1, -1, clip, -1, -1))
+        cached = LatentCache(extract, capacity=latent_capacity)
+        for encoded in resume.encoded:  # the cache as the finished batches left it
+            for name, (keys, latents) in encoded.items():
+                cached.restore(aes[name], list(keys), torch.as_tensor(np.asarray(latents), device=dev))
+        image_cond = ref_latent[:, :, :n_xy]
+        if resume.carry is not None:
+            image_cond = torch.as_tensor(np.asarray(resume.carry), device=dev)
+        first = int(resume.batches) * step
+        bar = tqdm(total=n, initial=min(n, first * clip), desc="MToV", unit="frame", disable=not progress)
+        for start in range(first, n_clips, step):
+            idx = range(start, min(start + step, n_clips))
+            b, f0, f1 = len(idx), idx.start * clip, min(idx.stop * clip, n)
+            lv, mk = (np.asarray(a) for a in conditions(f0, f1))
+            if lv.shape != (f1 - f0, *ident.shape) or mk.shape != lv.shape:
+                raise UserError(
+                    f"conditions({f0}, {f1}) gave landmark frames {lv.shape} and masked frames {mk.shape}; "
+                    f"both must be uint8 [{f1 - f0}, {', '.join(map(str, ident.shape))}]"
+                )
+            x_l = pad_clips(to_model(lv, size, dev, "landmark_video"), clip)
+            masked = pad_clips(to_model(mk, size, dev, "masked_frames"), clip)
+            with timed("encode"):  # only what the sampler uses, each distinct clip once
+                cond = torch.cat(
+                    [
+                        cached(models.ae_ldmk, x_l, clip_keys(lv, clip)),
+                        cached(models.ae_rgb, masked, clip_keys(mk, clip)),
+                    ],
+                    dim=1,
+                )
+            with timed("unet"):
+                z = ddpm.sample(
+                    b,
+                    cond,
+                    image_cond.expand(b, -1, -1),
+                    noised_start=ref_latent.expand(b, -1, -1),
+                    start_ratio=start_ratio,
+                    generator=[clip_generator(seed, i, dev) for i in idx],
+                )
+            with timed("decode"), autocast(dev, ae_dtype):
+                frames = models.ae_rgb.decode_from_sample(z).float().clamp(-1.0, 1.0)  # [(b*clip), 3, R, R]
+            if use_last_as_reference:
+                last = frames[-1:, :, None].expand(-1, -1, clip, -1, -1)
+                with timed("encode"):
+                    image_cond = extract(models.ae_rgb, last)[:, :, :n_xy]
+            if size != out_size:
+                frames = F.interpolate(
+                    frames, size=(out_size, out_size), mode="bilinear", align_corners=False
+                )
+            frames = (frames if return_float else to_uint8(frames))[: f1 - f0].cpu().numpy()
+            encoded: dict[str, tuple[list[bytes], list[torch.Tensor]]] = {}
+            for ae, key, latent in cached.take_added():
+                keys, latents = encoded.setdefault("rgb" if ae is models.ae_rgb else "ldmk", ([], []))
+                keys.append(key)
+                latents.append(latent)
+            carry = image_cond.cpu().numpy() if use_last_as_reference else None
+            bar.update(f1 - f0)
+            yield ClipBatch(
+                start // step,
+                f0,
+                frames,
+                lv,
+                carry,
+                {k: (keys, torch.stack(lat).cpu().numpy()) for k, (keys, lat) in encoded.items()},
+            )
+        bar.close()
 
 
 def generate_video(
@@ -215,70 +390,25 @@ def generate_video(
     ``return_float`` returns float32 frames in [-1, 1] instead of uint8.
     """
     n = _check_frames(landmark_video, masked_frames, identity_frame)
-    ident = np.asarray(identity_frame)
-    if batch_size < 1:
-        raise UserError(f"batch_size must be >= 1, got {batch_size}")
-    check_sampling(start_ratio, sampling_timesteps, eta, int(models.config.diffusion.timesteps))
-    out_size = int(ident.shape[-1])
-    dev, size, clip = models.device, models.resolution, models.clip_frames
-    ae_dtype = autoencoder_dtype(precision, dev)
-    timed = timer if timer is not None else StageTimer(timings, dev)
-    ddpm = models.sampler(sampling_timesteps, eta)
-    n_xy = models.ae_rgb.r**2
-    with torch.inference_mode():
-        x_l = pad_clips(to_model(landmark_video, size, dev, "landmark_video"), clip)
-        masked = pad_clips(to_model(masked_frames, size, dev, "masked_frames"), clip)
-        ref = to_model(ident[None], size, dev, "identity_frame")  # [1, 3, R, R]
-
-        def extract(ae: ViTAutoencoder, x: torch.Tensor) -> torch.Tensor:
-            with autocast(dev, ae_dtype):
-                return ae.extract(x).float()
-
-        with timed("encode"):  # the reference latent: once per video
-            ref_latent = extract(models.ae_rgb, ref[:, :, None].expand(-1, -1, clip, -1, -1))
-        cached = LatentCache(extract)
-        ldmk_keys = clip_keys(np.asarray(landmark_video), clip)
-        mask_keys = clip_keys(np.asarray(masked_frames), clip)
-        n_clips = x_l.shape[0]
-        step = 1 if use_last_as_reference else batch_size
-        image_cond = ref_latent[:, :, :n_xy]
-        outputs = []
-        bar = tqdm(total=n_clips, desc="MToV clips", unit="clip", disable=not progress)
-        for start in range(0, n_clips, step):
-            idx = range(start, min(start + step, n_clips))
-            b = len(idx)
-            with timed("encode"):  # only what the sampler uses, each distinct clip once
-                sl = slice(idx.start, idx.stop)
-                cond = torch.cat(
-                    [
-                        cached(models.ae_ldmk, x_l[sl], ldmk_keys[sl]),
-                        cached(models.ae_rgb, masked[sl], mask_keys[sl]),
-                    ],
-                    dim=1,
-                )
-            with timed("unet"):
-                z = ddpm.sample(
-                    b,
-                    cond,
-                    image_cond.expand(b, -1, -1),
-                    noised_start=ref_latent.expand(b, -1, -1),
-                    start_ratio=start_ratio,
-                    generator=[clip_generator(seed, i, dev) for i in idx],
-                )
-            with timed("decode"), autocast(dev, ae_dtype):
-                frames = models.ae_rgb.decode_from_sample(z).float().clamp(-1.0, 1.0)  # [(b*clip), 3, R, R]
-            if use_last_as_reference:
-                last = frames[-1:, :, None].expand(-1, -1, clip, -1, -1)
-                with timed("encode"):
-                    image_cond = extract(models.ae_rgb, last)[:, :, :n_xy]
-            if size != out_size:
-                frames = F.interpolate(
-                    frames, size=(out_size, out_size), mode="bilinear", align_corners=False
-                )
-            outputs.append(frames.cpu() if return_float else to_uint8(frames).cpu())
-            bar.update(b)
-        bar.close()
-    return torch.cat(outputs)[:n].numpy()
+    lv, mk = np.asarray(landmark_video), np.asarray(masked_frames)
+    batches = stream_video(
+        models,
+        lambda start, stop: (lv[start:stop], mk[start:stop]),
+        n,
+        identity_frame,
+        batch_size=batch_size,
+        seed=seed,
+        start_ratio=start_ratio,
+        sampling_timesteps=sampling_timesteps,
+        use_last_as_reference=use_last_as_reference,
+        progress=progress,
+        eta=eta,
+        precision=precision,
+        timings=timings,
+        return_float=return_float,
+        timer=timer,
+    )
+    return np.concatenate([batch.frames for batch in batches])
 
 
 def generate_video_original(

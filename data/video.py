@@ -5,11 +5,19 @@ resamples any input to the requested rate by presentation timestamps, the way ff
 filter does (each output slot shows the latest input frame whose timestamp rounds to it), without
 re-encoding anything to disk. ``write_video`` writes atomically: a temp file beside the target,
 renamed on success, so a crash never leaves a half-written mp4 at the output path.
+
+Both have streaming forms for videos of any length: :func:`iter_video` yields the frames as they are
+decoded, :class:`VideoWriter` encodes frames batch by batch (same file as ``write_video``).
 """
 
 from __future__ import annotations
 
+import errno
 import math
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
@@ -20,14 +28,16 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from moditalker.constants import FPS, SAMPLE_RATE
 from moditalker.errors import UserError, describe
-from moditalker.fileio import atomic_path, require_file
+from moditalker.fileio import atomic_path, current_umask, require_file
 
 __all__ = [
     "read_video",
+    "iter_video",
     "read_image",
     "read_frame_folder",
     "write_frame_folder",
     "write_video",
+    "VideoWriter",
     "probe",
     "frame_times",
     "media_problem",
@@ -69,32 +79,32 @@ def frame_times(n_frames: int, fps: float) -> np.ndarray:
     return np.arange(n_frames, dtype=np.float64) / float(fps)
 
 
-def read_video(
-    path: str | Path, fps: float | None = FPS, max_frames: int | None = None, autorotate: bool = True
-) -> tuple[np.ndarray, float]:
-    """Decode the first video stream of ``path`` to uint8 RGB frames ``[T, H, W, 3]``.
-
-    With ``fps`` set (default 25) frames are dropped or repeated by presentation timestamp so
-    that output frame ``k`` shows the latest input frame whose time rounds to ``k / fps``
-    (ffmpeg ``fps`` filter semantics); the clip keeps its duration: ``T = round(duration * fps)``.
-    With ``fps=None`` every decoded frame is returned with the stream's own average rate.
-    ``max_frames`` stops decoding early (e.g. when only as many frames as the audio are needed).
-    ``autorotate`` applies the stream's display rotation (phone videos), as ffmpeg does by default.
-    Returns ``(frames, fps)``.
-    """
+def iter_video(
+    path: str | Path,
+    fps: float | None = FPS,
+    max_frames: int | None = None,
+    autorotate: bool = True,
+    info: dict[str, Any] | None = None,
+) -> Iterator[np.ndarray]:
+    """The frames :func:`read_video` returns, one uint8 RGB ``[H, W, 3]`` array at a time, decoded as
+    they are consumed (a long or large video is never held whole). ``info`` (a dict, optional)
+    receives ``"fps"``, the rate of the frames, before the first one is yielded. A repeated frame
+    (``fps`` above the source rate) is the same array object each time it is yielded."""
     path = Path(path)
     if fps is not None:
         _check_fps(fps)
     container = _open(path)
+    count = 0
     try:
         if not container.streams.video:
             raise UserError(f"{path} has no video stream; pass a video file")
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"
         src_rate = float(stream.average_rate) if stream.average_rate else None
+        if info is not None:
+            info["fps"] = float(fps) if fps is not None else (src_rate or float(FPS))
         time_base = stream.time_base
         start = None
-        out: list[np.ndarray] = []
         prev: np.ndarray | None = None  # latest decoded frame not yet placed
         prev_slot = 0
         last_time = 0.0
@@ -106,9 +116,10 @@ def read_video(
                     image = np.ascontiguousarray(np.rot90(image, k=int(round(frame.rotation / 90)) % 4))
                 n_decoded += 1
                 if fps is None:
-                    out.append(image)
-                    if max_frames is not None and len(out) >= max_frames:
-                        break
+                    yield image
+                    count += 1
+                    if max_frames is not None and count >= max_frames:
+                        return
                     continue
                 if frame.pts is not None and time_base is not None:
                     t = float(frame.pts * time_base)
@@ -124,10 +135,11 @@ def read_video(
                 if prev is not None:
                     # the previous frame fills every slot up to (not including) this frame's slot
                     while prev_slot < slot:
-                        out.append(prev)
+                        yield prev
+                        count += 1
                         prev_slot += 1
-                        if max_frames is not None and len(out) >= max_frames:
-                            return np.stack(out[:max_frames]), float(fps)
+                        if max_frames is not None and count >= max_frames:
+                            return
                     prev_slot = max(prev_slot, slot)
                 else:
                     prev_slot = 0  # the first frame covers slot 0 even with a late start
@@ -140,18 +152,33 @@ def read_video(
             frame_dur = 1.0 / src_rate if src_rate else 1.0 / fps
             total = max(int(math.floor((last_time + frame_dur) * fps + 0.5)), prev_slot + 1)
             while prev_slot < total:
-                out.append(prev)
+                yield prev
+                count += 1
                 prev_slot += 1
-                if max_frames is not None and len(out) >= max_frames:
-                    break
+                if max_frames is not None and count >= max_frames:
+                    return
     finally:
         container.close()
-    if not out:
+    if count == 0:
         raise UserError(f"no frames could be decoded from {path}; is it a valid video file?")
-    if max_frames is not None:
-        out = out[:max_frames]
-    rate = float(fps) if fps is not None else (src_rate or float(FPS))
-    return np.stack(out), rate
+
+
+def read_video(
+    path: str | Path, fps: float | None = FPS, max_frames: int | None = None, autorotate: bool = True
+) -> tuple[np.ndarray, float]:
+    """Decode the first video stream of ``path`` to uint8 RGB frames ``[T, H, W, 3]``.
+
+    With ``fps`` set (default 25) frames are dropped or repeated by presentation timestamp so
+    that output frame ``k`` shows the latest input frame whose time rounds to ``k / fps``
+    (ffmpeg ``fps`` filter semantics); the clip keeps its duration: ``T = round(duration * fps)``.
+    With ``fps=None`` every decoded frame is returned with the stream's own average rate.
+    ``max_frames`` stops decoding early (e.g. when only as many frames as the audio are needed).
+    ``autorotate`` applies the stream's display rotation (phone videos), as ffmpeg does by default.
+    Returns ``(frames, fps)``. :func:`iter_video` gives the same frames one at a time.
+    """
+    info: dict[str, Any] = {}
+    frames = list(iter_video(path, fps, max_frames, autorotate, info))
+    return np.stack(frames), info["fps"]
 
 
 def read_image(path: str | Path) -> np.ndarray:
@@ -214,9 +241,6 @@ def write_frame_folder(
     an interrupted run leaves no half-written folder. An existing ``folder`` is replaced only with
     ``overwrite``. ``workers`` > 1 encodes in threads (PIL releases the GIL while encoding).
     """
-    import os
-    import shutil
-    import tempfile
     from concurrent.futures import ThreadPoolExecutor
 
     folder = Path(folder)
@@ -234,7 +258,7 @@ def write_frame_folder(
         with ThreadPoolExecutor(max_workers=max(1, int(workers))) as pool:
             for f in [pool.submit(write_frame, p, a, quality) for p, a in zip(paths, frames)]:
                 f.result()
-        tmp.chmod(0o777 & ~_umask())
+        tmp.chmod(0o777 & ~current_umask())
         if folder.exists():
             shutil.rmtree(folder)
         os.replace(tmp, folder)
@@ -242,14 +266,6 @@ def write_frame_folder(
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return folder
-
-
-def _umask() -> int:
-    import os
-
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def _as_frames(frames: np.ndarray) -> np.ndarray:
@@ -278,7 +294,140 @@ def _as_audio(audio: np.ndarray) -> np.ndarray:
         audio = audio.T
     if audio.ndim != 2 or audio.shape[0] not in (1, 2):
         raise ValueError(f"audio must be [N], [N, C] or [C, N] with C in (1, 2), got {audio.shape}")
-    return np.ascontiguousarray(np.clip(audio, -1.0, 1.0))
+    if audio.size and (audio.min() < -1.0 or audio.max() > 1.0):  # (no copy of a long track in range)
+        audio = np.clip(audio, -1.0, 1.0)
+    return np.ascontiguousarray(audio)
+
+
+class VideoWriter:
+    """An H.264 (yuv420p) file with optional AAC audio, written batch by batch: the streaming form of
+    :func:`write_video` (which is this class given all frames at once).
+
+    The frames go to the encoder as they are added (:meth:`write`), so a video of any length needs
+    memory for one batch only; ``audio`` (float in [-1, 1] or int16, mono or stereo, at
+    ``sample_rate``) is muxed in full, interleaved with the frames. ``n_frames`` (the number of frames
+    that will be written, if known) lets the last frame carry the rest of the audio, as
+    :func:`write_video` does; otherwise it follows at :meth:`close`. The file is written under a temp
+    name (in ``tmp_dir``, default ``path``'s folder; another file system is copied over) and appears
+    at ``path`` only when :meth:`close` completes; :meth:`abort` (or an exception inside a ``with``
+    block) removes it.
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        width: int,
+        height: int,
+        fps: float = FPS,
+        audio: np.ndarray | None = None,
+        sample_rate: int = SAMPLE_RATE,
+        *,
+        n_frames: int | None = None,
+        metadata: dict[str, str] | None = None,
+        crf: int = 18,
+        preset: str = "medium",
+        tmp_dir: str | Path | None = None,
+    ) -> None:
+        self.path = Path(path)
+        _check_fps(fps)
+        self.fps, self.sample_rate, self.n_frames = fps, int(sample_rate), n_frames
+        self.audio = _as_audio(audio) if audio is not None else None
+        self.size = (int(height), int(width))
+        self.frames_written, self._a_pos = 0, 0
+        folder = Path(tmp_dir) if tmp_dir is not None else self.path.parent
+        for d in {folder, self.path.parent}:
+            d.mkdir(parents=True, exist_ok=True)
+        suffix = self.path.suffix
+        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=suffix, dir=folder)
+        os.fchmod(fd, 0o666 & ~current_umask())  # mkstemp makes 0600; a normal write follows the umask
+        os.close(fd)
+        self.tmp: Path | None = Path(tmp)
+        options = {"movflags": "+faststart"} if suffix.lower() in (".mp4", ".mov", ".m4v") else {}
+        try:
+            self.container = av.open(str(self.tmp), mode="w", options=options)
+            for key, value in (metadata or {}).items():
+                self.container.metadata[str(key)] = str(value)
+            self.vstream = self.container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001))
+            h, w = self.size
+            self.vstream.width, self.vstream.height = w + w % 2, h + h % 2
+            self.vstream.pix_fmt = "yuv420p"
+            self.vstream.options = {"crf": str(crf), "preset": preset}
+            self.astream = None
+            if self.audio is not None:
+                layout = "mono" if self.audio.shape[0] == 1 else "stereo"
+                self.astream = self.container.add_stream("aac", rate=self.sample_rate, layout=layout)
+        except BaseException:
+            self.abort()
+            raise
+
+    def __enter__(self) -> VideoWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+    def write(self, frames: np.ndarray) -> None:
+        """Add uint8 ``[n, H, W, 3]`` frames (the size given to the constructor)."""
+        if self.tmp is None:
+            raise ValueError(f"{self.path}: the writer is closed")
+        frames = _as_frames(frames)
+        if frames.shape[1:3] != (self.vstream.height, self.vstream.width):
+            raise ValueError(f"frames must be {self.size}, got {frames.shape[1:3]}")
+        n_audio = self.audio.shape[1] if self.audio is not None else 0
+        for frame in frames:
+            k = self.frames_written
+            vframe = av.VideoFrame.from_ndarray(frame, format="rgb24")
+            vframe.pts = k
+            self.container.mux(self.vstream.encode(vframe))
+            self.frames_written += 1
+            if self.astream is not None:  # interleave: audio up to the end of this video frame
+                last = self.n_frames is not None and k == self.n_frames - 1
+                a_end = n_audio if last else min(n_audio, int(round((k + 1) * self.sample_rate / self.fps)))
+                self._a_pos = _mux_audio(
+                    self.container, self.astream, self.audio, self._a_pos, a_end, self.sample_rate
+                )
+
+    def close(self) -> Path:
+        """Flush the encoders, mux the rest of the audio, close the file and move it to ``path``."""
+        if self.tmp is None:
+            raise ValueError(f"{self.path}: the writer is closed")
+        if self.frames_written == 0:
+            self.abort()
+            raise ValueError("no frames to write")
+        try:
+            self.container.mux(self.vstream.encode(None))
+            if self.astream is not None:
+                n_audio = self.audio.shape[1]
+                _mux_audio(self.container, self.astream, self.audio, self._a_pos, n_audio, self.sample_rate)
+                self.container.mux(self.astream.encode(None))
+            self.container.close()
+            try:
+                os.replace(self.tmp, self.path)
+            except OSError as exc:
+                if exc.errno != errno.EXDEV:
+                    raise
+                with atomic_path(self.path) as copy:  # tmp_dir on another file system
+                    shutil.copyfile(self.tmp, copy)
+        finally:
+            self.abort()
+        return self.path
+
+    def abort(self) -> None:
+        """Close the file and remove it (nothing appears at ``path``); a no-op once closed."""
+        tmp, self.tmp = self.tmp, None
+        if tmp is None:
+            return
+        container = getattr(self, "container", None)
+        try:
+            if container is not None:
+                container.close()
+        except (av.FFmpegError, OSError, ValueError):
+            pass  # a half-written file that is deleted next
+        finally:
+            tmp.unlink(missing_ok=True)
 
 
 def write_video(
@@ -297,42 +446,17 @@ def write_video(
     ``audio`` (float in [-1, 1] or int16, mono or stereo, at ``sample_rate``) is muxed in full;
     the caller makes video and audio the same length. ``metadata`` goes into the container
     tags (e.g. ``comment``). The file appears at ``path`` only once it is complete.
+    :class:`VideoWriter` writes the same file batch by batch.
     """
-    path = Path(path)
     _check_fps(fps)
     frames = _as_frames(frames)
-    audio_cp = _as_audio(audio) if audio is not None else None
-    rate = Fraction(fps).limit_denominator(1001)
+    if audio is not None:
+        _as_audio(audio)  # bad audio fails before any file is made
     n, h, w = frames.shape[:3]
-    options = {"movflags": "+faststart"} if path.suffix.lower() in (".mp4", ".mov", ".m4v") else {}
-    with atomic_path(path) as tmp:
-        container = av.open(str(tmp), mode="w", options=options)
-        try:
-            for key, value in (metadata or {}).items():
-                container.metadata[str(key)] = str(value)
-            vstream = container.add_stream("libx264", rate=rate)
-            vstream.width, vstream.height, vstream.pix_fmt = w, h, "yuv420p"
-            vstream.options = {"crf": str(crf), "preset": preset}
-            astream = None
-            if audio_cp is not None:
-                layout = "mono" if audio_cp.shape[0] == 1 else "stereo"
-                astream = container.add_stream("aac", rate=int(sample_rate), layout=layout)
-            a_pos = 0
-            n_audio = audio_cp.shape[1] if audio_cp is not None else 0
-            for k in range(n):
-                vframe = av.VideoFrame.from_ndarray(frames[k], format="rgb24")
-                vframe.pts = k
-                container.mux(vstream.encode(vframe))
-                if astream is not None:  # interleave: audio up to the end of this video frame
-                    a_end = n_audio if k == n - 1 else min(n_audio, int(round((k + 1) * sample_rate / fps)))
-                    a_pos = _mux_audio(container, astream, audio_cp, a_pos, a_end, sample_rate)
-            container.mux(vstream.encode(None))
-            if astream is not None:
-                _mux_audio(container, astream, audio_cp, a_pos, n_audio, sample_rate)
-                container.mux(astream.encode(None))
-        finally:
-            container.close()
-    return path
+    kw = dict(n_frames=n, metadata=metadata, crf=crf, preset=preset)
+    with VideoWriter(path, w, h, fps, audio, sample_rate, **kw) as writer:
+        writer.write(frames)
+    return Path(path)
 
 
 def _mux_audio(container, stream, audio: np.ndarray, start: int, end: int, sample_rate: int) -> int:

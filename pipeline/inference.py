@@ -3,16 +3,19 @@
 Stages (each cached in the work folder under a hash of its inputs and settings, see
 :mod:`pipeline.cache`; one module each in :mod:`pipeline.stages`):
 
-1. ``reference``  reference video -> 25 fps -> centre crop 256x256 (or one photo);
+1. ``reference``  reference video -> 25 fps -> centre crop 256x256 (or one photo), stored memory-mapped;
 2. ``landmarks``  FAN 68-point 2D landmarks of the reference frames;
 3. ``recon``      Deep3DFaceRecon 257 3DMM coefficients of the reference frames;
 4. ``hubert``     audio -> 16 kHz -> HuBERT features (50 Hz);
 5. ``atom``       AToM -> frontal 3D landmarks for the whole audio (2 HuBERT frames per video frame);
 6. ``align``      frontal landmarks re-posed onto the reference frames (played back and forth when
                   the audio is longer than the video) -> pixel landmarks, rendered dot video (PNGs);
-7. ``mtov``       MToV -> 256x256 frames, in batches of 16-frame clips;
-then the H.264 mp4 (25 fps) with the input audio as AAC, an optional side-by-side preview
-(landmarks | generated), and the resolved config next to the output.
+7. ``mtov``       MToV -> 256x256 frames, in batches of 16-frame clips, each batch cached as it is
+                  finished (a killed run resumes there) and encoded straight into
+8. the H.264 mp4 (25 fps) with the input audio as AAC and an optional side-by-side preview
+   (landmarks | generated), renamed into place when complete, and the resolved config next to it.
+Memory does not grow with the length of the audio beyond the audio itself and per-frame landmarks;
+``--start`` / ``--duration`` render a part of it.
 
 ``python -m pipeline.inference --audio A.wav --ref_video V.mp4 --out OUT.mp4 [key=value ...]``
 (also ``scripts/inference.sh``). Every setting, its default, type, range and flag is defined once in
@@ -164,8 +167,8 @@ def run_inference(
         hub = stages.hubert.run(ctx, speech)  # 4. HuBERT features
         atom = stages.atom.run(ctx, hub, rec)  # 5. AToM frontal landmarks
         aligned = stages.align.run(ctx, ref, lms, rec, atom)  # 6. alignment onto the reference frames
-        video, landmark_video = stages.mtov.run(ctx, ref, aligned)  # 7. MToV frames
-        stages.output.write(ctx, speech, video, landmark_video)  # 8. mp4 (+ preview) and OUT.yaml
+        with stages.output.open_video(ctx, speech) as sink:  # 8. mp4 (+ preview) and OUT.yaml, when done
+            stages.mtov.run(ctx, ref, aligned, sink)  # 7. MToV frames, batch by batch into the mp4
     except UserError:
         if created and created[-1].exists():
             shutil.rmtree(created[-1], ignore_errors=True)

@@ -249,6 +249,20 @@ class InferenceSettings:
     preview: bool = setting(False, "also write OUT_preview.mp4", flag="preview")
     overwrite: bool = setting(False, "replace an existing output", flag="overwrite")
     min_audio_seconds: float = setting(0.5, "shortest audio accepted (seconds)", check=at_least(0))
+    start: float = setting(
+        0.0,
+        "render the audio from this second on (a part of a long input, e.g. a preview)",
+        check=at_least(0),
+        flag="start",
+        stages=(),  # the hubert key holds the samples cut, only when the audio is cut
+    )
+    duration: float | None = setting(
+        None,
+        "render this many seconds of the audio from --start (null: to the end)",
+        check=Check(lambda v: v > 0, "> 0"),
+        flag="duration",
+        stages=(),  # as start
+    )
     assets: AssetSettings = section(AssetSettings, "checkpoint locations")
     hubert: HubertSettings = section(HubertSettings, "HuBERT features")
     reference: ReferenceSettings = section(ReferenceSettings, "reference frames")

@@ -48,6 +48,7 @@ class StageContext:
     log: Callable[[str], None]
     progress: bool
     timings: dict[str, float] = field(default_factory=dict)
+    notes: dict[str, str] = field(default_factory=dict)  # stage -> a remark for the timing report
 
     @property
     def random_weights(self) -> bool:

@@ -1,61 +1,181 @@
-"""Stage 7, ``mtov``: the landmark dot video -> MToV -> SxS frames, in batches of 16-frame clips."""
+"""Stage 7, ``mtov``: the aligned landmarks -> MToV -> SxS frames, streamed in batches of 16-frame clips.
+
+Nothing of the video's length is held in memory: the conditions of a batch (its landmark dots, timed
+as ``render``, and its masked reference frames, read by index from the memory-mapped reference) are
+made when the batch is generated (:func:`MToV.generate.stream_video`), and its frames go to the work
+cache and to the mp4 encoders (:class:`pipeline.stages.output.VideoSink`) before the next batch.
+
+Each finished batch is stored atomically under the stage's usual key (:class:`BatchStore`), so a run
+killed halfway resumes at the first missing batch when the same command is run again, and makes the
+same frames as a run that was never interrupted: the noise is per clip, the batches keep their
+boundaries, and the condition-latent cache is restored from the latents each batch stored.
+"""
 
 from __future__ import annotations
 
-from pathlib import Path
+import time
+from collections.abc import Callable, Iterator
 
 import numpy as np
 
-from pipeline.settings import stage_config
+from moditalker.timing import StageTimer
+from pipeline.cache import StageRecord
+from pipeline.settings import stage_config, stage_settings
+from pipeline.stages.batches import BatchStore
 from pipeline.stages.context import StageContext, StageResult
+from pipeline.stages.output import VideoSink
 
-__all__ = ["run"]
+__all__ = ["run", "MODEL_ASSETS", "LATENT_CLIPS", "LOG_EVERY"]
 
 MODEL_ASSETS = ("autoencoder_rgb", "autoencoder_motion", "diffusion_model")
+LATENT_CLIPS = 256  #: condition latents kept per autoencoder (repeated clips are not encoded again)
+LOG_EVERY = 30.0  #: seconds between progress lines in the log (frames done / total, time left)
 
 
-def run(ctx: StageContext, ref: StageResult, al: StageResult) -> tuple[np.ndarray, np.ndarray]:
-    """(generated frames, landmark dot video), both [n_frames, 3, S, S] uint8. The dot video is
-    rendered again here (timed as ``render``; cheap) rather than read back from the PNGs."""
+def _encoded_arrays(encoded: dict[str, tuple[list[bytes], np.ndarray]]) -> dict[str, np.ndarray]:
+    out = {}
+    for name, (keys, latents) in encoded.items():
+        out[f"{name}_keys"] = np.frombuffer(b"".join(keys), np.uint8).reshape(len(keys), -1)
+        out[f"{name}_latents"] = latents
+    return out
+
+
+def _encoded_from(arrays: dict[str, np.ndarray]) -> dict[str, tuple[list[bytes], np.ndarray]]:
+    names = [k[: -len("_keys")] for k in arrays if k.endswith("_keys")]
+    return {n: ([bytes(k) for k in arrays[f"{n}_keys"]], arrays[f"{n}_latents"]) for n in names}
+
+
+def _clock(seconds: float) -> str:
+    s = int(round(seconds))
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
+
+
+def run(ctx: StageContext, ref: StageResult, al: StageResult, sink: VideoSink) -> None:
+    """Generate (or read back) the ``n_frames`` frames, batch by batch, into ``sink``."""
     from data.imageops import mask_below_nose
     from data.motion_align import pingpong_indices, render_landmarks
 
-    cfg, rw, size = ctx.cfg, ctx.random_weights, ctx.size
-    frames = ref["frames"]
-    idx = pingpong_indices(len(frames), ctx.n_frames)  # as in the align stage
-    with ctx.timer()("render"):
-        landmark_video = render_landmarks(al["aligned_lm68"], (size, size), size=size)  # [T,3,S,S]
+    cfg, rw, size, n = ctx.cfg, ctx.random_weights, ctx.size, ctx.n_frames
+    frames = ref["frames"]  # [N, S, S, 3], memory-mapped
+    idx = pingpong_indices(len(frames), n)  # as in the align stage
+    aligned, posed = al["aligned_lm68"], al["reference_posed_lm68"]
+    timer = StageTimer(ctx.timings)
 
-    def compute(_: Path) -> dict[str, np.ndarray]:
-        from MToV.generate import generate_video
-        from MToV.loading import load_mtov
+    def dots(start: int, stop: int) -> np.ndarray:
+        with timer("render"):
+            return render_landmarks(aligned[start:stop], (size, size), size=size)  # [n, 3, S, S]
 
-        masked = mask_below_nose(frames, al["reference_posed_lm68"])[idx]  # [T,S,S,3]
-        models = load_mtov(
-            *(None if rw else str(ctx.assets[k]) for k in MODEL_ASSETS),
-            config=stage_config(cfg.mtov.config),
-            device=ctx.device,
-            random_weights=rw,
-        )
-        video = generate_video(
-            models,
-            landmark_video,
-            np.ascontiguousarray(masked.transpose(0, 3, 1, 2)),
-            np.ascontiguousarray(frames[ctx.ref_frame].transpose(2, 0, 1)),
-            batch_size=int(cfg.mtov.batch_size),
-            seed=int(cfg.mtov.seed),
-            start_ratio=float(cfg.mtov.start_ratio),
-            sampling_timesteps=int(cfg.mtov.sampling_timesteps),
-            use_last_as_reference=bool(cfg.mtov.use_last_as_reference),
-            precision=str(cfg.mtov.precision),
-            progress=ctx.progress,
-        )
-        return {"frames": np.asarray(video, np.uint8)}
+    def conditions(start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
+        landmarks = dots(start, stop)
+        with timer("render"):
+            sel = idx[start:stop]
+            masked = mask_below_nose(frames[sel], posed[sel]).transpose(0, 3, 1, 2)
+        return landmarks, np.ascontiguousarray(masked)
+
+    def to_sink(batch_frames: np.ndarray, start: int, landmarks: np.ndarray | None = None) -> None:
+        if landmarks is None and sink.wants_landmarks:
+            landmarks = dots(start, start + len(batch_frames))
+        sink.add(batch_frames, landmarks)
 
     # + every mtov.* setting and ref_frame (pipeline.settings.stage_settings)
-    models = "random" if rw else [ctx.model_id(k) for k in MODEL_ASSETS]
-    mt = ctx.run("mtov", {"align": al.key, "reference": ref.key, "models": models}, compute)
-    video = mt["frames"]  # [T, 3, S, S]
-    if video.shape[0] != ctx.n_frames:
-        raise RuntimeError(f"MToV returned {video.shape[0]} frames for {ctx.n_frames} landmark frames")
-    return video, landmark_video
+    models_id = "random" if rw else [ctx.model_id(k) for k in MODEL_ASSETS]
+    parts = {"align": al.key, "reference": ref.key, "models": models_id, **stage_settings(cfg, "mtov")}
+    store = BatchStore(ctx.cache, "mtov", parts)
+    t0, before = time.perf_counter(), {k: ctx.timings.get(k, 0.0) for k in ("render", "write")}
+    generated = 0
+    if store.complete:
+        for start, batch_frames in _stored(store):
+            to_sink(batch_frames, start)
+    else:
+        generated = _generate(ctx, store, frames, conditions, to_sink)
+    seconds = time.perf_counter() - t0 - sum(ctx.timings.get(k, 0.0) - v for k, v in before.items())
+    ctx.cache.records["mtov"] = StageRecord("mtov", store.key, store.entry, generated == 0, seconds)
+    if generated == 0:
+        ctx.log(f"[mtov] reused {store.entry.name} ({seconds:.2f} s)")
+    else:
+        ctx.log(f"[mtov] computed in {seconds:.2f} s -> {store.entry}")
+    ctx.notes["mtov"] = f"({generated} of {n} frames generated, {n - generated} reused)"
+
+
+def _stored(store: BatchStore) -> Iterator[tuple[int, np.ndarray]]:
+    """(first frame, uint8 [n, 3, S, S] frames) of a complete entry, batch by batch."""
+    old = store.entry / "frames.npy"  # an entry of the layout before batches: all frames in one file
+    if old.is_file():
+        video = np.load(old, mmap_mode="r")
+        for start in range(0, len(video), 64):
+            yield start, np.asarray(video[start : start + 64])
+        return
+    for i in range(store.count()):
+        arrays = store.load(i, ("frames", "start"))
+        yield int(arrays["start"]), arrays["frames"]
+
+
+def _generate(
+    ctx: StageContext,
+    store: BatchStore,
+    frames: np.ndarray,
+    conditions: Callable[[int, int], tuple[np.ndarray, np.ndarray]],
+    to_sink: Callable[..., None],
+) -> int:
+    """Resume or start the batches of ``store``; returns the number of frames generated."""
+    from MToV.generate import StreamState, stream_video
+    from MToV.loading import load_mtov
+
+    cfg, n = ctx.cfg, ctx.n_frames
+    models = load_mtov(
+        *(None if ctx.random_weights else str(ctx.assets[k]) for k in MODEL_ASSETS),
+        config=stage_config(cfg.mtov.config),
+        device=ctx.device,
+        random_weights=ctx.random_weights,
+    )
+    clip = models.clip_frames
+    step = 1 if cfg.mtov.use_last_as_reference else int(cfg.mtov.batch_size)
+    n_batches = -(-((n + clip - 1) // clip) // step)
+    done = store.open({"n_frames": n, "clip_frames": clip, "clips_per_batch": step})
+    first = min(n, done * step * clip)
+    if done:
+        ctx.log(
+            f"[mtov] resuming {store.partial.name}: {done} of {n_batches} batches ({first} of {n} frames) "
+            f"already done, continuing at frame {first}"
+        )
+    carry = None
+    for i in range(done):  # the finished batches go to the mp4 first
+        arrays = store.load(i, ("frames", "start", "carry"))
+        to_sink(arrays["frames"], int(arrays["start"]))
+        carry = arrays.get("carry")
+    encoded = (
+        _encoded_from(store.load(i, ("rgb_keys", "rgb_latents", "ldmk_keys", "ldmk_latents")))
+        for i in range(done)
+    )
+    stream = stream_video(
+        models,
+        conditions,
+        n,
+        np.ascontiguousarray(frames[ctx.ref_frame].transpose(2, 0, 1)),
+        batch_size=int(cfg.mtov.batch_size),
+        seed=int(cfg.mtov.seed),
+        start_ratio=float(cfg.mtov.start_ratio),
+        sampling_timesteps=int(cfg.mtov.sampling_timesteps),
+        use_last_as_reference=bool(cfg.mtov.use_last_as_reference),
+        precision=str(cfg.mtov.precision),
+        progress=ctx.progress,
+        latent_capacity=LATENT_CLIPS,
+        resume=StreamState(done, carry, encoded),
+    )
+    t0 = last_log = time.perf_counter()
+    generated = 0
+    for batch in stream:
+        arrays = {"frames": batch.frames, "start": np.int64(batch.start), **_encoded_arrays(batch.encoded)}
+        if batch.carry is not None:
+            arrays["carry"] = batch.carry
+        store.save(batch.index, arrays)
+        to_sink(batch.frames, batch.start, batch.landmarks)
+        generated += len(batch.frames)
+        now = time.perf_counter()
+        if now - last_log >= LOG_EVERY and batch.start + len(batch.frames) < n:
+            last_log, at = now, batch.start + len(batch.frames)
+            left = (now - t0) / generated * (n - at)
+            done_text = f"{at}/{n} frames ({100 * at / n:.0f} %), {_clock(now - t0)} so far"
+            ctx.log(f"[mtov] {done_text}, ~{_clock(left)} left")
+    store.finish()
+    return generated

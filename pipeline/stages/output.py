@@ -1,5 +1,6 @@
-"""After the stages: the H.264 mp4 (25 fps) with the input audio as AAC, the optional side-by-side
-preview (landmarks | generated), the resolved config next to the output, and the timing report."""
+"""Stage 8, the output: the H.264 mp4 (25 fps) with the input audio as AAC and the optional side-by-side
+preview (landmarks | generated), written while MToV runs (:class:`VideoSink`: frames go to the
+encoders batch by batch), the resolved config next to the output, and the timing report."""
 
 from __future__ import annotations
 
@@ -9,11 +10,12 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from moditalker.config import save_config
-from moditalker.constants import FPS, SAMPLE_RATE
+from moditalker.constants import FPS
+from moditalker.timing import StageTimer
 from pipeline.stages.context import StageContext
 from pipeline.stages.hubert import Speech
 
-__all__ = ["write", "metadata", "report_timings", "TIMED_STAGES"]
+__all__ = ["VideoSink", "open_video", "metadata", "report_timings", "TIMED_STAGES"]
 
 #: the order of the timing report (cached stages and the uncached render / write steps)
 TIMED_STAGES = ("reference", "landmarks", "recon", "hubert", "atom", "align", "render", "mtov", "write")
@@ -32,32 +34,89 @@ def metadata(cfg: DictConfig) -> dict[str, str]:
     }
 
 
-def write(ctx: StageContext, speech: Speech, video: np.ndarray, landmark_video: np.ndarray) -> None:
-    """The preview and the config first: the main output appears last, only when all is done."""
-    from data.audio import load_audio
-    from data.video import write_video
+class VideoSink:
+    """The mp4 and the preview, open while MToV runs: :meth:`add` encodes a batch of frames (nothing of
+    the video's length is held), :meth:`finish` writes the preview, the config and, last, the mp4.
 
-    cfg, inputs = ctx.cfg, ctx.inputs
-    with ctx.timer()("write"):
-        mux_rate = min(max(inputs.audio_rate, 8000), 48000)
-        mux_audio = speech.wave if mux_rate == SAMPLE_RATE else load_audio(inputs.audio, mux_rate)
-        meta = metadata(cfg)
-        hwc = video.transpose(0, 2, 3, 1)
-        if inputs.preview is not None:
-            side = np.concatenate([landmark_video.transpose(0, 2, 3, 1), hwc], axis=2)
-            write_video(inputs.preview, side, fps=FPS, audio=mux_audio, sample_rate=mux_rate, metadata=meta)
-        run = {"n_frames": ctx.n_frames, "audio_seconds": round(speech.seconds, 4)}
-        save_config(OmegaConf.merge(cfg, {"run": run}), inputs.config_path)
-        write_video(
-            inputs.out,
-            hwc,
-            fps=FPS,
-            audio=mux_audio,
-            sample_rate=mux_rate,
-            metadata=meta,
-            crf=int(cfg.output.crf),
-            preset=str(cfg.output.preset),
-        )
+    The files are written under temp names in the work folder and renamed to their paths only when
+    complete (:class:`data.video.VideoWriter`); on an error (or a kill) nothing appears at the output
+    paths, and the next run removes what a killed one left. Used as a context manager: finished on
+    success, aborted on an exception.
+    """
+
+    def __init__(self, ctx: StageContext, speech: Speech) -> None:
+        from data.video import VideoWriter
+
+        cfg, inputs = ctx.cfg, ctx.inputs
+        self.ctx, self.speech, self.frames = ctx, speech, 0
+        self.timer = StageTimer(ctx.timings)
+        for path in (inputs.out, inputs.preview):  # temp files of a killed run of this output
+            for stale in inputs.work_dir.glob(f".{path.name}.*") if path is not None else ():
+                stale.unlink(missing_ok=True)
+        with self.timer("write"):
+            mux_rate = min(max(inputs.audio_rate, 8000), 48000)
+            kw = dict(
+                audio=speech.at_rate(inputs.audio, mux_rate),
+                sample_rate=mux_rate,
+                n_frames=ctx.n_frames,
+                metadata=metadata(cfg),
+                tmp_dir=inputs.work_dir,
+            )
+            s = ctx.size
+            self.preview = VideoWriter(inputs.preview, 2 * s, s, FPS, **kw) if inputs.preview else None
+            try:
+                self.main = VideoWriter(
+                    inputs.out, s, s, FPS, crf=int(cfg.output.crf), preset=str(cfg.output.preset), **kw
+                )
+            except BaseException:
+                if self.preview is not None:
+                    self.preview.abort()
+                raise
+
+    @property
+    def wants_landmarks(self) -> bool:
+        """Whether :meth:`add` needs the landmark frames (for the preview)."""
+        return self.preview is not None
+
+    def add(self, frames: np.ndarray, landmarks: np.ndarray | None = None) -> None:
+        """Encode the next uint8 ``[n, 3, S, S]`` frames (and their landmark frames, for the preview)."""
+        with self.timer("write"):
+            hwc = frames.transpose(0, 2, 3, 1)
+            if self.preview is not None:
+                self.preview.write(np.concatenate([landmarks.transpose(0, 2, 3, 1), hwc], axis=2))
+            self.main.write(hwc)
+            self.frames += len(frames)
+
+    def finish(self) -> None:
+        """The preview and the config first: the main output appears last, only when all is done."""
+        ctx = self.ctx
+        if self.frames != ctx.n_frames:
+            raise RuntimeError(f"MToV gave {self.frames} frames for {ctx.n_frames} landmark frames")
+        with self.timer("write"):
+            if self.preview is not None:
+                self.preview.close()
+            run = {"n_frames": ctx.n_frames, "audio_seconds": round(self.speech.seconds, 4)}
+            save_config(OmegaConf.merge(ctx.cfg, {"run": run}), ctx.inputs.config_path)
+            self.main.close()
+
+    def abort(self) -> None:
+        for writer in (self.preview, self.main):
+            if writer is not None:
+                writer.abort()
+
+    def __enter__(self) -> VideoSink:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.finish()
+        else:
+            self.abort()
+
+
+def open_video(ctx: StageContext, speech: Speech) -> VideoSink:
+    """The writers of the mp4 and the preview (see :class:`VideoSink`)."""
+    return VideoSink(ctx, speech)
 
 
 def report_timings(ctx: StageContext, t_total: float) -> dict[str, float]:
@@ -74,6 +133,8 @@ def report_timings(ctx: StageContext, t_total: float) -> dict[str, float]:
             continue
         rec = records.get(name)
         how = " (reused)" if rec is not None and rec.cached else ""
-        ctx.log(f"  {name:<10} {timings[name]:8.2f} s  {timings[name] / video_s:7.2f} s per s of video{how}")
+        note = f"  {ctx.notes[name]}" if name in ctx.notes else ""
+        line = f"  {name:<10} {timings[name]:8.2f} s  {timings[name] / video_s:7.2f} s per s of video"
+        ctx.log(line + how + note)
     ctx.log(f"  {'total':<10} {timings['total']:8.2f} s")
     return timings

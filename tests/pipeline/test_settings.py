@@ -130,6 +130,8 @@ def test_flags_map_to_their_settings():
         "guidance": "atom.guidance_weight",
         "batch_size": "mtov.batch_size",
         "mtov_steps": "mtov.sampling_timesteps",
+        "start": "start",
+        "duration": "duration",
     }
     given = {int: ("7", 7), float: ("3.5", 3.5), str: ("x y.wav", "x y.wav")}
     for flag, key in FLAGS.items():
