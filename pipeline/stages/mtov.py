@@ -31,7 +31,9 @@ def run(ctx: StageContext, ref: StageResult, al: StageResult) -> tuple[np.ndarra
         from MToV.loading import load_mtov
 
         masked = mask_below_nose(frames, al["reference_posed_lm68"])[idx]  # [T,S,S,3]
-        models = load_mtov(
+        models = ctx.models.load(
+            "mtov",
+            load_mtov,
             *(None if rw else str(ctx.assets[k]) for k in MODEL_ASSETS),
             config=stage_config(cfg.mtov.config),
             device=ctx.device,
