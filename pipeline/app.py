@@ -66,20 +66,15 @@ def prepare_environment(folders: AppFolders) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-def _number_field(gr: Any) -> Any:
-    def number(label: str, value: float, step: float, elem_id: str) -> Any:
-        return gr.Number(value=value, step=step, label=label, elem_id=elem_id)
-
-    return number
-
-
 def build_app(job: Job, *, title: str = "MoDiTalker") -> Any:
     """The page (a ``gradio.Blocks``) calling ``job``; its one public endpoint is ``/generate``."""
     import gradio as gr
 
     d = job.defaults()
-    number = _number_field(gr)
     sample = sample_inputs(job.folders)
+
+    def number(label: str, value: float, step: float, elem_id: str) -> Any:
+        return gr.Number(value=value, step=step, label=label, elem_id=elem_id)
 
     def generate(
         audio: str | None,

@@ -1,5 +1,5 @@
 """The web app through its API, as programs call it: gradio_client against the app started in-process
-(tests/pipeline/conftest.py: tiny config, random weights, a free port). The mp4s it returns, the
+(tests/app_server.py: tiny config, random weights, a free port). The mp4s it returns, the
 one-line errors (the command line's text) with the server still serving, warm networks (a second
 request loads none), the queue (two requests at once both finish, one waits its turn) and the
 progress the page shows."""
@@ -10,6 +10,7 @@ import time
 
 import pytest
 import torch
+from app_server import running_app
 
 from data.video import probe
 from moditalker.constants import FPS
@@ -20,6 +21,13 @@ pytest.importorskip("gradio_client")
 from gradio_client import Client, handle_file  # noqa: E402
 from gradio_client.exceptions import AppError  # noqa: E402
 from gradio_client.utils import Status  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def app_server(tmp_path_factory):
+    with running_app(tmp_path_factory.mktemp("app")) as server:
+        yield server
+
 
 KINDS = ("face_alignment", "deep3d", "hubert", "atom", "mtov")
 

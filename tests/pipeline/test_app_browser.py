@@ -1,5 +1,5 @@
 """The page in a real browser: headless Chromium (Debian's ``chromium``; ``.ci/run`` installs it as
-root when missing) opens the app (tests/pipeline/conftest.py), shows the one-line error of a bad
+root when missing) opens the app (tests/app_server.py), shows the one-line error of a bad
 setting, uploads the bundled speech and a reference video, presses Generate and waits for the video
 element, which must have a playable source; a screenshot is saved (to $MODITALKER_SCREENSHOTS when
 set), and the page must not have asked anything of another machine."""
@@ -11,12 +11,20 @@ from pathlib import Path
 
 import pytest
 import torch
+from app_server import running_app
 from cdp_browser import Browser, find_chromium
 
 from pipeline.sample_data import SAMPLE_SPEECH
 
 CHROMIUM, WHY = find_chromium()
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason=f"no headless Chromium: {WHY}")
+
+
+@pytest.fixture(scope="module")
+def app_server(tmp_path_factory):
+    with running_app(tmp_path_factory.mktemp("app")) as server:
+        yield server
+
 
 VIDEO_STATE = """(() => {
   const v = document.querySelector('#result video');

@@ -135,3 +135,38 @@ def test_app_flags_default_to_this_machine_and_no_share_link():
     args = build_parser().parse_args([])
     assert (args.host, args.port, args.share, args.out_dir) == ("127.0.0.1", 7860, False, "outputs/app")
     assert args.keep_hours == 24 and args.random_weights is False
+
+
+def test_scripts_app_sh_serves_the_page_until_interrupted(tmp_path):
+    """The launcher as a user runs it: the page comes up on the port asked for, only on 127.0.0.1, and
+    Ctrl-C (SIGINT) stops it."""
+    import signal
+    import subprocess
+    import sys
+    import urllib.request
+
+    from app_server import free_port
+
+    port = free_port()
+    cmd = ["bash", str(REPO / "scripts" / "app.sh"), "--random_weights", "--config", TINY, "--device", "cpu"]
+    cmd += ["--port", str(port), "--out_dir", str(tmp_path / "app")]
+    env = dict(os.environ, PYTHON=sys.executable, PYTHONPATH=str(REPO))
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=tmp_path
+    )
+    try:
+        lines = []
+        for line in proc.stdout:  # the URL line comes once the server answers
+            lines.append(line)
+            if line.startswith("page: "):
+                break
+        assert lines and lines[-1].strip().startswith(f"page: http://127.0.0.1:{port}/"), "".join(lines)
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=30) as page:
+            assert page.status == 200 and b"<html" in page.read().lower()
+        assert (tmp_path / "app" / "examples" / "reference.png").is_file()
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=60) in (0, 130)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

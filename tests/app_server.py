@@ -1,17 +1,22 @@
-"""The web app, started once in-process for the app tests (tiny config, random weights, a free port),
-and a record of every outgoing connection the process makes while it runs."""
+"""The web app started in-process for the app tests (tiny config, random weights, a free port), and a
+record of every outgoing connection the process makes while it runs.
+
+A test module makes its fixture with ``with running_app(folder) as server: yield server`` (one server
+per module; a conftest.py under tests/pipeline would shadow tests/conftest.py for the modules that
+import it by name)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 TINY = str(REPO / "configs" / "inference_tiny.yaml")
 LOOPBACK = ("127.0.0.1", "::1", "localhost")
 
@@ -35,16 +40,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="session")
-def app_server(tmp_path_factory):
-    """The app on 127.0.0.1:<free port>, with the bundled speech, a 1 s reference video, a photo and a
-    2 s cut of the speech as inputs."""
+@contextlib.contextmanager
+def running_app(root: Path) -> Iterator[AppServer]:
+    """The app on 127.0.0.1:<free port> with its folder under ``root``, and as inputs the bundled speech,
+    a 1 s reference video, a photo and a 2 s cut of the speech."""
     from pipeline.app import build_app, prepare_environment, serve
     from pipeline.app_job import AppFolders, Job
     from pipeline.sample_data import write_reference_image, write_reference_video, write_speech
 
-    root = tmp_path_factory.mktemp("app")
-    d = tmp_path_factory.mktemp("app_inputs")
+    d = root / "inputs"
+    d.mkdir(parents=True, exist_ok=True)
     inputs = {
         "speech": write_speech(d / "speech.wav"),
         "speech2s": write_speech(d / "speech2s.wav", seconds=2.0),
@@ -65,19 +70,20 @@ def app_server(tmp_path_factory):
         return saved[1](host, *args, **kwargs)
 
     socket.socket.connect, socket.getaddrinfo = connect, getaddrinfo
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny networks; two threads only spin on a busy 2-core machine
     try:
         folders = AppFolders(root / "out").create()
         prepare_environment(folders)
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)  # tiny networks; two threads only spin on a busy 2-core machine
         job = Job(folders, config=TINY, device="cpu", random_weights=True)
-        demo = build_app(job)
-        server.url = serve(demo, job, port=free_port(), block=False, quiet=True)
-        server.job, server.demo = job, demo
+        server.job = job
+        server.demo = build_app(job)
+        server.url = serve(server.demo, job, port=free_port(), block=False, quiet=True)
         yield server
-        demo.close()
-        torch.set_num_threads(threads)
     finally:
+        if server.demo is not None:
+            server.demo.close()
+        torch.set_num_threads(threads)
         socket.socket.connect, socket.getaddrinfo = saved
         for k, v in saved_env.items():
             if v is None:
