@@ -28,13 +28,14 @@ from moditalker.errors import UserError
 from pipeline.inference import PipelineResult, resolve_config, run_inference
 from pipeline.models import ModelCache
 from pipeline.settings import FLAGS, check_settings
-from pipeline.stages.output import TIMED_STAGES
 
 __all__ = ["DAY", "STAGES", "AppFolders", "clean_old", "Job", "JobOutput", "StageProgress"]
 
 DAY = 24 * 3600.0
 #: the steps a run reports, in order (the cached stages, then the mp4 writer)
 STAGES = ("reference", "landmarks", "recon", "hubert", "atom", "align", "mtov", "write")
+#: the order of the timings the page shows (others follow, then the total)
+TIMING_ORDER = ("reference", "landmarks", "recon", "hubert", "atom", "align", "render", "mtov", "write")
 _STAGE_DONE = re.compile(r"^\[(\w+)\] (?:computed|reused)\b")
 _DESCRIBE = {
     "reference": "reading the reference",
@@ -296,7 +297,7 @@ class Job:
             except BaseException:
                 shutil.rmtree(run_dir, ignore_errors=True)
                 raise
-            order = [*TIMED_STAGES, *sorted(set(result.timings) - {*TIMED_STAGES, "total"}), "total"]
+            order = [*TIMING_ORDER, *sorted(set(result.timings) - {*TIMING_ORDER, "total"}), "total"]
             timings = {k: round(float(result.timings[k]), 3) for k in order if k in result.timings}
             assert result.preview is not None
             return JobOutput(result.out, result.preview, timings, "\n".join(progress.lines), result)

@@ -76,7 +76,7 @@ def test_page_in_headless_chromium(app_server, tmp_path):
         assert video["src"].startswith(app_server.url) and video["src"].endswith("talking_head.mp4")
         assert (video["width"], video["height"]) == (256, 256)
         assert video["duration"] == pytest.approx(4.18, abs=0.1)
-        assert "[mtov]" in b.js("document.querySelector('#log textarea').value")
+        assert "stage timings" in b.js("document.querySelector('#log textarea').value")
         b.js("window.scrollTo(0, 0)")
         shot = b.screenshot(shots / "app.png")
         assert shot.stat().st_size > 10_000
