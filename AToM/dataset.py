@@ -237,6 +237,15 @@ class WindowDataset(Dataset):
     def __len__(self) -> int:
         return len(self.index)
 
+    def feature_width(self) -> int:
+        """Width ``D`` of the clips' HuBERT features (read from the first readable clip)."""
+        for i in range(len(self.source)):
+            try:
+                return int(self.source.load(i)[0].shape[1])
+            except READ_ERRORS:
+                continue
+        raise UserError("no clip of the training data can be read")
+
     def name(self, i: int) -> str:
         """Item ``i`` in messages: the clip it is a window of."""
         return self.source.name(int(self.index[i]))

@@ -22,6 +22,8 @@ and trimmed.
 from __future__ import annotations
 
 import argparse
+import sys
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -217,6 +219,12 @@ def render_previews(lm3d: np.ndarray, folder: str | Path, size: int = 256) -> No
             cv2.imwrite(str(tmp), img)
 
 
+RANDOM_WEIGHTS_WARNING = (
+    "WARNING: --random_weights: AToM is randomly initialised (and, without BFM_model_front.mat, the "
+    "face is synthetic): the landmarks exercise the code, they are not a prediction"
+)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     ap = argparse.ArgumentParser(
         description="AToM: HuBERT features + reference landmark -> frontal landmarks."
@@ -254,12 +262,19 @@ def main(argv: Sequence[str] | None = None) -> None:
         raise UserError(f"--png_dir {args.png_dir} is a file, not a folder")
     hubert = load_npy(args.hubert, "HuBERT features")
     ref = load_npy(args.ref_lm3d, "reference landmark")
+    if ref.ndim == 3 and ref.shape[0] == 1:  # [1, 68, 3]: one frame of a [T, 68, 3] landmark file
+        ref = ref[0]
     bfm_dir = Path(args.bfm_dir) if args.bfm_dir else default_path("bfm_front").parent
-    if not (bfm_dir / "BFM_model_front.mat").is_file():
-        raise UserError(missing_message("bfm_front", bfm_dir / "BFM_model_front.mat"))
-    from data.face3d import Face3DHelper
+    from data.face3d import Face3DHelper, write_synthetic_bfm
 
-    key_mean_shape = Face3DHelper(bfm_dir).key_mean_shape.cpu().numpy()
+    if (bfm_dir / "BFM_model_front.mat").is_file():
+        key_mean_shape = Face3DHelper(bfm_dir).key_mean_shape.cpu().numpy()
+    elif args.random_weights and not args.bfm_dir:  # the synthetic face, as the pipeline's random mode
+        with tempfile.TemporaryDirectory() as tmp:
+            key_mean_shape = Face3DHelper(write_synthetic_bfm(tmp)).key_mean_shape.cpu().numpy()
+        bfm_dir = Path("synthetic")
+    else:
+        raise UserError(missing_message("bfm_front", bfm_dir / "BFM_model_front.mat"))
     ckpt = None
     if not args.random_weights:
         ckpt = Path(args.checkpoint) if args.checkpoint else default_path("atom")
@@ -268,6 +283,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     diffusion = load_atom(
         ckpt, args.config, ema=args.ema, device=args.device, random_weights=args.random_weights
     )
+    if args.random_weights:  # after every check: a refused run prints its one error line only
+        print(RANDOM_WEIGHTS_WARNING, file=sys.stderr, flush=True)
     lm = generate_landmarks(
         diffusion,
         hubert,

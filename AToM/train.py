@@ -25,12 +25,13 @@ from AToM.common import DEFAULT_CONFIG, build_diffusion, load_weights, read_chec
 from AToM.dataset import WindowDataset, open_sources
 from AToM.diffusion import GaussianDiffusion
 from moditalker.config import load_config, save_config
-from moditalker.device import is_main_rank
+from moditalker.device import is_main_rank, resolve_device
 from moditalker.errors import UserError, cli_main
-from moditalker.fileio import torch_save
+from moditalker.fileio import repo_path, torch_save
 from moditalker.training.accelerator import check_train_loader, start_accelerator
 from moditalker.training.bad_items import BadItems, SkipUnreadable, check_items
 from moditalker.training.ema import ModelEMA
+from moditalker.training.options import add_run_arguments
 from moditalker.training.rng import derived_seed, rng_state, seed_everything, set_rng_state
 
 TRAIN_DEFAULTS: dict = {
@@ -60,6 +61,7 @@ TRAIN_DEFAULTS: dict = {
         "seed": 0,
         "resume": "auto",
         "cpu": False,
+        "device": "auto",  # auto | cpu | cuda (--device); accelerate places the ranks on the GPUs
     },
 }
 
@@ -111,6 +113,13 @@ def open_windows(cfg: DictConfig) -> tuple[WindowDataset, WindowDataset]:
     train_src, val_src = open_sources(dc.root, dc.format, int(dc.val_every), float(dc.max_bad_items))
     horizon = int(cfg.diffusion.horizon)
     train = WindowDataset(train_src, horizon, int(dc.min_frames), seed=int(cfg.train.seed))
+    width, want = train.feature_width(), int(cfg.model.cond_feature_dim)
+    if width != want:
+        raise UserError(
+            f"the clips in {dc.root} hold {width}-wide HuBERT features but model.cond_feature_dim is "
+            f"{want}: make the data with that width (data.preprocess lrs3 --random_weights --hubert_dim "
+            f"{want}) or set model.cond_feature_dim={width}"
+        )
     return train, WindowDataset(val_src, horizon, int(dc.min_frames), deterministic=True)
 
 
@@ -128,7 +137,7 @@ def check_data(cfg: DictConfig) -> int:
     return len(lines)
 
 
-def train(cfg: DictConfig) -> Path:
+def train(cfg: DictConfig, progress: bool = True) -> Path:
     """Train until ``train.max_steps``; returns the path of the last checkpoint written."""
     from accelerate.utils import DistributedDataParallelKwargs, set_seed
     from adan_pytorch import Adan
@@ -205,7 +214,9 @@ def train(cfg: DictConfig) -> Path:
 
     max_steps = int(tc.max_steps)
     last_path = ckpt_path
-    bar = tqdm(total=max_steps, initial=step, desc="AToM train", disable=not acc.is_local_main_process)
+    bar = tqdm(
+        total=max_steps, initial=step, desc="AToM train", disable=not (progress and acc.is_local_main_process)
+    )
     diffusion.train()
     running, n_running = 0.0, 0
     # Exact resume: each epoch's shuffle and windows are functions of (seed, epoch); a resumed run
@@ -301,26 +312,32 @@ def save_checkpoint(
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description="Train AToM (audio -> landmark motion diffusion).")
-    ap.add_argument("--config", default="configs/atom.yaml", help="YAML config (default configs/atom.yaml)")
-    ap.add_argument("--cpu", action="store_true", help="train on the CPU even if a GPU is present")
-    ap.add_argument(
-        "overrides", nargs="*", help="key=value overrides, e.g. train.batch_size=32 data.root=DIR"
+    ap = argparse.ArgumentParser(
+        prog="python -m AToM.train", description="Train AToM (audio -> landmark motion diffusion)."
     )
-    ap.add_argument("--check", action="store_true", help="read every training item and report, no training")
-    args = ap.parse_args(argv)
-    cfg = load_config(args.config, args.overrides, TRAIN_DEFAULTS)
+    add_run_arguments(ap, "configs/atom.yaml")  # the options every trainer shares
+    ap.add_argument("--cpu", action="store_true", help="same as --device cpu")
+    args = ap.parse_intermixed_args(argv)
+    cfg = load_config(repo_path(args.config), args.overrides, TRAIN_DEFAULTS, strict=True)
     if args.check:
         if check_data(cfg):
             raise UserError("some training items are unreadable (listed above)")
         return
-    if args.cpu:
-        cfg.train.cpu = True
+    if args.out_dir is not None:
+        cfg.train.out_dir = args.out_dir
+    if args.cpu or args.device is not None:
+        cfg.train.device = "cpu" if args.cpu else args.device
+    resolve_device(str(cfg.train.device))  # an unknown or absent device is one line, before any work
+    cfg.train.cpu = bool(cfg.train.cpu) or str(cfg.train.device) == "cpu"
+    if args.no_resume:
+        if not args.overwrite:
+            raise UserError("--no_resume restarts the run in place; add --overwrite to confirm")
+        cfg.train.resume = "never"
     if int(cfg.train.max_steps) <= 0 or int(cfg.train.batch_size) <= 0:
         raise UserError("train.max_steps and train.batch_size must be positive")
     if not math.isfinite(float(cfg.train.lr)) or float(cfg.train.lr) <= 0:
         raise UserError("train.lr must be a positive number")
-    path = train(cfg)
+    path = train(cfg, progress=not args.no_progress)
     if is_main_rank():
         print(f"last checkpoint: {path}")
 

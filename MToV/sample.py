@@ -27,57 +27,15 @@ from moditalker.config import load_config, save_config
 from moditalker.constants import FPS, SAMPLE_RATE
 from moditalker.errors import UserError, cli_main
 from moditalker.fileio import repo_path
+from MToV import generate, loading
 from MToV.conditions import build_conditions, read_landmark_input, read_reference
-from MToV.generate import (
-    LatentCache,
-    check_sampling,
-    clip_generator,
-    clip_keys,
-    denoising_steps,
-    generate_video,
-    generate_video_original,
-    pad_clips,
-    to_model,
-    to_uint8,
-)
-from MToV.loading import (
-    MODEL_DEFAULTS,
-    PRECISIONS,
-    MToVModels,
-    autoencoder_dtype,
-    build_models,
-    load_mtov,
-    load_unet_weights,
-    model_config,
-    prepare_for_device,
-)
+from MToV.generate import check_sampling, generate_video
+from MToV.loading import MODEL_DEFAULTS, PRECISIONS, load_mtov
 
-__all__ = [
-    # the CLI
-    "build_parser",
-    "main",
-    # re-exported from MToV.loading
-    "MODEL_DEFAULTS",
-    "PRECISIONS",
-    "MToVModels",
-    "autoencoder_dtype",
-    "build_models",
-    "load_mtov",
-    "load_unet_weights",
-    "model_config",
-    "prepare_for_device",
-    # re-exported from MToV.generate
-    "LatentCache",
-    "check_sampling",
-    "clip_generator",
-    "clip_keys",
-    "denoising_steps",
-    "generate_video",
-    "generate_video_original",
-    "pad_clips",
-    "to_model",
-    "to_uint8",
-]
+# the names code imported from here before the split keep working: every public name of both modules
+globals().update({name: getattr(loading, name) for name in loading.__all__})
+globals().update({name: getattr(generate, name) for name in generate.__all__})
+__all__ = ["build_parser", "main", *loading.__all__, *generate.__all__]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -116,6 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--random_weights", action="store_true", help="no checkpoints: random networks (smoke test)"
     )
     p.add_argument("--batch_size", type=int, default=None, help="16-frame clips per batch [4]")
+    p.add_argument(
+        "--size", type=int, default=256, help="output frame size, 0 = the model's own resolution [256]"
+    )
     p.add_argument("--seed", type=int, default=None, help="sampling seed [0]")
     p.add_argument("--start_ratio", type=float, default=None, help="noised start at t = ratio*1000 [0.25]")
     p.add_argument("--steps", type=int, default=None, help="DDIM schedule length (ratio of it is run) [100]")
@@ -191,6 +152,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     _check_sample_config(cfg)
     if not (math.isfinite(args.fps) and args.fps > 0):
         raise UserError(f"--fps must be a positive number, got {args.fps}")
+    if args.size != 0 and args.size < 16:
+        raise UserError(f"--size must be 0 (the model's resolution) or at least 16, got {args.size}")
     out = Path(args.out)
     inputs = (
         args.landmarks,
@@ -212,7 +175,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
     ref = read_reference(args.ref_video, args.ref_frames, fps=args.fps)  # [N, H, W, 3]
     models = load_mtov(args.ae_rgb, args.ae_ldmk, args.unet, cfg, args.device, args.random_weights)
-    size = models.resolution
+    # output size: --size (256 by default, as the pipeline); a model of another resolution (the tiny
+    # config's 32) runs at its own size inside generate_video, which resizes in and out
+    size = int(args.size) if args.size else models.resolution
     lm_video, lm = read_landmark_input(args.landmarks, ref.shape[1:3], size)
     conditions = build_conditions(
         ref,

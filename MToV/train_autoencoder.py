@@ -319,7 +319,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> dict:
     args = build_parser().parse_intermixed_args(argv)
-    cfg = load_config(args.config, args.overrides, DEFAULTS)
+    cfg = load_config(args.config, args.overrides, DEFAULTS, strict=True)
     for name in ("mode", "init_from"):
         if getattr(args, name) is not None:
             cfg[name] = getattr(args, name)

@@ -261,7 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> dict:
     args = build_parser().parse_intermixed_args(argv)
-    cfg = load_config(repo_path(args.config), args.overrides, DEFAULTS)
+    cfg = load_config(repo_path(args.config), args.overrides, DEFAULTS, strict=True)
     if args.ae_rgb is not None:
         cfg.checkpoints.ae_rgb = args.ae_rgb
     if args.ae_ldmk is not None:

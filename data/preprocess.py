@@ -88,6 +88,7 @@ def build_toolkit(
     random_weights: bool = False,
     batch_size: int = 16,
     workdir: str | Path | None = None,
+    hubert_dim: int = 1024,
 ) -> Toolkit:
     """Build detector, 3DMM regressor, BFM helper (and HuBERT) from paths; random stand-ins on request."""
     from data.audio import HubertExtractor
@@ -103,7 +104,7 @@ def build_toolkit(
             bfm_dir = write_synthetic_bfm(Path(workdir or ".") / "synthetic_bfm")  # per shard: no write races
         detector = FaceLandmarkDetector(device=dev, detector=template_face_detector)
         recon = FaceReconstructor(bfm_dir=bfm_dir, device=dev, random_weights=True)
-        hub = HubertExtractor.random(device=dev) if need_hubert else None
+        hub = HubertExtractor.random(hidden_size=hubert_dim, device=dev) if need_hubert else None
     else:
         bfm_dir = bfm_dir or default_path("bfm_front").parent
         detector = FaceLandmarkDetector(device=dev, weights_dir=fan_dir, allow_download=allow_download)
@@ -138,6 +139,12 @@ def _common_args(ap: argparse.ArgumentParser) -> None:
     )
     ap.add_argument(
         "--random_weights", action="store_true", help="random networks + synthetic BFM (smoke test)"
+    )
+    ap.add_argument(
+        "--hubert_dim",
+        type=int,
+        default=1024,
+        help="width of the random HuBERT with --random_weights (16 for configs/atom_tiny.yaml) [1024]",
     )
     ap.add_argument("--overwrite", action="store_true", help="redo finished ids")
     ap.add_argument("--fail_fast", action="store_true", help="stop at the first unusable video")
@@ -201,6 +208,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if not sources:
         raise UserError(f"no videos found in {args.videos if is_hdtf else args.root}")
     select_shard(sources, args.shard, args.num_shards)  # validate before building networks
+    if args.hubert_dim < 4 or args.hubert_dim % 4:
+        raise UserError(f"--hubert_dim must be a positive multiple of 4, got {args.hubert_dim}")
+    if args.hubert_dim != 1024 and not args.random_weights:
+        raise UserError("--hubert_dim sets the random HuBERT's width: it needs --random_weights")
     out_dir.mkdir(parents=True, exist_ok=True)
     toolkit = build_toolkit(
         device=args.device,
@@ -212,6 +223,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         allow_download=args.allow_download,
         random_weights=args.random_weights,
         workdir=out_dir / "random_weights" / f"shard{args.shard}of{args.num_shards}",
+        hubert_dim=args.hubert_dim,
     )
     save_config(vars(args), out_dir / "configs" / f"{args.dataset}_shard{args.shard}of{args.num_shards}.yaml")
     common = dict(

@@ -9,6 +9,7 @@ a message that ends with "see `python -m moditalker.assets check`". This module 
     python -m moditalker.assets check --set hubert=/models/hubert   # check a non-default location
     python -m moditalker.assets table                     # the Markdown table of checkpoints/README.md
     python -m moditalker.assets download                  # fetch HuBERT, FAN/s3fd, VGG16 (needs network)
+    python -m moditalker.assets download lpips_alexnet fid_inception syncnet   # evaluation weights
 
 Default paths are relative to the checkpoints folder, which is ``<repo>/checkpoints`` unless the
 environment variable ``MODITALKER_CHECKPOINTS`` names another folder.
@@ -161,6 +162,59 @@ ASSETS: dict[str, Asset] = {
             used_by="MToV autoencoder training (perceptual loss), evaluation",
             optional=True,
         ),
+        Asset(
+            name="lpips_alexnet",
+            path="lpips/alexnet.pth",
+            what="torchvision AlexNet ImageNet weights, the backbone of the LPIPS evaluation metric (the "
+            "LPIPS linear heads ship inside the lpips package)",
+            source="https://download.pytorch.org/models/alexnet-owt-7be5be79.pth "
+            "(save it as checkpoints/lpips/alexnet.pth)",
+            licence="BSD-3-Clause (torchvision); ImageNet terms apply to the weights",
+            used_by="evaluation (LPIPS)",
+            optional=True,
+        ),
+        Asset(
+            name="fid_inception",
+            path="fid/pt_inception-2015-12-05-6726825d.pth",
+            what="the FID InceptionV3 weights (TensorFlow's 2015-12-05 Inception ported by pytorch-fid)",
+            source="https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
+            "pt_inception-2015-12-05-6726825d.pth",
+            licence="Apache-2.0 (pytorch-fid; TensorFlow Inception weights)",
+            used_by="evaluation (FID)",
+            optional=True,
+        ),
+        Asset(
+            name="i3d_400",
+            path="fvd/i3d_pretrained_400.pt",
+            what="Inception-I3D Kinetics-400 state_dict, the FVD network of the original evaluation code",
+            source="the file the original MoDiTalker/PVDM FVD code loads (MToV/evals/fvd/download.py: "
+            "Google-Drive id 1fBNl3TS0LA5FEhZv5nMGJs2_7qQmvTmh, i3d_pretrained_400.pt; also in "
+            "TATS/PVDM releases)",
+            licence="Apache-2.0 (DeepMind kinetics-i3d weights, PyTorch port)",
+            used_by="evaluation (FVD)",
+            optional=True,
+        ),
+        Asset(
+            name="syncnet",
+            path="syncnet/syncnet_v2.model",
+            what="SyncNet v2 audio-visual sync network (LSE-C / LSE-D)",
+            source="http://www.robots.ox.ac.uk/~vgg/software/lipsync/data/syncnet_v2.model "
+            "(github.com/joonson/syncnet_python, download_model.sh)",
+            licence="MIT (syncnet_python); weights released by the VGG group for research",
+            used_by="evaluation (LSE)",
+            optional=True,
+        ),
+        Asset(
+            name="arcface",
+            path="arcface/backbone.pth",
+            what="ArcFace IResNet identity network (insightface arcface_torch backbone.pth, e.g. "
+            "ms1mv3_arcface_r100_fp16), for CSIM",
+            source="insightface model zoo, recognition/arcface_torch README (github.com/deepinsight/"
+            "insightface): download ms1mv3_arcface_r100_fp16/backbone.pth",
+            licence="insightface code MIT; the pretrained models are for non-commercial research only",
+            used_by="evaluation (CSIM)",
+            optional=True,
+        ),
     )
 }
 
@@ -267,12 +321,19 @@ DOWNLOAD_URLS: dict[str, dict[str, str]] = {
         "s3fd-619a316812.pth": "https://www.adrianbulat.com/downloads/python-fan/s3fd-619a316812.pth",
     },
     "lpips_vgg16": {"": "https://download.pytorch.org/models/vgg16-397923af.pth"},
+    "lpips_alexnet": {"": "https://download.pytorch.org/models/alexnet-owt-7be5be79.pth"},
+    "fid_inception": {
+        "": "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
+        "pt_inception-2015-12-05-6726825d.pth"
+    },
+    "syncnet": {"": "http://www.robots.ox.ac.uk/~vgg/software/lipsync/data/syncnet_v2.model"},
 }
 HUBERT_HUB_ID = "facebook/hubert-large-ls960-ft"
 
 
 def download_asset(name: str, path: str | Path | None = None) -> Path:
-    """Fetch one of ``hubert``, ``face_alignment``, ``lpips_vgg16`` to ``path`` (default location).
+    """Fetch ``hubert`` or one of :data:`DOWNLOAD_URLS` (``face_alignment``, ``lpips_vgg16`` and the
+    evaluation weights ``lpips_alexnet``, ``fid_inception``, ``syncnet``) to ``path`` (default location).
 
     Needs network access; files are written atomically, existing complete assets are left alone.
     """
@@ -341,7 +402,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub.add_parser("table", help="print the Markdown table of checkpoints/README.md")
     dl = sub.add_parser("download", help="fetch the publicly downloadable assets (needs network)")
     dl.add_argument(
-        "names", nargs="*", default=["hubert", "face_alignment", "lpips_vgg16"], help="default: all three"
+        "names",
+        nargs="*",
+        default=["hubert", "face_alignment", "lpips_vgg16"],
+        help="default: hubert face_alignment lpips_vgg16; the evaluation weights: lpips_alexnet "
+        "fid_inception syncnet",
     )
     args = ap.parse_args(argv)
 
@@ -368,7 +433,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if missing:
         print(f"\n{len(missing)} missing:")
         for line in missing:
-            print(f"  - {line}")
+            print(f"  - {line.removesuffix('; ' + CHECK_HINT)}")  # no "run the check" inside the check
         raise SystemExit(2)
     print("all requested assets present")
     return 0

@@ -14,9 +14,17 @@ from moditalker.fileio import atomic_write_text
 
 
 def load_config(
-    path: str | Path | None, overrides: Sequence[str] = (), defaults: dict | None = None
+    path: str | Path | None,
+    overrides: Sequence[str] = (),
+    defaults: dict | None = None,
+    strict: bool = False,
 ) -> DictConfig:
-    """Load ``defaults`` <- YAML at ``path`` <- ``key=value`` overrides (dotted keys allowed)."""
+    """Load ``defaults`` <- YAML at ``path`` <- ``key=value`` overrides (dotted keys allowed).
+
+    ``strict``: a key that ``defaults`` does not have (a typo such as ``train.max_stpes=5``, which
+    would otherwise run with the default and save the typo in the run's config) is a UserError naming
+    it and the closest known key. Below a default of ``None`` any mapping is accepted.
+    """
     cfg = OmegaConf.create(defaults or {})
     if path is not None:
         path = Path(path)
@@ -46,7 +54,30 @@ def load_config(
         culprit = next((o for o in overrides if not _parses(o)), None)
         where = f" {culprit!r}" if culprit is not None else ""
         raise UserError(f"bad override{where}: {_yaml_error(exc)}") from exc
+    if strict and defaults:
+        _refuse_unknown_keys(cfg, defaults)
     return cfg
+
+
+def _refuse_unknown_keys(cfg: DictConfig, defaults: dict | DictConfig) -> None:
+    import difflib
+
+    known = OmegaConf.to_container(OmegaConf.create(defaults)) if not isinstance(defaults, dict) else defaults
+
+    def walk(node, ref, prefix: str) -> None:
+        if not isinstance(node, dict) or not isinstance(ref, dict):
+            return
+        for key, value in node.items():
+            name = f"{prefix}{key}"
+            if key not in ref:
+                names = [f"{prefix}{k}" for k in ref]
+                close = difflib.get_close_matches(name, names, n=1)
+                hint = f"; did you mean {close[0]}?" if close else f"; known here: {', '.join(names[:12])}"
+                raise UserError(f"unknown setting {name}{hint}")
+            if ref[key] is not None:
+                walk(value, ref[key], f"{name}.")
+
+    walk(OmegaConf.to_container(cfg), known, "")
 
 
 def _parses(override: str) -> bool:

@@ -7,6 +7,7 @@ into one line on stderr and exit status 2 (no traceback).
 
 from __future__ import annotations
 
+import argparse
 import sys
 from collections.abc import Callable, Sequence
 from typing import NoReturn
@@ -42,3 +43,12 @@ def cli_main(main: Callable[[Sequence[str] | None], object], argv: Sequence[str]
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """``argparse.ArgumentParser`` whose usage errors (two exclusive flags, a missing required flag, a
+    value of the wrong type) are a :class:`UserError`: one ``error:`` line and exit 2 under
+    :func:`cli_main`, instead of the usage block; ``--help`` is unchanged."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UserError(f"{message} (see {self.prog} --help)")

@@ -106,17 +106,21 @@ def check_output(path: str | Path, overwrite: bool = False, inputs: Iterable[str
         raise UserError(f"output {path} is a folder; remove it or choose another output name")
     if path.exists() and not overwrite:
         raise UserError(f"output {path} already exists; pass --overwrite to replace it")
-    parent = path.parent if str(path.parent) else Path(".")
-    blocker = next((p for p in (parent, *parent.parents) if p.exists()), None)
-    if blocker is not None and not blocker.is_dir():
-        raise UserError(f"cannot write {path}: {blocker} is a file, not a folder")
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise UserError(f"cannot create output folder {parent}: {exc.strerror}") from exc
-    if not os.access(parent, os.W_OK):
-        raise UserError(f"output folder {parent} is not writable")
+    writable_folder(path.parent if str(path.parent) else Path("."), f"cannot write {path}")
     return path
+
+
+def writable_folder(folder: str | Path, what: str = "cannot write there") -> Path:
+    """Check that ``folder`` exists and is writable, or could be created (its nearest existing
+    ancestor is a writable folder), without creating anything: a run refused later for a bad input
+    leaves the file system as it found it. The writers create the folders when they write."""
+    folder = Path(folder)
+    existing = next((p for p in (folder, *folder.parents) if p.exists()), Path("."))
+    if not existing.is_dir():
+        raise UserError(f"{what}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"{what}: folder {existing} is not writable")
+    return folder
 
 
 def load_npy(path: str | Path, what: str = "array") -> np.ndarray:

@@ -37,7 +37,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from moditalker.errors import UserError, cli_main, describe
+from moditalker.errors import ArgumentParser, UserError, cli_main, describe
 from pipeline.app_job import DAY, AppFolders, Job, clean_old, sample_inputs
 
 __all__ = ["API_NAME", "build_parser", "prepare_environment", "build_app", "serve", "main"]
@@ -223,7 +223,7 @@ def serve(
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="scripts/app.sh",
         description="Web page: speech + face -> talking-head video, with the networks kept in memory.",
         epilog="Pipeline settings may follow as key=value (atom.eta=0.5), as for scripts/inference.sh.",

@@ -226,7 +226,33 @@ def run_benchmark(
     report["psnr_db"] = (
         psnr(results["fast"].frames, faithful.frames) if faithful and "fast" in results else None
     )
+    report["load_average"] = round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
+    report["busy_warnings"] = busy_warnings(report, dev)
     return report
+
+
+def busy_warnings(report: dict[str, Any], device: torch.device) -> list[str]:
+    """Signs that another job shared the machine, so the seconds and ratios are not sound: this
+    process got a small share of its threads' time (wall clock far above CPU time), the load average
+    exceeds the cores, or the fast path came out slower than the original's call pattern."""
+    out = []
+    if device.type == "cpu" and report["clock"] == "wall seconds":
+        threads = max(1, int(report["threads"]))
+        for mode in MODES:
+            wall = report.get("measured", {}).get(mode, {}).get("total")
+            cpu = report.get("measured_cpu_seconds", {}).get(mode, {}).get("total")
+            if wall and cpu is not None and cpu / (wall * threads) < 0.35:
+                out.append(
+                    f"{mode}: CPU time {cpu:.1f} s in {wall:.1f} s of wall time on {threads} threads "
+                    f"({cpu / (wall * threads):.0%} of them): the process was waiting for the CPU"
+                )
+    load, cores = report.get("load_average"), os.cpu_count() or 1
+    if device.type == "cpu" and load is not None and load > cores + 1:
+        out.append(f"load average {load:.1f} on {cores} cores at the end: other jobs were running")
+    for key in ("speedup_total", "speedup_total_fp32"):
+        if report.get(key) is not None and report[key] < 1.0:
+            out.append(f"{key} {report[key]:.2f}x < 1: the fast path cannot be slower than the original's")
+    return out
 
 
 def _device_name(dev: torch.device) -> str:
@@ -276,6 +302,10 @@ def format_table(report: dict[str, Any]) -> str:
         f"max_abs_diff_fp32 {fmt(report['max_abs_diff_fp32'], '.2e')}, "
         f"psnr_db {fmt(report['psnr_db'], '.1f')}"
     )
+    for warning in report.get("busy_warnings") or ():
+        lines.append(
+            f"WARNING (busy machine, figures unsound; re-run when idle or with --clock cpu): {warning}"
+        )
     return "\n".join(lines)
 
 

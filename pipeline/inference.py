@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import functools
 import os
+import shutil
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -35,7 +36,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from moditalker.config import load_config
-from moditalker.errors import UserError, cli_main
+from moditalker.errors import ArgumentParser, UserError, cli_main
 from moditalker.fileio import REPO_ROOT
 from pipeline import stages
 from pipeline.models import ModelCache
@@ -80,7 +81,7 @@ class PipelineResult:
 def build_parser() -> argparse.ArgumentParser:
     """One flag per setting that has one in :mod:`pipeline.settings` (type, help and default from
     there), plus ``--config`` and the ``key=value`` overrides."""
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="python -m pipeline.inference",
         description="Audio + reference video (or photo) -> talking-head mp4 (AToM + alignment + MToV).",
         epilog="Any setting can also be given as key=value (e.g. atom.steps=25 mtov.batch_size=8).",
@@ -154,18 +155,25 @@ def run_inference(
     speech = stages.hubert.load_speech(cfg, inputs)
     if cfg.random_weights:
         print(RANDOM_WARNING, file=sys.stderr, flush=True)
-    ctx = stages.open_context(
-        cfg, inputs, assets, speech.n_frames, speech.seconds, log=log, progress=progress, models=models
-    )
-
-    ref = stages.reference.run(ctx)  # 1. reference frames
-    lms = stages.landmarks.run(ctx, ref, detector)  # 2. FAN landmarks
-    rec = stages.recon.run(ctx, ref, lms)  # 3. 3DMM coefficients
-    hub = stages.hubert.run(ctx, speech)  # 4. HuBERT features
-    atom = stages.atom.run(ctx, hub, rec)  # 5. AToM frontal landmarks
-    aligned = stages.align.run(ctx, ref, lms, rec, atom)  # 6. alignment onto the reference frames
-    video, landmark_video = stages.mtov.run(ctx, ref, aligned)  # 7. MToV frames
-    stages.output.write(ctx, speech, video, landmark_video)  # 8. mp4 (+ preview) and OUT.yaml
+    # folders this run creates (the work folder and any missing parents): removed again when the
+    # run is refused for a bad input later on, so a refused run leaves the file system as it was
+    created = [p for p in (inputs.work_dir, *inputs.work_dir.parents) if not p.exists()]
+    try:
+        ctx = stages.open_context(
+            cfg, inputs, assets, speech.n_frames, speech.seconds, log=log, progress=progress, models=models
+        )
+        ref = stages.reference.run(ctx)  # 1. reference frames
+        lms = stages.landmarks.run(ctx, ref, detector)  # 2. FAN landmarks
+        rec = stages.recon.run(ctx, ref, lms)  # 3. 3DMM coefficients
+        hub = stages.hubert.run(ctx, speech)  # 4. HuBERT features
+        atom = stages.atom.run(ctx, hub, rec)  # 5. AToM frontal landmarks
+        aligned = stages.align.run(ctx, ref, lms, rec, atom)  # 6. alignment onto the reference frames
+        video, landmark_video = stages.mtov.run(ctx, ref, aligned)  # 7. MToV frames
+        stages.output.write(ctx, speech, video, landmark_video)  # 8. mp4 (+ preview) and OUT.yaml
+    except UserError:
+        if created and created[-1].exists():
+            shutil.rmtree(created[-1], ignore_errors=True)
+        raise
 
     timings = stages.output.report_timings(ctx, t_total)
     return PipelineResult(

@@ -90,15 +90,44 @@ def write_speech(path: str | Path, seconds: float | None = None, source: str | P
     return path
 
 
+def write_talking_videos(folder: str | Path, n: int, seconds: float = 2.0, size: int = 256) -> list[Path]:
+    """``n`` short videos with sound for smoke-training the stages: ``folder/clip00.mp4`` ... (the moving
+    astronaut, each clip from another start of its motion, with consecutive pieces of the bundled
+    speech looped as the audio track). They are not talking faces: they exercise the data tools."""
+    from data.audio import load_audio
+
+    folder = Path(folder)
+    speech = load_audio(SAMPLE_SPEECH, 16000)
+    frames_per_clip = max(1, int(round(seconds * 25)))
+    samples = frames_per_clip * 640
+    motion = reference_frames(frames_per_clip * (n + 1), size)
+    paths = []
+    for i in range(n):
+        audio = np.resize(np.roll(speech, -i * samples), samples).astype(np.float32)
+        frames = motion[i * frames_per_clip // 2 : i * frames_per_clip // 2 + frames_per_clip]
+        paths.append(write_video(folder / f"clip{i:02d}.mp4", frames, fps=25, audio=audio, sample_rate=16000))
+    return paths
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out_dir", required=True, help="folder for speech.wav, reference.png/.mp4")
     parser.add_argument("--seconds", type=float, default=None, help="cut/pad the speech to this length")
     parser.add_argument("--video_seconds", type=float, default=2.0, help="length of reference.mp4")
     parser.add_argument("--size", type=int, default=256)
+    parser.add_argument(
+        "--talking_videos",
+        type=int,
+        default=0,
+        help="also write N short videos with sound to OUT_DIR/videos/ (smoke-training data) [0]",
+    )
     args = parser.parse_args(argv)
+    if args.talking_videos < 0:
+        raise UserError(f"--talking_videos must be >= 0, got {args.talking_videos}")
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    for p in write_talking_videos(out / "videos", args.talking_videos, args.video_seconds, args.size):
+        print(p)
     for p in (
         write_speech(out / "speech.wav", args.seconds),
         write_reference_image(out / "reference.png", args.size),

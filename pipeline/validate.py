@@ -45,6 +45,9 @@ class Inputs:
 
 
 def _check_writable(folder: Path) -> None:
+    """A real write test (a read-only mount passes ``os.access``) in ``folder`` or, when it does not
+    exist yet, in its nearest existing ancestor: nothing is created for a run that may be refused."""
+    folder = next((p for p in (folder, *folder.parents) if p.exists()), Path("."))
     try:
         with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-test-"):
             pass

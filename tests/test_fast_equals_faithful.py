@@ -183,6 +183,28 @@ def test_benchmark_tiny_report(tmp_path, capsys):
     assert on_disk["frames"] == 18 and on_disk["seconds_of_video"] == 0.7
     printed = capsys.readouterr().out
     assert "speedup_total" in printed and "mtov_unet" in printed
+    assert isinstance(on_disk["busy_warnings"], list)
+
+
+def test_benchmark_warns_when_the_machine_was_busy():
+    """A busy machine gave 'speedup_total 0.05x' without a word; the report now says why not to trust it."""
+    from pipeline.benchmark import busy_warnings
+
+    idle = {"clock": "wall seconds", "threads": 2, "load_average": 0.5, "speedup_total": 2.9,
+            "speedup_total_fp32": 2.3, "measured": {"fast": {"total": 10.0}},
+            "measured_cpu_seconds": {"fast": {"total": 19.0}}}  # fmt: skip
+    assert busy_warnings(idle, torch.device("cpu")) == []
+    busy = {
+        **idle,
+        "speedup_total": 0.05,
+        "load_average": 9.0,
+        "measured_cpu_seconds": {"fast": {"total": 2.0}},
+    }
+    warnings = busy_warnings(busy, torch.device("cpu"))
+    assert len(warnings) == 3, warnings
+    assert any("10% of them" in w for w in warnings) and any("0.05x < 1" in w for w in warnings)
+    assert busy_warnings({**busy, "clock": "process CPU seconds (all threads)", "load_average": 0.1,
+                          "speedup_total": 3.0}, torch.device("cpu")) == []  # fmt: skip
 
 
 def test_benchmark_script_and_errors(tmp_path):

@@ -324,6 +324,8 @@ def test_cli_more_bad_inputs_one_line_nothing_written(tiny_ckpt, bfm_dir, tmp_pa
         assert exc.value.code == 2 and len(lines) == 1 and lines[0].startswith("error: "), lines
         assert needle in lines[0], lines[0]
         assert not out.exists() and not out.with_suffix(".yaml").exists()
+    assert not out.parent.exists()  # a refused run does not even create the output folder
+    out.parent.mkdir()
     out.with_suffix(".yaml").write_text("kept: true\n")
     with pytest.raises(SystemExit) as exc:
         cli_main(main, [*base, "--hubert", h, *ck])

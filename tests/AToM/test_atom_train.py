@@ -329,3 +329,33 @@ def test_skip_unreadable_keeps_the_batch_size_and_counts(tmp_path):
     bad = BadItems(0.2, 5, lambda i: f"item{i}")  # 20 % of 5 = 1 allowed
     with pytest.raises(UserError, match="2 training items are unreadable.*first: item1, item2"):
         bad.note_batch(batch)
+
+
+def test_trainer_shares_the_run_options_and_refuses_typos(tmp_path):
+    """AToM took ``train.out_dir=`` and ``--cpu``; the MToV trainers ``--out_dir`` and ``--device``."""
+    root = tmp_path / "data"
+    write_npz_clips(root, 6, seed=5)
+    out = tmp_path / "flags"
+    argv = ["--config", TINY, "--device", "cpu", "--out_dir", str(out), f"data.root={root}"]
+    with pytest.raises(UserError, match="unknown setting train.max_stpes; did you mean train.max_steps"):
+        train_main([*argv, "train.max_stpes=2"])
+    assert not out.exists()
+    train_main([*argv, "train.max_steps=2", "train.batch_size=4", "--no_progress"])
+    assert (out / "checkpoints" / "step_00000002.pt").is_file()
+    with pytest.raises(UserError, match="add --overwrite"):
+        train_main([*argv, "train.max_steps=2", "--no_resume"])
+
+
+def test_feature_width_mismatch_is_one_line(tmp_path):
+    """1024-wide features on the tiny config ended in "mat1 and mat2 shapes cannot be multiplied"."""
+    root = tmp_path / "data"
+    root.mkdir()
+    for i in range(3):
+        np.savez(root / f"c{i}.npz", hubert=np.zeros((60, 1024), np.float32),
+                 idexp_lm3d=np.zeros((30, 68, 3), np.float32))  # fmt: skip
+    with pytest.raises(
+        UserError, match=r"1024-wide HuBERT features but model.cond_feature_dim is 16.*--hubert_dim 16"
+    ):
+        train_main(
+            ["--config", TINY, "--device", "cpu", "--out_dir", str(tmp_path / "o"), f"data.root={root}"]
+        )

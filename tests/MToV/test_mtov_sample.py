@@ -294,6 +294,7 @@ def test_cli_end_to_end_random_weights(tmp_path, capsys):
     assert res["frames"] == 11
     info = probe(out / "video.mp4")
     assert json.dumps(info)  # probe result is plain data
+    assert (info["video"]["width"], info["video"]["height"]) == (256, 256)  # --size 256 by default
     assert len(list((out / "frames").glob("*.png"))) == 11
     assert (out / "config.yaml").is_file()
     with pytest.raises(UserError, match="already exists"):

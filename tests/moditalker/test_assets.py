@@ -27,6 +27,11 @@ EXPECTED_DEFAULTS = {
     "hubert": "hubert-large-ls960-ft",
     "face_alignment": "face_alignment",
     "lpips_vgg16": "lpips/vgg16.pth",
+    "lpips_alexnet": "lpips/alexnet.pth",
+    "fid_inception": "fid/pt_inception-2015-12-05-6726825d.pth",
+    "i3d_400": "fvd/i3d_pretrained_400.pt",
+    "syncnet": "syncnet/syncnet_v2.model",
+    "arcface": "arcface/backbone.pth",
 }
 
 

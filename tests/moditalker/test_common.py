@@ -113,3 +113,16 @@ def test_every_shipped_config_loads_and_a_foreign_file_is_refused(tmp_path):
     empty = tmp_path / "empty.yaml"
     empty.write_text("")
     assert load_config(empty, (), {"a": 1}).a == 1  # an empty file: the defaults
+
+
+def test_strict_config_refuses_unknown_keys(tmp_path):
+    """A trainer ran the default number of steps for ``train.max_stpes=5`` and saved the typo."""
+    defaults = {"train": {"max_steps": 10, "lr": 0.1}, "autoencoder_ldmk": None}
+    with pytest.raises(UserError, match=r"unknown setting train.max_stpes; did you mean train.max_steps\?"):
+        load_config(None, ["train.max_stpes=5"], defaults, strict=True)
+    (tmp_path / "c.yaml").write_text("train:\n  lr: 1\ntrian:\n  lr: 1\n")
+    with pytest.raises(UserError, match="unknown setting trian; did you mean train"):
+        load_config(tmp_path / "c.yaml", [], defaults, strict=True)
+    cfg = load_config(None, ["autoencoder_ldmk.embed_dim=4"], defaults, strict=True)  # below a None default
+    assert cfg.autoencoder_ldmk.embed_dim == 4
+    assert load_config(None, ["train.max_stpes=5"], defaults).train.max_stpes == 5  # not strict: kept

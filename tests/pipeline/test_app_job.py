@@ -122,6 +122,7 @@ def test_a_failed_request_leaves_no_run_folder(tmp_path):
         (["atom.stesp=3"], "unknown setting(s) ['atom.stesp']"),
         (["--device", "tpu"], "unknown device 'tpu'"),
         (["--port", "0"], "--port must be in 1..65535, got 0"),
+        (["--port", "web"], "argument --port: invalid int value: 'web'"),
     ],
 )
 def test_the_app_stops_with_one_line_before_serving(argv, message, tmp_path, capsys):

@@ -1,0 +1,399 @@
+"""Protocols that generate the videos they score, through the end-to-end pipeline.
+
+``python -m evaluation --protocol hdtf_selfrecon --data DIR --split_file FILE --out OUT``
+    every test id listed in FILE is generated from its own audio and its own frames (``--audio`` and
+    ``--ref_video`` both the real video, the paper's self-reconstruction) and scored against the real
+    video with every metric (:mod:`evaluation.evaluate`).
+
+``python -m evaluation --protocol cross_identity --data DIR --pairs FILE|auto --out OUT``
+    the audio of one id drives the reference video of another (``audio_id ref_id`` per line, or
+    ``auto``: each test id of ``--split_file`` with the next one's reference, cyclic); there is no
+    real counterpart, so only the no-reference metrics are reported (LSE-C/D of the generated video
+    with its driving audio, CPBD, CSIM against the reference identity's first face frame), with the
+    real reference clips' own row.
+
+Each job writes ``OUT/audio/NAME.wav`` (the driving audio, cut to the clip), ``OUT/real/NAME.mp4``
+(the real reference frames in the pipeline's 25 fps 256x256 centre-crop form, with their own audio;
+see :mod:`evaluation.clips`), ``OUT/generated/NAME.mp4`` (+ the pipeline's ``NAME.yaml``) and
+``OUT/logs/NAME.log``; NAME is the id, or ``AUDIO--REF``. ``OUT/protocol.json`` records the settings
+the videos were made with and which are done: a rerun skips the finished ones (resume), refuses other
+settings unless ``--overwrite`` (which regenerates everything), and writes the report to
+``--json`` (default ``OUT/report.json``, the table beside it as ``.txt``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from omegaconf import OmegaConf
+from tqdm import tqdm
+
+from evaluation import clips
+from evaluation.evaluate import format_table, score, write_report
+from evaluation.protocol import FPS, VideoPair, check_lengths, count_frames
+from moditalker.errors import UserError
+from moditalker.fileio import atomic_write_text, check_output, repo_path, require_file, same_file
+from pipeline.inference import build_parser as pipeline_parser
+from pipeline.inference import resolve_config, run_inference
+from pipeline.settings import check_settings
+from pipeline.validate import check_assets
+
+__all__ = ["NO_REFERENCE", "Job", "read_ids", "read_pairs", "auto_pairs", "make_jobs", "run"]
+
+#: the metrics that need no real counterpart of the generated video (cross_identity reports these)
+NO_REFERENCE = ("lse", "csim", "cpbd")
+MANIFEST = "protocol.json"
+#: pipeline settings that differ per job or do not change the video (left out of the manifest)
+PER_JOB = ("audio", "ref_video", "ref_image", "out", "work_dir", "overwrite", "device", "preview")
+
+
+@dataclass(frozen=True)
+class Job:
+    """One generated video: the audio of ``audio_id`` driving the reference video of ``ref_id``."""
+
+    name: str
+    audio_id: str
+    ref_id: str
+    audio: Path  # the source video whose audio track drives
+    ref: Path  # the source video giving the reference frames (and the real clip)
+
+
+# ----------------------------------------------------------------------------- ids and pairs
+def _lines(path: str | Path, what: str) -> list[tuple[int, list[str]]]:
+    path = require_file(path, what)
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"cannot read {what} {path}: {exc}") from exc
+    out = []
+    for i, line in enumerate(text.splitlines(), 1):
+        words = line.split("#", 1)[0].split()
+        if words:
+            out.append((i, words))
+    if not out:
+        raise UserError(f"{what} {path} lists nothing (one entry per line, # comments)")
+    return out
+
+
+def read_ids(path: str | Path) -> list[str]:
+    """The ids of a split file: one per line, blank lines and ``#`` comments ignored."""
+    ids: list[str] = []
+    for i, words in _lines(path, "split file"):
+        if len(words) != 1:
+            raise UserError(f"line {i} of split file {path} holds {len(words)} words; put one id per line")
+        if words[0] in ids:
+            raise UserError(f"line {i} of split file {path}: id {words[0]} is listed twice")
+        ids.append(words[0])
+    return ids
+
+
+def read_pairs(path: str | Path) -> list[tuple[str, str]]:
+    """``(audio_id, ref_id)`` per line of a pairs file (``#`` comments)."""
+    pairs: list[tuple[str, str]] = []
+    for i, words in _lines(path, "pairs file"):
+        if len(words) != 2:
+            raise UserError(
+                f"line {i} of pairs file {path}: expected 'audio_id ref_id', got {' '.join(words)!r}"
+            )
+        if words[0] == words[1]:
+            raise UserError(
+                f"line {i} of pairs file {path} pairs {words[0]} with itself; cross_identity needs two ids "
+                "(self-driven videos are --protocol hdtf_selfrecon)"
+            )
+        if tuple(words) in pairs:
+            raise UserError(f"line {i} of pairs file {path}: the pair {' '.join(words)} is listed twice")
+        pairs.append((words[0], words[1]))
+    return pairs
+
+
+def auto_pairs(ids: list[str]) -> list[tuple[str, str]]:
+    """Each id's audio with the next id's reference (the last with the first)."""
+    if len(ids) < 2:
+        raise UserError(f"--pairs auto needs at least two test ids, the split file lists {len(ids)}")
+    return [(a, ids[(i + 1) % len(ids)]) for i, a in enumerate(ids)]
+
+
+def _check_known(ids: list[str], known, what: str, where: str) -> None:
+    absent = [i for i in dict.fromkeys(ids) if i not in known]
+    if absent:
+        shown = ", ".join(absent[:3]) + (", ..." if len(absent) > 3 else "")
+        raise UserError(f"{len(absent)} id(s) of {what} have no {where}: {shown}")
+
+
+def make_jobs(args: argparse.Namespace, videos: dict[str, Path]) -> list[Job]:
+    """The jobs of ``args.protocol`` (after ``--max_videos``); every id named must have a video."""
+    split = read_ids(args.split_file) if args.split_file else None
+    if args.protocol == "hdtf_selfrecon":
+        _check_known(split, videos, f"split file {args.split_file}", f"video in --data {args.data}")
+        jobs = [Job(i, i, i, videos[i], videos[i]) for i in split]
+    else:
+        if args.pairs == "auto":
+            pairs = auto_pairs(split)
+            _check_known(split, videos, f"split file {args.split_file}", f"video in --data {args.data}")
+        else:
+            pairs = read_pairs(args.pairs)
+            named = [i for p in pairs for i in p]
+            if split is not None:
+                _check_known(
+                    named, split, f"pairs file {args.pairs}", f"line in --split_file {args.split_file}"
+                )
+            _check_known(named, videos, f"pairs file {args.pairs}", f"video in --data {args.data}")
+        jobs = [Job(f"{a}--{r}", a, r, videos[a], videos[r]) for a, r in pairs]
+    return jobs[: args.max_videos]
+
+
+# ----------------------------------------------------------------------------- checks and settings
+def _check_flags(args: argparse.Namespace) -> None:
+    name = args.protocol
+    if args.pred is not None or args.gt is not None:
+        raise UserError(f"--protocol {name} generates the videos itself; drop --pred/--gt")
+    if args.data is None or args.out is None:
+        raise UserError(f"--protocol {name} needs --data (the videos) and --out (a folder for the results)")
+    if name == "hdtf_selfrecon":
+        if args.pairs is not None:
+            raise UserError("--pairs goes with --protocol cross_identity, not hdtf_selfrecon")
+        if args.split_file is None:
+            raise UserError("--protocol hdtf_selfrecon needs --split_file (the test ids, one per line)")
+    else:
+        if args.pairs is None:
+            raise UserError(
+                "--protocol cross_identity needs --pairs FILE ('audio_id ref_id' lines) or --pairs auto"
+            )
+        if args.pairs == "auto" and args.split_file is None:
+            raise UserError("--pairs auto needs --split_file (the test ids to pair)")
+    if args.max_videos is not None and args.max_videos < 1:
+        raise UserError(f"--max_videos must be at least 1, got {args.max_videos}")
+    if args.seconds is not None and not (args.seconds > 0 and args.seconds < float("inf")):
+        raise UserError(f"--seconds must be a positive number, got {args.seconds}")
+    if same_file(args.out, args.data):
+        raise UserError(f"--out {args.out} is the --data folder; choose another output folder")
+
+
+def _pipeline_argv(args: argparse.Namespace) -> list[str]:
+    """The pipeline flags every job shares (the per-job paths are added by :func:`_generate`)."""
+    argv = ["--device", args.device]
+    if args.config is not None:
+        argv += ["--config", str(repo_path(args.config))]
+    if args.random_weights:
+        argv.append("--random_weights")
+    return argv
+
+
+def _pipeline_settings(args: argparse.Namespace) -> dict:
+    """The resolved pipeline settings without the per-job ones: checked here (values and the
+    checkpoint files), before any work."""
+    for item in args.set or []:
+        key = item.partition("=")[0].strip()
+        if key in PER_JOB:
+            raise UserError(f"--set {item}: {key} is set for each video by the protocol (or by its own flag)")
+    cfg = resolve_config(pipeline_parser().parse_args([*_pipeline_argv(args), *(args.set or [])]))
+    check_settings(cfg)
+    check_assets(cfg)
+    plain = OmegaConf.to_container(cfg, resolve=True)
+    return {k: v for k, v in plain.items() if k not in PER_JOB}
+
+
+def _select(
+    args: argparse.Namespace, requested: list[str] | None
+) -> tuple[list[str] | None, tuple[str, ...]]:
+    """(requested metrics, pool of defaults) for the protocol; cross_identity allows only the
+    no-reference ones."""
+    from evaluation import weights
+
+    if args.protocol != "cross_identity":
+        return requested, weights.METRICS
+    bad = [m for m in requested or () if m not in NO_REFERENCE]
+    if bad:
+        raise UserError(
+            "cross_identity has no real counterpart of the generated video, so only "
+            f"{', '.join(NO_REFERENCE)} can run; drop {', '.join(bad)} from --metrics"
+        )
+    return requested, NO_REFERENCE
+
+
+# ----------------------------------------------------------------------------- the manifest
+class Manifest:
+    """``OUT/protocol.json``: the settings the videos under OUT were made with, and the finished ones."""
+
+    def __init__(self, out: Path, settings: dict, overwrite: bool) -> None:
+        self.path = out / MANIFEST
+        self.settings = settings
+        self.done: list[str] = []
+        if self.path.is_file() and not overwrite:
+            try:
+                old = json.loads(self.path.read_text())
+                old_settings, done = old["settings"], list(old["done"])
+            except (OSError, ValueError, KeyError, TypeError) as exc:
+                raise UserError(f"cannot read {self.path} ({exc}); pass --overwrite to start over") from exc
+            if old_settings != settings:
+                diff = sorted(_diff(old_settings, settings))
+                raise UserError(
+                    f"{out} holds videos made with other settings (differ: {', '.join(diff[:4])}); "
+                    "pass --overwrite to regenerate them, or choose another --out"
+                )
+            self.done = done
+        elif not overwrite and any((out / "generated").glob("*.mp4")):
+            raise UserError(
+                f"{out / 'generated'} holds videos but no {MANIFEST} (not made by this protocol); "
+                "pass --overwrite to regenerate, or choose another --out"
+            )
+
+    def save(self) -> None:
+        text = json.dumps({"settings": self.settings, "done": self.done}, indent=2) + "\n"
+        atomic_write_text(self.path, text)
+
+    def finish(self, name: str) -> None:
+        if name not in self.done:
+            self.done.append(name)
+        self.save()
+
+
+def _diff(a, b, prefix: str = "") -> set[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        return {k for key in set(a) | set(b) for k in _diff(a.get(key), b.get(key), f"{prefix}{key}.")}
+    return set() if a == b else {prefix.rstrip(".")}
+
+
+# ----------------------------------------------------------------------------- one job
+@dataclass(frozen=True)
+class Paths:
+    wav: Path
+    real: Path
+    generated: Path
+    log: Path
+    work: Path
+
+    @classmethod
+    def of(cls, out: Path, name: str, work_dir: str | None) -> Paths:
+        work = Path(work_dir) if work_dir else out / "work" / name
+        return cls(
+            out / "audio" / f"{name}.wav",
+            out / "real" / f"{name}.mp4",
+            out / "generated" / f"{name}.mp4",
+            out / "logs" / f"{name}.log",
+            work,
+        )
+
+
+def _prepare(job: Job, paths: Paths, seconds: float | None) -> int:
+    """The driving audio and the real clip of ``job`` -> their number of frames."""
+    from data.audio import save_wav
+
+    wave = clips.load_wave(job.audio)
+    n = clips.clip_length(job.ref, wave, seconds)
+    if n < 1:
+        raise UserError(f"{job.name}: {job.audio} or {job.ref} holds less than one frame of audio and video")
+    own = wave if job.ref == job.audio else clips.load_wave(job.ref)
+    save_wav(paths.wav, clips.fit_audio(wave, n))
+    clips.write_real_clip(paths.real, job.ref, n, own)
+    return n
+
+
+def _generate(job: Job, paths: Paths, argv: list[str], overrides: list[str]) -> None:
+    """One pipeline run: ``paths.wav`` drives ``job.ref`` into ``paths.generated``."""
+    full = [
+        *argv,
+        *("--audio", str(paths.wav), "--ref_video", str(job.ref)),
+        *("--out", str(paths.generated), "--work_dir", str(paths.work), "--overwrite"),
+        *overrides,
+    ]
+    paths.log.parent.mkdir(parents=True, exist_ok=True)
+    with open(paths.log, "w") as log:
+        try:
+            cfg = resolve_config(pipeline_parser().parse_args(full))
+            run_inference(cfg, log=lambda line: print(line, file=log, flush=True), progress=False)
+        except UserError as exc:
+            raise UserError(f"{job.name}: {exc}") from exc
+
+
+# ----------------------------------------------------------------------------- the protocol
+def run(args: argparse.Namespace, requested: list[str] | None, overrides: dict[str, str]) -> dict:
+    """Generate (or reuse) every job's video, then score them; the report with a ``generation`` part."""
+    _check_flags(args)
+    out = Path(args.out)
+    videos = clips.find_videos(args.data)
+    jobs = make_jobs(args, videos)
+    requested, pool = _select(args, requested)
+    json_path = Path(args.json) if args.json else out / "report.json"
+    table_path = json_path.with_suffix(".txt")
+    inputs = [args.split_file, None if args.pairs == "auto" else args.pairs, *videos.values()]
+    for path in (json_path, table_path):
+        try:
+            check_output(path, args.overwrite, inputs)
+        except UserError as exc:
+            if "--overwrite" not in str(exc):
+                raise
+            raise UserError(
+                f"{exc} (which also regenerates every video); or pass --json OTHER.json to score the "
+                "finished videos again"
+            ) from None
+    for job in jobs:
+        p = Paths.of(out, job.name, args.work_dir)
+        for path in (p.wav, p.real, p.generated, p.log):
+            check_output(path, True, [job.audio, job.ref])
+    settings = {
+        "protocol": args.protocol,
+        "data": str(Path(args.data).resolve()),
+        "seconds": args.seconds,
+        "pipeline": _pipeline_settings(args),
+    }
+    for source in dict.fromkeys(j.audio for j in jobs):
+        clips.check_audio(source)
+    manifest = Manifest(out, settings, args.overwrite)
+    manifest.save()
+
+    argv, generated, reused = _pipeline_argv(args), [], []
+    with tqdm(jobs, desc=f"{args.protocol}: generate", unit="video", disable=args.no_progress) as bar:
+        for job in bar:
+            bar.set_postfix_str(job.name)
+            paths = Paths.of(out, job.name, args.work_dir)
+            if job.name in manifest.done and paths.real.is_file() and paths.generated.is_file():
+                reused.append(job.name)
+                continue
+            _prepare(job, paths, args.seconds)
+            _generate(job, paths, argv, list(args.set or []))
+            if args.work_dir is None:
+                shutil.rmtree(paths.work, ignore_errors=True)
+            manifest.finish(job.name)
+            generated.append(job.name)
+    if args.work_dir is None and (out / "work").is_dir() and not any((out / "work").iterdir()):
+        (out / "work").rmdir()
+
+    pairs = []
+    for job in jobs:
+        paths = Paths.of(out, job.name, args.work_dir)
+        n_p, n_g = count_frames(paths.generated, FPS), count_frames(paths.real, FPS)
+        check_lengths(job.name, n_p, n_g)
+        pairs.append(VideoPair(job.name, paths.generated, paths.real, min(n_p, n_g), n_p, n_g))
+    report = score(
+        pairs,
+        requested,
+        overrides,
+        random=args.random_weights,
+        device=args.device,
+        batch=args.batch_size,
+        progress=not args.no_progress,
+        pool=pool,
+    )
+    report["settings"] = {
+        "generation": {
+            **settings,
+            "split_file": args.split_file,
+            "pairs": args.pairs,
+            "out": str(out),
+            "max_videos": args.max_videos,
+            "jobs": {j.name: {"audio_id": j.audio_id, "ref_id": j.ref_id} for j in jobs},
+            "generated": generated,
+            "reused": reused,
+        },
+        "pred": str(out / "generated"),
+        "gt": str(out / "real"),
+        **report["settings"],
+    }
+    write_report(report, str(json_path))
+    atomic_write_text(table_path, format_table(report["metrics"], report["reference"]) + "\n")
+    return report
