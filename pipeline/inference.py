@@ -42,6 +42,7 @@ from moditalker.config import load_config
 from moditalker.errors import ArgumentParser, UserError, cli_main
 from moditalker.fileio import REPO_ROOT
 from pipeline import stages
+from pipeline.models import ModelCache
 from pipeline.settings import DEFAULTS, FLAGS, flag_settings, inherit_settings
 from pipeline.validate import REQUIRED_ASSETS, check_assets, validate
 
@@ -139,6 +140,7 @@ def run_inference(
     log: Callable[[str], None] = _log,
     progress: bool = True,
     detector: Any = None,
+    models: ModelCache | None = None,
 ) -> PipelineResult:
     """Run the whole pipeline for a resolved config (see :func:`resolve_config`).
 
@@ -146,6 +148,8 @@ def run_inference(
     callable on uint8 frame batches returning per-frame ``[68, 2]`` landmarks or None), e.g. to
     test the no-face path; with ``random_weights`` the default is
     :func:`data.landmarks.template_face_detector` (random FAN/s3fd weights find no face).
+    ``models`` keeps the networks between runs (:mod:`pipeline.models`); None: a fresh cache, so
+    each network is loaded once for this run.
     """
     t_total = time.perf_counter()
     # 0. the cheap checks, then the audio (too short / silent stops here, before the work folder)
@@ -159,7 +163,7 @@ def run_inference(
     created = [p for p in (inputs.work_dir, *inputs.work_dir.parents) if not p.exists()]
     try:
         ctx = stages.open_context(
-            cfg, inputs, assets, speech.n_frames, speech.seconds, log=log, progress=progress
+            cfg, inputs, assets, speech.n_frames, speech.seconds, log=log, progress=progress, models=models
         )
         ref = stages.reference.run(ctx)  # 1. reference frames
         lms = stages.landmarks.run(ctx, ref, detector)  # 2. FAN landmarks

@@ -32,7 +32,9 @@ def run(ctx: StageContext, hub: StageResult, rec: StageResult) -> StageResult:
         from AToM.inference import generate_landmarks, load_atom
 
         ref_lm3d_all, key_mean = frontal_of_reference(ctx.bfm_dir, rec["coeff"])
-        diffusion = load_atom(
+        diffusion = ctx.models.load(
+            "atom",
+            load_atom,
             None if rw else str(ctx.assets["atom"]),
             config=stage_config(cfg.atom.config),
             ema=bool(cfg.atom.ema),

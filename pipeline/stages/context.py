@@ -17,6 +17,7 @@ from moditalker.config import save_config
 from moditalker.constants import FPS
 from moditalker.timing import StageTimer
 from pipeline.cache import WorkCache, asset_identity
+from pipeline.models import ModelCache
 from pipeline.settings import stage_settings
 from pipeline.validate import Inputs
 
@@ -49,6 +50,7 @@ class StageContext:
     progress: bool
     timings: dict[str, float] = field(default_factory=dict)
     notes: dict[str, str] = field(default_factory=dict)  # stage -> a remark for the timing report
+    models: ModelCache = field(default_factory=ModelCache)  # the networks (warm across runs in the app)
 
     @property
     def random_weights(self) -> bool:
@@ -92,9 +94,10 @@ def open_context(
     *,
     log: Callable[[str], None],
     progress: bool,
+    models: ModelCache | None = None,
 ) -> StageContext:
     """Resolve the device, open the work folder (with the run's config in it) and, with random
-    weights, write the synthetic BFM there."""
+    weights, write the synthetic BFM there. ``models``: the network cache (None: a fresh one)."""
     from moditalker.device import resolve_device
 
     device = resolve_device(cfg.device)
@@ -109,4 +112,5 @@ def open_context(
             write_synthetic_bfm(bfm_dir, seed=int(cfg.seed))
     else:
         bfm_dir = assets["bfm_front"].parent
-    return StageContext(cfg, inputs, assets, device, cache, bfm_dir, n_frames, log, progress)
+    models = ModelCache() if models is None else models
+    return StageContext(cfg, inputs, assets, device, cache, bfm_dir, n_frames, log, progress, models=models)

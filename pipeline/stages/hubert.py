@@ -100,10 +100,16 @@ def run(ctx: StageContext, speech: Speech) -> StageResult:
         from data.audio import HubertExtractor
 
         if rw:
-            ext = HubertExtractor.random(hidden_size=random_hidden, seed=ctx.seed, device=ctx.device)
+            ext = ctx.models.load(
+                "hubert", HubertExtractor.random, hidden_size=random_hidden, seed=ctx.seed, device=ctx.device
+            )
         else:
-            ext = HubertExtractor(
-                ctx.assets["hubert"], device=ctx.device, batch_size=int(cfg.hubert.batch_size)
+            ext = ctx.models.load(
+                "hubert",
+                HubertExtractor,
+                ctx.assets["hubert"],
+                device=ctx.device,
+                batch_size=int(cfg.hubert.batch_size),
             )
         return {"hubert": ext(speech.hubert_wave(), name=str(ctx.inputs.audio))}
 

@@ -22,7 +22,9 @@ def run(ctx: StageContext, ref: StageResult, detector: Any = None) -> StageResul
         from data.landmarks import FaceLandmarkDetector, template_face_detector
 
         injected = detector if detector is not None else (template_face_detector if rw else None)
-        det = FaceLandmarkDetector(
+        det = ctx.models.load(
+            "face_alignment",
+            FaceLandmarkDetector,
             device=ctx.device,
             weights_dir=ctx.cfg.assets.face_alignment or None,  # None: checkpoints/ or the torch-hub cache
             detector=injected,

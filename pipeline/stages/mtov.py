@@ -122,7 +122,9 @@ def _generate(
     from MToV.loading import load_mtov
 
     cfg, n = ctx.cfg, ctx.n_frames
-    models = load_mtov(
+    models = ctx.models.load(
+        "mtov",
+        load_mtov,
         *(None if ctx.random_weights else str(ctx.assets[k]) for k in MODEL_ASSETS),
         config=stage_config(cfg.mtov.config),
         device=ctx.device,

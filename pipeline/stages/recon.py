@@ -18,7 +18,9 @@ def run(ctx: StageContext, ref: StageResult, lms: StageResult) -> StageResult:
     def compute(_: Path) -> dict[str, np.ndarray]:
         from data.recon3d import FaceReconstructor
 
-        rec = FaceReconstructor(
+        rec = ctx.models.load(
+            "deep3d",
+            FaceReconstructor,
             weights=None if rw else ctx.assets["deep3d"],
             bfm_dir=ctx.bfm_dir,
             device=ctx.device,

@@ -1,0 +1,273 @@
+"""A local web page: upload speech and a face, watch the talking head, with the networks kept warm.
+
+``python -m pipeline.app [--host 127.0.0.1] [--port 7860] [--config configs/inference.yaml]
+[--device auto|cpu|cuda:N] [--random_weights] [--out_dir outputs/app] [--share] [key=value ...]``
+(also ``scripts/app.sh``) serves a Gradio page that runs the same pipeline as
+``scripts/inference.sh`` (:mod:`pipeline.app_job`), with every network loaded once and kept in memory
+for the server's life (:mod:`pipeline.models`).
+
+* inputs: speech (upload or microphone), the reference as a video or a photo (tabs), and the settings
+  people change (seed, AToM steps and guidance, MToV steps and start ratio, clips per batch); the
+  bundled sample as examples;
+* outputs: the mp4 with the audio, the landmarks | generated preview, the stage timings, the run log;
+  a progress bar follows the stages (and the MToV clips);
+* one job at a time (a queue; the others wait with their position shown); a bad input shows the one
+  line the command line prints, and the server keeps running;
+* 127.0.0.1 only unless ``--host`` says otherwise, no share link unless ``--share``, no analytics;
+  uploads and outputs live under ``--out_dir``, cleaned of what is older than a day.
+
+Programs call the named endpoint ``/generate`` (parameters ``audio``, ``ref_video``, ``ref_image``,
+``seed``, and optionally ``steps``, ``guidance``, ``mtov_steps``, ``start_ratio``, ``batch_size``; it
+returns the mp4 path first, then the preview, the timings and the log)::
+
+    from gradio_client import Client, handle_file
+    client = Client("http://127.0.0.1:7860/")
+    mp4, preview, timings, log = client.predict(
+        audio=handle_file("speech.wav"), ref_video=handle_file("face.mp4"), ref_image=None, seed=0,
+        api_name="/generate")
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import traceback
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from moditalker.errors import ArgumentParser, UserError, cli_main, describe
+from pipeline.app_job import DAY, AppFolders, Job, clean_old, sample_inputs
+
+__all__ = ["API_NAME", "build_parser", "prepare_environment", "build_app", "serve", "main"]
+
+API_NAME = "generate"  # the endpoint /generate
+RANDOM_BANNER = (
+    "**Random weights (`--random_weights`):** every network is randomly initialised and the face model "
+    "is synthetic. The video this page makes is **not** a talking head; it only exercises the pipeline. "
+    "Put the real checkpoints in `checkpoints/` for real results."
+)
+INTRO = (
+    "# MoDiTalker\n"
+    "Speech + a face -> a talking-head video (AToM: audio -> facial motion; MToV: motion -> video). "
+    "Upload or record the speech, give the face as a video (its head pose and background are kept) or as "
+    "one photo, and press **Generate**. One job runs at a time; others wait in the queue."
+)
+
+
+def prepare_environment(folders: AppFolders) -> None:
+    """Before Gradio is imported: no analytics, no Hugging Face Hub look-ups (the networks load from
+    local files), and Gradio's upload cache under the app folder."""
+    os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
+    os.environ["GRADIO_TEMP_DIR"] = str(folders.uploads.resolve())
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def build_app(job: Job, *, title: str = "MoDiTalker") -> Any:
+    """The page (a ``gradio.Blocks``) calling ``job``; its one public endpoint is ``/generate``."""
+    import gradio as gr
+
+    d = job.defaults()
+    sample = sample_inputs(job.folders)
+
+    def number(label: str, value: float, step: float, elem_id: str) -> Any:
+        return gr.Number(value=value, step=step, label=label, elem_id=elem_id)
+
+    def generate(
+        audio: str | None,
+        ref_video: str | None,
+        ref_image: str | None,
+        seed: float | None,
+        steps: float | None = None,
+        guidance: float | None = None,
+        mtov_steps: float | None = None,
+        start_ratio: float | None = None,
+        batch_size: float | None = None,
+        progress: Any = gr.Progress(track_tqdm=True),  # noqa: B008 - Gradio's way to ask for a bar
+    ) -> tuple[str, str, dict[str, float], str]:
+        """Speech + reference (video or photo) -> (talking-head mp4, landmarks | generated preview mp4,
+        stage timings in seconds, run log)."""
+        settings = dict(seed=seed, steps=steps, guidance=guidance, mtov_steps=mtov_steps)
+        settings |= dict(start_ratio=start_ratio, batch_size=batch_size)
+        try:
+            out = job(audio, ref_video, ref_image, report=lambda f, text: progress(f, desc=text), **settings)
+        except UserError as exc:
+            job.log(f"error: {exc}")
+            raise gr.Error(str(exc), duration=None, print_exception=False) from None
+        except Exception as exc:  # noqa: BLE001 - a bug must not stop the server; the log has it
+            traceback.print_exc()
+            message = f"internal error: {describe(exc)} (the server log has the traceback)"
+            raise gr.Error(message, duration=None, print_exception=False) from None
+        return str(out.video), str(out.preview), out.timings, out.log
+
+    with gr.Blocks(title=title, analytics_enabled=False, delete_cache=(3600, int(job.max_age))) as demo:
+        gr.Markdown(INTRO)
+        if job.random_weights:
+            gr.Markdown(RANDOM_BANNER, elem_id="random-weights")
+        with gr.Row():
+            with gr.Column():
+                audio = gr.Audio(
+                    sources=["upload", "microphone"], type="filepath", label="Speech", elem_id="audio"
+                )
+                with gr.Tabs() as tabs:
+                    with gr.Tab("Reference video", id="video"):
+                        ref_video = gr.Video(
+                            sources=["upload"],
+                            label="Face video (pose and background)",
+                            height=300,
+                            elem_id="ref_video",
+                        )
+                    with gr.Tab("Reference photo", id="photo"):
+                        ref_image = gr.Image(
+                            sources=["upload"],
+                            type="filepath",
+                            label="Face photo",
+                            height=300,
+                            elem_id="ref_image",
+                        )
+                with gr.Accordion("Settings", open=False):
+                    # number fields without Gradio's own bounds: the pipeline's schema checks the values
+                    # and says what is wrong in the command line's words
+                    with gr.Row():
+                        seed = number("Seed", d["seed"], 1, "seed")
+                        batch_size = number("MToV clips per batch", d["batch_size"], 1, "batch_size")
+                    with gr.Row():
+                        steps = number("AToM steps", d["steps"], 1, "steps")
+                        guidance = number("AToM guidance", d["guidance"], 0.1, "guidance")
+                    with gr.Row():
+                        mtov_steps = number("MToV steps (schedule length)", d["mtov_steps"], 1, "mtov_steps")
+                        start_ratio = number("MToV start ratio", d["start_ratio"], 0.05, "start_ratio")
+                button = gr.Button("Generate", variant="primary", elem_id="generate")
+            with gr.Column():
+                video = gr.Video(label="Talking head", interactive=False, height=300, elem_id="result")
+                preview = gr.Video(
+                    label="Landmarks | generated", interactive=False, height=220, elem_id="preview"
+                )
+                timings = gr.JSON(label="Stage timings (seconds)", elem_id="timings")
+                log = gr.Textbox(label="Run log", lines=6, max_lines=16, elem_id="log")
+        gr.Examples(
+            examples=[
+                [str(sample["speech"]), str(sample["video"]), None, d["seed"]],
+                [str(sample["speech"]), None, str(sample["photo"]), d["seed"]],
+            ],
+            inputs=[audio, ref_video, ref_image, seed],
+            example_labels=["sample speech + reference video", "sample speech + reference photo"],
+            label="Bundled sample",
+            cache_examples=False,
+        )
+        # one reference at a time: a new upload in one tab clears the other; an example shows its tab
+        ref_video.upload(lambda: None, None, ref_image, api_visibility="private", queue=False)
+        ref_image.upload(lambda: None, None, ref_video, api_visibility="private", queue=False)
+        for component, tab in ((ref_video, "video"), (ref_image, "photo")):
+            component.change(
+                lambda value, tab=tab: gr.Tabs(selected=tab) if value else gr.Tabs(),
+                component,
+                tabs,
+                api_visibility="private",
+                queue=False,
+            )
+        button.click(
+            generate,
+            inputs=[audio, ref_video, ref_image, seed, steps, guidance, mtov_steps, start_ratio, batch_size],
+            outputs=[video, preview, timings, log],
+            api_name=API_NAME,
+            concurrency_limit=1,
+            concurrency_id="device",
+        )
+    return demo
+
+
+def serve(
+    demo: Any,
+    job: Job,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 7860,
+    share: bool = False,
+    max_queue: int = 20,
+    block: bool = True,
+    quiet: bool = False,
+) -> str:
+    """Queue (one job at a time, ``max_queue`` waiting) and launch; returns the local URL. ``block``:
+    serve until interrupted."""
+    demo.queue(max_size=max_queue, default_concurrency_limit=1)
+    try:
+        demo.launch(
+            server_name=host,
+            server_port=port,
+            share=bool(share),
+            prevent_thread_lock=True,
+            allowed_paths=[str(job.folders.runs.resolve()), str(job.folders.examples.resolve())],
+            show_error=False,
+            quiet=True,  # its hints name launch() arguments; serve() prints the URL itself
+            ssr_mode=False,
+            mcp_server=False,
+            footer_links=["api"],
+        )
+    except OSError as exc:
+        raise UserError(f"cannot serve on {host}:{port}: {describe(exc)}; pass another --port") from exc
+    url = str(demo.local_url)
+    if not quiet:
+        print(f"page: {url} (one job at a time; Ctrl-C stops)", flush=True)
+        share_url = getattr(demo, "share_url", None)
+        print(f"public link: {share_url}" if share_url else "no public link (--share makes one)", flush=True)
+    if block:
+        try:
+            demo.block_thread()
+        finally:
+            demo.close()
+    return url
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = ArgumentParser(
+        prog="scripts/app.sh",
+        description="Web page: speech + face -> talking-head video, with the networks kept in memory.",
+        epilog="Pipeline settings may follow as key=value (atom.eta=0.5), as for scripts/inference.sh.",
+    )
+    p.add_argument("--host", default="127.0.0.1", help="address to bind [127.0.0.1: this machine only]")
+    p.add_argument("--port", type=int, default=7860, help="port [7860]")
+    p.add_argument("--config", default=None, help="pipeline YAML config (default: configs/inference.yaml)")
+    p.add_argument("--device", default=None, help="auto|cpu|cuda|cuda:N (default: the config's)")
+    p.add_argument("--random_weights", action="store_true", help="random networks: exercises the page")
+    p.add_argument("--out_dir", default="outputs/app", help="uploads, outputs and stage cache [outputs/app]")
+    p.add_argument(
+        "--share", action="store_true", help="also make a public Gradio share link (off by default)"
+    )
+    p.add_argument("--max_queue", type=int, default=20, help="requests that may wait in the queue [20]")
+    p.add_argument("--keep_hours", type=float, default=DAY / 3600, help="delete files older than this [24]")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="pipeline config overrides")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    if not 0 < args.port < 65536:
+        raise UserError(f"--port must be in 1..65535, got {args.port}")
+    if args.max_queue < 1 or args.keep_hours <= 0:
+        raise UserError("--max_queue must be >= 1 and --keep_hours > 0")
+    folders = AppFolders(Path(args.out_dir)).create()
+    prepare_environment(folders)
+    job = Job(
+        folders,
+        config=args.config,
+        device=args.device,
+        random_weights=args.random_weights,
+        overrides=tuple(args.overrides),
+        max_age=args.keep_hours * 3600,
+    )
+    removed = clean_old(folders, job.max_age)
+    print(f"app folder {folders.root.resolve()} ({len(removed)} old item(s) removed)", flush=True)
+    if job.random_weights:
+        print("WARNING: --random_weights: the page makes no real talking heads", file=sys.stderr, flush=True)
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"note: --host {args.host}: the page is reachable from other machines", file=sys.stderr)
+    demo = build_app(job)
+    serve(demo, job, host=args.host, port=args.port, share=args.share, max_queue=args.max_queue)
+
+
+if __name__ == "__main__":
+    cli_main(main)

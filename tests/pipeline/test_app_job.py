@@ -1,0 +1,173 @@
+"""pipeline.app_job and the app's command line, without a server: the day-old clean-up, the progress
+read from the run log, a request's config (as the command line resolves the same flags), and the
+errors that stop the app before it serves."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from moditalker.errors import UserError, cli_main
+from pipeline.app import build_parser
+from pipeline.app import main as app_main
+from pipeline.app_job import DAY, STAGES, AppFolders, Job, StageProgress, clean_old
+from pipeline.settings import check_settings
+
+REPO = Path(__file__).resolve().parents[2]
+TINY = str(REPO / "configs" / "inference_tiny.yaml")
+
+
+def _touch(path: Path, age: float, now: float, text: str = "x") -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    os.utime(path, (now - age, now - age))
+    return path
+
+
+def _age(folder: Path, age: float, now: float) -> None:
+    for p in [folder, *folder.rglob("*")]:
+        os.utime(p, (now - age, now - age))
+
+
+def test_clean_old_removes_whole_units_older_than_a_day(tmp_path):
+    f = AppFolders(tmp_path / "app").create()
+    now = time.time()
+    old, fresh = 2 * DAY, 3600.0
+    _touch(f.uploads / "aaa" / "speech.wav", old, now)
+    _touch(f.uploads / "bbb" / "face.png", fresh, now)
+    _touch(f.runs / "20250101-000000-000" / "talking_head.mp4", old, now)
+    _touch(f.runs / "20250101-000000-000" / "talking_head.yaml", old, now)
+    _touch(f.runs / "20250102-000000-000" / "talking_head.mp4", fresh, now)
+    # a stage entry whose files are old but one was written recently stays whole
+    _touch(f.work / "shared" / "recon-1" / "coeff.npy", old, now)
+    _touch(f.work / "shared" / "recon-1" / ".done", fresh, now)
+    _touch(f.work / "shared" / "hubert-2" / "hubert.npy", old, now)
+    _touch(f.work / "shared" / "hubert-2" / ".done", old, now)
+    _touch(f.work / "random-seed3" / "mtov-3" / "frames.npy", old, now)
+    _touch(f.examples / "speech.wav", old, now)
+    for folder in (f.uploads / "aaa", f.runs / "20250101-000000-000", f.work / "shared" / "hubert-2"):
+        _age(folder, old, now)
+    _age(f.work / "random-seed3", old, now)
+
+    removed = clean_old(f, DAY, now=now)
+    names = sorted(str(p.relative_to(f.root)) for p in removed)
+    assert names == [
+        "runs/20250101-000000-000",
+        "uploads/aaa",
+        "work/random-seed3/mtov-3",
+        "work/shared/hubert-2",
+    ]
+    assert (f.uploads / "bbb" / "face.png").is_file() and (f.runs / "20250102-000000-000").is_dir()
+    assert (f.work / "shared" / "recon-1" / "coeff.npy").is_file()  # never half an entry
+    assert not (f.work / "random-seed3").exists()  # an emptied work folder goes too
+    assert (f.examples / "speech.wav").is_file()  # the examples stay
+    assert clean_old(f, DAY, now=now) == []
+
+
+def test_progress_follows_the_stages():
+    reports, lines = [], []
+    progress = StageProgress(lambda fraction, text: reports.append((fraction, text)), lines.append)
+    progress.start()
+    progress("audio a.wav: 2.00 s -> 50 frames at 25 fps; device cpu")
+    progress("[reference] computed in 0.10 s -> work/reference-1")
+    progress("[landmarks] no face in 1 of 8 reference frames: interpolated")  # not an end of stage
+    progress("[landmarks] reused landmarks-2 (0.00 s)")
+    progress("[render] 0.01 s")
+    progress("[mtov] computed in 2.00 s -> work/mtov-3")  # stages may be skipped in the log
+    progress.finish()
+    n = len(STAGES)
+    assert reports == [
+        (0.0, f"1/{n} reference: reading the reference"),
+        (1 / n, f"2/{n} landmarks: face landmarks"),
+        (2 / n, f"3/{n} recon: 3D face reconstruction"),
+        (7 / n, f"8/{n} write: writing the mp4"),
+        (1.0, "done"),
+    ]
+    assert len(lines) == 6 and lines[-1].startswith("[mtov]")
+
+
+def test_request_config_is_the_command_lines(tmp_path):
+    job = Job(AppFolders(tmp_path / "app"), config=TINY, device="cpu", random_weights=True)
+    assert job.defaults() == dict(seed=0, steps=4, guidance=2.0, mtov_steps=8, start_ratio=0.25, batch_size=2)
+    out = tmp_path / "o.mp4"
+    cfg = job.request_config("a.wav", "v.mp4", None, out, seed=7.0, steps=3.0, guidance=1.5, start_ratio=0.5)
+    assert cfg.audio == "a.wav" and cfg.ref_video == "v.mp4" and cfg.ref_image is None and cfg.out == str(out)
+    assert cfg.seed == 7 and cfg.atom.seed == 7 and cfg.mtov.seed == 7  # stage seeds follow the page's
+    assert cfg.atom.steps == 3 and isinstance(cfg.atom.steps, int) and cfg.atom.guidance_weight == 1.5
+    assert cfg.mtov.start_ratio == 0.5 and cfg.mtov.sampling_timesteps == 8 and cfg.mtov.batch_size == 2
+    assert cfg.preview is True and cfg.random_weights is True and cfg.device == "cpu"
+    assert cfg.work_dir == str(job.folders.work / "random-seed7")
+    check_settings(cfg)
+    bad = job.request_config("a.wav", "v.mp4", None, out, steps=2.5)
+    with pytest.raises(UserError, match=r"^atom.steps must be an integer, got 2.5$"):
+        check_settings(bad)
+
+
+def test_a_failed_request_leaves_no_run_folder(tmp_path):
+    job = Job(AppFolders(tmp_path / "app"), config=TINY, device="cpu", random_weights=True)
+    with pytest.raises(UserError, match="a reference is required"):
+        job(str(REPO / "assets" / "sample" / "speech.wav"), None, None)
+    with pytest.raises(UserError, match="no/such.wav"):
+        job("no/such.wav", str(tmp_path / "v.mp4"), None)
+    assert list(job.folders.runs.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--config", "no/such.yaml"], "no/such.yaml"),
+        (["atom.stesp=3"], "unknown setting(s) ['atom.stesp']"),
+        (["--device", "tpu"], "unknown device 'tpu'"),
+        (["--port", "0"], "--port must be in 1..65535, got 0"),
+        (["--port", "web"], "argument --port: invalid int value: 'web'"),
+    ],
+)
+def test_the_app_stops_with_one_line_before_serving(argv, message, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli_main(app_main, argv + ["--out_dir", str(tmp_path / "app")])
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert exc.value.code == 2 and len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
+
+
+def test_app_flags_default_to_this_machine_and_no_share_link():
+    args = build_parser().parse_args([])
+    assert (args.host, args.port, args.share, args.out_dir) == ("127.0.0.1", 7860, False, "outputs/app")
+    assert args.keep_hours == 24 and args.random_weights is False
+
+
+def test_scripts_app_sh_serves_the_page_until_interrupted(tmp_path):
+    """The launcher as a user runs it: the page comes up on the port asked for, only on 127.0.0.1, and
+    Ctrl-C (SIGINT) stops it."""
+    import signal
+    import subprocess
+    import sys
+    import urllib.request
+
+    from app_server import free_port
+
+    port = free_port()
+    cmd = ["bash", str(REPO / "scripts" / "app.sh"), "--random_weights", "--config", TINY, "--device", "cpu"]
+    cmd += ["--port", str(port), "--out_dir", str(tmp_path / "app")]
+    env = dict(os.environ, PYTHON=sys.executable, PYTHONPATH=str(REPO))
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=tmp_path
+    )
+    try:
+        lines = []
+        for line in proc.stdout:  # the URL line comes once the server answers
+            lines.append(line)
+            if line.startswith("page: "):
+                break
+        assert lines and lines[-1].strip().startswith(f"page: http://127.0.0.1:{port}/"), "".join(lines)
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=30) as page:
+            assert page.status == 200 and b"<html" in page.read().lower()
+        assert (tmp_path / "app" / "examples" / "reference.png").is_file()
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=60) in (0, 130)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
