@@ -58,11 +58,12 @@ __all__ = [
 
 RANDOM_WARNING = """\
 ################################################################################
-#  WARNING: --random_weights: every network (HuBERT, FAN, Deep3DFaceRecon,     #
-#  AToM, MToV) is RANDOMLY INITIALISED and the BFM is SYNTHETIC.               #
-#  The video this produces is NOT a talking head; it only exercises the        #
-#  pipeline. Put the real checkpoints in checkpoints/ for real results         #
-#  (see `python -m moditalker.assets check`).                                        #
+#  WARNING: --random_weights: every network (HuBERT, FAN, Deep3DFaceRecon,    #
+#  AToM, MToV) is RANDOMLY INITIALISED, except the AToM / MToV checkpoints    #
+#  named with assets.*=..., and the BFM is SYNTHETIC. The video this produces #
+#  is NOT a talking head; it only exercises the pipeline. Put the real        #
+#  checkpoints in checkpoints/ for real results (see                          #
+#  `python -m moditalker.assets check`).                                      #
 ################################################################################"""
 
 

@@ -135,7 +135,18 @@ def check_assets(cfg: DictConfig) -> dict[str, Path]:
     from moditalker.assets import check_assets as missing_assets
 
     paths = asset_paths(cfg)
-    if cfg.random_weights:
+    if cfg.random_weights:  # only the checkpoints named explicitly are loaded (trained tiny networks)
+        given = [k for k, v in cfg.assets.items() if v is not None]
+        mtov = ("autoencoder_rgb", "autoencoder_motion", "diffusion_model")
+        if any(k in given for k in mtov) and not all(k in given for k in mtov):
+            raise UserError(
+                "with --random_weights, give all three MToV checkpoints (assets.autoencoder_rgb, "
+                "assets.autoencoder_motion, assets.diffusion_model) or none"
+            )
+        named = [k for k in given if k in ("atom", *mtov)]
+        missing = missing_assets(named, {k: paths[k] for k in named}) if named else []
+        if missing:
+            raise UserError(missing[0])
         return paths
     missing = missing_assets(REQUIRED_ASSETS, {k: paths[k] for k in REQUIRED_ASSETS})
     if missing:

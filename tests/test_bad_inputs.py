@@ -206,6 +206,8 @@ CASES: list[tuple[str, Callable, Callable]] = [
     ("pipe-config-typo", _pipeline_main, lambda f, out: _pipe()(f, out)[:-3] + ["--config", str(f["typo.yaml"]), "--random_weights"]),
     ("pipe-ref-frame-past-end", _pipeline_main, _pipe("speech.wav", "ref.mp4", "--ref_frame", "999")),
     ("pipe-both-references", _pipeline_main, lambda f, out: _pipe()(f, out) + ["--ref_image", str(f["ref.png"])]),
+    ("pipe-random-one-mtov-ckpt", _pipeline_main, lambda f, out: _pipe()(f, out) + [f"assets.diffusion_model={f['whole.pt']}"]),
+    ("pipe-random-missing-atom-ckpt", _pipeline_main, lambda f, out: _pipe()(f, out) + [f"assets.atom={out / 'nope.pt'}"]),
     # trainers
     ("atom-train-no-data", _atom_train_main, lambda f, out: ["--config", ATOM_TINY, "--cpu", f"data.root={f['folder']}", f"train.out_dir={out / 'sub'}"]),
     ("ae-train-no-data", _ae_train_main, lambda f, out: ["--config", str(REPO / "configs" / "mtov_autoencoder_tiny.yaml"), "--out_dir", str(out / "sub"), f"data.root={f['folder']}"]),

@@ -26,7 +26,7 @@ def frontal_of_reference(bfm_dir: Path, coeff: np.ndarray) -> tuple[np.ndarray, 
 
 def run(ctx: StageContext, hub: StageResult, rec: StageResult) -> StageResult:
     """``frontal_lm3d``: [n_frames, 68, 3] generated landmarks; ``reference_lm3d``: the reference's own."""
-    cfg, rw = ctx.cfg, ctx.random_weights
+    cfg, trained = ctx.cfg, ctx.trained("atom")
 
     def compute(_: Path) -> dict[str, np.ndarray]:
         from AToM.inference import generate_landmarks, load_atom
@@ -35,11 +35,11 @@ def run(ctx: StageContext, hub: StageResult, rec: StageResult) -> StageResult:
         diffusion = ctx.models.load(
             "atom",
             load_atom,
-            None if rw else str(ctx.assets["atom"]),
+            str(ctx.assets["atom"]) if trained else None,
             config=stage_config(cfg.atom.config),
             ema=bool(cfg.atom.ema),
             device=ctx.device,
-            random_weights=rw,
+            random_weights=not trained,
         )
         lm3d = generate_landmarks(
             diffusion,

@@ -68,9 +68,16 @@ class StageContext:
     def ref_frame(self) -> int:
         return int(self.cfg.ref_frame)
 
+    def trained(self, asset: str) -> bool:
+        """Whether the network of ``asset`` loads its checkpoint: always without random weights; with
+        them only when its path was given explicitly (``assets.atom=...``): trained tiny checkpoints
+        then run with random stand-ins for the networks that were not trained."""
+        return not self.random_weights or self.cfg.assets.get(asset) is not None
+
     def model_id(self, asset: str, random: str = "random") -> str:
-        """Cache-key identity of a network: ``random`` with random weights, else its checkpoint's."""
-        return random if self.random_weights else asset_identity(self.assets[asset])
+        """Cache-key identity of a network: ``random`` when it runs with random weights, else its
+        checkpoint's."""
+        return asset_identity(self.assets[asset]) if self.trained(asset) else random
 
     def timer(self) -> StageTimer:
         """Times an uncached step into :attr:`timings` (``with ctx.timer()("render"): ...``)."""

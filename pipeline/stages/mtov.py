@@ -55,7 +55,7 @@ def run(ctx: StageContext, ref: StageResult, al: StageResult, sink: VideoSink) -
     from data.imageops import mask_below_nose
     from data.motion_align import pingpong_indices, render_landmarks
 
-    cfg, rw, size, n = ctx.cfg, ctx.random_weights, ctx.size, ctx.n_frames
+    cfg, size, n = ctx.cfg, ctx.size, ctx.n_frames
     frames = ref["frames"]  # [N, S, S, 3], memory-mapped
     idx = pingpong_indices(len(frames), n)  # as in the align stage
     aligned, posed = al["aligned_lm68"], al["reference_posed_lm68"]
@@ -78,7 +78,7 @@ def run(ctx: StageContext, ref: StageResult, al: StageResult, sink: VideoSink) -
         sink.add(batch_frames, landmarks)
 
     # + every mtov.* setting and ref_frame (pipeline.settings.stage_settings)
-    models_id = "random" if rw else [ctx.model_id(k) for k in MODEL_ASSETS]
+    models_id = [ctx.model_id(k) for k in MODEL_ASSETS] if ctx.trained(MODEL_ASSETS[0]) else "random"
     parts = {"align": al.key, "reference": ref.key, "models": models_id, **stage_settings(cfg, "mtov")}
     store = BatchStore(ctx.cache, "mtov", parts)
     t0, before = time.perf_counter(), {k: ctx.timings.get(k, 0.0) for k in ("render", "write")}
@@ -122,13 +122,14 @@ def _generate(
     from MToV.loading import load_mtov
 
     cfg, n = ctx.cfg, ctx.n_frames
+    trained = ctx.trained(MODEL_ASSETS[0])  # all three or none (pipeline.validate.check_assets)
     models = ctx.models.load(
         "mtov",
         load_mtov,
-        *(None if ctx.random_weights else str(ctx.assets[k]) for k in MODEL_ASSETS),
+        *(str(ctx.assets[k]) if trained else None for k in MODEL_ASSETS),
         config=stage_config(cfg.mtov.config),
         device=ctx.device,
-        random_weights=ctx.random_weights,
+        random_weights=not trained,
     )
     clip = models.clip_frames
     step = 1 if cfg.mtov.use_last_as_reference else int(cfg.mtov.batch_size)
