@@ -347,8 +347,8 @@ def build_cache(
     writer, skipping, built = None, None, 0
     for item in loader:
         video, starts = chunks[int(item["chunk"])]
-        bar.update(len(starts))
         if video["id"] == skipping:
+            bar.update(len(starts))
             continue
         if "error" in item:
             print(f"warning: skipped unreadable video {video['id']}: {item['error']}", file=sys.stderr)
@@ -356,12 +356,14 @@ def build_cache(
             if writer is not None:
                 shutil.rmtree(writer.tmp)
             writer, skipping = None, video["id"]
+            bar.update(len(starts))
             continue
         if writer is None:
             (out / "videos").mkdir(parents=True, exist_ok=True)
             writer = VideoWriter(out, video, shapes, dtype)
         clips = windows(item, starts, int(item["first"]), t, acc.device)
         writer.add(encode(ae_rgb, ae_ldmk, clips, precision))
+        bar.update(len(starts))
         if int(item["chunk"]) == last_chunk[video["id"]]:
             writer.finish()
             writer, built = None, built + 1
