@@ -172,7 +172,9 @@ def test_fp32_cache_gives_the_frame_path_loss_and_gradients(setup):
         unet.zero_grad(set_to_none=True)
         loss, _ = ddpm.p_losses(*latents, t, noise=noise)
         loss.backward()
-        return float(loss.detach()), [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in params]
+        return float(loss.detach()), [
+            p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in params
+        ]
 
     from_frames = LatentBatcher(ae_rgb, ae_ldmk)(batch)
     from_cache = CachedLatents()({k: torch.stack([c[k] for c in cached]) for k in KINDS})
@@ -243,3 +245,20 @@ def test_benchmark_training_tiny_writes_the_report(tmp_path):
     assert report["device"].startswith("cpu (") and 0 <= report["latents_data_wait_fraction"] < 1
     with pytest.raises(UserError, match="already exists"):
         bench_main([*args, "--json", str(path)])
+
+
+def test_an_unreadable_video_is_left_out_within_max_bad_items(tmp_path, capsys):
+    info = write_synthetic_hdtf(tmp_path / "hdtf", ids=("WDA_A_000", "WDA_B_000"), heldout=(), n_frames=8)
+    (info.frames_dir / "WDA_B_000" / "00003.png").write_bytes(b"not a png")
+    args = ["--config", TINY, "--device", "cpu", "--no_progress", "random_autoencoders=true"]
+    args += [f"data.root={info.root}", "--out", str(tmp_path / "cache")]
+    with pytest.raises(
+        UserError, match=r"1 videos are unreadable, more than data\.max_bad_items=0\.01 allows"
+    ):
+        cache_latents.main(args)
+    assert "warning: skipped unreadable video WDA_B_000: cannot read frame" in capsys.readouterr().err
+    result = cache_latents.main([*args, "data.max_bad_items=1"])  # resumes: A is kept, B retried
+    assert result["complete"] and result["built"] == 0
+    manifest = json.loads((tmp_path / "cache" / "manifest.json").read_text())
+    assert list(manifest["videos"]) == ["WDA_A_000"] and list(manifest["unreadable"]) == ["WDA_B_000"]
+    assert manifest["splits"] == {"train": ["WDA_A_000"], "test": ["WDA_A_000"]}
