@@ -206,12 +206,7 @@ class HDTFClipDataset(Dataset):
         return str(paths[0].parent) if paths else vid
 
     def _start(self, n_frames: int, clip: int) -> int:
-        last = max(n_frames - self.timesteps, 0)
-        if self.random_window:
-            return int(torch.randint(0, last + 1, ()).item())
-        if self.clips_per_video == 1:
-            return 0
-        return int(round(clip * last / (self.clips_per_video - 1)))
+        return window_start(n_frames, self.timesteps, clip, self.clips_per_video, self.random_window)
 
     def _keypoints(self, vid: str, frame_paths: Sequence[Path]) -> np.ndarray:
         out = np.empty((len(frame_paths), 68, 2), np.float32)
@@ -226,10 +221,16 @@ class HDTFClipDataset(Dataset):
         return out
 
     def __getitem__(self, index: int) -> dict:
-        vid, paths = self.videos[index // self.clips_per_video]
-        start = self._start(len(paths), index % self.clips_per_video)
-        window = paths[start : start + self.timesteps]
-        pad = self.timesteps - len(window)
+        video = index // self.clips_per_video
+        return self.clip(video, self._start(len(self.videos[video][1]), index % self.clips_per_video))
+
+    def read_frames(self, video: int, first: int, stop: int) -> dict:
+        """Frames ``first .. stop-1`` of video number ``video`` as the clips' per-frame tensors
+        ``[3, F, S, S]`` (the keys asked for, no padding, no ``x_ref``): every step is per frame, so a
+        window cut from them equals the same window read by :meth:`clip` (the latent cache reads a
+        video once this way instead of once per window)."""
+        vid, paths = self.videos[video]
+        window = paths[first:stop]
         images = [read_rgb(p) for p in window]
         hw = images[0].shape[:2]
         if any(img.shape[:2] != hw for img in images):
@@ -237,21 +238,40 @@ class HDTFClipDataset(Dataset):
         frames = np.stack(images)
         lm = self._keypoints(vid, window) if self._need_kp else None
         s = self.resolution
-        item: dict = {"id": vid, "start": start}
-        x = None
+        out: dict = {}
         if "x" in self.keys or "x_ref" in self.keys:
-            x = to_unit_range(resize_crop(frames.astype(np.float32), s))
-        if "x" in self.keys:
-            item["x"] = _front_pad(x, pad)
-        if "x_ref" in self.keys:
-            item["x_ref"] = x[:, :1].expand(-1, self.timesteps, -1, -1).contiguous()
+            out["x"] = to_unit_range(resize_crop(frames.astype(np.float32), s))
         if "masked_x" in self.keys:
             masked = mask_below_nose(frames, lm).astype(np.float32)
-            item["masked_x"] = _front_pad(to_unit_range(resize_crop(masked, s)), pad)
+            out["masked_x"] = to_unit_range(resize_crop(masked, s))
         if "x_l" in self.keys:
-            dots = render_landmarks(lm, hw, size=s, radius=self.radius)
-            item["x_l"] = _front_pad(to_unit_range(dots), pad)
+            out["x_l"] = to_unit_range(render_landmarks(lm, hw, size=s, radius=self.radius))
+        return out
+
+    def clip(self, video: int, start: int) -> dict:
+        """The item of the window of video number ``video`` that starts at frame ``start``."""
+        vid, paths = self.videos[video]
+        stop = min(start + self.timesteps, len(paths))
+        per_frame = self.read_frames(video, start, stop)
+        pad = self.timesteps - (stop - start)
+        item: dict = {"id": vid, "start": start}
+        for key in ("x", "masked_x", "x_l"):
+            if key in self.keys:
+                item[key] = _front_pad(per_frame[key], pad)
+        if "x_ref" in self.keys:
+            item["x_ref"] = per_frame["x"][:, :1].expand(-1, self.timesteps, -1, -1).contiguous()
         return item
+
+
+def window_start(n_frames: int, timesteps: int, clip: int, clips_per_video: int, random_window: bool) -> int:
+    """First frame of a window: uniform over ``0 .. n_frames - timesteps`` (training; torch's global
+    generator), else clip ``clip`` of ``clips_per_video`` evenly spaced windows (evaluation)."""
+    last = max(n_frames - timesteps, 0)
+    if random_window:
+        return int(torch.randint(0, last + 1, ()).item())
+    if clips_per_video == 1:
+        return 0
+    return int(round(clip * last / (clips_per_video - 1)))
 
 
 def _front_pad(clip: torch.Tensor, pad: int) -> torch.Tensor:

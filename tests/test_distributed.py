@@ -126,6 +126,33 @@ def test_mtov_diffusion_two_processes(tmp_path):
     assert not any(k.startswith("module.") for k in sd) and all(torch.isfinite(v).all() for v in sd.values())
 
 
+def test_mtov_latent_cache_built_and_trained_by_two_processes(tmp_path):
+    """Two processes build one latent cache (each its own videos) and train from it."""
+    info = write_synthetic_hdtf(
+        tmp_path / "hdtf", ids=("WDA_A_000", "WDA_B_000", "RD_C_000"), heldout=("RD_C_000",), n_frames=9
+    )
+    data = [
+        f"data.split_file={info.split_file}",
+        "random_autoencoders=true",
+        "--device",
+        "cpu",
+        "--no_progress",
+    ]
+    cache = tmp_path / "cache"
+    built = _launch("cache_mtov_latents.sh", f"data.root={info.root}", *data, "--out", str(cache),
+                    config="mtov_tiny.yaml")  # fmt: skip
+    assert built.returncode == 0, built.stderr[-3000:]
+    assert "2 process(es), DistributedType.MULTI_CPU" in built.stdout
+    manifest = json.loads((cache / "manifest.json").read_text())
+    assert manifest["windows"] == 5 and sorted(manifest["videos"]) == sorted(info.ids)
+    out = tmp_path / "run"
+    args = ["--out_dir", str(out), f"data.latents={cache}", *data, "train.batch_size=2", "train.save_every=4"]
+    proc = _launch("train_mtov_diffusion.sh", *args, "train.max_steps=4", config="mtov_tiny.yaml")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = _summary(proc)
+    assert summary["num_processes"] == 2 and summary["step"] == 4 and np.isfinite(summary["val_loss"])
+
+
 def test_mtov_autoencoder_gan_accumulation_two_processes(tmp_path):
     synth = write_synthetic_hdtf(tmp_path / "hdtf", n_frames=24)
     out = tmp_path / "gan"

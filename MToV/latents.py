@@ -1,0 +1,324 @@
+"""The MToV latent cache: what the frozen autoencoders make of every training window, computed once.
+
+Diffusion training spends almost all of its compute re-encoding the same clips through the two frozen
+tri-plane autoencoders (four 16-frame clips per sample and step). The latents are a deterministic
+function of (video, window start), so :mod:`MToV.cache_latents` computes them once and training reads
+them (``data.latents=DIR``, :class:`CachedWindowDataset`).
+
+Layout of a cache folder::
+
+    build.json                      the build's settings (written first; a resumed build must match)
+    videos/{id}/starts.npy          int64 [W]: the first frame of each cached window, ascending
+    videos/{id}/z.npy               [W, e, L]   latent of the frames x             (the target)
+    videos/{id}/z_l.npy             [W, e, L]   latent of the landmark clip x_l    (condition)
+    videos/{id}/masked_z.npy        [W, e, L]   latent of the masked frames        (condition)
+    videos/{id}/ref.npy             [W, e, r*r] xy-plane of the reference clip's latent x_ref
+    videos/{id}/video.json          {"id", "frames", "windows"}
+    manifest.json                   settings + per-video window counts and splits (written last)
+
+``L = r*r + 2*s*r`` (2048 at full size), ``e`` = 4. A video's files are written into
+``videos/{id}.tmp-*`` and the folder is renamed into place once complete, so a killed build never
+leaves a half-written video; the manifest exists only once every video is in. Arrays are plain
+``.npy`` files read memory-mapped (``np.load(mmap_mode="r")``); ``dtype`` ``fp32``/``fp16`` store
+float32/float16, ``bf16`` stores the bfloat16 bits as uint16 (NumPy has no bfloat16).
+
+Windows: every ``stride``-th start ``0, S, 2S, ... <= frames - T`` of each training video (stride 1:
+every window the frame-based trainer can draw), plus, for held-out videos, the evenly spaced
+evaluation windows of the validation loss (``data.val_clips_per_video``).
+
+The settings record the autoencoders' identity (checkpoint size and sha256, or the sha256 of a random
+autoencoder's state_dict) and every data setting the latents depend on; :func:`check_settings` refuses
+a cache whose settings differ from a training run's, naming the first difference in one line.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from moditalker.errors import UserError
+from MToV.dataset import DEFAULT_FRAMES_DIR, DEFAULT_KEYPOINTS_DIR, window_start
+
+FORMAT = 1
+KINDS = ("z", "z_l", "masked_z", "ref")
+DTYPES = {"fp32": np.float32, "fp16": np.float16, "bf16": np.uint16}
+MANIFEST = "manifest.json"
+BUILD = "build.json"
+# informational entries of the settings: where things were, not what they were
+INFORMATIONAL = {"path", "root", "split_file"}
+
+
+# ----------------------------------------------------------------------------- identities and settings
+def file_sha256(path: str | Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def checkpoint_identity(path: str | Path) -> dict:
+    """A checkpoint file's identity: its size and sha256 (and, for information, where it was)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"autoencoder checkpoint not found: {path} (needed to check the latent cache)")
+    return {
+        "kind": "file",
+        "path": str(path.resolve()),
+        "size": path.stat().st_size,
+        "sha256": file_sha256(path),
+    }
+
+
+def module_identity(module: nn.Module) -> dict:
+    """A random (unloaded) autoencoder's identity: the sha256 of its state_dict's names and values."""
+    h = hashlib.sha256()
+    for name, value in sorted(module.state_dict().items()):
+        h.update(name.encode())
+        h.update(str(tuple(value.shape)).encode())
+        h.update(value.detach().cpu().contiguous().float().numpy().tobytes())
+    return {"kind": "state_dict", "sha256": h.hexdigest()}
+
+
+def split_file_hash(path: str | Path | None) -> str | None:
+    if not path:
+        return None
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"split file not found: {path} (set data.split_file, or null to use every id)")
+    return file_sha256(path)
+
+
+def data_settings(data_cfg: Mapping, timesteps: int, resolution: int) -> dict:
+    """The data settings the cached latents depend on (from a trainer config's ``data`` section)."""
+    get = data_cfg.get
+    split_file = get("split_file", None)
+    return {
+        "root": str(get("root", None)),  # informational: the same frames may live elsewhere
+        "frames_dir": get("frames_dir", DEFAULT_FRAMES_DIR),
+        "keypoints_dir": get("keypoints_dir", DEFAULT_KEYPOINTS_DIR),
+        "split_file": str(split_file) if split_file else None,
+        "split_file_sha256": split_file_hash(split_file),
+        "split_mode": get("split_mode", "heldout"),
+        "short_videos": get("short_videos", "skip"),
+        "landmark_radius": int(get("landmark_radius", 3)),
+        "val_clips_per_video": int(get("val_clips_per_video", 1)),
+        "timesteps": int(timesteps),
+        "resolution": int(resolution),
+    }
+
+
+def _differences(cache: object, run: object, prefix: str = "") -> list[str]:
+    if isinstance(cache, Mapping) and isinstance(run, Mapping):
+        out = []
+        for key in sorted(set(cache) | set(run)):
+            if key in INFORMATIONAL:
+                continue
+            out += _differences(cache.get(key), run.get(key), f"{prefix}{key}.")
+        return out
+    return [] if cache == run else [f"{prefix[:-1]}: {_short(cache)} (cache) vs {_short(run)} (this run)"]
+
+
+def _short(value: object) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= 40 else text[:17] + "..." + text[-17:]
+
+
+def check_settings(cache_dir: Path, cached: Mapping, expected: Mapping) -> None:
+    """Refuse a cache whose ``autoencoders``/``models``/``data`` settings differ from ``expected``."""
+    keys = ("autoencoders", "models", "data")
+    diffs = _differences({k: cached.get(k) for k in keys}, {k: expected.get(k) for k in keys})
+    if diffs:
+        more = f" (and {len(diffs) - 1} more)" if len(diffs) > 1 else ""
+        raise UserError(
+            f"latent cache {cache_dir} was built with other settings: {diffs[0]}{more}; rebuild it "
+            "(scripts/cache_mtov_latents.sh) or train with the settings it was built with"
+        )
+
+
+# ----------------------------------------------------------------------------- windows and storage
+def grid_starts(n_frames: int, timesteps: int, stride: int) -> list[int]:
+    """Training window starts of a video: 0, S, 2S, ... up to the last full window (0 when short)."""
+    return list(range(0, max(n_frames - timesteps, 0) + 1, stride))
+
+
+def val_starts(n_frames: int, timesteps: int, clips_per_video: int) -> list[int]:
+    """The evaluation windows the frame-based validation loss reads (evenly spaced, fixed)."""
+    return [window_start(n_frames, timesteps, c, clips_per_video, False) for c in range(clips_per_video)]
+
+
+def latent_shapes(embed_dim: int, latent_length: int, n_xy: int) -> dict[str, tuple[int, int]]:
+    return {
+        "z": (embed_dim, latent_length),
+        "z_l": (embed_dim, latent_length),
+        "masked_z": (embed_dim, latent_length),
+        "ref": (embed_dim, n_xy),
+    }
+
+
+def bytes_per_window(shapes: Mapping[str, Sequence[int]], dtype: str) -> int:
+    """Bytes of one cached window (the four latents) at ``dtype``."""
+    return sum(int(np.prod(s)) for s in shapes.values()) * np.dtype(DTYPES[dtype]).itemsize
+
+
+def to_storage(latent: torch.Tensor, dtype: str) -> np.ndarray:
+    """float latents -> the array stored for ``dtype`` (bf16: round to nearest even, kept as uint16)."""
+    if dtype == "bf16":
+        return latent.detach().to(torch.bfloat16).cpu().view(torch.int16).numpy().view(np.uint16)
+    return latent.detach().float().cpu().numpy().astype(DTYPES[dtype])
+
+
+def from_storage(array: np.ndarray, dtype: str) -> torch.Tensor:
+    """What :func:`to_storage` stored -> float32 tensor (a copy: memory maps are read-only)."""
+    if dtype == "bf16":
+        return torch.from_numpy(np.array(array).view(np.int16)).view(torch.bfloat16).float()
+    return torch.from_numpy(np.array(array, dtype=np.float32))
+
+
+def read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise UserError(f"cannot read {path}: {exc}") from exc
+
+
+# ----------------------------------------------------------------------------- reading a cache
+class LatentCache:
+    """A complete cache folder: its manifest, and each video's arrays memory-mapped on first use."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+        manifest = self.root / MANIFEST
+        if not manifest.is_file():
+            if (self.root / BUILD).is_file():
+                done = sum(1 for p in (self.root / "videos").glob("*/video.json"))
+                raise UserError(
+                    f"latent cache {self.root} is incomplete ({done} videos built, no {MANIFEST}); "
+                    "rerun scripts/cache_mtov_latents.sh with the same settings to finish it"
+                )
+            raise UserError(
+                f"no latent cache at {self.root} (expected {manifest}); build it with "
+                "scripts/cache_mtov_latents.sh"
+            )
+        self.manifest = read_json(manifest)
+        if self.manifest.get("format") != FORMAT:
+            raise UserError(
+                f"latent cache {self.root} has format {self.manifest.get('format')}, expected "
+                f"{FORMAT}; rebuild it"
+            )
+        self.dtype = self.manifest["dtype"]
+        self.stride = int(self.manifest["stride"])
+        self.timesteps = int(self.manifest["data"]["timesteps"])
+        self.videos: dict[str, dict] = self.manifest["videos"]
+        self._maps: dict[str, dict[str, np.ndarray]] = {}
+
+    def split(self, name: str) -> list[str]:
+        """The ids of split ``train`` or ``test`` (in the frame-based dataset's order)."""
+        return list(self.manifest["splits"][name])
+
+    def arrays(self, vid: str) -> dict[str, np.ndarray]:
+        if vid not in self._maps:
+            folder = self.root / "videos" / vid
+            try:
+                maps = {k: np.load(folder / f"{k}.npy", mmap_mode="r") for k in (*KINDS, "starts")}
+            except (OSError, ValueError) as exc:
+                raise UserError(f"cannot read the cached latents of {vid} in {folder}: {exc}") from exc
+            maps["starts"] = np.asarray(maps["starts"])
+            self._maps[vid] = maps
+        return self._maps[vid]
+
+    def window(self, vid: str, start: int) -> dict[str, torch.Tensor]:
+        """The four float32 latents of the window of ``vid`` starting at frame ``start``."""
+        maps = self.arrays(vid)
+        i = int(np.searchsorted(maps["starts"], start))
+        if i >= len(maps["starts"]) or maps["starts"][i] != start:
+            raise UserError(
+                f"window start {start} of {vid} is not in the latent cache {self.root} (stride {self.stride})"
+            )
+        return {k: from_storage(maps[k][i], self.dtype) for k in KINDS}
+
+    def __getstate__(self) -> dict:  # DataLoader workers open their own memory maps
+        return {**self.__dict__, "_maps": {}}
+
+
+class CachedWindowDataset(Dataset):
+    """Windows of the cached videos of one split, drawn as :class:`MToV.dataset.HDTFClipDataset` draws
+    them: ``clips_per_video`` items per video; training windows uniform over the cached starts (at
+    stride 1 the very same draw from torch's generator as the frame-based dataset, hence the same
+    windows under the same seed), evaluation windows the fixed evenly spaced ones.
+
+    Items: ``z``, ``z_l``, ``masked_z``, ``ref`` (float32 tensors), ``id``, ``start``.
+    """
+
+    def __init__(self, cache: LatentCache, split: str, clips_per_video: int = 1) -> None:
+        self.cache, self.split = cache, split
+        self.random_window = split == "train"
+        self.clips_per_video = int(clips_per_video)
+        self.ids = cache.split(split)
+        if not self.ids:
+            raise UserError(f"the latent cache {cache.root} holds no {split} video")
+
+    def __len__(self) -> int:
+        return len(self.ids) * self.clips_per_video
+
+    def name(self, index: int) -> str:
+        return f"{self.cache.root}/videos/{self.ids[index // self.clips_per_video]}"
+
+    def start(self, vid: str, clip: int) -> int:
+        n, t, stride = int(self.cache.videos[vid]["frames"]), self.cache.timesteps, self.cache.stride
+        if self.random_window and stride > 1:
+            return stride * int(torch.randint(0, len(grid_starts(n, t, stride)), ()).item())
+        return window_start(n, t, clip, self.clips_per_video, self.random_window)
+
+    def __getitem__(self, index: int) -> dict:
+        vid = self.ids[index // self.clips_per_video]
+        start = self.start(vid, index % self.clips_per_video)
+        return {**self.cache.window(vid, start), "id": vid, "start": start}
+
+
+class CachedLatents:
+    """The cache path's counterpart of the trainer's ``LatentBatcher``: a batch of cached latents ->
+    ``(z, cond, image_cond)`` as the UNet takes them (``cond`` = landmark latent | masked latent)."""
+
+    keys = KINDS
+
+    def __call__(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return batch["z"], torch.cat([batch["z_l"], batch["masked_z"]], dim=1), batch["ref"]
+
+
+def run_settings(cfg, ae_rgb: nn.Module, ae_ldmk: nn.Module) -> dict:
+    """What a cache for trainer config ``cfg`` holds: the autoencoders' identities (checkpoint files,
+    or the given random modules when ``cfg.random_autoencoders``), their sizes, the data settings."""
+    from omegaconf import OmegaConf
+
+    from moditalker.fileio import repo_path
+
+    if cfg.random_autoencoders:
+        ids = {"rgb": module_identity(ae_rgb), "ldmk": module_identity(ae_ldmk)}
+    else:
+        ids = {k: checkpoint_identity(repo_path(cfg.checkpoints[f"ae_{k}"])) for k in ("rgb", "ldmk")}
+    ldmk = cfg.get("autoencoder_ldmk")
+    return {
+        "format": FORMAT,
+        "autoencoders": ids,
+        "models": {
+            "autoencoder": OmegaConf.to_container(cfg.autoencoder, resolve=True),
+            "autoencoder_ldmk": None if ldmk is None else OmegaConf.to_container(ldmk, resolve=True),
+        },
+        "data": data_settings(cfg.data, ae_rgb.timesteps, ae_rgb.res),
+    }
+
+
+def open_cache(cfg, ae_rgb: nn.Module, ae_ldmk: nn.Module) -> LatentCache:
+    """The cache ``cfg.data.latents`` for a training run of ``cfg``, refused (one line) when it was built
+    from other autoencoders or data settings."""
+    cache = LatentCache(cfg.data.latents)
+    check_settings(cache.root, cache.manifest, run_settings(cfg, ae_rgb, ae_ldmk))
+    return cache
