@@ -20,6 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from data.video import iter_video
 from moditalker.errors import UserError, describe
 
 FPS = 25
@@ -102,60 +103,16 @@ def count_frames(path: str | Path, fps: float = FPS) -> int:
 
 
 def iter_frames(path: str | Path, fps: float = FPS, chunk: int = 16) -> Iterator[np.ndarray]:
-    """Decode ``path`` at ``fps`` and yield uint8 RGB chunks ``[<=chunk, H, W, 3]``.
-
-    Same resampling as :func:`data.video.read_video` (output frame ``k`` shows the latest input frame
-    whose time rounds to ``k / fps``; the clip keeps its duration), but streamed: memory is bounded by
-    one chunk whatever the video's length.
-    """
-    path = Path(path)
-    container, stream = _open_video(path)
-    stream.thread_type = "AUTO"
-    src_rate = float(stream.average_rate) if stream.average_rate else None
+    """Decode ``path`` at ``fps`` and yield uint8 RGB chunks ``[<=chunk, H, W, 3]``: the frames of
+    :func:`data.video.iter_video` (the same resampling as ``read_video``), memory bounded by one chunk."""
     buf: list[np.ndarray] = []
-    prev: np.ndarray | None = None
-    prev_slot, last_time, start, n_decoded = 0, 0.0, None, 0
-    try:
-        try:
-            for frame in container.decode(stream):
-                image = frame.to_ndarray(format="rgb24")
-                if frame.rotation:
-                    image = np.ascontiguousarray(np.rot90(image, k=int(round(frame.rotation / 90)) % 4))
-                n_decoded += 1
-                if frame.pts is not None and stream.time_base is not None:
-                    t = float(frame.pts * stream.time_base)
-                else:
-                    t = (n_decoded - 1) / (src_rate or fps)
-                start = t if start is None else start
-                t -= start
-                last_time = max(last_time, t)
-                slot = max(int(math.floor(t * fps + 0.5)), 0)
-                if prev is not None:
-                    while prev_slot < slot:
-                        buf.append(prev)
-                        prev_slot += 1
-                        if len(buf) == chunk:
-                            yield np.stack(buf)
-                            buf = []
-                    prev_slot = max(prev_slot, slot)
-                prev = image
-        except av.FFmpegError as exc:
-            if n_decoded == 0:
-                raise UserError(f"cannot decode video {path}: {describe(exc)}") from exc
-        if prev is None:
-            raise UserError(f"no frames could be decoded from {path}")
-        frame_dur = 1.0 / src_rate if src_rate else 1.0 / fps
-        total = max(int(math.floor((last_time + frame_dur) * fps + 0.5)), prev_slot + 1)
-        while prev_slot < total:
-            buf.append(prev)
-            prev_slot += 1
-            if len(buf) == chunk:
-                yield np.stack(buf)
-                buf = []
-        if buf:
+    for frame in iter_video(path, fps=fps):
+        buf.append(frame)
+        if len(buf) == chunk:
             yield np.stack(buf)
-    finally:
-        container.close()
+            buf = []
+    if buf:
+        yield np.stack(buf)
 
 
 def to_protocol(frames: np.ndarray, device: torch.device, size: int = SIZE) -> torch.Tensor:
