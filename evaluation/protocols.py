@@ -33,8 +33,8 @@ from omegaconf import OmegaConf
 from tqdm import tqdm
 
 from evaluation import clips
-from evaluation.evaluate import format_table, score, write_report
 from evaluation.protocol import FPS, VideoPair, check_lengths, count_frames
+from evaluation.scoring import format_table, score, write_report
 from moditalker.errors import UserError
 from moditalker.fileio import atomic_write_text, check_output, repo_path, require_file, same_file
 from pipeline.inference import build_parser as pipeline_parser
