@@ -201,7 +201,12 @@ def main(argv: Sequence[str] | None = None) -> PipelineResult:
     if result.preview is not None:
         print(f"preview: {result.preview}")
     print(f"config:  {result.config_path}")
-    print(f"work:    {result.work_dir}")
+    if cfg.clean_work:
+        shutil.rmtree(result.work_dir, ignore_errors=True)
+        print(f"work:    {result.work_dir} (removed: --clean_work)")
+    else:
+        size = sum(f.stat().st_size for f in result.work_dir.rglob("*") if f.is_file())
+        print(f"work:    {result.work_dir} ({size / 2**20:.1f} MB stage cache; --clean_work removes it)")
     if cfg.random_weights:
         print("(random weights: see the warning above)", file=sys.stderr)
     return result

@@ -248,6 +248,9 @@ class InferenceSettings:
     )
     preview: bool = setting(False, "also write OUT_preview.mp4", flag="preview")
     overwrite: bool = setting(False, "replace an existing output", flag="overwrite")
+    clean_work: bool = setting(
+        False, "remove the work folder (the stage cache) after a successful run", flag="clean_work"
+    )
     min_audio_seconds: float = setting(0.5, "shortest audio accepted (seconds)", check=at_least(0))
     start: float = setting(
         0.0,

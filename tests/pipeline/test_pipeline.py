@@ -282,10 +282,11 @@ def test_end_to_end_reference_photo(inputs, tmp_path, one_thread):
     write_reference_image(photo)
     out = tmp_path / "photo.mp4"
     argv = ["--audio", str(inputs["speech"]), "--ref_image", str(photo), "--out", str(out)]
-    result = main(argv + ["--random_weights", "--config", TINY, "--device", "cpu"])
+    result = main(argv + ["--random_weights", "--config", TINY, "--device", "cpu", "--clean_work"])
     info = probe(out)
     assert info["video"]["frames"] == result.n_frames == 75
     assert (info["video"]["width"], info["video"]["height"]) == (256, 256) and info["audio"] is not None
+    assert not result.work_dir.exists()  # --clean_work: the stage cache is removed after success
 
 
 def test_end_to_end_from_checkpoint_files(inputs, tmp_path, one_thread):

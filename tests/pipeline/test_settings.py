@@ -126,6 +126,7 @@ def test_flags_map_to_their_settings():
         "random_weights": "random_weights",
         "preview": "preview",
         "overwrite": "overwrite",
+        "clean_work": "clean_work",
         "steps": "atom.steps",
         "guidance": "atom.guidance_weight",
         "batch_size": "mtov.batch_size",
