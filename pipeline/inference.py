@@ -171,6 +171,8 @@ def run_inference(
         rec = stages.recon.run(ctx, ref, lms)  # 3. 3DMM coefficients
         hub = stages.hubert.run(ctx, speech)  # 4. HuBERT features
         atom = stages.atom.run(ctx, hub, rec)  # 5. AToM frontal landmarks
+        if models is None:  # this run's own cache: HuBERT, FAN, 3DMM and AToM are not needed again,
+            ctx.models.clear()  # so MToV does not run with them in memory (HuBERT-large alone is 1.3 GB)
         aligned = stages.align.run(ctx, ref, lms, rec, atom)  # 6. alignment onto the reference frames
         with stages.output.open_video(ctx, speech) as sink:  # 8. mp4 (+ preview) and OUT.yaml, when done
             stages.mtov.run(ctx, ref, aligned, sink)  # 7. MToV frames, batch by batch into the mp4
