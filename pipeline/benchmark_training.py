@@ -37,6 +37,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from moditalker.config import load_config
 from moditalker.device import bf16_supported, resolve_device
@@ -92,13 +93,15 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def run_steps(batches, batcher, ddpm, opt, n: int, device, amp: torch.dtype | None) -> dict[str, float]:
+def run_steps(
+    batches, batcher, ddpm, opt, n: int, device, amp: torch.dtype | None, desc: str | None = None
+) -> dict[str, float]:
     """``n`` training steps as the trainer runs them; mean seconds per step of data / encode / UNet, and
     the process's CPU seconds per step (``cpu``: steadier than wall time on a shared machine; the
     loader's worker processes are not in it)."""
     sums = {"data": 0.0, "encode": 0.0, "unet_step": 0.0}
     cpu0 = time.process_time()
-    for _ in range(n):
+    for _ in tqdm(range(n), desc=desc, disable=desc is None, leave=False):
         t0 = time.perf_counter()
         batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in next(batches).items()}
         _sync(device)
@@ -163,6 +166,9 @@ def _run(dev, steps, batch_size, tiny, workers, frames_precision, warmup, work: 
     from accelerate.utils import set_seed
     from torch.utils.data import DataLoader
 
+    def bar(desc: str) -> str | None:
+        return desc if progress else None
+
     cfg = bench_config(tiny, str(dev), batch_size, workers, work / "hdtf")
     cfg.train.seed = seed
     t, size = int(cfg.autoencoder.ddconfig.timesteps), 64 if tiny else 256
@@ -207,6 +213,8 @@ def _run(dev, steps, batch_size, tiny, workers, frames_precision, warmup, work: 
     # 2. the same windows from the frames (fp32, as the trainer) and from the cache
     batch0 = next(frames_batches)
     windows = list(zip(batch0["id"], (int(s) for s in batch0["start"])))
+    if progress:
+        print("encoding the first batch in fp32 (the reference) ...", flush=True)
     t1 = time.perf_counter()
     ref_frames = frames_batcher({k: batch0[k].to(dev) for k in KEYS})
     _sync(dev)
@@ -224,19 +232,21 @@ def _run(dev, steps, batch_size, tiny, workers, frames_precision, warmup, work: 
 
     # 3. warm-up of the UNet step, then each path from the same weights
     opt = make_optimizer(trainable, cfg.train)
-    run_steps(iter([stacked]), CachedLatents(), ddpm, opt, 1, dev, None)
+    run_steps(iter([stacked]), CachedLatents(), ddpm, opt, 1, dev, None, bar("UNet warm-up"))
     amp = None
     if frames_precision == "bf16" or (frames_precision == "auto" and bf16_supported(dev)):
         amp = torch.bfloat16 if bf16_supported(dev) else None
     unet.load_state_dict(initial)
     opt = make_optimizer(trainable, cfg.train)
-    frames = run_steps(frames_batches, frames_batcher, ddpm, opt, steps, dev, amp)
+    frames = run_steps(frames_batches, frames_batcher, ddpm, opt, steps, dev, amp, bar("frame-path steps"))
     unet.load_state_dict(initial)
     opt = make_optimizer(trainable, cfg.train)
     cache_ds = CachedWindowDataset(cache, "train", int(cfg.data.train_clips_per_video))
     cache_batches = infinite(DataLoader(cache_ds, **loader_kw))
-    run_steps(cache_batches, CachedLatents(), ddpm, opt, warmup, dev, None)
-    latents = run_steps(cache_batches, CachedLatents(), ddpm, opt, LATENT_STEPS * steps, dev, None)
+    run_steps(cache_batches, CachedLatents(), ddpm, opt, warmup, dev, None, bar("cache-path warm-up"))
+    latents = run_steps(
+        cache_batches, CachedLatents(), ddpm, opt, LATENT_STEPS * steps, dev, None, bar("cache-path steps")
+    )
 
     fp32_estimate = frames["data"] + fp32_encode_s + frames["unet_step"]
     return {
