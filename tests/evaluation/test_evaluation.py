@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -249,7 +250,6 @@ def _analytic_metrics():
 
 
 def test_identical_videos_are_perfect_and_a_one_frame_shift_is_worse(tmp_path):
-    import shutil
 
     videos = {f"v{i}": _frames(17, seed=10 + i) for i in range(2)}
     pred, gt = _pair_dirs(tmp_path / "same", {}, {k: v[:16] for k, v in videos.items()})
