@@ -15,7 +15,8 @@ float rounding (``precision="fp32"``):
   were already encoded (a still reference image gives the same masked clip every time) reuses its
   latent (:class:`LatentCache`); each clip draws its noise from its own generator seeded by
   (seed, clip index), so the result does not depend on ``batch_size``; ``torch.inference_mode``;
-  bf16 autocast for the autoencoders where the device has bf16 matrix units.
+  the autoencoders in cheaper arithmetic chosen per device (:func:`MToV.loading.precision_plan`: bf16
+  autocast where the device has bf16 matrix units, int8 linear layers on other CPUs).
 * :func:`generate_video_original`: the original's call pattern, kept for benchmarking: one clip at a
   time, four encodes per clip (the target clip, whose latent is unused, the reference, the
   landmarks, the masked frames), fp32, ``torch.no_grad``.
@@ -40,7 +41,7 @@ from moditalker.device import autocast
 from moditalker.errors import UserError
 from moditalker.timing import StageTimer
 from MToV.diffusion import ddim_times
-from MToV.loading import MToVModels, autoencoder_dtype
+from MToV.loading import MToVModels, precision_plan
 from MToV.models.autoencoder import ViTAutoencoder
 
 __all__ = [
@@ -270,23 +271,33 @@ def stream_video(
     check_sampling(start_ratio, sampling_timesteps, eta, int(models.config.diffusion.timesteps))
     out_size = int(ident.shape[-1])
     dev, size, clip = models.device, models.resolution, models.clip_frames
-    ae_dtype = autoencoder_dtype(precision, dev)
+    plan = precision_plan(precision, dev)
+    ae_dtype, per_clip = plan.autoencoder_dtype, plan.autoencoders == "int8"
+    ae_rgb, ae_ldmk = models.autoencoders(plan)
     timed = timer if timer is not None else StageTimer(timings, dev)
     ddpm = models.sampler(sampling_timesteps, eta)
-    n_xy = models.ae_rgb.r**2
+    n_xy = ae_rgb.r**2
     step = 1 if use_last_as_reference else batch_size
     n_clips = -(-n // clip)
     resume = resume if resume is not None else StreamState()
-    aes = {"rgb": models.ae_rgb, "ldmk": models.ae_ldmk}
+    aes = {"rgb": ae_rgb, "ldmk": ae_ldmk}
     with torch.inference_mode():
         ref = to_model(ident[None], size, dev, "identity_frame")  # [1, 3, R, R]
 
         def extract(ae: ViTAutoencoder, x: torch.Tensor) -> torch.Tensor:
             with autocast(dev, ae_dtype):
+                if per_clip:  # int8: activation scales per call, so one clip per call (batch-independent)
+                    return torch.cat([ae.extract(c).float() for c in x.split(1)])
                 return ae.extract(x).float()
 
+        def decode(z: torch.Tensor) -> torch.Tensor:
+            with autocast(dev, ae_dtype):
+                if per_clip:
+                    return torch.cat([ae_rgb.decode_from_sample(c).float() for c in z.split(1)])
+                return ae_rgb.decode_from_sample(z).float()
+
         with timed("encode"):  # the reference latent: once per video
-            ref_latent = extract(models.ae_rgb, ref[:, :, None].expand(-1, -1, clip, -1, -1))
+            ref_latent = extract(ae_rgb, ref[:, :, None].expand(-1, -1, clip, -1, -1))
         cached = LatentCache(extract, capacity=latent_capacity)
         for encoded in resume.encoded:  # the cache as the finished batches left it
             for name, (keys, latents) in encoded.items():
@@ -310,8 +321,8 @@ def stream_video(
             with timed("encode"):  # only what the sampler uses, each distinct clip once
                 cond = torch.cat(
                     [
-                        cached(models.ae_ldmk, x_l, clip_keys(lv, clip)),
-                        cached(models.ae_rgb, masked, clip_keys(mk, clip)),
+                        cached(ae_ldmk, x_l, clip_keys(lv, clip)),
+                        cached(ae_rgb, masked, clip_keys(mk, clip)),
                     ],
                     dim=1,
                 )
@@ -324,12 +335,12 @@ def stream_video(
                     start_ratio=start_ratio,
                     generator=[clip_generator(seed, i, dev) for i in idx],
                 )
-            with timed("decode"), autocast(dev, ae_dtype):
-                frames = models.ae_rgb.decode_from_sample(z).float().clamp(-1.0, 1.0)  # [(b*clip), 3, R, R]
+            with timed("decode"):
+                frames = decode(z).clamp(-1.0, 1.0)  # [(b*clip), 3, R, R]
             if use_last_as_reference:
                 last = frames[-1:, :, None].expand(-1, -1, clip, -1, -1)
                 with timed("encode"):
-                    image_cond = extract(models.ae_rgb, last)[:, :, :n_xy]
+                    image_cond = extract(ae_rgb, last)[:, :, :n_xy]
             if size != out_size:
                 frames = F.interpolate(
                     frames, size=(out_size, out_size), mode="bilinear", align_corners=False
@@ -337,7 +348,7 @@ def stream_video(
             frames = (frames if return_float else to_uint8(frames))[: f1 - f0].cpu().numpy()
             encoded: dict[str, tuple[list[bytes], list[torch.Tensor]]] = {}
             for ae, key, latent in cached.take_added():
-                keys, latents = encoded.setdefault("rgb" if ae is models.ae_rgb else "ldmk", ([], []))
+                keys, latents = encoded.setdefault("rgb" if ae is ae_rgb else "ldmk", ([], []))
                 keys.append(key)
                 latents.append(latent)
             carry = image_cond.cpu().numpy() if use_last_as_reference else None
@@ -380,7 +391,8 @@ def generate_video(
     returned at the input size S.
 
     Fast path: ``precision="auto"`` runs the autoencoders (encodes and decode) under bf16 autocast
-    where the device has bf16 matrix units, the UNet always in fp32; ``"fp32"`` keeps everything in
+    where the device has bf16 matrix units and with int8 linear layers on other CPUs
+    (:func:`MToV.loading.precision_plan`), the UNet always in fp32; ``"fp32"`` keeps everything in
     fp32, equal up to float rounding to the original's one-clip-at-a-time call pattern, which is
     :func:`generate_video_original` (same noise, same arguments but ``batch_size``, ``precision``
     and ``use_last_as_reference``, plus the target frames it encodes and never uses).

@@ -93,7 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--precision",
         choices=PRECISIONS,
         default="auto",
-        help="autoencoders in bf16 autocast where the device has bf16 units (auto) or fp32; UNet always fp32",
+        help="autoencoders: auto = bf16 autocast where the device has bf16 units, int8 linear layers on "
+        "other CPUs; bf16; int8 (CPU only); fp32 (exact). The UNet always runs fp32",
     )
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
     p.add_argument("--no_progress", action="store_true")

@@ -193,8 +193,9 @@ class MtovSettings:
     use_last_as_reference: bool = setting(False, "reference xy-plane from the previous clip's last frame")
     precision: str = setting(
         "auto",
-        "autoencoders: auto = bf16 autocast where the device has bf16 units; bf16; fp32",
-        check=one_of(("auto", "bf16", "fp32")),
+        "autoencoders: auto = bf16 autocast where the device has bf16 units, int8 linear layers on other "
+        "CPUs; bf16; int8 (CPU); fp32 (exact)",
+        check=one_of(("auto", "bf16", "fp32", "int8")),
     )
     seed: int | None = setting(
         None, "MToV sampler seed (null: the top-level seed)", check=SEED, inherit="seed"

@@ -19,7 +19,7 @@ from AToM.diffusion import GaussianDiffusion
 from AToM.model import MotionDecoder
 from moditalker.errors import UserError
 from MToV.generate import generate_video, generate_video_original
-from MToV.loading import autoencoder_dtype, load_mtov
+from MToV.loading import autoencoder_dtype, load_mtov, precision_plan
 from pipeline.benchmark import STAGES, extrapolate, main, mtov_unet_passes, psnr
 from pipeline.benchmark_setup import randomize_zero_params
 
@@ -133,13 +133,43 @@ def test_mtov_bf16_autoencoders_stay_close(mtov):
     assert set(timings) == {"encode", "unet", "decode"} and all(v > 0 for v in timings.values())
 
 
-def test_precision_choice():
+def test_mtov_int8_autoencoders_stay_close_and_do_not_depend_on_the_batch(mtov):
+    lv, masked, ident, _ = _clips(3 * mtov.clip_frames - 3, mtov.resolution, seed=4)
+    kw = dict(seed=5, sampling_timesteps=8, progress=False, return_float=True)
+    fp32 = generate_video(mtov, lv, masked, ident, precision="fp32", batch_size=3, **kw)
+    int8 = generate_video(mtov, lv, masked, ident, precision="int8", batch_size=3, **kw)
+    assert 0 < np.abs(int8 - fp32).max() < 0.2  # really ran in int8, and stayed close
+    assert psnr(int8, fp32) >= 35
+    one_by_one = generate_video(mtov, lv, masked, ident, precision="int8", batch_size=1, **kw)
+    # activation scales per clip: the batch changes only what the fp32 UNet's rounding (1e-6) flips in
+    # the int8 rounding (measured 0.004, 63 dB); scales shared by the batch gave 0.04 (49.6 dB)
+    assert np.abs(one_by_one - int8).max() < 0.01 and psnr(one_by_one, int8) > 58
+    ae_rgb, ae_ldmk = mtov.autoencoders(precision_plan("int8", mtov.device))
+    assert mtov.autoencoders(precision_plan("int8", mtov.device))[0] is ae_rgb  # quantised once, kept
+    assert ae_rgb is not mtov.ae_rgb and isinstance(mtov.ae_rgb.encoder, torch.nn.Module)
+    quantised = [m for m in ae_ldmk.modules() if "quantized" in type(m).__module__]
+    assert quantised and not any("quantized" in type(m).__module__ for m in mtov.ae_ldmk.modules())
+
+
+def test_precision_choice(monkeypatch):
+    import MToV.loading as loading
+
     cpu = torch.device("cpu")
     assert autoencoder_dtype("fp32", cpu) == torch.float32
     assert autoencoder_dtype("bf16", cpu) == torch.bfloat16
-    assert autoencoder_dtype("auto", cpu) in (torch.float32, torch.bfloat16)
+    assert autoencoder_dtype("int8", cpu) == torch.float32  # int8 layers take fp32 activations
     with pytest.raises(UserError, match="precision"):
         autoencoder_dtype("fp16", cpu)
+    with pytest.raises(UserError, match="CPU only"):
+        precision_plan("int8", torch.device("cuda"))
+    # auto follows the device's capability, never its name
+    monkeypatch.setattr(loading, "bf16_supported", lambda device: True)
+    assert precision_plan("auto", cpu).per_network() == {"ae_rgb": "bf16", "ae_ldmk": "bf16", "unet": "fp32"}
+    assert precision_plan("auto", torch.device("cuda")).autoencoders == "bf16"
+    monkeypatch.setattr(loading, "bf16_supported", lambda device: False)
+    assert precision_plan("auto", cpu).per_network() == {"ae_rgb": "int8", "ae_ldmk": "int8", "unet": "fp32"}
+    assert precision_plan("auto", torch.device("cuda")).autoencoders == "fp32"
+    assert precision_plan("fp32", cpu).per_network() == {"ae_rgb": "fp32", "ae_ldmk": "fp32", "unet": "fp32"}
 
 
 # ----------------------------------------------------------------------------- benchmark
@@ -181,6 +211,11 @@ def test_benchmark_tiny_report(tmp_path, capsys):
     assert on_disk["max_abs_diff_fp32_landmarks"] <= 1e-4
     assert on_disk["psnr_db"] == "inf" or on_disk["psnr_db"] >= 35
     assert on_disk["frames"] == 18 and on_disk["seconds_of_video"] == 0.7
+    fp32_nets = {"ae_rgb": "fp32", "ae_ldmk": "fp32", "unet": "fp32"}
+    assert on_disk["precision_used"]["faithful"] == on_disk["precision_used"]["fast_fp32"] == fp32_nets
+    assert on_disk["precision_used"]["fast"]["ae_rgb"] in ("bf16", "int8")  # auto: never fp32 on a CPU
+    assert on_disk["load_seconds"] > 0
+    assert on_disk["psnr_db_fast_vs_fp32"] == "inf" or on_disk["psnr_db_fast_vs_fp32"] >= 35
     printed = capsys.readouterr().out
     assert "speedup_total" in printed and "mtov_unet" in printed
     assert isinstance(on_disk["busy_warnings"], list)

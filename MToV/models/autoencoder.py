@@ -94,8 +94,14 @@ class SelfAttention(nn.Module):
         n, length, _ = x.shape
         inner = self.heads * self.dim_head
         weight = self.to_qkv.weight  # rows: q | k | v
-        q = nn.functional.linear(x[:, :1], weight[:inner]).view(n, 1, self.heads, self.dim_head)
-        kv = nn.functional.linear(x, weight[inner:]).view(n, length, 2, self.heads, self.dim_head)
+        if isinstance(weight, torch.Tensor):
+            q = nn.functional.linear(x[:, :1], weight[:inner])
+            kv = nn.functional.linear(x, weight[inner:])
+        else:  # int8 (dynamically quantised): the weight is packed, so project all, keep q of token 0
+            qkv = self.to_qkv(x)
+            q, kv = qkv[:, :1, :inner], qkv[:, :, inner:]
+        q = q.reshape(n, 1, self.heads, self.dim_head)
+        kv = kv.reshape(n, length, 2, self.heads, self.dim_head)
         k, v = kv.permute(2, 0, 3, 1, 4).unbind(0)
         out = nn.functional.scaled_dot_product_attention(q.transpose(1, 2), k, v)
         return self.to_out(out.transpose(1, 2).reshape(n, 1, inner))

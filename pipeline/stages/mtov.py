@@ -54,6 +54,7 @@ def run(ctx: StageContext, ref: StageResult, al: StageResult, sink: VideoSink) -
     """Generate (or read back) the ``n_frames`` frames, batch by batch, into ``sink``."""
     from data.imageops import mask_below_nose
     from data.motion_align import pingpong_indices, render_landmarks
+    from MToV.loading import precision_plan
 
     cfg, size, n = ctx.cfg, ctx.size, ctx.n_frames
     frames = ref["frames"]  # [N, S, S, 3], memory-mapped
@@ -80,6 +81,9 @@ def run(ctx: StageContext, ref: StageResult, al: StageResult, sink: VideoSink) -
     # + every mtov.* setting and ref_frame (pipeline.settings.stage_settings)
     models_id = [ctx.model_id(k) for k in MODEL_ASSETS] if ctx.trained(MODEL_ASSETS[0]) else "random"
     parts = {"align": al.key, "reference": ref.key, "models": models_id, **stage_settings(cfg, "mtov")}
+    plan = precision_plan(str(cfg.mtov.precision), ctx.device)
+    if plan.autoencoders == "int8":  # int8 frames differ from bf16/fp32 ones, so "auto" on a CPU without
+        parts["arithmetic"] = plan.per_network()  # bf16 units gets its own key (other keys stay as they were)
     store = BatchStore(ctx.cache, "mtov", parts)
     t0, before = time.perf_counter(), {k: ctx.timings.get(k, 0.0) for k in ("render", "write")}
     generated = 0
@@ -94,7 +98,8 @@ def run(ctx: StageContext, ref: StageResult, al: StageResult, sink: VideoSink) -
         ctx.log(f"[mtov] reused {store.entry.name} ({seconds:.2f} s)")
     else:
         ctx.log(f"[mtov] computed in {seconds:.2f} s -> {store.entry}")
-    ctx.notes["mtov"] = f"({generated} of {n} frames generated, {n - generated} reused)"
+    arithmetic = f"autoencoders {plan.autoencoders}, UNet {plan.unet}"
+    ctx.notes["mtov"] = f"({generated} of {n} frames generated, {n - generated} reused; {arithmetic})"
 
 
 def _stored(store: BatchStore) -> Iterator[tuple[int, np.ndarray]]:

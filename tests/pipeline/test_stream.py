@@ -180,7 +180,9 @@ def test_killed_run_resumes_at_the_last_finished_batch(inputs, tmp_path, one_thr
     resumed = [line for line in lines if "resuming" in line]
     assert resumed and f"{k} of 25 batches ({8 * k} of 200 frames) already done" in resumed[0], lines
     assert result.stages["mtov"].cached is False
-    assert any(f"({200 - 8 * k} of 200 frames generated, {8 * k} reused)" in line for line in lines), lines
+    assert any(
+        f"({200 - 8 * k} of 200 frames generated, {8 * k} reused; autoencoders " in line for line in lines
+    ), lines
     done = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in work.glob("mtov-*/batch-*")}
     assert {name: done[name] for name in finished} == finished  # not written again
     assert len(done) == 25 and not list(work.glob(".talk*")) and not list(work.glob("mtov-*.partial"))
