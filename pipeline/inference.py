@@ -42,6 +42,7 @@ from moditalker.config import load_config
 from moditalker.errors import ArgumentParser, UserError, cli_main
 from moditalker.fileio import REPO_ROOT
 from pipeline import stages
+from pipeline.batch import BatchResult, main_batch
 from pipeline.models import ModelCache
 from pipeline.settings import DEFAULTS, FLAGS, flag_settings, inherit_settings
 from pipeline.validate import REQUIRED_ASSETS, check_assets, validate
@@ -106,6 +107,13 @@ def build_parser() -> argparse.ArgumentParser:
         kind = s.type if s.type in (int, float) else None
         target.add_argument(f"--{s.flag}", type=kind, default=None, help=help_)
     p.add_argument("--config", default=None, help="YAML config (default: configs/inference.yaml)")
+    p.add_argument(
+        "--batch_file",
+        default=None,
+        help="render several videos with the networks loaded once: one job per line, written as this "
+        "command's arguments (e.g. --audio A.wav --ref_video V.mp4 --out A.mp4); the flags given here "
+        "apply to every job (see pipeline/batch.py)",
+    )
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
     return p
 
@@ -195,8 +203,11 @@ def run_inference(
 
 
 # ----------------------------------------------------------------------------- CLI
-def main(argv: Sequence[str] | None = None) -> PipelineResult:
+def main(argv: Sequence[str] | None = None) -> PipelineResult | BatchResult:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    if args.batch_file is not None:
+        return main_batch(args, argv)
     cfg = resolve_config(args)
     result = run_inference(cfg)
     print(f"video:   {result.out}")

@@ -14,12 +14,14 @@ file (new mtime) is loaded again.
 :func:`pipeline.inference.run_inference` gives each run a fresh cache unless it is passed one, so a
 command-line run loads every network once, as before; the web app (:mod:`pipeline.app`) keeps one
 cache for the server's life, so a second request loads nothing. :attr:`ModelCache.loads` counts the
-builds per kind, :attr:`ModelCache.hits` the reuses.
+builds per kind, :attr:`ModelCache.hits` the reuses, :attr:`ModelCache.seconds` the time the builds
+took; :mod:`pipeline.batch` (``--batch_file``) renders several jobs with one cache.
 """
 
 from __future__ import annotations
 
 import threading
+import time
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -79,6 +81,7 @@ class ModelCache:
         self.per_kind = per_kind
         self.loads: Counter[str] = Counter()  # builds per kind
         self.hits: Counter[str] = Counter()  # reuses per kind
+        self.seconds: Counter[str] = Counter()  # wall seconds spent building (loading) per kind
         self._entries: dict[str, OrderedDict[str, Any]] = {}
         self._lock = threading.RLock()
 
@@ -87,9 +90,19 @@ class ModelCache:
         fn = f"{getattr(build, '__module__', '?')}.{getattr(build, '__qualname__', repr(build))}"
         return stable_key({"kind": kind, "build": fn, "args": identity(args), "kwargs": identity(kwargs)})
 
-    def load(self, kind: str, build: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        """``build(*args, **kwargs)``, or the network an earlier call with the same identity built."""
-        key = self.key(kind, build, args, kwargs)
+    def load(
+        self,
+        kind: str,
+        build: Callable[..., T],
+        *args: Any,
+        same_as: Mapping[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> T:
+        """``build(*args, **kwargs)``, or the network an earlier call with the same identity built.
+
+        ``same_as`` gives stand-ins for the identity of some keyword arguments: e.g. the synthetic BFM
+        written into each run's work folder is the same for a given seed wherever it lies."""
+        key = self.key(kind, build, args, {**kwargs, **(same_as or {})})
         with self._lock:
             entries = self._entries.setdefault(kind, OrderedDict())
             if key in entries:
@@ -99,7 +112,9 @@ class ModelCache:
             if self.per_kind is not None:
                 while len(entries) >= self.per_kind:  # free the old one before building the new one
                     entries.popitem(last=False)
+            t0 = time.perf_counter()
             network = build(*args, **kwargs)
+            self.seconds[kind] += time.perf_counter() - t0
             entries[key] = network
             self.loads[kind] += 1
             return network

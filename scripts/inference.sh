@@ -4,6 +4,8 @@
 #       [--config configs/inference.yaml] [--ref_image IMG] [--ref_frame N] [--preview] \
 #       [--seed S] [--steps N] [--guidance W] [--batch_size B] [--device auto|cpu|cuda:N] \
 #       [--random_weights] [--overwrite] [key=value ...]
+# Several videos with the networks loaded once: scripts/inference.sh --batch_file jobs.txt [common flags]
+# (one job per line, written as this command's arguments; see pipeline/batch.py).
 # See `scripts/inference.sh --help`. Run scripts/setup.sh once first.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"

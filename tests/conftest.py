@@ -43,3 +43,15 @@ def load_fixture(name: str) -> dict:
 def _deterministic_threads():
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     yield
+
+
+@pytest.fixture()
+def one_thread():
+    """Tiny models gain nothing from a second thread, and on a busy shared CPU the OpenMP spin-wait
+    of two threads made these runs ~10x slower; one thread keeps them well under a minute."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

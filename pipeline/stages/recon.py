@@ -26,6 +26,7 @@ def run(ctx: StageContext, ref: StageResult, lms: StageResult) -> StageResult:
             device=ctx.device,
             random_weights=rw,
             seed=ctx.seed,
+            same_as={"bfm_dir": f"synthetic:{ctx.cfg.seed}"} if rw else None,
         )
         coeff = rec.reconstruct(ref["frames"], lms["lm68"])
         return {"coeff": np.asarray(coeff, np.float32), "lm3d_std": np.asarray(rec.lm3d_std, np.float32)}

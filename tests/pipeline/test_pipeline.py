@@ -215,16 +215,6 @@ def test_no_face_in_reference(inputs, tmp_path, capsys):
 
 
 # ----------------------------------------------------------------------------- end to end
-@pytest.fixture()
-def one_thread():
-    """Tiny models gain nothing from a second thread, and on a busy shared CPU the OpenMP spin-wait
-    of two threads made these runs ~10x slower; one thread keeps them well under a minute."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _stage_status(result) -> dict[str, bool]:
     return {name: rec.cached for name, rec in result.stages.items()}
 

@@ -1,0 +1,230 @@
+"""Several videos with the networks loaded once: ``scripts/inference.sh --batch_file jobs.txt``.
+
+A job file has one job per line, written as the arguments of one ``scripts/inference.sh`` run
+(shell quoting; blank lines and ``#`` comments are skipped)::
+
+    # jobs.txt
+    --audio talks/a.wav --ref_video faces/anna.mp4 --out out/a.mp4
+    --audio talks/b.wav --ref_image faces/ben.png  --out out/b.mp4 --seed 3 mtov.batch_size=8
+
+The flags given on the command line next to ``--batch_file`` apply to every job (e.g. ``--config``,
+``--device``, ``--random_weights``, ``--preview``); a job's own flags win over them. Paths are relative
+to the current folder, as on the command line.
+
+Every job is checked before any of them runs (the same checks as a single run: inputs, settings,
+output paths), and no two jobs may write the same file or read another job's output; a bad line stops
+the batch with its line number and nothing is run. Then the jobs run one after another with one
+:class:`~pipeline.models.ModelCache`, so each network is built once for the whole batch (a job with
+other checkpoints or another config loads those once more). A job that fails on its input while
+running (no face found, say) is reported and the batch goes on; the command then ends with one
+``error:`` line naming the failed lines (exit status 2).
+
+At the end a table gives per job: seconds of video, the seconds the job spent loading networks (only
+the first job, normally), its other seconds, and those per second of video.
+:func:`run_batch` is the Python API: resolved configs in, :class:`BatchResult` out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import shlex
+import shutil
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from moditalker.constants import FPS
+from moditalker.errors import UserError
+from moditalker.fileio import same_file
+from pipeline.models import ModelCache
+
+__all__ = ["BatchJob", "BatchResult", "JobReport", "read_jobs", "resolve_jobs", "run_batch", "main_batch"]
+
+_log = functools.partial(print, flush=True)
+
+
+@dataclass
+class BatchJob:
+    """One line of a job file: where it came from and its arguments."""
+
+    line: int
+    argv: list[str]
+    cfg: DictConfig | None = None
+
+
+@dataclass
+class JobReport:
+    """What one job did: its output, or the one-line error that stopped it, and its seconds."""
+
+    line: int
+    out: Path | None
+    error: str | None = None
+    video_seconds: float = 0.0
+    load_seconds: float = 0.0  # building networks during this job
+    total_seconds: float = 0.0
+    work_dir: Path | None = None
+
+    @property
+    def work_seconds(self) -> float:
+        return self.total_seconds - self.load_seconds
+
+
+@dataclass
+class BatchResult:
+    jobs: list[JobReport] = field(default_factory=list)
+    models: ModelCache | None = None
+
+    @property
+    def failed(self) -> list[JobReport]:
+        return [j for j in self.jobs if j.error is not None]
+
+
+def read_jobs(path: str | Path) -> list[BatchJob]:
+    """The jobs of a job file (see the module docstring), with their line numbers."""
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"--batch_file {p}: " + ("is a folder" if p.is_dir() else "does not exist"))
+    try:
+        text = p.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"--batch_file {p}: cannot read it as text ({exc.__class__.__name__})") from exc
+    jobs = []
+    for number, raw in enumerate(text.splitlines(), start=1):
+        try:
+            argv = shlex.split(raw, comments=True)
+        except ValueError as exc:  # an open quote
+            raise UserError(f"{p} line {number}: {exc}") from exc
+        if argv:
+            jobs.append(BatchJob(number, argv))
+    if not jobs:
+        raise UserError(f"--batch_file {p} has no job (one line of scripts/inference.sh arguments each)")
+    return jobs
+
+
+def resolve_jobs(
+    jobs: Sequence[BatchJob], common: Sequence[str], source: str = "--batch_file"
+) -> list[BatchJob]:
+    """Each job's config (``common`` flags, then the line's), checked as a single run is, and the jobs
+    checked against each other: no shared output file, no job reading another's output."""
+    from pipeline.inference import build_parser, resolve_config
+    from pipeline.validate import check_assets, validate
+
+    parser = build_parser()
+    seen: dict[str, tuple[int, Path]] = {}
+    for job in jobs:
+        where = f"{source}: line {job.line}"
+        try:
+            args = parser.parse_intermixed_args([*common, *job.argv])
+            if getattr(args, "batch_file", None) is not None:
+                raise UserError("--batch_file cannot be given inside a job file")
+            job.cfg = resolve_config(args)
+            inputs = validate(job.cfg)
+            check_assets(job.cfg)
+        except UserError as exc:
+            raise UserError(f"{where}: {exc}") from exc
+        outs = [p for p in (inputs.out, inputs.preview, inputs.config_path) if p is not None]
+        for name, (other, other_out) in seen.items():
+            for path in outs:
+                if str(path.resolve()) == name or same_file(path, other_out):
+                    raise UserError(f"{where}: writes {path}, which line {other} also writes")
+        for path in outs:
+            seen[str(path.resolve())] = (job.line, path)
+    outputs = {name: line for name, (line, _) in seen.items()}
+    for job in jobs:
+        for key in ("audio", "ref_video", "ref_image"):
+            value = job.cfg.get(key)
+            if value and str(Path(value).resolve()) in outputs:
+                line = outputs[str(Path(value).resolve())]
+                raise UserError(f"{source}: line {job.line}: reads {value}, which line {line} writes")
+    return list(jobs)
+
+
+def run_batch(
+    configs: Sequence[DictConfig],
+    *,
+    lines: Sequence[int] | None = None,
+    models: ModelCache | None = None,
+    log: Callable[[str], None] = _log,
+    progress: bool = True,
+) -> BatchResult:
+    """Run :func:`pipeline.inference.run_inference` for each resolved config with one model cache;
+    a :class:`UserError` in one job is recorded and the next job runs."""
+    from pipeline.inference import run_inference
+
+    models = models if models is not None else ModelCache()
+    lines = list(lines) if lines is not None else list(range(1, len(configs) + 1))
+    result = BatchResult(models=models)
+    for number, (line, cfg) in enumerate(zip(lines, configs, strict=True), start=1):
+        log(f"=== job {number} of {len(configs)} (line {line}): {cfg.out}")
+        loaded_before = sum(models.seconds.values())
+        t0 = time.perf_counter()
+        report = JobReport(line, Path(cfg.out))
+        try:
+            out = run_inference(cfg, log=log, progress=progress, models=models)
+            report.video_seconds, report.work_dir = out.n_frames / FPS, out.work_dir
+        except UserError as exc:
+            report.error = str(exc)
+            log(f"error (line {line}): {exc}")
+        report.total_seconds = time.perf_counter() - t0
+        report.load_seconds = sum(models.seconds.values()) - loaded_before
+        result.jobs.append(report)
+    return result
+
+
+def format_report(result: BatchResult) -> str:
+    """The per-job table (seconds of video, loading, the rest and the rest per second of video)."""
+    rows = [f"{'line':>5}  {'video s':>8}  {'load s':>7}  {'work s':>8}  {'s per s':>8}  output"]
+    for j in result.jobs:
+        if j.error is not None:
+            rows.append(f"{j.line:>5}  {'-':>8}  {j.load_seconds:>7.1f}  {j.work_seconds:>8.1f}  {'-':>8}  "
+                        f"FAILED: {j.error}")  # fmt: skip
+            continue
+        per = j.work_seconds / j.video_seconds if j.video_seconds else float("nan")
+        rows.append(
+            f"{j.line:>5}  {j.video_seconds:>8.2f}  {j.load_seconds:>7.1f}  {j.work_seconds:>8.1f}  "
+            f"{per:>8.2f}  {j.out}"
+        )
+    if result.models is not None:
+        loads = ", ".join(f"{k} {v:.1f} s" for k, v in sorted(result.models.seconds.items()))
+        built = sum(result.models.loads.values())
+        rows.append(f"networks built: {built} ({loads}); reused {sum(result.models.hits.values())} times")
+    return "\n".join(rows)
+
+
+def main_batch(args: argparse.Namespace, argv: Sequence[str]) -> BatchResult:
+    """``--batch_file``: the command line's other arguments are common to every job."""
+    common = _without_batch_file(argv)
+    jobs = resolve_jobs(read_jobs(args.batch_file), common, source=str(args.batch_file))
+    _log(f"batch: {len(jobs)} jobs from {args.batch_file}, each network loaded once")
+    result = run_batch([j.cfg for j in jobs], lines=[j.line for j in jobs], progress=True)
+    _log("batch timings (load s: building networks during the job; work s: the rest):")
+    _log(format_report(result))
+    for job, report in zip(jobs, result.jobs, strict=True):
+        if report.error is None and job.cfg.clean_work and report.work_dir is not None:
+            shutil.rmtree(report.work_dir, ignore_errors=True)
+    if any(j.cfg.random_weights for j in jobs):
+        print("(random weights: see the warning above)", file=sys.stderr)
+    if result.failed:
+        lines = ", ".join(str(j.line) for j in result.failed)
+        raise UserError(f"{len(result.failed)} of {len(result.jobs)} jobs failed (lines {lines}); see above")
+    return result
+
+
+def _without_batch_file(argv: Sequence[str]) -> list[str]:
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+            continue
+        if a == "--batch_file":
+            skip = True
+            continue
+        if a.startswith("--batch_file="):
+            continue
+        out.append(a)
+    return out
