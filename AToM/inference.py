@@ -42,6 +42,7 @@ from tqdm.auto import tqdm
 from AToM.common import as_config, build_diffusion, load_weights, read_checkpoint
 from AToM.diffusion import GUIDANCE_MODES, GaussianDiffusion
 from data.face3d import idexp_to_lm3d, lm3d_to_idexp
+from moditalker.assets import random_weights_banner
 from moditalker.config import save_config
 from moditalker.device import resolve_device
 from moditalker.errors import UserError, cli_main
@@ -227,9 +228,8 @@ def render_previews(lm3d: np.ndarray, folder: str | Path, size: int = 256) -> No
             cv2.imwrite(str(tmp), img)
 
 
-RANDOM_WEIGHTS_WARNING = (
-    "WARNING: --random_weights: AToM is randomly initialised (and, without BFM_model_front.mat, the "
-    "face is synthetic): the landmarks exercise the code, they are not a prediction"
+RANDOM_WEIGHTS_WARNING = random_weights_banner(
+    "AToM is", "Without BFM_model_front.mat the face is synthetic. The landmarks are NOT a prediction."
 )
 
 

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from moditalker.assets import warn_random_weights
 from moditalker.config import load_config, save_config
 from moditalker.constants import FPS, SAMPLE_RATE
 from moditalker.errors import UserError, cli_main
@@ -176,6 +177,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
     ref = read_reference(args.ref_video, args.ref_frames, fps=args.fps)  # [N, H, W, 3]
     models = load_mtov(args.ae_rgb, args.ae_ldmk, args.unet, cfg, args.device, args.random_weights)
+    if args.random_weights:
+        warn_random_weights("the MToV autoencoders and UNet are", "The video is NOT a talking head.")
     # output size: --size (256 by default, as the pipeline); a model of another resolution (the tiny
     # config's 32) runs at its own size inside generate_video, which resizes in and out
     size = int(args.size) if args.size else models.resolution

@@ -28,6 +28,7 @@ from scipy.signal import resample_poly
 from tqdm import tqdm
 
 from data.video import media_problem
+from moditalker.assets import warn_random_weights
 from moditalker.constants import SAMPLE_RATE
 from moditalker.device import resolve_device
 from moditalker.errors import UserError, cli_main
@@ -432,6 +433,7 @@ def main(argv: Sequence[str] | None = None) -> list[Path]:
         todo.append((src, out))
     if args.random_weights:
         extractor = HubertExtractor.random(args.hidden_size, device=args.device, batch_size=args.batch_size)
+        warn_random_weights("HuBERT is", "Its features do NOT describe the speech.")
     else:
         extractor = HubertExtractor(
             args.model,

@@ -41,6 +41,7 @@ from data.geometry import (
     rigid_transform,
 )
 from data.imageops import draw_dots
+from moditalker.assets import warn_random_weights
 from moditalker.constants import FPS, SAMPLE_RATE
 from moditalker.errors import UserError, cli_main
 
@@ -284,6 +285,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     frames = resize_crop(raw, args.size, device=device)
     if args.random_weights:
         detector = FaceLandmarkDetector(device=device, detector=template_face_detector, max_gap=args.max_gap)
+        warn_random_weights(
+            "Deep3DFaceRecon is",
+            "FAN is a fixed template face and the BFM may be synthetic: the pose is NOT the video's.",
+        )
     else:
         detector = FaceLandmarkDetector(
             device=device,

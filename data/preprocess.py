@@ -54,6 +54,7 @@ from data.builders import (
     process_lrs3_clip,
     select_shard,
 )
+from moditalker.assets import warn_random_weights
 from moditalker.constants import FPS
 from moditalker.errors import UserError, cli_main
 
@@ -213,6 +214,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if args.hubert_dim != 1024 and not args.random_weights:
         raise UserError("--hubert_dim sets the random HuBERT's width: it needs --random_weights")
     out_dir.mkdir(parents=True, exist_ok=True)
+    if args.random_weights:
+        warn_random_weights(
+            "HuBERT and Deep3DFaceRecon are",
+            "FAN is a fixed template face and the BFM is synthetic: the dataset is NOT real training data.",
+        )
     toolkit = build_toolkit(
         device=args.device,
         bfm_dir=args.bfm_dir,

@@ -27,6 +27,8 @@ from moditalker.errors import UserError, cli_main, describe
 from moditalker.fileio import REPO_ROOT
 
 __all__ = [
+    "random_weights_banner",
+    "warn_random_weights",
     "Asset",
     "ASSETS",
     "REPO_ROOT",
@@ -217,6 +219,33 @@ ASSETS: dict[str, Asset] = {
         ),
     )
 }
+
+
+def random_weights_banner(networks: str, result: str) -> str:
+    """The loud ``--random_weights`` warning every command prints (to stderr): which ``networks`` are
+    randomly initialised and what its ``result`` therefore is not."""
+    width = 78
+    text = (
+        f"WARNING: --random_weights: {networks} RANDOMLY INITIALISED. {result} It only exercises the code. "
+        "Put the real checkpoints in checkpoints/ for real results (see `python -m moditalker.assets check`)."
+    )
+    words, lines, line = text.split(), [], ""
+    for word in words:
+        if line and len(line) + 1 + len(word) > width - 4:
+            lines.append(line)
+            line = word
+        else:
+            line = f"{line} {word}".strip()
+    lines.append(line)
+    bar = "#" * width
+    return "\n".join([bar, *(f"# {x:<{width - 4}} #" for x in lines), bar])
+
+
+def warn_random_weights(networks: str, result: str) -> None:
+    """Print :func:`random_weights_banner` to stderr."""
+    import sys
+
+    print(random_weights_banner(networks, result), file=sys.stderr, flush=True)
 
 
 def checkpoints_root() -> Path:

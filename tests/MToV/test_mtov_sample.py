@@ -292,6 +292,7 @@ def test_cli_end_to_end_random_weights(tmp_path, capsys):
     ]
     res = main(args)
     assert res["frames"] == 11
+    assert "WARNING: --random_weights: the MToV autoencoders and UNet are RANDOMLY" in capsys.readouterr().err
     info = probe(out / "video.mp4")
     assert json.dumps(info)  # probe result is plain data
     assert (info["video"]["width"], info["video"]["height"]) == (256, 256)  # --size 256 by default

@@ -241,6 +241,14 @@ def test_random_extractor_shapes():
 # CLI
 
 
+def test_cli_random_weights_warns_loudly(tmp_path, capsys):
+    sf.write(tmp_path / "a.wav", _speechy(16000), 16000)
+    argv = ["--audio", str(tmp_path / "a.wav"), "--out_dir", str(tmp_path / "h"), "--device", "cpu"]
+    assert main(argv + ["--random_weights", "--hidden_size", "16"]) == [tmp_path / "h" / "a.npy"]
+    assert np.load(tmp_path / "h" / "a.npy").shape == ((16000 - 80) // 320, 16)
+    assert "WARNING: --random_weights: HuBERT is RANDOMLY INITIALISED" in capsys.readouterr().err
+
+
 def test_cli_writes_features_wav_and_config(tmp_path, tiny_hubert_dir, capsys):
     rate = 44100
     t = np.arange(int(rate * 1.5)) / rate
@@ -296,6 +304,7 @@ def test_process_audio_script_random_weights(tmp_path):
     )
     assert run.returncode == 0, run.stderr[-2000:]
     assert np.load(tmp_path / "h" / "a.npy").shape == ((20000 - 80) // 320, 1024)
+    assert "WARNING: --random_weights: HuBERT is RANDOMLY" in run.stderr
 
 
 @pytest.mark.parametrize(

@@ -136,7 +136,7 @@ def _inputs(tmp_path, n_ref: int = 3, t: int = 7):
     return frames, lm
 
 
-def test_cli_random_weights_plays_reference_back_and_forth(tmp_path):
+def test_cli_random_weights_plays_reference_back_and_forth(tmp_path, capsys):
     import cv2
 
     from data.video import probe
@@ -147,6 +147,7 @@ def test_cli_random_weights_plays_reference_back_and_forth(tmp_path):
     argv = ["--landmarks", str(tmp_path / "atom.npy"), "--reference", str(tmp_path / "ref.mp4")]
     argv += ["--out_dir", str(out), "--size", "64", "--random_weights", "--device", "cpu"]
     result = ma.main(argv)
+    assert "WARNING: --random_weights: Deep3DFaceRecon is RANDOMLY" in capsys.readouterr().err
     aligned = np.load(out / "aligned_lm68.npy")
     assert aligned.shape == (7, 68, 2) and aligned.dtype == np.int64
     assert np.load(out / "reference_index.npy").tolist() == [0, 1, 2, 1, 0, 1, 2]

@@ -258,6 +258,9 @@ def test_hdtf_cli_random_weights_shards(tmp_path, videos, capsys):
     base = ["hdtf", "--videos", str(videos), "--out_dir", str(out), "--random_weights", "--device", "cpu"]
     base += ["--max_frames", "4", "--frame_format", "png"]
     r0 = main(base + ["--shard", "0", "--num_shards", "2"])
+    assert "HuBERT and Deep3DFaceRecon are RANDOMLY" in capsys.readouterr().err.replace("#", " ").replace(
+        "  ", " "
+    )
     r1 = main(base + ["--shard", "1", "--num_shards", "2"])
     assert sorted(r0["done"] + r1["done"]) == ["WDA_Short_001", "WRA_Test_000"]
     assert len(r0["done"]) == len(r1["done"]) == 1
