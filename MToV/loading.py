@@ -32,6 +32,7 @@ __all__ = [
     "MToVModels",
     "PrecisionPlan",
     "autoencoder_dtype",
+    "build_ddpm",
     "build_models",
     "load_mtov",
     "load_unet_weights",
@@ -108,15 +109,21 @@ class MToVModels:
 
     def sampler(self, sampling_timesteps: int, eta: float) -> DDPM:
         """The DDIM sampler over the RGB latent, with the schedule of ``config.diffusion``."""
-        return DDPM(
+        ddpm = build_ddpm(
             self.unet,
-            channels=self.ae_rgb.embed_dim,
-            image_size=self.ae_rgb.r,
-            frames=self.clip_frames,
+            self.ae_rgb,
+            self.config.diffusion,
             sampling_timesteps=sampling_timesteps,
             ddim_sampling_eta=eta,
-            **{k: self.config.diffusion[k] for k in ("linear_start", "linear_end", "timesteps")},
-        ).to(self.device)
+        )
+        return ddpm.to(self.device)
+
+
+def build_ddpm(unet: DiffusionWrapper, ae_rgb: ViTAutoencoder, diffusion: Mapping, **kwargs: Any) -> DDPM:
+    """The DDPM over ``ae_rgb``'s latent (channels, plane size, frames) with the schedule of a model
+    config's ``diffusion`` section; ``kwargs`` (e.g. ``loss_type``, ``sampling_timesteps``) go to DDPM."""
+    schedule = {k: diffusion[k] for k in ("linear_start", "linear_end", "timesteps")}
+    return DDPM(unet, channels=ae_rgb.embed_dim, image_size=ae_rgb.r, frames=ae_rgb.s, **schedule, **kwargs)
 
 
 def model_config(config: str | Path | Mapping | DictConfig | None = None) -> DictConfig:

@@ -177,8 +177,6 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
     ref = read_reference(args.ref_video, args.ref_frames, fps=args.fps)  # [N, H, W, 3]
     models = load_mtov(args.ae_rgb, args.ae_ldmk, args.unet, cfg, args.device, args.random_weights)
-    if args.random_weights:
-        warn_random_weights("the MToV autoencoders and UNet are", "The video is NOT a talking head.")
     # output size: --size (256 by default, as the pipeline); a model of another resolution (the tiny
     # config's 32) runs at its own size inside generate_video, which resizes in and out
     size = int(args.size) if args.size else models.resolution
@@ -191,6 +189,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
         ref_landmarks=args.ref_landmarks or None,
         identity_frame=args.identity_frame,
     )
+    if args.random_weights:  # after the input checks: a refused run prints its one error line only
+        warn_random_weights("the MToV autoencoders and UNet are", "The video is NOT a talking head.")
     n = lm_video.shape[0]
     sc = cfg.sample
     t0 = time.perf_counter()

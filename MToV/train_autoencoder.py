@@ -37,7 +37,12 @@ from moditalker.config import load_config, save_config
 from moditalker.device import resolve_device
 from moditalker.errors import UserError, cli_main
 from moditalker.fileio import torch_save
-from moditalker.training.accelerator import check_train_loader, infinite, start_accelerator
+from moditalker.training.accelerator import (
+    check_train_loader,
+    infinite,
+    start_accelerator,
+    train_val_loaders,
+)
 from moditalker.training.bad_items import BadItems
 from moditalker.training.options import add_run_arguments, apply_run_arguments, print_summary
 from moditalker.training.run_state import prepare_run_dir, read_state_info, save_state
@@ -185,16 +190,9 @@ def train(cfg: DictConfig, resume: bool = True, overwrite: bool = False, progres
     train_ds = build_dataset(dc, "train", (key,), timesteps, resolution)
     val_ds = build_dataset(dc, "test", (key,), timesteps, resolution)
     bad_items = BadItems(float(dc.max_bad_items), len(train_ds), train_ds.name)
-    workers = int(dc.num_workers)
-    train_loader = DataLoader(
-        train_ds,
-        batch_size=tc.batch_size,
-        shuffle=True,
-        drop_last=len(train_ds) >= tc.batch_size * accelerator.num_processes,
-        num_workers=workers,
-        persistent_workers=workers > 0,
+    train_loader, val_loader = train_val_loaders(
+        train_ds, val_ds, int(tc.batch_size), int(dc.num_workers), accelerator.num_processes
     )
-    val_loader = DataLoader(val_ds, batch_size=tc.batch_size, shuffle=False, num_workers=workers)
 
     if gan_enabled:
         model, opt, disc2d, disc3d, opt_d, train_loader = accelerator.prepare(

@@ -39,7 +39,12 @@ from moditalker.config import load_config, save_config
 from moditalker.device import bf16_supported, resolve_device
 from moditalker.errors import UserError, cli_main
 from moditalker.fileio import repo_path, torch_save
-from moditalker.training.accelerator import check_train_loader, infinite, start_accelerator
+from moditalker.training.accelerator import (
+    check_train_loader,
+    infinite,
+    start_accelerator,
+    train_val_loaders,
+)
 from moditalker.training.bad_items import BadItems
 from moditalker.training.ema import LitEMA
 from moditalker.training.options import add_run_arguments, apply_run_arguments, print_summary
@@ -47,7 +52,7 @@ from moditalker.training.run_state import prepare_run_dir, read_state_info, save
 from MToV.dataset import build_dataset, check_data, data_defaults
 from MToV.diffusion import DDPM
 from MToV.latents import CachedLatents, CachedWindowDataset, open_cache
-from MToV.loading import MODEL_DEFAULTS, build_models, load_unet_weights
+from MToV.loading import MODEL_DEFAULTS, build_ddpm, build_models, load_unet_weights
 from MToV.models.autoencoder import load_autoencoder_weights
 
 DEFAULTS: dict = OmegaConf.to_container(
@@ -168,17 +173,7 @@ def train(cfg: DictConfig, resume: bool = True, overwrite: bool = False, progres
         load_unet_weights(unet, cfg.init_unet)
     for ae in (ae_rgb, ae_ldmk) if cache is None else ():  # training from the cache never runs them
         ae.to(accelerator.device).eval().requires_grad_(False)
-    dc = cfg.diffusion
-    ddpm = DDPM(
-        unet,
-        channels=ae_rgb.embed_dim,
-        image_size=ae_rgb.r,
-        frames=ae_rgb.s,
-        linear_start=dc.linear_start,
-        linear_end=dc.linear_end,
-        timesteps=dc.timesteps,
-        loss_type=dc.loss_type,
-    )
+    ddpm = build_ddpm(unet, ae_rgb, cfg.diffusion, loss_type=cfg.diffusion.loss_type)
     unet.diffusion_model.freeze_unused()  # output_bg_*: in the checkpoint, never run
     ema = LitEMA(unet, decay=float(tc.ema_decay)).to(accelerator.device)
     trainable = [p for p in unet.parameters() if p.requires_grad]
@@ -197,16 +192,9 @@ def train(cfg: DictConfig, resume: bool = True, overwrite: bool = False, progres
             f"training from the latent cache {cache.root} ({cache.dtype}, stride {cache.stride})"
         )
     bad_items = BadItems(float(data_cfg.max_bad_items), len(train_ds), train_ds.name)
-    workers = int(data_cfg.num_workers)
-    train_loader = DataLoader(
-        train_ds,
-        batch_size=tc.batch_size,
-        shuffle=True,
-        drop_last=len(train_ds) >= tc.batch_size * accelerator.num_processes,
-        num_workers=workers,
-        persistent_workers=workers > 0,
+    train_loader, val_loader = train_val_loaders(
+        train_ds, val_ds, int(tc.batch_size), int(data_cfg.num_workers), accelerator.num_processes
     )
-    val_loader = DataLoader(val_ds, batch_size=tc.batch_size, shuffle=False, num_workers=workers)
     ddpm, opt, train_loader = accelerator.prepare(ddpm, opt, train_loader)
     check_train_loader(train_loader, len(train_ds), int(tc.batch_size), accelerator.num_processes)
     accelerator.register_for_checkpointing(ema)

@@ -48,7 +48,7 @@ from MToV.cache_latents import build_cache
 from MToV.dataset import build_dataset
 from MToV.diffusion import DDPM
 from MToV.latents import CachedLatents, CachedWindowDataset, from_storage, open_cache, to_storage
-from MToV.loading import build_models
+from MToV.loading import build_ddpm, build_models
 from MToV.train_diffusion import DEFAULTS, KEYS, LatentBatcher, make_optimizer
 from pipeline.benchmark import _device_name
 from pipeline.benchmark_setup import randomize_zero_params
@@ -186,16 +186,7 @@ def _run(dev, steps, batch_size, tiny, workers, frames_precision, warmup, work: 
         ae.to(dev).eval().requires_grad_(False)
     randomize_zero_params(unet, seed + 1)
     unet.diffusion_model.freeze_unused()
-    dc = cfg.diffusion
-    ddpm = DDPM(
-        unet,
-        channels=ae_rgb.embed_dim,
-        image_size=ae_rgb.r,
-        frames=ae_rgb.s,
-        linear_start=dc.linear_start,
-        linear_end=dc.linear_end,
-        timesteps=dc.timesteps,
-    ).to(dev)
+    ddpm = build_ddpm(unet, ae_rgb, cfg.diffusion).to(dev)
     initial = copy.deepcopy(unet.state_dict())
     trainable = [p for p in unet.parameters() if p.requires_grad]
     loader_kw = {

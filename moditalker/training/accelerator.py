@@ -35,6 +35,20 @@ def start_accelerator(name: str, **kwargs):
     return acc
 
 
+def train_val_loaders(train_ds, val_ds, batch_size: int, num_workers: int, num_processes: int):
+    """(training loader, validation loader) as the MToV trainers use them: the training one shuffled,
+    dropping a last short batch only when every process still gets a full one, workers kept alive."""
+    train = DataLoader(
+        train_ds,
+        batch_size=batch_size,
+        shuffle=True,
+        drop_last=len(train_ds) >= batch_size * num_processes,
+        num_workers=num_workers,
+        persistent_workers=num_workers > 0,
+    )
+    return train, DataLoader(val_ds, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+
+
 def check_train_loader(
     loader, n_items: int, batch_size: int, num_processes: int, what: str = "items"
 ) -> None:

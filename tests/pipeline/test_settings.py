@@ -85,7 +85,7 @@ def test_free_form_settings_are_the_stage_configs():
         ("reference.max_frames=0", "reference.max_frames must be >= 1, got 0"),
         ("output.crf=-1", "output.crf must be in 0..51, got -1"),
         ("atom.seed=-1", "atom.seed must be in 0..2**63-1, got -1"),
-        ("mtov.precision=fp16", "mtov.precision must be one of auto, bf16, fp32, got 'fp16'"),
+        ("mtov.precision=fp16", "mtov.precision must be one of auto, bf16, fp32, int8, got 'fp16'"),
         ("output.preset=fastest", "output.preset must be an x264 preset (ultrafast, "),
         ("atom.config=3", "atom.config must be a YAML path or a mapping, got 3"),
         ("mtov=3", "mtov must be a section of settings (mtov.KEY=VALUE), got 3"),
