@@ -210,15 +210,19 @@ def serve(
     except OSError as exc:
         raise UserError(f"cannot serve on {host}:{port}: {describe(exc)}; pass another --port") from exc
     url = str(demo.local_url)
-    if not quiet:
-        print(f"page: {url} (one job at a time; Ctrl-C stops)", flush=True)
-        share_url = getattr(demo, "share_url", None)
-        print(f"public link: {share_url}" if share_url else "no public link (--share makes one)", flush=True)
-    if block:
-        try:
+    try:  # a Ctrl-C from here on (even during the prints) closes the server: its thread must not linger
+        if not quiet:
+            print(f"page: {url} (one job at a time; Ctrl-C stops)", flush=True)
+            share_url = getattr(demo, "share_url", None)
+            link = f"public link: {share_url}" if share_url else "no public link (--share makes one)"
+            print(link, flush=True)
+        if block:
             demo.block_thread()
-        finally:
-            demo.close()
+    except BaseException:
+        demo.close()
+        raise
+    if block:
+        demo.close()
     return url
 
 
