@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Create .venv in the repo root (when missing) and install requirements.txt plus this repo (editable).
 # Re-running is cheap: it reinstalls only when requirements.txt or pyproject.toml changed.
+# TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu scripts/setup.sh installs the CPU-only torch builds.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="$ROOT/.venv"
@@ -26,6 +27,14 @@ if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$WANT" ]; then
   exit 0
 fi
 echo "[setup] installing requirements (a few minutes the first time)"
+if [ -n "${TORCH_INDEX_URL:-}" ]; then
+  # e.g. TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu: the CPU-only builds of the pinned torch,
+  # torchvision and torchaudio (much smaller; no CUDA). The requirements below then find them installed.
+  pins="$(grep -E '^(torch|torchvision|torchaudio)==' "$ROOT/requirements.txt" | tr '\n' ' ')"
+  echo "[setup] torch from $TORCH_INDEX_URL: $pins"
+  # shellcheck disable=SC2086
+  "$VENV/bin/python" -m pip install --disable-pip-version-check -q --index-url "$TORCH_INDEX_URL" $pins
+fi
 "$VENV/bin/python" -m pip install --disable-pip-version-check -q -r "$ROOT/requirements.txt"
 "$VENV/bin/python" -m pip install --disable-pip-version-check -q --no-deps --no-build-isolation -e "$ROOT"
 echo "$WANT" > "$STAMP"
