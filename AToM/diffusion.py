@@ -261,7 +261,10 @@ class GaussianDiffusion(nn.Module):
         a = self.alphas_cumprod[time]
         a_next = self.alphas_cumprod[time_next]
         sigma = eta * ((1 - a / a_next) * (1 - a_next) / (1 - a)).sqrt()
-        c = (1 - a_next - sigma**2).sqrt()
+        # 1 - a_next - sigma^2 >= 0 exactly, but in float32 it rounds to -6e-8 at (999 -> 799), the first
+        # step of 5 (eta 1): the original took the root of that and every landmark was NaN. Clamped at 0
+        # (its true value there is 2e-8); wherever it is positive the result is unchanged, bit for bit.
+        c = (1 - a_next - sigma**2).clamp(min=0).sqrt()
         noise = noise_fn(x)
         return x_start * a_next.sqrt() + c * pred_noise + sigma * noise, x_start, pred_noise
 

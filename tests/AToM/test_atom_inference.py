@@ -120,6 +120,25 @@ def test_generate_any_length(tiny_ckpt, n_audio):
     assert np.isfinite(out).all()
 
 
+def test_every_step_count_gives_finite_landmarks():
+    """At 5 DDIM steps (eta 1) the first step's noise coefficient rounds to sqrt(-6e-8) in float32: the
+    original's sampler (and this one, before the clamp) returned NaN for any network at that count."""
+    from AToM.diffusion import ddim_times
+
+    d = load_atom(None, str(REPO / "configs" / "atom_tiny.yaml"), random_weights=True)
+    for steps in (4, 5, 6):
+        for time, nxt in ddim_times(len(d.alphas_cumprod), steps):
+            if nxt >= 0:  # the coefficient as the sampler computes it
+                a, an = d.alphas_cumprod[time], d.alphas_cumprod[nxt]
+                sigma = ((1 - a / an) * (1 - an) / (1 - a)).sqrt()
+                assert steps != 5 or time != 999 or float(1 - an - sigma**2) < 0  # the rounding is real
+    rng = np.random.default_rng(0)
+    hub = rng.standard_normal((40, d.model.cond_feature_dim)).astype(np.float32)
+    ref = (rng.standard_normal((68, 3)) * 0.1).astype(np.float32)
+    out = generate_landmarks(d, hub, ref, np.zeros((68, 3), np.float32), steps=5, seed=1, progress=False)
+    assert np.isfinite(out).all() and out.std() > 0
+
+
 def test_generate_deterministic_and_reference_space(tiny_ckpt):
     d = load_atom(tiny_ckpt)
     hub, ref, kms = _inputs(d.model.cond_feature_dim, 40)
