@@ -161,7 +161,7 @@ def run_benchmark(
         f"device {dev}, {torch.get_num_threads()} CPU threads; {'tiny' if tiny else 'full-size'} random "
         f"networks built in {load_seconds:.1f} s; {inputs.n_frames} frames ({seconds:g} s); "
         f"AToM {atom_steps}/{full_atom} steps, MToV {passes}/{full_passes} UNet passes per clip; "
-        f"autoencoders in {str(autoencoder_dtype(precision, dev)).replace('torch.', '')} on the fast path"
+        f"autoencoders in {precision_plan(precision, dev).autoencoders} on the fast path"
     )
     results: dict[str, ModeResult] = {}
     for mode in modes:
@@ -310,7 +310,7 @@ def format_table(report: dict[str, Any]) -> str:
 
     lines.append(
         f"speedup_total {fmt(report['speedup_total'], '.2f', 'x')} "
-        f"(fast, {report['autoencoder_dtype']} autoencoders), "
+        f"(fast, {report['precision_used'].get('fast', {}).get('ae_rgb', '-')} autoencoders), "
         f"speedup_total_fp32 {fmt(report['speedup_total_fp32'], '.2f', 'x')}, "
         f"max_abs_diff_fp32 {fmt(report['max_abs_diff_fp32'], '.2e')}, "
         f"psnr_db {fmt(report['psnr_db'], '.1f')}, "
