@@ -152,21 +152,26 @@ def test_scripts_app_sh_serves_the_page_until_interrupted(tmp_path):
     cmd = ["bash", str(REPO / "scripts" / "app.sh"), "--random_weights", "--config", TINY, "--device", "cpu"]
     cmd += ["--port", str(port), "--out_dir", str(tmp_path / "app")]
     env = dict(os.environ, PYTHON=sys.executable, PYTHONPATH=str(REPO))
-    proc = subprocess.Popen(
-        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=tmp_path
-    )
+    # the output goes to a file, not a pipe: a pipe nobody reads any more once the URL line has come
+    # can fill up and block the server's own shutdown message, so the process would never end
+    log = tmp_path / "app.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, text=True, env=env, cwd=tmp_path)
     try:
-        lines = []
-        for line in proc.stdout:  # the URL line comes once the server answers
-            lines.append(line)
-            if line.startswith("page: "):
+        deadline = time.monotonic() + 120
+        lines: list[str] = []
+        while proc.poll() is None and time.monotonic() < deadline:  # the URL line comes once it answers
+            lines = log.read_text().splitlines()
+            if any(line.startswith("page: ") for line in lines):
                 break
-        assert lines and lines[-1].strip().startswith(f"page: http://127.0.0.1:{port}/"), "".join(lines)
+            time.sleep(0.2)
+        page = [line for line in lines if line.startswith("page: ")]
+        assert page and page[0].strip().startswith(f"page: http://127.0.0.1:{port}/"), log.read_text()
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=30) as page:
             assert page.status == 200 and b"<html" in page.read().lower()
         assert (tmp_path / "app" / "examples" / "reference.png").is_file()
         proc.send_signal(signal.SIGINT)
-        assert proc.wait(timeout=60) in (0, 130)
+        assert proc.wait(timeout=60) in (0, 130), log.read_text()[-2000:]
     finally:
         if proc.poll() is None:
             proc.kill()
