@@ -152,6 +152,11 @@ def test_two_requests_at_once_both_finish_one_at_a_time(client, app_server):
             ref_video=handle_file(str(inputs["video"])),
             ref_image=None,
             seed=seed,  # new seeds: every stage runs
+            # one clip per batch and 10 UNet passes per clip: the MToV stage lasts long enough (and
+            # reports often enough) to be seen by the polling below even on an idle machine,
+            # where the tiny stage once finished between two polls
+            batch_size=1,
+            mtov_steps=40,
             api_name="/generate",
         )
         for seed in (11, 12)
@@ -165,7 +170,7 @@ def test_two_requests_at_once_both_finish_one_at_a_time(client, app_server):
         for s in statuses:
             for unit in s.progress_data or []:
                 descriptions.add(str(unit.desc))
-        time.sleep(0.05)
+        time.sleep(0.01)
     results = [j.result(timeout=60) for j in jobs]
     for mp4, *_ in results:
         _check_mp4(mp4, 2.0)
