@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from moditalker.errors import ArgumentParser, UserError, cli_main, describe
-from pipeline.app_job import DAY, AppFolders, Job, clean_old, sample_inputs
+from pipeline.app_job import DAY, STAGES, AppFolders, Job, clean_old, sample_inputs
 
 __all__ = ["API_NAME", "build_parser", "prepare_environment", "build_app", "serve", "main"]
 
@@ -55,6 +55,27 @@ INTRO = (
     "Upload or record the speech, give the face as a video (its head pose and background are kept) or as "
     "one photo, and press **Generate**. One job runs at a time; others wait in the queue."
 )
+
+
+class StageBar:
+    """The page's stage line ("7/8 mtov: MToV: video frames"), kept above the stages' own tqdm bars.
+
+    A plain ``progress(fraction, desc=text)`` call is shown only until the next tqdm update: Gradio
+    sends the latest list of tracked bars every 10 ms, and that list does not hold a plain call's line.
+    So the stage line is made one of the tracked bars (``progress.tqdm(None, ...)``, a bar moved by hand),
+    and each report moves it and sends the whole list again (``progress.update(0)``)."""
+
+    def __init__(self, progress: Any, total: int = len(STAGES)) -> None:
+        self.progress, self.total, self.unit = progress, total, None
+
+    def __call__(self, fraction: float, text: str) -> None:
+        if self.unit is None:
+            self.progress.tqdm(None, desc=text, total=self.total, unit="stages")
+            if not getattr(self.progress, "iterables", None):  # not inside a Gradio event: no bar
+                return
+            self.unit = self.progress.iterables[-1]
+        self.unit.index, self.unit.desc = round(fraction * self.total), text
+        self.progress.update(0)
 
 
 def prepare_environment(folders: AppFolders) -> None:
@@ -94,7 +115,7 @@ def build_app(job: Job, *, title: str = "MoDiTalker") -> Any:
         settings = dict(seed=seed, steps=steps, guidance=guidance, mtov_steps=mtov_steps)
         settings |= dict(start_ratio=start_ratio, batch_size=batch_size)
         try:
-            out = job(audio, ref_video, ref_image, report=lambda f, text: progress(f, desc=text), **settings)
+            out = job(audio, ref_video, ref_image, report=StageBar(progress), **settings)
         except UserError as exc:
             job.log(f"error: {exc}")
             raise gr.Error(str(exc), duration=None, print_exception=False) from None
