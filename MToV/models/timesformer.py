@@ -39,12 +39,71 @@ def signed_sin(sin: torch.Tensor) -> torch.Tensor:
 
 def apply_rotary_signed(t: torch.Tensor, ssin: torch.Tensor, cos: torch.Tensor) -> torch.Tensor:
     """:func:`apply_rotary` with a :func:`signed_sin` table: the pair swap is a flip, no negation
-    pass over the activations (same numbers: the sign moves from the activations to the table)."""
+    pass over the activations (same numbers: the sign moves from the activations to the table).
+
+    The flipped copy takes ``* ssin`` and ``+ t * cos`` in place: one temporary less, bit for bit the
+    same numbers. (A fused ``addcmul_`` is faster still, but its FMA rounds the vectorised part of a
+    tensor differently from the tail, so a clip's numbers would depend on the batch it runs in.)"""
     d = ssin.shape[-1]
     head = t if d == t.shape[-1] else t[..., :d]
-    swapped = head.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)
-    out = head * cos + swapped * ssin
+    out = head.unflatten(-1, (-1, 2)).flip(-1).flatten(-2).mul_(ssin).add_(head * cos)
     return out if d == t.shape[-1] else torch.cat((out, t[..., d:]), dim=-1)
+
+
+def apply_rotary_complex(t: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """:func:`apply_rotary` for a table whose channel pairs share one angle (``cos[2i] == cos[2i+1]``,
+    as :class:`AxialRotaryEmbedding` makes): each pair ``(x0, x1)`` is the complex number ``x0 + i x1``
+    times ``table[i] = cos + i sin``, one pass over memory, the same numbers. ``t`` fp32 or fp64 with
+    channels last and contiguous (PyTorch has no bf16 complex type)."""
+    d = 2 * table.shape[-1]
+    head = t if d == t.shape[-1] else t[..., :d]
+    out = torch.view_as_real(torch.view_as_complex(head.unflatten(-1, (-1, 2))) * table).flatten(-2)
+    return out if d == t.shape[-1] else torch.cat((out, t[..., d:]), dim=-1)
+
+
+class RotaryTable:
+    """A rotary table ``(sin, cos)`` ready to apply to q and k in the activations' dtype: as a complex
+    multiply (:func:`apply_rotary_complex`) where the channel pairs share one angle, the dtype has a
+    complex type (fp32, fp64) and the table spans the whole head in whole vector lengths, else as
+    :func:`apply_rotary_signed`. Both give :func:`apply_rotary`'s numbers bit for bit. (PyTorch's scalar
+    complex multiply, which a row that is not a whole number of SIMD vectors falls back to, rounds
+    differently from its vectorised one; 8 complex numbers fill an AVX512 vector.) The derived tables
+    are made once per dtype and device."""
+
+    def __init__(self, sin: torch.Tensor, cos: torch.Tensor) -> None:
+        self.sin, self.cos = sin, cos
+        self.paired = torch.equal(sin[..., ::2], sin[..., 1::2]) and torch.equal(
+            cos[..., ::2], cos[..., 1::2]
+        )
+        self._tables: dict[tuple, tuple[torch.Tensor, ...]] = {}
+
+    def __getitem__(self, i: int) -> torch.Tensor:  # (sin, cos) as a tuple would give them
+        return (self.sin, self.cos)[i]
+
+    def _complex_ok(self, t: torch.Tensor) -> bool:
+        d = self.sin.shape[-1]
+        return (
+            self.paired
+            and t.dtype in (torch.float32, torch.float64)
+            and d == t.shape[-1]
+            and d % 16 == 0
+            and t.stride(-1) == 1
+        )
+
+    def apply(self, t: torch.Tensor) -> torch.Tensor:
+        use_complex = self._complex_ok(t)
+        key = (t.dtype, t.device, use_complex)
+        if key not in self._tables:
+            if use_complex:
+                table = torch.complex(self.cos[..., ::2], self.sin[..., ::2]).to(t.device)
+                self._tables[key] = (table,)
+            else:  # in the activations' dtype: under bf16 autocast the rotation stays in bf16
+                self._tables[key] = (
+                    signed_sin(self.sin).to(t.device, t.dtype),
+                    self.cos.to(t.device, t.dtype),
+                )
+        table = self._tables[key]
+        return apply_rotary_complex(t, table[0]) if use_complex else apply_rotary_signed(t, *table)
 
 
 class FrameRotaryEmbedding(nn.Module):
@@ -96,16 +155,16 @@ class FactorAttention(nn.Module):
         self.to_qkv = nn.Linear(dim, inner * 3, bias=False)
         self.to_out = nn.Sequential(nn.Linear(inner, dim), nn.Dropout(dropout))
 
-    def forward(self, x: torch.Tensor, rot: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, rot: RotaryTable | tuple[torch.Tensor, torch.Tensor] | None = None
+    ) -> torch.Tensor:
         n, length, _ = x.shape
         q, k, v = (
             self.to_qkv(x).view(n, length, 3, self.heads, self.dim_head).permute(2, 0, 3, 1, 4).unbind(0)
         )
         if rot is not None:
-            # tables in the activations' dtype: under bf16 autocast the rotation stays in bf16
-            # instead of promoting q/k to fp32 and back (a no-op in fp32)
-            ssin, cos = signed_sin(rot[0]).to(q.dtype), rot[1].to(q.dtype)
-            q, k = apply_rotary_signed(q, ssin, cos), apply_rotary_signed(k, ssin, cos)
+            rot = rot if isinstance(rot, RotaryTable) else RotaryTable(*rot)
+            q, k = rot.apply(q), rot.apply(k)
         out = F.scaled_dot_product_attention(q, k, v)
         return self.to_out(out.transpose(1, 2).reshape(n, length, self.heads * self.dim_head))
 
@@ -176,8 +235,8 @@ class _TimeSformerStack(nn.Module):
         """x: [B, frames*hp*wp, dim] tokens, frame-major then row-major patches."""
         b, _, d = x.shape
         n = hp * wp
-        frame_rot = self.frame_rot_emb(frames)
-        image_rot = self.image_rot_emb(hp, wp)
+        frame_rot = RotaryTable(*self.frame_rot_emb(frames))  # pairs of two angles: apply_rotary_signed
+        image_rot = RotaryTable(*self.image_rot_emb(hp, wp))  # pairs share an angle: a complex multiply
         for time_attn, space_attn, ff in self.layers:
             # time: one sequence of `frames` tokens per (batch, patch)
             xt = x.view(b, frames, n, d).transpose(1, 2).reshape(b * n, frames, d)

@@ -189,3 +189,24 @@ def test_full_size_latent_shapes():
         assert latent.shape == (1, 4, 2048)
         rec = model.decode_from_sample(latent)
     assert rec.shape == (16, 3, 256, 256)
+
+
+@pytest.mark.parametrize("kind", ["frame", "image"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rotary_table_paths_give_the_plain_formula_bit_for_bit(kind, dtype):
+    from MToV.models.timesformer import AxialRotaryEmbedding, FrameRotaryEmbedding, RotaryTable, apply_rotary
+
+    sin, cos = FrameRotaryEmbedding(16)(5) if kind == "frame" else AxialRotaryEmbedding(16)(3, 4)
+    table = RotaryTable(sin, cos)
+    assert table.paired == (kind == "image")  # the axial table's pairs share one angle; the frame one not
+    # q as the attention gets it: a permuted view of the qkv projection, channels last
+    qkv = torch.randn(2, sin.shape[0], 3, 4, 16, generator=torch.Generator().manual_seed(0)).to(dtype)
+    q = qkv.permute(2, 0, 3, 1, 4)[0]
+    expected = apply_rotary(q, sin.to(dtype), cos.to(dtype))
+    out = table.apply(q)
+    assert table._complex_ok(q) == (kind == "image" and dtype == torch.float32)  # the path under test
+    assert out.dtype == dtype and out.shape == q.shape
+    assert torch.equal(out, expected)  # complex multiply / in-place signed form: the same numbers
+    # a table narrower than the head rotates the first channels and passes the rest through
+    narrow = RotaryTable(sin[:, :8], cos[:, :8])
+    assert torch.equal(narrow.apply(q), apply_rotary(q, sin[:, :8].to(dtype), cos[:, :8].to(dtype)))
