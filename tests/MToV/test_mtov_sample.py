@@ -82,8 +82,9 @@ def test_encodes_reference_once_and_only_what_is_needed(models, monkeypatch):
     )
     monkeypatch.setattr(models.ae_ldmk, "decode", lambda z: calls.__setitem__("ldmk_decode", 1))
     generate_video(models, lv, masked, ident, batch_size=2, sampling_timesteps=8, progress=False)
-    assert calls["rgb"] == [1, 2, 1]  # reference once, then the masked clips per batch
-    assert calls["ldmk"] == [2, 1]
+    # reference once, then each masked clip once; on the CPU the autoencoders take one clip per call
+    assert calls["rgb"] == [1, 1, 1, 1]
+    assert calls["ldmk"] == [1, 1, 1]
     assert calls["ldmk_decode"] == 0
 
 
@@ -107,7 +108,7 @@ def test_repeated_clips_encoded_once_same_result(models, monkeypatch):
     )
     cached = generate_video(models, lv, masked, ident, **kw)
     assert calls["rgb"] == [1, 1]  # the reference, then the one distinct masked clip
-    assert calls["ldmk"] == [2, 1]  # clips 0 and 1 (2 = 0), then clip 3
+    assert calls["ldmk"] == [1, 1, 1]  # clips 0 and 1 (2 = 0), then clip 3, one per call on the CPU
 
     class NoCache(gen.LatentCache):
         def __call__(self, ae, clips, keys):
@@ -116,7 +117,7 @@ def test_repeated_clips_encoded_once_same_result(models, monkeypatch):
     monkeypatch.setattr(gen, "LatentCache", NoCache)
     calls = {"rgb": [], "ldmk": []}
     every = generate_video(models, lv, masked, ident, **kw)
-    assert calls["rgb"] == [1, 3, 1] and calls["ldmk"] == [3, 1]
+    assert calls["rgb"] == [1] * 5 and calls["ldmk"] == [1] * 4  # every clip, one per call on the CPU
     assert cached.std() > 1 and np.abs(cached.astype(int) - every).max() <= 1
 
 
