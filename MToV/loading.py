@@ -233,9 +233,10 @@ def precision_plan(precision: str, device: torch.device) -> PrecisionPlan:
 
     The UNet stays fp32 in every mode: its time goes to convolutions (59 % of a pass, which dynamic
     quantisation does not touch: measured no faster) and bf16 autocast gained only 1.15x on the CPU.
-    Measured on a 2-core AMD EPYC with AVX512-BF16, one full-size 16-frame clip: encode fp32 11.3 s,
-    bf16 6.9 s, int8 7.3 s; decode 9.7 / 5.3 / 6.5 s; decoded frames 52.4 dB (bf16) and 45.8 dB
-    (int8) from fp32.
+    Measured on a 2-core AMD EPYC with AVX512-BF16, one full-size 16-frame clip: encode fp32 10.7 s,
+    bf16 6.3 s, int8 6.2 s; decode 9.0 / 5.5 / 5.6 s; decoded frames 52.4 dB (bf16) and 45.8 dB
+    (int8) from fp32. In the whole pipeline int8 was the faster of the two there (56.3 against 63.3 s
+    per second of video); ``auto`` keeps bf16 where it has the units for its closer frames.
     """
     if precision not in PRECISIONS:
         raise UserError(f"precision must be one of {PRECISIONS}, got {precision!r}")
