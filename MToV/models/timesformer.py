@@ -70,11 +70,10 @@ class RotaryTable:
     differently from its vectorised one; 8 complex numbers fill an AVX512 vector.) The derived tables
     are made once per dtype and device."""
 
-    def __init__(self, sin: torch.Tensor, cos: torch.Tensor) -> None:
-        self.sin, self.cos = sin, cos
-        self.paired = torch.equal(sin[..., ::2], sin[..., 1::2]) and torch.equal(
-            cos[..., ::2], cos[..., 1::2]
-        )
+    def __init__(self, sin: torch.Tensor, cos: torch.Tensor, paired: bool = False) -> None:
+        """``paired``: the table's channel pairs share one angle (true of :class:`AxialRotaryEmbedding`
+        by construction; said by the caller, so that no values are read: tables may be on ``meta``)."""
+        self.sin, self.cos, self.paired = sin, cos, paired
         self._tables: dict[tuple, tuple[torch.Tensor, ...]] = {}
 
     def __getitem__(self, i: int) -> torch.Tensor:  # (sin, cos) as a tuple would give them
@@ -236,7 +235,7 @@ class _TimeSformerStack(nn.Module):
         b, _, d = x.shape
         n = hp * wp
         frame_rot = RotaryTable(*self.frame_rot_emb(frames))  # pairs of two angles: apply_rotary_signed
-        image_rot = RotaryTable(*self.image_rot_emb(hp, wp))  # pairs share an angle: a complex multiply
+        image_rot = RotaryTable(*self.image_rot_emb(hp, wp), paired=True)  # one angle a pair: complex
         for time_attn, space_attn, ff in self.layers:
             # time: one sequence of `frames` tokens per (batch, patch)
             xt = x.view(b, frames, n, d).transpose(1, 2).reshape(b * n, frames, d)

@@ -197,8 +197,10 @@ def test_rotary_table_paths_give_the_plain_formula_bit_for_bit(kind, dtype):
     from MToV.models.timesformer import AxialRotaryEmbedding, FrameRotaryEmbedding, RotaryTable, apply_rotary
 
     sin, cos = FrameRotaryEmbedding(16)(5) if kind == "frame" else AxialRotaryEmbedding(16)(3, 4)
-    table = RotaryTable(sin, cos)
-    assert table.paired == (kind == "image")  # the axial table's pairs share one angle; the frame one not
+    # the axial table's pairs share one angle (what `paired=True` promises); the frame table's do not
+    shared = torch.equal(sin[..., ::2], sin[..., 1::2]) and torch.equal(cos[..., ::2], cos[..., 1::2])
+    assert shared == (kind == "image")
+    table = RotaryTable(sin, cos, paired=shared)
     # q as the attention gets it: a permuted view of the qkv projection, channels last
     qkv = torch.randn(2, sin.shape[0], 3, 4, 16, generator=torch.Generator().manual_seed(0)).to(dtype)
     q = qkv.permute(2, 0, 3, 1, 4)[0]
@@ -208,5 +210,5 @@ def test_rotary_table_paths_give_the_plain_formula_bit_for_bit(kind, dtype):
     assert out.dtype == dtype and out.shape == q.shape
     assert torch.equal(out, expected)  # complex multiply / in-place signed form: the same numbers
     # a table narrower than the head rotates the first channels and passes the rest through
-    narrow = RotaryTable(sin[:, :8], cos[:, :8])
+    narrow = RotaryTable(sin[:, :8], cos[:, :8], paired=shared)
     assert torch.equal(narrow.apply(q), apply_rotary(q, sin[:, :8].to(dtype), cos[:, :8].to(dtype)))

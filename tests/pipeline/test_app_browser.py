@@ -7,6 +7,7 @@ set), and the page must not have asked anything of another machine."""
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -36,13 +37,23 @@ VIDEO_STATE = """(() => {
 
 
 def _set_number(b: Browser, elem_id: str, value: str) -> None:
-    b.js(f"""(() => {{
-      const el = document.querySelector('#{elem_id} input');
-      el.value = '{value}';
-      el.dispatchEvent(new Event('input', {{bubbles: true}}));
-      el.dispatchEvent(new Event('change', {{bubbles: true}}));
-      el.blur();
-    }})()""")
+    """Type ``value`` into a number field and make sure the page kept it: the value is set again until
+    it has stayed for 0.5 s. (On a fresh clone under load the Settings field once lost its new value
+    before Generate was clicked, so the run went ahead with the default and no error appeared.)"""
+    field = f"document.querySelector('#{elem_id} input')"
+    for _ in range(10):
+        b.js(f"""(() => {{
+          const el = {field};
+          el.focus();
+          el.value = '{value}';
+          el.dispatchEvent(new Event('input', {{bubbles: true}}));
+          el.dispatchEvent(new Event('change', {{bubbles: true}}));
+          el.blur();
+        }})()""")
+        time.sleep(0.5)
+        if b.js(f"{field}.value") == value:
+            return
+    raise AssertionError(f"#{elem_id} did not keep the value {value!r}")
 
 
 def test_page_in_headless_chromium(app_server, tmp_path):
