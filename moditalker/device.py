@@ -52,3 +52,18 @@ def bf16_supported(device: torch.device) -> bool:
 def autocast(device: torch.device, dtype: torch.dtype):
     """bf16 autocast on ``device`` when ``dtype`` is bf16, else a no-op context."""
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16)
+
+
+def allocator() -> str:
+    """The memory allocator this process runs with: ``tcmalloc`` or ``jemalloc`` when one is preloaded
+    (``scripts/_allocator.sh`` preloads tcmalloc where it is installed), else ``default`` (the C
+    library's). Read from the libraries mapped into the process: what is in use, not what was asked."""
+    try:
+        with open("/proc/self/maps") as f:
+            maps = f.read()
+    except OSError:
+        return "default"
+    for name in ("tcmalloc", "jemalloc"):
+        if f"lib{name}" in maps:
+            return name
+    return "default"

@@ -50,6 +50,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from moditalker.device import allocator
 from moditalker.errors import UserError, cli_main
 from MToV.loading import PRECISIONS
 from pipeline.benchmark_run import (
@@ -189,6 +190,7 @@ def run_benchmark(
         "frames": inputs.n_frames,
         "reference": "still" if still else "moving",
         "threads": torch.get_num_threads(),
+        "allocator": allocator(),
         "networks": "tiny" if tiny else "full-size, random weights",
         "steps_scale": steps_scale,
         "steps": {
@@ -292,7 +294,8 @@ def format_table(report: dict[str, Any]) -> str:
         header += "   faithful/fast"
     lines = [
         f"device: {report['device']}; {report['seconds_of_video']:g} s of video ({report['frames']} frames); "
-        f"steps scale {report['steps_scale']:g}{extrapolated}; {report['clock']}",
+        f"steps scale {report['steps_scale']:g}{extrapolated}; {report['clock']}; "
+        f"allocator {report.get('allocator', 'default')}",
         header,
     ]
     for s in STAGES:

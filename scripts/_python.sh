@@ -5,3 +5,5 @@ if ! command -v "$PY" >/dev/null 2>&1; then
   echo "error: no Python at $PY; run scripts/setup.sh first (it creates $ROOT/.venv), or set PYTHON" >&2
   exit 2
 fi
+# shellcheck source=scripts/_allocator.sh
+source "$ROOT/scripts/_allocator.sh"

@@ -10,4 +10,6 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 bash "$ROOT/scripts/setup.sh"
 PY="$ROOT/.venv/bin/python"
+# shellcheck source=scripts/_allocator.sh
+source "$ROOT/scripts/_allocator.sh"
 exec "$PY" -m pipeline.benchmark "$@"

@@ -13,6 +13,8 @@ start=$(date +%s)
 
 bash "$ROOT/scripts/setup.sh"
 PY="$ROOT/.venv/bin/python"
+# shellcheck source=scripts/_allocator.sh
+source "$ROOT/scripts/_allocator.sh"
 mkdir -p "$OUT_DIR"
 
 echo "[demo] writing sample inputs to $OUT_DIR/inputs"
