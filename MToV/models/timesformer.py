@@ -76,9 +76,6 @@ class RotaryTable:
         self.sin, self.cos, self.paired = sin, cos, paired
         self._tables: dict[tuple, tuple[torch.Tensor, ...]] = {}
 
-    def __getitem__(self, i: int) -> torch.Tensor:  # (sin, cos) as a tuple would give them
-        return (self.sin, self.cos)[i]
-
     def _complex_ok(self, t: torch.Tensor) -> bool:
         d = self.sin.shape[-1]
         return (
