@@ -11,7 +11,7 @@ Two call patterns, with the same noise per clip (``clip_generator(seed, clip)``)
 float rounding (``precision="fp32"``):
 
 * :func:`generate_video` (the default everywhere): clips run in batches through the UNet (the
-  autoencoders take one clip per call on the CPU and with int8); the reference latent is
+  autoencoders take one clip per call on the CPU, int8's only device); the reference latent is
   encoded once per video; only the encoders the sampler needs run (``extract``); a clip whose frames
   were already encoded (a still reference image gives the same masked clip every time) reuses its
   latent (:class:`LatentCache`); each clip draws its noise from its own generator seeded by
@@ -273,12 +273,12 @@ def stream_video(
     out_size = int(ident.shape[-1])
     dev, size, clip = models.device, models.resolution, models.clip_frames
     plan = precision_plan(precision, dev)
-    # The autoencoders run one clip per call with int8 (activation scales per call, so a clip's frames do
-    # not depend on its batch) and on every CPU, where a batch is slower per clip (full size, 2 threads:
-    # bf16 encode 6.7 s per clip alone, 8.2 s in a batch of 4; fp32 10.9 / 11.5 s); the UNet stays
-    # batched (0.56 -> 0.48 s per clip and pass in a batch of 4).
+    # On the CPU (the only device int8 runs on) the autoencoders take one clip per call: int8's activation
+    # scales are per call, so a clip's frames do not depend on its batch, and in every precision a batch
+    # is slower per clip there (full size, 2 threads: bf16 encode 6.7 s per clip alone, 8.2 s in a batch
+    # of 4; fp32 10.9 / 11.5 s). The UNet stays batched (0.56 -> 0.48 s per clip and pass in a batch of 4).
     ae_dtype = plan.autoencoder_dtype
-    per_clip = plan.autoencoders == "int8" or dev.type == "cpu"
+    per_clip = dev.type == "cpu"
     ae_rgb, ae_ldmk = models.autoencoders(plan)
     timed = timer if timer is not None else StageTimer(timings, dev)
     ddpm = models.sampler(sampling_timesteps, eta)
