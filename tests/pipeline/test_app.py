@@ -176,12 +176,16 @@ def test_two_requests_at_once_both_finish_one_at_a_time(client, app_server):
     # the bar follows the stages and the MToV clips: every progress message the server sent (the client
     # queues them all), each one the list of bars the page shows at that moment. While MToV runs, the
     # stage line stays above the stage's own tqdm bar (Gradio tracks it).
-    shown = [[str(u.desc) for u in update.progress_data] for j in jobs for update in _updates(j)
-             if getattr(update, "progress_data", None)]  # fmt: skip
-    assert any(bars[0].startswith("1/8 reference") for bars in shown), shown
-    during_mtov = [bars for bars in shown if bars[0] == "7/8 mtov: MToV: video frames"]
-    assert any(len(bars) > 1 and "mtov" in bars[-1].lower() for bars in during_mtov), shown
-    assert any(bars == ["done"] for bars in shown), shown
+    # Each job's stage lines come in order. Only the stages that last long enough to meet one of Gradio's
+    # progress sends are asserted: recon (about 1 s) and MToV (about 1.5 s). The short ones (reference,
+    # 0.04 s) and the closing "done" line (the event ends right after it) may fall between two sends.
+    for job in jobs:
+        shown = [[str(u.desc) for u in update.progress_data] for update in _updates(job)
+                 if getattr(update, "progress_data", None)]  # fmt: skip
+        numbers = [int(bars[0].split("/")[0]) for bars in shown if bars[0][0].isdigit()]
+        assert numbers == sorted(numbers) and {3, 7} <= set(numbers), shown
+        during_mtov = [bars for bars in shown if bars[0] == "7/8 mtov: MToV: video frames"]
+        assert any(len(bars) > 1 and "mtov" in bars[-1].lower() for bars in during_mtov), shown
 
 
 def _updates(job) -> list:
