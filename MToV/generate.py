@@ -16,8 +16,9 @@ float rounding (``precision="fp32"``):
   were already encoded (a still reference image gives the same masked clip every time) reuses its
   latent (:class:`LatentCache`); each clip draws its noise from its own generator seeded by
   (seed, clip index), so the result does not depend on ``batch_size``; ``torch.inference_mode``;
-  the autoencoders in cheaper arithmetic chosen per device (:func:`MToV.loading.precision_plan`: bf16
-  autocast where the device has bf16 matrix units, int8 linear layers on other CPUs).
+  cheaper arithmetic chosen per device (:func:`MToV.loading.precision_plan`: bf16 autocast of the
+  autoencoders where the device has bf16 matrix units; on other CPUs int8 linear layers in the
+  autoencoders and int8 convolutions in the UNet).
 * :func:`generate_video_original`: the original's call pattern, kept for benchmarking: one clip at a
   time, four encodes per clip (the target clip, whose latent is unused, the reference, the
   landmarks, the masked frames), fp32, ``torch.no_grad``.
@@ -281,7 +282,7 @@ def stream_video(
     per_clip = dev.type == "cpu"
     ae_rgb, ae_ldmk = models.autoencoders(plan)
     timed = timer if timer is not None else StageTimer(timings, dev)
-    ddpm = models.sampler(sampling_timesteps, eta)
+    ddpm = models.sampler(sampling_timesteps, eta, plan)
     n_xy = ae_rgb.r**2
     step = 1 if use_last_as_reference else batch_size
     n_clips = -(-n // clip)
@@ -397,8 +398,8 @@ def generate_video(
     returned at the input size S.
 
     Fast path: ``precision="auto"`` runs the autoencoders (encodes and decode) under bf16 autocast
-    where the device has bf16 matrix units and with int8 linear layers on other CPUs
-    (:func:`MToV.loading.precision_plan`), the UNet always in fp32; ``"fp32"`` keeps everything in
+    where the device has bf16 matrix units, and on other CPUs the autoencoders with int8 linear layers
+    and the UNet with int8 convolutions (:func:`MToV.loading.precision_plan`); ``"fp32"`` keeps everything in
     fp32, equal up to float rounding to the original's one-clip-at-a-time call pattern, which is
     :func:`generate_video_original` (same noise, same arguments but ``batch_size``, ``precision``
     and ``use_last_as_reference``, plus the target frames it encodes and never uses).

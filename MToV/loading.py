@@ -8,7 +8,6 @@ benchmark); :func:`build_models` and :func:`load_unet_weights` are shared with d
 from __future__ import annotations
 
 import copy
-import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +22,7 @@ from moditalker.device import bf16_supported, resolve_device
 from moditalker.errors import UserError
 from moditalker.fileio import repo_path
 from MToV.diffusion import DDPM
+from MToV.int8 import int8_convs_supported, quantize_convs, quantize_linears
 from MToV.models.autoencoder import OFFICIAL_CONFIG, ViTAutoencoder, load_autoencoder_weights
 from MToV.models.unet import DiffusionWrapper, UNetModel
 
@@ -89,6 +89,7 @@ class MToVModels:
     config: DictConfig
     device: torch.device
     _int8: tuple[ViTAutoencoder, ViTAutoencoder] | None = field(default=None, repr=False, compare=False)
+    _int8_unet: DiffusionWrapper | None = field(default=None, repr=False, compare=False)
 
     @property
     def resolution(self) -> int:
@@ -107,10 +108,20 @@ class MToVModels:
             self._int8 = (quantize_int8(self.ae_rgb), quantize_int8(self.ae_ldmk))
         return self._int8
 
-    def sampler(self, sampling_timesteps: int, eta: float) -> DDPM:
-        """The DDIM sampler over the RGB latent, with the schedule of ``config.diffusion``."""
+    def unet_for(self, plan: PrecisionPlan | None = None) -> DiffusionWrapper:
+        """The UNet for ``plan``: the network itself, or for int8 its copy with int8 convolutions
+        (:func:`MToV.int8.quantize_convs`, made once per :class:`MToVModels` and kept)."""
+        if plan is None or plan.unet != "int8":
+            return self.unet
+        if self._int8_unet is None:
+            self._int8_unet = quantize_convs(self.unet)
+        return self._int8_unet
+
+    def sampler(self, sampling_timesteps: int, eta: float, plan: PrecisionPlan | None = None) -> DDPM:
+        """The DDIM sampler over the RGB latent, with the schedule of ``config.diffusion``; its UNet
+        runs in ``plan``'s arithmetic (fp32 without a plan)."""
         ddpm = build_ddpm(
-            self.unet,
+            self.unet_for(plan),
             self.ae_rgb,
             self.config.diffusion,
             sampling_timesteps=sampling_timesteps,
@@ -205,7 +216,8 @@ def load_mtov(
 @dataclass(frozen=True)
 class PrecisionPlan:
     """The arithmetic each MToV network runs in: ``autoencoders`` fp32 | bf16 (autocast) | int8 (their
-    linear layers dynamically quantised, CPU only); ``unet`` fp32 (see :func:`precision_plan`)."""
+    linear layers dynamically quantised, CPU only); ``unet`` fp32 | int8 (its convolutions, CPU only;
+    see :func:`precision_plan`)."""
 
     autoencoders: str
     unet: str = "fp32"
@@ -227,16 +239,18 @@ def precision_plan(precision: str, device: torch.device) -> PrecisionPlan:
     * ``bf16``: the autoencoders under bf16 autocast;
     * ``int8``: the autoencoders' linear layers in int8 with per-call activation scales (dynamic
       quantisation, CPU only; each clip is encoded and decoded on its own so that its frames do not
-      depend on the batch it runs in);
-    * ``auto``: bf16 where the device has bf16 matrix units (CUDA, CPUs with AVX512-BF16 or AMX), int8
-      on other CPUs, fp32 elsewhere.
+      depend on the batch it runs in), and the UNet's convolutions in int8 with per-sample activation
+      scales (:class:`MToV.int8.Int8Conv`) where this torch build has oneDNN's int8 convolution
+      (:func:`MToV.int8.int8_convs_supported`; fp32 UNet otherwise);
+    * ``auto``: bf16 autoencoders where the device has bf16 matrix units (CUDA, CPUs with AVX512-BF16
+      or AMX), int8 on other CPUs, fp32 elsewhere.
 
-    The UNet stays fp32 in every mode: its time goes to convolutions (59 % of a pass, which dynamic
-    quantisation does not touch: measured no faster) and bf16 autocast gained only 1.15x on the CPU.
+    bf16 never reaches the UNet: bf16 autocast gained only 1.15x there on the CPU.
     Measured on a 2-core AMD EPYC with AVX512-BF16, one full-size 16-frame clip: encode fp32 10.7 s,
     bf16 6.3 s, int8 6.2 s; decode 9.0 / 5.5 / 5.6 s; decoded frames 52.4 dB (bf16) and 45.8 dB
-    (int8) from fp32. In the whole pipeline int8 was the faster of the two there (56.3 against 63.3 s
-    per second of video); ``auto`` keeps bf16 where it has the units for its closer frames.
+    (int8) from fp32; a batch-of-4 UNet pass 1.9-2.1 s in fp32, 1.6 s with int8 convolutions, and a
+    whole clip's frames 40.8 dB from fp32 with both networks in int8 (42.2 dB with int8 autoencoders
+    alone; random weights). ``auto`` keeps bf16 where it has the units for its closer frames.
     """
     if precision not in PRECISIONS:
         raise UserError(f"precision must be one of {PRECISIONS}, got {precision!r}")
@@ -247,7 +261,8 @@ def precision_plan(precision: str, device: torch.device) -> PrecisionPlan:
             precision = "bf16"
         else:
             precision = "int8" if device.type == "cpu" else "fp32"
-    return PrecisionPlan(autoencoders=precision)
+    unet = "int8" if precision == "int8" and int8_convs_supported() else "fp32"
+    return PrecisionPlan(autoencoders=precision, unet=unet)
 
 
 def autoencoder_dtype(precision: str, device: torch.device) -> torch.dtype:
@@ -256,18 +271,9 @@ def autoencoder_dtype(precision: str, device: torch.device) -> torch.dtype:
 
 
 def quantize_int8(module: torch.nn.Module) -> torch.nn.Module:
-    """An int8 copy of ``module`` for CPU inference: every ``nn.Linear`` dynamically quantised (int8
-    weights, activations quantised per call), the rest unchanged; the original is not modified.
-
-    ``torch.ao.quantization.quantize_dynamic`` is used as is: it ships with the pinned torch and its
-    fbgemm kernels are what makes it fast; torch marks the API deprecated in favour of torchao, whose
-    CPU path was not measured here. The deprecation warning is silenced.
-    """
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return torch.ao.quantization.quantize_dynamic(
-            copy.deepcopy(module).cpu(), {torch.nn.Linear}, dtype=torch.qint8
-        )
+    """An int8 copy of ``module`` with its ``nn.Linear`` layers dynamically quantised (the
+    autoencoders' int8 arithmetic): :func:`MToV.int8.quantize_linears`."""
+    return quantize_linears(module)
 
 
 def prepare_for_device(models: MToVModels, compile: bool = False) -> MToVModels:

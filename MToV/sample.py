@@ -94,8 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--precision",
         choices=PRECISIONS,
         default="auto",
-        help="autoencoders: auto = bf16 autocast where the device has bf16 units, int8 linear layers on "
-        "other CPUs; bf16; int8 (CPU only); fp32 (exact). The UNet always runs fp32",
+        help="auto = bf16 autocast of the autoencoders where the device has bf16 units, int8 on other CPUs; "
+        "bf16; int8 (CPU only: the autoencoders' linear layers and the UNet's convolutions); fp32 (exact)",
     )
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
     p.add_argument("--no_progress", action="store_true")

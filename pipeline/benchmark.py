@@ -348,8 +348,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--precision",
         choices=PRECISIONS,
         default="auto",
-        help="autoencoder arithmetic of the fast mode: auto = bf16 where the device has bf16 matrix units, "
-        "int8 linear layers on other CPUs (see mtov.precision)",
+        help="arithmetic of the fast mode: auto = bf16 autoencoders where the device has bf16 matrix units, "
+        "int8 autoencoders and UNet on other CPUs (see mtov.precision)",
     )
     p.add_argument(
         "--modes", default="fast,fast_fp32,faithful", help="comma list of faithful, fast, fast_fp32 [all]"

@@ -193,8 +193,8 @@ class MtovSettings:
     use_last_as_reference: bool = setting(False, "reference xy-plane from the previous clip's last frame")
     precision: str = setting(
         "auto",
-        "autoencoders: auto = bf16 autocast where the device has bf16 units, int8 linear layers on other "
-        "CPUs; bf16; int8 (CPU); fp32 (exact)",
+        "auto = bf16 autocast of the autoencoders where the device has bf16 units, int8 on other CPUs; "
+        "bf16; int8 (CPU: autoencoders' linear layers, UNet's convolutions); fp32 (exact)",
         check=one_of(("auto", "bf16", "fp32", "int8")),
     )
     seed: int | None = setting(

@@ -19,6 +19,7 @@ from AToM.diffusion import GaussianDiffusion
 from AToM.model import MotionDecoder
 from moditalker.errors import UserError
 from MToV.generate import generate_video, generate_video_original
+from MToV.int8 import Int8Conv
 from MToV.loading import autoencoder_dtype, load_mtov, precision_plan
 from pipeline.benchmark import STAGES, extrapolate, main, mtov_unet_passes, psnr
 from pipeline.benchmark_setup import randomize_zero_params
@@ -133,7 +134,7 @@ def test_mtov_bf16_autoencoders_stay_close(mtov):
     assert set(timings) == {"encode", "unet", "decode"} and all(v > 0 for v in timings.values())
 
 
-def test_mtov_int8_autoencoders_stay_close_and_do_not_depend_on_the_batch(mtov):
+def test_mtov_int8_stays_close_and_does_not_depend_on_the_batch(mtov):
     lv, masked, ident, _ = _clips(3 * mtov.clip_frames - 3, mtov.resolution, seed=4)
     kw = dict(seed=5, sampling_timesteps=8, progress=False, return_float=True)
     fp32 = generate_video(mtov, lv, masked, ident, precision="fp32", batch_size=3, **kw)
@@ -141,14 +142,22 @@ def test_mtov_int8_autoencoders_stay_close_and_do_not_depend_on_the_batch(mtov):
     assert 0 < np.abs(int8 - fp32).max() < 0.2  # really ran in int8, and stayed close
     assert psnr(int8, fp32) >= 35
     one_by_one = generate_video(mtov, lv, masked, ident, precision="int8", batch_size=1, **kw)
-    # activation scales per clip: the batch changes only what the fp32 UNet's rounding (1e-6) flips in
-    # the int8 rounding (measured 0.004, 63 dB); scales shared by the batch gave 0.04 (49.6 dB)
-    assert np.abs(one_by_one - int8).max() < 0.01 and psnr(one_by_one, int8) > 58
-    ae_rgb, ae_ldmk = mtov.autoencoders(precision_plan("int8", mtov.device))
+    # activation scales per clip (autoencoders) and per sample (UNet convolutions), the UNet's other
+    # layers batch-independent too (MToV.int8.PerSample, NCHW outputs): the same numbers in any batch.
+    # (With the fp32 UNet the batch moved frames by up to 0.004, its rounding flipping int8 roundings;
+    # scales shared by the batch gave 0.04.)
+    assert np.array_equal(one_by_one, int8)
+    plan = precision_plan("int8", mtov.device)
+    ae_rgb, ae_ldmk = mtov.autoencoders(plan)
     assert mtov.autoencoders(precision_plan("int8", mtov.device))[0] is ae_rgb  # quantised once, kept
     assert ae_rgb is not mtov.ae_rgb and isinstance(mtov.ae_rgb.encoder, torch.nn.Module)
     quantised = [m for m in ae_ldmk.modules() if "quantized" in type(m).__module__]
     assert quantised and not any("quantized" in type(m).__module__ for m in mtov.ae_ldmk.modules())
+    # the UNet: every convolution int8 in a copy made once; the fp32 network untouched
+    assert plan.unet == "int8" and mtov.unet_for(plan) is mtov.unet_for(plan) is not mtov.unet
+    convs = [m for m in mtov.unet.modules() if isinstance(m, (torch.nn.Conv1d, torch.nn.Conv2d))]
+    assert convs and len([m for m in mtov.unet_for(plan).modules() if isinstance(m, Int8Conv)]) == len(convs)
+    assert not any(isinstance(m, (torch.nn.Conv1d, torch.nn.Conv2d)) for m in mtov.unet_for(plan).modules())
 
 
 def test_precision_choice(monkeypatch):
@@ -167,7 +176,9 @@ def test_precision_choice(monkeypatch):
     assert precision_plan("auto", cpu).per_network() == {"ae_rgb": "bf16", "ae_ldmk": "bf16", "unet": "fp32"}
     assert precision_plan("auto", torch.device("cuda")).autoencoders == "bf16"
     monkeypatch.setattr(loading, "bf16_supported", lambda device: False)
-    assert precision_plan("auto", cpu).per_network() == {"ae_rgb": "int8", "ae_ldmk": "int8", "unet": "fp32"}
+    assert precision_plan("auto", cpu).per_network() == {"ae_rgb": "int8", "ae_ldmk": "int8", "unet": "int8"}
+    monkeypatch.setattr(loading, "int8_convs_supported", lambda: False)  # a torch without oneDNN int8
+    assert precision_plan("int8", cpu).per_network() == {"ae_rgb": "int8", "ae_ldmk": "int8", "unet": "fp32"}
     assert precision_plan("auto", torch.device("cuda")).autoencoders == "fp32"
     assert precision_plan("fp32", cpu).per_network() == {"ae_rgb": "fp32", "ae_ldmk": "fp32", "unet": "fp32"}
 
