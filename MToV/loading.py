@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from moditalker.checkpoint import load_strict, read_checkpoint, unwrap_state_dict
 from moditalker.config import load_config
-from moditalker.device import bf16_supported, resolve_device
+from moditalker.device import bf16_supported, int8_dot_supported, resolve_device
 from moditalker.errors import UserError
 from moditalker.fileio import repo_path
 from MToV.diffusion import DDPM
@@ -240,8 +240,9 @@ def precision_plan(precision: str, device: torch.device) -> PrecisionPlan:
     * ``int8``: the autoencoders' linear layers in int8 with per-call activation scales (dynamic
       quantisation, CPU only; each clip is encoded and decoded on its own so that its frames do not
       depend on the batch it runs in), and the UNet's convolutions in int8 with per-sample activation
-      scales (:class:`MToV.int8.Int8Conv`) where this torch build has oneDNN's int8 convolution
-      (:func:`MToV.int8.int8_convs_supported`; fp32 UNet otherwise);
+      scales (:class:`MToV.int8.Int8Conv`) where the CPU has int8 dot products (VNNI or AMX,
+      :func:`moditalker.device.int8_dot_supported`: without them a pass was no faster) and this torch
+      build has oneDNN's int8 convolution (:func:`MToV.int8.int8_convs_supported`); fp32 UNet otherwise;
     * ``auto``: bf16 autoencoders where the device has bf16 matrix units (CUDA, CPUs with AVX512-BF16
       or AMX), int8 on other CPUs, fp32 elsewhere.
 
@@ -261,7 +262,7 @@ def precision_plan(precision: str, device: torch.device) -> PrecisionPlan:
             precision = "bf16"
         else:
             precision = "int8" if device.type == "cpu" else "fp32"
-    unet = "int8" if precision == "int8" and int8_convs_supported() else "fp32"
+    unet = "int8" if precision == "int8" and int8_dot_supported() and int8_convs_supported() else "fp32"
     return PrecisionPlan(autoencoders=precision, unet=unet)
 
 

@@ -134,7 +134,10 @@ def test_mtov_bf16_autoencoders_stay_close(mtov):
     assert set(timings) == {"encode", "unet", "decode"} and all(v > 0 for v in timings.values())
 
 
-def test_mtov_int8_stays_close_and_does_not_depend_on_the_batch(mtov):
+def test_mtov_int8_stays_close_and_does_not_depend_on_the_batch(mtov, monkeypatch):
+    import MToV.loading as loading
+
+    monkeypatch.setattr(loading, "int8_dot_supported", lambda: True)  # the int8 UNet on any CPU (VNNI or not)
     lv, masked, ident, _ = _clips(3 * mtov.clip_frames - 3, mtov.resolution, seed=4)
     kw = dict(seed=5, sampling_timesteps=8, progress=False, return_float=True)
     fp32 = generate_video(mtov, lv, masked, ident, precision="fp32", batch_size=3, **kw)
@@ -176,7 +179,11 @@ def test_precision_choice(monkeypatch):
     assert precision_plan("auto", cpu).per_network() == {"ae_rgb": "bf16", "ae_ldmk": "bf16", "unet": "fp32"}
     assert precision_plan("auto", torch.device("cuda")).autoencoders == "bf16"
     monkeypatch.setattr(loading, "bf16_supported", lambda device: False)
+    monkeypatch.setattr(loading, "int8_dot_supported", lambda: True)
     assert precision_plan("auto", cpu).per_network() == {"ae_rgb": "int8", "ae_ldmk": "int8", "unet": "int8"}
+    monkeypatch.setattr(loading, "int8_dot_supported", lambda: False)  # a CPU without VNNI: no gain there
+    assert precision_plan("int8", cpu).per_network() == {"ae_rgb": "int8", "ae_ldmk": "int8", "unet": "fp32"}
+    monkeypatch.setattr(loading, "int8_dot_supported", lambda: True)
     monkeypatch.setattr(loading, "int8_convs_supported", lambda: False)  # a torch without oneDNN int8
     assert precision_plan("int8", cpu).per_network() == {"ae_rgb": "int8", "ae_ldmk": "int8", "unet": "fp32"}
     assert precision_plan("auto", torch.device("cuda")).autoencoders == "fp32"

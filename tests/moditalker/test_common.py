@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from moditalker.config import load_config, save_config
-from moditalker.device import resolve_device
+from moditalker.device import int8_dot_supported, resolve_device
 from moditalker.errors import UserError
 from moditalker.fileio import check_output, load_npy, save_npy
 
@@ -24,6 +24,21 @@ def test_resolve_device():
             resolve_device("cuda:0")
     with pytest.raises(UserError, match="unknown device"):
         resolve_device("gpu7")
+
+
+def test_int8_dot_products_are_read_from_the_cpu_flags_and_the_onednn_cap():
+    zen3 = "processor\t: 0\nflags\t\t: fpu sse4_2 avx avx2 fma\n"  # AVX2 only
+    zen4 = "processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512_bf16 avx512_vnni\n"
+    alder = "flags\t\t: avx2 avx_vnni\n"
+    assert not int8_dot_supported(zen3, max_isa="")
+    assert int8_dot_supported(zen4, max_isa="") and int8_dot_supported(alder, max_isa="")
+    assert int8_dot_supported("flags : amx_int8 amx_tile\n", max_isa="")
+    # oneDNN capped below VNNI (ONEDNN_MAX_CPU_ISA) cannot use them
+    assert not int8_dot_supported(zen4, max_isa="AVX2") and not int8_dot_supported(
+        zen4, max_isa="avx512_core"
+    )
+    assert int8_dot_supported(zen4, max_isa="AVX512_CORE_VNNI")
+    assert int8_dot_supported() == int8_dot_supported(open("/proc/cpuinfo").read())  # this machine's answer
 
 
 def test_config_overrides_and_save(tmp_path):
