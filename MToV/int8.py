@@ -98,7 +98,8 @@ class Int8Conv(nn.Module):
         if self.one_d:
             x = x.unsqueeze(-1)
         b = x.shape[0]
-        lo, hi = torch.aminmax(x.reshape(b, -1), dim=1)
+        flat = x.reshape(b, -1)
+        lo, hi = flat.amin(1), flat.amax(1)  # (aminmax over dim 1 was 20x slower here)
         lo, hi = lo.clamp(max=0.0), hi.clamp(min=0.0)  # real 0 must be representable (the padding)
         scale = ((hi - lo) / 255.0).clamp_min(1e-12)
         zero = torch.round(-lo / scale)
@@ -106,7 +107,9 @@ class Int8Conv(nn.Module):
         # x / s + z rounded (half up) and clamped to 0..255. Separate multiplies and adds, never a fused
         # addcmul: its vectorised part rounds once (FMA) and its tail twice, and where an element falls
         # depends on the batch's size.
-        q = (x * scale.reciprocal().view(per)).add_((zero + 0.5).view(per)).clamp_(0, 255).to(torch.uint8)
+        # (float -> uint8 directly was 5x slower than through int16)
+        q = (x * scale.reciprocal().view(per)).add_((zero + 0.5).view(per)).clamp_(0, 255)
+        q = q.to(torch.int16).to(torch.uint8)
         if self.pad is not None:  # the padding holds real zeros: each sample's zero point
             pw, ph = self.pad[0], self.pad[2]
             padded = (
