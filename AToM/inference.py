@@ -44,7 +44,7 @@ from AToM.diffusion import GUIDANCE_MODES, GaussianDiffusion
 from data.face3d import idexp_to_lm3d, lm3d_to_idexp
 from moditalker.assets import random_weights_banner
 from moditalker.config import save_config
-from moditalker.device import resolve_device
+from moditalker.device import original_attention, resolve_device
 from moditalker.errors import UserError, cli_main
 from moditalker.fileio import atomic_path, check_output, load_npy, save_npy
 
@@ -178,19 +178,20 @@ def generate_landmarks(
             values = torch.zeros(1, w, 204, device=device)
             values[0, :n_inpaint] = out[s : s + n_inpaint] - ref
             known = (mask, values)
-        res = diffusion.ddim_sample(
-            (1, w, 204),
-            face,
-            None,
-            hub[2 * s : 2 * (s + w)][None].to(device),
-            steps=steps,
-            eta=eta,
-            guidance_weight=guidance_weight,
-            generator=gen,
-            known=known,
-            progress=progress and len(starts) == 1,
-            guidance_mode=guidance_mode,
-        )
+        with original_attention(device):  # on the CPU: the original's arithmetic, bit for bit
+            res = diffusion.ddim_sample(
+                (1, w, 204),
+                face,
+                None,
+                hub[2 * s : 2 * (s + w)][None].to(device),
+                steps=steps,
+                eta=eta,
+                guidance_weight=guidance_weight,
+                generator=gen,
+                known=known,
+                progress=progress and len(starts) == 1,
+                guidance_mode=guidance_mode,
+            )
         new = res[0] + ref
         m = n_known - n_inpaint
         if m > 0:  # raised-cosine cross-fade from the previous window to this one

@@ -30,7 +30,7 @@ from tqdm import tqdm
 from data.video import media_problem
 from moditalker.assets import warn_random_weights
 from moditalker.constants import SAMPLE_RATE
-from moditalker.device import resolve_device
+from moditalker.device import original_attention, resolve_device
 from moditalker.errors import UserError, cli_main
 from moditalker.fileio import atomic_path, check_output, require_file, save_npy
 
@@ -351,7 +351,8 @@ class HubertExtractor:
             for j in range(0, len(idx), self.batch_size):
                 group = idx[j : j + self.batch_size]
                 batch = np.stack([values[bounds[i][0] : bounds[i][0] + length] for i in group])
-                hidden = self.model(torch.from_numpy(batch).to(self.device)).last_hidden_state
+                with original_attention(self.device):
+                    hidden = self.model(torch.from_numpy(batch).to(self.device)).last_hidden_state
                 hidden = hidden.float().cpu().numpy()
                 for k, i in enumerate(group):
                     outputs[i] = hidden[k]

@@ -3,6 +3,7 @@ device can do (bf16 matrix units) and which process of a launched group this is.
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -74,6 +75,19 @@ def int8_dot_supported(cpuinfo: str | None = None, max_isa: str | None = None) -
         if line.startswith("flags"):
             flags.update(line.partition(":")[2].split())
     return bool(flags & _VNNI_FLAGS)
+
+
+def original_attention(device: torch.device) -> contextlib.AbstractContextManager:
+    """On the CPU, PyTorch's math attention backend: softmax(q k^T) v computed as the original code does,
+    so HuBERT's and AToM's outputs equal the original call pattern's bit for bit (the fused kernels moved
+    AToM's landmarks by 1.5e-7, enough for the renderer's whole-pixel rounding to move a landmark by one
+    pixel). It cost 4 % of AToM's time there (full size, 2 threads). Elsewhere nothing changes: the
+    fused kernels are much faster on a GPU."""
+    if device.type == "cpu":
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        return sdpa_kernel(SDPBackend.MATH)
+    return contextlib.nullcontext()
 
 
 def autocast(device: torch.device, dtype: torch.dtype):

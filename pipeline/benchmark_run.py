@@ -145,7 +145,8 @@ def run_mode(
 
     # The original computes attention explicitly (softmax(q k^T) v, no fused kernels): the faithful
     # mode runs every network with PyTorch's math attention backend; the fast modes use SDPA's fused
-    # (flash) kernels.
+    # (flash) kernels, except HuBERT and AToM on the CPU, which take the math backend there too
+    # (moditalker.device.original_attention: the same landmarks bit for bit, 4 % of AToM's time).
     attention = sdpa_kernel(SDPBackend.MATH) if mode == "faithful" else contextlib.nullcontext()
     with PeakMemory(dev) as mem, attention:
         c0 = time.process_time()

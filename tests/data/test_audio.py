@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from data.audio import (
     CHUNK_SAMPLES,
@@ -235,6 +236,10 @@ def test_random_extractor_shapes():
     assert feats.shape == (49, 64)
     again = HubertExtractor.random(hidden_size=64, seed=1, conv_dim=8)(_speechy(16000))
     np.testing.assert_array_equal(feats, again)  # seeded
+    # on the CPU with the math attention (the benchmark's faithful arithmetic), bit for bit
+    with sdpa_kernel(SDPBackend.MATH):
+        faithful = HubertExtractor.random(hidden_size=64, seed=1, conv_dim=8)(_speechy(16000))
+    np.testing.assert_array_equal(feats, faithful)
 
 
 # ------------------------------------------------------------------------------------------------
