@@ -17,14 +17,15 @@ How :class:`Int8Conv` quantises (written here; the kernel is oneDNN's):
   on every CPU, so a clip's frames do not depend on whether the CPU has VNNI.
 * activations: asymmetric uint8 with a scale and zero point computed **per sample** on every call, so a
   clip's result does not depend on the other clips of its batch (a per-call scale would mix them). The
-  kernel takes one zero point per call; it runs with zero point 0 on input padded beforehand (so the
-  padding holds each sample's zero point), and the per-sample zero point is taken out afterwards with
-  each output channel's weight sum.
+  kernel takes one scale and zero point per call; it runs with a fixed zero point on input padded
+  beforehand (so the padding holds each sample's zero point, a real 0), and each sample's scale and zero
+  point are applied afterwards with each output channel's weight sum.
+* the UNet's fp32 linear layers and group norms run one sample at a time (:class:`PerSample`), and
+  :class:`Int8Conv` returns NCHW: then a clip's frames are the same in any batch, bit for bit.
 
-Measured on a 2-core AMD EPYC (AVX512-VNNI), full-size UNet, random weights, a batch of 4 clips:
-one pass 1.83-2.05 s in fp32 and 1.31 s with int8 convolutions (per-call scales; see the README for
-the per-sample figures and the whole pipeline). The frames against fp32 are in the README and the
-tests bound them on the tiny config.
+Measured on a 2-core AMD EPYC (AVX512-VNNI), full-size UNet, random weights, a batch of 4 clips: one
+pass 1.86-2.04 s in fp32 and 1.51-1.60 s with int8 convolutions. The frames against fp32 and the whole
+pipeline are in the README; the tests bound them on the tiny config.
 """
 
 from __future__ import annotations
@@ -60,9 +61,9 @@ class Int8Conv(nn.Module):
     uint8 activations (see the module docstring); float32 in, float32 out, same shapes as the conv.
 
     The zero padding is applied before quantising (a real 0 quantises exactly to the sample's integer
-    zero point), so the kernel runs unpadded with zero point 0, and each output is
-    ``s * (sum q w - z * sum w) + bias``: one fused multiply-add with a per-sample, per-channel offset.
-    The result is in the kernel's channels-last layout (later layers take either layout)."""
+    zero point), so the kernel runs unpadded with a fixed zero point z0, and each output is
+    ``s * (sum (q - z0) w + (z0 - z) * sum w) + bias``: a multiply and an add with a per-sample,
+    per-channel offset, written to NCHW (the layout the fp32 layers after it see in fp32)."""
 
     def __init__(self, conv: nn.Conv1d | nn.Conv2d) -> None:
         super().__init__()
@@ -106,8 +107,7 @@ class Int8Conv(nn.Module):
         per = (b, 1, 1, 1)
         # x / s + z rounded (half up) and clamped to 0..255. Separate multiplies and adds, never a fused
         # addcmul: its vectorised part rounds once (FMA) and its tail twice, and where an element falls
-        # depends on the batch's size.
-        # (float -> uint8 directly was 5x slower than through int16)
+        # depends on the batch's size. float -> uint8 goes through int16 (5x faster than directly).
         q = (x * scale.reciprocal().view(per)).add_((zero + 0.5).view(per)).clamp_(0, 255)
         q = q.to(torch.int16).to(torch.uint8)
         if self.pad is not None:  # the padding holds real zeros: each sample's zero point
@@ -120,7 +120,7 @@ class Int8Conv(nn.Module):
             padded = padded.contiguous()
             padded[:, :, ph : ph + q.shape[2], pw : pw + q.shape[3]] = q
             q = padded
-        # One call for the batch, with a fixed zero point z0 and scale 1 (the per-sample ones cannot be
+        # One call for the batch, with the fixed zero point z0 and scale 1 (the per-sample ones cannot be
         # passed): s * (sum (q - z0) w + (z0 - z) sum w) + bias. Every step is per element and the
         # products are summed in int32, so a sample's output does not depend on its batch, bit for bit
         # (tested).

@@ -26,6 +26,8 @@ from MToV.int8 import int8_convs_supported, quantize_convs, quantize_linears
 from MToV.models.autoencoder import OFFICIAL_CONFIG, ViTAutoencoder, load_autoencoder_weights
 from MToV.models.unet import DiffusionWrapper, UNetModel
 
+quantize_int8 = quantize_linears  # its earlier name, kept importable
+
 __all__ = [
     "MODEL_DEFAULTS",
     "PRECISIONS",
@@ -39,7 +41,7 @@ __all__ = [
     "model_config",
     "precision_plan",
     "prepare_for_device",
-    "quantize_int8",
+    "quantize_int8",  # the earlier name of MToV.int8.quantize_linears
 ]
 
 #: Model settings shared by sampling and diffusion training (the official full-size values).
@@ -105,7 +107,7 @@ class MToVModels:
         if plan.autoencoders != "int8":
             return self.ae_rgb, self.ae_ldmk
         if self._int8 is None:
-            self._int8 = (quantize_int8(self.ae_rgb), quantize_int8(self.ae_ldmk))
+            self._int8 = (quantize_linears(self.ae_rgb), quantize_linears(self.ae_ldmk))
         return self._int8
 
     def unet_for(self, plan: PrecisionPlan | None = None) -> DiffusionWrapper:
@@ -269,12 +271,6 @@ def precision_plan(precision: str, device: torch.device) -> PrecisionPlan:
 def autoencoder_dtype(precision: str, device: torch.device) -> torch.dtype:
     """The autocast dtype of the autoencoders under ``precision`` (see :func:`precision_plan`)."""
     return precision_plan(precision, device).autoencoder_dtype
-
-
-def quantize_int8(module: torch.nn.Module) -> torch.nn.Module:
-    """An int8 copy of ``module`` with its ``nn.Linear`` layers dynamically quantised (the
-    autoencoders' int8 arithmetic): :func:`MToV.int8.quantize_linears`."""
-    return quantize_linears(module)
 
 
 def prepare_for_device(models: MToVModels, compile: bool = False) -> MToVModels:

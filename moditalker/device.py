@@ -4,6 +4,7 @@ device can do (bf16 matrix units) and which process of a launched group this is.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 
 import torch
@@ -64,17 +65,27 @@ def int8_dot_supported(cpuinfo: str | None = None, max_isa: str | None = None) -
     isa = (max_isa if max_isa is not None else os.environ.get("ONEDNN_MAX_CPU_ISA", "")).strip().upper()
     if isa in _ISA_WITHOUT_VNNI:
         return False
-    if cpuinfo is None:
-        try:
-            with open("/proc/cpuinfo") as f:
-                cpuinfo = f.read()
-        except OSError:
-            return False
-    flags = set()
-    for line in cpuinfo.splitlines():
-        if line.startswith("flags"):
-            flags.update(line.partition(":")[2].split())
+    flags = _cpu_flags() if cpuinfo is None else _flags_of(cpuinfo)
     return bool(flags & _VNNI_FLAGS)
+
+
+def _flags_of(cpuinfo: str) -> frozenset[str]:
+    return frozenset(
+        flag
+        for line in cpuinfo.splitlines()
+        if line.startswith("flags")
+        for flag in line.partition(":")[2].split()
+    )
+
+
+@functools.cache
+def _cpu_flags() -> frozenset[str]:
+    """This CPU's flags from ``/proc/cpuinfo`` (read once per process; empty where it cannot be read)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return _flags_of(f.read())
+    except OSError:
+        return frozenset()
 
 
 def original_attention(device: torch.device) -> contextlib.AbstractContextManager:
