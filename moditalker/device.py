@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+from collections.abc import Mapping
 
 import torch
 
@@ -86,6 +87,38 @@ def _cpu_flags() -> frozenset[str]:
             return _flags_of(f.read())
     except OSError:
         return frozenset()
+
+
+# Environment that makes PyTorch run as on a CPU with fewer instructions (``--cpu-isa`` of the
+# benchmark): ATen's vectorised kernels (attention, elementwise), oneDNN (convolutions, bf16 and int8)
+# and MKL (fp32 matrix products). fbgemm (the int8 linear layers) has no such switch and keeps using
+# what the CPU has. Read by the libraries when they load, so it must be set before the process starts.
+CPU_ISA_ENV: dict[str, dict[str, str]] = {
+    "avx2": {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"},
+}
+
+
+def cpu_isa_missing(isa: str, environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The variables of :data:`CPU_ISA_ENV` ``[isa]`` that ``environ`` (default: this process's) does
+    not hold yet; empty when the process already runs capped (or ``isa`` is ``native``)."""
+    if isa == "native":
+        return {}
+    if isa not in CPU_ISA_ENV:
+        raise UserError(f"unknown CPU instruction set {isa!r}; use native or {', '.join(CPU_ISA_ENV)}")
+    env = os.environ if environ is None else environ
+    return {k: v for k, v in CPU_ISA_ENV[isa].items() if env.get(k) != v}
+
+
+def cpu_isa_report() -> dict[str, object]:
+    """What this process's CPU arithmetic may use, as the libraries see it (benchmark reports)."""
+    return {
+        "aten": torch.backends.cpu.get_cpu_capability(),
+        "onednn_max_isa": os.environ.get("ONEDNN_MAX_CPU_ISA") or "native",
+        "mkl_instructions": os.environ.get("MKL_ENABLE_INSTRUCTIONS") or "native",
+        "bf16_units": bf16_supported(torch.device("cpu")),
+        "int8_dot_products": int8_dot_supported(),
+        "fbgemm": "native (cannot be capped)",
+    }
 
 
 def original_attention(device: torch.device) -> contextlib.AbstractContextManager:

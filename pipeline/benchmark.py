@@ -32,6 +32,11 @@ seconds, totals and speed-ups in the JSON are then extrapolated to the full step
 stage and the UNet time scale with the number of steps; everything else is measured as is), and the
 raw measurements are kept under ``measured``.
 
+``--cpu-isa avx2`` restarts the process with ATen, oneDNN and MKL capped at AVX2 (environment
+variables the libraries read when they load: :data:`moditalker.device.CPU_ISA_ENV`), i.e. as on a CPU
+without AVX512, bf16 units or int8 dot products; fbgemm cannot be capped. The report's ``cpu_isa``
+gives what the CPU arithmetic could use.
+
 Layout: :mod:`pipeline.benchmark_setup` builds the networks and inputs, :mod:`pipeline.benchmark_run`
 runs and times one mode; this module is the CLI and the report (extrapolation, speed-ups, table).
 """
@@ -42,6 +47,7 @@ import argparse
 import json
 import math
 import os
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -50,7 +56,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from moditalker.device import allocator
+from moditalker.device import CPU_ISA_ENV, allocator, cpu_isa_missing, cpu_isa_report
 from moditalker.errors import UserError, cli_main
 from MToV.loading import PRECISIONS
 from pipeline.benchmark_run import (
@@ -191,6 +197,8 @@ def run_benchmark(
         "reference": "still" if still else "moving",
         "threads": torch.get_num_threads(),
         "allocator": allocator(),
+        # the instructions the CPU arithmetic could use (--cpu-isa caps them to emulate a smaller CPU)
+        "cpu_isa": cpu_isa_report() if dev.type == "cpu" else None,
         "networks": "tiny" if tiny else "full-size, random weights",
         "steps_scale": steps_scale,
         "steps": {
@@ -322,6 +330,13 @@ def format_table(report: dict[str, Any]) -> str:
     used = report.get("precision_used", {}).get("fast")
     if used:
         lines.append("precision_used (fast): " + ", ".join(f"{k} {v}" for k, v in used.items()))
+    isa = report.get("cpu_isa")
+    if isa:
+        lines.append(
+            f"cpu: ATen {isa['aten']}, oneDNN {isa['onednn_max_isa']}, MKL {isa['mkl_instructions']}, "
+            f"bf16 units {isa['bf16_units']}, int8 dot products {isa['int8_dot_products']}, "
+            f"fbgemm {isa['fbgemm']}"
+        )
     for warning in report.get("busy_warnings") or ():
         lines.append(
             f"WARNING (busy machine, figures unsound; re-run when idle or with --clock cpu): {warning}"
@@ -367,6 +382,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--still", action="store_true", help="a still reference (one frame held, as --ref_image) [moving]"
     )
+    p.add_argument(
+        "--cpu-isa",
+        choices=("native", *CPU_ISA_ENV),
+        default="native",
+        help="run as on a CPU with only these instructions (avx2: no AVX512, no bf16 units, no int8 dot "
+        "products; caps ATen, oneDNN and MKL, not fbgemm): restarts the process with ATEN_CPU_CAPABILITY, "
+        "ONEDNN_MAX_CPU_ISA and MKL_ENABLE_INSTRUCTIONS set [native]",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
@@ -375,6 +398,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = build_parser().parse_args(argv)
+    missing = cpu_isa_missing(args.cpu_isa)
+    if missing:  # the libraries read these when they load: only a new process can take them
+        if argv is not None:
+            raise UserError(
+                f"--cpu-isa {args.cpu_isa} needs {' '.join(f'{k}={v}' for k, v in missing.items())} "
+                "set before the process starts (the command line sets them itself)"
+            )
+        os.execve(
+            sys.executable,
+            [sys.executable, "-m", "pipeline.benchmark", *sys.argv[1:]],
+            {**os.environ, **missing},
+        )
     if args.threads is not None:
         if args.threads < 1:
             raise UserError(f"--threads must be >= 1, got {args.threads}")

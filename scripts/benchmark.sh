@@ -2,9 +2,10 @@
 # Speed of every inference stage: the original's call pattern ("faithful") vs the fast path, side by
 # side, with full-size random-weight networks (no checkpoints needed).
 #   scripts/benchmark.sh [--device cpu|cuda] [--seconds S] [--steps-scale F] [--json OUT.json] \
-#       [--precision auto|bf16|fp32] [--modes fast,fast_fp32,faithful] [--batch-size B] [--compile] \
-#       [--threads N] [--tiny]
+#       [--precision auto|bf16|int8|fp32] [--modes fast,fast_fp32,faithful] [--batch-size B] [--compile] \
+#       [--threads N] [--tiny] [--cpu-isa native|avx2]
 # --steps-scale F < 1 runs F x the diffusion steps and extrapolates the times to full steps.
+# --cpu-isa avx2 runs as on a CPU without AVX512, bf16 units or int8 dot products (not fbgemm).
 # See `scripts/benchmark.sh --help`. Sets up .venv first when missing (scripts/setup.sh).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"

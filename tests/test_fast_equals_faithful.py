@@ -280,6 +280,8 @@ def test_benchmark_script_and_errors(tmp_path):
             "--clock",
             "cpu",
             "--still",
+            "--cpu-isa",
+            "avx2",  # restarts itself as on a CPU without AVX512, bf16 units or int8 dot products
         ],
         capture_output=True,
         text=True,
@@ -291,6 +293,11 @@ def test_benchmark_script_and_errors(tmp_path):
     assert report["speedup_total"] is None and report["psnr_db"] is None and "faithful" not in report
     assert report["clock"].startswith("process CPU") and report["fast"]["mtov_unet"] > 0
     assert report["reference"] == "still"
+    assert report["cpu_isa"]["aten"] == "AVX2" and report["cpu_isa"]["onednn_max_isa"] == "AVX2"
+    assert report["cpu_isa"]["bf16_units"] is False and report["cpu_isa"]["int8_dot_products"] is False
+    # auto on such a CPU: int8 autoencoders (fbgemm), the UNet in fp32 (no int8 dot products)
+    assert report["precision_used"]["fast"] == {"ae_rgb": "int8", "ae_ldmk": "int8", "unet": "fp32"}
+    assert "cpu: ATen AVX2, oneDNN AVX2" in run.stdout
     again = subprocess.run(
         [sys.executable, "-m", "pipeline.benchmark", "--tiny", "--json", str(out)],
         capture_output=True,
@@ -317,6 +324,7 @@ def test_benchmark_script_and_errors(tmp_path):
         (["--batch-size", "0"], "--batch-size"),
         (["--seed", "-1"], "--seed"),
         (["--json", "{file}/report.json"], "is a file"),
+        (["--cpu-isa", "avx2"], "ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 set before"),
     ],
 )
 def test_benchmark_bad_settings_fail_before_any_work(tmp_path, monkeypatch, args, message):

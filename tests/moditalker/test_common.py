@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 import subprocess
 import sys
 
@@ -10,7 +12,7 @@ import pytest
 import torch
 
 from moditalker.config import load_config, save_config
-from moditalker.device import int8_dot_supported, resolve_device
+from moditalker.device import cpu_isa_missing, cpu_isa_report, int8_dot_supported, resolve_device
 from moditalker.errors import UserError
 from moditalker.fileio import check_output, load_npy, save_npy
 
@@ -39,6 +41,32 @@ def test_int8_dot_products_are_read_from_the_cpu_flags_and_the_onednn_cap():
     )
     assert int8_dot_supported(zen4, max_isa="AVX512_CORE_VNNI")
     assert int8_dot_supported() == int8_dot_supported(open("/proc/cpuinfo").read())  # this machine's answer
+
+
+def test_cpu_isa_caps_name_what_a_new_process_needs():
+    capped = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
+    assert cpu_isa_missing("avx2", {}) == capped
+    assert cpu_isa_missing("avx2", {**capped, "ONEDNN_MAX_CPU_ISA": "AVX512_CORE"}) == {
+        "ONEDNN_MAX_CPU_ISA": "AVX2"
+    }
+    assert cpu_isa_missing("avx2", capped) == {} and cpu_isa_missing("native", {}) == {}
+    with pytest.raises(UserError, match="unknown CPU instruction set 'sse2'"):
+        cpu_isa_missing("sse2", {})
+    # in a process started with the caps, the libraries report them (and bf16 / int8 paths are off)
+    code = "import json; from moditalker.device import cpu_isa_report as r; print(json.dumps(r()))"
+    run = subprocess.run(
+        [sys.executable, "-c", code], env={**os.environ, **capped}, capture_output=True, text=True
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    report = json.loads(run.stdout)
+    assert (
+        report["aten"] == "AVX2"
+        and report["onednn_max_isa"] == "AVX2"
+        and report["mkl_instructions"] == "AVX2"
+    )
+    assert report["bf16_units"] is False and report["int8_dot_products"] is False
+    here = cpu_isa_report()  # this process: whatever the CPU has, unless the suite itself runs capped
+    assert here["aten"] == torch.backends.cpu.get_cpu_capability()
 
 
 def test_config_overrides_and_save(tmp_path):
