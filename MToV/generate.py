@@ -17,8 +17,8 @@ float rounding (``precision="fp32"``):
   latent (:class:`LatentCache`); each clip draws its noise from its own generator seeded by
   (seed, clip index), so the result does not depend on ``batch_size``; ``torch.inference_mode``;
   cheaper arithmetic chosen per device (:func:`MToV.loading.precision_plan`: bf16 autocast of the
-  autoencoders where the device has bf16 matrix units; on other CPUs int8 linear layers in the
-  autoencoders and int8 convolutions in the UNet).
+  autoencoders where the device has bf16 matrix units (GPUs, AMX CPUs); on other CPUs int8 linear
+  layers in the autoencoders and int8 convolutions in the UNet).
 * :func:`generate_video_original`: the original's call pattern, kept for benchmarking: one clip at a
   time, four encodes per clip (the target clip, whose latent is unused, the reference, the
   landmarks, the masked frames), fp32, ``torch.no_grad``.
@@ -398,11 +398,12 @@ def generate_video(
     returned at the input size S.
 
     Fast path: ``precision="auto"`` runs the autoencoders (encodes and decode) under bf16 autocast
-    where the device has bf16 matrix units, and on other CPUs the autoencoders with int8 linear layers
-    and the UNet with int8 convolutions (:func:`MToV.loading.precision_plan`); ``"fp32"`` keeps everything in
-    fp32, equal up to float rounding to the original's one-clip-at-a-time call pattern, which is
-    :func:`generate_video_original` (same noise, same arguments but ``batch_size``, ``precision``
-    and ``use_last_as_reference``, plus the target frames it encodes and never uses).
+    where the device has bf16 matrix units (GPUs, AMX CPUs), and on other CPUs the autoencoders with
+    int8 linear layers and the UNet with int8 convolutions (:func:`MToV.loading.precision_plan`);
+    ``"fp32"`` keeps everything in fp32, equal up to float rounding to the original's
+    one-clip-at-a-time call pattern, which is :func:`generate_video_original` (same noise, same
+    arguments but ``batch_size``, ``precision`` and ``use_last_as_reference``, plus the target frames
+    it encodes and never uses).
     ``timings`` (a dict) accumulates seconds under ``encode``, ``unet`` and ``decode``; ``timer`` (a
     :class:`~moditalker.timing.StageTimer`, e.g. one with ``clock=time.process_time``) records them
     instead (default: ``StageTimer(timings, models.device)``; when given, ``timings`` is not used).

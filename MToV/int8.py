@@ -1,4 +1,4 @@
-"""int8 arithmetic for MToV on the CPU (``mtov.precision=int8``, and ``auto`` on CPUs without bf16 units).
+"""int8 arithmetic for MToV on the CPU (``mtov.precision=int8``, and ``auto`` on CPUs without AMX).
 
 * The autoencoders: every ``nn.Linear`` dynamically quantised with torch's own
   ``torch.ao.quantization.quantize_dynamic`` (fbgemm kernels), see :func:`quantize_linears`.

@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from moditalker.checkpoint import load_strict, read_checkpoint, unwrap_state_dict
 from moditalker.config import load_config
-from moditalker.device import bf16_supported, int8_dot_supported, resolve_device
+from moditalker.device import amx_bf16_supported, bf16_supported, int8_dot_supported, resolve_device
 from moditalker.errors import UserError
 from moditalker.fileio import repo_path
 from MToV.diffusion import DDPM
@@ -245,25 +245,28 @@ def precision_plan(precision: str, device: torch.device) -> PrecisionPlan:
       scales (:class:`MToV.int8.Int8Conv`) where the CPU has int8 dot products (VNNI or AMX,
       :func:`moditalker.device.int8_dot_supported`: without them a pass was no faster) and this torch
       build has oneDNN's int8 convolution (:func:`MToV.int8.int8_convs_supported`); fp32 UNet otherwise;
-    * ``auto``: bf16 autoencoders where the device has bf16 matrix units (CUDA, CPUs with AVX512-BF16
-      or AMX), int8 on other CPUs, fp32 elsewhere.
+    * ``auto``: bf16 autoencoders where the device has bf16 matrix units (CUDA with bf16; CPUs with
+      AMX bf16 tiles, :func:`moditalker.device.amx_bf16_supported`), int8 on every other CPU (also
+      those whose bf16 is AVX512-BF16 dot products only), fp32 elsewhere.
 
     bf16 never reaches the UNet: bf16 autocast gained only 1.15x there on the CPU.
-    Measured on a 2-core AMD EPYC with AVX512-BF16, one full-size 16-frame clip: encode fp32 10.7 s,
-    bf16 6.3 s, int8 6.2 s; decode 9.0 / 5.5 / 5.6 s; decoded frames 52.4 dB (bf16) and 45.8 dB
-    (int8) from fp32; a batch-of-4 UNet pass 1.9-2.1 s in fp32, 1.6 s with int8 convolutions, and a
-    whole clip's frames 40.8 dB from fp32 with both networks in int8 (42.2 dB with int8 autoencoders
-    alone; random weights). ``auto`` keeps bf16 where it has the units for its closer frames.
+    Measured on a 2-core AMD EPYC with AVX512-BF16 and AVX512-VNNI (no AMX), one full-size 16-frame
+    clip: encode fp32 10.7 s, bf16 6.3 s, int8 6.2 s; decode 9.0 / 5.5 / 5.6 s; decoded frames 52.4 dB
+    (bf16) and 45.8 dB (int8) from fp32; a batch-of-4 UNet pass 1.9-2.1 s in fp32, 1.6 s with int8
+    convolutions, and a whole clip's frames 40.8 dB from fp32 with both networks in int8 (42.2 dB with
+    int8 autoencoders alone; random weights). The whole pipeline there (4 s of video, tcmalloc, one run
+    each): 58.9 s per second of video with bf16 autoencoders, 48.9 with int8, both well above 35 dB from
+    fp32; so ``auto`` takes int8 on such CPUs and bf16 only where AMX runs it (not measured here).
     """
     if precision not in PRECISIONS:
         raise UserError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     if precision == "int8" and device.type != "cpu":
         raise UserError(f"mtov.precision=int8 (dynamic quantisation) runs on the CPU only, not on {device}")
     if precision == "auto":
-        if bf16_supported(device):
-            precision = "bf16"
+        if device.type == "cpu":
+            precision = "bf16" if bf16_supported(device) and amx_bf16_supported() else "int8"
         else:
-            precision = "int8" if device.type == "cpu" else "fp32"
+            precision = "bf16" if bf16_supported(device) else "fp32"
     unet = "int8" if precision == "int8" and int8_dot_supported() and int8_convs_supported() else "fp32"
     return PrecisionPlan(autoencoders=precision, unet=unet)
 

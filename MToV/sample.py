@@ -94,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--precision",
         choices=PRECISIONS,
         default="auto",
-        help="auto = bf16 autocast of the autoencoders where the device has bf16 units, int8 on other CPUs; "
+        help="auto = bf16 autocast of the autoencoders on GPUs and AMX CPUs, int8 on other CPUs; "
         "bf16; int8 (CPU only: the autoencoders' linear layers and the UNet's convolutions); fp32 (exact)",
     )
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")

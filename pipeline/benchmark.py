@@ -23,8 +23,8 @@ Modes, run side by side in one process on the same inputs and the same noise:
   :func:`MToV.generate.generate_video`: conditions encoded once, CFG as one batched pass on GPU (two
   passes on the CPU, which runs them faster), the reference
   latent once per video, only the encodes sampling uses, ``torch.inference_mode``, SDPA attention,
-  clips batched, bf16 autocast for the autoencoders where the device has bf16 matrix units
-  (``--precision``), channels-last UNet and optional ``torch.compile`` on GPU;
+  clips batched, bf16 autocast for the autoencoders where the device has bf16 matrix units (GPUs,
+  AMX CPUs; int8 on other CPUs, ``--precision``), channels-last UNet and optional ``torch.compile`` on GPU;
 * ``fast_fp32`` the same fast path in full precision (it must equal ``faithful`` up to rounding).
 
 With ``--steps-scale F < 1`` the samplers run ``F`` times their steps (quick runs); the per-stage
@@ -363,7 +363,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--precision",
         choices=PRECISIONS,
         default="auto",
-        help="arithmetic of the fast mode: auto = bf16 autoencoders where the device has bf16 matrix units, "
+        help="arithmetic of the fast mode: auto = bf16 autoencoders on GPUs and AMX CPUs, "
         "int8 autoencoders and UNet on other CPUs (see mtov.precision)",
     )
     p.add_argument(

@@ -193,7 +193,7 @@ class MtovSettings:
     use_last_as_reference: bool = setting(False, "reference xy-plane from the previous clip's last frame")
     precision: str = setting(
         "auto",
-        "auto = bf16 autocast of the autoencoders where the device has bf16 units, int8 on other CPUs; "
+        "auto = bf16 autocast of the autoencoders on GPUs and AMX CPUs, int8 on other CPUs; "
         "bf16; int8 (CPU: autoencoders' linear layers, UNet's convolutions); fp32 (exact)",
         check=one_of(("auto", "bf16", "fp32", "int8")),
     )

@@ -14,7 +14,7 @@ import torch
 
 from moditalker.errors import UserError
 from MToV.generate import generate_video
-from MToV.loading import load_mtov
+from MToV.loading import load_mtov, precision_plan
 from MToV.sample import main
 
 REPO = Path(__file__).resolve().parents[2]
@@ -69,23 +69,32 @@ def test_batched_equals_single_any_length(models):
     assert np.abs(short.astype(int) - one[:clip]).max() <= 1
 
 
+def _spy_encodes(models, monkeypatch) -> dict[str, list[int]]:
+    """Record the batch size of every encode by the autoencoders the default precision runs (``auto``:
+    on most CPUs their int8 copies, made once per loaded model)."""
+    calls: dict[str, list[int]] = {"rgb": [], "ldmk": []}
+    for name, ae in zip(("rgb", "ldmk"), models.autoencoders(precision_plan("auto", models.device))):
+        extract = ae.extract
+        monkeypatch.setattr(
+            ae, "extract", lambda x, name=name, extract=extract: calls[name].append(x.shape[0]) or extract(x)
+        )
+    return calls
+
+
 def test_encodes_reference_once_and_only_what_is_needed(models, monkeypatch):
     clip = models.clip_frames
     t = 3 * clip
     lv, masked, ident = _inputs(t, models.resolution, seed=1)
     _mark_frames(lv)  # landmark clips differ from each other (as real ones do)
-    calls = {"rgb": [], "ldmk": [], "ldmk_decode": 0}
-    rgb_extract, ldmk_extract = models.ae_rgb.extract, models.ae_ldmk.extract
-    monkeypatch.setattr(models.ae_rgb, "extract", lambda x: calls["rgb"].append(x.shape[0]) or rgb_extract(x))
-    monkeypatch.setattr(
-        models.ae_ldmk, "extract", lambda x: calls["ldmk"].append(x.shape[0]) or ldmk_extract(x)
-    )
-    monkeypatch.setattr(models.ae_ldmk, "decode", lambda z: calls.__setitem__("ldmk_decode", 1))
+    calls = _spy_encodes(models, monkeypatch)
+    decodes = []
+    for ae in (models.ae_ldmk, models.autoencoders(precision_plan("auto", models.device))[1]):
+        monkeypatch.setattr(ae, "decode", lambda z: decodes.append(z.shape[0]))
     generate_video(models, lv, masked, ident, batch_size=2, sampling_timesteps=8, progress=False)
     # reference once, then each masked clip once; on the CPU the autoencoders take one clip per call
     assert calls["rgb"] == [1, 1, 1, 1]
     assert calls["ldmk"] == [1, 1, 1]
-    assert calls["ldmk_decode"] == 0
+    assert decodes == []  # the landmark latents are never decoded
 
 
 def test_repeated_clips_encoded_once_same_result(models, monkeypatch):
@@ -100,12 +109,7 @@ def test_repeated_clips_encoded_once_same_result(models, monkeypatch):
     _mark_frames(lv)
     lv[2 * clip :] = lv[: t - 2 * clip]  # clip 2 repeats clip 0; the partial clip 3 (padded) does not
     kw = dict(batch_size=3, sampling_timesteps=8, progress=False, seed=1)
-    calls = {"rgb": [], "ldmk": []}
-    rgb_extract, ldmk_extract = models.ae_rgb.extract, models.ae_ldmk.extract
-    monkeypatch.setattr(models.ae_rgb, "extract", lambda x: calls["rgb"].append(x.shape[0]) or rgb_extract(x))
-    monkeypatch.setattr(
-        models.ae_ldmk, "extract", lambda x: calls["ldmk"].append(x.shape[0]) or ldmk_extract(x)
-    )
+    calls = _spy_encodes(models, monkeypatch)
     cached = generate_video(models, lv, masked, ident, **kw)
     assert calls["rgb"] == [1, 1]  # the reference, then the one distinct masked clip
     assert calls["ldmk"] == [1, 1, 1]  # clips 0 and 1 (2 = 0), then clip 3, one per call on the CPU
@@ -115,7 +119,7 @@ def test_repeated_clips_encoded_once_same_result(models, monkeypatch):
             return self.extract(ae, clips)
 
     monkeypatch.setattr(gen, "LatentCache", NoCache)
-    calls = {"rgb": [], "ldmk": []}
+    calls["rgb"].clear(), calls["ldmk"].clear()
     every = generate_video(models, lv, masked, ident, **kw)
     assert calls["rgb"] == [1] * 5 and calls["ldmk"] == [1] * 4  # every clip, one per call on the CPU
     assert cached.std() > 1 and np.abs(cached.astype(int) - every).max() <= 1

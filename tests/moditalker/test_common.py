@@ -12,7 +12,13 @@ import pytest
 import torch
 
 from moditalker.config import load_config, save_config
-from moditalker.device import cpu_isa_missing, cpu_isa_report, int8_dot_supported, resolve_device
+from moditalker.device import (
+    amx_bf16_supported,
+    cpu_isa_missing,
+    cpu_isa_report,
+    int8_dot_supported,
+    resolve_device,
+)
 from moditalker.errors import UserError
 from moditalker.fileio import check_output, load_npy, save_npy
 
@@ -41,6 +47,17 @@ def test_int8_dot_products_are_read_from_the_cpu_flags_and_the_onednn_cap():
     )
     assert int8_dot_supported(zen4, max_isa="AVX512_CORE_VNNI")
     assert int8_dot_supported() == int8_dot_supported(open("/proc/cpuinfo").read())  # this machine's answer
+
+
+def test_amx_bf16_tiles_are_read_from_the_cpu_flags_and_the_onednn_cap():
+    zen4 = "flags\t\t: avx2 avx512f avx512_bf16 avx512_vnni\n"  # bf16 dot products, no tiles
+    sapphire = "flags\t\t: avx512_bf16 avx512_vnni amx_bf16 amx_tile amx_int8\n"
+    assert not amx_bf16_supported(zen4, max_isa="") and amx_bf16_supported(sapphire, max_isa="")
+    assert amx_bf16_supported(sapphire, max_isa="ALL") and amx_bf16_supported(
+        sapphire, max_isa="avx512_core_amx"
+    )
+    assert not amx_bf16_supported(sapphire, max_isa="AVX512_CORE_BF16")  # oneDNN capped below AMX
+    assert amx_bf16_supported() == amx_bf16_supported(open("/proc/cpuinfo").read())
 
 
 def test_cpu_isa_caps_name_what_a_new_process_needs():
