@@ -40,21 +40,39 @@ def is_main_rank() -> bool:
 
 
 def bf16_supported(device: torch.device) -> bool:
-    """Whether ``device`` runs bf16 matrix products natively (CUDA with bf16, or a CPU whose oneDNN
-    has bf16 kernels: AVX512-BF16 or AMX). Code paths are chosen by this, never by CPU name."""
+    """Whether ``device`` runs bf16 matrix products natively: CUDA with bf16, or a CPU with bf16
+    instructions (AVX512-BF16 or AMX bf16 in its flags) that oneDNN has bf16 kernels for and is not
+    capped below (``ONEDNN_MAX_CPU_ISA``). oneDNN alone also answers yes on plain AVX512, where bf16 is
+    emulated and slow. Where the CPU flags cannot be read, oneDNN's answer. Never by CPU name."""
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
-    if device.type == "cpu":
-        try:
-            return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-        except (AttributeError, RuntimeError):
-            return False
-    return False
+    if device.type != "cpu":
+        return False
+    try:
+        onednn = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+    if not onednn or _onednn_cap() in _ISA_WITHOUT_BF16:
+        return False
+    flags = _cpu_flags()
+    return not flags or bool(flags & _BF16_FLAGS)
 
 
-# oneDNN ISA caps (``ONEDNN_MAX_CPU_ISA``) below the first one with int8 dot products (VNNI)
+# oneDNN ISA caps (``ONEDNN_MAX_CPU_ISA``, read case-insensitively) that leave out int8 dot products
+# (VNNI), bf16 instructions, AMX; any other value, ``DEFAULT`` and unknown names too, caps nothing
 _ISA_WITHOUT_VNNI = {"SSE41", "AVX", "AVX2", "AVX512_CORE"}
+_ISA_WITHOUT_BF16 = {"SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE", "AVX512_CORE_VNNI"}
+_ISA_WITHOUT_AMX = _ISA_WITHOUT_BF16 | {"AVX512_CORE_BF16", "AVX512_CORE_FP16", "AVX10_1_512", "AVX10_2_512"}
 _VNNI_FLAGS = {"avx512_vnni", "avx_vnni", "amx_int8"}
+_BF16_FLAGS = {"avx512_bf16", "amx_bf16"}
+
+
+def _onednn_cap(max_isa: str | None = None) -> str:
+    """oneDNN's ISA cap, upper case: ``max_isa``, else ``ONEDNN_MAX_CPU_ISA``, else its older name
+    ``DNNL_MAX_CPU_ISA``; empty when there is none."""
+    if max_isa is None:
+        max_isa = os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or ""
+    return max_isa.strip().upper()
 
 
 def int8_dot_supported(cpuinfo: str | None = None, max_isa: str | None = None) -> bool:
@@ -63,8 +81,7 @@ def int8_dot_supported(cpuinfo: str | None = None, max_isa: str | None = None) -
     capped below them (``ONEDNN_MAX_CPU_ISA``, or ``max_isa``). Without them int8 convolutions add
     pairs of products in int16 and were no faster than fp32 (full-size UNet pass, oneDNN capped at
     AVX2: 1.93 against 1.97 s). False where the flags cannot be read (not Linux)."""
-    isa = (max_isa if max_isa is not None else os.environ.get("ONEDNN_MAX_CPU_ISA", "")).strip().upper()
-    if isa in _ISA_WITHOUT_VNNI:
+    if _onednn_cap(max_isa) in _ISA_WITHOUT_VNNI:
         return False
     flags = _cpu_flags() if cpuinfo is None else _flags_of(cpuinfo)
     return bool(flags & _VNNI_FLAGS)
@@ -72,14 +89,16 @@ def int8_dot_supported(cpuinfo: str | None = None, max_isa: str | None = None) -
 
 def amx_bf16_supported(cpuinfo: str | None = None, max_isa: str | None = None) -> bool:
     """Whether this CPU has AMX bf16 tiles (flag ``amx_bf16``, Sapphire Rapids and later) that oneDNN
-    may use, i.e. ``ONEDNN_MAX_CPU_ISA`` (or ``max_isa``) is unset, ``ALL`` or names an AMX level. The
-    bf16 dot products of AVX512-BF16 alone double fp32's rate, while int8 dot products (VNNI) quadruple
-    it: on such a CPU the whole pipeline ran faster with int8 autoencoders (see ``precision_plan``)."""
-    isa = (max_isa if max_isa is not None else os.environ.get("ONEDNN_MAX_CPU_ISA", "")).strip().upper()
-    if isa not in ("", "ALL") and "AMX" not in isa:
+    may use: not capped below AMX (``ONEDNN_MAX_CPU_ISA``, or ``max_isa``) and, for this process, the
+    kernel lets it use the tiles (``torch.cpu._init_amx``). The bf16 dot products of AVX512-BF16 alone
+    double fp32's rate, while int8 dot products (VNNI) quadruple it: on such a CPU the whole pipeline
+    ran faster with int8 autoencoders (see ``MToV.loading.precision_plan``)."""
+    if _onednn_cap(max_isa) in _ISA_WITHOUT_AMX:
         return False
-    flags = _cpu_flags() if cpuinfo is None else _flags_of(cpuinfo)
-    return "amx_bf16" in flags
+    if "amx_bf16" not in (_cpu_flags() if cpuinfo is None else _flags_of(cpuinfo)):
+        return False
+    init = getattr(torch.cpu, "_init_amx", None)
+    return cpuinfo is not None or init is None or bool(init())
 
 
 def _flags_of(cpuinfo: str) -> frozenset[str]:
@@ -102,11 +121,16 @@ def _cpu_flags() -> frozenset[str]:
 
 
 # Environment that makes PyTorch run as on a CPU with fewer instructions (``--cpu-isa`` of the
-# benchmark): ATen's vectorised kernels (attention, elementwise), oneDNN (convolutions, bf16 and int8)
-# and MKL (fp32 matrix products). fbgemm (the int8 linear layers) has no such switch and keeps using
-# what the CPU has. Read by the libraries when they load, so it must be set before the process starts.
+# benchmark): ATen's vectorised kernels (attention, elementwise), oneDNN (convolutions; its bf16 and int8
+# answers), fbgemm (the int8 linear layers) and MKL (fp32 matrix products; MKL obeys this on Intel CPUs
+# only). Read by the libraries when they load, so it must be set before the process starts.
 CPU_ISA_ENV: dict[str, dict[str, str]] = {
-    "avx2": {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"},
+    "avx2": {
+        "ATEN_CPU_CAPABILITY": "avx2",
+        "ONEDNN_MAX_CPU_ISA": "AVX2",
+        "FBGEMM_ENABLE_INSTRUCTIONS": "AVX2",
+        "MKL_ENABLE_INSTRUCTIONS": "AVX2",
+    },
 }
 
 
@@ -125,12 +149,12 @@ def cpu_isa_report() -> dict[str, object]:
     """What this process's CPU arithmetic may use, as the libraries see it (benchmark reports)."""
     return {
         "aten": torch.backends.cpu.get_cpu_capability(),
-        "onednn_max_isa": os.environ.get("ONEDNN_MAX_CPU_ISA") or "native",
+        "onednn_max_isa": _onednn_cap() or "native",
+        "fbgemm": os.environ.get("FBGEMM_ENABLE_INSTRUCTIONS") or "native",
         "mkl_instructions": os.environ.get("MKL_ENABLE_INSTRUCTIONS") or "native",
-        "bf16_units": bf16_supported(torch.device("cpu")),
+        "bf16": bf16_supported(torch.device("cpu")),
         "amx_bf16": amx_bf16_supported(),
         "int8_dot_products": int8_dot_supported(),
-        "fbgemm": "native (cannot be capped)",
     }
 
 

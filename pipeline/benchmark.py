@@ -32,10 +32,11 @@ seconds, totals and speed-ups in the JSON are then extrapolated to the full step
 stage and the UNet time scale with the number of steps; everything else is measured as is), and the
 raw measurements are kept under ``measured``.
 
-``--cpu-isa avx2`` restarts the process with ATen, oneDNN and MKL capped at AVX2 (environment
-variables the libraries read when they load: :data:`moditalker.device.CPU_ISA_ENV`), i.e. as on a CPU
-without AVX512, bf16 units or int8 dot products; fbgemm cannot be capped. The report's ``cpu_isa``
-gives what the CPU arithmetic could use.
+``--cpu-isa avx2`` (x86-64 only) restarts the process with ATen, oneDNN, fbgemm and MKL capped at AVX2
+(environment variables the libraries read when they load: :data:`moditalker.device.CPU_ISA_ENV`), i.e.
+as on a CPU without AVX512, bf16 instructions or int8 dot products. MKL, which runs the fp32 matrix
+products, obeys its cap on Intel CPUs only. The report's ``cpu_isa`` gives what the CPU arithmetic
+could use.
 
 Layout: :mod:`pipeline.benchmark_setup` builds the networks and inputs, :mod:`pipeline.benchmark_run`
 runs and times one mode; this module is the CLI and the report (extrapolation, speed-ups, table).
@@ -47,6 +48,7 @@ import argparse
 import json
 import math
 import os
+import platform
 import sys
 import time
 from collections.abc import Sequence
@@ -333,9 +335,9 @@ def format_table(report: dict[str, Any]) -> str:
     isa = report.get("cpu_isa")
     if isa:
         lines.append(
-            f"cpu: ATen {isa['aten']}, oneDNN {isa['onednn_max_isa']}, MKL {isa['mkl_instructions']}, "
-            f"bf16 units {isa['bf16_units']}, int8 dot products {isa['int8_dot_products']}, "
-            f"fbgemm {isa['fbgemm']}"
+            f"cpu: ATen {isa['aten']}, oneDNN {isa['onednn_max_isa']}, fbgemm {isa['fbgemm']}, "
+            f"MKL {isa['mkl_instructions']}; bf16 {isa['bf16']}, AMX bf16 {isa['amx_bf16']}, "
+            f"int8 dot products {isa['int8_dot_products']}"
         )
     for warning in report.get("busy_warnings") or ():
         lines.append(
@@ -386,9 +388,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--cpu-isa",
         choices=("native", *CPU_ISA_ENV),
         default="native",
-        help="run as on a CPU with only these instructions (avx2: no AVX512, no bf16 units, no int8 dot "
-        "products; caps ATen, oneDNN and MKL, not fbgemm): restarts the process with ATEN_CPU_CAPABILITY, "
-        "ONEDNN_MAX_CPU_ISA and MKL_ENABLE_INSTRUCTIONS set [native]",
+        help="run as on an x86-64 CPU with only these instructions (avx2: no AVX512, bf16 or int8 dot "
+        "products): restarts the process with ATen, oneDNN, fbgemm and MKL capped (MKL obeys on Intel "
+        "CPUs only) [native]",
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -399,12 +401,17 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = build_parser().parse_args(argv)
     missing = cpu_isa_missing(args.cpu_isa)
+    if args.cpu_isa != "native" and platform.machine().lower() not in ("x86_64", "amd64"):
+        raise UserError(
+            f"--cpu-isa {args.cpu_isa} caps x86-64 instruction sets; this is {platform.machine()}"
+        )
     if missing:  # the libraries read these when they load: only a new process can take them
         if argv is not None:
             raise UserError(
                 f"--cpu-isa {args.cpu_isa} needs {' '.join(f'{k}={v}' for k, v in missing.items())} "
                 "set before the process starts (the command line sets them itself)"
             )
+        sys.stdout.flush(), sys.stderr.flush()
         os.execve(
             sys.executable,
             [sys.executable, "-m", "pipeline.benchmark", *sys.argv[1:]],

@@ -5,7 +5,7 @@
 #       [--precision auto|bf16|int8|fp32] [--modes fast,fast_fp32,faithful] [--batch-size B] [--compile] \
 #       [--threads N] [--tiny] [--cpu-isa native|avx2]
 # --steps-scale F < 1 runs F x the diffusion steps and extrapolates the times to full steps.
-# --cpu-isa avx2 runs as on a CPU without AVX512, bf16 units or int8 dot products (not fbgemm).
+# --cpu-isa avx2 runs as on a CPU without AVX512, bf16 or int8 dot products (MKL obeys on Intel only).
 # See `scripts/benchmark.sh --help`. Sets up .venv first when missing (scripts/setup.sh).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"

@@ -83,7 +83,7 @@ def run(ctx: StageContext, ref: StageResult, al: StageResult, sink: VideoSink) -
     parts = {"align": al.key, "reference": ref.key, "models": models_id, **stage_settings(cfg, "mtov")}
     plan = precision_plan(str(cfg.mtov.precision), ctx.device)
     if plan.autoencoders == "int8":  # int8 frames differ from bf16/fp32 ones, so "auto" on a CPU without
-        parts["arithmetic"] = plan.per_network()  # bf16 units gets its own key (other keys stay as they were)
+        parts["arithmetic"] = plan.per_network()  # AMX gets its own key (other keys stay as they were)
     store = BatchStore(ctx.cache, "mtov", parts)
     t0, before = time.perf_counter(), {k: ctx.timings.get(k, 0.0) for k in ("render", "write")}
     generated = 0

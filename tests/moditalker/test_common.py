@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import subprocess
 import sys
 
@@ -15,7 +16,6 @@ from moditalker.config import load_config, save_config
 from moditalker.device import (
     amx_bf16_supported,
     cpu_isa_missing,
-    cpu_isa_report,
     int8_dot_supported,
     resolve_device,
 )
@@ -49,19 +49,31 @@ def test_int8_dot_products_are_read_from_the_cpu_flags_and_the_onednn_cap():
     assert int8_dot_supported() == int8_dot_supported(open("/proc/cpuinfo").read())  # this machine's answer
 
 
-def test_amx_bf16_tiles_are_read_from_the_cpu_flags_and_the_onednn_cap():
+def test_amx_bf16_tiles_are_read_from_the_cpu_flags_and_the_onednn_cap(monkeypatch):
     zen4 = "flags\t\t: avx2 avx512f avx512_bf16 avx512_vnni\n"  # bf16 dot products, no tiles
     sapphire = "flags\t\t: avx512_bf16 avx512_vnni amx_bf16 amx_tile amx_int8\n"
     assert not amx_bf16_supported(zen4, max_isa="") and amx_bf16_supported(sapphire, max_isa="")
-    assert amx_bf16_supported(sapphire, max_isa="ALL") and amx_bf16_supported(
-        sapphire, max_isa="avx512_core_amx"
-    )
-    assert not amx_bf16_supported(sapphire, max_isa="AVX512_CORE_BF16")  # oneDNN capped below AMX
-    assert amx_bf16_supported() == amx_bf16_supported(open("/proc/cpuinfo").read())
+    # oneDNN's own names for no cap, an AMX level, or an unknown word (which oneDNN ignores)
+    for no_cap in ("DEFAULT", "default", "ALL", "avx512_core_amx", "AVX10_1_512_AMX_FP16", "bogus"):
+        assert amx_bf16_supported(sapphire, max_isa=no_cap), no_cap
+    for below in ("AVX512_CORE_BF16", "avx2", "AVX10_1_512", "AVX10_2_512", "AVX512_CORE_FP16"):
+        assert not amx_bf16_supported(sapphire, max_isa=below), below
+    # the cap comes from ONEDNN_MAX_CPU_ISA, else its older name DNNL_MAX_CPU_ISA
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    monkeypatch.setenv("DNNL_MAX_CPU_ISA", "AVX2")
+    assert not amx_bf16_supported(sapphire) and not int8_dot_supported(sapphire)
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "DEFAULT")
+    assert amx_bf16_supported(sapphire) and int8_dot_supported(sapphire)
 
 
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="x86-64 instruction sets")
 def test_cpu_isa_caps_name_what_a_new_process_needs():
-    capped = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
+    capped = {
+        "ATEN_CPU_CAPABILITY": "avx2",
+        "ONEDNN_MAX_CPU_ISA": "AVX2",
+        "FBGEMM_ENABLE_INSTRUCTIONS": "AVX2",
+        "MKL_ENABLE_INSTRUCTIONS": "AVX2",
+    }
     assert cpu_isa_missing("avx2", {}) == capped
     assert cpu_isa_missing("avx2", {**capped, "ONEDNN_MAX_CPU_ISA": "AVX512_CORE"}) == {
         "ONEDNN_MAX_CPU_ISA": "AVX2"
@@ -69,21 +81,34 @@ def test_cpu_isa_caps_name_what_a_new_process_needs():
     assert cpu_isa_missing("avx2", capped) == {} and cpu_isa_missing("native", {}) == {}
     with pytest.raises(UserError, match="unknown CPU instruction set 'sse2'"):
         cpu_isa_missing("sse2", {})
-    # in a process started with the caps, the libraries report them (and bf16 / int8 paths are off)
+    # in a process started with the caps, the libraries report them and bf16, AMX and int8 dot
+    # products are off, whatever this CPU has
     code = "import json; from moditalker.device import cpu_isa_report as r; print(json.dumps(r()))"
-    run = subprocess.run(
-        [sys.executable, "-c", code], env={**os.environ, **capped}, capture_output=True, text=True
-    )
+    env = {k: v for k, v in os.environ.items() if k != "DNNL_MAX_CPU_ISA"}
+    run = subprocess.run([sys.executable, "-c", code], env={**env, **capped}, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr[-2000:]
     report = json.loads(run.stdout)
-    assert (
-        report["aten"] == "AVX2"
-        and report["onednn_max_isa"] == "AVX2"
-        and report["mkl_instructions"] == "AVX2"
-    )
-    assert report["bf16_units"] is False and report["int8_dot_products"] is False
-    here = cpu_isa_report()  # this process: whatever the CPU has, unless the suite itself runs capped
-    assert here["aten"] == torch.backends.cpu.get_cpu_capability()
+    assert report["aten"] == "AVX2" and report["onednn_max_isa"] == "AVX2" and report["fbgemm"] == "AVX2"
+    assert report["bf16"] is False and report["amx_bf16"] is False and report["int8_dot_products"] is False
+
+
+def test_bf16_needs_bf16_instructions_not_only_onednn(monkeypatch):
+    """oneDNN says bf16 on plain AVX512 too, where it is emulated: the CPU flags must show it."""
+    import moditalker.device as device
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True, raising=False)
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    monkeypatch.delenv("DNNL_MAX_CPU_ISA", raising=False)
+    monkeypatch.setattr(device, "_cpu_flags", lambda: frozenset({"avx2", "avx512f", "avx512_vnni"}))
+    assert not device.bf16_supported(cpu)  # Skylake/Cascade Lake: no bf16 instructions
+    monkeypatch.setattr(device, "_cpu_flags", lambda: frozenset({"avx512f", "avx512_bf16"}))
+    assert device.bf16_supported(cpu)
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "avx512_core_vnni")  # capped below bf16
+    assert not device.bf16_supported(cpu)
+    monkeypatch.setattr(device, "_cpu_flags", lambda: frozenset())  # flags unreadable: oneDNN decides
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA")
+    assert device.bf16_supported(cpu)
 
 
 def test_config_overrides_and_save(tmp_path):
