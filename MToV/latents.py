@@ -44,6 +44,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from moditalker.errors import UserError
+from moditalker.fileio import file_sha256
 from MToV.dataset import DEFAULT_FRAMES_DIR, DEFAULT_KEYPOINTS_DIR, window_start
 
 FORMAT = 1
@@ -56,14 +57,6 @@ INFORMATIONAL = {"path", "root", "split_file"}
 
 
 # ----------------------------------------------------------------------------- identities and settings
-def file_sha256(path: str | Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
 def checkpoint_identity(path: str | Path) -> dict:
     """A checkpoint file's identity: its size and sha256 (and, for information, where it was)."""
     path = Path(path)

@@ -1,8 +1,11 @@
 """Paths and files: the repository root, atomic writes (temp file in the same folder, then rename),
-the no-overwrite rule and checked ``.npy`` reading."""
+the no-overwrite rule, checked ``.npy`` reading, and the size + sha256 records that cache entries keep
+of their files (:func:`file_sha256`, :func:`file_record`, :func:`folder_records`,
+:func:`record_problem`): a cache entry is checked against them before it is trusted."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
 from collections.abc import Iterable, Iterator
@@ -135,3 +138,67 @@ def load_npy(path: str | Path, what: str = "array") -> np.ndarray:
         return np.load(path, allow_pickle=False)
     except (ValueError, OSError, EOFError) as exc:
         raise UserError(f"cannot read {what} from {path}: {describe(exc)}") from exc
+
+
+# ----------------------------------------------------------------------------- size + hash records
+_SHA256: dict[tuple[str, int, int, int, int], str] = {}
+
+
+def file_sha256(path: str | Path, chunk: int = 1 << 22) -> str:
+    """sha256 of a file's bytes, memoised per process by resolved path, inode, size, mtime and ctime
+    (any write to the file, even one that restores the mtime, changes the ctime)."""
+    path = Path(path).resolve()
+    st = path.stat()
+    memo = (str(path), st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    if memo not in _SHA256:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            while block := f.read(chunk):
+                h.update(block)
+        _SHA256[memo] = h.hexdigest()
+    return _SHA256[memo]
+
+
+def file_record(path: str | Path) -> list:
+    """``[size, sha256]`` of a file, as cache entries record their files when they are committed."""
+    return [Path(path).stat().st_size, file_sha256(path)]
+
+
+def folder_records(folder: str | Path, skip: Iterable[str] = (".done",)) -> dict[str, list]:
+    """``{relative path: [size, sha256]}`` of every file under ``folder`` (names in ``skip`` left out)."""
+    folder, skip = Path(folder), set(skip)
+    return {
+        p.relative_to(folder).as_posix(): file_record(p)
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.name not in skip
+    }
+
+
+def record_problem(path: str | Path, record: Iterable) -> str | None:
+    """What is wrong with ``path`` against its ``[size, sha256]`` record (None: it is as recorded)."""
+    path = Path(path)
+    try:
+        size, digest = record
+        size = int(size)
+    except (TypeError, ValueError):
+        return f"the record of {path.name} is damaged"
+    if not path.is_file():
+        return f"{path.name} is missing"
+    actual = path.stat().st_size
+    if actual != size:
+        kind = "truncated" if actual < size else "longer than recorded"
+        return f"{path.name} is {kind} ({actual} bytes, {size} recorded)"
+    if file_sha256(path) != digest:
+        return f"{path.name} has changed (its sha256 is not the recorded one)"
+    return None
+
+
+def folder_problem(folder: str | Path, records: dict) -> str | None:
+    """The first file under ``folder`` that is not as ``records`` (:func:`folder_records`) say."""
+    if not isinstance(records, dict):
+        return "its record of files is damaged"
+    for name, record in sorted(records.items()):
+        problem = record_problem(Path(folder) / name, record)
+        if problem is not None:
+            return problem.replace(Path(name).name, name, 1) if "/" in name else problem
+    return None

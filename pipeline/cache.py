@@ -5,6 +5,10 @@ checkpoint identities, settings), so a re-run with the same inputs and settings 
 stored arrays, and changing, say, only MToV settings recomputes only MToV. Each stage writes
 into a temp folder that is renamed into place when complete, so an interrupted run never leaves
 a half-written entry that a later run would trust.
+
+An entry's ``.done`` records the size and sha256 of each of its files when it is committed; a run
+checks them before it reuses the entry, and an entry with a missing, truncated or changed file is
+recomputed (a ``warning:`` line names the entry and the file), which gives what a clean run gives.
 """
 
 from __future__ import annotations
@@ -22,23 +26,14 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["file_digest", "asset_identity", "stable_key", "StageRecord", "WorkCache"]
+from moditalker.fileio import file_sha256, folder_problem, folder_records
 
-_DIGESTS: dict[tuple[str, int, int], str] = {}
+__all__ = ["file_digest", "asset_identity", "stable_key", "StageRecord", "WorkCache"]
 
 
 def file_digest(path: str | Path) -> str:
-    """sha256 of a file's bytes (memoised per process by path, size and mtime)."""
-    path = Path(path).resolve()
-    st = path.stat()
-    memo = (str(path), st.st_size, st.st_mtime_ns)
-    if memo not in _DIGESTS:
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
-        _DIGESTS[memo] = h.hexdigest()
-    return _DIGESTS[memo]
+    """sha256 of a file's bytes (:func:`moditalker.fileio.file_sha256`, memoised per process)."""
+    return file_sha256(path)
 
 
 def asset_identity(path: str | Path | None) -> str:
@@ -106,12 +101,14 @@ class WorkCache:
         start = time.perf_counter()
         done = entry / ".done"
         if done.is_file():
-            names = json.loads(done.read_text())
-            arrays = {n: np.load(entry / f"{n}.npy", allow_pickle=False) for n in names}
-            seconds = time.perf_counter() - start
-            self.records[stage] = StageRecord(stage, key, entry, True, seconds)
-            log(f"[{stage}] reused {entry.name} ({seconds:.2f} s)")
-            return arrays, key
+            problem, arrays = self._load(entry)
+            if problem is None:
+                seconds = time.perf_counter() - start
+                self.records[stage] = StageRecord(stage, key, entry, True, seconds)
+                log(f"[{stage}] reused {entry.name} ({seconds:.2f} s)")
+                return arrays, key
+            log(f"warning: stage cache entry {entry.name}: {problem}; recomputing {stage}")
+            shutil.rmtree(entry, ignore_errors=True)
         self.folder.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{stage}-{key}.", dir=self.folder))
         try:
@@ -119,7 +116,8 @@ class WorkCache:
             for n, a in arrays.items():
                 np.save(tmp / f"{n}.npy", a)
             (tmp / "parts.json").write_text(json.dumps(parts, sort_keys=True, default=str, indent=1))
-            (tmp / ".done").write_text(json.dumps(sorted(arrays)))
+            record = {"arrays": sorted(arrays), "files": folder_records(tmp)}
+            (tmp / ".done").write_text(json.dumps(record, sort_keys=True))
             if entry.exists():  # a stale, unfinished entry from an older layout
                 shutil.rmtree(entry)
             os.replace(tmp, entry)
@@ -130,3 +128,21 @@ class WorkCache:
         self.records[stage] = StageRecord(stage, key, entry, False, seconds)
         log(f"[{stage}] computed in {seconds:.2f} s -> {entry}")
         return arrays, key
+
+    @staticmethod
+    def _load(entry: Path) -> tuple[str | None, dict[str, np.ndarray]]:
+        """(None, the arrays) of a committed entry whose files are as its ``.done`` records them, else
+        (what is wrong, {})."""
+        try:
+            record = json.loads((entry / ".done").read_text())
+        except (OSError, ValueError, UnicodeDecodeError):
+            return "its .done record cannot be read", {}
+        if not isinstance(record, dict) or "files" not in record:
+            return "it was written without file hashes (an older layout)", {}
+        problem = folder_problem(entry, record["files"])
+        if problem is not None:
+            return problem, {}
+        try:
+            return None, {n: np.load(entry / f"{n}.npy", allow_pickle=False) for n in record["arrays"]}
+        except (OSError, ValueError, EOFError, KeyError, TypeError) as exc:
+            return f"it cannot be read ({type(exc).__name__})", {}

@@ -10,6 +10,12 @@ The MToV stage (:mod:`pipeline.stages.mtov`) keeps its output under the same key
 
 A re-run of the same command finds the finished batches, uses them as they are and computes only the
 rest; a batch file that was being written when the run was killed is a hidden temp file, removed.
+
+Every batch's size and sha256 are recorded in ``batches.json`` as it is written (and in ``.done`` for
+the whole entry); a batch that is missing, truncated or changed is found before it is used: a
+``warning:`` line names it and it is computed again with the batches after it, which gives the frames
+of a clean run. A batch written by a run killed before it could record it is checked by reading it
+whole (the zip's CRCs) and recorded.
 """
 
 from __future__ import annotations
@@ -17,12 +23,20 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from moditalker.fileio import atomic_path
+from moditalker.fileio import (
+    atomic_path,
+    atomic_write_text,
+    file_record,
+    folder_problem,
+    folder_records,
+    record_problem,
+)
 from pipeline.cache import WorkCache, stable_key
 
 __all__ = ["BatchStore"]
@@ -31,11 +45,16 @@ __all__ = ["BatchStore"]
 class BatchStore:
     """The batches of stage ``stage`` for cache-key ``parts`` in ``cache``'s folder."""
 
-    def __init__(self, cache: WorkCache, stage: str, parts: dict[str, Any]) -> None:
-        self.stage, self.parts = stage, parts
+    RECORDS = "batches.json"  #: {batch file name: [size, sha256]} of the finished batches
+
+    def __init__(
+        self, cache: WorkCache, stage: str, parts: dict[str, Any], log: Callable[[str], None] = print
+    ) -> None:
+        self.stage, self.parts, self.log = stage, parts, log
         self.key = stable_key({"stage": stage, **parts})
         self.entry = cache.entry(stage, self.key)
         self.partial = self.entry.with_name(self.entry.name + ".partial")
+        self.records: dict[str, list] = {}
 
     @property
     def complete(self) -> bool:
@@ -62,10 +81,64 @@ class BatchStore:
                 tmp.write_text(json.dumps(layout, sort_keys=True))
         for stale in self.partial.glob(".batch-*"):  # a write cut short by a kill
             stale.unlink(missing_ok=True)
+        self.records = self._read_records()
         done = 0
-        while self.path(done).is_file():
+        while True:
+            path, name = self.path(done), self.path(done).name
+            if not path.is_file():
+                if name in self.records:
+                    self._warn(f"{name} is missing", done)
+                break
+            problem = record_problem(path, self.records[name]) if name in self.records else _unreadable(path)
+            if problem is not None:
+                self._warn(problem, done)
+                for later in self.partial.glob("batch-*.npz"):  # they follow the damaged one: again
+                    if later.name >= name:
+                        later.unlink()
+                break
+            self.records.setdefault(name, file_record(path))  # written by a run killed before recording
             done += 1
+        self.records = {k: v for k, v in self.records.items() if k < self.path(done).name}
+        self._write_records()
         return done
+
+    def _warn(self, problem: str, index: int) -> None:
+        self.log(f"warning: {self.partial.name}: {problem}; computing it again from batch {index}")
+
+    def _read_records(self) -> dict[str, list]:
+        try:
+            records = json.loads((self.partial / self.RECORDS).read_text())
+        except (OSError, ValueError, UnicodeDecodeError):
+            return {}
+        return records if isinstance(records, dict) else {}
+
+    def _write_records(self) -> None:
+        atomic_write_text(self.partial / self.RECORDS, json.dumps(self.records, sort_keys=True))
+
+    def problem(self) -> str | None:
+        """What is wrong with the complete entry's files (None: all as recorded when it was finished)."""
+        try:
+            record = json.loads((self.entry / ".done").read_text())
+        except (OSError, ValueError, UnicodeDecodeError):
+            return "its .done record cannot be read"
+        if not isinstance(record, dict) or "files" not in record:
+            return "it was written without file hashes (an older layout)"
+        return folder_problem(self.entry, record["files"])
+
+    def reopen(self, problem: str) -> None:
+        """A complete entry with a damaged file goes back to being a partial folder (the next
+        :meth:`open` finds the damaged batch and keeps the ones before it); the old single-file layout
+        is removed."""
+        self.log(
+            f"warning: stage cache entry {self.entry.name}: {problem}; computing the damaged batches again"
+        )
+        if self.partial.exists():
+            shutil.rmtree(self.partial)
+        if (self.entry / "frames.npy").exists() or not (self.entry / "layout.json").is_file():
+            shutil.rmtree(self.entry)
+            return
+        (self.entry / ".done").unlink()
+        os.replace(self.entry, self.partial)
 
     def count(self) -> int:
         """The batches of the complete entry."""
@@ -73,8 +146,13 @@ class BatchStore:
 
     def save(self, index: int, arrays: dict[str, np.ndarray]) -> None:
         """Batch ``index``, atomically: it exists whole or not at all."""
-        with atomic_path(self.partial / f"batch-{index:05d}.npz") as tmp, open(tmp, "wb") as f:
-            np.savez(f, **arrays)
+        path = self.partial / f"batch-{index:05d}.npz"
+        with atomic_path(path) as tmp:
+            with open(tmp, "wb") as f:
+                np.savez(f, **arrays)
+            record = file_record(tmp)
+        self.records[path.name] = record
+        self._write_records()
 
     def load(self, index: int, names: tuple[str, ...] | None = None) -> dict[str, np.ndarray]:
         """Batch ``index``'s arrays (only ``names``, if given: the others are not read)."""
@@ -86,7 +164,19 @@ class BatchStore:
         (self.partial / "parts.json").write_text(
             json.dumps(self.parts, sort_keys=True, default=str, indent=1)
         )
-        (self.partial / ".done").write_text("[]")
+        (self.partial / ".done").write_text(json.dumps({"files": folder_records(self.partial)}))
         if self.entry.exists():  # a stale, unfinished entry from an older layout
             shutil.rmtree(self.entry)
         os.replace(self.partial, self.entry)
+
+
+def _unreadable(path: Path) -> str | None:
+    """What is wrong with an unrecorded batch file: None when every array in it reads back whole (the
+    zip checks each array's CRC), else a short description."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            for name in z.files:
+                z[name]
+    except Exception as exc:  # noqa: BLE001 - any failure to read it back means: compute it again
+        return f"{path.name} cannot be read ({type(exc).__name__})"
+    return None

@@ -84,7 +84,9 @@ def run(ctx: StageContext, ref: StageResult, al: StageResult, sink: VideoSink) -
     plan = precision_plan(str(cfg.mtov.precision), ctx.device)
     if plan.autoencoders == "int8":  # int8 frames differ from bf16/fp32 ones, so "auto" on a CPU without
         parts["arithmetic"] = plan.per_network()  # AMX gets its own key (other keys stay as they were)
-    store = BatchStore(ctx.cache, "mtov", parts)
+    store = BatchStore(ctx.cache, "mtov", parts, log=ctx.log)
+    if store.complete and (problem := store.problem()) is not None:
+        store.reopen(problem)  # checked before it is trusted: the damaged batches are made again
     t0, before = time.perf_counter(), {k: ctx.timings.get(k, 0.0) for k in ("render", "write")}
     generated = 0
     if store.complete:
