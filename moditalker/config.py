@@ -59,9 +59,15 @@ def load_config(
     return cfg
 
 
-def _refuse_unknown_keys(cfg: DictConfig, defaults: dict | DictConfig) -> None:
+def did_you_mean(name: str, names: list[str]) -> str:
+    """``"; did you mean X?"`` naming the known name closest to a mistyped ``name``; "" when none is close."""
     import difflib
 
+    close = difflib.get_close_matches(name, names, n=1)
+    return f"; did you mean {close[0]}?" if close else ""
+
+
+def _refuse_unknown_keys(cfg: DictConfig, defaults: dict | DictConfig) -> None:
     known = OmegaConf.to_container(OmegaConf.create(defaults)) if not isinstance(defaults, dict) else defaults
 
     def walk(node, ref, prefix: str) -> None:
@@ -71,8 +77,7 @@ def _refuse_unknown_keys(cfg: DictConfig, defaults: dict | DictConfig) -> None:
             name = f"{prefix}{key}"
             if key not in ref:
                 names = [f"{prefix}{k}" for k in ref]
-                close = difflib.get_close_matches(name, names, n=1)
-                hint = f"; did you mean {close[0]}?" if close else f"; known here: {', '.join(names[:12])}"
+                hint = did_you_mean(name, names) or f"; known here: {', '.join(names[:12])}"
                 raise UserError(f"unknown setting {name}{hint}")
             if ref[key] is not None:
                 walk(value, ref[key], f"{name}.")

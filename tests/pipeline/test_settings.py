@@ -73,6 +73,8 @@ def test_free_form_settings_are_the_stage_configs():
     [
         ("atom.stesp=10", "unknown setting(s) ['atom.stesp']; see configs/inference.yaml"),
         ("nonsense=3", "unknown setting(s) ['nonsense']"),
+        ("mtov.precison=int8", "unknown setting(s) ['mtov.precison']; see configs/inference.yaml"),
+        ("mtov.precison=int8", "; did you mean mtov.precision?"),
         ("atom.steps=abc", "atom.steps must be an integer, got 'abc'"),
         ("atom.steps=null", "atom.steps must be an integer, got null"),
         ("atom.ema=3", "atom.ema must be true or false, got 3"),
@@ -93,6 +95,14 @@ def test_free_form_settings_are_the_stage_configs():
 )
 def test_bad_setting_is_refused_in_one_line(override, message):
     assert message in _refused(_cfg(override))
+
+
+def test_markdown_table_lists_every_setting():
+    from pipeline.settings import markdown_table
+
+    rows = markdown_table().splitlines()[2:]
+    assert [r.split("`")[1] for r in rows] == list(SETTINGS)
+    assert "| `atom.steps` | `--steps` | `50` | an integer >= 1 | AToM DDIM steps |" in rows
 
 
 def test_every_setting_checks_its_type_and_null():
