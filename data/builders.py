@@ -18,6 +18,7 @@ import torch
 from tqdm import tqdm
 
 from data.video import IMAGE_SUFFIXES
+from moditalker.bulk import Ranks, check_shard
 from moditalker.constants import FPS
 from moditalker.errors import UserError
 from moditalker.fileio import atomic_path, atomic_write_text, save_npy
@@ -85,14 +86,10 @@ def find_sources(root: str | Path, recursive: bool = False) -> dict[str, Path]:
 
 
 def select_shard(ids: Iterable[str], shard: int = 0, num_shards: int = 1) -> list[str]:
-    """Every ``num_shards``-th id of the sorted list, starting at ``shard`` (disjoint, covering)."""
-    if num_shards < 1:
-        raise UserError(f"--num_shards must be >= 1, got {num_shards}")
-    if not 0 <= shard < num_shards:
-        raise UserError(
-            f"--shard must be in 0..{num_shards - 1} (got {shard} with --num_shards {num_shards})"
-        )
-    return sorted(ids)[shard::num_shards]
+    """Every ``num_shards``-th id of the sorted list, starting at ``shard`` (disjoint, covering): the
+    split :meth:`moditalker.bulk.Ranks.share` makes."""
+    check_shard(shard, num_shards)
+    return Ranks(rank=shard, world=num_shards).share(ids)
 
 
 def _read_frames(source: Path, fps: float, max_frames: int | None = None) -> np.ndarray:
@@ -259,9 +256,11 @@ def build_hdtf(
     overwrite: bool = False,
     fail_fast: bool = False,
     progress: bool = True,
+    ranks: Ranks | None = None,
     **item_kwargs: Any,
 ) -> dict[str, Any]:
-    """Process this shard's ids (finished ones skipped unless ``overwrite``).
+    """Process this shard's ids (finished ones skipped unless ``overwrite``); with ``ranks``
+    (:mod:`moditalker.bulk`) this rank's share instead of ``shard`` / ``num_shards``.
 
     Returns ``{"done": [...], "skipped": [...], "failed": {id: message}}``. A video that cannot be
     used (no face, unreadable) is reported and the run goes on, unless ``fail_fast``.
@@ -274,13 +273,14 @@ def build_hdtf(
         process_hdtf_item(item_id, sources[item_id], out_dir, toolkit, **item_kwargs)
 
     return run_items(
-        select_shard(sources, shard, num_shards),
+        ranks.share(sources) if ranks else select_shard(sources, shard, num_shards),
         lambda item_id: is_finished(out_dir, item_id) and not overwrite,
         process,
-        desc=f"hdtf shard {shard}/{num_shards}",
+        desc="hdtf" if ranks else f"hdtf shard {shard}/{num_shards}",
         unit="video",
         fail_fast=fail_fast,
         progress=progress,
+        ranks=ranks,
     )
 
 
@@ -293,9 +293,10 @@ def run_items(
     unit: str,
     fail_fast: bool,
     progress: bool,
+    ranks: Ranks | None = None,
 ) -> dict[str, Any]:
-    """Run ``process`` on every id that ``skip`` does not skip, under a progress bar. A ``UserError``
-    (an unusable item) is reported and the run goes on, unless ``fail_fast``.
+    """Run ``process`` on every id that ``skip`` does not skip, under a progress bar (this rank's, with
+    ``ranks``). A ``UserError`` (an unusable item) is reported and the run goes on, unless ``fail_fast``.
 
     Returns ``{"done": [...], "skipped": [...], "failed": {id: message}}``.
     """
@@ -303,7 +304,10 @@ def run_items(
     todo = []
     for item_id in ids:
         (report["skipped"] if skip(item_id) else todo).append(item_id)
-    bar = tqdm(todo, desc=desc, unit=unit, disable=not progress)
+    ranks = ranks or Ranks()
+    if ranks.world > 1:
+        ranks.log(f"{desc}: {len(ids)} {unit}s in this rank's share, {len(todo)} to do")
+    bar = ranks.bar(todo, desc=desc, unit=unit, disable=not progress)
     for item_id in bar:
         bar.set_postfix_str(item_id)
         try:
@@ -313,7 +317,7 @@ def run_items(
             if fail_fast:
                 raise
             report["failed"][item_id] = str(exc)
-            tqdm.write(f"skipping {item_id}: {exc}")
+            tqdm.write(f"{'[' + ranks.name + '] ' if ranks.name else ''}skipping {item_id}: {exc}")
     return report
 
 
@@ -364,17 +368,20 @@ def build_lrs3(
     fail_fast: bool = False,
     min_frames: int = 1,
     progress: bool = True,
+    ranks: Ranks | None = None,
 ) -> dict[str, Any]:
-    """Process this shard's clips to ``{out_dir}/{npz_name(id)}`` (existing ones kept unless overwrite)."""
+    """Process this shard's (with ``ranks``: this rank's) clips to ``{out_dir}/{npz_name(id)}``
+    (existing ones kept unless overwrite)."""
     out_dir = Path(out_dir)
     return run_items(
-        select_shard(sources, shard, num_shards),
+        ranks.share(sources) if ranks else select_shard(sources, shard, num_shards),
         lambda item_id: (out_dir / npz_name(item_id)).is_file() and not overwrite,
         lambda item_id: process_lrs3_clip(
             sources[item_id], out_dir / npz_name(item_id), toolkit, min_frames=min_frames
         ),
-        desc=f"lrs3 shard {shard}/{num_shards}",
+        desc="lrs3" if ranks else f"lrs3 shard {shard}/{num_shards}",
         unit="clip",
         fail_fast=fail_fast,
         progress=progress,
+        ranks=ranks,
     )

@@ -24,8 +24,11 @@ height from a CHW shape, so its y-flip became ``2 - y`` and the POS crop missed 
 frames keep their layout and every flip uses the true image height. The FAN landmarks are stored as
 detected (y down), not flipped.
 
-Runs are resumable (finished ids, those with ``meta/{id}.json``, are skipped) and shardable
-(``--shard i --num_shards n`` takes every n-th id of the sorted list), one tqdm bar per process.
+Runs are resumable (finished ids, those with ``meta/{id}.json``, are skipped) and spread over
+processes (:mod:`moditalker.bulk`): under the launcher (``NUM_PROCESSES=N scripts/preprocess_hdtf.sh``)
+and/or as independent jobs (``--shard K --num_shards N``) each rank takes every world-th id of the
+sorted list on its own device, with its own tqdm bar; a video that cannot be used is reported and the
+others go on, and at the end rank 0 lists every failed id of every rank (exit status 2).
 
 **LRS3** (``python -m data.preprocess lrs3``, ``scripts/preprocess_lrs3.sh``): every clip
 ``{root}/{split}/{speaker}/{clip}.mp4`` becomes one flat file ``{out_dir}/{split}_{speaker}_{clip}.npz``
@@ -54,7 +57,9 @@ from data.builders import (
     process_lrs3_clip,
     select_shard,
 )
+from moditalker import bulk
 from moditalker.assets import warn_random_weights
+from moditalker.bulk import add_shard_args
 from moditalker.constants import FPS
 from moditalker.errors import UserError, cli_main
 
@@ -124,9 +129,10 @@ def _common_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--out_dir", required=True, help="output root")
     ap.add_argument("--ids", nargs="+", default=None, help="only these ids")
     ap.add_argument("--id_list", default=None, help="text file with one id per line")
-    ap.add_argument("--shard", type=int, default=0, help="this process's shard index (0-based)")
-    ap.add_argument("--num_shards", type=int, default=1, help="number of processes sharing the ids")
-    ap.add_argument("--device", default="auto", help="auto|cpu|cuda|cuda:N")
+    add_shard_args(ap, "ids")
+    ap.add_argument(
+        "--device", default="auto", help="auto|cpu|cuda|cuda:N (auto under the launcher: cuda:LOCAL_RANK)"
+    )
     ap.add_argument(
         "--bfm_dir", default=None, help="folder with BFM_model_front.mat + similarity_Lm3D_all.mat"
     )
@@ -191,11 +197,9 @@ def _filter_ids(sources: dict[str, Path], ids: Sequence[str] | None, id_list: st
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    """Run one builder for one shard; exits 2 (UserError) when some inputs failed."""
-    from moditalker.config import save_config
-
+    """Run one builder on this rank's share of the ids; rank 0 raises one UserError (exit 2) naming
+    every id that failed on any rank."""
     args = build_parser().parse_args(argv)
-    out_dir = Path(args.out_dir)
     is_hdtf = args.dataset == "hdtf"
     if is_hdtf:  # checked here, not once per video after the networks are built
         if args.size < 32:
@@ -208,11 +212,23 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     sources = _filter_ids(sources, args.ids, args.id_list)
     if not sources:
         raise UserError(f"no videos found in {args.videos if is_hdtf else args.root}")
-    select_shard(sources, args.shard, args.num_shards)  # validate before building networks
+    bulk.check_shard(args.shard, args.num_shards)  # before building networks
     if args.hubert_dim < 4 or args.hubert_dim % 4:
         raise UserError(f"--hubert_dim must be a positive multiple of 4, got {args.hubert_dim}")
     if args.hubert_dim != 1024 and not args.random_weights:
         raise UserError("--hubert_dim sets the random HuBERT's width: it needs --random_weights")
+    ranks = bulk.start(args.shard, args.num_shards)
+    try:
+        return _run(args, sources, ranks)
+    finally:
+        ranks.close()
+
+
+def _run(args: argparse.Namespace, sources: dict[str, Path], ranks: bulk.Ranks) -> dict[str, Any]:
+    from moditalker.config import save_config
+
+    out_dir = Path(args.out_dir)
+    is_hdtf = args.dataset == "hdtf"
     out_dir.mkdir(parents=True, exist_ok=True)
     if args.random_weights:
         warn_random_weights(
@@ -220,7 +236,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             "FAN is a fixed template face and the BFM is synthetic: the dataset is NOT real training data.",
         )
     toolkit = build_toolkit(
-        device=args.device,
+        device=ranks.device(args.device),
         bfm_dir=args.bfm_dir,
         deep3d=args.deep3d,
         fan_dir=args.fan_dir,
@@ -228,13 +244,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         need_hubert=(not is_hdtf) or args.hubert,
         allow_download=args.allow_download,
         random_weights=args.random_weights,
-        workdir=out_dir / "random_weights" / f"shard{args.shard}of{args.num_shards}",
+        workdir=out_dir / "random_weights" / f"shard{ranks.rank}of{ranks.world}",
         hubert_dim=args.hubert_dim,
     )
-    save_config(vars(args), out_dir / "configs" / f"{args.dataset}_shard{args.shard}of{args.num_shards}.yaml")
-    common = dict(
-        shard=args.shard, num_shards=args.num_shards, overwrite=args.overwrite, fail_fast=args.fail_fast
-    )
+    save_config(vars(args), out_dir / "configs" / f"{args.dataset}_shard{ranks.rank}of{ranks.world}.yaml")
+    common = dict(ranks=ranks, overwrite=args.overwrite, fail_fast=args.fail_fast)
     if is_hdtf:
         report = build_hdtf(
             sources,
@@ -249,13 +263,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         )
     else:
         report = build_lrs3(sources, out_dir, toolkit, **common, min_frames=args.min_frames)
-    print(
+    ranks.log(
         f"{args.dataset}: {len(report['done'])} done, {len(report['skipped'])} already finished, "
         f"{len(report['failed'])} failed -> {out_dir}"
     )
-    if report["failed"]:
-        listing = "; ".join(f"{k}: {v}" for k, v in list(report["failed"].items())[:5])
-        raise UserError(f"{len(report['failed'])} input(s) could not be processed ({listing})")
+    ranks.finish(report["failed"], total=len(sources), what="videos" if is_hdtf else "clips")
     return report
 
 

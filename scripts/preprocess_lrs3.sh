@@ -4,10 +4,12 @@
 #
 #   scripts/preprocess_lrs3.sh --root data/LRS3/trainval --out_dir data/train/lrs3_npz/train
 #   scripts/preprocess_lrs3.sh --root data/LRS3/test --out_dir data/train/lrs3_npz/val
-#   NUM_SHARDS=4 scripts/preprocess_lrs3.sh --root ... --out_dir ...        # 4 processes in parallel
+#   NUM_PROCESSES=4 scripts/preprocess_lrs3.sh --root ... --out_dir ...    # 4 processes (GPUs: one each)
+#   scripts/preprocess_lrs3.sh --shard K --num_shards 8 ...   # 8 independent jobs (K = 0..7), one folder
 #
-# Resumable: existing .npz files are skipped. Weights: checkpoints/ (`python -m moditalker.assets check`).
+# Launcher variables and aliases (NUM_SHARDS, DEVICES): scripts/_bulk.sh. Failed ids are listed at the
+# end (exit 2); the others are kept. Resumable: existing .npz files are skipped. Weights: checkpoints/ (`python -m moditalker.assets check`).
 # All flags: python -m data.preprocess lrs3 --help
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-exec bash "$ROOT/scripts/_shards.sh" lrs3 "$@"
+exec bash "$ROOT/scripts/_bulk.sh" "lrs3 preprocessing" data.preprocess lrs3 "$@"

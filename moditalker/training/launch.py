@@ -1,5 +1,6 @@
 """``python -m moditalker.training.launch [accelerate launch options] -m MODULE [args]``: ``accelerate
-launch`` for the training scripts, with a one-line ending when a process fails.
+launch`` for the training scripts and the bulk jobs (``scripts/_bulk.sh``), with a one-line ending
+when a process fails.
 
 Each failing rank already prints its own one-line ``error: ...`` (``moditalker.errors.cli_main``); the
 launcher's traceback (torchrun's ``ChildFailedError``) is replaced by one summary line, and the exit
@@ -8,6 +9,8 @@ status is the first failing rank's (2 for a bad input or missing asset).
 
 from __future__ import annotations
 
+import os
+import signal
 import sys
 from collections.abc import Sequence
 
@@ -21,13 +24,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         launch_command(args)
     except ChildFailedError as exc:
         failures = sorted(exc.failures.items())
+        if any(f.exitcode and f.exitcode > 0 for _, f in failures):
+            # ranks the launcher itself stopped (SIGTERM) once another had failed are not failures
+            failures = [(r, f) for r, f in failures if f.exitcode != -signal.SIGTERM] or failures
         ranks = ", ".join(str(rank) for rank, _ in failures)
         code = next((f.exitcode for _, f in failures if f.exitcode and f.exitcode > 0), 1)
-        print(
-            f"error: training stopped: {len(failures)} process(es) failed (rank {ranks}, exit {code}); "
-            "their messages are above",
-            file=sys.stderr,
-        )
+        job = os.environ.get("MODITALKER_JOB")  # set by the bulk scripts (scripts/_bulk.sh)
+        n = len(failures)
+        if job:
+            message = f"error: {job}: {n} process(es) ended with exit status {code} (rank {ranks})"
+        else:
+            message = f"error: training stopped: {n} process(es) failed (rank {ranks}, exit {code})"
+        print(f"{message}; their messages are above", file=sys.stderr)
         return code
     return 0
 
