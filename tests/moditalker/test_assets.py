@@ -50,6 +50,23 @@ def _touch(path):
     path.write_bytes(b"x")
 
 
+def _save(path, layout=None):
+    """A torch archive at ``path``: the official ``layout``'s keys and shapes (zero-stride views, a few KB)
+    as an AToM checkpoint, or one small tensor; what `assets check` accepts, which a touched file is not."""
+    import torch
+
+    from moditalker.asset_content import official_layouts
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    one = torch.zeros(1)
+    if layout is None:
+        torch.save({"w": one}, path)
+    else:
+        torch.save(
+            {"model_state_dict": {k: one.expand(s) for k, s in official_layouts()[layout].items()}}, path
+        )
+
+
 def test_registry_defaults_match_the_agreed_table(ckpt):
     assert set(ASSETS) == set(EXPECTED_DEFAULTS)
     for name, rel in EXPECTED_DEFAULTS.items():
@@ -81,7 +98,7 @@ def test_overrides_and_require(ckpt, tmp_path):
     assert not asset_present("atom")
     with pytest.raises(UserError, match="atom.pt.*moditalker.assets check"):
         require_asset("atom")
-    _touch(other)
+    _save(other, "atom")
     assert check_assets(["atom"], overrides={"atom": other}) == []
     assert require_asset("atom", other) == other
     assert main(["check", "--only", "atom", "--set", f"atom={other}"]) == 0
@@ -106,6 +123,13 @@ def test_cli_exit_codes(ckpt, capsys):
     assert "MISSING atom" in out and "MISSING deep3d" in out and "bfm_front" not in out
     _touch(ckpt / "atom.pt")
     _touch(ckpt / "deep3d" / "epoch_20.pth")
+    with pytest.raises(SystemExit) as exc:  # present, but not checkpoints: BAD
+        cli_main(main, ["check", "--only", "atom", "deep3d"])
+    assert exc.value.code == 2
+    out = capsys.readouterr().out
+    assert "BAD     atom" in out and "BAD     deep3d" in out and "not a torch checkpoint" in out
+    _save(ckpt / "atom.pt", "atom")
+    _save(ckpt / "deep3d" / "epoch_20.pth")
     assert main(["check", "--only", "atom", "deep3d"]) == 0
     assert "all requested assets present" in capsys.readouterr().out
     with pytest.raises(SystemExit) as exc:
@@ -140,8 +164,10 @@ def test_download_writes_where_check_looks(ckpt, monkeypatch):
     assert check_assets(["face_alignment", "lpips_vgg16"]) == []
     assert len(fetched) == 3 and all(u.startswith("https://") for u in fetched)
     assert main(["download", "face_alignment"]) == 0 and len(fetched) == 3  # present: nothing fetched
-    with pytest.raises(UserError, match="cannot be downloaded automatically"):
+    with pytest.raises(UserError, match="Basel Face Model licence"):
         assets.download_asset("bfm_front")
+    with pytest.raises(UserError, match="cannot be downloaded automatically"):
+        assets.download_asset("deep3d")
 
 
 def test_download_hubert_saves_a_loadable_folder(ckpt, monkeypatch):

@@ -1,0 +1,78 @@
+"""A local HTTP server standing in for Google Drive and the video host (the tests never reach the network).
+
+``StubServer.files`` maps a URL path (``/abc``) to its bytes; a path in ``cut_once`` is answered once with
+its full Content-Length but only half of the bytes before the connection closes (an interrupted download);
+``Range: bytes=N-`` requests get a 206 with the rest of the file. Every request is logged in ``requests``
+as ``(path, range header or None)``.
+"""
+
+from __future__ import annotations
+
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+
+class StubServer:
+    def __init__(self) -> None:
+        self.files: dict[str, bytes] = {}
+        self.content_types: dict[str, str] = {}
+        self.cut_once: set[str] = set()
+        self.requests: list[tuple[str, str | None]] = []
+        stub = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args) -> None:  # quiet
+                pass
+
+            def _answer(self, body: bool) -> None:
+                path = self.path.split("?")[0]
+                rng = self.headers.get("Range")
+                stub.requests.append((path, rng))
+                data = stub.files.get(path)
+                if data is None:
+                    self.send_error(404, "Not Found")
+                    return
+                start = 0
+                if rng and rng.startswith("bytes="):
+                    start = int(rng[6:].split("-")[0] or 0)
+                part = data[start:]
+                self.send_response(206 if start else 200)
+                self.send_header("Content-Type", stub.content_types.get(path, "application/octet-stream"))
+                self.send_header("Content-Length", str(len(part)))
+                self.send_header("Accept-Ranges", "bytes")
+                if start:
+                    self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+                self.end_headers()
+                if not body:
+                    return
+                if path in stub.cut_once:
+                    stub.cut_once.discard(path)
+                    self.wfile.write(part[: len(part) // 2])
+                    self.wfile.flush()
+                    self.close_connection = True
+                    return
+                self.wfile.write(part)
+
+            def do_GET(self) -> None:
+                self._answer(True)
+
+            def do_HEAD(self) -> None:
+                self._answer(False)
+
+        class Server(ThreadingHTTPServer):
+            daemon_threads = True
+
+            def handle_error(self, request, client_address) -> None:  # clients that hang up early
+                pass
+
+        self.server = Server(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def __enter__(self) -> StubServer:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.shutdown()
+        self.server.server_close()
