@@ -22,6 +22,17 @@ running (no face found, say) is reported and the batch goes on; the command then
 At the end a table gives per job: seconds of video, the seconds the job spent loading networks (only
 the first job, normally), its other seconds, and those per second of video.
 :func:`run_batch` is the Python API: resolved configs in, :class:`BatchResult` out.
+
+Resumable: a job whose video exists and was made with the same settings (the ``OUT.yaml`` beside it;
+the video is renamed into place last) is skipped as already rendered; a video made with other
+settings is refused as before unless ``--overwrite``. A killed job resumes from its stage cache.
+
+Several processes (:mod:`moditalker.bulk`): ``NUM_PROCESSES=N scripts/inference.sh --batch_file ...``
+(and ``NUM_MACHINES``, ...) or independent jobs ``--shard K --num_shards N``. Every rank checks every
+line, then renders its share (every world-th job in line order) on its own device (``cuda:LOCAL_RANK``
+for ``--device auto``) with its own warm networks; its log lines start with ``[rank R/W]``. Rank 0
+gathers the failed jobs of every rank and ends with the one ``error:`` line. The videos are the same
+whichever rank renders them.
 """
 
 from __future__ import annotations
@@ -38,6 +49,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
+from moditalker import bulk
 from moditalker.constants import FPS
 from moditalker.errors import UserError
 from moditalker.fileio import same_file
@@ -55,6 +67,7 @@ class BatchJob:
     line: int
     argv: list[str]
     cfg: DictConfig | None = None
+    done: bool = False  # its video exists, made with the same settings (resume)
 
 
 @dataclass
@@ -110,7 +123,8 @@ def resolve_jobs(
     jobs: Sequence[BatchJob], common: Sequence[str], source: str = "--batch_file"
 ) -> list[BatchJob]:
     """Each job's config (``common`` flags, then the line's), checked as a single run is, and the jobs
-    checked against each other: no shared output file, no job reading another's output."""
+    checked against each other: no shared output file, no job reading another's output. A job whose
+    video already exists with the same settings is marked ``done`` (see :func:`already_rendered`)."""
     from pipeline.inference import build_parser, resolve_config
     from pipeline.validate import check_assets, validate
 
@@ -122,12 +136,18 @@ def resolve_jobs(
             args = parser.parse_intermixed_args([*common, *job.argv])
             if getattr(args, "batch_file", None) is not None:
                 raise UserError("--batch_file cannot be given inside a job file")
+            if getattr(args, "shard", None) is not None or getattr(args, "num_shards", None) is not None:
+                raise UserError("--shard and --num_shards split the whole batch: give them with --batch_file")
             job.cfg = resolve_config(args)
-            inputs = validate(job.cfg)
-            check_assets(job.cfg)
+            job.done = already_rendered(job.cfg)
+            if job.done:
+                outs = _outputs(job.cfg)
+            else:
+                inputs = validate(job.cfg)
+                check_assets(job.cfg)
+                outs = [p for p in (inputs.out, inputs.preview, inputs.config_path) if p is not None]
         except UserError as exc:
             raise UserError(f"{where}: {exc}") from exc
-        outs = [p for p in (inputs.out, inputs.preview, inputs.config_path) if p is not None]
         for name, (other, other_out) in seen.items():
             for path in outs:
                 if str(path.resolve()) == name or same_file(path, other_out):
@@ -142,6 +162,35 @@ def resolve_jobs(
                 line = outputs[str(Path(value).resolve())]
                 raise UserError(f"{source}: line {job.line}: reads {value}, which line {line} writes")
     return list(jobs)
+
+
+#: settings that do not change the video (left out when a finished job's settings are compared)
+_NOT_COMPARED = ("overwrite", "device", "work_dir", "clean_work", "run")
+
+
+def _outputs(cfg: DictConfig) -> list[Path]:
+    out = Path(cfg.out)
+    preview = out.with_name(out.stem + "_preview" + out.suffix) if cfg.preview else None
+    return [p for p in (out, preview, out.with_suffix(".yaml")) if p is not None]
+
+
+def already_rendered(cfg: DictConfig) -> bool:
+    """Whether the job of ``cfg`` is finished: not ``overwrite``, its video (renamed into place last),
+    preview and ``OUT.yaml`` exist, and the YAML records the same settings (device and work folder
+    aside)."""
+    from omegaconf import OmegaConf
+
+    if cfg.overwrite or not cfg.out or not all(p.is_file() for p in _outputs(cfg)):
+        return False
+    try:
+        saved = OmegaConf.to_container(OmegaConf.load(Path(cfg.out).with_suffix(".yaml")), resolve=True)
+    except Exception:  # an unreadable YAML: not ours, validate() refuses to overwrite it
+        return False
+    if not isinstance(saved, dict):
+        return False
+    want = OmegaConf.to_container(cfg, resolve=True)
+    strip = lambda d: {k: v for k, v in d.items() if k not in _NOT_COMPARED}  # noqa: E731
+    return strip(saved) == strip(want)
 
 
 def run_batch(
@@ -197,34 +246,65 @@ def format_report(result: BatchResult) -> str:
 
 
 def main_batch(args: argparse.Namespace, argv: Sequence[str]) -> BatchResult:
-    """``--batch_file``: the command line's other arguments are common to every job."""
-    common = _without_batch_file(argv)
+    """``--batch_file``: the command line's other arguments are common to every job; this rank
+    renders its share of the jobs (see the module docstring)."""
+    common = _without_batch_flags(argv)
     jobs = resolve_jobs(read_jobs(args.batch_file), common, source=str(args.batch_file))
-    _log(f"batch: {len(jobs)} jobs from {args.batch_file}, each network loaded once")
-    result = run_batch([j.cfg for j in jobs], lines=[j.line for j in jobs], progress=True)
-    _log("batch timings (load s: building networks during the job; work s: the rest):")
-    _log(format_report(result))
-    for job, report in zip(jobs, result.jobs, strict=True):
+    ranks = bulk.start(args.shard, args.num_shards)
+    try:
+        return _run_share(args, jobs, ranks)
+    finally:
+        ranks.close()
+
+
+def _run_share(args: argparse.Namespace, jobs: list[BatchJob], ranks: bulk.Ranks) -> BatchResult:
+    log = functools.partial(ranks.log) if ranks.world > 1 else _log
+    mine = ranks.share(jobs, key=lambda j: j.line)
+    todo = [j for j in mine if not j.done]
+    for job in todo:
+        job.cfg.device = ranks.device(job.cfg.device)
+    finished = [j.line for j in mine if j.done]
+    if ranks.world > 1:
+        lines = ", ".join(str(j.line) for j in mine) or "none"
+        log(f"batch: {len(jobs)} jobs from {args.batch_file}; this rank renders lines {lines}")
+    else:
+        log(f"batch: {len(jobs)} jobs from {args.batch_file}, each network loaded once")
+    if finished:
+        log(f"already rendered with the same settings, skipped: line(s) {', '.join(map(str, finished))}")
+    result = run_batch([j.cfg for j in todo], lines=[j.line for j in todo], progress=True, log=log)
+    log("batch timings (load s: building networks during the job; work s: the rest):")
+    for row in format_report(result).splitlines():
+        log(row)
+    for job, report in zip(todo, result.jobs, strict=True):
         if report.error is None and job.cfg.clean_work and report.work_dir is not None:
             shutil.rmtree(report.work_dir, ignore_errors=True)
-    if any(j.cfg.random_weights for j in jobs):
+    if ranks.is_main and any(j.cfg.random_weights for j in jobs):
         print("(random weights: see the warning above)", file=sys.stderr)
-    if result.failed:
-        lines = ", ".join(str(j.line) for j in result.failed)
-        raise UserError(f"{len(result.failed)} of {len(result.jobs)} jobs failed (lines {lines}); see above")
+    ranks.finish(
+        {f"line {j.line}": j.error for j in result.failed},
+        total=len(jobs),
+        what="jobs",
+        message=lambda names: (
+            f"{len(names)} of {len(jobs)} jobs failed (lines "
+            f"{', '.join(n.removeprefix('line ') for n in names)}); see above"
+        ),
+    )
     return result
 
 
-def _without_batch_file(argv: Sequence[str]) -> list[str]:
+def _without_batch_flags(argv: Sequence[str]) -> list[str]:
+    """``argv`` without ``--batch_file``, ``--shard`` and ``--num_shards`` (flags of the batch, not of
+    its jobs)."""
     out, skip = [], False
+    names = ("--batch_file", "--shard", "--num_shards")
     for a in argv:
         if skip:
             skip = False
             continue
-        if a == "--batch_file":
+        if a in names:
             skip = True
             continue
-        if a.startswith("--batch_file="):
+        if a.startswith(tuple(f"{n}=" for n in names)):
             continue
         out.append(a)
     return out

@@ -114,6 +114,18 @@ def build_parser() -> argparse.ArgumentParser:
         "command's arguments (e.g. --audio A.wav --ref_video V.mp4 --out A.mp4); the flags given here "
         "apply to every job (see pipeline/batch.py)",
     )
+    p.add_argument(
+        "--shard",
+        type=int,
+        default=None,
+        help="with --batch_file: this independent job's share of the jobs (0-based; see --num_shards)",
+    )
+    p.add_argument(
+        "--num_shards",
+        type=int,
+        default=None,
+        help="with --batch_file: independent jobs (no rendezvous, e.g. a Slurm array) sharing the jobs [1]",
+    )
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
     return p
 
@@ -207,7 +219,16 @@ def main(argv: Sequence[str] | None = None) -> PipelineResult | BatchResult:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     if args.batch_file is not None:
+        args.shard = 0 if args.shard is None else args.shard
+        args.num_shards = 1 if args.num_shards is None else args.num_shards
         return main_batch(args, argv)
+    if args.shard is not None or args.num_shards is not None:
+        raise UserError("--shard and --num_shards split the jobs of a --batch_file; give one too")
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
+        raise UserError(
+            "several processes render only with --batch_file (each takes its share of the jobs); "
+            "run one video without NUM_PROCESSES"
+        )
     cfg = resolve_config(args)
     result = run_inference(cfg)
     print(f"video:   {result.out}")
