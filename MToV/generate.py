@@ -16,9 +16,9 @@ float rounding (``precision="fp32"``):
   were already encoded (a still reference image gives the same masked clip every time) reuses its
   latent (:class:`LatentCache`); each clip draws its noise from its own generator seeded by
   (seed, clip index), so the result does not depend on ``batch_size``; ``torch.inference_mode``;
-  cheaper arithmetic chosen per device (:func:`MToV.loading.precision_plan`: bf16 autocast of the
-  autoencoders where the device has bf16 matrix units (GPUs, AMX CPUs); on other CPUs int8 linear
-  layers in the autoencoders and int8 convolutions in the UNet).
+  cheaper arithmetic chosen per device (bf16 autocast of the autoencoders on GPUs; on the CPU what
+  :mod:`MToV.calibration` measured faster, by at least 1.15x, than fp32 on this machine: bf16
+  autocast or int8 linear layers in the autoencoders, int8 convolutions in the UNet, else fp32).
 * :func:`generate_video_original`: the original's call pattern, kept for benchmarking: one clip at a
   time, four encodes per clip (the target clip, whose latent is unused, the reference, the
   landmarks, the masked frames), fp32, ``torch.no_grad``.
@@ -43,7 +43,7 @@ from moditalker.device import autocast
 from moditalker.errors import UserError
 from moditalker.timing import StageTimer
 from MToV.diffusion import ddim_times
-from MToV.loading import MToVModels, precision_plan
+from MToV.loading import MToVModels, PrecisionPlan
 from MToV.models.autoencoder import ViTAutoencoder
 
 __all__ = [
@@ -190,6 +190,17 @@ def to_uint8(frames: torch.Tensor) -> torch.Tensor:
     return ((frames + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8)
 
 
+def _plan(precision: str | PrecisionPlan, models: MToVModels) -> PrecisionPlan:
+    """The arithmetic of ``precision``: a :class:`~MToV.loading.PrecisionPlan` as given (e.g. one a
+    caller resolved with :func:`MToV.calibration.resolve_plan`), a name resolved here (``auto`` on the
+    CPU by the measured calibration of :mod:`MToV.calibration`, kept per machine)."""
+    if isinstance(precision, PrecisionPlan):
+        return precision
+    from MToV.calibration import resolve_plan
+
+    return resolve_plan(precision, models, models.device).plan
+
+
 def _check_frames(landmark_video, masked_frames, identity_frame, target_frames=None) -> int:
     """The number of frames, after checking the inputs' shapes agree (one UserError otherwise)."""
     shape = np.asarray(landmark_video).shape
@@ -248,7 +259,7 @@ def stream_video(
     use_last_as_reference: bool = False,
     progress: bool = True,
     eta: float = 1.0,
-    precision: str = "auto",
+    precision: str | PrecisionPlan = "auto",
     timings: dict[str, float] | None = None,
     return_float: bool = False,
     timer: StageTimer | None = None,
@@ -261,8 +272,10 @@ def stream_video(
     reference frames of frames ``start .. stop - 1``; it is called once per batch, when the batch is
     generated. Batch b covers clips ``b * batch_size ...`` (one clip per batch with
     ``use_last_as_reference``); the frames equal :func:`generate_video`'s (which is this stream,
-    collected). ``latent_capacity`` bounds the condition-latent cache (clips per autoencoder, oldest
-    dropped first); ``resume`` (:class:`StreamState`) starts after finished batches.
+    collected). ``precision``: a name (``auto``: on the CPU as measured by :mod:`MToV.calibration`)
+    or a :class:`~MToV.loading.PrecisionPlan`. ``latent_capacity`` bounds the condition-latent cache
+    (clips per autoencoder, oldest dropped first); ``resume`` (:class:`StreamState`) starts after
+    finished batches.
     """
     n = int(n_frames)
     ident = np.asarray(identity_frame)
@@ -273,7 +286,7 @@ def stream_video(
     check_sampling(start_ratio, sampling_timesteps, eta, int(models.config.diffusion.timesteps))
     out_size = int(ident.shape[-1])
     dev, size, clip = models.device, models.resolution, models.clip_frames
-    plan = precision_plan(precision, dev)
+    plan = _plan(precision, models)
     # On the CPU (the only device int8 runs on) the autoencoders take one clip per call: int8's activation
     # scales are per call, so a clip's frames do not depend on its batch, and in every precision a batch
     # is slower per clip there (full size, 2 threads: bf16 encode 6.7 s per clip alone, 8.2 s in a batch
@@ -384,7 +397,7 @@ def generate_video(
     use_last_as_reference: bool = False,
     progress: bool = True,
     eta: float = 1.0,
-    precision: str = "auto",
+    precision: str | PrecisionPlan = "auto",
     timings: dict[str, float] | None = None,
     return_float: bool = False,
     timer: StageTimer | None = None,
@@ -398,8 +411,9 @@ def generate_video(
     returned at the input size S.
 
     Fast path: ``precision="auto"`` runs the autoencoders (encodes and decode) under bf16 autocast
-    where the device has bf16 matrix units (GPUs, AMX CPUs), and on other CPUs the autoencoders with
-    int8 linear layers and the UNet with int8 convolutions (:func:`MToV.loading.precision_plan`);
+    on GPUs, and on the CPU the arithmetic :mod:`MToV.calibration` measured faster there (bf16 or
+    int8 autoencoders, int8 UNet convolutions, or fp32; tiny networks by the rule of
+    :func:`MToV.loading.precision_plan`); a :class:`~MToV.loading.PrecisionPlan` is run as given;
     ``"fp32"`` keeps everything in fp32, equal up to float rounding to the original's
     one-clip-at-a-time call pattern, which is :func:`generate_video_original` (same noise, same
     arguments but ``batch_size``, ``precision`` and ``use_last_as_reference``, plus the target frames

@@ -23,8 +23,10 @@ Modes, run side by side in one process on the same inputs and the same noise:
   :func:`MToV.generate.generate_video`: conditions encoded once, CFG as one batched pass on GPU (two
   passes on the CPU, which runs them faster), the reference
   latent once per video, only the encodes sampling uses, ``torch.inference_mode``, SDPA attention,
-  clips batched, bf16 autocast for the autoencoders where the device has bf16 matrix units (GPUs,
-  AMX CPUs; int8 on other CPUs, ``--precision``), channels-last UNet and optional ``torch.compile`` on GPU;
+  clips batched, bf16 autocast for the autoencoders on GPUs and on the CPU the arithmetic measured
+  faster there (``--precision auto``, :mod:`MToV.calibration`: int8 or bf16 only where it is at least
+  1.15x faster than fp32; the report's ``precision_choice`` says what and why), channels-last UNet and
+  optional ``torch.compile`` on GPU;
 * ``fast_fp32`` the same fast path in full precision (it must equal ``faithful`` up to rounding).
 
 With ``--steps-scale F < 1`` the samplers run ``F`` times their steps (quick runs); the per-stage
@@ -60,7 +62,7 @@ import torch
 
 from moditalker.device import CPU_ISA_ENV, allocator, cpu_isa_missing, cpu_isa_report
 from moditalker.errors import UserError, cli_main
-from MToV.loading import PRECISIONS
+from MToV.loading import PRECISIONS, PrecisionPlan
 from pipeline.benchmark_run import (
     FULL_ATOM_STEPS,
     FULL_MTOV_SCHEDULE,
@@ -70,7 +72,7 @@ from pipeline.benchmark_run import (
     ModeResult,
     run_mode,
 )
-from pipeline.benchmark_setup import build_networks, make_inputs
+from pipeline.benchmark_setup import Inputs, Networks, build_networks, make_inputs
 
 __all__ = [
     "MODES",
@@ -145,10 +147,20 @@ def run_benchmark(
     log=print,
     clock: str = "wall",
     still: bool = False,
+    calibration_file: str | None = None,
+    recalibrate: bool = False,
+    warmup: bool = True,
 ) -> dict[str, Any]:
-    """Build the networks, run every mode on the same inputs and return the report dict (see module doc)."""
+    """Build the networks, run every mode on the same inputs and return the report dict (see module doc).
+
+    ``precision`` ``auto`` on the CPU is resolved first by :func:`MToV.calibration.resolve_plan`
+    (``calibration_file``, ``recalibrate``: where the measurement is kept, measure again); the report's
+    ``precision_choice`` says what was chosen and why. ``warmup`` runs HuBERT and AToM once on a
+    short input before any mode (not timed), so the first mode does not pay the process's first calls.
+    """
     from moditalker.device import resolve_device
-    from MToV.loading import autoencoder_dtype, precision_plan, prepare_for_device
+    from MToV.calibration import resolve_plan
+    from MToV.loading import prepare_for_device
 
     if clock not in ("wall", "cpu"):
         raise UserError(f"clock must be 'wall' or 'cpu', got {clock!r}")
@@ -166,12 +178,24 @@ def run_benchmark(
     mtov_steps = max(4, int(round(FULL_MTOV_SCHEDULE * steps_scale)))
     full_passes = mtov_unet_passes(FULL_MTOV_SCHEDULE)
     passes = mtov_unet_passes(mtov_steps)
+    choice = None
+    if "fast" in modes:  # auto on the CPU: measured (or read back), before any mode and not timed
+        choice = resolve_plan(
+            precision, nets.mtov, dev, cache_file=calibration_file, recalibrate=recalibrate, log=log
+        )
+    plan = choice.plan if choice is not None else None
     log(
         f"device {dev}, {torch.get_num_threads()} CPU threads; {'tiny' if tiny else 'full-size'} random "
         f"networks built in {load_seconds:.1f} s; {inputs.n_frames} frames ({seconds:g} s); "
         f"AToM {atom_steps}/{full_atom} steps, MToV {passes}/{full_passes} UNet passes per clip; "
-        f"autoencoders in {precision_plan(precision, dev).autoencoders} on the fast path"
+        + (f"fast path: {plan_text(plan)} ({choice.source})" if plan is not None else "no fast mode")
     )
+    warmup_seconds = None
+    if warmup:
+        t0 = time.perf_counter()
+        warm_up(nets, inputs, seed=seed)
+        warmup_seconds = round(time.perf_counter() - t0, 2)
+        log(f"warm-up (HuBERT and AToM once, both guidance patterns; not timed): {warmup_seconds:.1f} s")
     results: dict[str, ModeResult] = {}
     for mode in modes:
         if mode == "fast" and compile:
@@ -185,7 +209,7 @@ def run_benchmark(
             mtov_steps=mtov_steps,
             seed=seed,
             batch_size=batch_size,
-            precision=precision,
+            precision=plan if mode == "fast" else "fp32",
             progress=progress,
             clock_kind=clock,
         )
@@ -210,11 +234,14 @@ def run_benchmark(
             "mtov_unet_passes_full": full_passes,
         },  # fmt: skip
         "precision": precision,
-        "autoencoder_dtype": str(autoencoder_dtype(precision, dev)).replace("torch.", ""),
+        "autoencoder_dtype": str((plan or PrecisionPlan("fp32")).autoencoder_dtype).replace("torch.", ""),
         # the arithmetic of each MToV network per mode (the faithful mode is the original's: fp32)
         "precision_used": {
-            m: precision_plan("fp32" if m != "fast" else precision, dev).per_network() for m in results
+            m: (plan if m == "fast" else PrecisionPlan("fp32")).per_network() for m in results
         },
+        # what the fast mode's arithmetic is and why: measured on this CPU, read back, a rule, or given
+        "precision_choice": choice.report() if choice is not None else None,
+        "warmup_seconds": warmup_seconds,
         # building (here: random initialisation) of every network, once, before any mode; the modes'
         # seconds below never include it (a real run adds its checkpoint loading once per process)
         "load_seconds": round(load_seconds, 2),
@@ -254,6 +281,26 @@ def run_benchmark(
     report["load_average"] = round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
     report["busy_warnings"] = busy_warnings(report, dev)
     return report
+
+
+def plan_text(plan: PrecisionPlan) -> str:
+    return f"autoencoders {plan.autoencoders}, UNet {plan.unet}"
+
+
+def warm_up(nets: Networks, inputs: Inputs, seed: int = 0) -> None:
+    """HuBERT on 1 s of the audio and one AToM step in the fast and the original guidance pattern,
+    not timed: a process's first calls of a network pay one-time costs (thread pool, kernel set-up,
+    first touch of the weights), which would otherwise fall on whichever mode runs first."""
+    from AToM.inference import generate_landmarks
+
+    wave = inputs.wave[: min(len(inputs.wave), 16000 + 80)]
+    with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):
+        hub = nets.hubert(wave, name="warm-up")
+        for mode in ("auto", "original"):
+            generate_landmarks(
+                nets.atom, hub, inputs.ref_lm3d[0], inputs.key_mean, steps=1, seed=seed, progress=False,
+                guidance_mode=mode,
+            )  # fmt: skip
 
 
 def busy_warnings(report: dict[str, Any], device: torch.device) -> list[str]:
@@ -332,6 +379,9 @@ def format_table(report: dict[str, Any]) -> str:
     used = report.get("precision_used", {}).get("fast")
     if used:
         lines.append("precision_used (fast): " + ", ".join(f"{k} {v}" for k, v in used.items()))
+    choice = report.get("precision_choice")
+    if choice:
+        lines.append(f"precision choice ({choice['source']}): {choice['reason']}")
     isa = report.get("cpu_isa")
     if isa:
         lines.append(
@@ -365,8 +415,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--precision",
         choices=PRECISIONS,
         default="auto",
-        help="arithmetic of the fast mode: auto = bf16 autoencoders on GPUs and AMX CPUs, "
-        "int8 autoencoders and UNet on other CPUs (see mtov.precision)",
+        help="arithmetic of the fast mode: auto = bf16 autoencoders on GPUs; on the CPU what was measured "
+        ">= 1.15x faster than fp32 on this machine (int8/bf16 autoencoders, int8 UNet), else fp32 "
+        "(see mtov.precision)",
     )
     p.add_argument(
         "--modes", default="fast,fast_fp32,faithful", help="comma list of faithful, fast, fast_fp32 [all]"
@@ -391,6 +442,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="run as on an x86-64 CPU with only these instructions (avx2: no AVX512, bf16 or int8 dot "
         "products): restarts the process with ATen, oneDNN, fbgemm and MKL capped (MKL obeys on Intel "
         "CPUs only) [native]",
+    )
+    p.add_argument(
+        "--calibration-file",
+        default=None,
+        help="JSON file keeping what --precision auto measured on this CPU "
+        "[$MODITALKER_CACHE_DIR, else $XDG_CACHE_HOME/moditalker, else ~/.cache/moditalker: "
+        "precision_calibration.json]",
+    )
+    p.add_argument(
+        "--recalibrate", action="store_true", help="time the precisions again for --precision auto (CPU)"
+    )
+    p.add_argument(
+        "--no-warmup", action="store_true", help="no untimed HuBERT/AToM call before the first mode"
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -441,6 +505,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         progress=not args.no_progress,
         clock=args.clock,
         still=args.still,
+        calibration_file=args.calibration_file,
+        recalibrate=args.recalibrate,
+        warmup=not args.no_warmup,
     )
     print(format_table(report), flush=True)
     if out is not None:

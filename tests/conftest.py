@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
 import torch
+
+# Never the user's cache folder: what MToV.calibration measures goes to a temp folder of this run
+# (also in the subprocesses the tests start, which inherit the environment).
+_CACHE_DIR = tempfile.mkdtemp(prefix="moditalker-test-cache-")
+os.environ["MODITALKER_CACHE_DIR"] = _CACHE_DIR
+atexit.register(shutil.rmtree, _CACHE_DIR, True)
 
 REPO = Path(__file__).resolve().parents[1]
 # The recorded reference data ships with the repository; MODITALKER_REFERENCE points elsewhere.

@@ -240,7 +240,11 @@ def test_benchmark_tiny_report(tmp_path, capsys):
     assert on_disk["frames"] == 18 and on_disk["seconds_of_video"] == 0.7
     fp32_nets = {"ae_rgb": "fp32", "ae_ldmk": "fp32", "unet": "fp32"}
     assert on_disk["precision_used"]["faithful"] == on_disk["precision_used"]["fast_fp32"] == fp32_nets
-    assert on_disk["precision_used"]["fast"]["ae_rgb"] in ("bf16", "int8")  # auto: never fp32 on a CPU
+    # auto on tiny networks: the capability rule (never fp32 on a CPU); full-size ones are measured
+    assert on_disk["precision_used"]["fast"]["ae_rgb"] in ("bf16", "int8")
+    assert on_disk["precision_choice"]["source"] == "rule"
+    assert on_disk["precision_choice"]["precision_used"] == on_disk["precision_used"]["fast"]
+    assert on_disk["warmup_seconds"] > 0
     assert on_disk["load_seconds"] > 0
     assert on_disk["psnr_db_fast_vs_fp32"] == "inf" or on_disk["psnr_db_fast_vs_fp32"] >= 35
     printed = capsys.readouterr().out

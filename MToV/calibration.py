@@ -1,0 +1,338 @@
+"""``mtov.precision=auto`` on the CPU, decided by measurement.
+
+Whether cheaper arithmetic pays on a CPU depends on more than its flags: on a 2-core AMD EPYC with AVX2
+only, int8 autoencoders were no faster than fp32 in the whole pipeline (and cost 42.6 dB), while on one
+with AVX512-VNNI they were 1.5x faster. So at the first use on a machine :func:`calibrate` times each
+candidate arithmetic on the loaded networks, the way the fast path runs them (one 16-frame clip's
+encode and decode per autoencoder precision; one UNet pass of a batch of :data:`UNET_BATCH` clips per
+UNet precision), and takes reduced precision only where it is at least :data:`THRESHOLD` times faster
+than fp32; otherwise the exact fp32 path.
+
+The result is kept in a small JSON file (:func:`default_cache_file`: ``$MODITALKER_CACHE_DIR``, else
+``$XDG_CACHE_HOME/moditalker``, else ``~/.cache/moditalker``; ``mtov.calibration_file`` / the
+commands' flags name another), one entry per key: CPU model, threads, torch version, the instruction
+caps of the process (``--cpu-isa``), the allocator, and the networks' kind and sizes. A later run with
+the same key reads it back and measures nothing; ``recalibrate`` measures again. Where the file cannot be
+written (a read-only location) nothing is written and the run goes on with what it measured.
+
+Devices other than the CPU keep the capability rule of :func:`MToV.loading.precision_plan` (bf16
+autocast on CUDA), and so do networks with fewer than :data:`MIN_PARAMS` parameters (the tiny test
+and demo configs: their time is Python overhead, not arithmetic, and timing them would say nothing).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import OmegaConf
+
+from moditalker.device import CPU_ISA_ENV, allocator, bf16_supported
+from moditalker.fileio import atomic_path
+from MToV.int8 import int8_convs_supported
+from MToV.loading import MToVModels, PrecisionPlan, precision_plan
+
+__all__ = [
+    "CACHE_ENV",
+    "FILE_NAME",
+    "MIN_PARAMS",
+    "THRESHOLD",
+    "UNET_BATCH",
+    "Calibration",
+    "calibrate",
+    "calibration_key",
+    "choose",
+    "default_cache_file",
+    "measure",
+    "resolve_plan",
+]
+
+THRESHOLD = 1.15  #: reduced precision only where it is at least this many times faster than fp32
+MIN_PARAMS = 5_000_000  #: smaller networks keep the capability rule (their time is not arithmetic)
+UNET_BATCH = 4  #: clips per calibration UNet pass (the pipeline's default batch)
+CACHE_ENV = "MODITALKER_CACHE_DIR"  #: folder of the calibration file (tests point it to a temp folder)
+FILE_NAME = "precision_calibration.json"
+VERSION = 1
+
+#: ``timer(label, fn) -> seconds``: the time of one run of ``fn`` (labels ``autoencoders/int8``,
+#: ``unet/fp32``, ...); tests pass a fake one that returns chosen times without running ``fn``.
+Timer = Callable[[str, Callable[[], object]], float]
+
+
+def default_cache_file() -> Path:
+    """``$MODITALKER_CACHE_DIR/precision_calibration.json``, else under ``$XDG_CACHE_HOME/moditalker``,
+    else ``~/.cache/moditalker``."""
+    folder = os.environ.get(CACHE_ENV)
+    if not folder:
+        xdg = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+        folder = str(Path(xdg) / "moditalker")
+    return Path(folder).expanduser() / FILE_NAME
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def calibration_key(config: Any, threads: int | None = None) -> dict[str, Any]:
+    """What a calibration holds for: this CPU's model, ``threads`` (default: torch's), the torch
+    version, the instruction caps the process runs with, the allocator, and the networks (MToV, the
+    digest of their model config ``config``: an MToV model config, e.g. ``MToVModels.config``)."""
+    nets = {k: config.get(k) for k in ("autoencoder", "autoencoder_ldmk", "unet")}
+    if not isinstance(config, dict):
+        nets = OmegaConf.to_container(OmegaConf.create(nets), resolve=True)
+    digest = hashlib.sha256(json.dumps(nets, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    caps = sorted({k for env in CPU_ISA_ENV.values() for k in env})
+    return {
+        "cpu": _cpu_model(),
+        "threads": int(threads if threads is not None else torch.get_num_threads()),
+        "torch": torch.__version__,
+        "isa_caps": {k: os.environ[k] for k in caps if os.environ.get(k)},
+        "allocator": allocator(),
+        "networks": f"mtov:{digest}",
+    }
+
+
+def _key_id(key: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """The arithmetic ``auto`` runs (``plan``) and why: ``source`` ``measured`` (timed now), ``cache``
+    (timed before, read back), ``rule`` (not timed: another device or tiny networks) or ``fixed``
+    (precision given); ``seconds`` the times per network and precision; ``reason`` one line."""
+
+    plan: PrecisionPlan
+    source: str
+    reason: str
+    seconds: dict[str, dict[str, float]] = field(default_factory=dict)
+    key: dict[str, Any] | None = None
+    cache_file: str | None = None
+    measure_seconds: float = 0.0
+
+    def report(self) -> dict[str, Any]:
+        """For the benchmark JSON and the logs."""
+        return {
+            "precision_used": self.plan.per_network(),
+            "source": self.source,
+            "reason": self.reason,
+            "seconds": self.seconds,
+            "threshold": THRESHOLD,
+            "key": self.key,
+            "cache_file": self.cache_file,
+            "measure_seconds": round(self.measure_seconds, 2),
+        }
+
+
+def _wall_timer(label: str, fn: Callable[[], object], min_seconds: float = 1.0, max_runs: int = 3) -> float:
+    """The fastest of up to ``max_runs`` runs of ``fn``: one when it takes ``min_seconds`` or more (the
+    full-size networks: seconds per run), more for fast ones, whose single runs are noise."""
+    best = float("inf")
+    for _ in range(max_runs):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+        if best >= min_seconds:
+            break
+    return best
+
+
+def measure(models: MToVModels, timer: Timer | None = None) -> dict[str, dict[str, float]]:
+    """Seconds of the fast path's work per candidate arithmetic on ``models`` (CPU): the autoencoders
+    (one clip's encode and decode, as :func:`MToV.generate.stream_video` runs them: fp32, bf16 autocast
+    where the CPU has bf16 instructions, int8 linear layers) and the UNet (one pass of a batch of
+    :data:`UNET_BATCH` clips: fp32, int8 convolutions where this torch build has them)."""
+    from moditalker.device import autocast
+
+    timer = timer or _wall_timer
+    dev = models.device
+    gen = torch.Generator(device=dev).manual_seed(0)
+    clip = torch.empty(1, 3, models.clip_frames, models.resolution, models.resolution, device=dev)
+    clip.uniform_(-1, 1, generator=gen)
+    ae = models.ae_rgb
+    z = torch.empty(1, ae.embed_dim, ae.latent_length, device=dev).uniform_(-1, 1, generator=gen)
+    n_xy = ae.r**2
+    t = torch.full((UNET_BATCH,), 100, dtype=torch.long, device=dev)
+    x = z.expand(UNET_BATCH, -1, -1).contiguous()
+    cond = torch.cat([z, z], dim=1).expand(UNET_BATCH, -1, -1).contiguous()
+    image_cond = z[:, :, :n_xy].expand(UNET_BATCH, -1, -1).contiguous()
+    # fp32 last: whatever the first run of a process pays once (thread pool, kernel set-up, first
+    # touch of memory) then counts against reduced precision, so an error leans to the exact path
+    ae_candidates = [*(["bf16"] if bf16_supported(dev) else []), "int8", "fp32"]
+    unet_candidates = [*(["int8"] if int8_convs_supported() else []), "fp32"]
+
+    def ae_run(precision: str) -> Callable[[], object]:
+        def run() -> object:
+            plan = PrecisionPlan(precision)
+            ae_rgb, _ = models.autoencoders(plan)  # int8: the quantised copies, made once and kept
+            with torch.inference_mode(), autocast(dev, plan.autoencoder_dtype):
+                latent = ae_rgb.extract(clip).float()
+                return ae_rgb.decode_from_sample(latent).float()
+
+        return run
+
+    def unet_run(precision: str) -> Callable[[], object]:
+        def run() -> object:
+            unet = models.unet_for(PrecisionPlan("fp32", unet=precision))
+            with torch.inference_mode():
+                return unet(x, cond, image_cond, t)
+
+        return run
+
+    out: dict[str, dict[str, float]] = {"autoencoders": {}, "unet": {}}
+    for p in ae_candidates:
+        if p == "int8":
+            models.autoencoders(PrecisionPlan("int8"))  # quantising is set-up, not run time
+        out["autoencoders"][p] = float(timer(f"autoencoders/{p}", ae_run(p)))
+    for p in unet_candidates:
+        if p == "int8":
+            models.unet_for(PrecisionPlan("fp32", unet="int8"))
+        out["unet"][p] = float(timer(f"unet/{p}", unet_run(p)))
+    return out
+
+
+def choose(seconds: dict[str, dict[str, float]], threshold: float = THRESHOLD) -> tuple[PrecisionPlan, str]:
+    """The plan from measured ``seconds`` (see :func:`measure`): per network the fastest reduced
+    precision if fp32 takes at least ``threshold`` times as long, else fp32; and why, in one line."""
+    picked, why = {}, []
+    for net in ("autoencoders", "unet"):
+        times = seconds.get(net, {})
+        fp32 = times.get("fp32")
+        reduced = {p: s for p, s in times.items() if p != "fp32" and s > 0}
+        best = min(reduced, key=reduced.get) if reduced else None
+        if fp32 is None or best is None:
+            picked[net] = "fp32"
+            why.append(f"{net} fp32 (nothing else to compare)")
+            continue
+        gain = fp32 / reduced[best]
+        listed = ", ".join(f"{p} {s:.3g} s" for p, s in times.items())
+        if gain >= threshold:
+            picked[net] = best
+            why.append(f"{net} {best}: {gain:.2f}x faster than fp32 ({listed})")
+        else:
+            picked[net] = "fp32"
+            why.append(f"{net} fp32: {best} only {gain:.2f}x faster, below {threshold:g}x ({listed})")
+    return PrecisionPlan(picked["autoencoders"], unet=picked["unet"]), "; ".join(why)
+
+
+def _read(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(data, dict) or data.get("version") != VERSION:
+        return {}
+    if not isinstance(data.get("entries"), dict):
+        return {}
+    return data
+
+
+def _write(path: Path, key_id: str, entry: dict[str, Any]) -> str | None:
+    """Add ``entry`` to the file at ``path`` (temp name + rename); the error text if it cannot be."""
+    data = _read(path) or {"version": VERSION, "entries": {}}
+    data["entries"][key_id] = entry
+    try:
+        with atomic_path(path) as tmp:
+            Path(tmp).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    except OSError as exc:
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+def _params(models: MToVModels) -> int:
+    return sum(p.numel() for net in (models.ae_rgb, models.ae_ldmk, models.unet) for p in net.parameters())
+
+
+def calibrate(
+    models: MToVModels | Callable[[], MToVModels],
+    config: Any = None,
+    *,
+    cache_file: str | Path | None = None,
+    recalibrate: bool = False,
+    timer: Timer | None = None,
+    threshold: float = THRESHOLD,
+    min_params: int = MIN_PARAMS,
+    log: Callable[[str], None] | None = None,
+) -> Calibration:
+    """``auto``'s plan on the CPU: read back for this key (:func:`calibration_key`) from ``cache_file``
+    (default :func:`default_cache_file`), else measured (:func:`measure` with ``timer``) and stored.
+
+    ``models`` is the loaded networks or a function that loads them, called only when they are
+    needed (a measurement, or the size check of :data:`MIN_PARAMS`); ``config`` is their model config
+    (default ``models.config``), which keys the result without loading anything. ``recalibrate``
+    measures even when a result is stored. ``log`` gets one line on what was chosen and why."""
+    say = log or (lambda _line: None)
+    loaded: list[MToVModels] = []
+
+    def get() -> MToVModels:
+        if not loaded:
+            loaded.append(models() if callable(models) and not isinstance(models, MToVModels) else models)
+        return loaded[0]
+
+    if config is None:
+        config = get().config
+    key = calibration_key(config)
+    path = Path(cache_file).expanduser() if cache_file else default_cache_file()
+    key_id = _key_id(key)
+    entry = None if recalibrate else _read(path).get("entries", {}).get(key_id)
+    if entry is not None:
+        try:
+            seconds = {n: {p: float(s) for p, s in times.items()} for n, times in entry["seconds"].items()}
+        except (KeyError, TypeError, ValueError, AttributeError):
+            entry = None
+    if entry is not None:
+        plan, reason = choose(seconds, threshold)
+        cal = Calibration(plan, "cache", reason, seconds, key, str(path))
+        say(f"precision auto on this CPU (calibrated before, {path}): {reason}")
+        return cal
+    m = get()
+    rule = precision_plan("auto", m.device)
+    if m.device.type != "cpu":
+        return Calibration(rule, "rule", f"{m.device.type}: capability rule", key=key)
+    if _params(m) < min_params:
+        reason = f"networks of {_params(m):,} parameters (< {min_params:,}) are not timed: capability rule"
+        return Calibration(rule, "rule", reason, key=key)
+    say(f"precision auto: timing fp32 and reduced precision on this CPU (once per machine, kept in {path})")
+    t0 = time.perf_counter()
+    seconds = measure(m, timer)
+    spent = time.perf_counter() - t0
+    plan, reason = choose(seconds, threshold)
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    failed = _write(path, key_id, {"key": key, "seconds": seconds, "measured_at": stamp})
+    where = str(path) if failed is None else None
+    say(
+        f"precision auto on this CPU (measured in {spent:.1f} s): {reason}"
+        + (f"; not saved ({failed})" if failed else f"; saved in {path}")
+    )
+    return Calibration(plan, "measured", reason, seconds, key, where, spent)
+
+
+def resolve_plan(
+    precision: str,
+    models: MToVModels | Callable[[], MToVModels],
+    device: torch.device,
+    config: Any = None,
+    **kwargs: Any,
+) -> Calibration:
+    """The plan of ``mtov.precision`` on ``device``: a given precision as :func:`MToV.loading.precision_plan`
+    says (``fixed``); ``auto`` on the CPU by :func:`calibrate` (``kwargs``), elsewhere by the rule."""
+    if precision != "auto":
+        return Calibration(precision_plan(precision, device), "fixed", f"mtov.precision={precision}")
+    if device.type != "cpu":
+        return Calibration(precision_plan("auto", device), "rule", f"{device.type}: capability rule")
+    return calibrate(models, config, **kwargs)

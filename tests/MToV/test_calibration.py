@@ -1,0 +1,200 @@
+"""mtov.precision=auto on the CPU by measurement (MToV.calibration): a fake timer decides the choice,
+the cache file (hit, miss, key change, recalibrate, read-only location), tiny networks keep the rule,
+and tests never write into the user's cache folder."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import MToV.calibration as calibration
+from moditalker.device import bf16_supported
+from MToV.calibration import (
+    CACHE_ENV,
+    THRESHOLD,
+    calibrate,
+    calibration_key,
+    choose,
+    default_cache_file,
+    resolve_plan,
+)
+from MToV.generate import generate_video
+from MToV.loading import PrecisionPlan, load_mtov, precision_plan
+
+REPO = Path(__file__).resolve().parents[2]
+TINY = str(REPO / "configs" / "mtov_tiny.yaml")
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def models():
+    return load_mtov(None, None, None, config=TINY, random_weights=True)
+
+
+class FakeTimer:
+    """Returns the seconds given per label (``autoencoders/int8``, ``unet/fp32``, ...) without running
+    anything, and records which labels it was asked for."""
+
+    def __init__(self, **seconds: float) -> None:
+        self.seconds = {k.replace("__", "/"): v for k, v in seconds.items()}
+        self.calls: list[str] = []
+
+    def __call__(self, label, fn):
+        self.calls.append(label)
+        return self.seconds[label]
+
+
+def _cal(models, tmp_path, timer, **kw):
+    return calibrate(models, cache_file=tmp_path / "cal.json", timer=timer, min_params=0, **kw)
+
+
+def test_the_fake_timer_decides(models, tmp_path):
+    times = dict(autoencoders__int8=6.0, autoencoders__bf16=7.0, autoencoders__fp32=10.0)
+    fast = FakeTimer(**times, unet__int8=1.0, unet__fp32=1.1)  # the UNet gains 1.10x < 1.15x: fp32
+    cal = _cal(models, tmp_path, fast)
+    assert cal.source == "measured"
+    assert cal.plan == PrecisionPlan("int8", unet="fp32")
+    assert "autoencoders int8: 1.67x" in cal.reason and "unet fp32: int8 only 1.10x" in cal.reason
+    want = ["autoencoders/int8", "autoencoders/fp32", "unet/int8", "unet/fp32"]
+    if bf16_supported(models.device):  # bf16 is a candidate only where the CPU has bf16 instructions
+        want.insert(0, "autoencoders/bf16")
+    assert fast.calls == want
+    # int8 buys nothing (the AVX2-only EPYC): the exact fp32 path
+    flat = FakeTimer(autoencoders__int8=9.5, autoencoders__bf16=12.0, autoencoders__fp32=10.0)
+    flat.seconds |= {"unet/int8": 2.0, "unet/fp32": 2.0}
+    cal = _cal(models, tmp_path / "other", flat)
+    assert cal.plan == PrecisionPlan("fp32", unet="fp32")
+    # bf16 the fastest, the UNet's int8 over the threshold
+    bf16 = FakeTimer(autoencoders__int8=7.0, autoencoders__bf16=5.0, autoencoders__fp32=10.0)
+    bf16.seconds |= {"unet/int8": 1.0, "unet/fp32": 1.0 * THRESHOLD}
+    plan = _cal(models, tmp_path / "third", bf16).plan
+    assert plan.unet == "int8"
+    assert plan.autoencoders == ("bf16" if bf16_supported(models.device) else "int8")
+
+
+def test_choose_threshold():
+    seconds = {"autoencoders": {"fp32": 10.0, "int8": 10.0 / 1.14}, "unet": {"fp32": 1.0}}
+    plan, reason = choose(seconds)
+    assert plan == PrecisionPlan("fp32") and "below 1.15x" in reason
+    assert choose(seconds, threshold=1.1)[0] == PrecisionPlan("int8")
+
+
+def test_cache_hit_miss_and_key_change(models, tmp_path):
+    timer = FakeTimer(
+        autoencoders__int8=5.0, autoencoders__bf16=6.0, autoencoders__fp32=10.0, unet__int8=1, unet__fp32=2
+    )
+    first = _cal(models, tmp_path, timer)
+    n_measured = len(timer.calls)
+    assert first.source == "measured" and first.cache_file == str(tmp_path / "cal.json")
+    stored = json.loads((tmp_path / "cal.json").read_text())
+    (entry,) = stored["entries"].values()
+    assert entry["key"] == calibration_key(models.config) and entry["seconds"] == first.seconds
+    assert entry["key"]["threads"] == 1 and entry["key"]["torch"] == torch.__version__
+
+    again = _cal(models, tmp_path, timer)  # hit: nothing timed, the same choice and times
+    assert again.source == "cache" and len(timer.calls) == n_measured
+    assert again.plan == first.plan and again.seconds == first.seconds
+
+    def no_models():
+        raise AssertionError("a cache hit needs no networks")
+
+    hit = calibrate(no_models, models.config, cache_file=tmp_path / "cal.json", timer=timer, min_params=0)
+    assert hit.source == "cache" and hit.plan == first.plan
+
+    torch.set_num_threads(2)  # another thread count is another key: measured again
+    try:
+        other = _cal(models, tmp_path, timer)
+    finally:
+        torch.set_num_threads(1)
+    assert other.source == "measured" and len(timer.calls) == 2 * n_measured
+    assert other.key["threads"] == 2
+    assert len(json.loads((tmp_path / "cal.json").read_text())["entries"]) == 2
+    # other network sizes: another key
+    bigger = dict(models.config)
+    assert calibration_key({**bigger, "unet": {"model_channels": 999}}) != calibration_key(models.config)
+    # a broken file is a miss, not an error
+    (tmp_path / "cal.json").write_text("{not json")
+    assert _cal(models, tmp_path, timer).source == "measured"
+
+
+def test_recalibrate_measures_again_and_replaces(models, tmp_path):
+    slow_int8 = FakeTimer(autoencoders__int8=9.9, autoencoders__bf16=9.9, autoencoders__fp32=10.0)
+    slow_int8.seconds |= {"unet/int8": 1.0, "unet/fp32": 1.0}
+    assert _cal(models, tmp_path, slow_int8).plan == PrecisionPlan("fp32")
+    fast_int8 = FakeTimer(autoencoders__int8=4.0, autoencoders__bf16=9.9, autoencoders__fp32=10.0)
+    fast_int8.seconds |= {"unet/int8": 1.0, "unet/fp32": 1.0}
+    assert _cal(models, tmp_path, fast_int8).source == "cache" and not fast_int8.calls
+    cal = _cal(models, tmp_path, fast_int8, recalibrate=True)
+    assert cal.source == "measured" and cal.plan == PrecisionPlan("int8") and fast_int8.calls
+    (entry,) = json.loads((tmp_path / "cal.json").read_text())["entries"].values()
+    assert entry["seconds"]["autoencoders"]["int8"] == 4.0
+
+
+def test_unwritable_location_writes_nothing(models, tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    lines = []
+    timer = FakeTimer(autoencoders__int8=4.0, autoencoders__bf16=9.0, autoencoders__fp32=10.0)
+    timer.seconds |= {"unet/int8": 1.0, "unet/fp32": 1.0}
+    cal = calibrate(
+        models, cache_file=blocker / "sub" / "cal.json", timer=timer, min_params=0, log=lines.append
+    )
+    assert cal.source == "measured" and cal.plan == PrecisionPlan("int8") and cal.cache_file is None
+    assert "not saved" in lines[-1] and sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]
+    if os.geteuid() != 0:  # root writes into read-only folders anyway
+        ro = tmp_path / "ro"
+        ro.mkdir()
+        ro.chmod(0o555)
+        try:
+            assert _cal(models, ro, timer).cache_file is None and not list(ro.iterdir())
+        finally:
+            ro.chmod(0o755)
+
+
+def test_tiny_networks_and_other_devices_keep_the_rule(models, tmp_path, monkeypatch):
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
+
+    def no_timing(*a, **k):
+        raise AssertionError("nothing is timed")
+
+    monkeypatch.setattr(calibration, "measure", no_timing)
+    cal = resolve_plan("auto", models, models.device)  # the tiny config: fewer than MIN_PARAMS
+    assert cal.source == "rule" and cal.plan == precision_plan("auto", models.device)
+    assert not (tmp_path / "cache").exists()  # nothing written
+    fixed = resolve_plan("fp32", models, models.device)
+    assert fixed.source == "fixed" and fixed.plan == PrecisionPlan("fp32")
+    # generate_video resolves a name the same way, and runs a given plan as given
+    lv = np.zeros((3, 3, models.resolution, models.resolution), np.uint8)
+    kw = dict(sampling_timesteps=8, progress=False, batch_size=1)
+    by_name = generate_video(models, lv, lv, lv[0], precision="fp32", **kw)
+    by_plan = generate_video(models, lv, lv, lv[0], precision=PrecisionPlan("fp32"), **kw)
+    np.testing.assert_array_equal(by_name, by_plan)
+
+
+def test_default_location_and_tests_never_use_the_user_cache(monkeypatch, tmp_path):
+    # conftest points the cache to a temp folder for the whole run (and its subprocesses)
+    assert Path(os.environ[CACHE_ENV]).resolve() != (Path.home() / ".cache" / "moditalker").resolve()
+    assert default_cache_file() == Path(os.environ[CACHE_ENV]) / "precision_calibration.json"
+    monkeypatch.delenv(CACHE_ENV)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert default_cache_file() == tmp_path / "xdg" / "moditalker" / "precision_calibration.json"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert default_cache_file() == tmp_path / "home" / ".cache" / "moditalker" / "precision_calibration.json"
+
+
+def test_real_timer_on_tiny_networks(models, tmp_path):
+    cal = calibrate(models, cache_file=tmp_path / "cal.json", min_params=0)
+    assert cal.source == "measured" and cal.measure_seconds < 30
+    assert set(cal.seconds["autoencoders"]) >= {"fp32", "int8"} and set(cal.seconds["unet"]) >= {"fp32"}
+    assert all(s > 0 for times in cal.seconds.values() for s in times.values())
+    assert cal.plan == choose(cal.seconds)[0]
