@@ -88,7 +88,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--data", default=None, help="folder of the videos with audio: {id}.mp4 (or {id}/one video)"
     )
-    g.add_argument("--split_file", default=None, help="the test ids, one per line (# comments)")
+    g.add_argument(
+        "--split_file",
+        default=None,
+        help="the test ids, one per line (# comments); default: the original's HDTF test split "
+        "(evaluation/hdtf_test_ids.txt, 98 ids)",
+    )
     g.add_argument(
         "--pairs",
         default=None,

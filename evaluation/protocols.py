@@ -35,6 +35,7 @@ from tqdm import tqdm
 from evaluation import clips
 from evaluation.protocol import FPS, VideoPair, check_lengths, count_frames
 from evaluation.scoring import format_table, score, write_report
+from evaluation.splits import HDTF_TEST_SPLIT
 from moditalker.errors import UserError
 from moditalker.fileio import atomic_write_text, check_output, repo_path, require_file, same_file
 from pipeline.inference import build_parser as pipeline_parser
@@ -156,15 +157,15 @@ def _check_flags(args: argparse.Namespace) -> None:
     if name == "hdtf_selfrecon":
         if args.pairs is not None:
             raise UserError("--pairs goes with --protocol cross_identity, not hdtf_selfrecon")
-        if args.split_file is None:
-            raise UserError("--protocol hdtf_selfrecon needs --split_file (the test ids, one per line)")
+        if args.split_file is None:  # the shipped HDTF test split of the original (98 ids)
+            args.split_file = str(HDTF_TEST_SPLIT)
     else:
         if args.pairs is None:
             raise UserError(
                 "--protocol cross_identity needs --pairs FILE ('audio_id ref_id' lines) or --pairs auto"
             )
         if args.pairs == "auto" and args.split_file is None:
-            raise UserError("--pairs auto needs --split_file (the test ids to pair)")
+            args.split_file = str(HDTF_TEST_SPLIT)
     if args.max_videos is not None and args.max_videos < 1:
         raise UserError(f"--max_videos must be at least 1, got {args.max_videos}")
     if args.seconds is not None and not (args.seconds > 0 and args.seconds < float("inf")):

@@ -186,7 +186,8 @@ def test_bad_inputs_are_one_line_and_write_nothing(dataset, capsys, count_runs, 
     msg = err("hdtf_selfrecon", "--split_file", str(missing))
     assert "1 id(s)" in msg and "id_zz" in msg and "no video" in msg
     assert "split file not found" in err("hdtf_selfrecon", "--split_file", str(root / "nope.txt"))
-    assert "needs --split_file" in err("hdtf_selfrecon")
+    msg = err("hdtf_selfrecon")  # no --split_file: the shipped HDTF test split, whose ids --data lacks
+    assert "98 id(s)" in msg and "hdtf_test_ids.txt" in msg and "RD_Radio46_000" in msg
     (root / "empty.txt").write_text("# nothing\n")
     assert "lists nothing" in err("hdtf_selfrecon", "--split_file", str(root / "empty.txt"))
     unknown = root / "unknown_pairs.txt"
@@ -199,7 +200,7 @@ def test_bad_inputs_are_one_line_and_write_nothing(dataset, capsys, count_runs, 
     itself = root / "self_pairs.txt"
     itself.write_text("id_a id_a\n")
     assert "with itself" in err("cross_identity", "--pairs", str(itself))
-    assert "needs --split_file" in err("cross_identity", "--pairs", "auto")
+    assert "hdtf_test_ids.txt" in err("cross_identity", "--pairs", "auto")
     assert "needs --pairs" in err("cross_identity")
     only_a = root / "only_a.txt"
     only_a.write_text("id_a\n")
