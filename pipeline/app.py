@@ -13,8 +13,13 @@ for the server's life (:mod:`pipeline.models`).
   a progress bar follows the stages (and the MToV clips);
 * one job at a time (a queue; the others wait with their position shown); a bad input shows the one
   line the command line prints, and the server keeps running;
-* 127.0.0.1 only unless ``--host`` says otherwise, no share link unless ``--share``, no analytics;
-  uploads and outputs live under ``--out_dir``, cleaned of what is older than a day.
+* 127.0.0.1 only unless ``--host`` says otherwise (another address prints a warning), no share link
+  unless ``--share``, no analytics; ``--auth USER:PASS`` asks for a login (Gradio's own);
+  uploads and outputs live under ``--out_dir``, cleaned of what is older than a day;
+* as a service: uploads over ``--max_upload_mb`` (50) are refused while they arrive, before they are
+  stored; what a caller gets back (run log, timings, errors) names files by their base name, never by
+  a folder of the server; Gradio's file routes serve only the upload, run and example folders (the
+  stage cache is blocked); a request over ``--max_queue`` is refused with "queue is full".
 
 Programs call the named endpoint ``/generate`` (parameters ``audio``, ``ref_video``, ``ref_image``,
 ``seed``, and optionally ``steps``, ``guidance``, ``mtov_steps``, ``start_ratio``, ``batch_size``; it
@@ -39,9 +44,9 @@ from pathlib import Path
 from typing import Any
 
 from moditalker.errors import ArgumentParser, UserError, cli_main, describe
-from pipeline.app_job import DAY, STAGES, AppFolders, Job, clean_old, sample_inputs
+from pipeline.app_job import DAY, MB, STAGES, AppFolders, Job, clean_old, sample_inputs
 
-__all__ = ["API_NAME", "build_parser", "prepare_environment", "build_app", "serve", "main"]
+__all__ = ["API_NAME", "build_parser", "prepare_environment", "build_app", "serve", "main", "host_warning"]
 
 API_NAME = "generate"  # the endpoint /generate
 RANDOM_BANNER = (
@@ -85,6 +90,8 @@ def prepare_environment(folders: AppFolders) -> None:
     os.environ["HF_HUB_OFFLINE"] = "1"
     os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
     os.environ["GRADIO_TEMP_DIR"] = str(folders.uploads.resolve())
+    # Gradio serves its examples cache too (default: .gradio/cached_examples under the working folder)
+    os.environ["GRADIO_EXAMPLES_CACHE"] = str((folders.uploads / "cached_examples").resolve())
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
@@ -116,13 +123,13 @@ def build_app(job: Job, *, title: str = "MoDiTalker") -> Any:
         settings |= dict(start_ratio=start_ratio, batch_size=batch_size)
         try:
             out = job(audio, ref_video, ref_image, report=StageBar(progress), **settings)
-        except UserError as exc:
+        except UserError as exc:  # the server's log keeps the paths; the caller gets base names
             job.log(f"error: {exc}")
-            raise gr.Error(str(exc), duration=None, print_exception=False) from None
+            raise gr.Error(job.public(str(exc)), duration=None, print_exception=False) from None
         except Exception as exc:  # noqa: BLE001 - a bug must not stop the server; the log has it
             traceback.print_exc()
             message = f"internal error: {describe(exc)} (the server log has the traceback)"
-            raise gr.Error(message, duration=None, print_exception=False) from None
+            raise gr.Error(job.public(message), duration=None, print_exception=False) from None
         return str(out.video), str(out.preview), out.timings, out.log
 
     with gr.Blocks(title=title, analytics_enabled=False, delete_cache=(3600, int(job.max_age))) as demo:
@@ -210,11 +217,14 @@ def serve(
     port: int = 7860,
     share: bool = False,
     max_queue: int = 20,
+    max_upload_mb: float | None = 50.0,
+    auth: tuple[str, str] | None = None,
     block: bool = True,
     quiet: bool = False,
 ) -> str:
     """Queue (one job at a time, ``max_queue`` waiting) and launch; returns the local URL. ``block``:
-    serve until interrupted."""
+    serve until interrupted. ``max_upload_mb``: Gradio refuses a bigger upload while it arrives (HTTP
+    413), before it is stored (None: no limit). ``auth``: (user, password) of Gradio's login."""
     demo.queue(max_size=max_queue, default_concurrency_limit=1)
     try:
         demo.launch(
@@ -223,6 +233,9 @@ def serve(
             share=bool(share),
             prevent_thread_lock=True,
             allowed_paths=[str(job.folders.runs.resolve()), str(job.folders.examples.resolve())],
+            blocked_paths=[str(job.folders.work.resolve())],  # the stage cache is never served
+            max_file_size=None if max_upload_mb is None else int(max_upload_mb * MB),
+            auth=auth,
             show_error=False,
             quiet=True,  # its hints name launch() arguments; serve() prints the URL itself
             ssr_mode=False,
@@ -248,6 +261,26 @@ def serve(
     return url
 
 
+def parse_auth(value: str | None) -> tuple[str, str] | None:
+    """``USER:PASS`` -> (user, password); None -> no login."""
+    if value is None:
+        return None
+    user, sep, password = value.partition(":")
+    if not sep or not user or not password:
+        raise UserError("--auth must be USER:PASS with a non-empty user and password")
+    return user, password
+
+
+def host_warning(host: str, auth: bool) -> str | None:
+    """The warning for a page that other machines can reach (None on a loopback address)."""
+    if host in ("127.0.0.1", "localhost", "::1"):
+        return None
+    text = f"warning: --host {host}: anyone who can reach this machine on the network can use the page"
+    if auth:
+        return text + " (after the --auth login)"
+    return text + ", upload files and run jobs on it; on a shared machine pass --auth USER:PASS"
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(
         prog="scripts/app.sh",
@@ -264,6 +297,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--share", action="store_true", help="also make a public Gradio share link (off by default)"
     )
     p.add_argument("--max_queue", type=int, default=20, help="requests that may wait in the queue [20]")
+    p.add_argument(
+        "--max_upload_mb", type=float, default=50.0, help="largest upload, refused before it is stored [50]"
+    )
+    p.add_argument(
+        "--auth",
+        default=os.environ.get("MODITALKER_APP_AUTH"),
+        metavar="USER:PASS",
+        help="ask for this login (Gradio's); default: $MODITALKER_APP_AUTH, else no login",
+    )
     p.add_argument("--keep_hours", type=float, default=DAY / 3600, help="delete files older than this [24]")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="pipeline config overrides")
     return p
@@ -278,6 +320,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         raise UserError(f"--port must be in 1..65535, got {args.port}")
     if args.max_queue < 1 or args.keep_hours <= 0:
         raise UserError("--max_queue must be >= 1 and --keep_hours > 0")
+    if not args.max_upload_mb > 0:
+        raise UserError(f"--max_upload_mb must be > 0, got {args.max_upload_mb}")
+    auth = parse_auth(args.auth)
     folders = AppFolders(Path(args.out_dir)).create()
     prepare_environment(folders)
     job = Job(
@@ -287,15 +332,26 @@ def main(argv: Sequence[str] | None = None) -> None:
         random_weights=args.random_weights,
         overrides=tuple(args.overrides),
         max_age=args.keep_hours * 3600,
+        max_upload_mb=args.max_upload_mb,
     )
     removed = clean_old(folders, job.max_age)
     print(f"app folder {folders.root.resolve()} ({len(removed)} old item(s) removed)", flush=True)
     if job.random_weights:
         print("WARNING: --random_weights: the page makes no real talking heads", file=sys.stderr, flush=True)
-    if args.host not in ("127.0.0.1", "localhost", "::1"):
-        print(f"note: --host {args.host}: the page is reachable from other machines", file=sys.stderr)
+    warning = host_warning(args.host, auth is not None)
+    if warning:
+        print(warning, file=sys.stderr, flush=True)
     demo = build_app(job)
-    serve(demo, job, host=args.host, port=args.port, share=args.share, max_queue=args.max_queue)
+    serve(
+        demo,
+        job,
+        host=args.host,
+        port=args.port,
+        share=args.share,
+        max_queue=args.max_queue,
+        max_upload_mb=args.max_upload_mb,
+        auth=auth,
+    )
 
 
 if __name__ == "__main__":

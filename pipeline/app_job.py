@@ -19,7 +19,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
@@ -29,9 +29,10 @@ from pipeline.inference import PipelineResult, resolve_config, run_inference
 from pipeline.models import ModelCache
 from pipeline.settings import FLAGS, check_settings
 
-__all__ = ["DAY", "STAGES", "AppFolders", "clean_old", "Job", "JobOutput", "StageProgress"]
+__all__ = ["DAY", "STAGES", "AppFolders", "clean_old", "Job", "JobOutput", "StageProgress", "public_text"]
 
 DAY = 24 * 3600.0
+MB = 1024 * 1024  #: bytes in a MB of --max_upload_mb (Gradio's "mb")
 #: the steps a run reports, in order (the cached stages, then the mp4 writer)
 STAGES = ("reference", "landmarks", "recon", "hubert", "atom", "align", "mtov", "write")
 #: the order of the timings the page shows (others follow, then the total)
@@ -47,6 +48,24 @@ _DESCRIBE = {
     "mtov": "MToV: video frames",
     "write": "writing the mp4",
 }
+
+
+# ----------------------------------------------------------------------------- what callers see
+_PATH_CHARS = r"[^\s'\"`,;()\[\]{}<>|]"
+#: an absolute path: a "/" not inside a word, a number ("1/2"), a URL ("http://") or a relative path
+_ABS_PATH = re.compile(r"(?<![\w.:/~\-])/" + _PATH_CHARS + "+")
+
+
+def public_text(text: str, roots: tuple[str | Path, ...] = ()) -> str:
+    """``text`` with every absolute path of this machine replaced by its base name (``/srv/app/uploads/
+    3f2a/speech.wav`` -> ``speech.wav``): what the page returns to a caller (the run log, error
+    messages) names no folder of the server. ``roots``: folders whose names may hold spaces, replaced
+    first (with whatever follows them up to the next space)."""
+    roots_text = sorted({str(r).rstrip("/") for r in roots if str(r).rstrip("/")}, key=len, reverse=True)
+    for root in roots_text:
+        pattern = re.escape(root) + f"(?:/{_PATH_CHARS}*)?(?!{_PATH_CHARS})"
+        text = re.sub(pattern, lambda m: PurePosixPath(m.group(0)).name or ".", text)
+    return _ABS_PATH.sub(lambda m: PurePosixPath(m.group(0)).name or ".", text)
 
 
 # ----------------------------------------------------------------------------- folders
@@ -203,6 +222,7 @@ class Job:
         random_weights: bool = False,
         overrides: tuple[str, ...] = (),
         max_age: float = DAY,
+        max_upload_mb: float | None = None,
         models: ModelCache | None = None,
         detector: Any = None,
         log: Callable[[str], None] = lambda line: print(line, flush=True),
@@ -211,6 +231,7 @@ class Job:
         self.config, self.device, self.random_weights = config, device, bool(random_weights)
         self.overrides = tuple(overrides)
         self.max_age = float(max_age)
+        self.max_upload_mb = None if max_upload_mb is None else float(max_upload_mb)
         self.models = ModelCache(per_kind=1) if models is None else models
         self.detector, self.log = detector, log
         self.lock = threading.Lock()
@@ -219,6 +240,28 @@ class Job:
         from moditalker.device import resolve_device
 
         resolve_device(self.base.device)
+
+    def public(self, text: str) -> str:
+        """``text`` as the page may return it: no absolute path of this machine (:func:`public_text`)."""
+        from moditalker.fileio import REPO_ROOT
+
+        root = self.folders.root
+        return public_text(text, (root.resolve(), root.absolute(), REPO_ROOT, Path.cwd(), Path.home()))
+
+    def check_sizes(self, **files: str | None) -> None:
+        """Refuse an input file over ``max_upload_mb`` (the page refuses such an upload before it is
+        stored; this also covers files given by path)."""
+        if self.max_upload_mb is None:
+            return
+        for name, path in files.items():
+            if path is None or not Path(path).is_file():
+                continue
+            size = Path(path).stat().st_size
+            if size > self.max_upload_mb * MB:
+                raise UserError(
+                    f"{name} {Path(path).name} is {size / MB:.1f} MB, over the page's limit of "
+                    f"{self.max_upload_mb:g} MB (--max_upload_mb)"
+                )
 
     def resolve(self, **flags: Any) -> DictConfig:
         """The config of a run with these command-line flags (names as in :data:`FLAGS`; None: unset)."""
@@ -284,6 +327,7 @@ class Job:
     ) -> JobOutput:
         """Run one request; a :class:`UserError` carries the same one line as the command line's."""
         with self.lock:
+            self.check_sizes(audio=audio, ref_video=ref_video, ref_image=ref_image)
             clean_old(self.folders, self.max_age)
             run_dir = self.folders.new_run()
             progress = StageProgress(report, self.log)
@@ -300,7 +344,8 @@ class Job:
             order = [*TIMING_ORDER, *sorted(set(result.timings) - {*TIMING_ORDER, "total"}), "total"]
             timings = {k: round(float(result.timings[k]), 3) for k in order if k in result.timings}
             assert result.preview is not None
-            return JobOutput(result.out, result.preview, timings, "\n".join(progress.lines), result)
+            log = self.public("\n".join(progress.lines))
+            return JobOutput(result.out, result.preview, timings, log, result)
 
 
 def sample_inputs(folders: AppFolders) -> dict[str, Path]:

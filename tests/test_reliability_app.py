@@ -1,0 +1,341 @@
+"""The web page as a service, tried as a caller and as an attacker would (tiny config, random weights,
+a server in this process on a free port with ``--max_queue 1`` and ``--max_upload_mb 1``):
+
+* what a caller gets back (run log, timings, errors) names no folder of the server;
+* an upload over the limit is refused while it arrives (HTTP 413, one line), nothing of it is stored;
+* Gradio's file routes serve only the page's folders: not absolute paths elsewhere, not ``..`` out of
+  them, not symlinks placed in the upload folder, not the stage cache; an input path outside the upload
+  folder is refused;
+* a burst of requests over the queue: each one a result or a clear refusal, none lost or hung;
+* ``--host 0.0.0.0`` warns, ``--auth USER:PASS`` asks for a login;
+* (``RUN_SLOW=1``) memory stays bounded over 50 requests.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import time
+from pathlib import Path
+from urllib.parse import quote
+
+import pytest
+import torch
+from app_server import TINY, free_port
+
+pytest.importorskip("gradio_client")
+import httpx  # noqa: E402
+from gradio_client import Client, handle_file  # noqa: E402
+
+from moditalker.errors import UserError, cli_main  # noqa: E402
+
+MAX_QUEUE, MAX_UPLOAD_MB = 1, 1.0
+ABSOLUTE = re.compile(r"(?<![\w.:/~\-])/[^\s'\"]+")  # a path from the root (not a URL, not "1/2")
+
+
+@contextlib.contextmanager
+def _server(root: Path, job_class=None, **serve_args):
+    from pipeline.app import build_app, prepare_environment, serve
+    from pipeline.app_job import AppFolders, Job
+
+    names = ("GRADIO_ANALYTICS_ENABLED", "GRADIO_TEMP_DIR", "GRADIO_EXAMPLES_CACHE", "HF_HUB_OFFLINE")
+    saved = {k: os.environ.get(k) for k in names}
+    demo = None
+    try:
+        folders = AppFolders(root / "app").create()
+        prepare_environment(folders)
+        job = (job_class or Job)(
+            folders,
+            config=TINY,
+            device="cpu",
+            random_weights=True,
+            max_upload_mb=serve_args.get("max_upload_mb"),
+        )
+        demo = build_app(job)
+        url = serve(demo, job, port=free_port(), block=False, quiet=True, **serve_args)
+        yield url, job
+    finally:
+        if demo is not None:
+            demo.close()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory) -> dict[str, Path]:
+    from pipeline.sample_data import write_reference_image, write_speech
+
+    d = tmp_path_factory.mktemp("inputs")
+    return {
+        "speech": write_speech(d / "speech.wav", seconds=1.0),
+        "photo": write_reference_image(d / "face.png"),
+        "big": _big(d / "big.wav", int(1.5 * 1024 * 1024)),
+    }
+
+
+def _big(path: Path, size: int) -> Path:
+    path.write_bytes(b"RIFF" + bytes(size - 4))
+    return path
+
+
+@pytest.fixture(scope="module")
+def app(tmp_path_factory):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with _server(tmp_path_factory.mktemp("service"), max_queue=MAX_QUEUE, max_upload_mb=MAX_UPLOAD_MB) as s:
+        yield s
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def client(app, tmp_path_factory):
+    import huggingface_hub.constants
+
+    saved = huggingface_hub.constants.HF_HUB_OFFLINE
+    huggingface_hub.constants.HF_HUB_OFFLINE = True
+    yield Client(
+        app[0], verbose=False, download_files=str(tmp_path_factory.mktemp("dl")), analytics_enabled=False
+    )
+    huggingface_hub.constants.HF_HUB_OFFLINE = saved
+
+
+def _submit(client, audio, photo, seed=0, **settings):
+    return client.submit(
+        audio=handle_file(str(audio)),
+        ref_video=None,
+        ref_image=handle_file(str(photo)),
+        seed=seed,
+        api_name="/generate",
+        **settings,
+    )
+
+
+def _server_paths(job) -> list[str]:
+    from moditalker.fileio import REPO_ROOT
+
+    root = job.folders.root
+    return [str(root.resolve()), str(root.absolute()), str(REPO_ROOT), str(Path.home()), "/tmp"]
+
+
+def _assert_no_server_path(text: str, job) -> None:
+    for folder in _server_paths(job):
+        assert folder not in text, (folder, text)
+    assert not ABSOLUTE.findall(text), ABSOLUTE.findall(text)
+
+
+# ----------------------------------------------------------------------------- what a caller sees
+def test_log_timings_and_errors_name_no_server_folder(client, app, inputs):
+    url, job = app
+    mp4, _preview, timings, log = _submit(client, inputs["speech"], inputs["photo"]).result(timeout=300)
+    assert Path(mp4).is_file() and "[mtov] computed" in log and "stage timings" in log
+    _assert_no_server_path(log, job)
+    assert "face.png" in log or "speech.wav" in log  # files are named by their base names
+    assert all(isinstance(k, str) and "/" not in k for k in timings)
+    # an error about an uploaded file: its base name, not the upload folder
+    with pytest.raises(Exception) as bad:  # noqa: PT011 - gradio_client's AppError
+        _submit(client, inputs["photo"], inputs["photo"]).result(timeout=120)
+    message = str(bad.value)
+    assert "face.png" in message and "\n" not in message
+    _assert_no_server_path(message, job)
+    # the server's own log still has the full paths (only what goes back to the caller is cut)
+    assert (
+        job.public(f"cannot read {job.folders.uploads.resolve()}/abcd/my face.png")
+        == "cannot read my face.png"
+    )
+
+
+# ----------------------------------------------------------------------------- upload limit
+def _listing(folder: Path) -> dict[str, int]:
+    return {str(p.relative_to(folder)): p.stat().st_size for p in folder.rglob("*") if p.is_file()}
+
+
+def test_upload_over_the_limit_is_refused_before_it_is_stored(app, inputs):
+    url, job = app
+    before = _listing(job.folders.root)
+    with open(inputs["big"], "rb") as f:
+        r = httpx.post(f"{url}gradio_api/upload", files={"files": ("big.wav", f, "audio/wav")}, timeout=60)
+    assert r.status_code == 413 and "maximum allowed size" in r.text and "\n" not in r.text.strip()
+    assert _listing(job.folders.root) == before  # nothing of it was kept
+    assert not [s for s in _listing(job.folders.uploads).values() if s > MAX_UPLOAD_MB * 1024 * 1024]
+    # a file under the limit is taken
+    with open(inputs["speech"], "rb") as f:
+        ok = httpx.post(
+            f"{url}gradio_api/upload", files={"files": ("speech.wav", f, "audio/wav")}, timeout=60
+        )
+    assert ok.status_code == 200 and Path(ok.json()[0]).is_file()
+    # the job refuses a file over the limit that reached it another way (a path)
+    with pytest.raises(UserError, match=r"audio big\.wav is 1\.5 MB, over the page's limit of 1 MB"):
+        job(str(inputs["big"]), None, str(inputs["photo"]))
+
+
+# ----------------------------------------------------------------------------- file routes
+def test_file_routes_serve_nothing_outside_the_page_folders(client, app, inputs, tmp_path):
+    url, job = app
+    f = job.folders
+    if not any(f.work.rglob("*.npy")):
+        _submit(client, inputs["speech"], inputs["photo"]).result(timeout=300)
+    secret = tmp_path / "secret.txt"
+    secret.write_text("not for the page\n")
+    npy = next(f.work.rglob("*.npy"))
+    upload = f.uploads / "attacker"
+    upload.mkdir(exist_ok=True)
+    (upload / "passwd.txt").symlink_to("/etc/passwd")
+    (upload / "secret.txt").symlink_to(secret)
+    (upload / "work").symlink_to(f.work.resolve(), target_is_directory=True)
+    (upload / "root").symlink_to("/", target_is_directory=True)
+    run = next(p for p in f.runs.rglob("*.mp4"))
+    uploads = str(f.uploads.resolve())
+    tries = {
+        "absolute /etc/passwd": "/etc/passwd",
+        "absolute outside file": str(secret),
+        "the repository": str(Path(__file__).resolve()),
+        "the stage cache": str(npy.resolve()),
+        "'..' out of the uploads": f"{uploads}/../work/{npy.relative_to(f.work)}",
+        "'..' to the root": f"{uploads}/attacker/../../../../../../../../etc/passwd",
+        "relative '..'": "../../../../../../../../etc/passwd",
+        "symlink to /etc/passwd": f"{uploads}/attacker/passwd.txt",
+        "symlink to a file outside": f"{uploads}/attacker/secret.txt",
+        "symlinked folder to the cache": f"{uploads}/attacker/work/{npy.relative_to(f.work)}",
+        "symlinked folder to /": f"{uploads}/attacker/root/etc/passwd",
+    }
+    served = {}
+    for name, path in tries.items():
+        for route in ("gradio_api/file=", "file="):
+            for encoded in (path, quote(path, safe="")):
+                r = httpx.get(f"{url}{route}{encoded}", timeout=30)
+                if r.status_code == 200 or "not for the page" in r.text or "root:" in r.text:
+                    served[f"{name} via /{route}"] = r.status_code
+    assert not served, served
+    # the control: a result in the runs folder is served
+    r = httpx.get(f"{url}gradio_api/file={run.resolve()}", timeout=30)
+    assert r.status_code == 200 and r.content[4:8] == b"ftyp"
+    # an input given as a path outside the upload folder is refused before the job sees it
+    for path in ("/etc/passwd", str(secret), str(npy.resolve())):
+        with pytest.raises(Exception, match=r"(?i)not allowed|cannot|upload|access"):  # noqa: PT011
+            client.predict(
+                audio={"path": path, "meta": {"_type": "gradio.FileData"}},
+                ref_video=None,
+                ref_image=handle_file(str(inputs["photo"])),
+                seed=0,
+                api_name="/generate",
+            )
+
+
+# ----------------------------------------------------------------------------- a burst over the queue
+def test_a_burst_over_the_queue_gets_results_or_refusals(client, app, inputs):
+    """1 running + ``MAX_QUEUE`` waiting are served; the rest are refused at once, none is lost or hung."""
+    # one seed: the first request computes every stage (seconds), the second reuses them
+    jobs = [_submit(client, inputs["speech"], inputs["photo"], seed=30) for _ in range(5)]
+    outcomes = []
+    deadline = time.monotonic() + 600
+    for j in jobs:
+        try:
+            mp4, *_ = j.result(timeout=max(1.0, deadline - time.monotonic()))
+            outcomes.append("result" if Path(mp4).is_file() else f"no file: {mp4}")
+        except TimeoutError:
+            outcomes.append("hung")
+        except Exception as exc:  # noqa: BLE001 - the refusal
+            outcomes.append(str(exc))
+    results = outcomes.count("result")
+    refused = [o for o in outcomes if o != "result"]
+    assert 1 <= results <= 1 + MAX_QUEUE and len(refused) == 5 - results, outcomes
+    assert all("queue is full" in o.lower() for o in refused), outcomes
+    # and the server serves the next request as usual
+    mp4, *_ = _submit(client, inputs["speech"], inputs["photo"], seed=30).result(timeout=300)
+    assert Path(mp4).is_file()
+
+
+# ----------------------------------------------------------------------------- --host, --auth
+def test_host_warning_and_auth_flag(monkeypatch, tmp_path, capsys):
+    import pipeline.app as app_module
+
+    seen = {}
+    monkeypatch.setattr(app_module, "build_app", lambda job: "demo")
+    monkeypatch.setattr(app_module, "serve", lambda demo, job, **kw: seen.update(kw))
+    base = ["--config", TINY, "--random_weights", "--device", "cpu", "--out_dir", str(tmp_path / "a")]
+    monkeypatch.delenv("MODITALKER_APP_AUTH", raising=False)
+    app_module.main([*base, "--host", "0.0.0.0"])
+    err = capsys.readouterr().err
+    assert "warning: --host 0.0.0.0: anyone who can reach this machine on the network can use the page" in err
+    assert "--auth USER:PASS" in err and seen["auth"] is None and seen["max_upload_mb"] == 50.0
+    app_module.main([*base, "--host", "0.0.0.0", "--auth", "ann:s3cret:x", "--max_upload_mb", "5"])
+    err = capsys.readouterr().err
+    assert (
+        "after the --auth login" in err and seen["auth"] == ("ann", "s3cret:x") and seen["max_upload_mb"] == 5
+    )
+    app_module.main(base)  # 127.0.0.1: no warning
+    assert "warning: --host" not in capsys.readouterr().err
+    monkeypatch.setenv("MODITALKER_APP_AUTH", "bob:pw")  # off the command line (ps shows it to everyone)
+    app_module.main(base)
+    assert seen["auth"] == ("bob", "pw")
+    capsys.readouterr()
+    for bad in (["--auth", "nopassword"], ["--auth", ":pw"], ["--max_upload_mb", "0"]):
+        with pytest.raises(SystemExit) as exc:
+            cli_main(app_module.main, [*base, *bad])
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert exc.value.code == 2 and len(lines) == 1 and lines[0].startswith("error: --"), lines
+
+
+class _QuickJob:
+    """A stand-in job that returns the bundled example video at once (auth is the page's, not the job's)."""
+
+    def __new__(cls, folders, **kwargs):
+        from pipeline.app_job import Job, JobOutput
+
+        class Quick(Job):
+            def __call__(self, audio, ref_video=None, ref_image=None, *, report=None, **settings):
+                video = self.folders.examples / "reference.mp4"
+                return JobOutput(video, video, {"total": 0.0}, f"audio {Path(audio).name}", None)
+
+        return Quick(folders, **kwargs)
+
+
+def test_auth_asks_for_the_login(tmp_path, inputs):
+    with _server(tmp_path, job_class=_QuickJob, auth=("ann", "s3cret")) as (url, job):
+        import huggingface_hub.constants
+
+        huggingface_hub.constants.HF_HUB_OFFLINE = True
+        with pytest.raises(Exception):  # noqa: B017, PT011 - no login: the client cannot even connect
+            Client(url, verbose=False, analytics_enabled=False)
+        with pytest.raises(Exception):  # noqa: B017, PT011
+            Client(url, auth=("ann", "wrong"), verbose=False, analytics_enabled=False)
+        example = job.folders.examples / "reference.mp4"
+        r = httpx.get(f"{url}gradio_api/file={example.resolve()}", timeout=30)
+        assert r.status_code in (401, 403) and b"ftyp" not in r.content[:16]
+        client = Client(url, auth=("ann", "s3cret"), verbose=False, analytics_enabled=False,
+                        download_files=str(tmp_path / "dl"))  # fmt: skip
+        photo = handle_file(str(inputs["photo"]))
+        mp4, _preview, timings, log = client.predict(
+            audio=handle_file(str(inputs["speech"])),
+            ref_video=None,
+            ref_image=photo,
+            seed=0,
+            api_name="/generate",
+        )
+        assert Path(mp4).is_file() and log == "audio speech.wav"
+
+
+# ----------------------------------------------------------------------------- memory over many requests
+def _peak_kb() -> int:
+    status = Path("/proc/self/status").read_text()
+    return int(re.search(r"VmHWM:\s+(\d+) kB", status).group(1))
+
+
+@pytest.mark.slow
+def test_memory_stays_bounded_over_50_requests(client, app, inputs):
+    """Peak RSS (VmHWM of this process, which serves the page; reset before each request) of request 50
+    within 1.1x of request 5's. New seeds: every stage runs for every request."""
+    peaks = []
+    for i in range(50):
+        Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
+        mp4, *_ = _submit(client, inputs["speech"], inputs["photo"], seed=100 + i, mtov_steps=8).result(
+            timeout=300
+        )
+        assert Path(mp4).is_file()
+        peaks.append(_peak_kb())
+    print(f"peak RSS per request (MB): {[round(p / 1024) for p in peaks]}")
+    assert peaks[49] <= 1.1 * peaks[4], (peaks[4], peaks[49])
