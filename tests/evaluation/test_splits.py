@@ -4,9 +4,12 @@ from __future__ import annotations
 
 from collections import Counter
 
+import pytest
+
 from evaluation import protocols
 from evaluation.evaluate import build_parser
 from evaluation.splits import HDTF_TEST_SPLIT, hdtf_test_ids
+from moditalker.errors import UserError
 from MToV.dataset import read_split_file
 
 
@@ -29,3 +32,21 @@ def test_protocols_default_to_it(tmp_path):
         )
         protocols._check_flags(args)
         assert args.split_file == str(HDTF_TEST_SPLIT)
+
+
+def test_test_ids_missing_from_the_download_are_named_and_skipped(tmp_path, capsys):
+    """HDTF videos leave the host over time: the default split evaluates the ids that are there."""
+    args = build_parser().parse_args(
+        ["--protocol", "hdtf_selfrecon", "--data", str(tmp_path / "d"), "--out", str(tmp_path / "o")]
+    )
+    protocols._check_flags(args)
+    have = {i: tmp_path / f"{i}.mp4" for i in ("RD_Radio43_000", "WDA_JackyRosen_000", "RD_Other_000")}
+    jobs = protocols.make_jobs(args, have)
+    assert [j.name for j in jobs] == ["RD_Radio43_000", "WDA_JackyRosen_000"]  # the split's order
+    err = capsys.readouterr().err
+    assert "warning: 96 of the 98 HDTF test ids have no video" in err and "RD_Radio46_000" in err
+    own = tmp_path / "split.txt"  # a split file of one's own must be complete
+    own.write_text("RD_Radio43_000\nRD_Radio46_000\n")
+    args.split_file = str(own)
+    with pytest.raises(UserError, match="1 id\\(s\\) of split file"):
+        protocols.make_jobs(args, have)
