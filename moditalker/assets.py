@@ -23,7 +23,8 @@ downloads go to a hidden temporary name beside the target (``.atom.pt.download``
 ``.part`` file there, so running the command again resumes), are checked like ``check --deep`` and only
 then renamed to the target: a failed or wrong download leaves nothing at the target path. The download
 URL is ``https://drive.google.com/uc?id={id}`` unless ``MODITALKER_GDRIVE_URL`` gives another template
-with ``{id}`` (a mirror, or a local server in the tests).
+with ``{id}`` (a mirror, or a local server in the tests). Likewise ``MODITALKER_MIRROR=URL`` fetches the
+public files (:data:`DOWNLOAD_URLS`) from ``URL/<host>/<path>`` instead of ``https://<host>/<path>``.
 """
 
 from __future__ import annotations
@@ -425,6 +426,13 @@ DOWNLOAD_URLS: dict[str, dict[str, str]] = {
     "syncnet": {"": "http://www.robots.ox.ac.uk/~vgg/software/lipsync/data/syncnet_v2.model"},
 }
 HUBERT_HUB_ID = "facebook/hubert-large-ls960-ft"
+MIRROR_ENV = "MODITALKER_MIRROR"
+
+
+def mirrored(url: str) -> str:
+    """``url`` on the mirror ``$MODITALKER_MIRROR`` (``MIRROR/<host>/<path>``), or ``url`` itself."""
+    mirror = os.environ.get(MIRROR_ENV)
+    return f"{mirror.rstrip('/')}/{url.split('://', 1)[1]}" if mirror else url
 
 
 @contextmanager
@@ -486,6 +494,7 @@ def download_asset(name: str, path: str | Path | None = None) -> Path:
     from torch.hub import download_url_to_file
 
     for file_name, url in DOWNLOAD_URLS[name].items():
+        url = mirrored(url)
         target = dest / file_name if file_name else dest
         if target.is_file():
             continue

@@ -258,3 +258,14 @@ def test_offline_public_download_leaves_no_empty_folder(ckpt, monkeypatch):
         main(["download", "face_alignment"])
     assert list(ckpt.iterdir()) == []
     assert os.listdir(ckpt) == []
+
+
+def test_public_files_from_a_mirror(ckpt, monkeypatch, capsys):
+    with StubServer() as server:
+        buf = io.BytesIO()
+        torch.save({"features.0.weight": torch.zeros(2, 3)}, buf)
+        server.files["/download.pytorch.org/models/vgg16-397923af.pth"] = buf.getvalue()
+        monkeypatch.setenv(assets.MIRROR_ENV, server.url + "/")
+        assert main(["download", "lpips_vgg16"]) == 0
+    assert (ckpt / "lpips" / "vgg16.pth").read_bytes() == buf.getvalue()
+    assert run_check(capsys, "--only", "lpips_vgg16", "--deep") == (0, [])
