@@ -254,8 +254,20 @@ def _write(path: Path, key_id: str, entry: dict[str, Any]) -> str | None:
     return None
 
 
-def _params(models: MToVModels) -> int:
-    return sum(p.numel() for net in (models.ae_rgb, models.ae_ldmk, models.unet) for p in net.parameters())
+def _params(nets: Any) -> int:
+    return sum(p.numel() for net in nets for p in net.parameters())
+
+
+def _config_params(config: Any) -> int:
+    """Parameters of the networks of a model config, built on the meta device (no memory, no weights)."""
+    from MToV.loading import build_models, model_config
+
+    with torch.device("meta"):
+        return _params(build_models(model_config(config)))
+
+
+def _loaded(models: Any, loaded: list[MToVModels]) -> MToVModels | None:
+    return models if isinstance(models, MToVModels) else (loaded[0] if loaded else None)
 
 
 def calibrate(
@@ -268,13 +280,15 @@ def calibrate(
     threshold: float = THRESHOLD,
     min_params: int = MIN_PARAMS,
     log: Callable[[str], None] | None = None,
+    device: torch.device | None = None,
 ) -> Calibration:
     """``auto``'s plan on the CPU: read back for this key (:func:`calibration_key`) from ``cache_file``
     (default :func:`default_cache_file`), else measured (:func:`measure` with ``timer``) and stored.
 
     ``models`` is the loaded networks or a function that loads them, called only when they are
-    needed (a measurement, or the size check of :data:`MIN_PARAMS`); ``config`` is their model config
-    (default ``models.config``), which keys the result without loading anything. ``recalibrate``
+    needed (a measurement); ``config`` is their model config (default ``models.config``), which keys
+    the result and gives their size (:data:`MIN_PARAMS`) without loading anything; ``device`` theirs
+    (default: ``models.device``, else the CPU). ``recalibrate``
     measures even when a result is stored. ``log`` gets one line on what was chosen and why."""
     say = log or (lambda _line: None)
     loaded: list[MToVModels] = []
@@ -300,13 +314,18 @@ def calibrate(
         cal = Calibration(plan, "cache", reason, seconds, key, str(path))
         say(f"precision auto on this CPU (calibrated before, {path}): {reason}")
         return cal
-    m = get()
-    rule = precision_plan("auto", m.device)
-    if m.device.type != "cpu":
-        return Calibration(rule, "rule", f"{m.device.type}: capability rule", key=key)
-    if _params(m) < min_params:
-        reason = f"networks of {_params(m):,} parameters (< {min_params:,}) are not timed: capability rule"
+    if device is None:
+        device = models.device if isinstance(models, MToVModels) else torch.device("cpu")
+    rule = precision_plan("auto", device)
+    if device.type != "cpu":
+        return Calibration(rule, "rule", f"{device.type}: capability rule", key=key)
+    n_params = (
+        _params((m.ae_rgb, m.ae_ldmk, m.unet)) if (m := _loaded(models, loaded)) else _config_params(config)
+    )
+    if n_params < min_params:
+        reason = f"networks of {n_params:,} parameters (< {min_params:,}) are not timed: capability rule"
         return Calibration(rule, "rule", reason, key=key)
+    m = get()
     say(f"precision auto: timing fp32 and reduced precision on this CPU (once per machine, kept in {path})")
     t0 = time.perf_counter()
     seconds = measure(m, timer)
@@ -335,4 +354,4 @@ def resolve_plan(
         return Calibration(precision_plan(precision, device), "fixed", f"mtov.precision={precision}")
     if device.type != "cpu":
         return Calibration(precision_plan("auto", device), "rule", f"{device.type}: capability rule")
-    return calibrate(models, config, **kwargs)
+    return calibrate(models, config, device=device, **kwargs)

@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
 
 import numpy as np
 
+from moditalker.errors import check_space
 from moditalker.timing import StageTimer
 from pipeline.cache import StageRecord
 from pipeline.settings import stage_config, stage_settings
@@ -25,11 +27,16 @@ from pipeline.stages.batches import BatchStore
 from pipeline.stages.context import StageContext, StageResult
 from pipeline.stages.output import VideoSink
 
+if TYPE_CHECKING:
+    from MToV.loading import MToVModels, PrecisionPlan
+
 __all__ = ["run", "MODEL_ASSETS", "LATENT_CLIPS", "LOG_EVERY"]
 
 MODEL_ASSETS = ("autoencoder_rgb", "autoencoder_motion", "diffusion_model")
 LATENT_CLIPS = 256  #: condition latents kept per autoencoder (repeated clips are not encoded again)
 LOG_EVERY = 30.0  #: seconds between progress lines in the log (frames done / total, time left)
+#: work-folder bytes per stored pixel byte: the raw frames, their latents (~3 %) and the temp mp4s
+BYTES_PER_PIXEL_STORED = 1.15
 
 
 def _encoded_arrays(encoded: dict[str, tuple[list[bytes], np.ndarray]]) -> dict[str, np.ndarray]:
@@ -54,7 +61,8 @@ def run(ctx: StageContext, ref: StageResult, al: StageResult, sink: VideoSink) -
     """Generate (or read back) the ``n_frames`` frames, batch by batch, into ``sink``."""
     from data.imageops import mask_below_nose
     from data.motion_align import pingpong_indices, render_landmarks
-    from MToV.loading import precision_plan
+    from MToV.calibration import resolve_plan
+    from MToV.loading import model_config
 
     cfg, size, n = ctx.cfg, ctx.size, ctx.n_frames
     frames = ref["frames"]  # [N, S, S, 3], memory-mapped
@@ -81,9 +89,28 @@ def run(ctx: StageContext, ref: StageResult, al: StageResult, sink: VideoSink) -
     # + every mtov.* setting and ref_frame (pipeline.settings.stage_settings)
     models_id = [ctx.model_id(k) for k in MODEL_ASSETS] if ctx.trained(MODEL_ASSETS[0]) else "random"
     parts = {"align": al.key, "reference": ref.key, "models": models_id, **stage_settings(cfg, "mtov")}
-    plan = precision_plan(str(cfg.mtov.precision), ctx.device)
-    if plan.autoencoders == "int8":  # int8 frames differ from bf16/fp32 ones, so "auto" on a CPU without
-        parts["arithmetic"] = plan.per_network()  # AMX gets its own key (other keys stay as they were)
+    loaded: list = []
+
+    def models():  # loaded once, when needed: by the calibration (first run on a machine) or to generate
+        if not loaded:
+            loaded.append(_load_models(ctx))
+        return loaded[0]
+
+    # auto on the CPU: what was measured faster on this machine (MToV.calibration), read back or timed now
+    choice = resolve_plan(
+        str(cfg.mtov.precision),
+        models,
+        ctx.device,
+        model_config(stage_config(cfg.mtov.config)),
+        cache_file=cfg.mtov.get("calibration_file"),
+        recalibrate=bool(cfg.mtov.get("recalibrate", False)),
+        log=lambda line: ctx.log(f"[mtov] {line}"),
+    )
+    plan = choice.plan
+    # int8 frames differ from bf16/fp32 ones, and a measured "auto" may pick any of them: those get their
+    # own key (the other keys stay as they were)
+    if plan.autoencoders == "int8" or choice.source in ("measured", "cache"):
+        parts["arithmetic"] = plan.per_network()
     store = BatchStore(ctx.cache, "mtov", parts, log=ctx.log)
     if store.complete and (problem := store.problem()) is not None:
         store.reopen(problem)  # checked before it is trusted: the damaged batches are made again
@@ -93,14 +120,16 @@ def run(ctx: StageContext, ref: StageResult, al: StageResult, sink: VideoSink) -
         for start, batch_frames in _stored(store):
             to_sink(batch_frames, start)
     else:
-        generated = _generate(ctx, store, frames, conditions, to_sink)
+        generated = _generate(ctx, store, frames, conditions, to_sink, models(), plan)
     seconds = time.perf_counter() - t0 - sum(ctx.timings.get(k, 0.0) - v for k, v in before.items())
     ctx.cache.records["mtov"] = StageRecord("mtov", store.key, store.entry, generated == 0, seconds)
     if generated == 0:
         ctx.log(f"[mtov] reused {store.entry.name} ({seconds:.2f} s)")
     else:
         ctx.log(f"[mtov] computed in {seconds:.2f} s -> {store.entry}")
-    arithmetic = f"autoencoders {plan.autoencoders}, UNet {plan.unet}"
+    arithmetic = f"autoencoders {plan.autoencoders}, UNet {plan.unet}" + (
+        f", auto {choice.source}" if choice.source != "fixed" else ""
+    )
     ctx.notes["mtov"] = f"({generated} of {n} frames generated, {n - generated} reused; {arithmetic})"
 
 
@@ -117,32 +146,44 @@ def _stored(store: BatchStore) -> Iterator[tuple[int, np.ndarray]]:
         yield int(arrays["start"]), arrays["frames"]
 
 
+def _load_models(ctx: StageContext) -> MToVModels:
+    """The MToV networks of this run (``ctx.models`` keeps them between runs)."""
+    from MToV.loading import load_mtov
+
+    trained = ctx.trained(MODEL_ASSETS[0])  # all three or none (pipeline.validate.check_assets)
+    return ctx.models.load(
+        "mtov",
+        load_mtov,
+        *(str(ctx.assets[k]) if trained else None for k in MODEL_ASSETS),
+        config=stage_config(ctx.cfg.mtov.config),
+        device=ctx.device,
+        random_weights=not trained,
+    )
+
+
 def _generate(
     ctx: StageContext,
     store: BatchStore,
     frames: np.ndarray,
     conditions: Callable[[int, int], tuple[np.ndarray, np.ndarray]],
     to_sink: Callable[..., None],
+    models: MToVModels,
+    plan: PrecisionPlan,
 ) -> int:
-    """Resume or start the batches of ``store``; returns the number of frames generated."""
+    """Resume or start the batches of ``store`` with ``models`` in ``plan``'s arithmetic; returns the
+    number of frames generated."""
     from MToV.generate import StreamState, stream_video
-    from MToV.loading import load_mtov
 
     cfg, n = ctx.cfg, ctx.n_frames
-    trained = ctx.trained(MODEL_ASSETS[0])  # all three or none (pipeline.validate.check_assets)
-    models = ctx.models.load(
-        "mtov",
-        load_mtov,
-        *(str(ctx.assets[k]) if trained else None for k in MODEL_ASSETS),
-        config=stage_config(cfg.mtov.config),
-        device=ctx.device,
-        random_weights=not trained,
-    )
     clip = models.clip_frames
     step = 1 if cfg.mtov.use_last_as_reference else int(cfg.mtov.batch_size)
     n_batches = -(-((n + clip - 1) // clip) // step)
     done = store.open({"n_frames": n, "clip_frames": clip, "clips_per_batch": step})
     first = min(n, done * step * clip)
+    # the frames still to make are stored raw in the work folder (and encoded into the mp4s there):
+    # checked before the first of them is generated
+    size = int(cfg.size)
+    check_space(store.partial, (n - first) * 3 * size * size * BYTES_PER_PIXEL_STORED, store.partial)
     if done:
         ctx.log(
             f"[mtov] resuming {store.partial.name}: {done} of {n_batches} batches ({first} of {n} frames) "
@@ -167,7 +208,7 @@ def _generate(
         start_ratio=float(cfg.mtov.start_ratio),
         sampling_timesteps=int(cfg.mtov.sampling_timesteps),
         use_last_as_reference=bool(cfg.mtov.use_last_as_reference),
-        precision=str(cfg.mtov.precision),
+        precision=plan,
         progress=ctx.progress,
         latent_capacity=LATENT_CLIPS,
         resume=StreamState(done, carry, encoded),

@@ -170,6 +170,11 @@ def test_tiny_networks_and_other_devices_keep_the_rule(models, tmp_path, monkeyp
     cal = resolve_plan("auto", models, models.device)  # the tiny config: fewer than MIN_PARAMS
     assert cal.source == "rule" and cal.plan == precision_plan("auto", models.device)
     assert not (tmp_path / "cache").exists()  # nothing written
+
+    def no_load():
+        raise AssertionError("the size comes from the config: nothing is loaded")
+
+    assert resolve_plan("auto", no_load, torch.device("cpu"), models.config).plan == cal.plan
     fixed = resolve_plan("fp32", models, models.device)
     assert fixed.source == "fixed" and fixed.plan == PrecisionPlan("fp32")
     # generate_video resolves a name the same way, and runs a given plan as given
