@@ -11,6 +11,12 @@ for the protocol and :mod:`evaluation.metrics` for each metric.
     python -m evaluation --protocol cross_identity --data DIR --pairs FILE|auto --out OUT [...]
 
 generate the videos first, through the end-to-end pipeline, then score them (:mod:`evaluation.protocols`).
+
+Several processes (``NUM_PROCESSES=N scripts/evaluate.sh ...``, :mod:`moditalker.bulk`): each rank
+generates and scores its share of the videos on its own device; FID and FVD replay every rank's
+features on rank 0, so the report is the one a single process writes. ``--shard K --num_shards N``
+(independent jobs) generate their share of a protocol's videos only; the same command without them
+then scores them all.
 """
 
 from __future__ import annotations
@@ -29,6 +35,8 @@ from evaluation.scoring import (  # noqa: F401 - run_metrics, score, format_tabl
     score,
     write_report,
 )
+from moditalker import bulk
+from moditalker.bulk import add_shard_args
 from moditalker.errors import ArgumentParser, UserError, cli_main
 from moditalker.fileio import check_output
 
@@ -74,6 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="replace an existing --json file (--protocol: regenerate every video and replace the report)",
     )
     ap.add_argument("--no_progress", action="store_true", help="no progress bar")
+    add_shard_args(ap, "videos (--protocol: generation only; run once more without them to score)")
     g = ap.add_argument_group(
         "generating protocols",
         "generate the videos with the current checkpoints through the end-to-end pipeline, then score them",
@@ -126,10 +135,16 @@ def main(argv: Sequence[str] | None = None) -> dict:
         raise UserError(f"--batch_size must be at least 1, got {args.batch_size}")
     requested = parse_metrics(args.metrics)
     overrides = parse_weights(args.weights)
+    bulk.check_shard(args.shard, args.num_shards)
     if args.protocol is not None:
         from evaluation import protocols
 
         return protocols.run(args, requested, overrides)
+    if args.num_shards > 1:
+        raise UserError(
+            "--shard/--num_shards split the generation of a --protocol; to score --pred/--gt on several "
+            "processes use NUM_PROCESSES=N scripts/evaluate.sh (FID and FVD need every video in one run)"
+        )
     protocols_flags = [f"--{k}" for k in PROTOCOL_ONLY if getattr(args, k) not in (None, False)]
     if protocols_flags:
         raise UserError(f"{', '.join(protocols_flags)} need(s) --protocol hdtf_selfrecon|cross_identity")
@@ -138,15 +153,22 @@ def main(argv: Sequence[str] | None = None) -> dict:
     if args.json:
         check_output(args.json, args.overwrite)
     pairs = protocol.make_pairs(args.pred, args.gt)  # input errors before any network is built
-    report = score(
-        pairs,
-        requested,
-        overrides,
-        random=args.random_weights,
-        device=args.device,
-        batch=args.batch_size,
-        progress=not args.no_progress,
-    )
+    ranks = bulk.start()
+    try:
+        report = score(
+            pairs,
+            requested,
+            overrides,
+            random=args.random_weights,
+            device=args.device,
+            batch=args.batch_size,
+            progress=not args.no_progress,
+            ranks=ranks,
+        )
+    finally:
+        ranks.close()
+    if report is None:  # not rank 0: it writes the report
+        return {}
     report["settings"] = {"pred": str(args.pred), "gt": str(args.gt), **report["settings"]}
     write_report(report, args.json)
     return report

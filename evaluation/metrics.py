@@ -49,8 +49,13 @@ class Chunk:
 
 
 class Metric:
-    """Base: ``start(pair)``, ``update(chunk)`` per chunk, ``finish_video() -> {key: value}``,
-    and ``result() -> (metrics, reference)`` over all videos."""
+    r"""Base: ``start(pair)``, ``update(chunk)`` per chunk, ``finish_video() -> {key: value}``,
+    and ``result() -> (metrics, reference)`` over all videos.
+
+    Several processes (:func:`evaluation.scoring.run_metrics` with ranks): each rank scores its share
+    of the videos and hands over one :meth:`record` per video; rank 0 :meth:`replay`\ s them in the
+    videos' order into a fresh (:meth:`reset`) metric, which then gives the very result one process
+    gives (the Frechet metrics replay the features of every chunk into their running statistics)."""
 
     name = ""
     needs_landmarks = False
@@ -58,6 +63,19 @@ class Metric:
 
     def __init__(self) -> None:
         self.rows: list[dict[str, float]] = []
+        self.keep = False  # hand the per-chunk state over (record) instead of reducing it here
+
+    def reset(self) -> None:
+        """Forget every video (before :meth:`replay`)."""
+        self.rows = []
+
+    def record(self):
+        """What rank 0 needs of the video just finished (after :meth:`finish_video`)."""
+        return dict(self.rows[-1])
+
+    def replay(self, record) -> None:
+        """Add one video's :meth:`record`, as if it had been scored here."""
+        self.rows.append(dict(record))
 
     def start(self, pair: VideoPair) -> None:
         self.pair = pair
@@ -184,20 +202,40 @@ class FID(Metric):
     def __init__(self, net: Callable) -> None:
         super().__init__()
         self.net = net
-        self.fake, self.real = RunningGaussian(), RunningGaussian()
+        self.reset()
 
     @torch.inference_mode()
     def update(self, chunk: Chunk) -> None:
         x = torch.cat([chunk.pred, chunk.gt]).float() / 255.0
         f = _features(self.net, x)
-        self.fake.update(f[: len(chunk.pred)])
-        self.real.update(f[len(chunk.pred) :])
+        self._add(f[: len(chunk.pred)], f[len(chunk.pred) :])
 
     def video_values(self) -> dict[str, float]:
         return {}
 
     def result(self) -> tuple[dict[str, float], dict[str, float]]:
-        return {"fid": frechet_of(self.fake, self.real)}, {}
+        return {self.name: frechet_of(self.fake, self.real)}, {}
+
+    def reset(self) -> None:
+        super().reset()
+        self.fake, self.real = RunningGaussian(), RunningGaussian()
+        self.chunks: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def _add(self, fake: torch.Tensor, real: torch.Tensor) -> None:
+        if self.keep:  # the features themselves: rank 0 adds them in the one-process order
+            self.chunks.append((fake.detach().float().cpu(), real.detach().float().cpu()))
+        else:
+            self.fake.update(fake)
+            self.real.update(real)
+
+    def record(self):
+        chunks, self.chunks = self.chunks, []
+        return chunks
+
+    def replay(self, record) -> None:
+        for fake, real in record:
+            self.fake.update(fake)
+            self.real.update(real)
 
 
 def fvd_preprocess(frames: torch.Tensor, size: int = FVD_SIZE) -> torch.Tensor:
@@ -213,7 +251,7 @@ def fvd_preprocess(frames: torch.Tensor, size: int = FVD_SIZE) -> torch.Tensor:
     return (x * 2.0 - 1.0).permute(1, 0, 2, 3).contiguous()
 
 
-class FVD(Metric):
+class FVD(FID):
     """Frechet distance of I3D-400 embeddings of consecutive non-overlapping 16-frame clips of every
     video (a tail shorter than 16 frames is left out)."""
 
@@ -221,9 +259,8 @@ class FVD(Metric):
     per_video = False
 
     def __init__(self, net: Callable, clip: int = FVD_CLIP) -> None:
-        super().__init__()
-        self.net, self.clip = net, clip
-        self.fake, self.real = RunningGaussian(), RunningGaussian()
+        super().__init__(net)
+        self.clip = clip
 
     def start(self, pair: VideoPair) -> None:
         super().start(pair)
@@ -240,15 +277,8 @@ class FVD(Metric):
             clips = [fvd_preprocess(p[i * self.clip : (i + 1) * self.clip]) for i in range(n)]
             clips += [fvd_preprocess(g[i * self.clip : (i + 1) * self.clip]) for i in range(n)]
             f = _features(self.net, torch.stack(clips))
-            self.fake.update(f[:n])
-            self.real.update(f[n:])
+            self._add(f[:n], f[n:])
         self.buf_p, self.buf_g = [p[n * self.clip :]], [g[n * self.clip :]]
-
-    def video_values(self) -> dict[str, float]:
-        return {}
-
-    def result(self) -> tuple[dict[str, float], dict[str, float]]:
-        return {"fvd": frechet_of(self.fake, self.real)}, {}
 
 
 def mouth_distance(pred_lm: np.ndarray, gt_lm: np.ndarray) -> np.ndarray:

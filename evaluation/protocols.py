@@ -18,28 +18,42 @@ see :mod:`evaluation.clips`), ``OUT/generated/NAME.mp4`` (+ the pipeline's ``NAM
 ``OUT/logs/NAME.log``; NAME is the id, or ``AUDIO--REF``. ``OUT/protocol.json`` records the settings
 the videos were made with and which are done: a rerun skips the finished ones (resume), refuses other
 settings unless ``--overwrite`` (which regenerates everything), and writes the report to
-``--json`` (default ``OUT/report.json``, the table beside it as ``.txt``).
+``--json`` (default ``OUT/report.json``, the table beside it as ``.txt``). A video that cannot be made
+is reported and the others go on; the command then ends with one ``error:`` line naming every failed
+video (exit 2) and writes no report.
+
+Several processes (:mod:`moditalker.bulk`; ``NUM_PROCESSES=N scripts/evaluate.sh --protocol ...``):
+each rank generates its share of the videos (every world-th of the jobs sorted by name) on its own
+device with its own warm networks (one :class:`~pipeline.models.ModelCache` per rank), then scores its
+share; rank 0 gathers the failures and the metric records and writes the report, the one a single
+process writes. Ranks record finished videos in ``protocol.json`` under a file lock.
+``--shard K --num_shards N``: independent jobs each generate their share and stop; the same command
+without them then reuses every finished video and scores them all.
 """
 
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 from omegaconf import OmegaConf
-from tqdm import tqdm
 
 from evaluation import clips
 from evaluation.protocol import FPS, VideoPair, check_lengths, count_frames
 from evaluation.scoring import format_table, score, write_report
 from evaluation.splits import HDTF_TEST_SPLIT
+from moditalker import bulk
 from moditalker.errors import UserError
 from moditalker.fileio import atomic_write_text, check_output, repo_path, require_file, same_file
 from pipeline.inference import build_parser as pipeline_parser
 from pipeline.inference import resolve_config, run_inference
+from pipeline.models import ModelCache
 from pipeline.settings import check_settings
 from pipeline.validate import check_assets
 
@@ -193,9 +207,9 @@ def _check_flags(args: argparse.Namespace) -> None:
         raise UserError(f"--out {args.out} is the --data folder; choose another output folder")
 
 
-def _pipeline_argv(args: argparse.Namespace) -> list[str]:
+def _pipeline_argv(args: argparse.Namespace, device: str | None = None) -> list[str]:
     """The pipeline flags every job shares (the per-job paths are added by :func:`_generate`)."""
-    argv = ["--device", args.device]
+    argv = ["--device", device or args.device]
     if args.config is not None:
         argv += ["--config", str(repo_path(args.config))]
     if args.random_weights:
@@ -262,14 +276,35 @@ class Manifest:
                 "pass --overwrite to regenerate, or choose another --out"
             )
 
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
+        """Several ranks record finished videos in one file: one writer at a time."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path.with_name(self.path.name + ".lock"), "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
+    def _on_disk(self) -> list[str]:
+        try:
+            old = json.loads(self.path.read_text())
+            return list(old["done"]) if old.get("settings") == self.settings else []
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            return []
+
     def save(self) -> None:
         text = json.dumps({"settings": self.settings, "done": self.done}, indent=2) + "\n"
         atomic_write_text(self.path, text)
 
     def finish(self, name: str) -> None:
-        if name not in self.done:
-            self.done.append(name)
-        self.save()
+        """Record ``name`` as done, with what the other ranks recorded meanwhile."""
+        with self._locked():
+            done = self._on_disk()
+            self.done = done + [n for n in [*self.done, name] if n not in done]
+            self.done = list(dict.fromkeys(self.done))
+            self.save()
 
 
 def _diff(a, b, prefix: str = "") -> set[str]:
@@ -313,8 +348,11 @@ def _prepare(job: Job, paths: Paths, seconds: float | None) -> int:
     return n
 
 
-def _generate(job: Job, paths: Paths, argv: list[str], overrides: list[str]) -> None:
-    """One pipeline run: ``paths.wav`` drives ``job.ref`` into ``paths.generated``."""
+def _generate(
+    job: Job, paths: Paths, argv: list[str], overrides: list[str], models: ModelCache | None = None
+) -> None:
+    """One pipeline run: ``paths.wav`` drives ``job.ref`` into ``paths.generated`` (with the networks
+    of ``models``, kept warm between the jobs of a rank)."""
     full = [
         *argv,
         *("--audio", str(paths.wav), "--ref_video", str(job.ref)),
@@ -325,7 +363,9 @@ def _generate(job: Job, paths: Paths, argv: list[str], overrides: list[str]) -> 
     with open(paths.log, "w") as log:
         try:
             cfg = resolve_config(pipeline_parser().parse_args(full))
-            run_inference(cfg, log=lambda line: print(line, file=log, flush=True), progress=False)
+            run_inference(
+                cfg, log=lambda line: print(line, file=log, flush=True), progress=False, models=models
+            )
         except UserError as exc:
             raise UserError(f"{job.name}: {exc}") from exc
 
@@ -363,25 +403,86 @@ def run(args: argparse.Namespace, requested: list[str] | None, overrides: dict[s
     }
     for source in dict.fromkeys(j.audio for j in jobs):
         clips.check_audio(source)
-    manifest = Manifest(out, settings, args.overwrite)
-    manifest.save()
+    if args.overwrite and args.num_shards > 1:
+        raise UserError(
+            "--overwrite with --num_shards > 1 would let each job restart the others' videos; run once "
+            "with --overwrite and without --shard, or remove --out first"
+        )
+    ranks = bulk.start(args.shard, args.num_shards)
+    try:
+        return _run_ranks(args, requested, overrides, out, jobs, settings, pool, json_path, ranks)
+    finally:
+        ranks.close()
 
-    argv, generated, reused = _pipeline_argv(args), [], []
-    with tqdm(jobs, desc=f"{args.protocol}: generate", unit="video", disable=args.no_progress) as bar:
+
+def _run_ranks(
+    args: argparse.Namespace,
+    requested: list[str] | None,
+    overrides: dict[str, str],
+    out: Path,
+    jobs: list[Job],
+    settings: dict,
+    pool: tuple[str, ...],
+    json_path: Path,
+    ranks: bulk.Ranks,
+) -> dict:
+    """Generate this rank's share, gather the failures, score (rank 0 writes the report)."""
+    table_path = json_path.with_suffix(".txt")
+    if ranks.is_main:  # the settings check (and --overwrite's reset) once, before any rank records
+        first = Manifest(out, settings, args.overwrite)
+        with first._locked():  # independent shards may be recording already
+            if not args.overwrite:
+                first.done = list(dict.fromkeys(first._on_disk() + first.done))
+            first.save()
+    ranks.barrier()
+    manifest = Manifest(out, settings, overwrite=False)  # what rank 0 wrote
+
+    argv = _pipeline_argv(args, ranks.device(args.device))
+    mine = ranks.share(jobs, key=lambda j: j.name)
+    models = ModelCache()
+    generated, reused, failed = [], [], {}
+    with ranks.bar(mine, desc=f"{args.protocol}: generate", unit="video", disable=args.no_progress) as bar:
         for job in bar:
             bar.set_postfix_str(job.name)
             paths = Paths.of(out, job.name, args.work_dir)
             if job.name in manifest.done and paths.real.is_file() and paths.generated.is_file():
                 reused.append(job.name)
                 continue
-            _prepare(job, paths, args.seconds)
-            _generate(job, paths, argv, list(args.set or []))
+            try:
+                _prepare(job, paths, args.seconds)
+                _generate(job, paths, argv, list(args.set or []), models)
+            except UserError as exc:
+                failed[job.name] = str(exc).removeprefix(f"{job.name}: ")
+                ranks.log(f"{job.name}: failed: {failed[job.name]}")
+                continue
             if args.work_dir is None:
                 shutil.rmtree(paths.work, ignore_errors=True)
             manifest.finish(job.name)
             generated.append(job.name)
+            if ranks.world > 1:
+                ranks.log(f"{job.name}: generated -> {paths.generated}")
+    if ranks.world > 1:
+        ranks.log(f"{len(generated)} generated, {len(reused)} reused, {len(failed)} failed")
+    models.clear()
     if args.work_dir is None and (out / "work").is_dir() and not any((out / "work").iterdir()):
-        (out / "work").rmdir()
+        try:
+            (out / "work").rmdir()
+        except OSError:  # another rank's work folder appeared meanwhile
+            pass
+    everyone = ranks.all_gather((generated, reused, failed))
+    if any(part[2] for part in everyone):
+        ranks.finish(failed, total=len(jobs), what="videos")
+        return {}
+    if ranks.num_shards > 1:
+        ranks.log(
+            f"shard {ranks.shard}/{ranks.num_shards}: its videos are done; run the same command without "
+            "--shard/--num_shards to score every video"
+        )
+        return {}
+    done = {n for part in everyone for n in part[0]}
+    generated = [j.name for j in jobs if j.name in done]
+    kept = {n for part in everyone for n in part[1]}
+    reused = [j.name for j in jobs if j.name in kept]
 
     pairs = []
     for job in jobs:
@@ -398,7 +499,10 @@ def run(args: argparse.Namespace, requested: list[str] | None, overrides: dict[s
         batch=args.batch_size,
         progress=not args.no_progress,
         pool=pool,
+        ranks=ranks,
     )
+    if report is None:  # not rank 0: it writes the report
+        return {}
     report["settings"] = {
         "generation": {
             **settings,

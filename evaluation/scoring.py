@@ -11,12 +11,12 @@ from collections.abc import Sequence
 from importlib import metadata
 
 import torch
-from tqdm import tqdm
 
 from evaluation import metrics as M
 from evaluation import protocol, weights
 from evaluation.protocol import VideoPair
 from moditalker.assets import default_path
+from moditalker.bulk import Ranks
 from moditalker.device import resolve_device
 from moditalker.errors import UserError
 from moditalker.fileio import atomic_write_text
@@ -133,12 +133,24 @@ def run_metrics(
     landmarks=None,
     chunk: int = 16,
     progress: bool = True,
-) -> tuple[dict, dict, dict]:
-    """Stream every pair through every metric -> ``(metrics, per_video, reference)``."""
+    ranks: Ranks | None = None,
+) -> tuple[dict, dict, dict] | None:
+    """Stream every pair through every metric -> ``(metrics, per_video, reference)``.
+
+    With several launched ``ranks`` (:mod:`moditalker.bulk`) each rank scores every world-th pair;
+    rank 0 gathers the per-video records and replays them in the order of ``pairs`` (the Frechet
+    metrics: the features of every chunk), so the result is the one a single process computes;
+    the other ranks return None."""
+    ranks = ranks or Ranks()
+    if ranks.distributed:
+        for m in metrics.values():
+            m.keep = True
+    mine = pairs[ranks.group_rank :: ranks.group_size]
     per_video: dict[str, dict[str, float]] = {}
-    bar = tqdm(total=sum(p.frames for p in pairs), unit="frame", desc="evaluate", disable=not progress)
+    records: dict[str, dict] = {}
+    bar = ranks.bar(total=sum(p.frames for p in mine), unit="frame", desc="evaluate", disable=not progress)
     try:
-        for pair in pairs:
+        for pair in mine:
             for m in metrics.values():
                 m.start(pair)
             frames = 0
@@ -155,8 +167,22 @@ def run_metrics(
             for m in metrics.values():
                 row.update(m.finish_video())
             per_video[pair.name] = row
+            if ranks.distributed:
+                records[pair.name] = {k: m.record() for k, m in metrics.items()}
+                ranks.log(f"scored {pair.name} ({frames} frames)")
     finally:
         bar.close()
+    if ranks.distributed:
+        gathered = ranks.gather((per_video, records))
+        if gathered is None:
+            return None
+        rows = {k: v for part, _ in gathered for k, v in part.items()}
+        recs = {k: v for _, part in gathered for k, v in part.items()}
+        per_video = {p.name: rows[p.name] for p in pairs}
+        for key, m in metrics.items():
+            m.reset()
+            for p in pairs:
+                m.replay(recs[p.name][key])
     results: dict[str, float] = {}
     reference: dict[str, float] = {}
     for m in metrics.values():
@@ -226,20 +252,28 @@ def score(
     batch: int,
     progress: bool = True,
     pool: Sequence[str] = weights.METRICS,
-) -> dict:
+    ranks: Ranks | None = None,
+) -> dict | None:
     """Score ``pairs`` -> the report ``{metrics, per_video, settings, reference}`` (``settings``
     without the inputs, which the caller adds). Without ``requested``, every metric of ``pool`` whose
-    weights are present runs and the others are listed on stderr as skipped."""
+    weights are present runs and the others are listed on stderr as skipped. With several launched
+    ``ranks`` the pairs are shared out (:func:`run_metrics`); rank 0 returns the report, the others
+    None."""
+    ranks = ranks or Ranks()
     names, skipped = select_metrics(requested, overrides, random, pool)
     for name, why in skipped.items():
-        print(f"skipped {name}: {why}", file=sys.stderr)
+        if ranks.is_main:
+            print(f"skipped {name}: {why}", file=sys.stderr)
     if not names:
         raise UserError("no metric can run (see the skipped lines above)")
-    if random:
+    if random and ranks.is_main:
         print(RANDOM_WARNING, file=sys.stderr)
-    dev = resolve_device(device)
+    dev = resolve_device(ranks.device(device))
     metric_objs, landmarks = build_metrics(names, dev, overrides, random, batch)
-    results, per_video, reference = run_metrics(pairs, metric_objs, dev, landmarks, batch, progress=progress)
+    scored = run_metrics(pairs, metric_objs, dev, landmarks, batch, progress=progress, ranks=ranks)
+    if scored is None:
+        return None
+    results, per_video, reference = scored
     used = sorted({a for n in names for a in weights.METRIC_ASSETS[n]})
     settings = {
         "videos": len(pairs),

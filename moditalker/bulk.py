@@ -120,6 +120,16 @@ class Ranks:
         dist.gather_object(obj, out, dst=0)
         return out
 
+    def all_gather(self, obj: T) -> list[T]:
+        """Every group rank's ``obj`` on every rank (in rank order)."""
+        if not self.distributed:
+            return [obj]
+        import torch.distributed as dist
+
+        out: list = [None] * self.group_size
+        dist.all_gather_object(out, obj)
+        return out
+
     def barrier(self) -> None:
         if self.distributed:
             import torch.distributed as dist
@@ -147,6 +157,13 @@ class Ranks:
         if not merged:
             return
         names = sorted(merged, key=_natural)
+        if len(names) == 1 and message is None:  # one line says it all
+            rank, text = merged[names[0]]
+            where = f" (rank {rank})" if self.world > 1 else ""
+            raise UserError(
+                f"1 of {total} {what} failed: {names[0]}{where}: {text}; the others are done "
+                "(a rerun of the same command retries it)"
+            )
         for item in names:
             rank, text = merged[item]
             where = f" (rank {rank})" if self.world > 1 else ""

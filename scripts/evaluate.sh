@@ -8,9 +8,10 @@
 #   scripts/evaluate.sh --protocol hdtf_selfrecon --data DIR --split_file FILE --out OUT \
 #       [--max_videos N] [--seconds S] [--config YAML] [--set KEY=VALUE ...] [--work_dir W] [--overwrite]
 #   scripts/evaluate.sh --protocol cross_identity --data DIR --pairs FILE|auto [--split_file FILE] --out OUT
+# On several GPUs or machines: NUM_PROCESSES=N (and NUM_MACHINES, MACHINE_RANK, MAIN_PROCESS_IP; see
+# scripts/_bulk.sh): each rank generates and scores its share, the report is the one one process writes.
+# --protocol ... --shard K --num_shards N: independent jobs generate their share; rerun without to score.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-# shellcheck source=scripts/_python.sh
-source "$ROOT/scripts/_python.sh"
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
-exec "$PY" -m evaluation "$@"
+exec bash "$ROOT/scripts/_bulk.sh" "evaluation" evaluation "$@"
