@@ -19,7 +19,7 @@ without a face interpolated) -> Deep3DFaceRecon coefficients -> ``idexp_lm3d / 1
 :func:`data.motion_align.align_landmarks` (non-face-centric). Using the very function the inference
 aligner uses makes the MToV training keypoints and the inference keypoints the same construction.
 
-Fixed on purpose (SPEC section 3.3): the original passed HWC frames to a routine that reads the
+Fixed on purpose (see docs/differences.md): the original passed HWC frames to a routine that reads the
 height from a CHW shape, so its y-flip became ``2 - y`` and the POS crop missed the face; here the
 frames keep their layout and every flip uses the true image height. The FAN landmarks are stored as
 detected (y down), not flipped.

@@ -32,7 +32,7 @@ def test_split_semantics(synth):
 
 
 def test_item_matches_the_shared_toolkit(synth):
-    """Every clip is built exactly from data.imageops / data.motion_align as SPEC 4.1 says."""
+    """Every clip is built exactly from data.imageops / data.motion_align, as the original builds it."""
     t, s = 8, 32
     ds = HDTFClipDataset(synth.root, "test", synth.split_file, timesteps=t, resolution=s, clips_per_video=2)
     assert ds.random_window is False and len(ds) == 2
