@@ -2,9 +2,9 @@
 
 ``python -m AToM.inference --hubert H.npy --ref_lm3d R.npy --out OUT.npy --checkpoint checkpoints/atom.pt``
 
-Reference conversion (a bug of the original, fixed here; see docs/differences.md): the network was trained on ``idexp_lm3d`` (x10
-offsets from the BFM mean shape) but the original inference fed it the absolute landmark. We convert
-first, ``ref_idexp = (ref_lm3d - key_mean_shape) * 10``, and return
+Reference conversion (a bug of the original, fixed here; see docs/differences.md): the network was
+trained on ``idexp_lm3d`` (x10 offsets from the BFM mean shape) but the original inference fed it the
+absolute landmark. We convert first, ``ref_idexp = (ref_lm3d - key_mean_shape) * 10``, and return
 ``(residual + ref_idexp) / 10 + key_mean_shape``.
 
 Long audio: overlapping windows of ``horizon`` frames. Each later window inpaints the first half of
