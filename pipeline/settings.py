@@ -194,9 +194,20 @@ class MtovSettings:
     use_last_as_reference: bool = setting(False, "reference xy-plane from the previous clip's last frame")
     precision: str = setting(
         "auto",
-        "auto = bf16 autocast of the autoencoders on GPUs and AMX CPUs, int8 on other CPUs; "
+        "auto = bf16 autocast of the autoencoders on GPUs; on the CPU what was measured >= 1.15x faster "
+        "than fp32 there (int8/bf16 autoencoders, int8 UNet), else fp32; "
         "bf16; int8 (CPU: autoencoders' linear layers, UNet's convolutions); fp32 (exact)",
         check=one_of(("auto", "bf16", "fp32", "int8")),
+    )
+    calibration_file: str | None = setting(
+        None,
+        "JSON file keeping what precision auto measured on this CPU (null: precision_calibration.json in "
+        "$MODITALKER_CACHE_DIR, else $XDG_CACHE_HOME/moditalker, else ~/.cache/moditalker)",
+        flag="calibration_file",
+        stages=(),  # the mtov key holds the arithmetic chosen
+    )
+    recalibrate: bool = setting(
+        False, "precision auto on the CPU: time the precisions again", flag="recalibrate", stages=()
     )
     seed: int | None = setting(
         None, "MToV sampler seed (null: the top-level seed)", check=SEED, inherit="seed"

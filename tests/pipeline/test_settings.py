@@ -141,6 +141,8 @@ def test_flags_map_to_their_settings():
         "guidance": "atom.guidance_weight",
         "batch_size": "mtov.batch_size",
         "mtov_steps": "mtov.sampling_timesteps",
+        "calibration_file": "mtov.calibration_file",
+        "recalibrate": "mtov.recalibrate",
         "start": "start",
         "duration": "duration",
     }
