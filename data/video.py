@@ -27,7 +27,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from moditalker.constants import FPS, SAMPLE_RATE
-from moditalker.errors import UserError, describe
+from moditalker.errors import DiskFullError, UserError, bytes_in, describe, is_disk_full
 from moditalker.fileio import atomic_path, current_umask, require_file
 
 __all__ = [
@@ -376,6 +376,20 @@ class VideoWriter:
         frames = _as_frames(frames)
         if frames.shape[1:3] != (self.vstream.height, self.vstream.width):
             raise ValueError(f"frames must be {self.size}, got {frames.shape[1:3]}")
+        try:
+            self._write(frames)
+        except Exception as exc:
+            self._disk_full(exc)
+            raise
+
+    def _disk_full(self, exc: BaseException) -> None:
+        """A full disk while writing: the temp file removed, one :class:`DiskFullError` naming ``path``."""
+        if is_disk_full(exc) and not isinstance(exc, DiskFullError):
+            written = bytes_in(self.tmp)
+            self.abort()
+            raise DiskFullError(self.path, at_least=written) from exc
+
+    def _write(self, frames: np.ndarray) -> None:
         n_audio = self.audio.shape[1] if self.audio is not None else 0
         for frame in frames:
             k = self.frames_written
@@ -411,6 +425,9 @@ class VideoWriter:
                     raise
                 with atomic_path(self.path) as copy:  # tmp_dir on another file system
                     shutil.copyfile(self.tmp, copy)
+        except Exception as exc:
+            self._disk_full(exc)
+            raise
         finally:
             self.abort()
         return self.path

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from moditalker.errors import UserError, describe
+from moditalker.errors import DiskFullError, UserError, bytes_in, describe, is_disk_full
 
 #: The repository (source checkout) root: configs/ and checkpoints/ defaults are relative to it.
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -33,19 +33,25 @@ def atomic_path(path: str | Path, suffix: str | None = None) -> Iterator[Path]:
     """Yield a temp path beside ``path``; on success it is renamed onto ``path``, on error removed.
 
     The temp name keeps ``path``'s suffix (or ``suffix``) so writers that infer a format from the
-    extension (PyAV, PIL, np.save) behave.
+    extension (PyAV, PIL, np.save) behave. A full disk while writing is a :class:`DiskFullError`
+    naming ``path`` (nothing is left at ``path`` or beside it).
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix or path.suffix, dir=path.parent)
-    os.fchmod(fd, 0o666 & ~current_umask())  # mkstemp makes 0600; a normal write follows the umask
-    os.close(fd)
-    tmp_path = Path(tmp)
+    tmp_path: Path | None = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix or path.suffix, dir=path.parent)
+        os.fchmod(fd, 0o666 & ~current_umask())  # mkstemp makes 0600; a normal write follows the umask
+        os.close(fd)
+        tmp_path = Path(tmp)
         yield tmp_path
         os.replace(tmp_path, path)
+    except Exception as exc:
+        if is_disk_full(exc) and not isinstance(exc, DiskFullError):
+            raise DiskFullError(path, at_least=bytes_in(tmp_path)) from exc
+        raise
     finally:
-        if tmp_path.exists():
+        if tmp_path is not None and tmp_path.exists():
             tmp_path.unlink()
 
 
@@ -91,8 +97,8 @@ def save_npy(path: str | Path, array: np.ndarray) -> None:
 
 def torch_save(obj: object, path: str | Path) -> None:
     """``torch.save`` atomically (checkpoints survive a crash mid-write)."""
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:  # Python's file: a full disk is an OSError
+        torch.save(obj, f)
 
 
 def check_output(path: str | Path, overwrite: bool = False, inputs: Iterable[str | Path | None] = ()) -> Path:

@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from moditalker.errors import DiskFullError, bytes_in, free_bytes, is_disk_full
 from moditalker.fileio import file_sha256, folder_problem, folder_records
 
 __all__ = ["file_digest", "asset_identity", "stable_key", "StageRecord", "WorkCache"]
@@ -112,12 +113,7 @@ class WorkCache:
         self.folder.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{stage}-{key}.", dir=self.folder))
         try:
-            arrays = {n: np.asarray(a) for n, a in compute(tmp).items()}
-            for n, a in arrays.items():
-                np.save(tmp / f"{n}.npy", a)
-            (tmp / "parts.json").write_text(json.dumps(parts, sort_keys=True, default=str, indent=1))
-            record = {"arrays": sorted(arrays), "files": folder_records(tmp)}
-            (tmp / ".done").write_text(json.dumps(record, sort_keys=True))
+            arrays = self._compute(entry, tmp, parts, compute)
             if entry.exists():  # a stale, unfinished entry from an older layout
                 shutil.rmtree(entry)
             os.replace(tmp, entry)
@@ -128,6 +124,26 @@ class WorkCache:
         self.records[stage] = StageRecord(stage, key, entry, False, seconds)
         log(f"[{stage}] computed in {seconds:.2f} s -> {entry}")
         return arrays, key
+
+    @staticmethod
+    def _compute(
+        entry: Path, tmp: Path, parts: Mapping[str, Any], compute: Callable[[Path], Mapping[str, np.ndarray]]
+    ) -> dict[str, np.ndarray]:
+        """``compute(tmp)``, its arrays, ``parts.json`` and the ``.done`` record written in ``tmp``; a
+        full disk is a :class:`DiskFullError` naming the entry (the caller removes ``tmp``)."""
+        free = free_bytes(tmp)  # the entry needs more than this when the disk fills
+        try:
+            arrays = {n: np.asarray(a) for n, a in compute(tmp).items()}
+            for n, a in arrays.items():
+                np.save(tmp / f"{n}.npy", a)
+            (tmp / "parts.json").write_text(json.dumps(parts, sort_keys=True, default=str, indent=1))
+            record = {"arrays": sorted(arrays), "files": folder_records(tmp)}
+            (tmp / ".done").write_text(json.dumps(record, sort_keys=True))
+            return arrays
+        except Exception as exc:
+            if is_disk_full(exc) and not isinstance(exc, DiskFullError):
+                raise DiskFullError(entry, at_least=max(bytes_in(tmp), free)) from exc
+            raise
 
     @staticmethod
     def _load(entry: Path) -> tuple[str | None, dict[str, np.ndarray]]:

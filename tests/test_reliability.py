@@ -1,0 +1,286 @@
+"""The disk as an adversary: damaged cache entries and a full disk (tiny config, random weights).
+
+* every cache entry is checked before it is trusted: a stage entry or an MToV batch with a missing,
+  truncated, zeroed or changed file is computed again (a ``warning:`` line names it), and the run gives
+  the mp4 of a clean run, byte for byte;
+* a full disk is one line, ``error: no space left on device while writing PATH (needs about N MB)``,
+  exit 2, nothing at the output path, and the next run (with space) finishes with the clean run's mp4.
+  Where the test runs as root and may mount one, the disk is a small tmpfs; otherwise ``ENOSPC`` is
+  simulated in the writers.
+
+The web page's cases are in tests/test_reliability_app.py.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from moditalker.errors import DiskFullError, UserError, cli_main
+from moditalker.fileio import atomic_path, save_npy, torch_save
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = str(REPO / "configs" / "inference_tiny.yaml")
+CHEAP = ["--random_weights", "--config", TINY, "--mtov_steps", "4", "--steps", "1", "output.preset=ultrafast"]
+FULL = re.compile(
+    r"^error: no space left on device while writing (\S+) \((needs about \d+ MB|needs more than)"
+)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory) -> dict[str, Path]:
+    from pipeline.sample_data import write_reference_image, write_speech
+
+    d = tmp_path_factory.mktemp("inputs")
+    return {
+        "speech": write_speech(d / "speech.wav", seconds=1.0),
+        "photo": write_reference_image(d / "face.png"),
+    }
+
+
+def _argv(inputs, out: Path, *extra: str) -> list[str]:
+    return [
+        "--audio",
+        str(inputs["speech"]),
+        "--ref_image",
+        str(inputs["photo"]),
+        "--out",
+        str(out),
+        *CHEAP,
+        *extra,
+    ]
+
+
+def _run(inputs, out: Path, *extra: str) -> list[str]:
+    """The pipeline in-process (as scripts/inference.sh runs it); returns its log lines."""
+    from pipeline.inference import build_parser, resolve_config, run_inference
+
+    lines: list[str] = []
+    run_inference(resolve_config(build_parser().parse_args(_argv(inputs, out, *extra))), log=lines.append)
+    return lines
+
+
+@pytest.fixture(scope="module")
+def clean(inputs, tmp_path_factory) -> bytes:
+    """The mp4 of a clean run."""
+    out = tmp_path_factory.mktemp("clean") / "talk.mp4"
+    _run(inputs, out)
+    return out.read_bytes()
+
+
+# ----------------------------------------------------------------------------- damaged cache entries
+def test_damaged_cache_entries_are_recomputed_with_a_warning(inputs, clean, tmp_path):
+    out = tmp_path / "talk.mp4"
+    _run(inputs, out)
+    work = out.with_name("talk_work")
+
+    def entry(stage: str) -> Path:
+        return next(p for p in work.glob(f"{stage}-*") if p.is_dir() and not p.name.endswith(".partial"))
+
+    damage = {
+        "reference": (
+            "frames.npy",
+            lambda p: p.write_bytes(p.read_bytes()[: p.stat().st_size // 2]),
+        ),  # truncated
+        "hubert": ("hubert.npy", lambda p: p.write_bytes(bytes(p.stat().st_size))),  # zeroed, same size
+        "align": (next(entry("align").glob("landmarks_png/*.png")).relative_to(entry("align")), os.unlink),
+        "atom": ("frontal_lm3d.npy", _flip_last_byte),  # one byte changed
+    }
+    for stage, (name, hurt) in damage.items():
+        hurt(entry(stage) / name)
+    batch = sorted(entry("mtov").glob("batch-*.npz"))[-1]
+    _flip_last_byte(batch)
+    lines = _run(inputs, out, "--overwrite")
+    warnings = [line for line in lines if line.startswith("warning:")]
+    for stage, (name, _hurt) in damage.items():
+        assert any(f"stage cache entry {stage}-" in w and Path(name).name in w for w in warnings), (
+            stage,
+            warnings,
+        )
+        assert any(line.startswith(f"[{stage}] computed") for line in lines), lines
+    assert any(f"{entry('mtov').name}: {batch.name} has changed" in w for w in warnings), warnings
+    assert any("continuing at frame" in line for line in lines), lines  # only the damaged batch again
+    for stage in ("landmarks", "recon"):  # undamaged: reused
+        assert any(line.startswith(f"[{stage}] reused") for line in lines), lines
+    assert out.read_bytes() == clean
+    # and a third run trusts everything again
+    again = _run(inputs, out, "--overwrite")
+    assert not [line for line in again if line.startswith("warning:")] and out.read_bytes() == clean
+    assert sum(line.startswith(f"[{s}] reused") for line in again for s in damage) == len(damage)
+
+
+def _flip_last_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_batch_store_checks_every_batch(tmp_path):
+    """A batch recorded and then changed, one written by a killed run before it was recorded (kept when
+    it reads back whole), and a recorded one that went missing."""
+    from pipeline.cache import WorkCache
+    from pipeline.stages.batches import BatchStore
+
+    lines: list[str] = []
+    store = BatchStore(WorkCache(tmp_path), "mtov", {"x": 1}, log=lines.append)
+    assert store.open({"n": 4}) == 0
+    for i in range(3):
+        store.save(i, {"frames": np.full((2, 3), i, np.uint8)})
+    (store.partial / BatchStore.RECORDS).write_text("{}")  # as if killed before any was recorded
+    assert BatchStore(WorkCache(tmp_path), "mtov", {"x": 1}, log=lines.append).open({"n": 4}) == 3
+    assert not lines  # unrecorded but whole: adopted
+    _flip_last_byte(store.partial / "batch-00001.npz")
+    again = BatchStore(WorkCache(tmp_path), "mtov", {"x": 1}, log=lines.append)
+    assert again.open({"n": 4}) == 1 and "batch-00001.npz has changed" in lines[-1]
+    assert not (store.partial / "batch-00002.npz").exists()  # the ones after it are made again too
+    again.save(1, {"frames": np.full((2, 3), 1, np.uint8)})
+    (store.partial / "batch-00001.npz").unlink()
+    assert BatchStore(WorkCache(tmp_path), "mtov", {"x": 1}, log=lines.append).open({"n": 4}) == 1
+    assert "batch-00001.npz is missing" in lines[-1]
+
+
+def test_stage_entry_of_an_older_layout_is_recomputed(tmp_path):
+    from pipeline.cache import WorkCache
+
+    cache, calls, lines = WorkCache(tmp_path), [], []
+
+    def compute(folder: Path) -> dict:
+        calls.append(folder)
+        return {"x": np.arange(3)}
+
+    cache.run("s", {"a": 1}, compute, lines.append)
+    entry = next(tmp_path.glob("s-*"))
+    (entry / ".done").write_text('["x"]')  # no file records: written before they existed
+    arrays, _ = cache.run("s", {"a": 1}, compute, lines.append)
+    assert len(calls) == 2 and "without file hashes" in lines[-2] and lines[-2].startswith("warning:")
+    np.testing.assert_array_equal(arrays["x"], np.arange(3))
+    (entry / ".done").write_text("{not json")
+    cache.run("s", {"a": 1}, compute, lines.append)
+    assert len(calls) == 3 and ".done record cannot be read" in lines[-2]
+    cache.run("s", {"a": 1}, compute, lines.append)
+    assert len(calls) == 3 and "reused" in lines[-1]
+
+
+# ----------------------------------------------------------------------------- a full disk
+def _enospc(*args, **kwargs):
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def test_atomic_writers_turn_a_full_disk_into_one_error_and_leave_nothing(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "a" / "x.npy"
+
+    def half_then_full(file, array, *args, **kwargs):
+        file.write(b"\x93NUMPY" + bytes(3_000_000))
+        _enospc()
+
+    monkeypatch.setattr(np, "save", half_then_full)
+    with pytest.raises(DiskFullError, match=r"while writing .*x\.npy \(needs more than 4 MB\)"):
+        save_npy(out, np.zeros(3))
+    assert list(out.parent.iterdir()) == []
+    monkeypatch.setattr(torch, "save", lambda obj, f: (f.write(b"PK" + bytes(10)), _enospc()))
+    with pytest.raises(DiskFullError, match=r"while writing .*w\.pt"):
+        torch_save({"w": 1}, tmp_path / "a" / "w.pt")
+    assert list(out.parent.iterdir()) == []
+
+    def main(argv):  # a command whose writer raised the bare OSError
+        with atomic_path(tmp_path / "b" / "out.txt") as tmp:
+            tmp.write_text("part")
+            _enospc()
+
+    def bare(argv):
+        raise RuntimeError("wrapped") from OSError(errno.ENOSPC, "No space left on device", "/x/y.bin")
+
+    for command, path in ((main, str(tmp_path / "b" / "out.txt")), (bare, "/x/y.bin")):
+        with pytest.raises(SystemExit) as exc:
+            cli_main(command, [])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert exc.value.code == 2 and len(err) == 1, err
+        assert err[0].startswith(f"error: no space left on device while writing {path} (needs "), err
+    assert list((tmp_path / "b").iterdir()) == []
+
+
+@contextlib.contextmanager
+def _small_disk(folder: Path, mb: float):
+    """A tmpfs of ``mb`` MB at ``folder`` (root only); yields a function that resizes it, or None where
+    no tmpfs can be mounted."""
+    folder.mkdir(parents=True, exist_ok=True)
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        yield None
+        return
+    mount = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={int(mb * 1024)}k", "tmpfs", str(folder)], capture_output=True
+    )
+    if mount.returncode != 0:
+        yield None
+        return
+
+    def resize(new_mb: float) -> None:
+        subprocess.run(["mount", "-o", f"remount,size={int(new_mb * 1024)}k", str(folder)], check=True)
+
+    try:
+        yield resize
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], check=False)
+
+
+def _cli(inputs, out: Path, capsys) -> list[str]:
+    from pipeline.inference import main
+
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exc:
+        cli_main(main, _argv(inputs, out))
+    text = capsys.readouterr().err
+    err = [line for line in text.splitlines() if "error" in line.lower() or "Traceback" in line]
+    assert exc.value.code == 2 and len(err) == 1 and FULL.match(err[0]), text  # (the rest: progress bars)
+    assert text.rstrip().endswith(err[0])
+    return err
+
+
+def test_a_full_disk_during_a_render_is_one_line_and_the_next_run_finishes(inputs, clean, tmp_path, capsys,
+                                                                         monkeypatch):  # fmt: skip
+    out = tmp_path / "disk" / "talk.mp4"
+    with _small_disk(out.parent, 1.5) as resize:
+        if resize is None:  # no tmpfs: the disk fills while the reference frames are stored
+            import pipeline.stages.reference as reference
+
+            monkeypatch.setattr(reference, "save_frames", _enospc)
+        err = _cli(inputs, out, capsys)  # 1.5 MB: full while a stage entry is written
+        assert "talk_work/" in err[0] and not out.exists()
+        work = out.with_name("talk_work")
+        assert not list(work.glob(".*")) and not list(out.parent.glob(".talk*"))  # no temp left
+        if resize is not None:
+            resize(2.5)  # the stages fit, the MToV frames do not: refused before they are generated
+            err = _cli(inputs, out, capsys)
+            assert re.search(r"mtov-\w+\.partial \(needs about [5-9] MB, [01] MB free\)", err[0]), err
+            assert not out.exists() and not list(work.glob("mtov-*.partial/batch-*"))
+            resize(64)
+        else:
+            monkeypatch.undo()
+        lines = _run(inputs, out)  # with space: no manual cleaning, the clean run's mp4
+        assert not [line for line in lines if line.startswith("warning:")], lines
+        assert out.read_bytes() == clean
+
+
+def test_a_full_disk_error_from_the_page_names_no_server_folder(tmp_path):
+    from pipeline.app_job import public_text
+
+    message = str(DiskFullError(tmp_path / "app" / "work" / "shared" / "mtov-1.partial", needs=5.2e6, free=0))
+    assert (
+        public_text(message)
+        == "no space left on device while writing mtov-1.partial (needs about 6 MB, 0 MB free)"
+    )
+    assert isinstance(DiskFullError("x"), UserError)
