@@ -297,6 +297,8 @@ def test_cli_end_to_end_random_weights(tmp_path, capsys):
     ]
     res = main(args)
     assert res["frames"] == 11
+    # precision auto on tiny networks: the capability rule (full-size ones are measured on the CPU)
+    assert res["precision_used"] == precision_plan("auto", torch.device("cpu")).per_network()
     assert "WARNING: --random_weights: the MToV autoencoders and UNet are RANDOMLY" in capsys.readouterr().err
     info = probe(out / "video.mp4")
     assert json.dumps(info)  # probe result is plain data
