@@ -247,7 +247,10 @@ def precision_plan(precision: str, device: torch.device) -> PrecisionPlan:
       build has oneDNN's int8 convolution (:func:`MToV.int8.int8_convs_supported`); fp32 UNet otherwise;
     * ``auto``: bf16 autoencoders where the device has bf16 matrix units (CUDA with bf16; CPUs with
       AMX bf16 tiles, :func:`moditalker.device.amx_bf16_supported`), int8 on every other CPU (also
-      those whose bf16 is AVX512-BF16 dot products only), fp32 elsewhere.
+      those whose bf16 is AVX512-BF16 dot products only), fp32 elsewhere. This is the capability
+      rule; the commands resolve ``auto`` on the CPU by measurement instead
+      (:func:`MToV.calibration.resolve_plan`: reduced precision only where it was timed at least
+      1.15x faster than fp32 on this machine), keeping this rule for GPUs and tiny networks.
 
     bf16 never reaches the UNet: bf16 autocast gained only 1.15x there on the CPU.
     Measured on a 2-core AMD EPYC with AVX512-BF16 and AVX512-VNNI (no AMX), one full-size 16-frame
