@@ -12,7 +12,14 @@ the landmark clip), in fp32 unless ``--precision`` says otherwise.
   independent jobs (``--num_shards N --shard K``) each build a disjoint set of videos (longest first,
   balanced by frames); whichever finishes last writes ``manifest.json``.
 * Resumable: a rerun skips the videos already in and removes what a killed run left half-written.
-* Before it starts it prints the disk the whole cache needs (and what is still to build).
+* Checked: each video's ``video.json`` records the size and sha256 of its arrays; a rerun checks every
+  built video against them and builds a missing, truncated or changed one again (a ``warning:``
+  line names it); a video of an older build without records is checked by reading its arrays' headers
+  and sizes, then recorded.
+* Before it starts it prints the disk the whole cache needs (and what is still to build), and stops
+  with one ``error: no space left on device ...`` line when what it still has to build does not fit;
+  each video's arrays are allocated on disk before they are filled (a full disk is that one line, not
+  a crash in the memory map).
 """
 
 from __future__ import annotations
@@ -33,8 +40,8 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from moditalker.config import load_config
-from moditalker.errors import UserError, cli_main, describe
-from moditalker.fileio import atomic_write_text, repo_path
+from moditalker.errors import DiskFullError, UserError, check_space, cli_main, describe, is_disk_full
+from moditalker.fileio import atomic_write_text, folder_problem, folder_records, repo_path
 from moditalker.training.bad_items import READ_ERRORS, allowed_bad_items
 from MToV.dataset import ALL_KEYS, build_dataset
 from MToV.latents import (
@@ -167,10 +174,24 @@ class VideoWriter:
         self.tmp.mkdir(parents=True)
         self.video, self.dtype, self.filled = video, dtype, 0
         n = len(video["starts"])
-        self.arrays = {
-            k: np.lib.format.open_memmap(self.tmp / f"{k}.npy", "w+", DTYPES[dtype], (n, *shapes[k]))
-            for k in KINDS
-        }
+        try:
+            self.arrays = {
+                k: np.lib.format.open_memmap(self.tmp / f"{k}.npy", "w+", DTYPES[dtype], (n, *shapes[k]))
+                for k in KINDS
+            }
+            for k in KINDS:  # the blocks on disk now: a full disk is an OSError here, not a SIGBUS later
+                with open(self.tmp / f"{k}.npy", "r+b") as f:
+                    os.posix_fallocate(f.fileno(), 0, os.fstat(f.fileno()).st_size)
+        except OSError as exc:
+            self.abort()
+            if is_disk_full(exc):
+                raise DiskFullError(self.final, needs=n * bytes_per_window(shapes, dtype)) from exc
+            raise
+
+    def abort(self) -> None:
+        """Remove the half-written video."""
+        getattr(self, "arrays", {}).clear()
+        shutil.rmtree(self.tmp, ignore_errors=True)
 
     def add(self, latents: dict[str, torch.Tensor]) -> None:
         n = latents["z"].shape[0]
@@ -182,10 +203,40 @@ class VideoWriter:
         for a in self.arrays.values():
             a.flush()
         self.arrays.clear()
-        np.save(self.tmp / "starts.npy", np.asarray(self.video["starts"], np.int64))
-        meta = {"id": self.video["id"], "frames": self.video["frames"], "windows": self.filled}
-        (self.tmp / "video.json").write_text(json.dumps(meta) + "\n")
+        try:
+            np.save(self.tmp / "starts.npy", np.asarray(self.video["starts"], np.int64))
+            meta = {"id": self.video["id"], "frames": self.video["frames"], "windows": self.filled}
+            meta["files"] = folder_records(self.tmp)  # size + sha256 of each array: checked on resume
+            (self.tmp / "video.json").write_text(json.dumps(meta) + "\n")
+        except OSError as exc:
+            self.abort()
+            if is_disk_full(exc):
+                raise DiskFullError(self.final, at_least=1) from exc
+            raise
         os.replace(self.tmp, self.final)  # the video appears complete or not at all
+
+
+def check_built(folder: Path, windows: int, shapes: dict, dtype: str) -> str | None:
+    """What is wrong with a built video's folder (None: its files are as ``video.json`` records them;
+    a video of an older build without records: its arrays' shapes and sizes are right, and they are
+    recorded now)."""
+    try:
+        meta = read_json(folder / "video.json")
+    except UserError:
+        return "its video.json cannot be read"
+    if "files" in meta:
+        return folder_problem(folder, meta["files"])
+    for k in (*KINDS, "starts"):
+        want = (meta.get("windows", windows),) if k == "starts" else (windows, *shapes[k])
+        try:
+            a = np.load(folder / f"{k}.npy", mmap_mode="r")
+        except (OSError, ValueError) as exc:
+            return f"{k}.npy cannot be read ({type(exc).__name__})"
+        if a.shape != want or (k != "starts" and a.dtype != np.dtype(DTYPES[dtype])):
+            return f"{k}.npy has shape {a.shape}, expected {want}"
+    meta["files"] = folder_records(folder, skip=("video.json",))
+    atomic_write_text(folder / "video.json", json.dumps(meta) + "\n")
+    return None
 
 
 def prepare_out(out: Path, settings: dict, overwrite: bool) -> None:
@@ -225,7 +276,7 @@ def estimate(videos: list[dict], done: set[str], per_window: int, out: Path, dty
         f"free at {out}: {free / 2**30:.1f} GiB"
     )
     if need > free:
-        line += "  WARNING: not enough free disk"
+        line += "  (not enough free disk)"
     return line
 
 
@@ -327,17 +378,30 @@ def build_cache(
     acc.wait_for_everyone()
     if not main_proc:
         prepare_out(out, settings, overwrite=False)  # the settings check, on every process
-    done = {v["id"] for v in videos if (out / "videos" / v["id"] / "video.json").is_file()}
     per_window = bytes_per_window(shapes, dtype)
+    world, rank = num_shards * acc.num_processes, shard * acc.num_processes + acc.process_index
+    mine = {v["id"] for v in assign_shards(videos, world)[rank]}
+    done = set()
+    for v in videos:
+        folder = out / "videos" / v["id"]
+        if not (folder / "video.json").is_file():
+            continue
+        problem = check_built(folder, len(v["starts"]), shapes, dtype) if v["id"] in mine else None
+        if problem is None:
+            done.add(v["id"])
+            continue
+        print(f"warning: latent cache video {v['id']}: {problem}; building it again", file=sys.stderr)
+        shutil.rmtree(folder)
     if main_proc and shard == 0:
         print(estimate(videos, done, per_window, out, dtype), flush=True)
-    world, rank = num_shards * acc.num_processes, shard * acc.num_processes + acc.process_index
     mine = assign_shards(videos, world)[rank]
     for v in mine:  # what a killed run of this shard left: half-written videos, unreadable markers
         for stale in (out / "videos").glob(f"{v['id']}.tmp-*"):
             shutil.rmtree(stale)
         (out / "videos" / f"{v['id']}.unreadable").unlink(missing_ok=True)
     pending = [v for v in mine if v["id"] not in done]
+    # checked before the first window is encoded (each video also allocates its blocks before filling)
+    check_space(out, sum(len(v["starts"]) for v in pending) * per_window, out / "videos")
     chunks = [(v, c) for v in pending for c in chunk_starts(v["starts"], batch_size, stride)]
     last_chunk = {v["id"]: i for i, (v, _) in enumerate(chunks)}  # the last index of each video wins
     loader = DataLoader(

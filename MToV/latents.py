@@ -220,9 +220,16 @@ class LatentCache:
         if vid not in self._maps:
             folder = self.root / "videos" / vid
             try:
+                records = read_json(folder / "video.json").get("files", {})
+                for name, (size, _sha) in records.items():  # the sizes (cheap; the build checks hashes)
+                    if (actual := (folder / name).stat().st_size) != size:
+                        raise ValueError(f"{name} has {actual} bytes, {size} recorded")
                 maps = {k: np.load(folder / f"{k}.npy", mmap_mode="r") for k in (*KINDS, "starts")}
-            except (OSError, ValueError) as exc:
-                raise UserError(f"cannot read the cached latents of {vid} in {folder}: {exc}") from exc
+            except (OSError, ValueError, UserError) as exc:
+                raise UserError(
+                    f"cannot read the cached latents of {vid} in {folder}: {exc}; rerun "
+                    "scripts/cache_mtov_latents.sh with the same settings to build it again"
+                ) from exc
             maps["starts"] = np.asarray(maps["starts"])
             self._maps[vid] = maps
         return self._maps[vid]

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import os
 import re
 import shutil
@@ -284,3 +285,90 @@ def test_a_full_disk_error_from_the_page_names_no_server_folder(tmp_path):
         == "no space left on device while writing mtov-1.partial (needs about 6 MB, 0 MB free)"
     )
     assert isinstance(DiskFullError("x"), UserError)
+
+
+# ----------------------------------------------------------------------------- the latent cache
+@pytest.fixture(scope="module")
+def latents(tmp_path_factory):
+    """A tiny latent cache (3 synthetic videos, random autoencoders) and the command that builds it."""
+    from accelerate.utils import set_seed
+    from mtov_synth import write_synthetic_hdtf
+
+    from moditalker.config import load_config
+    from MToV import cache_latents
+    from MToV.loading import build_models
+    from MToV.train_diffusion import DEFAULTS
+
+    torch.set_num_threads(1)  # one thread in every build: bit-identical encodes
+    root = tmp_path_factory.mktemp("latents")
+    tiny = str(REPO / "configs" / "mtov_tiny.yaml")
+    info = write_synthetic_hdtf(root / "hdtf", ids=("WDA_A_000", "WDA_B_000", "RD_C_000"),
+                                heldout=("RD_C_000",), n_frames=[10, 9, 8])  # fmt: skip
+    set_seed(0)
+    ae, _, _ = build_models(load_config(tiny, (), DEFAULTS))
+    torch.save(ae.state_dict(), root / "ae.pth")
+    args = ["--config", tiny, "--device", "cpu", "--no_progress", "--batch_size", "1"]
+    args += ["--ae_rgb", str(root / "ae.pth"), "--ae_ldmk", str(root / "ae.pth")]
+    args += [f"data.root={info.root}", f"data.split_file={info.split_file}"]
+
+    def build(out: Path) -> dict:
+        return cache_latents.main([*args, "--out", str(out)])
+
+    build(root / "clean")
+    return root, build
+
+
+def _tree(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_latent_cache_damaged_videos_are_built_again(latents, tmp_path, capsys):
+    from MToV.latents import LatentCache
+
+    root, build = latents
+    out = tmp_path / "cache"
+    shutil.copytree(root / "clean", out)
+    videos = out / "videos"
+    _flip_last_byte(videos / "WDA_A_000" / "z.npy")  # changed
+    ref = videos / "WDA_B_000" / "ref.npy"
+    ref.write_bytes(ref.read_bytes()[:-8])  # truncated
+    with pytest.raises(UserError, match=r"WDA_B_000.*ref\.npy has \d+ bytes, \d+ recorded; rerun"):
+        LatentCache(out).window("WDA_B_000", 0)  # training refuses it (sizes checked on open)
+    capsys.readouterr()
+    result = build(out)
+    err = capsys.readouterr().err
+    assert "warning: latent cache video WDA_A_000: z.npy has changed" in err
+    assert "warning: latent cache video WDA_B_000: ref.npy is truncated" in err
+    assert result["built"] == 2 and _tree(out) == _tree(root / "clean")
+    # a video of an older build (no records): checked by its headers and sizes, then recorded
+    meta = json.loads((videos / "RD_C_000" / "video.json").read_text())
+    older = {k: v for k, v in meta.items() if k != "files"}
+    (videos / "RD_C_000" / "video.json").write_text(json.dumps(older))
+    assert build(out)["built"] == 0 and json.loads((videos / "RD_C_000" / "video.json").read_text()) == meta
+
+
+def test_latent_cache_full_disk_is_one_line_before_and_while_building(latents, tmp_path, monkeypatch, capsys):
+    import moditalker.errors
+    from MToV import cache_latents
+
+    root, build = latents
+    out = tmp_path / "cache"
+    monkeypatch.setattr(moditalker.errors, "free_bytes", lambda folder: 1000)
+    with pytest.raises(DiskFullError, match=r"while writing .*videos \(needs about 1 MB, 1 MB free\)"):
+        build(out)  # checked before the first window: nothing built
+    assert not list((out / "videos").glob("*")) if (out / "videos").exists() else True
+    monkeypatch.undo()
+    calls = []
+
+    def fallocate(fd, offset, length):  # the disk fills while the second video allocates its blocks
+        calls.append(length)
+        if len(calls) == 5:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(cache_latents.os, "posix_fallocate", fallocate)
+    with pytest.raises(DiskFullError, match=r"while writing .*videos/WDA_B_000 \(needs about 1 MB\)"):
+        build(out)
+    assert sorted(p.name for p in (out / "videos").iterdir()) == ["WDA_A_000"]  # no half-written video
+    monkeypatch.undo()
+    build(out)
+    assert _tree(out) == _tree(root / "clean")
