@@ -332,13 +332,28 @@ def calibrate(
     spent = time.perf_counter() - t0
     plan, reason = choose(seconds, threshold)
     stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    failed = _write(path, key_id, {"key": key, "seconds": seconds, "measured_at": stamp})
+    load = _load_average()
+    entry = {"key": key, "seconds": seconds, "measured_at": stamp, "load_average": load}
+    failed = _write(path, key_id, entry)
     where = str(path) if failed is None else None
     say(
         f"precision auto on this CPU (measured in {spent:.1f} s): {reason}"
         + (f"; not saved ({failed})" if failed else f"; saved in {path}")
     )
+    cores = os.cpu_count() or 1
+    if load is not None and load > cores + 1:
+        say(
+            f"precision auto: measured while other jobs ran (load average {load:.1f} on {cores} cores), "
+            "so the choice may not hold on an idle machine; recalibrate when it is idle"
+        )
     return Calibration(plan, "measured", reason, seconds, key, where, spent)
+
+
+def _load_average() -> float | None:
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (AttributeError, OSError):
+        return None
 
 
 def resolve_plan(
