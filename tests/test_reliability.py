@@ -3,6 +3,9 @@
 * every cache entry is checked before it is trusted: a stage entry or an MToV batch with a missing,
   truncated, zeroed or changed file is computed again (a ``warning:`` line names it), and the run gives
   the mp4 of a clean run, byte for byte;
+* (``RUN_SLOW=1``) a SIGKILL while the latent cache writes a video, and in an MToV autoencoder
+  training step: the re-run gives the clean cache byte for byte, and the weights of an uninterrupted
+  run;
 * a full disk is one line, ``error: no space left on device while writing PATH (needs about N MB)``,
   exit 2, nothing at the output path, and the next run (with space) finishes with the clean run's mp4.
   Where the test runs as root and may mount one, the disk is a small tmpfs; otherwise ``ENOSPC`` is
@@ -19,7 +22,10 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -311,6 +317,8 @@ def latents(tmp_path_factory):
     args += ["--ae_rgb", str(root / "ae.pth"), "--ae_ldmk", str(root / "ae.pth")]
     args += [f"data.root={info.root}", f"data.split_file={info.split_file}"]
 
+    (root / "argv.json").write_text(json.dumps(args))
+
     def build(out: Path) -> dict:
         return cache_latents.main([*args, "--out", str(out)])
 
@@ -372,3 +380,67 @@ def test_latent_cache_full_disk_is_one_line_before_and_while_building(latents, t
     monkeypatch.undo()
     build(out)
     assert _tree(out) == _tree(root / "clean")
+
+
+# ----------------------------------------------------------------------------- kill -9 anywhere
+def _kill_when(argv: list[str], ready, timeout: float = 600) -> None:
+    """Run ``python ARGV`` and SIGKILL it as soon as ``ready()`` holds (it must not end before)."""
+    env = {**os.environ, "PYTHONPATH": f"{REPO}:{REPO / 'tests'}", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, *argv], cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)  # fmt: skip
+    deadline = time.monotonic() + timeout
+    try:
+        while not ready():
+            assert proc.poll() is None, "the command ended before it could be killed"
+            assert time.monotonic() < deadline
+            time.sleep(0.005)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+
+
+@pytest.mark.slow
+def test_latent_cache_killed_while_writing_a_video_resumes_to_the_clean_cache(latents, tmp_path):
+    root, build = latents
+    out = tmp_path / "killed"
+    args = json.loads((root / "argv.json").read_text())
+    _kill_when(
+        ["-m", "MToV.cache_latents", *args, "--out", str(out)], lambda: any(out.glob("videos/*.tmp-*"))
+    )
+    assert not (out / "manifest.json").exists()
+    result = build(out)
+    assert result["complete"] and 1 <= result["built"] <= 3
+    assert _tree(out) == _tree(root / "clean")
+
+
+@pytest.mark.slow
+def test_mtov_autoencoder_killed_in_a_training_step_resumes_to_the_same_weights(tmp_path):
+    """SIGKILL after the state of step 2 was saved (in step 3 or later): the re-run's weights equal an
+    uninterrupted run's, bit for bit."""
+    from mtov_synth import write_synthetic_hdtf
+
+    from MToV.train_autoencoder import main
+
+    torch.set_num_threads(1)
+    data = write_synthetic_hdtf(tmp_path / "hdtf", ids=("WDA_Synth0_000", "WDA_Synth1_000"), heldout=())
+    text = (REPO / "configs" / "mtov_autoencoder_tiny.yaml").read_text()
+    config = tmp_path / "ae16.yaml"
+    config.write_text(text.replace("    resolution: 32", "    resolution: 16", 1))
+    common = ["--config", str(config), "--no_progress", f"data.root={data.root}", "loss.perceptual_weight=0",
+              "train.save_every=2", "train.val_every=2", "train.max_steps=8"]  # fmt: skip
+    main([*common, "--out_dir", str(tmp_path / "straight")])
+    killed = tmp_path / "killed"
+
+    def after_step_2() -> bool:
+        state = killed / "state" / "trainer.json"
+        return state.is_file() and json.loads(state.read_text())["step"] >= 2
+
+    _kill_when(["-m", "MToV.train_autoencoder", *common, "--out_dir", str(killed)], after_step_2)
+    step = json.loads((killed / "state" / "trainer.json").read_text())["step"]
+    assert 2 <= step < 8
+    result = main([*common, "--out_dir", str(killed)])
+    assert result["step"] == 8
+    a = torch.load(tmp_path / "straight" / "model_last.pth", weights_only=True)
+    b = torch.load(killed / "model_last.pth", weights_only=True)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
