@@ -172,8 +172,9 @@ class Ranks:
             raise UserError(message(names))
         shown = ", ".join(names[:10]) + (", ..." if len(names) > 10 else "")
         scope = f" on shard {self.shard}/{self.num_shards}" if self.num_shards > 1 else ""
+        rest = "the others are done" if len(names) < total else "none is done"
         raise UserError(
-            f"{len(names)} of {total} {what} failed{scope}: {shown}; the others are done "
+            f"{len(names)} of {total} {what} failed{scope}: {shown}; {rest} "
             "(a rerun of the same command retries only the failed ones)"
         )
 
