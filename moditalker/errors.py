@@ -63,6 +63,8 @@ def is_disk_full(exc: BaseException | None) -> bool:
         seen.add(id(exc))
         if isinstance(exc, OSError) and exc.errno in NO_SPACE:
             return True
+        if "No space left on device" in str(exc) or "os error 28" in str(exc):  # safetensors, C++ writers
+            return True
         exc = exc.__cause__ or exc.__context__
     return False
 

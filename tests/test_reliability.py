@@ -444,3 +444,37 @@ def test_mtov_autoencoder_killed_in_a_training_step_resumes_to_the_same_weights(
     a = torch.load(tmp_path / "straight" / "model_last.pth", weights_only=True)
     b = torch.load(killed / "model_last.pth", weights_only=True)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_full_disk_in_training_is_one_line_and_the_rerun_trains_the_same_weights(tmp_path, capsys):
+    """The MToV autoencoder trainer on a 12 MB disk: its checkpoints fit, its accelerate state does not
+    (torch.save and safetensors report that as a RuntimeError); with space the same command finishes
+    with the weights of a run that never hit the full disk."""
+    from mtov_synth import write_synthetic_hdtf
+
+    from MToV.train_autoencoder import main
+
+    data = write_synthetic_hdtf(tmp_path / "hdtf", ids=("WDA_Synth0_000",), heldout=())
+    text = (REPO / "configs" / "mtov_autoencoder_tiny.yaml").read_text()
+    config = tmp_path / "ae16.yaml"
+    config.write_text(text.replace("    resolution: 32", "    resolution: 16", 1))
+    common = ["--config", str(config), "--no_progress", f"data.root={data.root}", "loss.perceptual_weight=0",
+              "train.save_every=2", "train.val_every=2", "train.max_steps=2"]  # fmt: skip
+    main([*common, "--out_dir", str(tmp_path / "straight")])
+    out = tmp_path / "disk" / "run"
+    with _small_disk(out.parent, 12) as resize:
+        if resize is None:
+            pytest.skip("no tmpfs here (not root, or mount refused); simulated ENOSPC is tested above")
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as exc:
+            cli_main(main, [*common, "--out_dir", str(out)])
+        text = capsys.readouterr().err
+        lines = [line for line in text.splitlines() if "error" in line.lower() or "Traceback" in line]
+        assert exc.value.code == 2 and len(lines) == 1 and FULL.match(lines[0]), text
+        assert lines[0].split(" while writing ")[1].startswith(str(out / "state")), lines
+        assert not (out / "state.tmp").exists() and not (out / "state").exists()
+        resize(64)
+        assert main([*common, "--out_dir", str(out)])["step"] == 2
+        a = torch.load(tmp_path / "straight" / "model_last.pth", weights_only=True)
+        b = torch.load(out / "model_last.pth", weights_only=True)
+        assert all(torch.equal(a[k], b[k]) for k in a)

@@ -11,7 +11,7 @@ import json
 import shutil
 from pathlib import Path
 
-from moditalker.errors import UserError
+from moditalker.errors import DiskFullError, UserError, bytes_in, free_bytes, is_disk_full
 
 
 def save_state(accelerator, out_dir: Path, info: dict) -> None:
@@ -22,10 +22,21 @@ def save_state(accelerator, out_dir: Path, info: dict) -> None:
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)  # before any rank writes its RNG state file into it
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    accelerator.wait_for_everyone()  # every rank's files are in before the folder is renamed
+    free = free_bytes(out_dir)  # the state needs more than this when the disk fills
+    try:
+        accelerator.save_state(str(tmp))
+        accelerator.wait_for_everyone()  # every rank's files are in before the folder is renamed
+        if accelerator.is_main_process:
+            (tmp / "trainer.json").write_text(json.dumps(info))
+    except Exception as exc:
+        # torch.save to a path and safetensors report a full disk as a RuntimeError ("file write
+        # failed", "os error 28"): a failed write with under 1 MB left on the device is one too
+        if is_disk_full(exc) or ("write" in str(exc).lower() and free_bytes(out_dir) < 1 << 20):
+            written = max(bytes_in(tmp), free)
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise DiskFullError(final, at_least=written) from exc
+        raise
     if accelerator.is_main_process:
-        (tmp / "trainer.json").write_text(json.dumps(info))
         if final.exists():
             final.rename(old)
         tmp.rename(final)
@@ -47,6 +58,23 @@ def read_state_info(state_dir: Path) -> dict:
     return json.loads((state_dir / "trainer.json").read_text())
 
 
+#: what a trainer writes in its run folder before its first state is saved
+_FIRST_FILES = {
+    "files": ("config.yaml", "metrics.jsonl", "model_last.pth", "model_best.pth"),
+    "folders": ("tb",),
+}
+
+
+def _stopped_before_first_state(out_dir: Path) -> bool:
+    """Whether ``out_dir`` holds only what a trainer writes before its first state (its config, the
+    first metrics and checkpoints, tensorboard events, a ``state.tmp`` cut short): a run of this
+    trainer that stopped there, which the same command starts again."""
+    if not (out_dir / "config.yaml").is_file():
+        return False
+    known = {*_FIRST_FILES["files"], *_FIRST_FILES["folders"], "state.tmp"}
+    return all(p.name in known for p in out_dir.iterdir())
+
+
 def prepare_run_dir(out_dir: Path, resume: bool, overwrite: bool) -> Path | None:
     """Check ``out_dir`` for a new run or a resume; returns the state to resume from (or None).
 
@@ -54,13 +82,20 @@ def prepare_run_dir(out_dir: Path, resume: bool, overwrite: bool) -> Path | None
     ``overwrite`` and no resume, the previous state and metrics are removed.
     """
     state_dir = find_state(out_dir) if resume else None
+    if resume and state_dir is None and _stopped_before_first_state(out_dir):
+        print(
+            f"note: {out_dir} holds a run that stopped before its first saved state (a crash or a full "
+            "disk); starting it again",
+            flush=True,
+        )
+        overwrite, resume = True, False
     if out_dir.exists() and any(out_dir.iterdir()) and state_dir is None and not overwrite:
         raise UserError(
             f"output folder {out_dir} already holds files but no resumable state; "
             "pass --overwrite to start a new run there, or choose another out_dir"
         )
     if overwrite and not resume and out_dir.exists():
-        for name in ("state", "state.old", "state.tmp", "metrics.jsonl"):
+        for name in ("state", "state.old", "state.tmp", "metrics.jsonl", *_FIRST_FILES["folders"]):
             p = out_dir / name
             if p.is_dir():
                 shutil.rmtree(p)
