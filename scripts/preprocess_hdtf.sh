@@ -7,7 +7,8 @@
 #   scripts/preprocess_hdtf.sh --shard K --num_shards 8 ...   # 8 independent jobs (K = 0..7), one tree
 #
 # Launcher variables and aliases (NUM_SHARDS, DEVICES): scripts/_bulk.sh. Failed ids are listed at the
-# end (exit 2); the others are kept. Resumable: finished ids (meta/{id}.json) are skipped on the next run. Weights: checkpoints/
+# end (exit 2); the others are kept. Resumable: finished ids (meta/{id}.json) are skipped on the next
+# run. Weights: checkpoints/
 # (`python -m moditalker.assets check --only face_alignment deep3d bfm_front bfm_similarity`).
 # All flags: python -m data.preprocess hdtf --help
 set -euo pipefail

@@ -8,7 +8,8 @@
 #   scripts/preprocess_lrs3.sh --shard K --num_shards 8 ...   # 8 independent jobs (K = 0..7), one folder
 #
 # Launcher variables and aliases (NUM_SHARDS, DEVICES): scripts/_bulk.sh. Failed ids are listed at the
-# end (exit 2); the others are kept. Resumable: existing .npz files are skipped. Weights: checkpoints/ (`python -m moditalker.assets check`).
+# end (exit 2); the others are kept. Resumable: existing .npz files are skipped. Weights: checkpoints/
+# (`python -m moditalker.assets check`).
 # All flags: python -m data.preprocess lrs3 --help
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
