@@ -24,6 +24,22 @@ FIXTURES = REFERENCE / "fixtures"
 MANIFESTS = REFERENCE / "manifests"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _system_temp_under_pytest(tmp_path_factory):
+    """What the code under test and its subprocesses put in the system temp folder (gradio_client's
+    download folders, torchrun's logs, mkdtemp) goes under pytest's own temp folder instead, which
+    pytest removes after a run that passed (tmp_path_retention_policy in pyproject.toml)."""
+    folder = tmp_path_factory.mktemp("system_tmp")
+    saved = tempfile.tempdir, os.environ.get("TMPDIR")
+    tempfile.tempdir = os.environ["TMPDIR"] = str(folder)
+    yield folder
+    tempfile.tempdir = saved[0]
+    if saved[1] is None:
+        os.environ.pop("TMPDIR", None)
+    else:
+        os.environ["TMPDIR"] = saved[1]
+
+
 def pytest_collection_modifyitems(config, items):
     if os.environ.get("RUN_SLOW") == "1":
         return

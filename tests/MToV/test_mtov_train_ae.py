@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import atexit
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -24,7 +26,9 @@ def _tiny16() -> str:
 
     text = (REPO / "configs" / "mtov_autoencoder_tiny.yaml").read_text()
     assert "    resolution: 32" in text
-    path = Path(tempfile.mkdtemp(prefix="ae_tiny16_")) / "mtov_autoencoder_tiny16.yaml"
+    folder = tempfile.mkdtemp(prefix="ae_tiny16_")  # made at import, before pytest's temp folder exists
+    atexit.register(shutil.rmtree, folder, True)
+    path = Path(folder) / "mtov_autoencoder_tiny16.yaml"
     path.write_text(text.replace("    resolution: 32", "    resolution: 16", 1))
     return str(path)
 
