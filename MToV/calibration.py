@@ -15,6 +15,13 @@ caps of the process (``--cpu-isa``), the allocator, and the networks' kind and s
 the same key reads it back and measures nothing; ``recalibrate`` measures again. Where the file cannot be
 written (a read-only location) nothing is written and the run goes on with what it measured.
 
+Wall seconds decide, unless the process got less than :data:`BUSY_SHARE` of its threads' time while
+measuring (other jobs shared the CPU): then its CPU seconds decide, which count only what it ran. On a
+2-core AMD EPYC shared with about 12 other jobs, one thread, one clip's int8 encode took 66 s of wall time
+and 9.3 s of CPU time, the fp32 one 113 s and 17.6 s; in another such run int8 and fp32 encode+decode
+took 99.7 and 107 s of wall time (1.08x), while idle the two differ 1.9x. The log also says when the
+load average was above the cores.
+
 Devices other than the CPU keep the capability rule of :func:`MToV.loading.precision_plan` (bf16
 autocast on CUDA), and so do networks with fewer than :data:`MIN_PARAMS` parameters (the tiny test
 and demo configs: their time is Python overhead, not arithmetic, and timing them would say nothing).
@@ -58,6 +65,9 @@ __all__ = [
 THRESHOLD = 1.15  #: reduced precision only where it is at least this many times faster than fp32
 MIN_PARAMS = 5_000_000  #: smaller networks keep the capability rule (their time is not arithmetic)
 UNET_BATCH = 4  #: clips per calibration UNet pass (the pipeline's default batch)
+#: below this share of its threads' time (process CPU / (wall x threads)) the process waited for the CPU:
+#: the choice is then made on CPU seconds, not wall seconds
+BUSY_SHARE = 0.6
 CACHE_ENV = "MODITALKER_CACHE_DIR"  #: folder of the calibration file (tests point it to a temp folder)
 FILE_NAME = "precision_calibration.json"
 VERSION = 1
@@ -115,7 +125,8 @@ def _key_id(key: dict[str, Any]) -> str:
 class Calibration:
     """The arithmetic ``auto`` runs (``plan``) and why: ``source`` ``measured`` (timed now), ``cache``
     (timed before, read back), ``rule`` (not timed: another device or tiny networks) or ``fixed``
-    (precision given); ``seconds`` the times per network and precision; ``reason`` one line."""
+    (precision given); ``seconds`` the wall times per network and precision (``cpu_seconds`` the
+    process CPU times; ``basis`` which of the two decided); ``reason`` one line."""
 
     plan: PrecisionPlan
     source: str
@@ -124,6 +135,8 @@ class Calibration:
     key: dict[str, Any] | None = None
     cache_file: str | None = None
     measure_seconds: float = 0.0
+    cpu_seconds: dict[str, dict[str, float]] = field(default_factory=dict)
+    basis: str = "wall"  # what the choice was made on: wall or process CPU seconds (a busy machine)
 
     def report(self) -> dict[str, Any]:
         """For the benchmark JSON and the logs."""
@@ -132,6 +145,8 @@ class Calibration:
             "source": self.source,
             "reason": self.reason,
             "seconds": self.seconds,
+            "cpu_seconds": self.cpu_seconds,
+            "basis": self.basis,
             "threshold": THRESHOLD,
             "key": self.key,
             "cache_file": self.cache_file,
@@ -139,27 +154,34 @@ class Calibration:
         }
 
 
-def _wall_timer(label: str, fn: Callable[[], object], min_seconds: float = 1.0, max_runs: int = 3) -> float:
-    """The fastest of up to ``max_runs`` runs of ``fn``: one when it takes ``min_seconds`` or more (the
-    full-size networks: seconds per run), more for fast ones, whose single runs are noise."""
-    best = float("inf")
+def _clock_timer(
+    label: str, fn: Callable[[], object], min_seconds: float = 1.0, max_runs: int = 3
+) -> tuple[float, float]:
+    """(wall, process CPU) seconds of ``fn``, the fastest of up to ``max_runs`` runs: one when it takes
+    ``min_seconds`` or more (the full-size networks: seconds per run), more for fast ones, whose
+    single runs are noise."""
+    best, best_cpu = float("inf"), float("inf")
     for _ in range(max_runs):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         fn()
-        best = min(best, time.perf_counter() - t0)
+        best, best_cpu = min(best, time.perf_counter() - t0), min(best_cpu, time.process_time() - c0)
         if best >= min_seconds:
             break
-    return best
+    return best, best_cpu
 
 
-def measure(models: MToVModels, timer: Timer | None = None) -> dict[str, dict[str, float]]:
-    """Seconds of the fast path's work per candidate arithmetic on ``models`` (CPU): the autoencoders
-    (one clip's encode and decode, as :func:`MToV.generate.stream_video` runs them: fp32, bf16 autocast
-    where the CPU has bf16 instructions, int8 linear layers) and the UNet (one pass of a batch of
-    :data:`UNET_BATCH` clips: fp32, int8 convolutions where this torch build has them)."""
+def measure(
+    models: MToVModels, timer: Timer | None = None, cpu_seconds: dict[str, dict[str, float]] | None = None
+) -> dict[str, dict[str, float]]:
+    """Wall seconds of the fast path's work per candidate arithmetic on ``models`` (CPU): the
+    autoencoders (one clip's encode and decode, as :func:`MToV.generate.stream_video` runs them: fp32,
+    bf16 autocast where the CPU has bf16 instructions, int8 linear layers) and the UNet (one pass of a
+    batch of :data:`UNET_BATCH` clips: fp32, int8 convolutions where this torch build has them).
+    ``cpu_seconds`` (a dict) receives the process CPU seconds where the timer gives them (the
+    default one does; a timer may return seconds alone or ``(wall, cpu)``)."""
     from moditalker.device import autocast
 
-    timer = timer or _wall_timer
+    timer = timer or _clock_timer
     dev = models.device
     gen = torch.Generator(device=dev).manual_seed(0)
     clip = torch.empty(1, 3, models.clip_frames, models.resolution, models.resolution, device=dev)
@@ -195,15 +217,40 @@ def measure(models: MToVModels, timer: Timer | None = None) -> dict[str, dict[st
         return run
 
     out: dict[str, dict[str, float]] = {"autoencoders": {}, "unet": {}}
+
+    def timed(net: str, p: str, fn: Callable[[], object]) -> None:
+        got = timer(f"{net}/{p}", fn)
+        wall, cpu = got if isinstance(got, tuple) else (got, None)
+        out[net][p] = float(wall)
+        if cpu is not None and cpu_seconds is not None:
+            cpu_seconds.setdefault(net, {})[p] = float(cpu)
+
     for p in ae_candidates:
         if p == "int8":
             models.autoencoders(PrecisionPlan("int8"))  # quantising is set-up, not run time
-        out["autoencoders"][p] = float(timer(f"autoencoders/{p}", ae_run(p)))
+        timed("autoencoders", p, ae_run(p))
     for p in unet_candidates:
         if p == "int8":
             models.unet_for(PrecisionPlan("fp32", unet="int8"))
-        out["unet"][p] = float(timer(f"unet/{p}", unet_run(p)))
+        timed("unet", p, unet_run(p))
     return out
+
+
+def _basis(
+    seconds: dict[str, dict[str, float]], cpu: dict[str, dict[str, float]], threads: int
+) -> tuple[str, dict[str, dict[str, float]], str]:
+    """What the choice is made on: wall seconds, or process CPU seconds where the process got less than
+    :data:`BUSY_SHARE` of its threads' time while measuring (other jobs ran: wall time is then mostly
+    waiting, and ratios between runs are noise). ``(basis, times, note)``."""
+    same = cpu and all(set(cpu.get(n, {})) == set(t) for n, t in seconds.items())
+    wall = sum(s for t in seconds.values() for s in t.values())
+    if not same or wall <= 0:
+        return "wall", seconds, "wall seconds"
+    share = sum(s for t in cpu.values() for s in t.values()) / (wall * max(1, threads))
+    if share >= BUSY_SHARE:
+        return "wall", seconds, "wall seconds"
+    note = f"process CPU seconds: the machine was busy, this process ran {share:.0%} of its threads' time"
+    return "cpu", cpu, note
 
 
 def choose(seconds: dict[str, dict[str, float]], threshold: float = THRESHOLD) -> tuple[PrecisionPlan, str]:
@@ -306,12 +353,17 @@ def calibrate(
     entry = None if recalibrate else _read(path).get("entries", {}).get(key_id)
     if entry is not None:
         try:
-            seconds = {n: {p: float(s) for p, s in times.items()} for n, times in entry["seconds"].items()}
+            seconds = _floats(entry["seconds"])
+            cpu = _floats(entry.get("cpu_seconds") or {})
+            basis = entry.get("basis", "wall")
+            if basis not in ("wall", "cpu") or (basis == "cpu" and not cpu):
+                raise ValueError(basis)
         except (KeyError, TypeError, ValueError, AttributeError):
             entry = None
     if entry is not None:
-        plan, reason = choose(seconds, threshold)
-        cal = Calibration(plan, "cache", reason, seconds, key, str(path))
+        plan, reason = choose(cpu if basis == "cpu" else seconds, threshold)
+        reason = f"{reason} [{basis} seconds]"
+        cal = Calibration(plan, "cache", reason, seconds, key, str(path), cpu_seconds=cpu, basis=basis)
         say(f"precision auto on this CPU (calibrated before, {path}): {reason}")
         return cal
     if device is None:
@@ -328,12 +380,16 @@ def calibrate(
     m = get()
     say(f"precision auto: timing fp32 and reduced precision on this CPU (once per machine, kept in {path})")
     t0 = time.perf_counter()
-    seconds = measure(m, timer)
+    cpu: dict[str, dict[str, float]] = {}
+    seconds = measure(m, timer, cpu)
     spent = time.perf_counter() - t0
-    plan, reason = choose(seconds, threshold)
+    basis, times, note = _basis(seconds, cpu, torch.get_num_threads())
+    plan, reason = choose(times, threshold)
+    reason = f"{reason} [{note}]"
     stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     load = _load_average()
-    entry = {"key": key, "seconds": seconds, "measured_at": stamp, "load_average": load}
+    entry = {"key": key, "seconds": seconds, "cpu_seconds": cpu, "basis": basis}
+    entry |= {"measured_at": stamp, "load_average": load}
     failed = _write(path, key_id, entry)
     where = str(path) if failed is None else None
     say(
@@ -346,7 +402,11 @@ def calibrate(
             f"precision auto: measured while other jobs ran (load average {load:.1f} on {cores} cores), "
             "so the choice may not hold on an idle machine; recalibrate when it is idle"
         )
-    return Calibration(plan, "measured", reason, seconds, key, where, spent)
+    return Calibration(plan, "measured", reason, seconds, key, where, spent, cpu, basis)
+
+
+def _floats(times: Any) -> dict[str, dict[str, float]]:
+    return {n: {p: float(s) for p, s in t.items()} for n, t in times.items()}
 
 
 def _load_average() -> float | None:

@@ -149,7 +149,9 @@ def test_unwritable_location_writes_nothing(models, tmp_path):
         models, cache_file=blocker / "sub" / "cal.json", timer=timer, min_params=0, log=lines.append
     )
     assert cal.source == "measured" and cal.plan == PrecisionPlan("int8") and cal.cache_file is None
-    assert any("not saved" in line for line in lines) and sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]
+    assert any("not saved" in line for line in lines) and sorted(p.name for p in tmp_path.iterdir()) == [
+        "a_file"
+    ]
     if os.geteuid() != 0:  # root writes into read-only folders anyway
         ro = tmp_path / "ro"
         ro.mkdir()
@@ -218,3 +220,24 @@ def test_a_busy_machine_is_said(models, tmp_path, monkeypatch):
     lines.clear()
     _cal(models, tmp_path, timer, log=lines.append, recalibrate=True)
     assert not any("other jobs" in line for line in lines)
+
+
+def test_a_busy_process_decides_on_cpu_seconds(models, tmp_path):
+    # (wall, process CPU): the process ran a fifth of the time; wall says int8 buys nothing, CPU says 2x
+    busy = FakeTimer(
+        autoencoders__int8=(9.9, 2.0), autoencoders__bf16=(10.0, 2.2), autoencoders__fp32=(10.0, 4.0)
+    )
+    busy.seconds |= {"unet/int8": (1.0, 0.2), "unet/fp32": (1.0, 0.2)}
+    cal = _cal(models, tmp_path, busy)
+    assert cal.basis == "cpu" and cal.plan.autoencoders in ("int8", "bf16") and cal.plan.unet == "fp32"
+    assert "machine was busy" in cal.reason and cal.cpu_seconds["autoencoders"]["fp32"] == 4.0
+    assert cal.seconds["autoencoders"]["fp32"] == 10.0
+    hit = _cal(models, tmp_path, busy)  # read back: decided on the same basis
+    assert hit.source == "cache" and hit.basis == "cpu" and hit.plan == cal.plan
+    # an idle process (CPU ~ wall): the wall seconds decide
+    idle = FakeTimer(
+        autoencoders__int8=(9.9, 9.8), autoencoders__bf16=(10.0, 9.9), autoencoders__fp32=(10.0, 9.9)
+    )
+    idle.seconds |= {"unet/int8": (1.0, 1.0), "unet/fp32": (1.0, 1.0)}
+    cal = _cal(models, tmp_path / "idle", idle)
+    assert cal.basis == "wall" and cal.plan == PrecisionPlan("fp32")
