@@ -466,8 +466,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
     subsets = [s.strip() for s in args.subsets.split(",") if s.strip()]
     if not subsets:
         raise UserError("--subsets names no subset")
-    if args.jobs < 1 or args.size < 0 or (0 < args.size < 16):
-        raise UserError("--jobs must be >= 1 and --size 0 or >= 16")
+    if args.jobs < 1:
+        raise UserError(f"--jobs must be >= 1, got {args.jobs}")
+    if args.size < 0 or (0 < args.size < 16) or args.size % 2:
+        raise UserError(f"--size must be 0 (the crop's own size) or an even number >= 16, got {args.size}")
     report = run(
         args.metadata, args.out, subsets, args.jobs, args.keep_raw, args.size, args.crop, not args.no_progress
     )

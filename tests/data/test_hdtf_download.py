@@ -150,3 +150,5 @@ def test_keep_raw_and_bad_metadata(host, tmp_path):
         _run(meta, tmp_path / "other")
     with pytest.raises(UserError, match="not found"):
         _run(meta, out, "--subsets", "XX")
+    with pytest.raises(UserError, match="even number"):
+        _run(meta, out, "--size", "511")
