@@ -37,6 +37,7 @@ import argparse
 import fcntl
 import json
 import shutil
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -50,7 +51,15 @@ from evaluation.scoring import format_table, score, write_report
 from evaluation.splits import HDTF_TEST_SPLIT
 from moditalker import bulk
 from moditalker.errors import UserError
-from moditalker.fileio import atomic_write_text, check_output, repo_path, require_file, same_file
+from moditalker.fileio import (
+    atomic_write_text,
+    check_output,
+    file_record,
+    record_problem,
+    repo_path,
+    require_file,
+    same_file,
+)
 from pipeline.inference import build_parser as pipeline_parser
 from pipeline.inference import resolve_config, run_inference
 from pipeline.models import ModelCache
@@ -254,13 +263,15 @@ class Manifest:
     """``OUT/protocol.json``: the settings the videos under OUT were made with, and the finished ones."""
 
     def __init__(self, out: Path, settings: dict, overwrite: bool) -> None:
-        self.path = out / MANIFEST
+        self.path, self.out = out / MANIFEST, out
         self.settings = settings
         self.done: list[str] = []
+        self.files: dict[str, dict[str, list]] = {}  # name -> {relative path: [size, sha256]}
         if self.path.is_file() and not overwrite:
             try:
                 old = json.loads(self.path.read_text())
                 old_settings, done = old["settings"], list(old["done"])
+                self.files = dict(old.get("files", {}))
             except (OSError, ValueError, KeyError, TypeError) as exc:
                 raise UserError(f"cannot read {self.path} ({exc}); pass --overwrite to start over") from exc
             if old_settings != settings:
@@ -287,24 +298,51 @@ class Manifest:
             finally:
                 fcntl.flock(lock, fcntl.LOCK_UN)
 
-    def _on_disk(self) -> list[str]:
+    def _on_disk(self) -> tuple[list[str], dict[str, dict[str, list]]]:
         try:
             old = json.loads(self.path.read_text())
-            return list(old["done"]) if old.get("settings") == self.settings else []
+            if old.get("settings") != self.settings:
+                return [], {}
+            return list(old["done"]), dict(old.get("files", {}))
         except (OSError, ValueError, KeyError, TypeError, AttributeError):
-            return []
+            return [], {}
 
     def save(self) -> None:
-        text = json.dumps({"settings": self.settings, "done": self.done}, indent=2) + "\n"
-        atomic_write_text(self.path, text)
+        record = {"settings": self.settings, "done": self.done, "files": self.files}
+        atomic_write_text(self.path, json.dumps(record, indent=2) + "\n")
 
-    def finish(self, name: str) -> None:
-        """Record ``name`` as done, with what the other ranks recorded meanwhile."""
+    def finish(self, name: str, paths: Paths | None = None) -> None:
+        """Record ``name`` as done (with the size and sha256 of its audio, real and generated files),
+        with what the other ranks recorded meanwhile."""
+        mine = {}
+        for path in (paths.wav, paths.real, paths.generated) if paths is not None else ():
+            mine[path.relative_to(self.out).as_posix()] = file_record(path)
         with self._locked():
-            done = self._on_disk()
+            done, files = self._on_disk()
             self.done = done + [n for n in [*self.done, name] if n not in done]
             self.done = list(dict.fromkeys(self.done))
+            self.files = {**files, **self.files, **({name: mine} if mine else {})}
             self.save()
+
+    def problem(self, name: str, paths: Paths) -> str | None:
+        """What is wrong with a finished video's files (None: as recorded when it was finished; a
+        video recorded before the records existed: its mp4s must open and hold frames)."""
+        if name not in self.done:
+            return "not finished"
+        records = self.files.get(name)
+        if records is None:
+            for path in (paths.real, paths.generated):
+                try:
+                    if count_frames(path) < 1:
+                        return f"{path.relative_to(self.out)} holds no frame"
+                except Exception as exc:  # noqa: BLE001 - unreadable: generate it again
+                    return f"{path.relative_to(self.out)} cannot be read ({type(exc).__name__})"
+            return None
+        for rel, record in sorted(records.items()):
+            problem = record_problem(self.out / rel, record)
+            if problem is not None:
+                return problem.replace(Path(rel).name, rel, 1)
+        return None
 
 
 def _diff(a, b, prefix: str = "") -> set[str]:
@@ -432,7 +470,9 @@ def _run_ranks(
         first = Manifest(out, settings, args.overwrite)
         with first._locked():  # independent shards may be recording already
             if not args.overwrite:
-                first.done = list(dict.fromkeys(first._on_disk() + first.done))
+                done, files = first._on_disk()
+                first.done = list(dict.fromkeys(done + first.done))
+                first.files = {**files, **first.files}
             first.save()
     ranks.barrier()
     manifest = Manifest(out, settings, overwrite=False)  # what rank 0 wrote
@@ -445,9 +485,12 @@ def _run_ranks(
         for job in bar:
             bar.set_postfix_str(job.name)
             paths = Paths.of(out, job.name, args.work_dir)
-            if job.name in manifest.done and paths.real.is_file() and paths.generated.is_file():
-                reused.append(job.name)
-                continue
+            if job.name in manifest.done:  # checked before it is trusted
+                problem = manifest.problem(job.name, paths)
+                if problem is None:
+                    reused.append(job.name)
+                    continue
+                ranks.log(f"warning: {job.name}: {problem}; generating it again", file=sys.stderr)
             try:
                 _prepare(job, paths, args.seconds)
                 _generate(job, paths, argv, list(args.set or []), models)
@@ -457,7 +500,7 @@ def _run_ranks(
                 continue
             if args.work_dir is None:
                 shutil.rmtree(paths.work, ignore_errors=True)
-            manifest.finish(job.name)
+            manifest.finish(job.name, paths)
             generated.append(job.name)
             if ranks.world > 1:
                 ranks.log(f"{job.name}: generated -> {paths.generated}")

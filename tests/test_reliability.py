@@ -478,3 +478,75 @@ def test_a_full_disk_in_training_is_one_line_and_the_rerun_trains_the_same_weigh
         a = torch.load(tmp_path / "straight" / "model_last.pth", weights_only=True)
         b = torch.load(out / "model_last.pth", weights_only=True)
         assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+# ----------------------------------------------------------------------------- evaluation protocol videos
+@pytest.fixture(scope="module")
+def protocol_data(tmp_path_factory):
+    """Two 1 s ids with speech and a split file (as tests/evaluation/test_protocols.py makes them)."""
+    from data.audio import load_audio
+    from data.video import write_video
+    from pipeline.sample_data import reference_frames, write_speech
+
+    root = tmp_path_factory.mktemp("protocol")
+    speech = load_audio(write_speech(root / "speech.wav", 2.0))
+    frames = reference_frames(25)
+    (root / "data").mkdir()
+    write_video(root / "data" / "id_a.mp4", frames, audio=speech[:16000])
+    write_video(root / "data" / "id_b.mp4", frames[::-1], audio=speech[16000:])
+    (root / "split.txt").write_text("id_a\nid_b\n")
+    return root
+
+
+def _protocol_argv(root: Path, out: Path, *extra: str) -> list[str]:
+    return ["--protocol", "hdtf_selfrecon", "--data", str(root / "data"), "--out", str(out), "--config", TINY,
+            "--random_weights", "--device", "cpu", "--seconds", "0.6", "--no_progress", "--metrics", "psnr",
+            "--split_file", str(root / "split.txt"), *extra]  # fmt: skip
+
+
+def _outputs(out: Path) -> dict[str, bytes]:
+    """The protocol's audio, real and generated clips (not the configs beside them: they name ``out``)."""
+    kinds = ("audio/*.wav", "real/*.mp4", "generated/*.mp4")
+    return {str(p.relative_to(out)): p.read_bytes() for k in kinds for p in out.glob(k)}
+
+
+@pytest.fixture(scope="module")
+def protocol_clean(protocol_data, tmp_path_factory):
+    from evaluation.evaluate import main
+
+    out = tmp_path_factory.mktemp("protocol_clean") / "out"
+    report = main(_protocol_argv(protocol_data, out))
+    return _outputs(out), report["metrics"]
+
+
+def test_protocol_videos_are_checked_before_they_are_reused(protocol_data, protocol_clean, tmp_path, capsys):
+    from evaluation.evaluate import main
+
+    out = tmp_path / "out"
+    main(_protocol_argv(protocol_data, out))
+    records = json.loads((out / "protocol.json").read_text())["files"]
+    assert set(records) == {"id_a", "id_b"} and "generated/id_a.mp4" in records["id_a"]
+    _flip_last_byte(out / "generated" / "id_a.mp4")
+    (out / "real" / "id_b.mp4").write_bytes((out / "real" / "id_b.mp4").read_bytes()[:1000])
+    capsys.readouterr()
+    report = main(_protocol_argv(protocol_data, out, "--json", str(out / "again.json")))
+    err = capsys.readouterr().err
+    assert "warning: id_a: generated/id_a.mp4 has changed" in err, err
+    assert "warning: id_b: real/id_b.mp4 is truncated" in err, err
+    assert sorted(report["settings"]["generation"]["generated"]) == ["id_a", "id_b"]
+    assert _outputs(out) == protocol_clean[0] and report["metrics"] == protocol_clean[1]
+    report = main(_protocol_argv(protocol_data, out, "--json", str(out / "third.json")))
+    assert report["settings"]["generation"]["reused"] == ["id_a", "id_b"]
+
+
+@pytest.mark.slow
+def test_protocol_killed_while_generating_resumes_to_the_same_videos(protocol_data, protocol_clean, tmp_path):
+    from evaluation.evaluate import main
+
+    out = tmp_path / "out"
+    second = out / "logs" / "id_b.log"  # id_a is finished, id_b is being generated
+    _kill_when(["-m", "evaluation.evaluate", *_protocol_argv(protocol_data, out)], second.is_file)
+    assert not (out / "report.json").exists()
+    report = main(_protocol_argv(protocol_data, out))
+    assert report["settings"]["generation"]["reused"] == ["id_a"]
+    assert _outputs(out) == protocol_clean[0] and report["metrics"] == protocol_clean[1]
