@@ -1,7 +1,8 @@
 """A local HTTP server standing in for Google Drive and the video host (the tests never reach the network).
 
 ``StubServer.files`` maps a URL path (``/abc``) to its bytes; a path in ``cut_once`` is answered once with
-its full Content-Length but only half of the bytes before the connection closes (an interrupted download);
+its full Content-Length but only half of the bytes before the connection closes (an interrupted download;
+``cut_nth[path] = n`` does that to the n-th GET of the path only, e.g. after a client's probing request);
 ``Range: bytes=N-`` requests get a 206 with the rest of the file. Every request is logged in ``requests``
 as ``(path, range header or None)``.
 """
@@ -17,6 +18,8 @@ class StubServer:
         self.files: dict[str, bytes] = {}
         self.content_types: dict[str, str] = {}
         self.cut_once: set[str] = set()
+        self.cut_nth: dict[str, int] = {}
+        self.gets: dict[str, int] = {}
         self.requests: list[tuple[str, str | None]] = []
         stub = self
 
@@ -45,7 +48,8 @@ class StubServer:
                 self.end_headers()
                 if not body:
                     return
-                if path in stub.cut_once:
+                stub.gets[path] = stub.gets.get(path, 0) + 1
+                if path in stub.cut_once or stub.cut_nth.get(path) == stub.gets[path]:
                     stub.cut_once.discard(path)
                     self.wfile.write(part[: len(part) // 2])
                     self.wfile.flush()

@@ -152,3 +152,16 @@ def test_keep_raw_and_bad_metadata(host, tmp_path):
         _run(meta, out, "--subsets", "XX")
     with pytest.raises(UserError, match="even number"):
         _run(meta, out, "--size", "511")
+
+
+def test_an_interrupted_video_download_resumes(host, tmp_path):
+    """The host drops the connection halfway: yt-dlp keeps the bytes and asks for the rest (Range)."""
+    server, meta = host
+    (meta / "RD_video_url.txt").write_text(f"Talk {server.url}/videos/talk.mp4\n")
+    (meta / "RD_annotion_time.txt").write_text("Talk.mp4 00:00-00:01\n")
+    server.cut_nth["/videos/talk.mp4"] = 2  # the download itself (the first GET is yt-dlp's probe)
+    report = _run(meta, tmp_path / "clips")
+    assert report["clips_made"] == ["RD_Talk_000"] and not report["failed"]
+    assert any(path == "/videos/talk.mp4" and rng and rng != "bytes=0-" for path, rng in server.requests)
+    frames, _ = read_video(tmp_path / "clips" / "RD_Talk_000.mp4", fps=None)
+    assert [decode_index(f) for f in frames] == list(range(25))
