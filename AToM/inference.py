@@ -45,7 +45,7 @@ from data.face3d import idexp_to_lm3d, lm3d_to_idexp
 from moditalker.assets import random_weights_banner
 from moditalker.config import save_config
 from moditalker.device import original_attention, resolve_device
-from moditalker.errors import UserError, cli_main
+from moditalker.errors import UserError, cli_main, script_prog
 from moditalker.fileio import atomic_path, check_output, load_npy, save_npy
 
 
@@ -236,7 +236,8 @@ RANDOM_WEIGHTS_WARNING = random_weights_banner(
 
 def main(argv: Sequence[str] | None = None) -> None:
     ap = argparse.ArgumentParser(
-        description="AToM: HuBERT features + reference landmark -> frontal landmarks."
+        prog=script_prog("python -m AToM.inference"),
+        description="AToM: HuBERT features + reference landmark -> frontal landmarks.",
     )
     ap.add_argument("--hubert", required=True, help="HuBERT features .npy [T_a, 1024] (50 Hz)")
     ap.add_argument("--ref_lm3d", required=True, help="reference frontal landmark .npy [68, 3] (BFM space)")

@@ -26,7 +26,7 @@ from AToM.dataset import WindowDataset, open_sources
 from AToM.diffusion import GaussianDiffusion
 from moditalker.config import load_config, save_config
 from moditalker.device import is_main_rank, resolve_device
-from moditalker.errors import UserError, cli_main
+from moditalker.errors import UserError, cli_main, script_prog
 from moditalker.fileio import repo_path, torch_save
 from moditalker.training.accelerator import check_train_loader, start_accelerator
 from moditalker.training.bad_items import BadItems, SkipUnreadable, check_items
@@ -313,7 +313,8 @@ def save_checkpoint(
 
 def main(argv: Sequence[str] | None = None) -> None:
     ap = argparse.ArgumentParser(
-        prog="python -m AToM.train", description="Train AToM (audio -> landmark motion diffusion)."
+        prog=script_prog("python -m AToM.train"),
+        description="Train AToM (audio -> landmark motion diffusion).",
     )
     add_run_arguments(ap, "configs/atom.yaml")  # the options every trainer shares
     ap.add_argument("--cpu", action="store_true", help="same as --device cpu")

@@ -40,7 +40,15 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from moditalker.config import load_config
-from moditalker.errors import DiskFullError, UserError, check_space, cli_main, describe, is_disk_full
+from moditalker.errors import (
+    DiskFullError,
+    UserError,
+    check_space,
+    cli_main,
+    describe,
+    is_disk_full,
+    script_prog,
+)
 from moditalker.fileio import atomic_write_text, folder_problem, folder_records, repo_path
 from moditalker.training.bad_items import READ_ERRORS, allowed_bad_items
 from MToV.dataset import ALL_KEYS, build_dataset
@@ -451,7 +459,7 @@ def build_cache(
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m MToV.cache_latents",
+        prog=script_prog("python -m MToV.cache_latents"),
         description="Encode every training window of HDTF once with the frozen MToV autoencoders (the "
         "latent cache that diffusion training reads with data.latents=DIR). Resumable, sharded by video.",
     )

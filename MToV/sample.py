@@ -27,7 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 from moditalker.assets import warn_random_weights
 from moditalker.config import load_config, save_config
 from moditalker.constants import FPS, SAMPLE_RATE
-from moditalker.errors import UserError, cli_main
+from moditalker.errors import UserError, cli_main, script_prog
 from moditalker.fileio import repo_path
 from MToV import generate, loading
 from MToV.calibration import resolve_plan
@@ -43,7 +43,7 @@ __all__ = ["build_parser", "main", *loading.__all__, *generate.__all__]
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m MToV.sample",
+        prog=script_prog("python -m MToV.sample"),
         description="MToV: aligned landmarks + reference video -> talking-head video (noised-start DDIM).",
         epilog="Any config value can also be given as key=value, e.g. sample.eta=0.5 train.lr=1e-4.",
     )

@@ -35,7 +35,7 @@ from tqdm import tqdm
 
 from moditalker.config import load_config, save_config
 from moditalker.device import resolve_device
-from moditalker.errors import UserError, cli_main
+from moditalker.errors import UserError, cli_main, script_prog
 from moditalker.fileio import torch_save
 from moditalker.training.accelerator import (
     check_train_loader,
@@ -306,7 +306,7 @@ def train(cfg: DictConfig, resume: bool = True, overwrite: bool = False, progres
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m MToV.train_autoencoder",
+        prog=script_prog("python -m MToV.train_autoencoder"),
         description="Train the MToV RGB or landmark video autoencoder (resumable; accelerate).",
     )
     add_run_arguments(p, "configs/mtov_autoencoder.yaml")

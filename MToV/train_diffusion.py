@@ -37,7 +37,7 @@ from tqdm import tqdm
 
 from moditalker.config import load_config, save_config
 from moditalker.device import bf16_supported, resolve_device
-from moditalker.errors import UserError, cli_main
+from moditalker.errors import UserError, cli_main, script_prog
 from moditalker.fileio import repo_path, torch_save
 from moditalker.training.accelerator import (
     check_train_loader,
@@ -279,7 +279,7 @@ def train(cfg: DictConfig, resume: bool = True, overwrite: bool = False, progres
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m MToV.train_diffusion",
+        prog=script_prog("python -m MToV.train_diffusion"),
         description="Train the MToV tri-plane latent diffusion UNet (frozen autoencoders; resumable).",
     )
     add_run_arguments(p, "configs/mtov_diffusion.yaml")

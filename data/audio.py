@@ -31,7 +31,7 @@ from data.video import media_problem
 from moditalker.assets import warn_random_weights
 from moditalker.constants import SAMPLE_RATE
 from moditalker.device import original_attention, resolve_device
-from moditalker.errors import UserError, cli_main
+from moditalker.errors import UserError, cli_main, script_prog
 from moditalker.fileio import atomic_path, check_output, require_file, save_npy
 
 __all__ = [
@@ -390,7 +390,7 @@ def build_parser() -> argparse.ArgumentParser:
     from moditalker.assets import default_path
 
     ap = argparse.ArgumentParser(
-        prog="python -m data.audio",
+        prog=script_prog("python -m data.audio"),
         description="16 kHz mono audio and HuBERT features (float32 [T, 1024] at 50 Hz) for AToM.",
     )
     ap.add_argument("--audio", nargs="+", required=True, help="audio/video files or folders of them")

@@ -43,7 +43,7 @@ from data.geometry import (
 from data.imageops import draw_dots
 from moditalker.assets import warn_random_weights
 from moditalker.constants import FPS, SAMPLE_RATE
-from moditalker.errors import UserError, cli_main
+from moditalker.errors import UserError, cli_main, script_prog
 
 __all__ = [
     "compute_rotation_matrix",
@@ -205,7 +205,7 @@ def load_frontal(path: str | Path) -> np.ndarray:
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
-        prog="python -m data.motion_align",
+        prog=script_prog("python -m data.motion_align"),
         description="Re-pose AToM's frontal 3D landmarks onto a reference video (pose per frame from "
         "Deep3DFaceRecon, position from FAN), project, snap and render landmark dots.",
     )

@@ -61,7 +61,7 @@ from moditalker import bulk
 from moditalker.assets import warn_random_weights
 from moditalker.bulk import add_shard_args
 from moditalker.constants import FPS
-from moditalker.errors import UserError, cli_main
+from moditalker.errors import UserError, cli_main, script_prog
 
 __all__ = [
     "KEYPOINT_DIRS",
@@ -162,7 +162,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m data.preprocess", description="Dataset builders (HDTF, LRS3)."
     )
     sub = ap.add_subparsers(dest="dataset", required=True)
-    h = sub.add_parser("hdtf", help="videos -> frames + keypoint tree for MToV")
+    # scripts/preprocess_{hdtf,lrs3}.sh name the dataset themselves: their usage line is the script's
+    script = {"prog": script_prog("")} if script_prog("") else {}
+    h = sub.add_parser("hdtf", help="videos -> frames + keypoint tree for MToV", **script)
     h.add_argument(
         "--videos", required=True, help="folder of {id}.mp4, {id}/video.mp4 or {id}/ frame folders"
     )
@@ -172,7 +174,9 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--frame_format", choices=("jpg", "png"), default="jpg")
     h.add_argument("--max_frames", type=int, default=None, help="use only the first N frames of each video")
     h.add_argument("--hubert", action="store_true", help="also write audio/{id}.wav and hubert/{id}.npy")
-    l3 = sub.add_parser("lrs3", help="LRS3 clips -> flat {split}_{speaker}_{clip}.npz (hubert, idexp_lm3d)")
+    l3 = sub.add_parser(
+        "lrs3", help="LRS3 clips -> flat {split}_{speaker}_{clip}.npz (hubert, idexp_lm3d)", **script
+    )
     l3.add_argument("--root", required=True, help="LRS3 folder ({split}/{speaker}/{clip}.mp4, any depth)")
     _common_args(l3)
     l3.add_argument("--min_frames", type=int, default=1, help="skip clips shorter than this (frames)")

@@ -37,13 +37,13 @@ from evaluation.scoring import (  # noqa: F401 - run_metrics, score, format_tabl
 )
 from moditalker import bulk
 from moditalker.bulk import add_shard_args
-from moditalker.errors import ArgumentParser, UserError, cli_main
+from moditalker.errors import ArgumentParser, UserError, cli_main, script_prog
 from moditalker.fileio import check_output
 
 
 def build_parser() -> argparse.ArgumentParser:
     ap = ArgumentParser(
-        prog="python -m evaluation",
+        prog=script_prog("python -m evaluation"),
         description="Metrics of generated vs real talking-head videos (PSNR, SSIM, LPIPS, FID, FVD, LMD, "
         "LSE-C/D, CSIM, CPBD) under one fixed protocol; prints a table with the real videos' reference row. "
         "With --protocol it first generates the videos through the end-to-end pipeline.",

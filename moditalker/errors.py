@@ -131,6 +131,12 @@ def cli_main(main: Callable[[Sequence[str] | None], object], argv: Sequence[str]
         sys.exit(130)
 
 
+def script_prog(default: str) -> str:
+    """The command name for a usage line: the ``scripts/*.sh`` launcher the user ran (``MODITALKER_PROG``,
+    which the launchers set), else ``default`` (``python -m MODULE``)."""
+    return os.environ.get("MODITALKER_PROG") or default
+
+
 class ArgumentParser(argparse.ArgumentParser):
     """``argparse.ArgumentParser`` whose usage errors (two exclusive flags, a missing required flag, a
     value of the wrong type) are a :class:`UserError`: one ``error:`` line and exit 2 under

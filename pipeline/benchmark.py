@@ -61,7 +61,7 @@ import numpy as np
 import torch
 
 from moditalker.device import CPU_ISA_ENV, allocator, cpu_isa_missing, cpu_isa_report
-from moditalker.errors import UserError, cli_main
+from moditalker.errors import UserError, cli_main, script_prog
 from MToV.loading import PRECISIONS, PrecisionPlan
 from pipeline.benchmark_run import (
     FULL_ATOM_STEPS,
@@ -399,7 +399,7 @@ def format_table(report: dict[str, Any]) -> str:
 # ----------------------------------------------------------------------------- CLI
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m pipeline.benchmark",
+        prog=script_prog("python -m pipeline.benchmark"),
         description="Time every inference stage: original call pattern vs fast path (random weights).",
     )
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N [auto]")

@@ -41,7 +41,7 @@ from tqdm import tqdm
 
 from moditalker.config import load_config
 from moditalker.device import bf16_supported, resolve_device
-from moditalker.errors import UserError, cli_main
+from moditalker.errors import UserError, cli_main, script_prog
 from moditalker.fileio import atomic_write_text, check_output, repo_path
 from moditalker.training.accelerator import infinite
 from MToV.cache_latents import build_cache
@@ -291,7 +291,7 @@ def format_table(r: dict) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m pipeline.benchmark_training",
+        prog=script_prog("python -m pipeline.benchmark_training"),
         description="Seconds per MToV diffusion training step: frame-based vs latent cache (random weights).",
     )
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N [auto]")

@@ -39,7 +39,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from moditalker.config import load_config
-from moditalker.errors import ArgumentParser, UserError, cli_main
+from moditalker.errors import ArgumentParser, UserError, cli_main, script_prog
 from moditalker.fileio import REPO_ROOT
 from pipeline import stages
 from pipeline.batch import BatchResult, main_batch
@@ -87,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     """One flag per setting that has one in :mod:`pipeline.settings` (type, help and default from
     there), plus ``--config`` and the ``key=value`` overrides."""
     p = ArgumentParser(
-        prog="python -m pipeline.inference",
+        prog=script_prog("python -m pipeline.inference"),
         description="Audio + reference video (or photo) -> talking-head mp4 (AToM + alignment + MToV).",
         epilog="Any setting can also be given as key=value (e.g. atom.steps=25 mtov.batch_size=8).",
     )

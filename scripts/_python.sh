@@ -7,3 +7,6 @@ if ! command -v "$PY" >/dev/null 2>&1; then
 fi
 # shellcheck source=scripts/_allocator.sh
 source "$ROOT/scripts/_allocator.sh"
+# usage lines and "see ... --help" name the script the user ran (moditalker.errors.script_prog); the
+# shared launchers (_bulk.sh, _train.sh) keep the name their caller exported
+case "${0##*/}" in _*) ;; *) export MODITALKER_PROG="scripts/${0##*/}" ;; esac

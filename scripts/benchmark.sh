@@ -11,6 +11,7 @@
 # See `scripts/benchmark.sh --help`. Sets up .venv first when missing (scripts/setup.sh).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+export MODITALKER_PROG="scripts/${0##*/}"  # the name its usage line shows
 bash "$ROOT/scripts/setup.sh"
 PY="$ROOT/.venv/bin/python"
 # shellcheck source=scripts/_allocator.sh

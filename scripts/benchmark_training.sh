@@ -7,6 +7,7 @@
 # PYTHON=/path/to/python uses that interpreter instead.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+export MODITALKER_PROG="scripts/${0##*/}"  # the name its usage line shows
 if [ -z "${PYTHON:-}" ]; then
   bash "$ROOT/scripts/setup.sh"
   PY="$ROOT/.venv/bin/python"

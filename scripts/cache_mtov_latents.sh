@@ -15,4 +15,5 @@
 # Launcher variables: scripts/_train.sh. All flags: python -m MToV.cache_latents --help
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+export MODITALKER_PROG="scripts/${0##*/}"  # the name its usage line shows
 exec "$ROOT/scripts/_train.sh" MToV.cache_latents --config "${CONFIG:-$ROOT/configs/mtov_diffusion.yaml}" "$@"

@@ -13,5 +13,6 @@
 # --protocol ... --shard K --num_shards N: independent jobs generate their share; rerun without to score.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+export MODITALKER_PROG="scripts/${0##*/}"  # the name its usage line shows
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 exec bash "$ROOT/scripts/_bulk.sh" "evaluation" evaluation "$@"

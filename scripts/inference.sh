@@ -11,4 +11,5 @@
 # See `scripts/inference.sh --help`. Run scripts/setup.sh once first.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+export MODITALKER_PROG="scripts/${0##*/}"  # the name its usage line shows
 exec bash "$ROOT/scripts/_bulk.sh" "inference" pipeline.inference "$@"

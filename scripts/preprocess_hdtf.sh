@@ -13,4 +13,5 @@
 # All flags: python -m data.preprocess hdtf --help
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+export MODITALKER_PROG="scripts/${0##*/}"  # the name its usage line shows
 exec bash "$ROOT/scripts/_bulk.sh" "hdtf preprocessing" data.preprocess hdtf "$@"

@@ -10,4 +10,5 @@
 # Resumes from the latest checkpoint in train.out_dir. Launcher variables: scripts/_train.sh.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+export MODITALKER_PROG="scripts/${0##*/}"  # the name its usage line shows
 exec "$ROOT/scripts/_train.sh" AToM.train --config "${CONFIG:-$ROOT/configs/atom.yaml}" "$@"

@@ -13,5 +13,6 @@
 # metrics.jsonl (validation PSNR), tb/ (tensorboard), config.yaml. Launcher variables: scripts/_train.sh.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+export MODITALKER_PROG="scripts/${0##*/}"  # the name its usage line shows
 exec "$ROOT/scripts/_train.sh" MToV.train_autoencoder \
   --config "${CONFIG:-$ROOT/configs/mtov_autoencoder.yaml}" "$@"

@@ -10,5 +10,6 @@
 # Rerunning the same command resumes from {out_dir}/state. Launcher variables: scripts/_train.sh.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+export MODITALKER_PROG="scripts/${0##*/}"  # the name its usage line shows
 exec "$ROOT/scripts/_train.sh" MToV.train_autoencoder \
   --config "${CONFIG:-$ROOT/configs/mtov_autoencoder_ldmk.yaml}" --mode ldmk "$@"

@@ -14,4 +14,5 @@
 # metrics.jsonl (validation loss), tb/ (tensorboard), config.yaml. Launcher variables: scripts/_train.sh.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+export MODITALKER_PROG="scripts/${0##*/}"  # the name its usage line shows
 exec "$ROOT/scripts/_train.sh" MToV.train_diffusion --config "${CONFIG:-$ROOT/configs/mtov_diffusion.yaml}" "$@"

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Train every stage small, with no dataset and no licensed asset, each stage consuming the previous
-# one's output (the README's "Train everything small"); then sample and run the pipeline with the
+# one's output (docs/training.md, "Train everything small"); then sample and run the pipeline with the
 # trained tiny checkpoints. The networks that are not trained here (HuBERT, FAN, Deep3DFaceRecon) are
 # random stand-ins and the face model is synthetic (--random_weights): the result shows the chain
 # works, it is not a talking head.
@@ -8,8 +8,27 @@
 #   WALK_VIDEOS=2 WALK_SECONDS=1 scripts/walkthrough_tiny.sh ...   (fewer, shorter sample videos: faster)
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+usage="usage: scripts/walkthrough_tiny.sh [OUT_DIR] [STEPS]   (defaults: runs/walkthrough, 50)"
+case "${1:-}" in
+  -h | --help)
+    sed -n '2,/^set -euo/{/^#/s/^# \{0,1\}//p}' "$0"
+    exit 0
+    ;;
+  -*)
+    echo "error: unknown flag $1; $usage" >&2
+    exit 2
+    ;;
+esac
 W="${1:-runs/walkthrough}"
 STEPS="${2:-50}"
+if [ "$#" -gt 2 ]; then
+  echo "error: at most two arguments; $usage" >&2
+  exit 2
+fi
+if ! [[ "$STEPS" =~ ^[1-9][0-9]*$ ]]; then
+  echo "error: STEPS must be a positive integer, got '$STEPS'; $usage" >&2
+  exit 2
+fi
 bash "$ROOT/scripts/setup.sh"
 PY="$ROOT/.venv/bin/python"
 set -x

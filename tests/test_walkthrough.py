@@ -1,4 +1,4 @@
-"""The README's "Train everything small": scripts/walkthrough_tiny.sh on a fresh output folder, every
+"""docs/training.md, "Train everything small": scripts/walkthrough_tiny.sh on a fresh output folder, every
 stage consuming the previous one's output, ending in a video made with the trained tiny checkpoints.
 
 The default suite runs it with 2 short videos and 2 steps per trainer; ``RUN_SLOW=1`` runs it exactly as
