@@ -288,14 +288,14 @@ def plan_text(plan: PrecisionPlan) -> str:
 
 
 def warm_up(nets: Networks, inputs: Inputs, seed: int = 0) -> None:
-    """HuBERT on 1 s of the audio and one AToM step in the fast and the original guidance pattern,
-    not timed: a process's first calls of a network pay one-time costs (thread pool, kernel set-up,
-    first touch of the weights), which would otherwise fall on whichever mode runs first."""
+    """HuBERT on the audio and one AToM step in the fast and the original guidance pattern, not timed:
+    a process's first calls of a network pay one-time costs (thread pool, kernels set up for each new
+    input shape, first touch of the weights), which would otherwise fall on whichever mode runs first.
+    The same shapes as the timed runs: HuBERT's whole input, AToM's window (always ``horizon`` frames)."""
     from AToM.inference import generate_landmarks
 
-    wave = inputs.wave[: min(len(inputs.wave), 16000 + 80)]
     with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):
-        hub = nets.hubert(wave, name="warm-up")
+        hub = nets.hubert(inputs.wave, name="warm-up")
         for mode in ("auto", "original"):
             generate_landmarks(
                 nets.atom, hub, inputs.ref_lm3d[0], inputs.key_mean, steps=1, seed=seed, progress=False,
