@@ -3,10 +3,11 @@
 Whether cheaper arithmetic pays on a CPU depends on more than its flags: on a 2-core AMD EPYC with AVX2
 only, int8 autoencoders were no faster than fp32 in the whole pipeline (and cost 42.6 dB), while on one
 with AVX512-VNNI they were 1.5x faster. So at the first use on a machine :func:`calibrate` times each
-candidate arithmetic on the loaded networks, the way the fast path runs them (one 16-frame clip's
-encode and decode per autoencoder precision; one UNet pass of a batch of :data:`UNET_BATCH` clips per
-UNet precision), and takes reduced precision only where it is at least :data:`THRESHOLD` times faster
-than fp32; otherwise the exact fp32 path.
+candidate arithmetic on the loaded networks, the way the fast path runs them (one encode and one
+decode of a 16-frame clip per autoencoder precision, weighed as a clip costs there: two encodes and a
+decode; one UNet pass of a batch of :data:`UNET_BATCH` clips per UNet precision), and takes reduced
+precision only where it is at least :data:`THRESHOLD` times faster than fp32; otherwise the exact fp32
+path.
 
 The result is kept in a small JSON file (:func:`default_cache_file`: ``$MODITALKER_CACHE_DIR``, else
 ``$XDG_CACHE_HOME/moditalker``, else ``~/.cache/moditalker``; ``mtov.calibration_file`` / the
@@ -72,8 +73,9 @@ CACHE_ENV = "MODITALKER_CACHE_DIR"  #: folder of the calibration file (tests poi
 FILE_NAME = "precision_calibration.json"
 VERSION = 1
 
-#: ``timer(label, fn) -> seconds``: the time of one run of ``fn`` (labels ``autoencoders/int8``,
-#: ``unet/fp32``, ...); tests pass a fake one that returns chosen times without running ``fn``.
+#: ``timer(label, fn) -> seconds`` or ``(wall, cpu)``: the time of one run of ``fn`` (labels
+#: ``autoencoders/int8/encode``, ``autoencoders/int8/decode``, ``unet/fp32``, ...); tests pass a fake
+#: one that returns chosen times without running ``fn``.
 Timer = Callable[[str, Callable[[], object]], float]
 
 
@@ -174,9 +176,10 @@ def measure(
     models: MToVModels, timer: Timer | None = None, cpu_seconds: dict[str, dict[str, float]] | None = None
 ) -> dict[str, dict[str, float]]:
     """Wall seconds of the fast path's work per candidate arithmetic on ``models`` (CPU): the
-    autoencoders (one clip's encode and decode, as :func:`MToV.generate.stream_video` runs them: fp32,
-    bf16 autocast where the CPU has bf16 instructions, int8 linear layers) and the UNet (one pass of a
-    batch of :data:`UNET_BATCH` clips: fp32, int8 convolutions where this torch build has them).
+    autoencoders (what one clip costs as :func:`MToV.generate.stream_video` runs them, two encodes and a
+    decode, from one encode and one decode timed: fp32, bf16 autocast where the CPU has bf16
+    instructions, int8 linear layers) and the UNet (one pass of a batch of :data:`UNET_BATCH` clips:
+    fp32, int8 convolutions where this torch build has them).
     ``cpu_seconds`` (a dict) receives the process CPU seconds where the timer gives them (the
     default one does; a timer may return seconds alone or ``(wall, cpu)``)."""
     from moditalker.device import autocast
@@ -198,13 +201,14 @@ def measure(
     ae_candidates = [*(["bf16"] if bf16_supported(dev) else []), "int8", "fp32"]
     unet_candidates = [*(["int8"] if int8_convs_supported() else []), "fp32"]
 
-    def ae_run(precision: str) -> Callable[[], object]:
+    def ae_run(precision: str, part: str) -> Callable[[], object]:
         def run() -> object:
             plan = PrecisionPlan(precision)
             ae_rgb, _ = models.autoencoders(plan)  # int8: the quantised copies, made once and kept
             with torch.inference_mode(), autocast(dev, plan.autoencoder_dtype):
-                latent = ae_rgb.extract(clip).float()
-                return ae_rgb.decode_from_sample(latent).float()
+                if part == "encode":
+                    return ae_rgb.extract(clip).float()
+                return ae_rgb.decode_from_sample(z).float()
 
         return run
 
@@ -218,21 +222,31 @@ def measure(
 
     out: dict[str, dict[str, float]] = {"autoencoders": {}, "unet": {}}
 
-    def timed(net: str, p: str, fn: Callable[[], object]) -> None:
-        got = timer(f"{net}/{p}", fn)
-        wall, cpu = got if isinstance(got, tuple) else (got, None)
-        out[net][p] = float(wall)
+    def timed(label: str) -> Callable[[Callable[[], object]], tuple[float, float | None]]:
+        def run(fn: Callable[[], object]) -> tuple[float, float | None]:
+            got = timer(label, fn)
+            wall, cpu = got if isinstance(got, tuple) else (got, None)
+            return float(wall), (None if cpu is None else float(cpu))
+
+        return run
+
+    def record(net: str, p: str, wall: float, cpu: float | None) -> None:
+        out[net][p] = wall
         if cpu is not None and cpu_seconds is not None:
-            cpu_seconds.setdefault(net, {})[p] = float(cpu)
+            cpu_seconds.setdefault(net, {})[p] = cpu
 
     for p in ae_candidates:
         if p == "int8":
             models.autoencoders(PrecisionPlan("int8"))  # quantising is set-up, not run time
-        timed("autoencoders", p, ae_run(p))
+        enc = timed(f"autoencoders/{p}/encode")(ae_run(p, "encode"))
+        dec = timed(f"autoencoders/{p}/decode")(ae_run(p, "decode"))
+        # a clip of the fast path: two encodes (its landmark clip, its masked reference clip) and a decode
+        cpu = None if enc[1] is None or dec[1] is None else 2 * enc[1] + dec[1]
+        record("autoencoders", p, 2 * enc[0] + dec[0], cpu)
     for p in unet_candidates:
         if p == "int8":
             models.unet_for(PrecisionPlan("fp32", unet="int8"))
-        timed("unet", p, unet_run(p))
+        record("unet", p, *timed(f"unet/{p}")(unet_run(p)))
     return out
 
 

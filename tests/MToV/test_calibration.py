@@ -50,7 +50,12 @@ class FakeTimer:
 
     def __call__(self, label, fn):
         self.calls.append(label)
-        return self.seconds[label]
+        net, precision, *part = label.split("/")
+        got = self.seconds[f"{net}/{precision}"]
+        if not part:
+            return got
+        # an autoencoder's encode and decode: a third each, so that a clip (2 encodes + 1 decode) = got
+        return tuple(v / 3 for v in got) if isinstance(got, tuple) else got / 3
 
 
 def _cal(models, tmp_path, timer, **kw):
@@ -64,9 +69,10 @@ def test_the_fake_timer_decides(models, tmp_path):
     assert cal.source == "measured"
     assert cal.plan == PrecisionPlan("int8", unet="fp32")
     assert "autoencoders int8: 1.67x" in cal.reason and "unet fp32: int8 only 1.10x" in cal.reason
-    want = ["autoencoders/int8", "autoencoders/fp32", "unet/int8", "unet/fp32"]
+    want = [f"autoencoders/{p}/{part}" for p in ("int8", "fp32") for part in ("encode", "decode")]
+    want += ["unet/int8", "unet/fp32"]
     if bf16_supported(models.device):  # bf16 is a candidate only where the CPU has bf16 instructions
-        want.insert(0, "autoencoders/bf16")
+        want[:0] = ["autoencoders/bf16/encode", "autoencoders/bf16/decode"]
     assert fast.calls == want
     # int8 buys nothing (the AVX2-only EPYC): the exact fp32 path
     flat = FakeTimer(autoencoders__int8=9.5, autoencoders__bf16=12.0, autoencoders__fp32=10.0)
