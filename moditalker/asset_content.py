@@ -9,7 +9,8 @@ Cheap checks (the default; well under a second per file, whatever its size):
 * the MoDiTalker checkpoints (``atom``, ``autoencoder_rgb``, ``autoencoder_motion``, ``diffusion_model``):
   the archive is opened memory-mapped (no tensor is read) and its state_dict(s) must hold exactly the
   keys and shapes of the official checkpoints (``official_layouts.json``, taken from the reference
-  manifests of KU-CVLAB/MoDiTalker @ 609fe25);
+  manifests of KU-CVLAB/MoDiTalker @ 609fe25); ``deep3d`` must fit the ResNet-50 regressor it is
+  loaded into;
 * ``.mat`` files: the variables the loaders read are listed with their shapes (``scipy.io.whosmat``, no
   data read): ``meanshape``, ``idBase``, ``exBase``, ``keypoints`` (68) in ``BFM_model_front.mat``,
   ``lm`` [68, 3] in ``similarity_Lm3D_all.mat``;
@@ -184,6 +185,8 @@ def check_torch_file(name: str, path: Path, deep: bool = False) -> list[str]:
     obj, problem = _load(path, kind, deep)
     if problem:
         return [f"{path} is {problem}"]
+    if name == "deep3d":
+        return _deep3d_problems(obj, path)
     if name not in LAYOUT_OF:
         return []
     states, problem = _state_dicts(name, obj)
@@ -197,6 +200,25 @@ def check_torch_file(name: str, path: Path, deep: bool = False) -> list[str]:
             where = f" ({label})" if name == "atom" else ""
             out.append(f"{path}{where} does not match the official {name} layout: {diff}")
     return out
+
+
+def _deep3d_problems(obj: object, path: Path) -> list[str]:
+    """The Deep3DFaceRecon checkpoint must fit the ResNet-50 regressor data.recon3d loads it into."""
+    import torch
+
+    from data.recon3d import ReconNet, _extract_state_dict
+    from moditalker.errors import UserError
+
+    try:
+        state = _extract_state_dict(obj, path)
+    except UserError as exc:
+        return [str(exc)]
+    with torch.device("meta"):
+        own = ReconNet().state_dict()
+    skip = "num_batches_tracked"  # old checkpoints lack the BatchNorm step counters (the loader adds them)
+    layout = {k: tuple(v.shape) for k, v in own.items() if not k.endswith(skip)}
+    diff = layout_mismatch(layout, {k: v for k, v in state.items() if not k.endswith(skip)})
+    return [f"{path} does not fit the Deep3DFaceRecon ResNet-50 (257 coefficients): {diff}"] if diff else []
 
 
 def check_mat_file(name: str, path: Path, deep: bool = False) -> list[str]:

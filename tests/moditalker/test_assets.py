@@ -61,6 +61,12 @@ def _save(path, layout=None):
     one = torch.zeros(1)
     if layout is None:
         torch.save({"w": one}, path)
+    elif layout == "deep3d":  # the ResNet-50 regressor's keys and shapes, as {"net_recon": state_dict}
+        from data.recon3d import ReconNet
+
+        with torch.device("meta"):
+            shapes = {k: v.shape for k, v in ReconNet().state_dict().items()}
+        torch.save({"net_recon": {k: one.expand(s) if len(s) else one[0] for k, s in shapes.items()}}, path)
     else:
         torch.save(
             {"model_state_dict": {k: one.expand(s) for k, s in official_layouts()[layout].items()}}, path
@@ -129,7 +135,7 @@ def test_cli_exit_codes(ckpt, capsys):
     out = capsys.readouterr().out
     assert "BAD     atom" in out and "BAD     deep3d" in out and "not a torch checkpoint" in out
     _save(ckpt / "atom.pt", "atom")
-    _save(ckpt / "deep3d" / "epoch_20.pth")
+    _save(ckpt / "deep3d" / "epoch_20.pth", "deep3d")
     assert main(["check", "--only", "atom", "deep3d"]) == 0
     assert "all requested assets present" in capsys.readouterr().out
     with pytest.raises(SystemExit) as exc:

@@ -269,3 +269,20 @@ def test_public_files_from_a_mirror(ckpt, monkeypatch, capsys):
         assert main(["download", "lpips_vgg16"]) == 0
     assert (ckpt / "lpips" / "vgg16.pth").read_bytes() == buf.getvalue()
     assert run_check(capsys, "--only", "lpips_vgg16", "--deep") == (0, [])
+
+
+def test_check_deep3d_fits_the_regressor(ckpt, capsys):
+    from data.recon3d import ReconNet
+
+    with torch.device("meta"):
+        shapes = {k: v.shape for k, v in ReconNet().state_dict().items()}
+    one = torch.zeros(1)
+    state = {k: one.expand(s) if len(s) else one[0] for k, s in shapes.items() if "num_batches" not in k}
+    path = ckpt / "deep3d" / "epoch_20.pth"
+    path.parent.mkdir()
+    torch.save({"net_recon": state, "epoch": 20}, path)  # old checkpoints lack the step counters: fine
+    assert run_check(capsys, "--only", "deep3d", "--deep") == (0, [])
+    state.pop("backbone.conv1.weight")
+    torch.save({"net_recon": state}, path)
+    code, lines = run_check(capsys, "--only", "deep3d")
+    assert code == 2 and "does not fit the Deep3DFaceRecon ResNet-50" in lines[0] and "conv1" in lines[0]
