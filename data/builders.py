@@ -21,7 +21,14 @@ from data.video import IMAGE_SUFFIXES
 from moditalker.bulk import Ranks, check_shard
 from moditalker.constants import FPS
 from moditalker.errors import UserError
-from moditalker.fileio import atomic_path, atomic_write_text, save_npy
+from moditalker.fileio import (
+    atomic_path,
+    atomic_write_text,
+    file_record,
+    folder_problem,
+    npz_problem,
+    save_npy,
+)
 
 VIDEO_EXTENSIONS = (".mp4", ".mov", ".mkv", ".avi", ".webm", ".m4v", ".flv", ".mpg", ".mpeg")
 KEYPOINT_DIRS = {
@@ -164,6 +171,40 @@ def is_finished(out_dir: str | Path, item_id: str) -> bool:
     return (Path(out_dir) / "meta" / f"{item_id}.json").is_file()
 
 
+def finished_problem(out_dir: str | Path, item_id: str) -> str | None:
+    """What is wrong with a finished item's files (None: as ``meta/{id}.json`` records their size and
+    sha256; an item of an older run without records is trusted as before)."""
+    out_dir = Path(out_dir)
+    try:
+        meta = json.loads((out_dir / "meta" / f"{item_id}.json").read_text())
+    except (OSError, ValueError):
+        return f"meta/{item_id}.json cannot be read"
+    if not isinstance(meta, dict):
+        return f"meta/{item_id}.json is damaged"
+    return folder_problem(out_dir, meta.get("files", {}))
+
+
+def _skip_finished(out_dir: Path, item_id: str) -> bool:
+    """Whether ``item_id`` is finished and its files are as recorded; a damaged one is done again (a
+    ``warning:`` line names the file)."""
+    if not is_finished(out_dir, item_id):
+        return False
+    problem = finished_problem(out_dir, item_id)
+    if problem is None:
+        return True
+    tqdm.write(f"warning: {item_id}: {problem}; preprocessing it again")
+    (out_dir / "meta" / f"{item_id}.json").unlink(missing_ok=True)
+    return False
+
+
+def _records(out_dir: Path, paths: Iterable[Path]) -> dict[str, list]:
+    """``{path relative to out_dir: [size, sha256]}`` of the files in ``paths`` (folders: all under)."""
+    files = []
+    for path in paths:
+        files += sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    return {p.relative_to(out_dir).as_posix(): file_record(p) for p in files}
+
+
 def process_hdtf_item(
     item_id: str,
     source: str | Path,
@@ -242,6 +283,10 @@ def process_hdtf_item(
         save_wav(out_dir / "audio" / f"{item_id}.wav", wave)
         save_npy(out_dir / "hubert" / f"{item_id}.npy", feats)
     meta["seconds"] = round(time.time() - started, 2)
+    written = [*_item_dirs(out_dir, item_id)[int(in_place) :], out_dir / "coeff" / f"{item_id}.npy"]
+    if hubert:
+        written += [out_dir / "audio" / f"{item_id}.wav", out_dir / "hubert" / f"{item_id}.npy"]
+    meta["files"] = _records(out_dir, written)  # checked before a rerun skips this id
     atomic_write_text(out_dir / "meta" / f"{item_id}.json", json.dumps(meta, indent=1))
     return meta
 
@@ -274,7 +319,7 @@ def build_hdtf(
 
     return run_items(
         ranks.share(sources) if ranks else select_shard(sources, shard, num_shards),
-        lambda item_id: is_finished(out_dir, item_id) and not overwrite,
+        lambda item_id: not overwrite and _skip_finished(out_dir, item_id),
         process,
         desc="hdtf" if ranks else f"hdtf shard {shard}/{num_shards}",
         unit="video",
@@ -352,6 +397,18 @@ def process_lrs3_clip(
     return {"frames": n, "interpolated": kp["n_interpolated"]}
 
 
+def _skip_npz(path: Path, item_id: str) -> bool:
+    """Whether the clip's ``.npz`` is there and reads back whole (the zip's CRCs); a damaged one is
+    made again (a ``warning:`` line names it)."""
+    if not path.is_file():
+        return False
+    problem = npz_problem(path)
+    if problem is None:
+        return True
+    tqdm.write(f"warning: {item_id}: {problem}; preprocessing it again")
+    return False
+
+
 def npz_name(item_id: str) -> str:
     """Flat file name of an LRS3 clip id (``trainval/abc/50001`` -> ``trainval_abc_50001.npz``)."""
     return item_id.replace("/", "_") + ".npz"
@@ -375,7 +432,7 @@ def build_lrs3(
     out_dir = Path(out_dir)
     return run_items(
         ranks.share(sources) if ranks else select_shard(sources, shard, num_shards),
-        lambda item_id: (out_dir / npz_name(item_id)).is_file() and not overwrite,
+        lambda item_id: not overwrite and _skip_npz(out_dir / npz_name(item_id), item_id),
         lambda item_id: process_lrs3_clip(
             sources[item_id], out_dir / npz_name(item_id), toolkit, min_frames=min_frames
         ),

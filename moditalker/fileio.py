@@ -208,3 +208,16 @@ def folder_problem(folder: str | Path, records: dict) -> str | None:
         if problem is not None:
             return problem.replace(Path(name).name, name, 1) if "/" in name else problem
     return None
+
+
+def npz_problem(path: str | Path) -> str | None:
+    """What is wrong with an ``.npz`` that has no size + hash record: None when every array in it
+    reads back whole (the zip checks each member's CRC), else a short description."""
+    path = Path(path)
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            for name in z.files:
+                z[name]
+    except Exception as exc:  # noqa: BLE001 - any failure to read it back means: make it again
+        return f"{path.name} cannot be read ({type(exc).__name__})"
+    return None

@@ -550,3 +550,76 @@ def test_protocol_killed_while_generating_resumes_to_the_same_videos(protocol_da
     report = main(_protocol_argv(protocol_data, out))
     assert report["settings"]["generation"]["reused"] == ["id_a"]
     assert _outputs(out) == protocol_clean[0] and report["metrics"] == protocol_clean[1]
+
+
+# ----------------------------------------------------------------------------- preprocessing outputs
+@pytest.fixture(scope="module")
+def preprocessed(tmp_path_factory):
+    """Two 1 s reference videos preprocessed (random networks, 6 frames each): the clean tree."""
+    from data.preprocess import main
+    from pipeline.sample_data import write_reference_video
+
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("preprocess")
+    (root / "videos").mkdir()
+    for name in ("WRA_One_000", "WRA_Two_000"):
+        write_reference_video(root / "videos" / f"{name}.mp4", seconds=1.0)
+
+    def argv(out: Path) -> list[str]:
+        return ["hdtf", "--videos", str(root / "videos"), "--out_dir", str(out), "--random_weights",
+                "--device", "cpu", "--max_frames", "6", "--frame_format", "png"]  # fmt: skip
+
+    main(argv(root / "clean"))
+    return root, argv
+
+
+def _item_tree(out: Path) -> dict[str, bytes]:
+    """The preprocessed files (meta/*.json without its timing; not configs/ and the random networks'
+    synthetic BFM: they hold paths and a date)."""
+    tree = {}
+    for p in sorted(out.rglob("*")):
+        rel = str(p.relative_to(out))
+        if not p.is_file() or rel.startswith(("configs", "random_weights")):
+            continue
+        if rel.startswith("meta/"):
+            meta = json.loads(p.read_text())
+            tree[rel] = json.dumps({k: v for k, v in meta.items() if k not in ("seconds", "source")}).encode()
+        else:
+            tree[rel] = p.read_bytes()
+    return tree
+
+
+def test_preprocessed_items_are_checked_before_a_rerun_skips_them(preprocessed, tmp_path, capsys):
+    from data.preprocess import main
+
+    root, argv = preprocessed
+    out = tmp_path / "out"
+    shutil.copytree(root / "clean", out)
+    meta = json.loads((out / "meta" / "WRA_One_000.json").read_text())
+    assert "coeff/WRA_One_000.npy" in meta["files"] and any(
+        k.startswith("frames/WRA_One_000/") for k in meta["files"]
+    )
+    coeff = out / "coeff" / "WRA_One_000.npy"
+    coeff.write_bytes(coeff.read_bytes()[:-4])  # truncated
+    _flip_last_byte(sorted((out / "frames" / "WRA_Two_000").glob("*.png"))[2])  # a changed frame
+    capsys.readouterr()
+    report = main(argv(out))
+    captured = capsys.readouterr()
+    text = captured.out + captured.err
+    assert "warning: WRA_One_000: coeff/WRA_One_000.npy is truncated" in text, text
+    assert "warning: WRA_Two_000: frames/WRA_Two_000/00002.png has changed" in text, text
+    assert sorted(report["done"]) == ["WRA_One_000", "WRA_Two_000"]
+    assert _item_tree(out) == _item_tree(root / "clean")
+    assert main(argv(out))["skipped"] == ["WRA_One_000", "WRA_Two_000"]
+
+
+@pytest.mark.slow
+def test_preprocessing_killed_mid_item_resumes_to_the_clean_tree(preprocessed, tmp_path):
+    from data.preprocess import main
+
+    root, argv = preprocessed
+    out = tmp_path / "out"
+    started = lambda: any(out.glob("frames/*/*.png")) or any(out.glob("frames/.*"))  # noqa: E731
+    _kill_when(["-m", "data.preprocess", *argv(out)], started)
+    main(argv(out))
+    assert _item_tree(out) == _item_tree(root / "clean")

@@ -35,6 +35,7 @@ from moditalker.fileio import (
     file_record,
     folder_problem,
     folder_records,
+    npz_problem,
     record_problem,
 )
 from pipeline.cache import WorkCache, stable_key
@@ -89,7 +90,7 @@ class BatchStore:
                 if name in self.records:
                     self._warn(f"{name} is missing", done)
                 break
-            problem = record_problem(path, self.records[name]) if name in self.records else _unreadable(path)
+            problem = record_problem(path, self.records[name]) if name in self.records else npz_problem(path)
             if problem is not None:
                 self._warn(problem, done)
                 for later in self.partial.glob("batch-*.npz"):  # they follow the damaged one: again
@@ -168,15 +169,3 @@ class BatchStore:
         if self.entry.exists():  # a stale, unfinished entry from an older layout
             shutil.rmtree(self.entry)
         os.replace(self.partial, self.entry)
-
-
-def _unreadable(path: Path) -> str | None:
-    """What is wrong with an unrecorded batch file: None when every array in it reads back whole (the
-    zip checks each array's CRC), else a short description."""
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            for name in z.files:
-                z[name]
-    except Exception as exc:  # noqa: BLE001 - any failure to read it back means: compute it again
-        return f"{path.name} cannot be read ({type(exc).__name__})"
-    return None
