@@ -88,8 +88,10 @@ def select_metrics(
         missing = weights.missing_assets(name, overrides)
         if missing and requested is not None:
             raise UserError(f"metric {name} needs {missing[0]}")
-        if missing:
-            skipped[name] = "missing weights: " + "; ".join(missing)
+        if missing:  # one short line: the asset names and where to read more (missing_message's first word)
+            assets = [line.split(":", 1)[0] for line in missing]
+            where = f"python -m moditalker.assets check --only {' '.join(assets)}"
+            skipped[name] = f"missing weights: {', '.join(assets)} (see `{where}`)"
         else:
             chosen.append(name)
     return chosen, skipped
@@ -195,6 +197,13 @@ def run_metrics(
     return results, per_video, reference
 
 
+#: below the table when a value is nan: the metric had nothing to measure in any video
+NAN_NOTE = (
+    "nan: nothing to measure (lse: no audio track or under 6 frames; csim, lmd: no face found; "
+    "fid, fvd: fewer than 2 frames / 2 clips of 16 frames in all); -: not computed for the real videos"
+)
+
+
 def _fmt(value: float | None) -> str:
     if value is None:
         return "-"
@@ -217,6 +226,8 @@ def format_table(results: dict, reference: dict) -> str:
     lines = ["".ljust(18) + "  ".join(h.rjust(w) for h, w in zip(heads, width))]
     for label, values in rows:
         lines.append(label.ljust(18) + "  ".join(_fmt(v).rjust(w) for v, w in zip(values, width)))
+    if any(v is not None and not math.isfinite(v) for _, values in rows for v in values):
+        lines.append(NAN_NOTE)
     return "\n".join(lines)
 
 

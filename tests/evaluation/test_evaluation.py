@@ -300,6 +300,16 @@ def test_cli_errors_are_one_line(tmp_path, capsys, no_weights):
     assert "--overwrite" in msg
 
 
+def test_table_explains_nan():
+    from evaluation.scoring import NAN_NOTE, format_table
+
+    plain = format_table({"psnr": 30.0, "lse_c": 1.0}, {"lse_c": 2.0})
+    assert "nan" not in plain
+    table = format_table({"psnr": 30.0, "lse_c": float("nan")}, {"lse_c": float("nan")})
+    assert table.splitlines()[-1] == NAN_NOTE and "lse: no audio track" in NAN_NOTE
+    assert table.splitlines()[2].split()[-1] == "nan"
+
+
 def test_cli_default_runs_what_is_present_and_skips_the_rest(tmp_path, capsys, no_weights):
     v = _frames(6)
     pred, gt = _pair_dirs(tmp_path, {}, {"a": v})
@@ -320,6 +330,9 @@ def test_cli_default_runs_what_is_present_and_skips_the_rest(tmp_path, capsys, n
     out = capsys.readouterr()
     for name in ("lpips", "fid", "fvd", "lmd", "lse", "csim"):
         assert f"skipped {name}: missing weights" in out.err
+    skipped = [line for line in out.err.splitlines() if line.startswith("skipped ")]
+    assert max(map(len, skipped)) <= 130, skipped  # one short line each: the assets, and where to look
+    assert "skipped csim: missing weights: arcface, face_alignment (" in out.err
     data = json.loads((tmp_path / "r.json").read_text())
     assert set(data) == {"metrics", "per_video", "settings", "reference"}
     assert set(data["metrics"]) == {"psnr", "ssim", "cpbd"} and "cpbd" in data["reference"]
