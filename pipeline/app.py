@@ -44,7 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from moditalker.errors import ArgumentParser, UserError, cli_main, describe
-from pipeline.app_job import DAY, MB, STAGES, AppFolders, Job, clean_old, sample_inputs
+from pipeline.app_job import DAY, MB, STAGES, AppFolders, Job, clean_old, page_text, sample_inputs
 
 __all__ = ["API_NAME", "build_parser", "prepare_environment", "build_app", "serve", "main", "host_warning"]
 
@@ -125,7 +125,7 @@ def build_app(job: Job, *, title: str = "MoDiTalker") -> Any:
             out = job(audio, ref_video, ref_image, report=StageBar(progress), **settings)
         except UserError as exc:  # the server's log keeps the paths; the caller gets base names
             job.log(f"error: {exc}")
-            raise gr.Error(job.public(str(exc)), duration=None, print_exception=False) from None
+            raise gr.Error(job.public(page_text(str(exc))), duration=None, print_exception=False) from None
         except Exception as exc:  # noqa: BLE001 - a bug must not stop the server; the log has it
             traceback.print_exc()
             message = f"internal error: {describe(exc)} (the server log has the traceback)"

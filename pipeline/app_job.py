@@ -56,6 +56,31 @@ _PATH_CHARS = r"[^\s'\"`,;()\[\]{}<>|]"
 _ABS_PATH = re.compile(r"(?<![\w.:/~\-])/" + _PATH_CHARS + "+")
 
 
+#: a message's command-line flags in the page's words (the page has fields and tabs, not flags);
+#: the longer phrases first
+PAGE_WORDS = {
+    "--ref_video VIDEO or --ref_image PHOTO": "a face video or a face photo",
+    "a photo with --ref_image": "a photo in the Face photo tab",
+    " (--max_upload_mb)": "",
+    "--ref_video": "the face video",
+    "--ref_image": "the face photo",
+    "--audio": "the speech",
+    "--steps": "AToM steps",
+    "--guidance": "AToM guidance",
+    "--mtov_steps": "MToV steps",
+    "--batch_size": "MToV clips per batch",
+    "--seed": "the seed",
+}
+_PAGE_WORD = re.compile("|".join(re.escape(k) + (r"\b" if k[-1].isalnum() else "") for k in PAGE_WORDS))
+
+
+def page_text(text: str) -> str:
+    """A one-line error as the page shows it: the command line's flags named as the page's fields
+    (``a reference is required: --ref_video VIDEO or --ref_image PHOTO`` -> ``... a face video or a
+    face photo``); the setting keys (``atom.steps must be >= 1``) stay as the config files name them."""
+    return _PAGE_WORD.sub(lambda m: PAGE_WORDS[m.group(0)], text)
+
+
 def public_text(text: str, roots: tuple[str | Path, ...] = ()) -> str:
     """``text`` with every absolute path of this machine replaced by its base name (``/srv/app/uploads/
     3f2a/speech.wav`` -> ``speech.wav``): what the page returns to a caller (the run log, error

@@ -176,3 +176,21 @@ def test_scripts_app_sh_serves_the_page_until_interrupted(tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_page_errors_name_the_page_fields_not_flags():
+    from omegaconf import OmegaConf
+
+    from pipeline.app_job import page_text
+    from pipeline.settings import DEFAULTS
+    from pipeline.validate import validate
+
+    with pytest.raises(UserError) as missing:
+        validate(OmegaConf.create({**DEFAULTS, "audio": "a.wav", "out": "o.mp4"}))
+    assert "--ref_video" in str(missing.value)  # the command line's words
+    assert page_text(str(missing.value)) == "a reference is required: a face video or a face photo"
+    assert page_text("give either --ref_video or --ref_image, not both") == (
+        "give either the face video or the face photo, not both"
+    )
+    assert page_text("atom.steps must be >= 1, got 0") == "atom.steps must be >= 1, got 0"
+    assert page_text("--steps_x and --seeds stay") == "--steps_x and --seeds stay"
