@@ -30,7 +30,7 @@ PAGES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 GENERATED = re.compile(r"^<!-- BEGIN GENERATED: (.+?) -->\n(.*?)^<!-- END GENERATED -->", re.S | re.M)
 RUNNABLE = re.compile(r"^<!-- run: (tiny|slow) -->\n```(?:bash|sh)?\n(.*?)^```", re.S | re.M)
 MARKER = re.compile(r"^<!-- (?:run|BEGIN GENERATED|END GENERATED)\b", re.M)
-# how the project was developed is not the reader's business (the first three: the issue's own grep)
+# how the project was developed is not the reader's business
 HISTORY = re.compile(
     r"this round|issue [0-9]|this project's (machine|cpu)|project's sessions|this session|"
     r"this project's 2-core",
