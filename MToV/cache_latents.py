@@ -49,7 +49,7 @@ from moditalker.errors import (
     is_disk_full,
     script_prog,
 )
-from moditalker.fileio import atomic_write_text, folder_problem, folder_records, repo_path
+from moditalker.fileio import atomic_write_text, folder_records, repo_path
 from moditalker.training.bad_items import READ_ERRORS, allowed_bad_items
 from MToV.dataset import ALL_KEYS, build_dataset
 from MToV.latents import (
@@ -58,6 +58,7 @@ from MToV.latents import (
     KINDS,
     MANIFEST,
     bytes_per_window,
+    check_built,
     grid_starts,
     latent_shapes,
     read_json,
@@ -222,29 +223,6 @@ class VideoWriter:
                 raise DiskFullError(self.final, at_least=1) from exc
             raise
         os.replace(self.tmp, self.final)  # the video appears complete or not at all
-
-
-def check_built(folder: Path, windows: int, shapes: dict, dtype: str) -> str | None:
-    """What is wrong with a built video's folder (None: its files are as ``video.json`` records them;
-    a video of an older build without records: its arrays' shapes and sizes are right, and they are
-    recorded now)."""
-    try:
-        meta = read_json(folder / "video.json")
-    except UserError:
-        return "its video.json cannot be read"
-    if "files" in meta:
-        return folder_problem(folder, meta["files"])
-    for k in (*KINDS, "starts"):
-        want = (meta.get("windows", windows),) if k == "starts" else (windows, *shapes[k])
-        try:
-            a = np.load(folder / f"{k}.npy", mmap_mode="r")
-        except (OSError, ValueError) as exc:
-            return f"{k}.npy cannot be read ({type(exc).__name__})"
-        if a.shape != want or (k != "starts" and a.dtype != np.dtype(DTYPES[dtype])):
-            return f"{k}.npy has shape {a.shape}, expected {want}"
-    meta["files"] = folder_records(folder, skip=("video.json",))
-    atomic_write_text(folder / "video.json", json.dumps(meta) + "\n")
-    return None
 
 
 def prepare_out(out: Path, settings: dict, overwrite: bool) -> None:

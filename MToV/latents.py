@@ -44,7 +44,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from moditalker.errors import UserError
-from moditalker.fileio import file_sha256
+from moditalker.fileio import atomic_write_text, file_sha256, folder_problem, folder_records
 from MToV.dataset import DEFAULT_FRAMES_DIR, DEFAULT_KEYPOINTS_DIR, window_start
 
 FORMAT = 1
@@ -180,6 +180,29 @@ def read_json(path: Path) -> dict:
         return json.loads(path.read_text())
     except (OSError, ValueError) as exc:
         raise UserError(f"cannot read {path}: {exc}") from exc
+
+
+def check_built(folder: Path, windows: int, shapes: dict, dtype: str) -> str | None:
+    """What is wrong with a built video's folder (None: its files are as ``video.json`` records them;
+    a video of an older build without records: its arrays' shapes and sizes are right, and they are
+    recorded now)."""
+    try:
+        meta = read_json(folder / "video.json")
+    except UserError:
+        return "its video.json cannot be read"
+    if "files" in meta:
+        return folder_problem(folder, meta["files"])
+    for k in (*KINDS, "starts"):
+        want = (meta.get("windows", windows),) if k == "starts" else (windows, *shapes[k])
+        try:
+            a = np.load(folder / f"{k}.npy", mmap_mode="r")
+        except (OSError, ValueError) as exc:
+            return f"{k}.npy cannot be read ({type(exc).__name__})"
+        if a.shape != want or (k != "starts" and a.dtype != np.dtype(DTYPES[dtype])):
+            return f"{k}.npy has shape {a.shape}, expected {want}"
+    meta["files"] = folder_records(folder, skip=("video.json",))
+    atomic_write_text(folder / "video.json", json.dumps(meta) + "\n")
+    return None
 
 
 # ----------------------------------------------------------------------------- reading a cache

@@ -24,9 +24,9 @@ from moditalker.errors import UserError
 from moditalker.fileio import (
     atomic_path,
     atomic_write_text,
-    file_record,
     folder_problem,
     npz_problem,
+    path_records,
     save_npy,
 )
 
@@ -197,14 +197,6 @@ def _skip_finished(out_dir: Path, item_id: str) -> bool:
     return False
 
 
-def _records(out_dir: Path, paths: Iterable[Path]) -> dict[str, list]:
-    """``{path relative to out_dir: [size, sha256]}`` of the files in ``paths`` (folders: all under)."""
-    files = []
-    for path in paths:
-        files += sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-    return {p.relative_to(out_dir).as_posix(): file_record(p) for p in files}
-
-
 def process_hdtf_item(
     item_id: str,
     source: str | Path,
@@ -286,7 +278,7 @@ def process_hdtf_item(
     written = [*_item_dirs(out_dir, item_id)[int(in_place) :], out_dir / "coeff" / f"{item_id}.npy"]
     if hubert:
         written += [out_dir / "audio" / f"{item_id}.wav", out_dir / "hubert" / f"{item_id}.npy"]
-    meta["files"] = _records(out_dir, written)  # checked before a rerun skips this id
+    meta["files"] = path_records(out_dir, written)  # checked before a rerun skips this id
     atomic_write_text(out_dir / "meta" / f"{item_id}.json", json.dumps(meta, indent=1))
     return meta
 

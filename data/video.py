@@ -27,7 +27,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from moditalker.constants import FPS, SAMPLE_RATE
-from moditalker.errors import DiskFullError, UserError, bytes_in, describe, is_disk_full
+from moditalker.errors import UserError, bytes_in, describe, disk_full_as
 from moditalker.fileio import atomic_path, current_umask, require_file
 
 __all__ = [
@@ -376,33 +376,22 @@ class VideoWriter:
         frames = _as_frames(frames)
         if frames.shape[1:3] != (self.vstream.height, self.vstream.width):
             raise ValueError(f"frames must be {self.size}, got {frames.shape[1:3]}")
-        try:
-            self._write(frames)
-        except Exception as exc:
-            self._disk_full(exc)
-            raise
-
-    def _disk_full(self, exc: BaseException) -> None:
-        """A full disk while writing: the temp file removed, one :class:`DiskFullError` naming ``path``."""
-        if is_disk_full(exc) and not isinstance(exc, DiskFullError):
-            written = bytes_in(self.tmp)
-            self.abort()
-            raise DiskFullError(self.path, at_least=written) from exc
-
-    def _write(self, frames: np.ndarray) -> None:
         n_audio = self.audio.shape[1] if self.audio is not None else 0
-        for frame in frames:
-            k = self.frames_written
-            vframe = av.VideoFrame.from_ndarray(frame, format="rgb24")
-            vframe.pts = k
-            self.container.mux(self.vstream.encode(vframe))
-            self.frames_written += 1
-            if self.astream is not None:  # interleave: audio up to the end of this video frame
-                last = self.n_frames is not None and k == self.n_frames - 1
-                a_end = n_audio if last else min(n_audio, int(round((k + 1) * self.sample_rate / self.fps)))
-                self._a_pos = _mux_audio(
-                    self.container, self.astream, self.audio, self._a_pos, a_end, self.sample_rate
-                )
+        with disk_full_as(self.path, lambda: bytes_in(self.tmp), self.abort):
+            for frame in frames:
+                k = self.frames_written
+                vframe = av.VideoFrame.from_ndarray(frame, format="rgb24")
+                vframe.pts = k
+                self.container.mux(self.vstream.encode(vframe))
+                self.frames_written += 1
+                if self.astream is not None:  # interleave: audio up to the end of this video frame
+                    last = self.n_frames is not None and k == self.n_frames - 1
+                    a_end = (
+                        n_audio if last else min(n_audio, int(round((k + 1) * self.sample_rate / self.fps)))
+                    )
+                    self._a_pos = _mux_audio(
+                        self.container, self.astream, self.audio, self._a_pos, a_end, self.sample_rate
+                    )
 
     def close(self) -> Path:
         """Flush the encoders, mux the rest of the audio, close the file and move it to ``path``."""
@@ -412,22 +401,22 @@ class VideoWriter:
             self.abort()
             raise ValueError("no frames to write")
         try:
-            self.container.mux(self.vstream.encode(None))
-            if self.astream is not None:
-                n_audio = self.audio.shape[1]
-                _mux_audio(self.container, self.astream, self.audio, self._a_pos, n_audio, self.sample_rate)
-                self.container.mux(self.astream.encode(None))
-            self.container.close()
-            try:
-                os.replace(self.tmp, self.path)
-            except OSError as exc:
-                if exc.errno != errno.EXDEV:
-                    raise
-                with atomic_path(self.path) as copy:  # tmp_dir on another file system
-                    shutil.copyfile(self.tmp, copy)
-        except Exception as exc:
-            self._disk_full(exc)
-            raise
+            with disk_full_as(self.path, lambda: bytes_in(self.tmp), self.abort):
+                self.container.mux(self.vstream.encode(None))
+                if self.astream is not None:
+                    n_audio = self.audio.shape[1]
+                    _mux_audio(
+                        self.container, self.astream, self.audio, self._a_pos, n_audio, self.sample_rate
+                    )
+                    self.container.mux(self.astream.encode(None))
+                self.container.close()
+                try:
+                    os.replace(self.tmp, self.path)
+                except OSError as exc:
+                    if exc.errno != errno.EXDEV:
+                        raise
+                    with atomic_path(self.path) as copy:  # tmp_dir on another file system
+                        shutil.copyfile(self.tmp, copy)
         finally:
             self.abort()
         return self.path

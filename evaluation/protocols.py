@@ -54,8 +54,8 @@ from moditalker.errors import UserError
 from moditalker.fileio import (
     atomic_write_text,
     check_output,
-    file_record,
-    record_problem,
+    folder_problem,
+    path_records,
     repo_path,
     require_file,
     same_file,
@@ -314,9 +314,7 @@ class Manifest:
     def finish(self, name: str, paths: Paths | None = None) -> None:
         """Record ``name`` as done (with the size and sha256 of its audio, real and generated files),
         with what the other ranks recorded meanwhile."""
-        mine = {}
-        for path in (paths.wav, paths.real, paths.generated) if paths is not None else ():
-            mine[path.relative_to(self.out).as_posix()] = file_record(path)
+        mine = path_records(self.out, (paths.wav, paths.real, paths.generated)) if paths else {}
         with self._locked():
             done, files = self._on_disk()
             self.done = done + [n for n in [*self.done, name] if n not in done]
@@ -325,24 +323,11 @@ class Manifest:
             self.save()
 
     def problem(self, name: str, paths: Paths) -> str | None:
-        """What is wrong with a finished video's files (None: as recorded when it was finished; a
-        video recorded before the records existed: its mp4s must open and hold frames)."""
-        if name not in self.done:
-            return "not finished"
-        records = self.files.get(name)
-        if records is None:
-            for path in (paths.real, paths.generated):
-                try:
-                    if count_frames(path) < 1:
-                        return f"{path.relative_to(self.out)} holds no frame"
-                except Exception as exc:  # noqa: BLE001 - unreadable: generate it again
-                    return f"{path.relative_to(self.out)} cannot be read ({type(exc).__name__})"
-            return None
-        for rel, record in sorted(records.items()):
-            problem = record_problem(self.out / rel, record)
-            if problem is not None:
-                return problem.replace(Path(rel).name, rel, 1)
-        return None
+        """What is wrong with a finished video's files (None: as recorded when it was finished; one
+        recorded before the records existed: its clips are there)."""
+        if name not in self.files:
+            return None if paths.real.is_file() and paths.generated.is_file() else "a clip is missing"
+        return folder_problem(self.out, self.files[name])
 
 
 def _diff(a, b, prefix: str = "") -> set[str]:

@@ -13,7 +13,8 @@ import math
 import os
 import shutil
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import NoReturn
 
 
@@ -67,6 +68,24 @@ def is_disk_full(exc: BaseException | None) -> bool:
             return True
         exc = exc.__cause__ or exc.__context__
     return False
+
+
+@contextmanager
+def disk_full_as(
+    path: str | os.PathLike,
+    at_least: Callable[[], float] = lambda: 0,
+    cleanup: Callable[[], object] = lambda: None,
+) -> Iterator[None]:
+    """Inside, a full disk is a :class:`DiskFullError` naming ``path`` (``at_least()``: bytes written
+    when it filled), after ``cleanup()`` (removing the temp file)."""
+    try:
+        yield
+    except Exception as exc:
+        if not is_disk_full(exc) or isinstance(exc, DiskFullError):
+            raise
+        written = at_least()
+        cleanup()
+        raise DiskFullError(path, at_least=written) from exc
 
 
 def bytes_in(path: str | os.PathLike | None) -> int:

@@ -180,6 +180,14 @@ def folder_records(folder: str | Path, skip: Iterable[str] = (".done",)) -> dict
     }
 
 
+def path_records(root: str | Path, paths: Iterable[str | Path]) -> dict[str, list]:
+    """``{path relative to root: [size, sha256]}`` of the files in ``paths`` (a folder: all under it)."""
+    root, files = Path(root), []
+    for path in map(Path, paths):
+        files += sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    return {p.relative_to(root).as_posix(): file_record(p) for p in files}
+
+
 def record_problem(path: str | Path, record: Iterable) -> str | None:
     """What is wrong with ``path`` against its ``[size, sha256]`` record (None: it is as recorded)."""
     path = Path(path)

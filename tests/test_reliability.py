@@ -203,6 +203,20 @@ def test_atomic_writers_turn_a_full_disk_into_one_error_and_leave_nothing(tmp_pa
         torch_save({"w": 1}, tmp_path / "a" / "w.pt")
     assert list(out.parent.iterdir()) == []
 
+    from data.video import VideoWriter
+
+    writer = VideoWriter(tmp_path / "v" / "out.mp4", 32, 32, tmp_dir=tmp_path / "v")
+    container = writer.container
+
+    class Full:  # the muxer's write fails as on a full disk
+        mux = staticmethod(_enospc)
+        close = container.close
+
+    writer.container = Full()
+    with pytest.raises(DiskFullError, match=r"while writing .*out\.mp4 \(needs more"):
+        writer.write(np.zeros((2, 32, 32, 3), np.uint8))
+    assert list((tmp_path / "v").iterdir()) == []  # the temp file is gone too
+
     def main(argv):  # a command whose writer raised the bare OSError
         with atomic_path(tmp_path / "b" / "out.txt") as tmp:
             tmp.write_text("part")
