@@ -247,3 +247,25 @@ def test_a_busy_process_decides_on_cpu_seconds(models, tmp_path):
     idle.seconds |= {"unet/int8": (1.0, 1.0), "unet/fp32": (1.0, 1.0)}
     cal = _cal(models, tmp_path / "idle", idle)
     assert cal.basis == "wall" and cal.plan == PrecisionPlan("fp32")
+
+
+@pytest.mark.parametrize(
+    "plan", [PrecisionPlan("bf16", unet="int8"), PrecisionPlan("fp32", unet="int8"), PrecisionPlan("int8")]
+)
+def test_every_mix_the_measurement_can_pick_runs_close_to_fp32(models, plan):
+    """The measurement picks each network's arithmetic on its own, so mixes the capability rule never
+    made (bf16 or fp32 autoencoders with an int8 UNet) run too, their frames close to fp32's."""
+    from pipeline.benchmark import psnr
+
+    g = torch.Generator().manual_seed(5)
+    unet = load_mtov(None, None, None, config=TINY, random_weights=True)
+    for p in unet.unet.parameters():  # zero-initialised output layers get weights: eps != 0
+        if p.abs().sum() == 0:
+            p.data.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    rng = np.random.default_rng(0)
+    size = unet.resolution
+    lv = rng.integers(0, 256, (20, 3, size, size), dtype=np.uint8)
+    kw = dict(sampling_timesteps=8, progress=False, return_float=True, batch_size=2)
+    fp32 = generate_video(unet, lv, lv, lv[0], precision="fp32", **kw)
+    mixed = generate_video(unet, lv, lv, lv[0], precision=plan, **kw)
+    assert 35 <= psnr(fp32, mixed) < float("inf")
