@@ -258,14 +258,14 @@ def test_every_mix_the_measurement_can_pick_runs_close_to_fp32(models, plan):
     from pipeline.benchmark import psnr
 
     g = torch.Generator().manual_seed(5)
-    unet = load_mtov(None, None, None, config=TINY, random_weights=True)
-    for p in unet.unet.parameters():  # zero-initialised output layers get weights: eps != 0
+    nets = load_mtov(None, None, None, config=TINY, random_weights=True)
+    for p in nets.unet.parameters():  # zero-initialised output layers get weights: eps != 0
         if p.abs().sum() == 0:
             p.data.copy_(torch.randn(p.shape, generator=g) * 0.1)
     rng = np.random.default_rng(0)
-    size = unet.resolution
+    size = nets.resolution
     lv = rng.integers(0, 256, (20, 3, size, size), dtype=np.uint8)
     kw = dict(sampling_timesteps=8, progress=False, return_float=True, batch_size=2)
-    fp32 = generate_video(unet, lv, lv, lv[0], precision="fp32", **kw)
-    mixed = generate_video(unet, lv, lv, lv[0], precision=plan, **kw)
+    fp32 = generate_video(nets, lv, lv, lv[0], precision="fp32", **kw)
+    mixed = generate_video(nets, lv, lv, lv[0], precision=plan, **kw)
     assert 35 <= psnr(fp32, mixed) < float("inf")
