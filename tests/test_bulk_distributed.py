@@ -306,3 +306,36 @@ def test_protocol_two_processes_report_equals_one(tmp_path):
     assert gen_two["generated"] == gen_one["generated"] == ["id_1", "id_0"]  # the split file's order
     done = json.loads((tmp_path / "two" / "protocol.json").read_text())["done"]
     assert sorted(done) == ["id_0", "id_1"]  # both ranks recorded theirs
+
+
+@pytest.mark.slow
+def test_protocol_shards_generate_then_one_run_scores_them_all(tmp_path, one_thread, capsys):
+    """--shard K --num_shards N (no rendezvous): each job generates its share and stops; the same
+    command without them reuses every video and scores them all."""
+    from data.audio import load_audio
+    from evaluation.evaluate import main
+
+    data = tmp_path / "data"
+    data.mkdir()
+    speech = load_audio(write_speech(tmp_path / "speech.wav", 2.0))
+    frames = reference_frames(13, 96)
+    for i in range(3):
+        write_video(
+            data / f"id_{i}.mp4", np.roll(frames, 10 * i, axis=2), audio=speech[i * 8000 : i * 8000 + 8320]
+        )
+    (tmp_path / "split.txt").write_text("id_0\nid_1\nid_2\n")
+    out = tmp_path / "out"
+    args = ["--protocol", "hdtf_selfrecon", "--data", str(data), "--split_file", str(tmp_path / "split.txt")]
+    args += ["--config", TINY, "--random_weights", "--device", "cpu", "--metrics", "psnr", "--no_progress"]
+    args += ["--out", str(out)]
+    with pytest.raises(UserError, match="--overwrite with --num_shards > 1"):
+        main([*args, "--shard", "0", "--num_shards", "2", "--overwrite"])
+    for k in (1, 0):
+        assert main([*args, "--shard", str(k), "--num_shards", "2"]) == {}
+        assert f"shard {k}/2: its videos are done" in capsys.readouterr().out
+    assert not (out / "report.json").exists()
+    assert sorted(json.loads((out / "protocol.json").read_text())["done"]) == ["id_0", "id_1", "id_2"]
+    report = main(args)
+    gen = report["settings"]["generation"]
+    assert gen["generated"] == [] and gen["reused"] == ["id_0", "id_1", "id_2"]
+    assert list(report["per_video"]) == ["id_0", "id_1", "id_2"] and (out / "report.json").is_file()
