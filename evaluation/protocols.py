@@ -49,17 +49,9 @@ from evaluation import clips
 from evaluation.protocol import FPS, VideoPair, check_lengths, count_frames
 from evaluation.scoring import format_table, score, write_report
 from evaluation.splits import HDTF_TEST_SPLIT
-from moditalker import bulk
+from moditalker import bulk, fileio
 from moditalker.errors import UserError
-from moditalker.fileio import (
-    atomic_write_text,
-    check_output,
-    folder_problem,
-    path_records,
-    repo_path,
-    require_file,
-    same_file,
-)
+from moditalker.fileio import atomic_write_text, check_output, repo_path, require_file, same_file
 from pipeline.inference import build_parser as pipeline_parser
 from pipeline.inference import resolve_config, run_inference
 from pipeline.models import ModelCache
@@ -314,7 +306,7 @@ class Manifest:
     def finish(self, name: str, paths: Paths | None = None) -> None:
         """Record ``name`` as done (with the size and sha256 of its audio, real and generated files),
         with what the other ranks recorded meanwhile."""
-        mine = path_records(self.out, (paths.wav, paths.real, paths.generated)) if paths else {}
+        mine = fileio.path_records(self.out, (paths.wav, paths.real, paths.generated)) if paths else {}
         with self._locked():
             done, files = self._on_disk()
             self.done = done + [n for n in [*self.done, name] if n not in done]
@@ -327,7 +319,7 @@ class Manifest:
         recorded before the records existed: its clips are there)."""
         if name not in self.files:
             return None if paths.real.is_file() and paths.generated.is_file() else "a clip is missing"
-        return folder_problem(self.out, self.files[name])
+        return fileio.folder_problem(self.out, self.files[name])
 
 
 def _diff(a, b, prefix: str = "") -> set[str]:
