@@ -1,7 +1,8 @@
 """A local web page: upload speech and a face, watch the talking head, with the networks kept warm.
 
 ``python -m pipeline.app [--host 127.0.0.1] [--port 7860] [--config configs/inference.yaml]
-[--device auto|cpu|cuda:N] [--random_weights] [--out_dir outputs/app] [--share] [key=value ...]``
+[--device auto|cpu|cuda:N] [--random_weights] [--out_dir outputs/app] [--share] [--max_queue 20]
+[--max_upload_mb 50] [--auth USER:PASS] [key=value ...]``
 (also ``scripts/app.sh``) serves a Gradio page that runs the same pipeline as
 ``scripts/inference.sh`` (:mod:`pipeline.app_job`), with every network loaded once and kept in memory
 for the server's life (:mod:`pipeline.models`).
