@@ -56,6 +56,7 @@ __all__ = [
     "MOUTH_PATTERN",
     "Face",
     "clip_landmarks",
+    "crop_face",
     "load_face",
     "lip_box",
     "loudness_db",
@@ -71,7 +72,10 @@ __all__ = [
 LAG_FRAMES = 2  #: the mouth follows the loudness envelope this many video frames (80 ms) later
 OPEN_DB = (-30.0, -6.0)  #: loudness (dB below the sentence's loudest frame) of a closed / fully open mouth
 SMOOTH_FRAMES = 5  #: width of the Hann window smoothing the loudness envelope
-OPEN_BFM = 0.2  #: lower-lip travel of a fully open mouth in BFM units (the face is about 1.4 units tall)
+OPEN_BFM = 0.1  #: lower-lip travel of a fully open mouth in BFM units (the face is about 1.4 units tall)
+# the bundled face: scikit-image's astronaut (as pipeline.sample_data), cropped to the face as HDTF's
+# frames are (a 180-pixel square of the 512x512 photo around the head centre)
+ASTRONAUT_BOX = (135, 40, 315, 220)
 
 # per-landmark displacement of a fully open mouth in units of OPEN_BFM: (index, dx, dy), y up
 _PATTERN = (
@@ -135,21 +139,22 @@ def _syllable(rng: np.random.Generator, f0: float, seconds: float, stress: float
     gain = sum(
         np.exp(-0.5 * ((freq - fr) / (60 + 0.05 * fr)) ** 2) * g for fr, g in zip(formants, (1.0, 0.6, 0.25))
     )
-    amps = (gain + 0.02) / k**0.5
-    voiced = (
-        amps[:, None] * np.sin(k[:, None] * phase[None] + rng.uniform(0, 2 * np.pi, len(k))[:, None])
-    ).sum(0)
-    voiced /= np.abs(voiced).max() + 1e-9
     attack, release = rng.uniform(0.02, 0.05), rng.uniform(0.04, 0.09)
     env = np.clip(np.minimum(t / attack, (seconds - t) / release), 0.0, 1.0)
     env = 0.5 - 0.5 * np.cos(np.pi * env)
-    wave = voiced * env
+    # vocal effort: a louder voice has a flatter spectrum (spectral tilt from k^-1.6 when quiet to
+    # k^-0.4 at full effort), so loudness shows in the spectrum's shape, not only in its scale
+    effort = env * peak
+    amps = (gain + 0.02)[:, None] * np.exp(-(1.6 - 1.2 * effort)[None] * np.log(k)[:, None])  # [K, n]
+    voiced = (amps * np.sin(k[:, None] * phase[None] + rng.uniform(0, 2 * np.pi, len(k))[:, None])).sum(0)
+    voiced /= np.sqrt((amps**2).sum(0) / 2) + 1e-12  # unit RMS: the loudness is env * peak exactly
+    wave = 0.5 * voiced * effort
     if rng.random() < 0.5:  # a consonant: a short burst of high-passed noise before the vowel
         m = int(rng.uniform(0.02, 0.06) * SAMPLE_RATE)
-        burst = np.diff(rng.normal(size=m + 1)) * rng.uniform(0.1, 0.3)
+        burst = np.diff(rng.normal(size=m + 1)) * rng.uniform(0.1, 0.3) * peak
         burst *= np.hanning(m)
         wave = np.concatenate([burst, wave])
-    return peak * wave
+    return wave
 
 
 def synth_sentence(seed: int | Sequence[int], seconds: tuple[float, float] = (3.0, 5.0)) -> np.ndarray:
@@ -225,17 +230,32 @@ def _fit_affine(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
     return sol.T  # [2, 3]
 
 
+def astronaut_image(size: int = 256) -> np.ndarray:
+    """The bundled face: scikit-image's astronaut cropped to :data:`ASTRONAUT_BOX`, uint8 ``[size, size, 3]``."""
+    from PIL import Image
+    from skimage import data as skdata
+
+    crop = Image.fromarray(skdata.astronaut()).crop(ASTRONAUT_BOX).resize((size, size), Image.BICUBIC)
+    return np.asarray(crop, dtype=np.uint8)
+
+
 def astronaut_landmarks(size: int = 256) -> np.ndarray:
-    """The canonical face placed on the bundled astronaut crop (fitted by eye: the pipeline's template
-    face with its height scaled by 0.79 about the mouth), ``[68, 2]`` pixels at ``size``."""
+    """The canonical face placed on :func:`astronaut_image` (fitted by eye on the pipeline's sample
+    crop: the pipeline's template face with its height scaled by 0.79 about the mouth, then mapped
+    into this crop), ``[68, 2]`` pixels at ``size``."""
     from data.face3d import canonical_face_lm68
+    from pipeline.sample_data import _ASTRONAUT_BOX
 
     xy = canonical_face_lm68()[:, :2]
-    x = size / 2 + xy[:, 0] * 0.3 * size
-    y = 0.45 * size - xy[:, 1] * 0.3 * size
-    mouth_row = 145.0 / 256 * size
-    y = mouth_row + (y - mouth_row) * 0.79
-    return np.stack([x, y], 1)
+    x = 128 + xy[:, 0] * 0.3 * 256
+    y = 0.45 * 256 - xy[:, 1] * 0.3 * 256
+    y = 145.0 + (y - 145.0) * 0.79  # in the 256-pixel sample crop
+    left, top, right, _ = _ASTRONAUT_BOX
+    scale = (right - left) / 256
+    px, py = left + x * scale, top + y * scale  # in the 512x512 photo
+    x0, y0, x1, _ = ASTRONAUT_BOX
+    k = size / (x1 - x0)
+    return np.stack([(px - x0) * k, (py - y0) * k], 1)
 
 
 def load_face(face: str | Path | None = None, landmarks: str | Path | None = None) -> Face:
@@ -244,9 +264,7 @@ def load_face(face: str | Path | None = None, landmarks: str | Path | None = Non
     from data.face3d import canonical_face_lm68
 
     if face is None:
-        from pipeline.sample_data import reference_image
-
-        image = reference_image(256)
+        image = astronaut_image(256)
         lm = astronaut_landmarks(256) if landmarks is None else None
     else:
         from PIL import Image
@@ -273,6 +291,21 @@ def load_face(face: str | Path | None = None, landmarks: str | Path | None = Non
             raise UserError(f"{landmarks}: face landmarks must be a finite [68, 2] array, got {lm.shape}")
     lm = np.asarray(lm, np.float64)
     return Face(image=image, landmarks=lm, affine=_fit_affine(canonical_face_lm68()[:, :2], lm))
+
+
+def crop_face(face: Face, box: tuple[int, int, int, int], size: int = 256) -> Face:
+    """``face`` cropped to the square ``box`` (x0, y0, x1, y1 pixels) and resized to ``size``, with its
+    landmarks and projection carried along (landmarks may fall outside the crop)."""
+    from PIL import Image
+
+    x0, y0, x1, y1 = box
+    if x1 - x0 != y1 - y0 or x1 <= x0:
+        raise UserError(f"the crop box must be a square, got {box}")
+    k = size / (x1 - x0)
+    image = np.asarray(Image.fromarray(face.image).crop(box).resize((size, size), Image.BICUBIC), np.uint8)
+    affine = face.affine * k
+    affine[:, 2] = (face.affine[:, 2] - np.array([x0, y0])) * k
+    return Face(image=image, landmarks=(face.landmarks - np.array([x0, y0])) * k, affine=affine)
 
 
 def head_motion(n: int, rng: np.random.Generator, amount: float) -> np.ndarray:
