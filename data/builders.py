@@ -343,7 +343,9 @@ def run_items(
         (report["skipped"] if skip(item_id) else todo).append(item_id)
     ranks = ranks or Ranks()
     if ranks.world > 1:
-        ranks.log(f"{desc}: {len(ids)} {unit}s in this rank's share, {len(todo)} to do")
+        ranks.log(
+            f"{desc}: {len(ids)} {unit}{'' if len(ids) == 1 else 's'} in this rank's share, {len(todo)} to do"
+        )
     bar = ranks.bar(todo, desc=desc, unit=unit, disable=not progress)
     for item_id in bar:
         bar.set_postfix_str(item_id)
