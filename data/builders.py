@@ -252,10 +252,16 @@ def process_hdtf_item(
         feats = toolkit.hubert(wave, name=str(source))
         meta["hubert_frames"] = int(feats.shape[0])
 
-    # Unfinished leftovers of an interrupted run are replaced as a whole.
+    # Unfinished leftovers of an interrupted run are replaced as a whole, with its temp files (killed
+    # mid-write: ``.{id}.npy.*`` of the atomic writes, ``.{id}.*`` frame folders)
     for d in _item_dirs(out_dir, item_id)[int(in_place) :]:
         if d.exists():
             shutil.rmtree(d)
+    for parent in {d.parent for d in _item_dirs(out_dir, item_id)} | {
+        out_dir / k for k in ("coeff", "audio", "hubert", "meta")
+    }:
+        for stale in parent.glob(f".{item_id}.*"):
+            shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
     if not in_place:
         write_frame_folder(
             out_dir / "frames" / item_id,
@@ -343,9 +349,7 @@ def run_items(
         (report["skipped"] if skip(item_id) else todo).append(item_id)
     ranks = ranks or Ranks()
     if ranks.world > 1:
-        ranks.log(
-            f"{desc}: {len(ids)} {unit}{'' if len(ids) == 1 else 's'} in this rank's share, {len(todo)} to do"
-        )
+        ranks.log(f"{desc}: {len(ids)} {unit}s in this rank's share, {len(todo)} to do")
     bar = ranks.bar(todo, desc=desc, unit=unit, disable=not progress)
     for item_id in bar:
         bar.set_postfix_str(item_id)

@@ -616,6 +616,8 @@ def test_preprocessed_items_are_checked_before_a_rerun_skips_them(preprocessed, 
     coeff = out / "coeff" / "WRA_One_000.npy"
     coeff.write_bytes(coeff.read_bytes()[:-4])  # truncated
     _flip_last_byte(sorted((out / "frames" / "WRA_Two_000").glob("*.png"))[2])  # a changed frame
+    (out / "coeff" / ".WRA_One_000.npy.k1ll3d.npy").write_bytes(b"cut short")  # temp files of a kill
+    (out / "frames" / ".WRA_One_000.k1ll3d").mkdir()
     capsys.readouterr()
     report = main(argv(out))
     captured = capsys.readouterr()
