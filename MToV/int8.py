@@ -25,7 +25,7 @@ How :class:`Int8Conv` quantises (written here; the kernel is oneDNN's):
 
 Measured on a 2-core AMD EPYC (AVX512-VNNI), full-size UNet, random weights, a batch of 4 clips: one
 pass 1.86-2.04 s in fp32 and 1.51-1.60 s with int8 convolutions. The frames against fp32 and the whole
-pipeline are in the README; the tests bound them on the tiny config.
+pipeline are in docs/speed.md; the tests bound them on the tiny config.
 """
 
 from __future__ import annotations

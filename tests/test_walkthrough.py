@@ -2,7 +2,7 @@
 stage consuming the previous one's output, ending in a video made with the trained tiny checkpoints.
 
 The default suite runs it with 2 short videos and 2 steps per trainer; ``RUN_SLOW=1`` runs it exactly as
-the README shows (4 videos of 1.5 s, 50 steps).
+docs/training.md shows (4 videos of 1.5 s, 50 steps).
 """
 
 from __future__ import annotations
