@@ -201,6 +201,7 @@ def test_file_routes_serve_nothing_outside_the_page_folders(client, app, inputs,
         "symlink to a file outside": f"{uploads}/attacker/secret.txt",
         "symlinked folder to the cache": f"{uploads}/attacker/work/{npy.relative_to(f.work)}",
         "symlinked folder to /": f"{uploads}/attacker/root/etc/passwd",
+        "a loopback URL (the server itself)": f"{url}config",
     }
     served = {}
     for name, path in tries.items():
