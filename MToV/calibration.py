@@ -374,6 +374,9 @@ def calibrate(
                 raise ValueError(basis)
         except (KeyError, TypeError, ValueError, AttributeError):
             entry = None
+    if entry is not None and entry.get("busy") and _idle():
+        say("precision auto: the stored measurement was made on a busy machine, now idle: measuring again")
+        entry = None
     if entry is not None:
         plan, reason = choose(cpu if basis == "cpu" else seconds, threshold)
         reason = f"{reason} [{basis} seconds]"
@@ -402,25 +405,33 @@ def calibrate(
     reason = f"{reason} [{note}]"
     stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     load = _load_average()
+    cores = os.cpu_count() or 1
+    busy = basis == "cpu" or (load is not None and load > cores + 1)
+    # a busy machine's measurement is kept until a run finds the machine idle, which measures again
     entry = {"key": key, "seconds": seconds, "cpu_seconds": cpu, "basis": basis}
-    entry |= {"measured_at": stamp, "load_average": load}
+    entry |= {"measured_at": stamp, "load_average": load, "busy": busy}
     failed = _write(path, key_id, entry)
     where = str(path) if failed is None else None
     say(
         f"precision auto on this CPU (measured in {spent:.1f} s): {reason}"
         + (f"; not saved ({failed})" if failed else f"; saved in {path}")
     )
-    cores = os.cpu_count() or 1
-    if load is not None and load > cores + 1:
+    if busy:
         say(
-            f"precision auto: measured while other jobs ran (load average {load:.1f} on {cores} cores), "
-            "so the choice may not hold on an idle machine; recalibrate when it is idle"
+            f"precision auto: measured while other jobs ran (load average {load} on {cores} cores), so "
+            "the choice may not hold on an idle machine: the first run that finds it idle measures again"
         )
     return Calibration(plan, "measured", reason, seconds, key, where, spent, cpu, basis)
 
 
 def _floats(times: Any) -> dict[str, dict[str, float]]:
     return {n: {p: float(s) for p, s in t.items()} for n, t in times.items()}
+
+
+def _idle() -> bool:
+    """Whether the load average is below the number of cores (nothing else competes for them)."""
+    load = _load_average()
+    return load is not None and load < (os.cpu_count() or 1)
 
 
 def _load_average() -> float | None:

@@ -24,12 +24,13 @@ def test_auto_precision_measured_kept_recalibrated_and_keyed(tmp_path, monkeypat
     measured = []
     times = {"autoencoders": {"int8": 4.0, "fp32": 10.0}, "unet": {"fp32": 1.0}}
 
-    def fake_measure(models, timer=None):  # as the full-size networks on a CPU where int8 pays
+    def fake_measure(models, timer=None, cpu_seconds=None):  # full-size networks on a CPU where int8 pays
         measured.append(models.config.unet.model_channels)
         return json.loads(json.dumps(times))
 
     monkeypatch.setattr(calibration, "measure", fake_measure)
     monkeypatch.setattr(calibration, "_config_params", lambda config: 10**9)  # not the tiny size rule
+    monkeypatch.setattr(calibration, "_load_average", lambda: 0.5)  # an idle machine, whatever runs beside
     cal_file = tmp_path / "calibration" / "cal.json"
     out = tmp_path / "talk.mp4"
     argv = ["--audio", str(speech), "--ref_video", str(video), "--out", str(out), "--random_weights"]
