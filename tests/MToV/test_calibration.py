@@ -236,7 +236,7 @@ def test_a_busy_machine_is_said(models, tmp_path, monkeypatch):
     assert _cal(models, tmp_path, timer).source == "cache"
 
 
-def test_a_busy_process_decides_on_cpu_seconds(models, tmp_path):
+def test_a_busy_process_decides_on_cpu_seconds(models, tmp_path, monkeypatch):
     # (wall, process CPU): the process ran a fifth of the time; wall says int8 buys nothing, CPU says 2x
     busy = FakeTimer(
         autoencoders__int8=(9.9, 2.0), autoencoders__bf16=(10.0, 2.2), autoencoders__fp32=(10.0, 4.0)
@@ -246,8 +246,11 @@ def test_a_busy_process_decides_on_cpu_seconds(models, tmp_path):
     assert cal.basis == "cpu" and cal.plan.autoencoders in ("int8", "bf16") and cal.plan.unet == "fp32"
     assert "machine was busy" in cal.reason and cal.cpu_seconds["autoencoders"]["fp32"] == 4.0
     assert cal.seconds["autoencoders"]["fp32"] == 10.0
-    hit = _cal(models, tmp_path, busy)  # read back: decided on the same basis
+    monkeypatch.setattr(calibration, "_load_average", lambda: 9.0)  # still busy: read back, same basis
+    hit = _cal(models, tmp_path, busy)
     assert hit.source == "cache" and hit.basis == "cpu" and hit.plan == cal.plan
+    monkeypatch.setattr(calibration, "_load_average", lambda: 0.5)  # idle: a busy measurement is redone
+    assert _cal(models, tmp_path, busy).source == "measured"
     # an idle process (CPU ~ wall): the wall seconds decide
     idle = FakeTimer(
         autoencoders__int8=(9.9, 9.8), autoencoders__bf16=(10.0, 9.9), autoencoders__fp32=(10.0, 9.9)
