@@ -20,8 +20,9 @@ Wall seconds decide, unless the process got less than :data:`BUSY_SHARE` of its 
 measuring (other jobs shared the CPU): then its CPU seconds decide, which count only what it ran. On a
 2-core AMD EPYC shared with about 12 other jobs, one thread, one clip's int8 encode took 66 s of wall time
 and 9.3 s of CPU time, the fp32 one 113 s and 17.6 s; in another such run int8 and fp32 encode+decode
-took 99.7 and 107 s of wall time (1.08x), while idle the two differ 1.9x. The log also says when the
-load average was above the cores.
+took 99.7 and 107 s of wall time (1.08x), while idle the two differ 1.9x. With two threads even CPU
+seconds mislead there (threads waiting for each other count), so a measurement made on a busy machine is
+marked so, said in the log, and made again by the first run that finds the machine idle.
 
 Devices other than the CPU keep the capability rule of :func:`MToV.loading.precision_plan` (bf16
 autocast on CUDA), and so do networks with fewer than :data:`MIN_PARAMS` parameters (the tiny test
