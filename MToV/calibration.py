@@ -430,9 +430,10 @@ def _floats(times: Any) -> dict[str, dict[str, float]]:
 
 
 def _idle() -> bool:
-    """Whether the load average is below the number of cores (nothing else competes for them)."""
+    """Whether the load average is at most the number of cores and a half: this process's own threads
+    may have filled the cores just before (its earlier stages), nothing else competes for them."""
     load = _load_average()
-    return load is not None and load < (os.cpu_count() or 1)
+    return load is not None and load <= (os.cpu_count() or 1) + 0.5
 
 
 def _load_average() -> float | None:
