@@ -56,7 +56,8 @@ def running_app(root: Path) -> Iterator[AppServer]:
         "video": write_reference_video(d / "ref.mp4", seconds=1.0),
         "photo": write_reference_image(d / "face.png"),
     }
-    names = ("GRADIO_ANALYTICS_ENABLED", "GRADIO_TEMP_DIR", "HF_HUB_OFFLINE", "HF_HUB_DISABLE_TELEMETRY")
+    names = ("GRADIO_ANALYTICS_ENABLED", "GRADIO_TEMP_DIR", "GRADIO_EXAMPLES_CACHE", "HF_HUB_OFFLINE")
+    names += ("HF_HUB_DISABLE_TELEMETRY",)
     saved_env = {k: os.environ.get(k) for k in names}
     saved = socket.socket.connect, socket.getaddrinfo
     server = AppServer("", None, None, inputs)
