@@ -231,7 +231,7 @@ def _fit_affine(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
 
 
 def astronaut_image(size: int = 256) -> np.ndarray:
-    """The bundled face: scikit-image's astronaut cropped to :data:`ASTRONAUT_BOX`, uint8 ``[size, size, 3]``."""
+    """The bundled face: the astronaut cropped to :data:`ASTRONAUT_BOX`, uint8 ``[size, size, 3]``."""
     from PIL import Image
     from skimage import data as skdata
 

@@ -1,0 +1,494 @@
+"""Does training learn? Train every stage small on the synthetic world (:mod:`data.synthetic`) and score
+it on held-out sentences whose right answers are known.
+
+``python -m pipeline.benchmark_learning --out DIR [--seed S] [--json OUT] [--device cpu|cuda]`` (also
+``scripts/benchmark_learning.sh``):
+
+1. the world: ``--train`` training and ``--heldout`` held-out sentences of the bundled face, 64x64
+   frames (``python -m data.synthetic``);
+2. training with the project's own commands (``scripts/train_atom.sh``, ``scripts/train_mtov_ae.sh``,
+   ``scripts/train_mtov_ae_ldmk.sh``, ``scripts/cache_mtov_latents.sh``, ``scripts/train_mtov_diffusion.sh``
+   with ``configs/atom_learning.yaml``, ``configs/mtov_autoencoder_learning.yaml`` and
+   ``configs/mtov_learning.yaml``; the UNet from the latent cache);
+3. on the held-out sentences:
+
+   * **AToM** through :func:`AToM.inference.generate_landmarks` (the pipeline's call, the clip's first
+     true landmark as the reference): Pearson correlation of the generated mouth opening (inner-lip
+     gap) with the true opening over all frames, trained and untrained (the same network at its
+     seeded initialisation);
+   * **MToV** through :func:`MToV.generate.generate_video` (fp32) driven by the true landmarks (rendered
+     by :func:`data.motion_align.render_landmarks`), the clip's own frames masked below the nose (the
+     self-reconstruction protocol): PSNR in the fixed lip box and over the whole frame against the
+     true frames, and the same for copying the reference (first) frame; at 25, 10 and 5 UNet passes;
+   * **end to end**, audio in: AToM's landmarks projected into the photo (the world's own projection,
+     standing in for the pipeline's pose alignment) drive MToV with the still photo as the reference;
+     the correlation of the generated mouth's darkness with the true opening (the smoothed, delayed
+     loudness), next to the same figure for the true frames (its ceiling).
+
+Writes ``--json`` (``atom``, ``mtov``, ``end_to_end``, ``cpu_minutes``, ``seed``, ``device``, ...) and
+prints a table. Rerunning with the same ``--out`` resumes (each trainer continues from its own state).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from moditalker.errors import UserError, cli_main
+from moditalker.fileio import atomic_write_text, check_output
+
+REPO = Path(__file__).resolve().parents[1]
+ATOM_CONFIG = "configs/atom_learning.yaml"
+AE_CONFIG = "configs/mtov_autoencoder_learning.yaml"
+MTOV_CONFIG = "configs/mtov_learning.yaml"
+PASSES = {25: 100, 10: 40, 5: 20}  # UNet passes per clip -> sampling_timesteps at start_ratio 0.25
+TARGETS = {"mouth_corr_trained": 0.7, "mouth_corr_untrained": 0.3, "mouth_psnr_margin_db": 2.0}
+
+__all__ = [
+    "PASSES",
+    "TARGETS",
+    "atom_mouth_corr",
+    "format_table",
+    "main",
+    "mouth_darkness",
+    "mtov_scores",
+    "psnr",
+    "run_benchmark",
+    "sample_clip",
+]
+
+
+def psnr(a: np.ndarray, b: np.ndarray, box: Sequence[int] | None = None) -> float:
+    """PSNR (dB, peak 255) of uint8 frames ``[..., H, W, 3]``, inside ``box`` (x0, y0, x1, y1) if given."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    if box is not None:
+        x0, y0, x1, y1 = box
+        a, b = a[..., y0:y1, x0:x1, :], b[..., y0:y1, x0:x1, :]
+    mse = float(((a - b) ** 2).mean())
+    return float(10 * np.log10(255.0**2 / max(mse, 1e-10)))
+
+
+def mouth_darkness(frames: np.ndarray, box: Sequence[int]) -> np.ndarray:
+    """255 minus the mean luminance inside ``box`` per frame of uint8 ``[T, H, W, 3]``."""
+    x0, y0, x1, y1 = box
+    region = np.asarray(frames, np.float64)[:, y0:y1, x0:x1, :]
+    return 255.0 - (region @ np.array([0.299, 0.587, 0.114])).mean(axis=(1, 2))
+
+
+# ------------------------------------------------------------------------------------------------
+# evaluation
+
+
+def read_clip(hdtf: Path, cid: str) -> tuple[np.ndarray, np.ndarray]:
+    """(uint8 frames [T, S, S, 3], pixel landmarks [T, 68, 2]) of one clip of the world's tree."""
+    from data.video import read_frame_folder
+
+    frames = read_frame_folder(hdtf / "frames" / cid, what="frames")
+    kp = hdtf / "keypoints" / "non-face-centric" / "posed" / cid
+    lm = np.stack([np.load(kp / f"{t:05d}.npy") for t in range(len(frames))])
+    return frames, lm
+
+
+def sample_clip(
+    models,
+    reference: np.ndarray,
+    landmarks: np.ndarray,
+    *,
+    ref_landmarks: np.ndarray | None = None,
+    sampling_timesteps: int = 100,
+    start_ratio: float = 0.25,
+    seed: int = 0,
+    radius: int = 3,
+    precision: str = "fp32",
+) -> np.ndarray:
+    """MToV frames uint8 ``[T, S, S, 3]`` for pixel ``landmarks [T, 68, 2]`` (at the reference's size
+    S), with ``reference [N, S, S, 3]`` (masked below the nose with ``ref_landmarks``, default
+    ``landmarks``; its frame 0 the identity), through :func:`MToV.generate.generate_video`."""
+    from data.motion_align import render_landmarks
+    from MToV.conditions import build_conditions
+    from MToV.generate import generate_video
+
+    size = reference.shape[1]
+    lm_video = render_landmarks(landmarks, (size, size), size=size, radius=radius)
+    conditions = build_conditions(
+        reference, lm_video, size, landmarks=landmarks, ref_landmarks=ref_landmarks, identity_frame=0
+    )
+    video = generate_video(
+        models,
+        *conditions,
+        seed=seed,
+        start_ratio=start_ratio,
+        sampling_timesteps=sampling_timesteps,
+        progress=False,
+        precision=precision,
+    )
+    return video.transpose(0, 2, 3, 1)
+
+
+def mtov_scores(models, world: dict, hdtf: Path, passes: dict[int, int], seed: int, radius: int = 3) -> dict:
+    """PSNR of MToV (driven by the true landmarks) and of the reference copy on the held-out clips."""
+    box = world["lip_box"]
+    truth, copies, generated = [], [], {p: [] for p in passes}
+    for cid in world["heldout_ids"]:
+        frames, lm = read_clip(hdtf, cid)
+        truth.append(frames)
+        copies.append(np.repeat(frames[:1], len(frames), axis=0))
+        for p, steps in passes.items():
+            generated[p].append(
+                sample_clip(models, frames, lm, sampling_timesteps=steps, seed=seed, radius=radius)
+            )
+    t, c = np.concatenate(truth), np.concatenate(copies)
+    table = {}
+    for p in passes:
+        g = np.concatenate(generated[p])
+        table[str(p)] = {"mouth_psnr": psnr(g, t, box), "psnr": psnr(g, t)}
+    main_p = str(max(passes))
+    return {
+        "mouth_psnr_heldout": table[main_p]["mouth_psnr"],
+        "mouth_psnr_reference_copy": psnr(c, t, box),
+        "psnr_heldout": table[main_p]["psnr"],
+        "psnr_reference_copy": psnr(c, t),
+        "passes": table,
+        "lip_box": box,
+    }
+
+
+def atom_landmarks(diffusion, npz: Path, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(generated frontal landmarks [T, 68, 3], true ones) of one AToM clip, as the pipeline calls AToM."""
+    from AToM.inference import generate_landmarks
+    from data.face3d import canonical_face_lm68
+
+    data = np.load(npz)
+    mean = canonical_face_lm68().astype(np.float32)
+    true = data["idexp_lm3d"] / 10.0 + mean
+    cfg = diffusion.atom_config
+    lm = generate_landmarks(
+        diffusion,
+        data["hubert"],
+        true[0],
+        mean,
+        steps=int(cfg.sample.steps),
+        guidance_weight=float(cfg.diffusion.guidance_weight),
+        seed=seed,
+        progress=False,
+    )
+    return lm, true
+
+
+def atom_mouth_corr(diffusion, world_dir: Path, ids: Sequence[str], seed: int) -> float:
+    """Pearson correlation of the generated and the true mouth opening over all frames of ``ids``."""
+    from data.synthetic import mouth_gap3d
+
+    pred, true = [], []
+    for cid in ids:
+        lm, lm_true = atom_landmarks(diffusion, world_dir / "atom" / "val" / f"{cid}.npz", seed)
+        pred.append(mouth_gap3d(lm))
+        true.append(mouth_gap3d(lm_true))
+    p, t = np.concatenate(pred), np.concatenate(true)
+    if p.std() < 1e-12:
+        return 0.0
+    return float(np.corrcoef(p, t)[0, 1])
+
+
+# ------------------------------------------------------------------------------------------------
+# the run
+
+
+def _run(script: str, args: Sequence[str], env_extra: dict[str, str], log: Path) -> None:
+    """One of the project's scripts, with this Python; its output goes to ``log``; error on failure."""
+    env = {**os.environ, "PYTHON": sys.executable, **env_extra}
+    threads = torch_threads()
+    if threads is not None:  # the children use as many threads as this process was given
+        env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    cmd = ["bash", str(REPO / "scripts" / script), *args]
+    with open(log, "a") as f:
+        f.write("$ " + " ".join(f"{k}={v}" for k, v in env_extra.items()) + " " + " ".join(cmd) + "\n")
+        f.flush()
+        rc = subprocess.run(cmd, env=env, stdout=f, stderr=subprocess.STDOUT, cwd=REPO).returncode
+    if rc != 0:
+        tail = log.read_text().splitlines()[-5:]
+        raise UserError(f"{script} failed (exit {rc}); see {log}: " + " | ".join(tail))
+
+
+_THREADS: list[int] = []
+
+
+def torch_threads() -> int | None:
+    """The ``--threads`` of this run (None: the libraries' default)."""
+    return _THREADS[0] if _THREADS else None
+
+
+def _last_atom_checkpoint(folder: Path) -> Path:
+    ckpts = sorted((folder / "checkpoints").glob("step_*.pt"))
+    if not ckpts:
+        raise UserError(f"AToM training wrote no checkpoint in {folder}")
+    return ckpts[-1]
+
+
+def run_benchmark(
+    out: str | Path,
+    *,
+    seed: int = 0,
+    device: str = "cpu",
+    n_train: int = 96,
+    n_heldout: int = 8,
+    n_render: int = 16,
+    atom_steps: int = 3000,
+    ae_steps: int = 800,
+    ldmk_steps: int = 400,
+    unet_steps: int = 1500,
+    cache_stride: int = 4,
+    passes: Sequence[int] = (25, 10, 5),
+    progress: bool = True,
+) -> dict:
+    """Build the world, train every stage, score it (see the module doc); returns the report."""
+    import torch
+
+    from AToM.inference import load_atom
+    from data.synthetic import write_world
+    from moditalker.config import load_config
+    from moditalker.device import resolve_device
+    from MToV.loading import MODEL_DEFAULTS, load_mtov
+
+    t0 = time.time()
+    dev = resolve_device(device)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    log = out / "train.log"
+    world_dir = out / "world"
+    if (world_dir / "world.json").is_file():
+        world = json.loads((world_dir / "world.json").read_text())
+    else:
+        print("building the synthetic world ...", flush=True)
+        world = write_world(
+            world_dir, seed=seed, n_train=n_train, n_heldout=n_heldout, n_render=n_render, size=64,
+            progress=progress,
+        )  # fmt: skip
+    hdtf = world_dir / "hdtf"
+    split = f"data.split_file={hdtf / 'heldout_ids.txt'}"
+    quiet = [] if progress else ["--no_progress"]
+    common = ["--device", str(dev), *quiet]
+    stages = [
+        ("AToM", "train_atom.sh", {"CONFIG": ATOM_CONFIG},
+         [*common, "--out_dir", str(out / "atom"), f"data.root={world_dir / 'atom'}",
+          f"train.max_steps={atom_steps}", f"train.seed={seed}"]),
+        ("RGB autoencoder", "train_mtov_ae.sh", {"CONFIG": AE_CONFIG},
+         [*common, "--out_dir", str(out / "ae_rgb"), f"data.root={hdtf}", split,
+          f"train.max_steps={ae_steps}", f"train.seed={seed}"]),
+        ("landmark autoencoder", "train_mtov_ae_ldmk.sh", {"CONFIG": AE_CONFIG},
+         [*common, "--init_from", str(out / "ae_rgb" / "model_last.pth"), "--out_dir", str(out / "ae_ldmk"),
+          f"data.root={hdtf}", split, f"train.max_steps={ldmk_steps}", f"train.seed={seed}"]),
+        ("latent cache", "cache_mtov_latents.sh", {"CONFIG": MTOV_CONFIG},
+         [*common, "--ae_rgb", str(out / "ae_rgb" / "model_last.pth"), "--ae_ldmk",
+          str(out / "ae_ldmk" / "model_last.pth"), f"data.root={hdtf}", split,
+          "--stride", str(cache_stride), "--out", str(out / "latents")]),
+        ("diffusion UNet", "train_mtov_diffusion.sh", {"CONFIG": MTOV_CONFIG},
+         [*common, "--ae_rgb", str(out / "ae_rgb" / "model_last.pth"), "--ae_ldmk",
+          str(out / "ae_ldmk" / "model_last.pth"), "--out_dir", str(out / "unet"),
+          f"data.latents={out / 'latents'}", split, f"train.max_steps={unet_steps}", f"train.seed={seed}"]),
+    ]  # fmt: skip
+    times = {}
+    for name, script, env, args in stages:
+        print(f"training: {name} ({script}; log {log})", flush=True)
+        s = time.time()
+        _run(script, args, env, log)
+        times[name] = round(time.time() - s, 1)
+
+    print("scoring on the held-out sentences ...", flush=True)
+    with torch.random.fork_rng(devices=[]):
+        trained = load_atom(_last_atom_checkpoint(out / "atom"), device=dev)
+        untrained = load_atom(None, trained.atom_config, device=dev, random_weights=True)
+        atom = {
+            "mouth_corr_trained": atom_mouth_corr(trained, world_dir, world["heldout_ids"], seed),
+            "mouth_corr_untrained": atom_mouth_corr(untrained, world_dir, world["heldout_ids"], seed),
+        }
+        cfg = load_config(REPO / MTOV_CONFIG, [], MODEL_DEFAULTS)
+        models = load_mtov(
+            str(out / "ae_rgb" / "model_last.pth"),
+            str(out / "ae_ldmk" / "model_last.pth"),
+            str(out / "unet" / "diffusion_model.pth"),
+            cfg,
+            dev,
+        )
+        mtov = mtov_scores(models, world, hdtf, {p: PASSES[p] for p in passes}, seed)
+        end_to_end = end_to_end_scores(trained, models, world, world_dir, seed)
+    usage = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu_s = sum(u.ru_utime + u.ru_stime for u in usage)
+    report = {
+        "atom": atom,
+        "mtov": mtov,
+        "end_to_end": end_to_end,
+        "cpu_minutes": round(cpu_s / 60, 2),
+        "wall_minutes": round((time.time() - t0) / 60, 2),
+        "stage_seconds": times,
+        "seed": seed,
+        "device": str(dev),
+        "cpu": _cpu_name(),
+        "steps": {"atom": atom_steps, "ae_rgb": ae_steps, "ae_ldmk": ldmk_steps, "unet": unet_steps},
+        "cache_stride": cache_stride,
+        "world": {
+            "train": len(world["train_ids"]),
+            "heldout": len(world["heldout_ids"]),
+            "rendered_train": sum(c["rendered"] and c["split"] == "train" for c in world["clips"].values()),
+            "size": world["size"],
+            "hubert_loudness_r2": world["hubert_loudness_r2"],
+        },
+    }
+    report["targets_met"] = targets_met(report)
+    return report
+
+
+def end_to_end_scores(atom, models, world: dict, world_dir: Path, seed: int) -> dict:
+    """Audio in: AToM's landmarks -> the photo's pixels -> MToV (still photo as reference); the
+    correlation of the generated mouth's darkness with the true opening, and for the true frames."""
+    from data.face3d import canonical_face_lm68
+    from data.synthetic import Face, load_face, render_frames
+
+    size, box = world["size"], world["lip_box"]
+    face = Face(
+        image=np.zeros((world["face_size"],) * 2 + (3,), np.uint8),
+        landmarks=np.asarray(world["face_landmarks"]),
+        affine=np.asarray(world["face_affine"]),
+    )
+    hdtf = world_dir / "hdtf"
+    # the still reference: the photo at rest (no mouth motion), as a user's still image
+    photo = load_face()
+    still = render_frames(photo, face.landmarks[None], np.zeros(1), size)
+    rest = (face.landmarks * size / world["face_size"])[None].astype(np.float32)
+    mean = canonical_face_lm68()
+    dark_gen, dark_true, opening = [], [], []
+    for cid in world["heldout_ids"]:
+        lm3d, _ = atom_landmarks(atom, world_dir / "atom" / "val" / f"{cid}.npz", seed)
+        px = face.project(lm3d - mean) * size / world["face_size"]
+        frames = sample_clip(models, still, px.astype(np.float32), ref_landmarks=rest, seed=seed)
+        true_frames, _ = read_clip(hdtf, cid)
+        dark_gen.append(mouth_darkness(frames, box))
+        dark_true.append(mouth_darkness(true_frames, box))
+        opening.append(np.asarray(world["clips"][cid]["opening"]))
+    o = np.concatenate(opening)
+    gen, tru = np.concatenate(dark_gen), np.concatenate(dark_true)
+    corr = float(np.corrcoef(gen, o)[0, 1]) if gen.std() > 1e-9 else 0.0
+    return {"mouth_dark_corr": corr, "mouth_dark_corr_true_frames": float(np.corrcoef(tru, o)[0, 1])}
+
+
+def targets_met(report: dict) -> dict:
+    a, m = report["atom"], report["mtov"]
+    return {
+        "atom": a["mouth_corr_trained"] >= TARGETS["mouth_corr_trained"]
+        and a["mouth_corr_untrained"] <= TARGETS["mouth_corr_untrained"],
+        "mtov": m["mouth_psnr_heldout"] >= m["mouth_psnr_reference_copy"] + TARGETS["mouth_psnr_margin_db"],
+    }
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} cores)"
+    except OSError:
+        pass
+    return f"unknown CPU ({os.cpu_count()} cores)"
+
+
+def format_table(r: dict) -> str:
+    a, m, e = r["atom"], r["mtov"], r["end_to_end"]
+    lines = [
+        f"learning benchmark, seed {r['seed']}, {r['device']} ({r['cpu']}): "
+        f"{r['cpu_minutes']} CPU min, {r['wall_minutes']} min wall",
+        "",
+        "| stage | measure | trained | baseline | target |",
+        "| --- | --- | ---: | ---: | --- |",
+        f"| AToM | mouth opening corr (held-out) | {a['mouth_corr_trained']:.3f} | "
+        f"{a['mouth_corr_untrained']:.3f} (untrained) | >= 0.7, untrained <= 0.3 |",
+        f"| MToV | mouth-box PSNR dB | {m['mouth_psnr_heldout']:.2f} | "
+        f"{m['mouth_psnr_reference_copy']:.2f} (reference copy) | >= copy + 2 dB |",
+        f"| MToV | whole-frame PSNR dB | {m['psnr_heldout']:.2f} | {m['psnr_reference_copy']:.2f} "
+        "(reference copy) | |",
+        f"| end to end | mouth darkness corr | {e['mouth_dark_corr']:.3f} | "
+        f"{e['mouth_dark_corr_true_frames']:.3f} (true frames) | |",
+        "",
+        "| UNet passes per clip | mouth-box PSNR dB | whole-frame PSNR dB |",
+        "| ---: | ---: | ---: |",
+    ]
+    for p, v in sorted(m["passes"].items(), key=lambda kv: -int(kv[0])):
+        lines.append(f"| {p} | {v['mouth_psnr']:.2f} | {v['psnr']:.2f} |")
+    t = r["targets_met"]
+    lines += [
+        "",
+        f"targets: AToM {'met' if t['atom'] else 'NOT met'}, MToV {'met' if t['mtov'] else 'NOT met'}",
+    ]
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m pipeline.benchmark_learning",
+        description="Train every stage small on the synthetic world and score it on held-out sentences.",
+    )
+    p.add_argument("--out", default="runs/benchmark_learning", help="work folder (world, runs, logs)")
+    p.add_argument("--seed", type=int, default=0, help="world and training seed [0]")
+    p.add_argument("--json", default=None, help="write the report here")
+    p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N [cpu]")
+    p.add_argument("--train", type=int, default=96, help="training sentences [96]")
+    p.add_argument("--heldout", type=int, default=8, help="held-out sentences [8]")
+    p.add_argument("--render", type=int, default=16, help="training sentences rendered for MToV [16]")
+    p.add_argument("--atom_steps", type=int, default=3000)
+    p.add_argument("--ae_steps", type=int, default=800)
+    p.add_argument("--ldmk_steps", type=int, default=400)
+    p.add_argument("--unet_steps", type=int, default=1500)
+    p.add_argument("--cache_stride", type=int, default=4, help="latent cache: every S-th window start [4]")
+    p.add_argument("--passes", type=int, nargs="+", default=[25, 10, 5], choices=sorted(PASSES))
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="CPU threads of every stage (on a CPU shared with other jobs 1 avoids oversubscription)",
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --json")
+    p.add_argument("--no_progress", action="store_true")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    args = build_parser().parse_args(argv)
+    if args.json:
+        check_output(args.json, args.overwrite)
+    if args.threads is not None:
+        if args.threads < 1:
+            raise UserError(f"--threads must be >= 1, got {args.threads}")
+        import torch
+
+        torch.set_num_threads(args.threads)
+        _THREADS[:] = [args.threads]
+    report = run_benchmark(
+        args.out,
+        seed=args.seed,
+        device=args.device,
+        n_train=args.train,
+        n_heldout=args.heldout,
+        n_render=args.render,
+        atom_steps=args.atom_steps,
+        ae_steps=args.ae_steps,
+        ldmk_steps=args.ldmk_steps,
+        unet_steps=args.unet_steps,
+        cache_stride=args.cache_stride,
+        passes=args.passes,
+        progress=not args.no_progress,
+    )
+    print(format_table(report))
+    if args.json:
+        atomic_write_text(args.json, json.dumps(report, indent=1) + "\n")
+    return report
+
+
+if __name__ == "__main__":
+    cli_main(main)

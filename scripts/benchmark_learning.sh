@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Does training learn? Builds the synthetic talking-face world (data.synthetic), trains tiny AToM, both
+# MToV autoencoders and the UNet (from the latent cache) on it with the normal training scripts, and
+# scores them on held-out sentences against known answers (JSON + a table on stdout).
+#   scripts/benchmark_learning.sh [--seed S] [--json OUT.json] [--device cpu|cuda] [--out DIR]
+# See `scripts/benchmark_learning.sh --help`. Sets up .venv first when missing (scripts/setup.sh);
+# PYTHON=/path/to/python uses that interpreter instead. Rerunning with the same --out resumes.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+if [ -z "${PYTHON:-}" ]; then
+  bash "$ROOT/scripts/setup.sh"
+  PY="$ROOT/.venv/bin/python"
+else
+  PY="$PYTHON"
+fi
+exec "$PY" -m pipeline.benchmark_learning "$@"
