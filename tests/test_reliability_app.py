@@ -40,6 +40,7 @@ def _server(root: Path, job_class=None, **serve_args):
     from pipeline.app_job import AppFolders, Job
 
     names = ("GRADIO_ANALYTICS_ENABLED", "GRADIO_TEMP_DIR", "GRADIO_EXAMPLES_CACHE", "HF_HUB_OFFLINE")
+    names += ("HF_HUB_DISABLE_TELEMETRY",)
     saved = {k: os.environ.get(k) for k in names}
     demo = None
     try:
@@ -295,11 +296,11 @@ class _QuickJob:
         return Quick(folders, **kwargs)
 
 
-def test_auth_asks_for_the_login(tmp_path, inputs):
-    with _server(tmp_path, job_class=_QuickJob, auth=("ann", "s3cret")) as (url, job):
-        import huggingface_hub.constants
+def test_auth_asks_for_the_login(tmp_path, inputs, monkeypatch):
+    import huggingface_hub.constants
 
-        huggingface_hub.constants.HF_HUB_OFFLINE = True
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with _server(tmp_path, job_class=_QuickJob, auth=("ann", "s3cret")) as (url, job):
         with pytest.raises(Exception):  # noqa: B017, PT011 - no login: the client cannot even connect
             Client(url, verbose=False, analytics_enabled=False)
         with pytest.raises(Exception):  # noqa: B017, PT011
