@@ -47,6 +47,7 @@ runs and times one mode; this module is the CLI and the report (extrapolation, s
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -155,8 +156,9 @@ def run_benchmark(
 
     ``precision`` ``auto`` on the CPU is resolved first by :func:`MToV.calibration.resolve_plan`
     (``calibration_file``, ``recalibrate``: where the measurement is kept, measure again); the report's
-    ``precision_choice`` says what was chosen and why. ``warmup`` runs HuBERT and AToM once on a
-    short input before any mode (not timed), so the first mode does not pay the process's first calls.
+    ``precision_choice`` says what was chosen and why. ``warmup`` runs HuBERT and one AToM step of
+    each guidance pattern before any mode (not timed, :func:`warm_up`), so the first mode does not pay
+    the process's first calls.
     """
     from moditalker.device import resolve_device
     from MToV.calibration import resolve_plan
@@ -299,11 +301,15 @@ def warm_up(nets: Networks, inputs: Inputs, seed: int = 0) -> None:
     a process's first calls of a network pay one-time costs (thread pool, kernels set up for each new
     input shape, first touch of the weights), which would otherwise fall on whichever mode runs first.
     The same shapes as the timed runs: HuBERT's whole input, AToM's window (always ``horizon`` frames)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
     from AToM.inference import generate_landmarks
 
-    with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):
-        hub = nets.hubert(inputs.wave, name="warm-up")
-        for mode in ("auto", "original"):
+    gpu = nets.mtov.device.type != "cpu"
+    for mode in ("auto", "original"):  # as the modes run them: the faithful one in math attention
+        with sdpa_kernel(SDPBackend.MATH) if mode == "original" else contextlib.nullcontext():
+            if mode == "auto" or gpu:  # on the CPU HuBERT takes the math attention in every mode
+                hub = nets.hubert(inputs.wave, name="warm-up")
             generate_landmarks(
                 nets.atom, hub, inputs.ref_lm3d[0], inputs.key_mean, steps=1, seed=seed, progress=False,
                 guidance_mode=mode,
