@@ -158,6 +158,16 @@ def test_batch_store_checks_every_batch(tmp_path):
     (store.partial / "batch-00001.npz").unlink()
     assert BatchStore(WorkCache(tmp_path), "mtov", {"x": 1}, log=lines.append).open({"n": 4}) == 1
     assert "batch-00001.npz is missing" in lines[-1]
+    # a complete entry of the layout before batches (all frames in one frames.npy, no records): kept
+    # while its frames.npy reads back whole, and recorded; a truncated one is computed again
+    old = BatchStore(WorkCache(tmp_path), "mtov", {"x": 2}, log=lines.append)
+    old.entry.mkdir()
+    np.save(old.entry / "frames.npy", np.zeros((3, 3, 4, 4), np.uint8))
+    (old.entry / ".done").write_text("[]")
+    assert old.complete and old.problem() is None and "frames.npy" in (old.entry / ".done").read_text()
+    (old.entry / ".done").write_text("[]")
+    (old.entry / "frames.npy").write_bytes((old.entry / "frames.npy").read_bytes()[:-5])
+    assert "without file hashes" in old.problem()
 
 
 def test_stage_entry_of_an_older_layout_is_recomputed(tmp_path):

@@ -123,6 +123,10 @@ class BatchStore:
         except (OSError, ValueError, UnicodeDecodeError):
             return "its .done record cannot be read"
         if not isinstance(record, dict) or "files" not in record:
+            old = self.entry / "frames.npy"  # the layout before batches: kept when it reads back whole
+            if old.is_file() and npz_problem(old, npy=True) is None:
+                (self.entry / ".done").write_text(json.dumps({"files": folder_records(self.entry)}))
+                return None
             return "it was written without file hashes (an older layout)"
         return folder_problem(self.entry, record["files"])
 
