@@ -94,3 +94,33 @@ def draw_dots(points: np.ndarray, size: int | tuple[int, int], radius: int = 3) 
         for x, y in pts[t]:
             cv2.circle(canvas, (int(x), int(y)), radius, 255, -1)
     return out
+
+
+def piecewise_affine(
+    image: np.ndarray, src: np.ndarray, dst: np.ndarray, triangles: np.ndarray
+) -> np.ndarray:
+    """Warp ``image`` so that its points ``src [K, 2]`` land on ``dst [K, 2]``: one affine map per
+    triangle (``triangles [M, 3]`` indices, a triangulation of ``src``), bilinear, float32 out."""
+    h, w = image.shape[:2]
+    out = np.zeros((h, w, image.shape[2]), np.float32)
+    img = image.astype(np.float32)
+    for tri in triangles:
+        d = dst[tri].astype(np.float32)
+        x0, y0 = np.floor(d.min(0)).astype(int)
+        x1, y1 = np.ceil(d.max(0)).astype(int) + 1
+        x0, y0, x1, y1 = max(x0, 0), max(y0, 0), min(x1, w), min(y1, h)
+        if x1 <= x0 or y1 <= y0:
+            continue
+        m = cv2.getAffineTransform(d - np.float32([x0, y0]), src[tri].astype(np.float32))
+        patch = cv2.warpAffine(
+            img,
+            m,
+            (x1 - x0, y1 - y0),
+            flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
+            borderMode=cv2.BORDER_REPLICATE,
+        )
+        mask = np.zeros((y1 - y0, x1 - x0), np.uint8)
+        cv2.fillConvexPoly(mask, np.round((d - [x0, y0]) * 16).astype(np.int32), 1, cv2.LINE_8, 4)
+        region = out[y0:y1, x0:x1]
+        region[mask > 0] = patch[mask > 0]
+    return out

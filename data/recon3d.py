@@ -35,6 +35,7 @@ from tqdm import tqdm
 
 from data.face3d import SIMILARITY_FILE, canonical_face_lm68
 from data.geometry import CROP, RESCALE, lm68_to_lm5, pos_fit
+from moditalker.asset_content import deep3d_state_dict
 from moditalker.assets import default_path, require_asset
 from moditalker.checkpoint import load_strict, read_checkpoint
 from moditalker.device import resolve_device
@@ -100,20 +101,6 @@ def align_crop(
     return crop, np.asarray(t, dtype=np.float64), float(s), lm_crop
 
 
-def _extract_state_dict(obj: object, path: Path) -> dict[str, torch.Tensor]:
-    if isinstance(obj, dict) and "net_recon" in obj and isinstance(obj["net_recon"], dict):
-        obj = obj["net_recon"]
-    if not isinstance(obj, dict) or not obj or not all(torch.is_tensor(v) for v in obj.values()):
-        raise UserError(f"{path} is not a Deep3DFaceRecon checkpoint (expected {{'net_recon': state_dict}})")
-    out = {}
-    for key, value in obj.items():
-        for prefix in ("module.", "net_recon."):
-            if key.startswith(prefix):
-                key = key[len(prefix) :]
-        out[key] = value
-    return out
-
-
 class FaceReconstructor:
     """Regress 257 Deep3DFaceRecon coefficients per frame from frames and their 68 FAN landmarks.
 
@@ -149,7 +136,7 @@ class FaceReconstructor:
         if not random_weights:
             path = require_asset("deep3d", weights)
             obj = read_checkpoint(path, "Deep3DFaceRecon")
-            self._load(_extract_state_dict(obj, path), path)
+            self._load(deep3d_state_dict(obj, path), path)
         self.net.eval().to(self.device)
 
     def _load(self, state: dict[str, torch.Tensor], path: Path) -> None:

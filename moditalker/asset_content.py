@@ -40,6 +40,7 @@ from pathlib import Path
 from moditalker.errors import describe
 
 LAYOUTS_FILE = Path(__file__).with_name("official_layouts.json")
+DEEP3D_LAYOUT_FILE = Path(__file__).with_name("deep3d_layout.json")
 
 #: which official layout each MoDiTalker checkpoint has, and the wrapper keys its loader accepts
 LAYOUT_OF = {
@@ -202,22 +203,44 @@ def check_torch_file(name: str, path: Path, deep: bool = False) -> list[str]:
     return out
 
 
-def _deep3d_problems(obj: object, path: Path) -> list[str]:
-    """The Deep3DFaceRecon checkpoint must fit the ResNet-50 regressor data.recon3d loads it into."""
+def deep3d_state_dict(obj: object, path: Path) -> dict:
+    """The regressor's ``state_dict`` in a Deep3DFaceRecon checkpoint (``{'net_recon': state_dict}`` or the
+    bare dict), its ``module.`` / ``net_recon.`` key prefixes taken off; a ``UserError`` naming ``path``
+    when it holds no such dict."""
     import torch
 
-    from data.recon3d import ReconNet, _extract_state_dict
+    from moditalker.errors import UserError
+
+    if isinstance(obj, dict) and "net_recon" in obj and isinstance(obj["net_recon"], dict):
+        obj = obj["net_recon"]
+    if not isinstance(obj, dict) or not obj or not all(torch.is_tensor(v) for v in obj.values()):
+        raise UserError(f"{path} is not a Deep3DFaceRecon checkpoint (expected {{'net_recon': state_dict}})")
+    out = {}
+    for key, value in obj.items():
+        for prefix in ("module.", "net_recon."):
+            if key.startswith(prefix):
+                key = key[len(prefix) :]
+        out[key] = value
+    return out
+
+
+@cache
+def deep3d_layout() -> dict[str, tuple[int, ...]]:
+    """``{key: shape}`` of the ResNet-50 regressor ``data.recon3d`` loads ``epoch_20.pth`` into."""
+    raw = json.loads(DEEP3D_LAYOUT_FILE.read_text())
+    return {k: tuple(v) for k, v in raw["deep3d"].items()}
+
+
+def _deep3d_problems(obj: object, path: Path) -> list[str]:
+    """The Deep3DFaceRecon checkpoint must fit the ResNet-50 regressor data.recon3d loads it into."""
     from moditalker.errors import UserError
 
     try:
-        state = _extract_state_dict(obj, path)
+        state = deep3d_state_dict(obj, path)
     except UserError as exc:
         return [str(exc)]
-    with torch.device("meta"):
-        own = ReconNet().state_dict()
     skip = "num_batches_tracked"  # old checkpoints lack the BatchNorm step counters (the loader adds them)
-    layout = {k: tuple(v.shape) for k, v in own.items() if not k.endswith(skip)}
-    diff = layout_mismatch(layout, {k: v for k, v in state.items() if not k.endswith(skip)})
+    diff = layout_mismatch(deep3d_layout(), {k: v for k, v in state.items() if not k.endswith(skip)})
     return [f"{path} does not fit the Deep3DFaceRecon ResNet-50 (257 coefficients): {diff}"] if diff else []
 
 

@@ -29,15 +29,12 @@ public files (:data:`DOWNLOAD_URLS`) from ``URL/<host>/<path>`` instead of ``htt
 
 from __future__ import annotations
 
-import argparse
 import os
-import shutil
-from collections.abc import Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from moditalker.errors import UserError, cli_main, describe
+from moditalker.errors import UserError, cli_main
 from moditalker.fileio import REPO_ROOT
 
 __all__ = [
@@ -53,12 +50,12 @@ __all__ = [
     "require_asset",
     "missing_message",
     "markdown_table",
-    "download_asset",
+    "download_asset",  # noqa: F822 - from moditalker.asset_download, on first use
     "inspect_asset",
     "inspect_assets",
-    "GDRIVE_IDS",
-    "download_gdrive_asset",
-    "main",
+    "GDRIVE_IDS",  # noqa: F822 - from moditalker.asset_download, on first use
+    "download_gdrive_asset",  # noqa: F822 - from moditalker.asset_download, on first use
+    "main",  # noqa: F822 - moditalker.assets_cli, on first use
 ]
 
 CHECK_HINT = "see `python -m moditalker.assets check`"
@@ -376,6 +373,8 @@ def inspect_asset(name: str, path: str | Path | None = None, deep: bool = False)
 
 
 def _fix_hint(name: str, path: Path) -> str:
+    from moditalker.asset_download import DOWNLOAD_URLS, GDRIVE_IDS
+
     if name in GDRIVE_IDS:
         return f"remove it and run `python -m moditalker.assets download {name}`"
     if name in DOWNLOAD_URLS or name == "hubert":
@@ -412,318 +411,41 @@ def markdown_table(relative: bool = True) -> str:
 
 
 # Assets with a public direct download (the others need a registration or a Google-Drive link).
-DOWNLOAD_URLS: dict[str, dict[str, str]] = {
-    "face_alignment": {
-        "2DFAN4-11f355bf06.pth.tar": "https://www.adrianbulat.com/downloads/python-fan/2DFAN4-11f355bf06.pth.tar",
-        "s3fd-619a316812.pth": "https://www.adrianbulat.com/downloads/python-fan/s3fd-619a316812.pth",
-    },
-    "lpips_vgg16": {"": "https://download.pytorch.org/models/vgg16-397923af.pth"},
-    "lpips_alexnet": {"": "https://download.pytorch.org/models/alexnet-owt-7be5be79.pth"},
-    "fid_inception": {
-        "": "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
-        "pt_inception-2015-12-05-6726825d.pth"
-    },
-    "syncnet": {"": "http://www.robots.ox.ac.uk/~vgg/software/lipsync/data/syncnet_v2.model"},
-}
-HUBERT_HUB_ID = "facebook/hubert-large-ls960-ft"
-MIRROR_ENV = "MODITALKER_MIRROR"
-
-
-def mirrored(url: str) -> str:
-    """``url`` on the mirror ``$MODITALKER_MIRROR`` (``MIRROR/<host>/<path>``), or ``url`` itself."""
-    mirror = os.environ.get(MIRROR_ENV)
-    return f"{mirror.rstrip('/')}/{url.split('://', 1)[1]}" if mirror else url
-
-
-@contextmanager
-def _remove_new_folders_on_error(folder: Path) -> Iterator[None]:
-    """Create ``folder`` (and missing parents); when the body fails, remove those of them it left empty
-    (a failed offline download leaves no empty folder behind; one holding a partial file stays)."""
-    created = [p for p in (folder, *folder.parents) if not p.exists()]  # deepest first
-    folder.mkdir(parents=True, exist_ok=True)
-    try:
-        yield
-    except BaseException:
-        for p in created:
-            try:
-                p.rmdir()
-            except OSError:  # not empty: a partial download kept for resuming
-                break
-        raise
-
-
-def download_asset(name: str, path: str | Path | None = None) -> Path:
-    """Fetch ``hubert`` or one of :data:`DOWNLOAD_URLS` (``face_alignment``, ``lpips_vgg16`` and the
-    evaluation weights ``lpips_alexnet``, ``fid_inception``, ``syncnet``) to ``path`` (default location);
-    the official MoDiTalker checkpoints (:data:`GDRIVE_IDS`) go through :func:`download_gdrive_asset`.
-
-    Needs network access; files are written atomically, existing complete assets are left alone, and a
-    failed download leaves no empty folder behind.
-    """
-    from moditalker.fileio import atomic_path
-
-    asset = _asset(name)
-    if name in GDRIVE_IDS:
-        return download_gdrive_asset(name, path)
-    dest = Path(path) if path is not None else default_path(name)
-    if asset_present(name, dest):
-        return dest
-    if name == "hubert":
-        from transformers import AutoFeatureExtractor, HubertModel
-
-        try:
-            model = HubertModel.from_pretrained(HUBERT_HUB_ID)
-            extractor = AutoFeatureExtractor.from_pretrained(HUBERT_HUB_ID)
-        except OSError as exc:
-            raise UserError(f"cannot download {HUBERT_HUB_ID} (network?): {describe(exc)}") from exc
-        tmp = dest.with_name(f".{dest.name}.partial")
-        with _remove_new_folders_on_error(dest.parent):
-            model.save_pretrained(tmp)
-            extractor.save_pretrained(tmp)
-        if dest.exists():
-            shutil.rmtree(dest)
-        tmp.rename(dest)
-        return dest
-    if name not in DOWNLOAD_URLS:
-        if name == "bfm_front":
-            raise UserError(_bfm_route(name))
-        raise UserError(
-            f"{name} cannot be downloaded automatically; source: {asset.source} (with a direct link: "
-            f"`python -m moditalker.assets download {name} --url LINK`)"
-        )
-    from torch.hub import download_url_to_file
-
-    for file_name, url in DOWNLOAD_URLS[name].items():
-        url = mirrored(url)
-        target = dest / file_name if file_name else dest
-        if target.is_file():
-            continue
-        try:
-            with _remove_new_folders_on_error(target.parent), atomic_path(target) as tmp:
-                download_url_to_file(url, str(tmp), progress=True)
-        except OSError as exc:
-            raise UserError(f"cannot download {url} (network?): {describe(exc)}") from exc
-    return dest
-
-
-# The official checkpoints: the Google-Drive files the MoDiTalker README links.
-GDRIVE_IDS: dict[str, str] = {
-    "atom": "1nxKqaScFIGuNoK5Y5Jq4zeWxJ55sUw_E",
-    "autoencoder_motion": "1b9s5TbCaj5hz-luw7abgLYOF2Ph3jKrv",
-    "autoencoder_rgb": "1KQ7XKl5HLP79Ri7A33VHfn7Tvnwz3v9o",
-}
-#: names that stand for several assets on the download command line
-GROUPS: dict[str, tuple[str, ...]] = {"moditalker": ("atom", "autoencoder_rgb", "autoencoder_motion")}
-GDRIVE_URL_ENV = "MODITALKER_GDRIVE_URL"
-GDRIVE_URL = "https://drive.google.com/uc?id={id}"
-BFM_REGISTRATION = (
-    "register at https://faces.dmi.unibas.ch/bfm/main.php?nav=1-2&id=downloads (Basel Face Model 2009, "
-    "01_MorphableModel.mat), get Exp_Pca.bin (Guo et al., CoarseData) and convert both with "
-    "Deep3DFaceRecon_pytorch's BFM transfer script (github.com/sicxu/Deep3DFaceRecon_pytorch, "
-    "'Prepare prerequisite models')"
+#: the download code lives in moditalker.asset_download (imported when first used)
+_DOWNLOAD_NAMES = frozenset(
+    (
+        "DOWNLOAD_URLS",
+        "HUBERT_HUB_ID",
+        "MIRROR_ENV",
+        "mirrored",
+        "_remove_new_folders_on_error",
+        "download_asset",
+        "GDRIVE_IDS",
+        "GROUPS",
+        "GDRIVE_URL_ENV",
+        "GDRIVE_URL",
+        "BFM_REGISTRATION",
+        "_bfm_route",
+        "gdrive_url",
+        "_content_problems",
+        "download_gdrive_asset",
+    )
 )
 
 
-def _bfm_route(name: str) -> str:
-    dest = default_path(name)
-    return (
-        f"{name} ({dest.name}) is under the Basel Face Model licence (non-commercial research, "
-        f"registration required): {BFM_REGISTRATION}, and place it at {dest}. The converted copy the "
-        "MoDiTalker README links has no file id recorded here; to fetch it anyway, accept the BFM licence "
-        f"terms and give its link: `python -m moditalker.assets download {name} --accept-bfm-licence "
-        "--url LINK`"
-    )
+def __getattr__(name: str):
+    if name in _DOWNLOAD_NAMES:
+        from moditalker import asset_download
 
+        return getattr(asset_download, name)
+    if name == "main":  # the command line, moditalker.assets_cli
+        from moditalker.assets_cli import main
 
-def gdrive_url(file_id: str) -> str:
-    """The URL gdown fetches for a Drive file id (``$MODITALKER_GDRIVE_URL`` template, ``{id}`` filled)."""
-    template = os.environ.get(GDRIVE_URL_ENV) or GDRIVE_URL
-    if "{id}" not in template:
-        raise UserError(f"{GDRIVE_URL_ENV}={template!r} must contain {{id}}")
-    return template.replace("{id}", file_id)
-
-
-def _content_problems(name: str, path: Path) -> list[str]:
-    from moditalker import asset_content as content
-
-    if name in content.MAT_FIELDS:
-        return content.check_mat_file(name, path, deep=True)
-    return content.check_torch_file(name, path, deep=True)
-
-
-def download_gdrive_asset(
-    name: str,
-    path: str | Path | None = None,
-    url: str | None = None,
-    retries: int = 3,
-    accept_bfm_licence: bool = False,
-    quiet: bool = False,
-) -> Path:
-    """Fetch one official checkpoint (:data:`GDRIVE_IDS`; or any single-file asset from ``url``) with
-    gdown into ``.<name>.download`` beside ``path`` (resumed from gdown's partial ``.part`` file there
-    when an earlier run was interrupted), check it like ``assets check --deep`` and rename it to
-    ``path``. A failed or wrong download leaves nothing at ``path`` and raises a :class:`UserError`
-    saying what to do. An existing sound file is kept; an existing bad one is refused (remove it)."""
-    asset = _asset(name)
-    dest = Path(path) if path is not None else default_path(name)
-    if asset.contents:
-        raise UserError(
-            f"{name} is a folder of files; `python -m moditalker.assets download {name}` fetches it"
-        )
-    if name == "bfm_front" and not accept_bfm_licence:
-        raise UserError(_bfm_route(name))
-    if url is None:
-        if name not in GDRIVE_IDS:
-            if name == "bfm_front":
-                raise UserError(_bfm_route(name))
-            raise UserError(f"{name} has no known download link; source: {asset.source} (or pass --url)")
-        url = gdrive_url(GDRIVE_IDS[name])
-    browser = f"https://drive.google.com/file/d/{GDRIVE_IDS[name]}/view" if name in GDRIVE_IDS else url
-    by_hand = (
-        f"or download it in a browser from {browser} and place it at {dest}, then run "
-        f"`python -m moditalker.assets check --only {name}`"
-    )
-    if dest.exists():
-        problems = inspect_asset(name, dest, deep=True)
-        if problems:
-            raise UserError(f"{problems[0]} (it is kept: nothing is overwritten)")
-        if not quiet:
-            print(f"{name}: {dest} is already here and sound", flush=True)
-        return dest
-
-    import gdown
-
-    staging = dest.with_name(f".{dest.name}.download")
-    with _remove_new_folders_on_error(dest.parent):
-        try:
-            gdown.download(
-                url, str(staging), quiet=quiet, resume=True, retries=retries, timeout=60, use_cookies=False
-            )
-        except Exception as exc:  # noqa: BLE001 - requests, gdown and OS errors alike
-            partial = list(dest.parent.glob(f"{staging.name}*.part"))
-            keep = (
-                f"the {partial[0].stat().st_size:,} bytes received are kept in {partial[0]}: run the same "
-                "command again to resume, "
-                if partial and partial[0].stat().st_size
-                else "run the same command again later, "
-            )
-            raise UserError(
-                f"{name}: cannot download {url}: {describe(exc)}; nothing was saved at {dest}; "
-                f"{keep}{by_hand}"
-            ) from exc
-    problems = _content_problems(name, staging)
-    if problems:
-        staging.unlink()
-        what = problems[0].replace(str(staging), "the downloaded file")
-        raise UserError(
-            f"{name}: the download from {url} is not the expected file: {what}; it was deleted and nothing "
-            f"was saved at {dest}; try again later (Google Drive limits how often a file can be "
-            f"downloaded), {by_hand}"
-        )
-    os.replace(staging, dest)
-    if not quiet:
-        print(f"{name}: {dest} (checked)", flush=True)
-    return dest
-
-
-def _parse_sets(items: Sequence[str]) -> dict[str, str]:
-    out = {}
-    for item in items:
-        if "=" not in item:
-            raise UserError(f"--set takes name=path, got {item!r}")
-        key, value = item.split("=", 1)
-        out[key.strip()] = value.strip()
-    return out
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(
-        prog="python -m moditalker.assets",
-        description="List the external files (weights, BFM), check what they hold, download them.",
-    )
-    sub = ap.add_subparsers(dest="command", required=True)
-    chk = sub.add_parser(
-        "check",
-        help="report ok / MISSING / BAD per asset; exit 2 with one line per missing or bad file",
-        description="Cheap content checks by default (file type, truncation, the official key/shape layout "
-        "of the MoDiTalker checkpoints, the .mat variables, the HuBERT folder); --deep also reads every "
-        "byte (CRC) and loads every model.",
-    )
-    chk.add_argument(
-        "--only", nargs="+", default=None, metavar="NAME", help=f"subset of: {', '.join(ASSETS)}"
-    )
-    chk.add_argument("--set", nargs="+", default=[], metavar="NAME=PATH", help="check another location")
-    chk.add_argument("--required", action="store_true", help="skip the optional assets")
-    chk.add_argument("--deep", action="store_true", help="read every byte and load the models (slower)")
-    tab = sub.add_parser("table", help="print the Markdown table of checkpoints/README.md")
-    tab.add_argument(
-        "--markdown", action="store_true", help="Markdown (the only format; accepted for clarity)"
-    )
-    dl = sub.add_parser(
-        "download",
-        help="fetch assets (needs network): the public weights, or the official MoDiTalker checkpoints",
-    )
-    dl.add_argument(
-        "names",
-        nargs="*",
-        default=["hubert", "face_alignment", "lpips_vgg16"],
-        help="default: hubert face_alignment lpips_vgg16; 'moditalker' = atom autoencoder_rgb "
-        "autoencoder_motion (Google Drive); the evaluation weights: lpips_alexnet fid_inception syncnet",
-    )
-    dl.add_argument(
-        "--url", default=None, help="fetch the one named file from this URL (a mirror, a Drive link)"
-    )
-    dl.add_argument(
-        "--accept-bfm-licence",
-        "--accept-bfm-license",
-        dest="accept_bfm_licence",
-        action="store_true",
-        help="you accept the Basel Face Model licence (non-commercial research); needed for bfm_front",
-    )
-    dl.add_argument("--retries", type=int, default=3, help="Google-Drive downloads: retries per file")
-    args = ap.parse_args(argv)
-
-    if args.command == "download":
-        names = [n for name in args.names for n in GROUPS.get(name, (name,))]
-        for name in names:
-            _asset(name)
-        if args.url is not None and len(names) != 1:
-            raise UserError(f"--url names one file; got {len(names)} assets ({' '.join(names)})")
-        for name in names:
-            if name in GDRIVE_IDS or args.url is not None or name == "bfm_front":
-                path = download_gdrive_asset(
-                    name, url=args.url, retries=args.retries, accept_bfm_licence=args.accept_bfm_licence
-                )
-            else:
-                path = download_asset(name)
-            print(f"{name}: {path}")
-        return 0
-
-    if args.command == "table":
-        print(markdown_table(), end="")
-        return 0
-    overrides = _parse_sets(args.set)
-    names = (
-        args.only
-        if args.only is not None
-        else [n for n in ASSETS if not (args.required and ASSETS[n].optional)]
-    )
-    print(f"checkpoints folder: {checkpoints_root()}")
-    report = inspect_assets(names, overrides, deep=args.deep)
-    for name in names:
-        path = Path(overrides[name]) if name in overrides else default_path(name)
-        problems = report[name]
-        status = "ok     " if not problems else "MISSING" if not asset_present(name, path) else "BAD    "
-        print(f"  {status} {name:<20} {path}", flush=True)
-    lines = [line for name in names for line in report[name]]
-    if lines:
-        print(f"\n{len(lines)} missing or bad:")
-        for line in lines:
-            print(f"  - {line.removesuffix('; ' + CHECK_HINT)}")  # no "run the check" inside the check
-        raise SystemExit(2)
-    print("all requested assets present" + (" and sound (deep check)" if args.deep else " and sound"))
-    return 0
+        return main
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 if __name__ == "__main__":
-    cli_main(main)
+    from moditalker.assets_cli import main as _main
+
+    cli_main(_main)

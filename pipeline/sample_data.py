@@ -21,6 +21,7 @@ import numpy as np
 import soundfile as sf
 from PIL import Image
 
+from data.synthetic import SAMPLE_VIDEO_BOX
 from data.video import write_video
 from moditalker.errors import UserError, cli_main
 from moditalker.fileio import atomic_path
@@ -28,7 +29,7 @@ from moditalker.fileio import atomic_path
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE_SPEECH = REPO / "assets" / "sample" / "speech.wav"
 # head-and-shoulders square in the 512x512 astronaut image (left, top, right, bottom)
-_ASTRONAUT_BOX = (100, 0, 350, 250)
+_ASTRONAUT_BOX = SAMPLE_VIDEO_BOX
 _HEAD_CENTRE = (225.0, 125.0)
 
 

@@ -286,3 +286,14 @@ def test_check_deep3d_fits_the_regressor(ckpt, capsys):
     torch.save({"net_recon": state}, path)
     code, lines = run_check(capsys, "--only", "deep3d")
     assert code == 2 and "does not fit the Deep3DFaceRecon ResNet-50" in lines[0] and "conv1" in lines[0]
+
+
+def test_shipped_deep3d_layout_equals_the_regressor():
+    import torch
+
+    from data.recon3d import ReconNet
+
+    with torch.device("meta"):
+        own = ReconNet().state_dict()
+    want = {k: tuple(v.shape) for k, v in own.items() if not k.endswith("num_batches_tracked")}
+    assert asset_content.deep3d_layout() == want

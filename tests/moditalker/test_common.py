@@ -172,6 +172,7 @@ def _command_defaults() -> dict[str, list[dict]]:
         "mtov_autoencoder": [AE_DEFAULTS],
         "mtov_diffusion": [DIFF_DEFAULTS, MODEL_DEFAULTS],
         "mtov_tiny": [DIFF_DEFAULTS, MODEL_DEFAULTS],
+        "mtov_learning": [DIFF_DEFAULTS, MODEL_DEFAULTS],
         "inference": [PIPELINE_DEFAULTS],
     }
 
