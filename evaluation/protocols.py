@@ -48,10 +48,10 @@ from omegaconf import OmegaConf
 from evaluation import clips
 from evaluation.protocol import FPS, VideoPair, check_lengths, count_frames
 from evaluation.scoring import format_table, score, write_report
-from evaluation.splits import HDTF_TEST_SPLIT
+from evaluation.splits import HDTF_TEST_SPLIT, auto_pairs, read_ids, read_pairs
 from moditalker import bulk, fileio
 from moditalker.errors import UserError
-from moditalker.fileio import atomic_write_text, check_output, repo_path, require_file, same_file
+from moditalker.fileio import atomic_write_text, check_output, repo_path, same_file
 from pipeline.inference import build_parser as pipeline_parser
 from pipeline.inference import resolve_config, run_inference
 from pipeline.models import ModelCache
@@ -76,61 +76,6 @@ class Job:
     ref_id: str
     audio: Path  # the source video whose audio track drives
     ref: Path  # the source video giving the reference frames (and the real clip)
-
-
-# ----------------------------------------------------------------------------- ids and pairs
-def _lines(path: str | Path, what: str) -> list[tuple[int, list[str]]]:
-    path = require_file(path, what)
-    try:
-        text = path.read_text()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise UserError(f"cannot read {what} {path}: {exc}") from exc
-    out = []
-    for i, line in enumerate(text.splitlines(), 1):
-        words = line.split("#", 1)[0].split()
-        if words:
-            out.append((i, words))
-    if not out:
-        raise UserError(f"{what} {path} lists nothing (one entry per line, # comments)")
-    return out
-
-
-def read_ids(path: str | Path) -> list[str]:
-    """The ids of a split file: one per line, blank lines and ``#`` comments ignored."""
-    ids: list[str] = []
-    for i, words in _lines(path, "split file"):
-        if len(words) != 1:
-            raise UserError(f"line {i} of split file {path} holds {len(words)} words; put one id per line")
-        if words[0] in ids:
-            raise UserError(f"line {i} of split file {path}: id {words[0]} is listed twice")
-        ids.append(words[0])
-    return ids
-
-
-def read_pairs(path: str | Path) -> list[tuple[str, str]]:
-    """``(audio_id, ref_id)`` per line of a pairs file (``#`` comments)."""
-    pairs: list[tuple[str, str]] = []
-    for i, words in _lines(path, "pairs file"):
-        if len(words) != 2:
-            raise UserError(
-                f"line {i} of pairs file {path}: expected 'audio_id ref_id', got {' '.join(words)!r}"
-            )
-        if words[0] == words[1]:
-            raise UserError(
-                f"line {i} of pairs file {path} pairs {words[0]} with itself; cross_identity needs two ids "
-                "(self-driven videos are --protocol hdtf_selfrecon)"
-            )
-        if tuple(words) in pairs:
-            raise UserError(f"line {i} of pairs file {path}: the pair {' '.join(words)} is listed twice")
-        pairs.append((words[0], words[1]))
-    return pairs
-
-
-def auto_pairs(ids: list[str]) -> list[tuple[str, str]]:
-    """Each id's audio with the next id's reference (the last with the first)."""
-    if len(ids) < 2:
-        raise UserError(f"--pairs auto needs at least two test ids, the split file lists {len(ids)}")
-    return [(a, ids[(i + 1) % len(ids)]) for i, a in enumerate(ids)]
 
 
 def _check_known(ids: list[str], known, what: str, where: str) -> None:

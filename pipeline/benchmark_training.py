@@ -50,7 +50,7 @@ from MToV.diffusion import DDPM
 from MToV.latents import CachedLatents, CachedWindowDataset, from_storage, open_cache, to_storage
 from MToV.loading import build_ddpm, build_models
 from MToV.train_diffusion import DEFAULTS, KEYS, LatentBatcher, make_optimizer
-from pipeline.benchmark import _device_name
+from pipeline.benchmark_report import _device_name
 from pipeline.benchmark_setup import randomize_zero_params
 from pipeline.sample_data import reference_frames
 

@@ -480,58 +480,7 @@ def config_identity(node: Any) -> Any:
     return file_digest(value) if isinstance(value, str) else value
 
 
-# ----------------------------------------------------------------------------- documentation
-def _cell(text: str) -> str:
-    return text.replace("|", "\\|").replace("<", "&lt;")
-
-
-def _default_text(s: Setting) -> str:
-    value = s.default
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    return str(value)
-
-
-def _allowed_text(s: Setting) -> str:
-    text = s.kind
-    if s.check is not None:  # "an integer >= 1"; "one of auto, bf16" alone
-        wanted = s.check.wanted
-        text = f"{text} {wanted}" if wanted.startswith((">", "<", "in ")) else wanted
-    if s.nullable and not s.free_form:
-        text += ", or null"
-    return text
-
-
-def markdown_table() -> str:
-    """Every setting as a Markdown table: key, flag, default, allowed values, help (docs/inference.md)."""
-    lines = [
-        "| setting | flag | default | allowed | what |",
-        "| --- | --- | --- | --- | --- |",
-    ]
-    for s in SETTINGS.values():
-        flag = f"`--{s.flag}`" if s.flag else ""
-        default = _cell(_default_text(s))
-        lines.append(f"| `{s.key}` | {flag} | `{default}` | {_cell(_allowed_text(s))} | {_cell(s.help)} |")
-    return "\n".join(lines)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    import argparse
-
-    parser = argparse.ArgumentParser(
-        prog="python -m pipeline.settings", description="Print the settings of python -m pipeline.inference."
-    )
-    parser.add_argument("--markdown", action="store_true", help="as a Markdown table (docs/inference.md)")
-    args = parser.parse_args(argv)
-    if args.markdown:
-        print(markdown_table())
-    else:
-        for s in SETTINGS.values():
-            print(f"{s.key} = {_default_text(s)}    # {s.help}")
-    return 0
-
-
 if __name__ == "__main__":
+    from pipeline.settings_table import main
+
     raise SystemExit(main())

@@ -98,7 +98,7 @@ def test_bad_setting_is_refused_in_one_line(override, message):
 
 
 def test_markdown_table_lists_every_setting():
-    from pipeline.settings import markdown_table
+    from pipeline.settings_table import markdown_table
 
     rows = markdown_table().splitlines()[2:]
     assert [r.split("`")[1] for r in rows] == list(SETTINGS)
