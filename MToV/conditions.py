@@ -22,24 +22,54 @@ from moditalker.constants import FPS
 from moditalker.errors import UserError
 from moditalker.fileio import load_npy
 
-__all__ = ["MToVConditions", "build_conditions", "read_landmark_input", "read_reference"]
+__all__ = [
+    "MToVConditions",
+    "build_conditions",
+    "condition_settings",
+    "read_landmark_input",
+    "read_reference",
+]
 
 
 class MToVConditions(NamedTuple):
     """The three inputs of :func:`MToV.generate.generate_video`, uint8 and contiguous."""
 
-    landmark_video: np.ndarray  # [T, 3, S, S] rendered landmarks
+    landmark_video: np.ndarray  # [T, 3, R, R] rendered landmarks (R: the model's size, or S)
     masked_frames: np.ndarray  # [T, 3, S, S] reference frames masked below the nose
     identity_frame: np.ndarray  # [3, S, S]
 
 
+def condition_settings(config) -> tuple[int, int]:
+    """(size, dot radius) of the landmark condition a model was trained on: its autoencoder's
+    resolution and its config's ``data.landmark_radius`` (else the trainers' default,
+    :func:`MToV.dataset.data_defaults`). ``config``: a model config (:func:`MToV.loading.model_config`)
+    or the :class:`~MToV.loading.MToVModels` (whose ``config`` is one)."""
+    from MToV.dataset import data_defaults
+
+    cfg = getattr(config, "config", config)
+    size = int(cfg["autoencoder"]["ddconfig"]["resolution"])
+    data = cfg.get("data", None)
+    radius = data.get("landmark_radius", None) if data is not None else None
+    return size, int(data_defaults(0)["landmark_radius"] if radius is None else radius)
+
+
 def read_landmark_input(
-    path: str | Path, image_hw: tuple[int, int], size: int
+    path: str | Path,
+    image_hw: tuple[int, int],
+    size: int,
+    *,
+    model_size: int | None = None,
+    radius: int = 3,
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """--landmarks: aligned ``.npy [T, 68, 2]`` (rendered here) or a folder of rendered frames.
 
-    ``image_hw`` is the reference frames' size (the landmarks' pixel space), ``size`` the rendered
-    size. Returns (uint8 [T, 3, size, size] landmark video, the [T, 68, 2] landmarks or None).
+    ``image_hw`` is the reference frames' size (the landmarks' pixel space), ``size`` the output
+    size. Landmarks are rendered as the MToV trainers render them (:class:`MToV.dataset.HDTFClipDataset`:
+    :func:`data.motion_align.render_landmarks` at the model's size ``model_size``, default ``size``,
+    with dots of ``radius``; :func:`condition_settings` gives both for a model). A folder of frames
+    is used as it is when its frames are ``model_size`` square, else resized to ``size`` (such frames
+    are then resized again to the model's size and are not what the model was trained on). Returns
+    (uint8 [T, 3, R, R] landmark video, the [T, 68, 2] landmarks or None).
     """
     from data.motion_align import render_landmarks
     from data.video import read_frame_folder
@@ -50,7 +80,7 @@ def read_landmark_input(
         if imgs.shape[1] != imgs.shape[2]:
             raise UserError(f"landmark frames in {path} must be square, got {imgs.shape[1:3]}")
         video = torch.from_numpy(imgs).permute(0, 3, 1, 2).float()
-        if video.shape[-1] != size:
+        if video.shape[-1] != size and video.shape[-1] != (model_size or size):
             video = F.interpolate(video, size=(size, size), mode="bilinear", align_corners=False)
         return video.round().clamp(0, 255).to(torch.uint8).numpy(), None
     lm = load_npy(path, "aligned landmarks")
@@ -58,7 +88,7 @@ def read_landmark_input(
         raise UserError(f"{path}: aligned landmarks must be [T, 68, 2] pixel coordinates, got {lm.shape}")
     if not np.isfinite(lm).all():
         raise UserError(f"{path}: aligned landmarks contain NaN or inf")
-    return render_landmarks(lm, image_hw, size=size), lm
+    return render_landmarks(lm, image_hw, size=model_size or size, radius=radius), lm
 
 
 def read_reference(
@@ -88,11 +118,12 @@ def build_conditions(
     """(landmark video, masked frames, identity frame) for ``generate_video``.
 
     ``reference`` uint8 [N, H, W, 3] is played back and forth over the T frames of ``landmark_video``
-    (uint8 [T, 3, size, size]); each of those frames is masked from the nose base down and centre-
-    cropped and resized to ``size``. The nose position comes from ``ref_landmarks`` (the reference
-    frames' own landmarks [N, 68, 2], an array or a ``.npy`` path) when given, else from
-    ``landmarks`` (the aligned [T, 68, 2] landmarks the video was rendered from; a rendered PNG
-    folder has none). The identity frame is reference frame ``identity_frame``, cropped and resized.
+    (uint8 [T, 3, R, R], R the model's size or ``size``); each of those frames is masked from the nose
+    base down and centre-cropped and resized to ``size``. The nose position comes from
+    ``ref_landmarks`` (the reference frames' own landmarks [N, 68, 2], an array or a ``.npy`` path)
+    when given, else from ``landmarks`` (the aligned [T, 68, 2] landmarks the video was rendered
+    from; a rendered PNG folder has none). The identity frame is reference frame ``identity_frame``,
+    cropped and resized.
     """
     from data.imageops import mask_below_nose, resize_crop
     from data.motion_align import pingpong_indices

@@ -201,12 +201,16 @@ def _plan(precision: str | PrecisionPlan, models: MToVModels) -> PrecisionPlan:
     return resolve_plan(precision, models, models.device).plan
 
 
-def _check_frames(landmark_video, masked_frames, identity_frame, target_frames=None) -> int:
-    """The number of frames, after checking the inputs' shapes agree (one UserError otherwise)."""
+def _check_frames(landmark_video, masked_frames, identity_frame, target_frames=None, model_size=0) -> int:
+    """The number of frames, after checking the inputs' shapes agree (one UserError otherwise); the
+    landmark video may also be at the model's size ``model_size`` (``[T, 3, R, R]``)."""
     shape = np.asarray(landmark_video).shape
     n = int(shape[0]) if len(shape) == 4 else -1
     if n <= 0:
         raise UserError(f"landmark_video must be uint8 [T, 3, S, S], got {shape}")
+    at_model_size = shape[1:] == (3, model_size, model_size)
+    if at_model_size and np.asarray(masked_frames).ndim == 4 and len(masked_frames) == n:
+        shape = np.asarray(masked_frames).shape  # the other inputs are checked against these
     if np.asarray(masked_frames).shape != shape:
         raise UserError(
             f"masked_frames {np.asarray(masked_frames).shape} and landmark_video "
@@ -230,7 +234,7 @@ class ClipBatch:
     index: int  # batch b: clips b * batch_size ... (clip b alone with use_last_as_reference)
     start: int
     frames: np.ndarray  # uint8 [n, 3, S, S] (float32 in [-1, 1] with return_float)
-    landmarks: np.ndarray  # the uint8 landmark frames it was conditioned on, [n, 3, S, S]
+    landmarks: np.ndarray  # the uint8 landmark frames it was conditioned on, [n, 3, S, S] or [n, 3, R, R]
     carry: np.ndarray | None  # use_last_as_reference: the next batch's image condition (float32); else None
     encoded: dict[str, tuple[list[bytes], np.ndarray]]  # "rgb"/"ldmk": (keys, [m, ...]) first encoded here
 
@@ -269,7 +273,10 @@ def stream_video(
     """:func:`generate_video` as a stream of :class:`ClipBatch`: nothing of the video's length is held.
 
     ``conditions(start, stop)`` gives the uint8 ``[stop - start, 3, S, S]`` landmark frames and masked
-    reference frames of frames ``start .. stop - 1``; it is called once per batch, when the batch is
+    reference frames of frames ``start .. stop - 1`` (landmark frames at the model's size R,
+    ``[stop - start, 3, R, R]``, go to the network as they are: rendered as the trainers render them,
+    see :func:`MToV.conditions.condition_settings`, they are what the model was trained on; at S they
+    are resized); it is called once per batch, when the batch is
     generated. Batch b covers clips ``b * batch_size ...`` (one clip per batch with
     ``use_last_as_reference``); the frames equal :func:`generate_video`'s (which is this stream,
     collected). ``precision``: a name (``auto``: on the CPU as measured by :mod:`MToV.calibration`)
@@ -331,10 +338,11 @@ def stream_video(
             idx = range(start, min(start + step, n_clips))
             b, f0, f1 = len(idx), idx.start * clip, min(idx.stop * clip, n)
             lv, mk = (np.asarray(a) for a in conditions(f0, f1))
-            if lv.shape != (f1 - f0, *ident.shape) or mk.shape != lv.shape:
+            if mk.shape != (f1 - f0, *ident.shape) or lv.shape not in (mk.shape, (f1 - f0, 3, size, size)):
                 raise UserError(
                     f"conditions({f0}, {f1}) gave landmark frames {lv.shape} and masked frames {mk.shape}; "
-                    f"both must be uint8 [{f1 - f0}, {', '.join(map(str, ident.shape))}]"
+                    f"both must be uint8 [{f1 - f0}, {', '.join(map(str, ident.shape))}] (the landmark "
+                    f"frames may be [{f1 - f0}, 3, {size}, {size}], the model's size)"
                 )
             x_l = pad_clips(to_model(lv, size, dev, "landmark_video"), clip)
             masked = pad_clips(to_model(mk, size, dev, "masked_frames"), clip)
@@ -408,7 +416,9 @@ def generate_video(
     ``use_last_as_reference``: the last generated frame of clip i becomes the image condition of
     clip i+1 (the noised start stays the identity frame's latent, as the original); clips then run
     one after another. Inputs at another size than the autoencoder's are resized, the output is
-    returned at the input size S.
+    returned at the input size S; the landmark video may be at the autoencoder's size R instead
+    (``[T, 3, R, R]``, rendered as the trainers do: :func:`MToV.conditions.condition_settings`), and
+    is then used as it is.
 
     Fast path: ``precision="auto"`` runs the autoencoders (encodes and decode) under bf16 autocast
     on GPUs, and on the CPU the arithmetic :mod:`MToV.calibration` measured faster there (bf16 or
@@ -423,7 +433,7 @@ def generate_video(
     instead (default: ``StageTimer(timings, models.device)``; when given, ``timings`` is not used).
     ``return_float`` returns float32 frames in [-1, 1] instead of uint8.
     """
-    n = _check_frames(landmark_video, masked_frames, identity_frame)
+    n = _check_frames(landmark_video, masked_frames, identity_frame, model_size=models.resolution)
     lv, mk = np.asarray(landmark_video), np.asarray(masked_frames)
     batches = stream_video(
         models,
@@ -470,7 +480,9 @@ def generate_video_original(
     :func:`generate_video`. Inputs uint8 [T, 3, S, S] (resized to the autoencoder's size if needed);
     returns uint8 (or float in [-1, 1]) [T, 3, S, S].
     """
-    n = _check_frames(landmark_video, masked_frames, identity_frame, target_frames)
+    n = _check_frames(
+        landmark_video, masked_frames, identity_frame, target_frames, model_size=models.resolution
+    )
     check_sampling(start_ratio, sampling_timesteps, eta, int(models.config.diffusion.timesteps))
     ident = np.asarray(identity_frame)
     out_size = int(ident.shape[-1])

@@ -31,7 +31,7 @@ from moditalker.errors import UserError, cli_main, script_prog
 from moditalker.fileio import repo_path
 from MToV import generate, loading
 from MToV.calibration import resolve_plan
-from MToV.conditions import build_conditions, read_landmark_input, read_reference
+from MToV.conditions import build_conditions, condition_settings, read_landmark_input, read_reference
 from MToV.generate import check_sampling, generate_video
 from MToV.loading import MODEL_DEFAULTS, PRECISIONS, load_mtov
 
@@ -188,9 +188,13 @@ def main(argv: Sequence[str] | None = None) -> dict:
     ref = read_reference(args.ref_video, args.ref_frames, fps=args.fps)  # [N, H, W, 3]
     models = load_mtov(args.ae_rgb, args.ae_ldmk, args.unet, cfg, args.device, args.random_weights)
     # output size: --size (256 by default, as the pipeline); a model of another resolution (the tiny
-    # config's 32) runs at its own size inside generate_video, which resizes in and out
+    # config's 32) runs at its own size inside generate_video, which resizes in and out. The landmark
+    # dots are drawn at the model's size with the radius it was trained with, as its trainers draw them
     size = int(args.size) if args.size else models.resolution
-    lm_video, lm = read_landmark_input(args.landmarks, ref.shape[1:3], size)
+    model_size, radius = condition_settings(models)
+    lm_video, lm = read_landmark_input(
+        args.landmarks, ref.shape[1:3], size, model_size=model_size, radius=radius
+    )
     conditions = build_conditions(
         ref,
         lm_video,

@@ -37,6 +37,7 @@ LATENT_CLIPS = 256  #: condition latents kept per autoencoder (repeated clips ar
 LOG_EVERY = 30.0  #: seconds between progress lines in the log (frames done / total, time left)
 #: work-folder bytes per stored pixel byte: the raw frames, their latents (~3 %) and the temp mp4s
 BYTES_PER_PIXEL_STORED = 1.15
+DEFAULT_RADIUS = 3  #: the landmark dots' radius of the output's landmark video (data.motion_align)
 
 
 def _encoded_arrays(encoded: dict[str, tuple[list[bytes], np.ndarray]]) -> dict[str, np.ndarray]:
@@ -62,6 +63,7 @@ def run(ctx: StageContext, ref: StageResult, al: StageResult, sink: VideoSink) -
     from data.imageops import mask_below_nose
     from data.motion_align import pingpong_indices, render_landmarks
     from MToV.calibration import resolve_plan
+    from MToV.conditions import condition_settings
     from MToV.loading import model_config
 
     cfg, size, n = ctx.cfg, ctx.size, ctx.n_frames
@@ -70,18 +72,27 @@ def run(ctx: StageContext, ref: StageResult, al: StageResult, sink: VideoSink) -
     aligned, posed = al["aligned_lm68"], al["reference_posed_lm68"]
     timer = StageTimer(ctx.timings)
 
-    def dots(start: int, stop: int) -> np.ndarray:
+    # the network's landmark dots are drawn as its trainers drew them (MToV.dataset): at the model's
+    # size R with its data.landmark_radius, the coordinates scaled from the S x S crop; the output's
+    # landmark video keeps S and the default radius
+    model_cfg = model_config(stage_config(cfg.mtov.config))
+    cond_size, radius = condition_settings(model_cfg)
+    same_dots = (cond_size, radius) == (size, DEFAULT_RADIUS)
+
+    def dots(start: int, stop: int, at: int = size, r: int = DEFAULT_RADIUS) -> np.ndarray:
         with timer("render"):
-            return render_landmarks(aligned[start:stop], (size, size), size=size)  # [n, 3, S, S]
+            return render_landmarks(aligned[start:stop], (size, size), size=at, radius=r)  # [n, 3, at, at]
 
     def conditions(start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
-        landmarks = dots(start, stop)
+        landmarks = dots(start, stop, cond_size, radius)
         with timer("render"):
             sel = idx[start:stop]
             masked = mask_below_nose(frames[sel], posed[sel]).transpose(0, 3, 1, 2)
         return landmarks, np.ascontiguousarray(masked)
 
     def to_sink(batch_frames: np.ndarray, start: int, landmarks: np.ndarray | None = None) -> None:
+        if not same_dots:  # the network's dots are not the output's
+            landmarks = None
         if landmarks is None and sink.wants_landmarks:
             landmarks = dots(start, start + len(batch_frames))
         sink.add(batch_frames, landmarks)
@@ -89,6 +100,8 @@ def run(ctx: StageContext, ref: StageResult, al: StageResult, sink: VideoSink) -
     # + every mtov.* setting and ref_frame (pipeline.settings.stage_settings)
     models_id = [ctx.model_id(k) for k in MODEL_ASSETS] if ctx.trained(MODEL_ASSETS[0]) else "random"
     parts = {"align": al.key, "reference": ref.key, "models": models_id, **stage_settings(cfg, "mtov")}
+    if not same_dots:  # a model below S (or another radius) sees its own dots: the full-size key stays
+        parts["condition"] = {"size": cond_size, "radius": radius}
     loaded: list = []
 
     def models():  # loaded once, when needed: by the calibration (first run on a machine) or to generate
@@ -101,7 +114,7 @@ def run(ctx: StageContext, ref: StageResult, al: StageResult, sink: VideoSink) -
         str(cfg.mtov.precision),
         models,
         ctx.device,
-        model_config(stage_config(cfg.mtov.config)),
+        model_cfg,
         cache_file=cfg.mtov.get("calibration_file"),
         recalibrate=bool(cfg.mtov.get("recalibrate", False)),
         log=lambda line: ctx.log(f"[mtov] {line}"),
