@@ -273,16 +273,14 @@ def stream_video(
     """:func:`generate_video` as a stream of :class:`ClipBatch`: nothing of the video's length is held.
 
     ``conditions(start, stop)`` gives the uint8 ``[stop - start, 3, S, S]`` landmark frames and masked
-    reference frames of frames ``start .. stop - 1`` (landmark frames at the model's size R,
-    ``[stop - start, 3, R, R]``, go to the network as they are: rendered as the trainers render them,
-    see :func:`MToV.conditions.condition_settings`, they are what the model was trained on; at S they
-    are resized); it is called once per batch, when the batch is
-    generated. Batch b covers clips ``b * batch_size ...`` (one clip per batch with
-    ``use_last_as_reference``); the frames equal :func:`generate_video`'s (which is this stream,
-    collected). ``precision``: a name (``auto``: on the CPU as measured by :mod:`MToV.calibration`)
-    or a :class:`~MToV.loading.PrecisionPlan`. ``latent_capacity`` bounds the condition-latent cache
-    (clips per autoencoder, oldest dropped first); ``resume`` (:class:`StreamState`) starts after
-    finished batches.
+    reference frames of frames ``start .. stop - 1`` (landmark frames at the model's size R, drawn as
+    the trainers draw them (:func:`MToV.conditions.condition_settings`), go to the network as they are;
+    at S they are resized); it is called once per batch, when the batch is generated. Batch b covers
+    clips ``b * batch_size ...`` (one clip per batch with ``use_last_as_reference``); the frames equal
+    :func:`generate_video`'s (which is this stream, collected). ``precision``: a name (``auto``: on the
+    CPU as measured by :mod:`MToV.calibration`) or a :class:`~MToV.loading.PrecisionPlan`.
+    ``latent_capacity`` bounds the condition-latent cache (clips per autoencoder, oldest dropped
+    first); ``resume`` (:class:`StreamState`) starts after finished batches.
     """
     n = int(n_frames)
     ident = np.asarray(identity_frame)
