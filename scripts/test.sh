@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Set up .venv (scripts/setup.sh) and run the test suite. Extra arguments go to pytest.
 # RUN_SLOW=1 also runs the full-size and long tests.
-# About 8 min on an idle 2-core AMD EPYC (Zen 5), about 23 min on a loaded 2-core VM (default suite).
+# About 10 min on an idle 2-core AMD EPYC (Zen 5), about 23 min on a loaded 2-core VM (default suite).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 bash "$ROOT/scripts/setup.sh"
