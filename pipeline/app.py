@@ -36,13 +36,16 @@ returns the mp4 path first, then the preview, the timings and the log)::
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import re
 import signal
 import sys
 import traceback
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote
 
 from moditalker.errors import ArgumentParser, UserError, cli_main, describe
 from pipeline.app_job import DAY, MB, STAGES, AppFolders, Job, clean_old, page_text, sample_inputs
@@ -61,6 +64,79 @@ INTRO = (
     "Upload or record the speech, give the face as a video (its head pose and background are kept) or as "
     "one photo, and press **Generate**. One job runs at a time; others wait in the queue."
 )
+
+
+#: the routes through which Gradio would fetch something for a caller: ``file=<url>`` (and the older
+#: ``file/<url>``) and ``proxy=<url>``
+URL_FETCH = re.compile(r"/(?:file[=/]\s*[a-z][a-z0-9+.-]*:|proxy=)", re.IGNORECASE)
+
+
+def fetches_url(raw_path: bytes | str) -> bool:
+    """Whether a request path asks the server to fetch a URL (a file route given ``http(s)://...``, the
+    proxy route), after undoing percent-encoding as often as it was applied."""
+    text = raw_path.decode("latin-1") if isinstance(raw_path, bytes) else raw_path
+    for _ in range(8):
+        decoded = unquote(text)
+        if decoded == text:
+            break
+        text = decoded
+    return bool(URL_FETCH.search(text))
+
+
+def names_url_input(body: bytes) -> bool:
+    """Whether a request body (JSON) gives a file input as a URL (``{"path": "https://..."}``), which
+    Gradio would download for the caller."""
+    try:
+        data = json.loads(body)
+    except ValueError:
+        return False
+    todo = [data]
+    while todo:
+        item = todo.pop()
+        if isinstance(item, dict):
+            path = item.get("path")
+            if isinstance(path, str) and re.match(r"\s*[a-z][a-z0-9+.-]*://", path, re.IGNORECASE):
+                return True
+            todo.extend(item.values())
+        elif isinstance(item, list):
+            todo.extend(item)
+    return False
+
+
+class RefuseUrlFetch:
+    """ASGI middleware on the app Gradio builds: the page never fetches a URL on a caller's behalf
+    (Gradio's file route streams a public ``http(s)`` URL, its proxy route a loaded Space, and a file
+    input given as a URL is downloaded); such a request gets 403 before Gradio sees it."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        refuse = fetches_url(scope.get("raw_path") or scope.get("path", ""))
+        path = scope.get("path", "")
+        if not refuse and scope.get("method") == "POST" and not path.rstrip("/").endswith("/upload"):
+            messages, body = [], b""  # a JSON request (uploads go to /upload and are not read here)
+            while True:
+                message = await receive()
+                messages.append(message)
+                body += message.get("body", b"")
+                if message["type"] != "http.request" or not message.get("more_body", False):
+                    break
+            refuse = names_url_input(body)
+
+            async def replay() -> Any:
+                return messages.pop(0) if messages else await receive()
+
+            receive = replay
+        if refuse:
+            from starlette.responses import PlainTextResponse
+
+            await PlainTextResponse("this page fetches no URL", status_code=403)(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
 
 
 class StageBar:
@@ -226,6 +302,8 @@ def serve(
     """Queue (one job at a time, ``max_queue`` waiting) and launch; returns the local URL. ``block``:
     serve until interrupted. ``max_upload_mb``: Gradio refuses a bigger upload while it arrives (HTTP
     413), before it is stored (None: no limit). ``auth``: (user, password) of Gradio's login."""
+    from starlette.middleware import Middleware
+
     demo.queue(max_size=max_queue, default_concurrency_limit=1)
     try:
         demo.launch(
@@ -242,6 +320,7 @@ def serve(
             ssr_mode=False,
             mcp_server=False,
             footer_links=["api"],
+            app_kwargs={"middleware": [Middleware(RefuseUrlFetch)]},  # no URL fetched for a caller
         )
     except OSError as exc:
         raise UserError(f"cannot serve on {host}:{port}: {describe(exc)}; pass another --port") from exc

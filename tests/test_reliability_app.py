@@ -227,6 +227,62 @@ def test_file_routes_serve_nothing_outside_the_page_folders(client, app, inputs,
             )
 
 
+def test_the_page_fetches_no_url_for_a_caller(app, monkeypatch, tmp_path):
+    """A local HTTP server stands in for a public URL: Gradio's own check (public addresses only) is
+    patched to let it through, so only the page's middleware can be what refuses."""
+    import http.server
+    import threading
+
+    import safehttpx
+
+    from pipeline.app import fetches_url
+
+    url, _job = app
+    (tmp_path / "public.txt").write_text("public content\n")
+    hits = []
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def __init__(self, *a, **k):
+            super().__init__(*a, directory=str(tmp_path), **k)
+
+        def log_message(self, *a):
+            hits.append(self.path)
+
+    origin = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=origin.serve_forever, daemon=True).start()
+    checked = []
+
+    async def public(host):  # Gradio's SSRF check would refuse 127.0.0.1; here it lets it through
+        checked.append(host)
+        return "127.0.0.1"
+
+    monkeypatch.setattr(safehttpx, "async_validate_url", public)
+    target = f"http://127.0.0.1:{origin.server_address[1]}/public.txt"
+    try:
+        assert httpx.get(target, timeout=10).text == "public content\n"  # the stand-in serves
+        hits.clear()
+        for route in ("gradio_api/file=", "file=", "gradio_api/file/", "gradio_api/proxy=", "proxy="):
+            for form in (target, quote(target, safe=""), quote(quote(target, safe=""), safe="")):
+                r = httpx.get(f"{url}{route}{form}", timeout=30)
+                assert r.status_code == 403 and r.text == "this page fetches no URL", (route, form, r.text)
+                assert "public content" not in r.text
+        # a file input given as the URL (a raw API call) is not downloaded either
+        for form in (target, f" {target}", target.upper().replace("PUBLIC.TXT", "public.txt")):
+            r = httpx.post(
+                f"{url}gradio_api/call/generate",
+                json={"data": [{"path": form, "meta": {"_type": "gradio.FileData"}}, None, None, 0]},
+                timeout=30,
+            )
+            assert r.status_code == 403 and r.text == "this page fetches no URL", (form, r.text)
+    finally:
+        origin.shutdown()
+        origin.server_close()
+    assert hits == [] and checked == []  # the request never reached Gradio's fetch
+    # the path check itself: results and uploads pass, URLs (any case, any encoding) do not
+    assert not fetches_url("/gradio_api/file=/srv/app/uploads/ab/a:b.mp4")
+    assert fetches_url("/gradio_api/file=HTTPS%253A%252F%252Fexample.com%252Fx")
+
+
 # ----------------------------------------------------------------------------- a burst over the queue
 def test_a_burst_over_the_queue_gets_results_or_refusals(client, app, inputs):
     """1 running + ``MAX_QUEUE`` waiting are served; the rest are refused at once, none is lost or hung."""
