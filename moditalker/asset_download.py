@@ -68,9 +68,9 @@ def download_asset(name: str, path: str | Path | None = None) -> Path:
     if name in GDRIVE_IDS:
         return download_gdrive_asset(name, path)
     dest = Path(path) if path is not None else default_path(name)
-    if asset_present(name, dest):
-        return dest
     if name == "hubert":
+        if asset_present(name, dest):
+            return dest
         from transformers import AutoFeatureExtractor, HubertModel
 
         try:
@@ -78,12 +78,17 @@ def download_asset(name: str, path: str | Path | None = None) -> Path:
             extractor = AutoFeatureExtractor.from_pretrained(HUBERT_HUB_ID)
         except OSError as exc:
             raise UserError(f"cannot download {HUBERT_HUB_ID} (network?): {describe(exc)}") from exc
+        if dest.exists():  # a folder that is not a complete HuBERT: never removed without asking
+            raise UserError(
+                f"{dest} exists but is not a complete HuBERT folder; move it away and run "
+                f"`python -m moditalker.assets download hubert` again"
+            )
         tmp = dest.with_name(f".{dest.name}.partial")
+        if tmp.exists():  # what an earlier, interrupted attempt left
+            shutil.rmtree(tmp)
         with _remove_new_folders_on_error(dest.parent):
             model.save_pretrained(tmp)
             extractor.save_pretrained(tmp)
-        if dest.exists():
-            shutil.rmtree(dest)
         tmp.rename(dest)
         return dest
     if name not in DOWNLOAD_URLS:
@@ -95,14 +100,22 @@ def download_asset(name: str, path: str | Path | None = None) -> Path:
         )
     from torch.hub import download_url_to_file
 
+    from moditalker.asset_content import sniff
+
     for file_name, url in DOWNLOAD_URLS[name].items():
         url = mirrored(url)
         target = dest / file_name if file_name else dest
         if target.is_file():
-            continue
+            problem = sniff(target)[1]
+            if not problem:
+                continue
+            raise UserError(f"{target} is {problem}; remove it and run the download again")
         try:
             with _remove_new_folders_on_error(target.parent), atomic_path(target) as tmp:
                 download_url_to_file(url, str(tmp), progress=True)
+                problem = sniff(tmp)[1]
+                if problem:  # checked before it takes the final name: nothing is left at the target
+                    raise UserError(f"{url} gave {problem}; nothing was written at {target}")
         except OSError as exc:
             raise UserError(f"cannot download {url} (network?): {describe(exc)}") from exc
     return dest

@@ -297,3 +297,19 @@ def test_shipped_deep3d_layout_equals_the_regressor():
         own = ReconNet().state_dict()
     want = {k: tuple(v.shape) for k, v in own.items() if not k.endswith("num_batches_tracked")}
     assert asset_content.deep3d_layout() == want
+
+
+def test_a_public_download_that_is_a_web_page_leaves_nothing(ckpt, monkeypatch):
+    target = ckpt / "lpips" / "vgg16.pth"
+    with StubServer() as server:
+        server.files["/download.pytorch.org/models/vgg16-397923af.pth"] = b"<!DOCTYPE html><html>error</html>"
+        monkeypatch.setenv(assets.MIRROR_ENV, server.url + "/")
+        with pytest.raises(UserError, match="a web page"):
+            main(["download", "lpips_vgg16"])
+        assert not target.exists() and os.listdir(ckpt) == []
+        # a bad file already at the path is named, not skipped as done, and left for the user
+        target.parent.mkdir()
+        target.write_bytes(b"<html>saved by a browser</html>")
+        with pytest.raises(UserError, match="a web page"):
+            main(["download", "lpips_vgg16"])
+        assert target.read_bytes() == b"<html>saved by a browser</html>"
