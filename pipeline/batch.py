@@ -190,7 +190,35 @@ def already_rendered(cfg: DictConfig) -> bool:
         return False
     want = OmegaConf.to_container(cfg, resolve=True)
     strip = lambda d: {k: v for k, v in d.items() if k not in _NOT_COMPARED}  # noqa: E731
-    return strip(saved) == strip(want)
+    return strip(saved) == strip(want) and not _inputs_changed_since(cfg, Path(cfg.out).stat().st_mtime)
+
+
+_ASSET_KEYS = (
+    "atom",
+    "autoencoder_rgb",
+    "autoencoder_motion",
+    "diffusion_model",
+    "bfm_dir",
+    "deep3d",
+    "hubert",
+)
+
+
+def _inputs_changed_since(cfg: DictConfig, when: float) -> bool:
+    """Whether an input file of the job (the audio, the reference, a checkpoint or a file of a checkpoint
+    folder) was written after ``when`` (the video's time): the same paths with new contents are a new
+    job, as for ``make``."""
+    from moditalker.assets import default_path
+
+    paths = [Path(p) for p in (cfg.audio, cfg.ref_video, cfg.ref_image) if p]
+    if not cfg.get("random_weights", False):
+        assets = cfg.get("assets") or {}
+        paths += [Path(assets.get(k) or default_path(k)) for k in _ASSET_KEYS]
+    for path in paths:
+        files = [f for f in path.iterdir() if f.is_file()] if path.is_dir() else [path]
+        if any(f.is_file() and f.stat().st_mtime > when for f in files):
+            return True
+    return False
 
 
 def run_batch(

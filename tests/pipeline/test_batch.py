@@ -143,3 +143,32 @@ def test_a_job_may_not_read_what_another_job_writes(inputs, tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"error: {jobs}: line 2: reads {talk}, which line 1 writes"]
     assert talk.stat().st_mtime_ns == before and not (tmp_path / "y.mp4").exists()
+
+
+def test_a_finished_job_counts_as_done_only_while_its_inputs_are_older(tmp_path):
+    """A batch re-run skips a job whose video exists with the same settings, unless an input (same path,
+    new contents) was written after the video."""
+    import os
+
+    from omegaconf import OmegaConf
+
+    from pipeline.batch import already_rendered
+
+    audio, ref = tmp_path / "a.wav", tmp_path / "face.png"
+    audio.write_bytes(b"audio")
+    ref.write_bytes(b"face")
+    out = tmp_path / "out" / "talk.mp4"
+    cfg = OmegaConf.create(
+        {"audio": str(audio), "ref_video": None, "ref_image": str(ref), "out": str(out), "preview": False,
+         "overwrite": False, "random_weights": True, "device": "cpu", "seed": 0}
+    )  # fmt: skip
+    out.parent.mkdir()
+    out.write_bytes(b"video")
+    OmegaConf.save(cfg, out.with_suffix(".yaml"))
+    t = out.stat().st_mtime
+    os.utime(audio, (t - 10, t - 10))
+    os.utime(ref, (t - 10, t - 10))
+    assert already_rendered(cfg)
+    assert not already_rendered(OmegaConf.merge(cfg, {"seed": 1}))  # other settings: not this job
+    os.utime(ref, (t + 10, t + 10))  # the face replaced after the render
+    assert not already_rendered(cfg)
