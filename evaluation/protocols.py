@@ -406,7 +406,7 @@ def _run_ranks(
     with ranks.bar(mine, desc=f"{args.protocol}: generate", unit="video", disable=args.no_progress) as bar:
         for job in bar:
             bar.set_postfix_str(job.name)
-            paths = Paths.of(out, job.name, args.work_dir)
+            paths = Paths.of(out, job.name, ranks.own_folder(args.work_dir))
             if job.name in manifest.done:  # checked before it is trusted
                 problem = manifest.problem(job.name, paths)
                 if problem is None:

@@ -87,6 +87,11 @@ class Ranks:
         """This rank's items: every ``world``-th of the sorted list, starting at ``rank``."""
         return sorted(items, key=key)[self.rank :: self.world]
 
+    def own_folder(self, folder: str | None) -> str | None:
+        """A work folder several ranks were given to share, made this rank's own (``FOLDER/rank-R``), so
+        no two processes compute into one stage-cache entry at once; as given with one process."""
+        return folder if folder is None or self.world == 1 else os.path.join(folder, f"rank-{self.rank}")
+
     def device(self, requested: str = "auto") -> str:
         """``auto`` / ``cuda`` -> ``cuda:LOCAL_RANK`` under the launcher on a machine with GPUs; any
         other request (``cpu``, ``cuda:N``) as given; ``auto`` without a GPU stays ``auto`` (CPU)."""

@@ -291,6 +291,7 @@ def _run_share(args: argparse.Namespace, jobs: list[BatchJob], ranks: bulk.Ranks
     todo = [j for j in mine if not j.done]
     for job in todo:
         job.cfg.device = ranks.device(job.cfg.device)
+        job.cfg.work_dir = ranks.own_folder(job.cfg.work_dir)
     finished = [j.line for j in mine if j.done]
     if ranks.world > 1:
         lines = ", ".join(str(j.line) for j in mine) or "none"

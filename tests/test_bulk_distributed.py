@@ -92,6 +92,9 @@ def test_share_device_and_shard_checks(monkeypatch):
     assert launched.device("auto") == "cuda:1" and launched.device("cuda") == "cuda:1"
     assert launched.device("cpu") == "cpu" and launched.device("cuda:0") == "cuda:0"
     assert Ranks().device("auto") == "auto"  # one process: the usual choice
+    # a work folder given to several ranks: one of its own each (no two compute one cache entry)
+    assert [Ranks(rank=r, world=2).own_folder("w") for r in (0, 1)] == ["w/rank-0", "w/rank-1"]
+    assert Ranks().own_folder("w") == "w" and Ranks(rank=1, world=2).own_folder(None) is None
 
 
 def test_metric_records_replayed_in_order_give_the_one_process_result():
