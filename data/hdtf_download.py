@@ -390,6 +390,28 @@ def process_video(
     return made, have
 
 
+SETTINGS = "download_settings.json"
+
+
+def _check_settings(out: Path, settings: dict) -> None:
+    """The clips of one folder are made with one size and crop: the first run records them in
+    ``OUT/download_settings.json``, a later run with others is refused (a clip already there would not
+    be made again)."""
+    path = out / SETTINGS
+    if path.is_file():
+        try:
+            saved = json.loads(path.read_text())
+        except (OSError, ValueError):
+            saved = None
+        if saved != settings:
+            raise UserError(
+                f"{out} holds clips made with {saved} ({path}); this run asks for {settings}: give another "
+                "--out, or the same --size and --crop"
+            )
+    else:
+        atomic_write_text(path, json.dumps(settings) + "\n")
+
+
 def run(
     metadata: str | Path,
     out: str | Path,
@@ -408,6 +430,7 @@ def run(
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file, not a folder")
     out.mkdir(parents=True, exist_ok=True)
+    _check_settings(out, {"size": size, "crop": crop})
     report = {"clips_made": [], "clips_present": [], "failed": {}, "notes": notes}
     lock = threading.Lock()
     bar = tqdm(total=len(videos), unit="video", disable=not progress, desc="HDTF")

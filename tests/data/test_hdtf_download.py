@@ -75,6 +75,7 @@ def test_metadata_to_exact_clips_and_a_dead_video_reported(host, tmp_path, capsy
         "RD_Talk_000.mp4",
         "RD_Talk_001.mp4",
         "download_report.json",
+        "download_settings.json",
     ]
     report = json.loads((out / "download_report.json").read_text())
     assert report["clips_made"] == ["RD_Talk_000", "RD_Talk_001"] and list(report["failed"]) == ["RD_Gone"]
@@ -129,6 +130,7 @@ def test_an_interrupted_cut_leaves_no_clip_and_resumes(host, tmp_path, monkeypat
         "RD_Talk_000.mp4",
         "RD_Talk_001.mp4",
         "download_report.json",
+        "download_settings.json",
     ]
 
 
@@ -142,6 +144,8 @@ def test_keep_raw_and_bad_metadata(host, tmp_path):
     assert [p.name for p in (out / ".raw").iterdir()] == ["RD_Talk.video.mp4"]
     frames, _ = read_video(out / "RD_Talk_000.mp4", fps=None)
     assert frames.shape == (25, 64, 128, 3)  # --crop none --size 0: the whole frame
+    with pytest.raises(UserError, match="holds clips made with"):  # one size and crop per folder
+        _run(meta, out, "--keep_raw", "--size", "0")
     (meta / "RD_annotion_time.txt").write_text("Talk.mp4 00:05-00:03\n")
     with pytest.raises(UserError, match="ends before it starts"):
         _run(meta, out)
