@@ -135,20 +135,9 @@ def _strip(state: Mapping) -> dict:
 
 def layout_mismatch(layout: Mapping[str, tuple[int, ...]], state: Mapping) -> str:
     """How ``state`` differs from ``layout`` in keys and shapes ("" when it matches)."""
-    missing = [k for k in layout if k not in state]
-    unexpected = [k for k in state if k not in layout]
-    wrong = [k for k in layout if k in state and tuple(getattr(state[k], "shape", ())) != layout[k]]
-    parts = []
-    if missing:
-        parts.append(f"{len(missing)} keys missing (e.g. {missing[0]})")
-    if unexpected:
-        parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]})")
-    if wrong:
-        k = wrong[0]
-        parts.append(
-            f"{len(wrong)} with other shapes (e.g. {k}: {tuple(state[k].shape)}, official {layout[k]})"
-        )
-    return "; ".join(parts)
+    from moditalker.checkpoint import mismatch
+
+    return mismatch(layout, state, versus=", official ")
 
 
 def _state_dicts(name: str, obj: object) -> tuple[dict[str, dict], str]:

@@ -81,11 +81,13 @@ def strip_module_prefix(state: Mapping[str, torch.Tensor]) -> dict:
     return {k.removeprefix("module."): v for k, v in state.items()}
 
 
-def mismatch(own: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor]) -> str:
-    """How ``state`` differs from ``own`` (a model's state_dict) in keys and shapes; "" when it fits."""
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    wrong = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+def mismatch(own: Mapping, state: Mapping[str, torch.Tensor], versus: str = " vs ") -> str:
+    """How ``state`` differs from ``own`` (a model's state_dict, or ``{key: shape}``) in keys and shapes;
+    "" when it fits. ``versus`` joins a wrong shape to the expected one in the message."""
+    want = {k: tuple(getattr(v, "shape", v)) for k, v in own.items()}
+    missing = [k for k in want if k not in state]
+    unexpected = [k for k in state if k not in want]
+    wrong = [k for k in want if k in state and tuple(getattr(state[k], "shape", ())) != want[k]]
     parts = []
     if missing:
         parts.append(f"{len(missing)} missing (e.g. {missing[0]})")
@@ -93,9 +95,7 @@ def mismatch(own: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor])
         parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]})")
     if wrong:
         k = wrong[0]
-        parts.append(
-            f"{len(wrong)} with other shapes (e.g. {k}: {tuple(state[k].shape)} vs {tuple(own[k].shape)})"
-        )
+        parts.append(f"{len(wrong)} with other shapes (e.g. {k}: {tuple(state[k].shape)}{versus}{want[k]})")
     return "; ".join(parts)
 
 
