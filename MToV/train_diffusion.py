@@ -26,16 +26,13 @@ state_dict: the file ``MToV.sample`` loads), ``model_last.pth`` (raw weights), `
 from __future__ import annotations
 
 import argparse
-import json
 from collections.abc import Sequence
-from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
-from tqdm import tqdm
 
-from moditalker.config import load_config, save_config
+from moditalker.config import load_config
 from moditalker.device import bf16_supported, resolve_device
 from moditalker.errors import UserError, cli_main, script_prog
 from moditalker.fileio import repo_path, torch_save
@@ -47,8 +44,8 @@ from moditalker.training.accelerator import (
 )
 from moditalker.training.bad_items import BadItems
 from moditalker.training.ema import LitEMA
+from moditalker.training.loop import TrainingRun
 from moditalker.training.options import add_run_arguments, apply_run_arguments, print_summary
-from moditalker.training.run_state import prepare_run_dir, read_state_info, save_state
 from MToV.dataset import build_dataset, check_data, data_defaults
 from MToV.diffusion import DDPM
 from MToV.latents import CachedLatents, CachedWindowDataset, open_cache
@@ -149,49 +146,31 @@ def encoder_autocast(amp, device: torch.device) -> torch.dtype | None:
 def train(cfg: DictConfig, resume: bool = True, overwrite: bool = False, progress: bool = True) -> dict:
     """Run (or continue) diffusion training; returns ``{"step", "history", "train_losses"}``."""
     from accelerate.utils import set_seed
-    from torch.utils.tensorboard import SummaryWriter
 
-    out_dir = Path(cfg.out_dir)
-    state_dir = prepare_run_dir(out_dir, resume, overwrite)
+    run = TrainingRun(cfg.out_dir, resume, overwrite)
     if cfg.diffusion.loss_type not in ("l1", "l2"):
         raise UserError(f"diffusion.loss_type must be l1 or l2, got {cfg.diffusion.loss_type!r}")
-
-    tc = cfg.train
+    tc, data_cfg = cfg.train, cfg.data
     device = resolve_device(tc.device)
     accelerator = start_accelerator("MToV diffusion train", cpu=device.type == "cpu")
     set_seed(int(tc.seed))
-    main_proc = accelerator.is_main_process
 
     ae_rgb, ae_ldmk, unet = build_models(cfg)
-    data_cfg = cfg.data
     cache = open_cache(cfg, ae_rgb, ae_ldmk) if data_cfg.get("latents") else None
     if cache is None and not cfg.random_autoencoders:
         ck = cfg.checkpoints
         load_autoencoder_weights(ae_rgb, repo_path(ck.ae_rgb), "MToV RGB autoencoder")
         load_autoencoder_weights(ae_ldmk, repo_path(ck.ae_ldmk), "MToV landmark autoencoder")
-    if state_dir is None and cfg.init_unet:
+    if not run.resuming and cfg.init_unet:
         load_unet_weights(unet, cfg.init_unet)
     for ae in (ae_rgb, ae_ldmk) if cache is None else ():  # training from the cache never runs them
         ae.to(accelerator.device).eval().requires_grad_(False)
     ddpm = build_ddpm(unet, ae_rgb, cfg.diffusion, loss_type=cfg.diffusion.loss_type)
     unet.diffusion_model.freeze_unused()  # output_bg_*: in the checkpoint, never run
     ema = LitEMA(unet, decay=float(tc.ema_decay)).to(accelerator.device)
-    trainable = [p for p in unet.parameters() if p.requires_grad]
-    opt = make_optimizer(trainable, tc)
+    opt = make_optimizer([p for p in unet.parameters() if p.requires_grad], tc)
 
-    timesteps, resolution = ae_rgb.timesteps, ae_rgb.res
-    if cache is None:
-        train_ds = build_dataset(data_cfg, "train", KEYS, timesteps, resolution)
-        val_ds = build_dataset(data_cfg, "test", KEYS, timesteps, resolution)
-        batcher = LatentBatcher(ae_rgb, ae_ldmk)
-    else:
-        train_ds = CachedWindowDataset(cache, "train", int(data_cfg.train_clips_per_video))
-        val_ds = CachedWindowDataset(cache, "test", int(data_cfg.val_clips_per_video))
-        batcher = CachedLatents()
-        accelerator.print(
-            f"training from the latent cache {cache.root} ({cache.dtype}, stride {cache.stride})"
-        )
-    bad_items = BadItems(float(data_cfg.max_bad_items), len(train_ds), train_ds.name)
+    train_ds, val_ds, batcher = _datasets(cfg, cache, ae_rgb, ae_ldmk, accelerator)
     train_loader, val_loader = train_val_loaders(
         train_ds, val_ds, int(tc.batch_size), int(data_cfg.num_workers), accelerator.num_processes
     )
@@ -200,81 +179,60 @@ def train(cfg: DictConfig, resume: bool = True, overwrite: bool = False, progres
     accelerator.register_for_checkpointing(ema)
     raw_ddpm = accelerator.unwrap_model(ddpm)
     amp_dtype = encoder_autocast(tc.amp, accelerator.device)
+    run.open(accelerator, cfg, BadItems(float(data_cfg.max_bad_items), len(train_ds), train_ds.name))
 
-    step = 0
-    if state_dir is not None:
-        accelerator.load_state(str(state_dir))
-        step = int(read_state_info(state_dir)["step"])
-        accelerator.print(f"resuming from {state_dir} at step {step}")
-    if main_proc:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out_dir / "config.yaml")
-    writer = SummaryWriter(str(out_dir / "tb")) if main_proc else None
-    history: list[dict] = []
+    batches = run.counted(infinite(train_loader))
     train_losses: list[float] = []
 
-    def evaluate_and_save(at_step: int) -> None:
-        if main_proc:
-            val = validation_loss(
-                raw_ddpm, batcher, val_loader, accelerator.device, int(data_cfg.max_val_clips)
-            )
-            record = {"step": at_step, "val_loss": val, "skipped_items": len(bad_items)}
-            history.append(record)
-            with open(out_dir / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(record) + "\n")
-            writer.add_scalar("val/loss", val, at_step)
-            torch_save(ema.averaged_state_dict(raw_ddpm.model), out_dir / "diffusion_model.pth")
-            torch_save({k: v.detach().cpu() for k, v in raw_ddpm.model.state_dict().items()},
-                       out_dir / "model_last.pth")  # fmt: skip
-        save_state(accelerator, out_dir, {"step": at_step})
-
-    if step == 0 and main_proc:  # validation loss of the initial weights
-        val = validation_loss(raw_ddpm, batcher, val_loader, accelerator.device, int(data_cfg.max_val_clips))
-        history.append({"step": 0, "val_loss": val})
-        with open(out_dir / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(history[-1]) + "\n")
-        writer.add_scalar("val/loss", val, 0)
-
-    batches = infinite(train_loader)
-    ddpm.train()
-    max_steps = int(tc.max_steps)
-    bar = tqdm(total=max_steps, initial=step, disable=not (progress and main_proc), desc="MToV diffusion")
-    running, n_running = 0.0, 0
-    while step < max_steps:
-        batch = next(batches)
-        bad_items.note_batch(batch)
+    def step_fn(step: int) -> dict:
         with torch.autocast(
             accelerator.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None
         ):
-            z, cond, image_cond = batcher(batch)
+            z, cond, image_cond = batcher(next(batches))
         loss, _ = ddpm(z, cond, image_cond)
         accelerator.backward(loss)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        step += 1
-        if step % int(tc.ema_every) == 0:
+        if (step + 1) % int(tc.ema_every) == 0:
             ema.update(raw_ddpm.model)
-        value = float(loss.detach())
-        train_losses.append(value)
-        running += value
-        n_running += 1
-        bar.update(1)
-        if main_proc and (step % int(tc.log_every) == 0 or step == max_steps):
-            writer.add_scalar("train/loss", running / n_running, step)
-            writer.add_scalar("train/skipped_items", len(bad_items), step)
-            bar.set_postfix(loss=f"{running / n_running:.4f}")
-            running, n_running = 0.0, 0
-        if step % int(tc.save_every) == 0 or step == max_steps:
-            evaluate_and_save(step)
-    bar.close()
-    if writer is not None:
-        writer.close()
-    return {
-        "step": step,
-        "history": history,
-        "train_losses": train_losses,
-        "num_processes": accelerator.num_processes,
-    }
+        train_losses.append(float(loss.detach()))
+        return {"loss": train_losses[-1]}
+
+    def validate(step: int) -> dict | None:
+        if not run.main:
+            return None
+        max_clips = int(data_cfg.max_val_clips)
+        return {"val_loss": validation_loss(raw_ddpm, batcher, val_loader, accelerator.device, max_clips)}
+
+    def write_models(step: int, record: dict | None) -> None:
+        if run.main:
+            torch_save(ema.averaged_state_dict(raw_ddpm.model), run.out_dir / "diffusion_model.pth")
+            torch_save({k: v.detach().cpu() for k, v in raw_ddpm.model.state_dict().items()},
+                       run.out_dir / "model_last.pth")  # fmt: skip
+
+    ddpm.train()
+    every = int(tc.save_every)  # validation, model files and state together
+    step = run.loop(step_fn, validate, max_steps=int(tc.max_steps), log_every=int(tc.log_every),
+                    val_every=every, save_every=every, desc="MToV diffusion", progress=progress,
+                    after_validation=write_models)  # fmt: skip
+    run.close()
+    return {"step": step, "history": run.history, "train_losses": train_losses,
+            "num_processes": accelerator.num_processes}  # fmt: skip
+
+
+def _datasets(cfg, cache, ae_rgb, ae_ldmk, accelerator) -> tuple:
+    """(training set, validation set, batcher): the frame clips and the frozen encoders, or the
+    windows of a latent cache."""
+    data_cfg = cfg.data
+    if cache is None:
+        timesteps, resolution = ae_rgb.timesteps, ae_rgb.res
+        train_ds = build_dataset(data_cfg, "train", KEYS, timesteps, resolution)
+        val_ds = build_dataset(data_cfg, "test", KEYS, timesteps, resolution)
+        return train_ds, val_ds, LatentBatcher(ae_rgb, ae_ldmk)
+    train_ds = CachedWindowDataset(cache, "train", int(data_cfg.train_clips_per_video))
+    val_ds = CachedWindowDataset(cache, "test", int(data_cfg.val_clips_per_video))
+    accelerator.print(f"training from the latent cache {cache.root} ({cache.dtype}, stride {cache.stride})")
+    return train_ds, val_ds, CachedLatents()
 
 
 def build_parser() -> argparse.ArgumentParser:
