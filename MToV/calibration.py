@@ -305,12 +305,18 @@ def _read(path: Path) -> dict[str, Any]:
 
 
 def _write(path: Path, key_id: str, entry: dict[str, Any]) -> str | None:
-    """Add ``entry`` to the file at ``path`` (temp name + rename); the error text if it cannot be."""
-    data = _read(path) or {"version": VERSION, "entries": {}}
-    data["entries"][key_id] = entry
+    """Add ``entry`` to the file at ``path`` (temp name + rename); the error text if it cannot be.
+    Read, add and write hold ``<file>.lock`` (one process at a time), so that ranks calibrating at once
+    keep each other's entries."""
+    from filelock import FileLock  # a dependency of torch
+
     try:
-        with atomic_path(path) as tmp:
-            Path(tmp).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with FileLock(path.with_name(path.name + ".lock")):
+            data = _read(path) or {"version": VERSION, "entries": {}}
+            data["entries"][key_id] = entry
+            with atomic_path(path) as tmp:
+                Path(tmp).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
     except OSError as exc:
         return f"{type(exc).__name__}: {exc}"
     return None

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -280,3 +281,38 @@ def test_every_mix_the_measurement_can_pick_runs_close_to_fp32(models, plan):
     fp32 = generate_video(nets, lv, lv, lv[0], precision="fp32", **kw)
     mixed = generate_video(nets, lv, lv, lv[0], precision=plan, **kw)
     assert 35 <= psnr(fp32, mixed) < float("inf")
+
+
+def _add_entries(path: str, rank: int, n: int, start) -> None:
+    """One rank adding ``n`` entries; a slow read (0.05 s) widens the window between read and write."""
+    read = calibration._read
+
+    def slow_read(p):
+        data = read(p)
+        time.sleep(0.05)
+        return data
+
+    calibration._read = slow_read
+    start.wait()
+    for i in range(n):
+        assert calibration._write(Path(path), f"rank{rank}-{i}", {"i": i}) is None
+
+
+def test_ranks_writing_the_cache_at_once_keep_every_entry(tmp_path):
+    """Two processes add entries to one cache file at the same time: each read-add-write holds the
+    file's lock, so no entry of one is lost to the other's write."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("fork")
+    start = ctx.Event()
+    path = tmp_path / "cal.json"
+    procs = [ctx.Process(target=_add_entries, args=(str(path), r, 8, start)) for r in range(2)]
+    for p in procs:
+        p.start()
+    start.set()
+    for p in procs:
+        p.join(60)
+    assert [p.exitcode for p in procs] == [0, 0]
+    entries = json.loads(path.read_text())["entries"]
+    assert sorted(entries) == sorted(f"rank{r}-{i}" for r in range(2) for i in range(8))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cal.json", "cal.json.lock"]
