@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -31,9 +30,8 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
-from tqdm import tqdm
 
-from moditalker.config import load_config, save_config
+from moditalker.config import load_config
 from moditalker.device import resolve_device
 from moditalker.errors import UserError, cli_main, script_prog
 from moditalker.fileio import torch_save
@@ -44,8 +42,8 @@ from moditalker.training.accelerator import (
     train_val_loaders,
 )
 from moditalker.training.bad_items import BadItems
+from moditalker.training.loop import TrainingRun
 from moditalker.training.options import add_run_arguments, apply_run_arguments, print_summary
-from moditalker.training.run_state import prepare_run_dir, read_state_info, save_state
 from MToV.dataset import build_dataset, check_data, data_defaults
 from MToV.losses import AELossWeights, AutoencoderLoss, build_lpips
 from MToV.models.autoencoder import OFFICIAL_CONFIG, ViTAutoencoder, load_autoencoder_weights
@@ -134,11 +132,8 @@ def train(cfg: DictConfig, resume: bool = True, overwrite: bool = False, progres
     if mode not in ("rgb", "ldmk"):
         raise UserError(f"mode must be rgb or ldmk, got {mode!r}")
     key = "x" if mode == "rgb" else "x_l"
-    freeze_decoder = (mode == "ldmk") if cfg.freeze_decoder is None else bool(cfg.freeze_decoder)
-    out_dir = Path(cfg.out_dir)
-    state_dir = prepare_run_dir(out_dir, resume, overwrite)
-
-    tc, lc = cfg.train, cfg.loss
+    run = TrainingRun(cfg.out_dir, resume, overwrite)
+    tc, lc, dc = cfg.train, cfg.loss, cfg.data
     device = resolve_device(tc.device)
     use_amp = bool(tc.amp) and device.type == "cuda"
     accelerator = start_accelerator(
@@ -147,13 +142,67 @@ def train(cfg: DictConfig, resume: bool = True, overwrite: bool = False, progres
         mixed_precision="fp16" if use_amp else "no",
     )
     set_seed(int(tc.seed))
-    main_proc = accelerator.is_main_process
+    model, opt, disc2d, disc3d, opt_d = _models(cfg, initialise=not run.resuming)
+    criterion = _criterion(lc, accelerator.device)
 
-    ddconfig = OmegaConf.to_container(cfg.model.ddconfig, resolve=True)
-    model = ViTAutoencoder(cfg.model.embed_dim, ddconfig)
-    if state_dir is None and cfg.init_from:
+    ddconfig = cfg.model.ddconfig
+    timesteps, resolution = int(ddconfig.timesteps), int(ddconfig.resolution)
+    train_ds = build_dataset(dc, "train", (key,), timesteps, resolution)
+    val_ds = build_dataset(dc, "test", (key,), timesteps, resolution)
+    train_loader, val_loader = train_val_loaders(
+        train_ds, val_ds, int(tc.batch_size), int(dc.num_workers), accelerator.num_processes
+    )
+    if disc2d is not None:
+        model, opt, disc2d, disc3d, opt_d, train_loader = accelerator.prepare(
+            model, opt, disc2d, disc3d, opt_d, train_loader
+        )
+    else:
+        model, opt, train_loader = accelerator.prepare(model, opt, train_loader)
+    check_train_loader(train_loader, len(train_ds), int(tc.batch_size), accelerator.num_processes)
+    info = run.open(accelerator, cfg, BadItems(float(dc.max_bad_items), len(train_ds), train_ds.name))
+    best = float(info.get("best_psnr", -math.inf))
+    batches = run.counted(infinite(train_loader))
+    step_fn = _StepFn(accelerator, model, opt, disc2d, disc3d, opt_d, criterion, batches, key,
+                      int(tc.grad_accum), int(lc.disc_start))  # fmt: skip
+
+    def validate(step: int) -> dict | None:
+        if not run.main:
+            return None
+        net = accelerator.unwrap_model(model)
+        return {"val_psnr": evaluate_psnr(net, val_loader, key, accelerator.device, int(dc.max_val_clips))}
+
+    def write_models(step: int, record: dict | None) -> None:
+        nonlocal best
+        if record is not None:
+            state = {k: v.detach().cpu() for k, v in accelerator.unwrap_model(model).state_dict().items()}
+            torch_save(state, run.out_dir / "model_last.pth")
+            if record["val_psnr"] > best:
+                best = record["val_psnr"]
+                torch_save(state, run.out_dir / "model_best.pth")
+
+    model.train()
+    step = run.loop(step_fn, validate, max_steps=int(tc.max_steps), log_every=int(tc.log_every),
+                    val_every=int(tc.val_every), save_every=int(tc.save_every), desc=f"AE[{mode}]",
+                    progress=progress, postfix=("l1", "lpips"), after_validation=write_models,
+                    on_save=lambda step: {"best_psnr": best})  # fmt: skip
+    run.close()
+    return {
+        "step": step,
+        "best_psnr": best,
+        "history": run.history,
+        "num_processes": accelerator.num_processes,
+    }
+
+
+def _models(cfg: DictConfig, initialise: bool) -> tuple:
+    """(autoencoder, its optimizer, 2D and 3D discriminators and their optimizer or Nones); a new run
+    (``initialise``) starts from ``init_from``; the decoder is frozen in ldmk mode."""
+    tc, lc = cfg.train, cfg.loss
+    freeze_decoder = (cfg.mode == "ldmk") if cfg.freeze_decoder is None else bool(cfg.freeze_decoder)
+    model = ViTAutoencoder(cfg.model.embed_dim, OmegaConf.to_container(cfg.model.ddconfig, resolve=True))
+    if initialise and cfg.init_from:
         load_autoencoder_weights(model, _resolve(cfg.init_from), "initial (init_from) autoencoder")
-    elif state_dir is None and mode == "ldmk":
+    elif initialise and cfg.mode == "ldmk":
         raise UserError(
             "ldmk mode starts from the RGB autoencoder: set init_from=/path/to/autoencoder_rgb.pth "
             "(the model_last.pth of an rgb run)"
@@ -164,144 +213,71 @@ def train(cfg: DictConfig, resume: bool = True, overwrite: bool = False, progres
                 p.requires_grad_(False)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=tc.lr, betas=tuple(tc.betas), weight_decay=tc.weight_decay)
+    if int(lc.disc_start) >= int(tc.max_steps):  # the GAN phase never starts
+        return model, opt, None, None, None
+    disc2d = PatchDiscriminator2D(3, lc.disc_ndf, lc.disc_layers)
+    disc3d = PatchDiscriminator3D(3, lc.disc_ndf, lc.disc_layers)
+    opt_d = torch.optim.AdamW(
+        list(disc2d.parameters()) + list(disc3d.parameters()),
+        lr=tc.lr,
+        betas=tuple(tc.betas),
+        weight_decay=tc.weight_decay,
+    )
+    return model, opt, disc2d, disc3d, opt_d
 
-    gan_enabled = int(lc.disc_start) < int(tc.max_steps)
-    disc2d = disc3d = opt_d = None
-    if gan_enabled:
-        disc2d = PatchDiscriminator2D(3, lc.disc_ndf, lc.disc_layers)
-        disc3d = PatchDiscriminator3D(3, lc.disc_ndf, lc.disc_layers)
-        opt_d = torch.optim.AdamW(
-            list(disc2d.parameters()) + list(disc3d.parameters()),
-            lr=tc.lr,
-            betas=tuple(tc.betas),
-            weight_decay=tc.weight_decay,
-        )
+
+def _criterion(lc, device: torch.device) -> AutoencoderLoss:
     lpips = None
     if lc.perceptual_weight > 0:
-        lpips = build_lpips(lc.lpips_vgg, random_backbone=bool(lc.lpips_random_backbone)).to(
-            accelerator.device
-        )
-    criterion = AutoencoderLoss(
+        lpips = build_lpips(lc.lpips_vgg, random_backbone=bool(lc.lpips_random_backbone)).to(device)
+    return AutoencoderLoss(
         lpips, AELossWeights(lc.l1_weight, lc.perceptual_weight, lc.gan_weight, lc.feature_matching_weight)
     )
 
-    dc = cfg.data
-    timesteps, resolution = int(ddconfig["timesteps"]), int(ddconfig["resolution"])
-    train_ds = build_dataset(dc, "train", (key,), timesteps, resolution)
-    val_ds = build_dataset(dc, "test", (key,), timesteps, resolution)
-    bad_items = BadItems(float(dc.max_bad_items), len(train_ds), train_ds.name)
-    train_loader, val_loader = train_val_loaders(
-        train_ds, val_ds, int(tc.batch_size), int(dc.num_workers), accelerator.num_processes
-    )
 
-    if gan_enabled:
-        model, opt, disc2d, disc3d, opt_d, train_loader = accelerator.prepare(
-            model, opt, disc2d, disc3d, opt_d, train_loader
-        )
-    else:
-        model, opt, train_loader = accelerator.prepare(model, opt, train_loader)
-    check_train_loader(train_loader, len(train_ds), int(tc.batch_size), accelerator.num_processes)
+class _StepFn:
+    """One optimizer step of the autoencoder over ``accum`` micro-batches (gradients all-reduced on
+    the last only), then, from step ``disc_start`` (0-based) on, one of the discriminators on the
+    same reconstructions; returns the losses to log."""
 
-    step, best = 0, -math.inf
-    if state_dir is not None:
-        accelerator.load_state(str(state_dir))
-        info = read_state_info(state_dir)
-        step, best = int(info["step"]), float(info["best_psnr"])
-        accelerator.print(f"resuming from {state_dir} at step {step}")
-    if main_proc:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out_dir / "config.yaml")
-    from torch.utils.tensorboard import SummaryWriter
+    def __init__(
+        self, accelerator, model, opt, disc2d, disc3d, opt_d, criterion, batches, key, accum, disc_start
+    ):
+        self.acc, self.model, self.opt, self.criterion = accelerator, model, opt, criterion
+        self.disc2d, self.disc3d, self.opt_d = disc2d, disc3d, opt_d
+        self.batches, self.key, self.accum, self.disc_start = batches, key, accum, disc_start
 
-    writer = SummaryWriter(str(out_dir / "tb")) if main_proc else None
-    history: list[dict] = []
-
-    def validate_and_save(at_step: int, keep_state: bool) -> None:
-        nonlocal best
-        if main_proc:
-            net = accelerator.unwrap_model(model)
-            score = evaluate_psnr(net, val_loader, key, accelerator.device, int(dc.max_val_clips))
-            record = {"step": at_step, "val_psnr": score}
-            history.append(record)
-            with open(out_dir / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(record) + "\n")
-            writer.add_scalar("val/psnr", score, at_step)
-            state = {k: v.detach().cpu() for k, v in net.state_dict().items()}
-            torch_save(state, out_dir / "model_last.pth")
-            if score > best:
-                best = score
-                torch_save(state, out_dir / "model_best.pth")
-        if keep_state:
-            save_state(accelerator, out_dir, {"step": at_step, "best_psnr": best})
-
-    if step == 0 and main_proc:  # baseline PSNR of the initial weights (no checkpoint written)
-        score = evaluate_psnr(accelerator.unwrap_model(model), val_loader, key, accelerator.device,
-                              int(dc.max_val_clips))  # fmt: skip
-        history.append({"step": 0, "val_psnr": score})
-        with open(out_dir / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(history[-1]) + "\n")
-        writer.add_scalar("val/psnr", score, 0)
-
-    accum = int(tc.grad_accum)
-    batches = infinite(train_loader)
-    model.train()
-    bar = tqdm(
-        total=int(tc.max_steps), initial=step, disable=not (progress and main_proc), desc=f"AE[{mode}]"
-    )
-    running: dict[str, float] = {}
-    while step < int(tc.max_steps):
-        use_gan = gan_enabled and step >= int(lc.disc_start)
-        kept = []
+    def __call__(self, step: int) -> dict:
+        acc, accum = self.acc, self.accum
+        use_gan = self.disc2d is not None and step >= self.disc_start
+        kept, running = [], {}
         for micro in range(accum):
-            batch = next(batches)
-            bad_items.note_batch(batch)
-            x = batch[key]
-            # gradients are all-reduced only on the last micro-batch of an accumulation
-            ctx = accelerator.no_sync(model) if micro < accum - 1 else contextlib.nullcontext()
+            x = next(self.batches)[self.key]
+            ctx = acc.no_sync(self.model) if micro < accum - 1 else contextlib.nullcontext()
             with ctx:
-                with accelerator.autocast():
-                    rec = _frames_to_video(model(x)[0], x.shape[0])
+                with acc.autocast():
+                    rec = _frames_to_video(self.model(x)[0], x.shape[0])
                     idx = torch.randint(0, x.shape[2], (x.shape[0],), device=x.device)
-                    d2, d3 = (disc2d, disc3d) if use_gan else (None, None)
-                    loss, logs = criterion.generator(x, rec, idx, d2, d3)
-                accelerator.backward(loss / accum)
+                    d2, d3 = (self.disc2d, self.disc3d) if use_gan else (None, None)
+                    loss, logs = self.criterion.generator(x, rec, idx, d2, d3)
+                acc.backward(loss / accum)
             if use_gan:
                 kept.append((x, rec.detach(), idx))
             for k, v in logs.items():
                 running[k] = running.get(k, 0.0) + float(v) / accum
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
         if use_gan:
-            opt_d.zero_grad(set_to_none=True)
+            self.opt_d.zero_grad(set_to_none=True)
             for x, rec, idx in kept:
-                with accelerator.autocast():
-                    d_loss, d_logs = criterion.discriminator(x, rec, idx, disc2d, disc3d)
-                accelerator.backward(d_loss / accum)
+                with acc.autocast():
+                    d_loss, d_logs = self.criterion.discriminator(x, rec, idx, self.disc2d, self.disc3d)
+                acc.backward(d_loss / accum)
                 for k, v in d_logs.items():
                     running[k] = running.get(k, 0.0) + float(v) / accum
-            opt_d.step()
-            opt_d.zero_grad(set_to_none=True)
-        step += 1
-        bar.update(1)
-        if main_proc and (step % int(tc.log_every) == 0 or step == int(tc.max_steps)):
-            n = int(tc.log_every) if step % int(tc.log_every) == 0 else step % int(tc.log_every)
-            for k, v in running.items():
-                writer.add_scalar(f"train/{k}", v / max(n, 1), step)
-            writer.add_scalar("train/skipped_items", len(bad_items), step)
-            bar.set_postfix({k: f"{v / max(n, 1):.4f}" for k, v in running.items() if k in ("l1", "lpips")})
-            running = {}
-        elif not main_proc:
-            running = {}
-        do_val = step % int(tc.val_every) == 0 or step == int(tc.max_steps)
-        do_save = step % int(tc.save_every) == 0 or step == int(tc.max_steps)
-        if do_val:
-            validate_and_save(step, do_save)
-        elif do_save:
-            save_state(accelerator, out_dir, {"step": step, "best_psnr": best})
-    bar.close()
-    if writer is not None:
-        writer.close()
-    return {"step": step, "best_psnr": best, "history": history, "num_processes": accelerator.num_processes}
+            self.opt_d.step()
+            self.opt_d.zero_grad(set_to_none=True)
+        return running
 
 
 def build_parser() -> argparse.ArgumentParser:
