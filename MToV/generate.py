@@ -24,15 +24,17 @@ float rounding (``precision="fp32"``):
   landmarks, the masked frames), fp32, ``torch.no_grad``.
 
 Any length works: the last partial clip is padded by repeating its last frame and trimmed afterwards.
-Both take a ``timer`` (:class:`moditalker.timing.StageTimer`) that records the ``encode``, ``unet``
-and ``decode`` stages; by default one built from ``timings`` and the device (wall seconds).
+The sampler's settings are one :class:`SamplingOptions`; each function takes one ``timer``
+(:class:`moditalker.timing.StageTimer`) that records the ``encode``, ``unet`` and ``decode`` stages
+(none by default).
 """
 
 from __future__ import annotations
 
-import hashlib
-from collections.abc import Callable, Iterable, Iterator, Sequence
+import dataclasses
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -42,6 +44,7 @@ from tqdm.auto import tqdm
 from moditalker.device import autocast
 from moditalker.errors import UserError
 from moditalker.timing import StageTimer
+from MToV.clip_cache import LatentCache, clip_keys
 from MToV.diffusion import ddim_times
 from MToV.loading import MToVModels, PrecisionPlan
 from MToV.models.autoencoder import ViTAutoencoder
@@ -49,6 +52,7 @@ from MToV.models.autoencoder import ViTAutoencoder
 __all__ = [
     "ClipBatch",
     "LatentCache",
+    "SamplingOptions",
     "StreamState",
     "check_sampling",
     "clip_generator",
@@ -103,6 +107,54 @@ def check_sampling(
         )
 
 
+@dataclass(frozen=True)
+class SamplingOptions:
+    """How :func:`stream_video`, :func:`generate_video` and :func:`generate_video_original` sample.
+
+    ``batch_size``: 16-frame clips per UNet batch (the frames do not depend on it); ``seed``: the
+    noise of clip i comes from ``clip_generator(seed, i)``; ``start_ratio``: the noised start at
+    t = start_ratio * 1000; ``sampling_timesteps``: the DDIM schedule length (the steps below the
+    start run); ``eta``: DDIM eta; ``precision``: a name of :data:`MToV.loading.PRECISIONS`
+    (``auto``: on the CPU as measured by :mod:`MToV.calibration`) or a
+    :class:`~MToV.loading.PrecisionPlan`; ``use_last_as_reference``: each clip's last frame becomes
+    the next clip's image condition (clips then run one at a time); ``latent_capacity``: clips per
+    autoencoder kept in the condition-latent cache (None: no limit; oldest dropped first).
+    """
+
+    batch_size: int = 4
+    seed: int = 0
+    start_ratio: float = 0.25
+    sampling_timesteps: int = 100
+    eta: float = 1.0
+    precision: str | PrecisionPlan = "auto"
+    use_last_as_reference: bool = False
+    latent_capacity: int | None = None
+
+    @classmethod
+    def from_config(cls, section: Mapping[str, Any], **given: Any) -> SamplingOptions:
+        """The options named in a (checked) config section (``sample`` of an MToV config, ``mtov`` of
+        the pipeline's; its other keys are not sampler settings) as their types, then ``given``."""
+        casts = {"start_ratio": float, "eta": float, "use_last_as_reference": bool}
+        ints = ("batch_size", "seed", "sampling_timesteps")
+        found = {k: casts.get(k, int if k in ints else None) for k in _FIELDS if k in section}
+        return cls(**{**{k: cast(section[k]) if cast else section[k] for k, cast in found.items()}, **given})
+
+    @property
+    def clips_per_batch(self) -> int:
+        return 1 if self.use_last_as_reference else self.batch_size
+
+    def check(self, timesteps: int = 1000) -> None:
+        """UserError unless the options run (:func:`check_sampling`, a batch size >= 1)."""
+        if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int | np.integer):
+            raise UserError(f"batch_size must be an integer, got {self.batch_size!r}")
+        if self.batch_size < 1:
+            raise UserError(f"batch_size must be >= 1, got {self.batch_size}")
+        check_sampling(self.start_ratio, self.sampling_timesteps, self.eta, timesteps)
+
+
+_FIELDS = tuple(f.name for f in dataclasses.fields(SamplingOptions))
+
+
 def to_model(frames: np.ndarray | torch.Tensor, size: int, device: torch.device, name: str) -> torch.Tensor:
     """uint8 [T, 3, S, S] -> float32 [T, 3, size, size] in [-1, 1] on ``device`` (resized if S != size)."""
     x = torch.as_tensor(np.asarray(frames))
@@ -120,69 +172,6 @@ def pad_clips(x: torch.Tensor, clip: int) -> torch.Tensor:
     if pad:
         x = torch.cat([x, x[-1:].expand(pad, -1, -1, -1)], dim=0)
     return x.reshape(-1, clip, *x.shape[1:]).transpose(1, 2)
-
-
-def clip_keys(frames: np.ndarray, clip: int) -> list[bytes]:
-    """One content hash per ``clip``-frame clip of uint8 ``[T, ...]`` frames (the last clip padded by
-    repeating its last frame, as :func:`pad_clips`): equal keys = equal clips = equal latents."""
-    frames = np.ascontiguousarray(frames)
-    keys = []
-    for start in range(0, frames.shape[0], clip):
-        block = frames[start : start + clip]
-        h = hashlib.blake2b(block.tobytes(), digest_size=16)
-        h.update(frames[-1].tobytes() * (clip - block.shape[0]))  # the padding frames
-        keys.append(h.digest())
-    return keys
-
-
-class LatentCache:
-    """Latents by clip content: a clip seen before (a still reference image gives the same masked
-    clip every time; a reference video played back and forth repeats clips) is not encoded again.
-
-    ``extract(ae, clips)`` encodes a batch of clips; ``cache(ae, clips, keys)`` returns the latents of
-    ``clips`` (keys from :func:`clip_keys`), encoding only the distinct clips not seen before.
-    ``capacity`` (clips per autoencoder; None: no limit) drops the oldest latents first (first in,
-    first out), so the cache of a video of any length stays bounded; its state is then a function
-    of the latents added, in order (:meth:`take_added`), which :meth:`restore` replays.
-    """
-
-    def __init__(
-        self, extract: Callable[[ViTAutoencoder, torch.Tensor], torch.Tensor], capacity: int | None = None
-    ) -> None:
-        self.extract, self.latents, self.capacity = extract, {}, capacity
-        self.added: list[tuple[ViTAutoencoder, bytes, torch.Tensor]] = []
-
-    def __call__(self, ae: ViTAutoencoder, clips: torch.Tensor, keys: Sequence[bytes]) -> torch.Tensor:
-        found = {k: self.latents[(id(ae), k)] for k in keys if (id(ae), k) in self.latents}
-        todo: dict[bytes, int] = {}
-        for j, k in enumerate(keys):
-            if k not in found and k not in todo:
-                todo[k] = j
-        if todo:
-            new = self.extract(ae, clips[list(todo.values())])
-            for k, latent in zip(todo, new):
-                found[k] = latent
-                self.restore(ae, [k], latent[None], record=True)
-        return torch.stack([found[k] for k in keys])
-
-    def restore(
-        self, ae: ViTAutoencoder, keys: Sequence[bytes], latents: torch.Tensor, record: bool = False
-    ) -> None:
-        """Add ``latents`` [m, ...] of clips ``keys`` (as an encode would), dropping the oldest beyond
-        ``capacity``; ``record``: also list them for :meth:`take_added`."""
-        for k, latent in zip(keys, latents):
-            self.latents[(id(ae), k)] = latent
-            if record:
-                self.added.append((ae, k, latent))
-        if self.capacity is not None:
-            mine = [key for key in self.latents if key[0] == id(ae)]
-            for key in mine[: max(0, len(mine) - self.capacity)]:
-                del self.latents[key]
-
-    def take_added(self) -> list[tuple[ViTAutoencoder, bytes, torch.Tensor]]:
-        """The latents encoded since the last call, in the order they were added."""
-        added, self.added = self.added, []
-        return added
 
 
 def to_uint8(frames: torch.Tensor) -> torch.Tensor:
@@ -250,144 +239,144 @@ class StreamState:
     encoded: Iterable[dict[str, tuple[Sequence[bytes], np.ndarray]]] = ()
 
 
+class _BatchSampler:
+    """The state of one :func:`stream_video` (networks in the chosen arithmetic, the reference latent,
+    the latent cache, the image condition); :meth:`run` makes batch b. Built under inference mode.
+
+    On the CPU (the only device int8 runs on) the autoencoders take one clip per call: int8's
+    activation scales are per call, so a clip's frames do not depend on its batch, and in every
+    precision a batch is slower per clip there (full size, 2 threads: bf16 encode 6.7 s per clip alone,
+    8.2 s in a batch of 4; fp32 10.9 / 11.5 s). The UNet stays batched (0.56 -> 0.48 s per clip and
+    pass in a batch of 4)."""
+
+    def __init__(self, models, ident, options, timer, return_float, resume) -> None:
+        self.options, self.timed, self.return_float, self.ident = options, timer, return_float, ident
+        self.dev, self.size, self.clip = models.device, models.resolution, models.clip_frames
+        plan = _plan(options.precision, models)
+        self.ae_dtype, self.per_clip = plan.autoencoder_dtype, self.dev.type == "cpu"
+        self.ae_rgb, self.ae_ldmk = models.autoencoders(plan)
+        self.ddpm = models.sampler(options.sampling_timesteps, options.eta, plan)
+        self.n_xy = self.ae_rgb.r**2
+        ref = to_model(ident[None], self.size, self.dev, "identity_frame")  # [1, 3, R, R]
+        with timer("encode"):  # the reference latent: once per video
+            self.ref_latent = self.extract(self.ae_rgb, ref[:, :, None].expand(-1, -1, self.clip, -1, -1))
+        self.cached = LatentCache(self.extract, capacity=options.latent_capacity)
+        aes = {"rgb": self.ae_rgb, "ldmk": self.ae_ldmk}
+        for encoded in resume.encoded:  # the cache as the finished batches left it
+            for name, (keys, latents) in encoded.items():
+                latents = torch.as_tensor(np.asarray(latents), device=self.dev)
+                self.cached.restore(aes[name], list(keys), latents)
+        self.image_cond = self.ref_latent[:, :, : self.n_xy]
+        if resume.carry is not None:
+            self.image_cond = torch.as_tensor(np.asarray(resume.carry), device=self.dev)
+
+    def extract(self, ae: ViTAutoencoder, x: torch.Tensor) -> torch.Tensor:
+        with autocast(self.dev, self.ae_dtype):
+            if self.per_clip:
+                return torch.cat([ae.extract(c).float() for c in x.split(1)])
+            return ae.extract(x).float()
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        with autocast(self.dev, self.ae_dtype):
+            if self.per_clip:
+                return torch.cat([self.ae_rgb.decode_from_sample(c).float() for c in z.split(1)])
+            return self.ae_rgb.decode_from_sample(z).float()
+
+    def conditions(self, conditions, f0: int, f1: int) -> tuple[np.ndarray, torch.Tensor]:
+        """The landmark frames of frames f0 .. f1 - 1 and their condition latents (each distinct clip
+        encoded once)."""
+        size, clip, shape = self.size, self.clip, self.ident.shape
+        lv, mk = (np.asarray(a) for a in conditions(f0, f1))
+        if mk.shape != (f1 - f0, *shape) or lv.shape not in (mk.shape, (f1 - f0, 3, size, size)):
+            raise UserError(
+                f"conditions({f0}, {f1}) gave landmark frames {lv.shape} and masked frames {mk.shape}; "
+                f"both must be uint8 [{f1 - f0}, {', '.join(map(str, shape))}] (the landmark "
+                f"frames may be [{f1 - f0}, 3, {size}, {size}], the model's size)"
+            )
+        x_l = pad_clips(to_model(lv, size, self.dev, "landmark_video"), clip)
+        masked = pad_clips(to_model(mk, size, self.dev, "masked_frames"), clip)
+        with self.timed("encode"):  # only what the sampler uses, each distinct clip once
+            ldmk = self.cached(self.ae_ldmk, x_l, clip_keys(lv, clip))
+            return lv, torch.cat([ldmk, self.cached(self.ae_rgb, masked, clip_keys(mk, clip))], dim=1)
+
+    def run(self, index: int, conditions, n: int) -> ClipBatch:
+        """Batch ``index`` of an ``n``-frame video."""
+        opt, clip, step = self.options, self.clip, self.options.clips_per_batch
+        idx = range(index * step, min((index + 1) * step, -(-n // clip)))
+        b, f0, f1 = len(idx), idx.start * clip, min(idx.stop * clip, n)
+        lv, cond = self.conditions(conditions, f0, f1)
+        with self.timed("unet"):
+            z = self.ddpm.sample(
+                b,
+                cond,
+                self.image_cond.expand(b, -1, -1),
+                noised_start=self.ref_latent.expand(b, -1, -1),
+                start_ratio=opt.start_ratio,
+                generator=[clip_generator(opt.seed, i, self.dev) for i in idx],
+            )
+        with self.timed("decode"):
+            frames = self.decode(z).clamp(-1.0, 1.0)  # [(b*clip), 3, R, R]
+        if opt.use_last_as_reference:
+            last = frames[-1:, :, None].expand(-1, -1, clip, -1, -1)
+            with self.timed("encode"):
+                self.image_cond = self.extract(self.ae_rgb, last)[:, :, : self.n_xy]
+        out_size = int(self.ident.shape[-1])
+        if self.size != out_size:
+            frames = F.interpolate(frames, size=(out_size, out_size), mode="bilinear", align_corners=False)
+        frames = (frames if self.return_float else to_uint8(frames))[: f1 - f0].cpu().numpy()
+        encoded: dict[str, tuple[list[bytes], list[torch.Tensor]]] = {}
+        for ae, key, latent in self.cached.take_added():
+            keys, latents = encoded.setdefault("rgb" if ae is self.ae_rgb else "ldmk", ([], []))
+            keys.append(key)
+            latents.append(latent)
+        carry = self.image_cond.cpu().numpy() if opt.use_last_as_reference else None
+        stacked = {k: (keys, torch.stack(lat).cpu().numpy()) for k, (keys, lat) in encoded.items()}
+        return ClipBatch(index, f0, frames, lv, carry, stacked)
+
+
 def stream_video(
     models: MToVModels,
     conditions: Callable[[int, int], tuple[np.ndarray, np.ndarray]],
     n_frames: int,
     identity_frame: np.ndarray,
+    options: SamplingOptions = SamplingOptions(),
     *,
-    batch_size: int = 4,
-    seed: int = 0,
-    start_ratio: float = 0.25,
-    sampling_timesteps: int = 100,
-    use_last_as_reference: bool = False,
+    on_batch: Callable[[ClipBatch], None],
     progress: bool = True,
-    eta: float = 1.0,
-    precision: str | PrecisionPlan = "auto",
-    timings: dict[str, float] | None = None,
     return_float: bool = False,
     timer: StageTimer | None = None,
-    latent_capacity: int | None = None,
     resume: StreamState | None = None,
-) -> Iterator[ClipBatch]:
-    """:func:`generate_video` as a stream of :class:`ClipBatch`: nothing of the video's length is held.
+) -> int:
+    """:func:`generate_video` batch by batch: ``on_batch`` gets each :class:`ClipBatch` as it is made,
+    so nothing of the video's length is held; returns the number of frames generated.
 
     ``conditions(start, stop)`` gives the uint8 ``[stop - start, 3, S, S]`` landmark frames and masked
     reference frames of frames ``start .. stop - 1`` (landmark frames at the model's size R, drawn as
     the trainers draw them (:func:`MToV.conditions.condition_settings`), go to the network as they are;
     at S they are resized); it is called once per batch, when the batch is generated. Batch b covers
     clips ``b * batch_size ...`` (one clip per batch with ``use_last_as_reference``); the frames equal
-    :func:`generate_video`'s (which is this stream, collected). ``precision``: a name (``auto``: on the
-    CPU as measured by :mod:`MToV.calibration`) or a :class:`~MToV.loading.PrecisionPlan`.
-    ``latent_capacity`` bounds the condition-latent cache (clips per autoencoder, oldest dropped
-    first); ``resume`` (:class:`StreamState`) starts after finished batches.
+    :func:`generate_video`'s (which is this stream, collected). ``resume`` (:class:`StreamState`)
+    starts after finished batches. ``timer``: as in :func:`generate_video`.
     """
-    n = int(n_frames)
-    ident = np.asarray(identity_frame)
+    n, ident = int(n_frames), np.asarray(identity_frame)
     if n < 1:
         raise UserError(f"n_frames must be >= 1, got {n}")
-    if batch_size < 1:
-        raise UserError(f"batch_size must be >= 1, got {batch_size}")
-    check_sampling(start_ratio, sampling_timesteps, eta, int(models.config.diffusion.timesteps))
-    out_size = int(ident.shape[-1])
-    dev, size, clip = models.device, models.resolution, models.clip_frames
-    plan = _plan(precision, models)
-    # On the CPU (the only device int8 runs on) the autoencoders take one clip per call: int8's activation
-    # scales are per call, so a clip's frames do not depend on its batch, and in every precision a batch
-    # is slower per clip there (full size, 2 threads: bf16 encode 6.7 s per clip alone, 8.2 s in a batch
-    # of 4; fp32 10.9 / 11.5 s). The UNet stays batched (0.56 -> 0.48 s per clip and pass in a batch of 4).
-    ae_dtype = plan.autoencoder_dtype
-    per_clip = dev.type == "cpu"
-    ae_rgb, ae_ldmk = models.autoencoders(plan)
-    timed = timer if timer is not None else StageTimer(timings, dev)
-    ddpm = models.sampler(sampling_timesteps, eta, plan)
-    n_xy = ae_rgb.r**2
-    step = 1 if use_last_as_reference else batch_size
-    n_clips = -(-n // clip)
+    options.check(int(models.config.diffusion.timesteps))
     resume = resume if resume is not None else StreamState()
-    aes = {"rgb": ae_rgb, "ldmk": ae_ldmk}
-    with torch.inference_mode():
-        ref = to_model(ident[None], size, dev, "identity_frame")  # [1, 3, R, R]
-
-        def extract(ae: ViTAutoencoder, x: torch.Tensor) -> torch.Tensor:
-            with autocast(dev, ae_dtype):
-                if per_clip:
-                    return torch.cat([ae.extract(c).float() for c in x.split(1)])
-                return ae.extract(x).float()
-
-        def decode(z: torch.Tensor) -> torch.Tensor:
-            with autocast(dev, ae_dtype):
-                if per_clip:
-                    return torch.cat([ae_rgb.decode_from_sample(c).float() for c in z.split(1)])
-                return ae_rgb.decode_from_sample(z).float()
-
-        with timed("encode"):  # the reference latent: once per video
-            ref_latent = extract(ae_rgb, ref[:, :, None].expand(-1, -1, clip, -1, -1))
-        cached = LatentCache(extract, capacity=latent_capacity)
-        for encoded in resume.encoded:  # the cache as the finished batches left it
-            for name, (keys, latents) in encoded.items():
-                cached.restore(aes[name], list(keys), torch.as_tensor(np.asarray(latents), device=dev))
-        image_cond = ref_latent[:, :, :n_xy]
-        if resume.carry is not None:
-            image_cond = torch.as_tensor(np.asarray(resume.carry), device=dev)
-        first = int(resume.batches) * step
-        bar = tqdm(total=n, initial=min(n, first * clip), desc="MToV", unit="frame", disable=not progress)
-        for start in range(first, n_clips, step):
-            idx = range(start, min(start + step, n_clips))
-            b, f0, f1 = len(idx), idx.start * clip, min(idx.stop * clip, n)
-            lv, mk = (np.asarray(a) for a in conditions(f0, f1))
-            if mk.shape != (f1 - f0, *ident.shape) or lv.shape not in (mk.shape, (f1 - f0, 3, size, size)):
-                raise UserError(
-                    f"conditions({f0}, {f1}) gave landmark frames {lv.shape} and masked frames {mk.shape}; "
-                    f"both must be uint8 [{f1 - f0}, {', '.join(map(str, ident.shape))}] (the landmark "
-                    f"frames may be [{f1 - f0}, 3, {size}, {size}], the model's size)"
-                )
-            x_l = pad_clips(to_model(lv, size, dev, "landmark_video"), clip)
-            masked = pad_clips(to_model(mk, size, dev, "masked_frames"), clip)
-            with timed("encode"):  # only what the sampler uses, each distinct clip once
-                cond = torch.cat(
-                    [
-                        cached(ae_ldmk, x_l, clip_keys(lv, clip)),
-                        cached(ae_rgb, masked, clip_keys(mk, clip)),
-                    ],
-                    dim=1,
-                )
-            with timed("unet"):
-                z = ddpm.sample(
-                    b,
-                    cond,
-                    image_cond.expand(b, -1, -1),
-                    noised_start=ref_latent.expand(b, -1, -1),
-                    start_ratio=start_ratio,
-                    generator=[clip_generator(seed, i, dev) for i in idx],
-                )
-            with timed("decode"):
-                frames = decode(z).clamp(-1.0, 1.0)  # [(b*clip), 3, R, R]
-            if use_last_as_reference:
-                last = frames[-1:, :, None].expand(-1, -1, clip, -1, -1)
-                with timed("encode"):
-                    image_cond = extract(ae_rgb, last)[:, :, :n_xy]
-            if size != out_size:
-                frames = F.interpolate(
-                    frames, size=(out_size, out_size), mode="bilinear", align_corners=False
-                )
-            frames = (frames if return_float else to_uint8(frames))[: f1 - f0].cpu().numpy()
-            encoded: dict[str, tuple[list[bytes], list[torch.Tensor]]] = {}
-            for ae, key, latent in cached.take_added():
-                keys, latents = encoded.setdefault("rgb" if ae is ae_rgb else "ldmk", ([], []))
-                keys.append(key)
-                latents.append(latent)
-            carry = image_cond.cpu().numpy() if use_last_as_reference else None
-            bar.update(f1 - f0)
-            yield ClipBatch(
-                start // step,
-                f0,
-                frames,
-                lv,
-                carry,
-                {k: (keys, torch.stack(lat).cpu().numpy()) for k, (keys, lat) in encoded.items()},
-            )
-        bar.close()
+    n_clips = -(-n // models.clip_frames)
+    n_batches = -(-n_clips // options.clips_per_batch)
+    first = min(n, int(resume.batches) * options.clips_per_batch * models.clip_frames)
+    timer = timer if timer is not None else StageTimer(None, models.device)
+    with (
+        torch.inference_mode(),
+        tqdm(total=n, initial=first, desc="MToV", unit="frame", disable=not progress) as bar,
+    ):
+        sampler = _BatchSampler(models, ident, options, timer, return_float, resume)
+        for index in range(int(resume.batches), n_batches):
+            batch = sampler.run(index, conditions, n)
+            bar.update(len(batch.frames))
+            on_batch(batch)
+    return n - first
 
 
 def generate_video(
@@ -395,22 +384,18 @@ def generate_video(
     landmark_video: np.ndarray,
     masked_frames: np.ndarray,
     identity_frame: np.ndarray,
+    options: SamplingOptions | None = None,
     *,
-    batch_size: int = 4,
-    seed: int = 0,
-    start_ratio: float = 0.25,
-    sampling_timesteps: int = 100,
-    use_last_as_reference: bool = False,
     progress: bool = True,
-    eta: float = 1.0,
-    precision: str | PrecisionPlan = "auto",
-    timings: dict[str, float] | None = None,
     return_float: bool = False,
     timer: StageTimer | None = None,
+    **settings: Any,
 ) -> np.ndarray:
     """Generate uint8 ``[T, 3, S, S]`` frames for uint8 ``[T, 3, S, S]`` rendered landmarks and
     masked reference frames and a uint8 ``[3, S, S]`` identity (reference) frame.
 
+    ``options`` (:class:`SamplingOptions`, default its defaults): the sampler's settings; keyword
+    ``settings`` named as its fields replace single ones (``generate_video(m, lv, mk, ident, seed=3)``).
     ``use_last_as_reference``: the last generated frame of clip i becomes the image condition of
     clip i+1 (the noised start stays the identity frame's latent, as the original); clips then run
     one after another. Inputs at another size than the autoencoder's are resized, the output is
@@ -424,33 +409,28 @@ def generate_video(
     :func:`MToV.loading.precision_plan`); a :class:`~MToV.loading.PrecisionPlan` is run as given;
     ``"fp32"`` keeps everything in fp32, equal up to float rounding to the original's
     one-clip-at-a-time call pattern, which is :func:`generate_video_original` (same noise, same
-    arguments but ``batch_size``, ``precision`` and ``use_last_as_reference``, plus the target frames
+    options but ``batch_size``, ``precision`` and ``use_last_as_reference``, plus the target frames
     it encodes and never uses).
-    ``timings`` (a dict) accumulates seconds under ``encode``, ``unet`` and ``decode``; ``timer`` (a
-    :class:`~moditalker.timing.StageTimer`, e.g. one with ``clock=time.process_time``) records them
-    instead (default: ``StageTimer(timings, models.device)``; when given, ``timings`` is not used).
+    ``timer`` (a :class:`~moditalker.timing.StageTimer`, e.g. ``StageTimer(timings, device)`` or one
+    with ``clock=time.process_time``) records seconds under ``encode``, ``unet`` and ``decode``;
     ``return_float`` returns float32 frames in [-1, 1] instead of uint8.
     """
+    options = dataclasses.replace(options or SamplingOptions(), **settings)
     n = _check_frames(landmark_video, masked_frames, identity_frame, model_size=models.resolution)
     lv, mk = np.asarray(landmark_video), np.asarray(masked_frames)
-    batches = stream_video(
+    frames: list[np.ndarray] = []
+    stream_video(
         models,
         lambda start, stop: (lv[start:stop], mk[start:stop]),
         n,
         identity_frame,
-        batch_size=batch_size,
-        seed=seed,
-        start_ratio=start_ratio,
-        sampling_timesteps=sampling_timesteps,
-        use_last_as_reference=use_last_as_reference,
+        options,
+        on_batch=lambda batch: frames.append(batch.frames),
         progress=progress,
-        eta=eta,
-        precision=precision,
-        timings=timings,
         return_float=return_float,
         timer=timer,
     )
-    return np.concatenate([batch.frames for batch in batches])
+    return np.concatenate(frames)
 
 
 def generate_video_original(
@@ -459,14 +439,10 @@ def generate_video_original(
     masked_frames: np.ndarray,
     identity_frame: np.ndarray,
     target_frames: np.ndarray,
+    options: SamplingOptions | None = None,
     *,
-    seed: int = 0,
-    start_ratio: float = 0.25,
-    sampling_timesteps: int = 100,
-    eta: float = 1.0,
-    timings: dict[str, float] | None = None,
-    return_float: bool = False,
     progress: bool = False,
+    return_float: bool = False,
     timer: StageTimer | None = None,
 ) -> np.ndarray:
     """:func:`generate_video` with the original's call pattern (fp32, eager, ``torch.no_grad``): each
@@ -474,19 +450,21 @@ def generate_video_original(
     [T, 3, S, S] whose latent the sampler never uses, the reference, the landmarks, the masked
     frames), noised-start DDIM and a decode. Noise per clip as :func:`generate_video`
     (``clip_generator(seed, clip)``), so the two agree up to float rounding with ``precision="fp32"``.
-    The benchmark's ``faithful`` mode; ``timings``/``timer``/``return_float`` as in
-    :func:`generate_video`. Inputs uint8 [T, 3, S, S] (resized to the autoencoder's size if needed);
-    returns uint8 (or float in [-1, 1]) [T, 3, S, S].
+    The benchmark's ``faithful`` mode. Of ``options`` it uses ``seed``, ``start_ratio``,
+    ``sampling_timesteps`` and ``eta``; ``timer``/``return_float`` as in :func:`generate_video`.
+    Inputs uint8 [T, 3, S, S] (resized to the autoencoder's size if needed); returns uint8 (or float
+    in [-1, 1]) [T, 3, S, S].
     """
+    opt = options or SamplingOptions()
     n = _check_frames(
         landmark_video, masked_frames, identity_frame, target_frames, model_size=models.resolution
     )
-    check_sampling(start_ratio, sampling_timesteps, eta, int(models.config.diffusion.timesteps))
+    check_sampling(opt.start_ratio, opt.sampling_timesteps, opt.eta, int(models.config.diffusion.timesteps))
     ident = np.asarray(identity_frame)
     out_size = int(ident.shape[-1])
     dev, size, clip = models.device, models.resolution, models.clip_frames
-    timed = timer if timer is not None else StageTimer(timings, dev)
-    ddpm = models.sampler(sampling_timesteps, eta)
+    timed = timer if timer is not None else StageTimer(None, dev)
+    ddpm = models.sampler(opt.sampling_timesteps, opt.eta)
     n_xy = models.ae_rgb.r**2
     outputs = []
     with torch.no_grad():
@@ -506,8 +484,8 @@ def generate_video_original(
                     torch.cat([z_l, z_m], dim=1),
                     ref_latent[:, :, :n_xy],
                     noised_start=ref_latent,
-                    start_ratio=start_ratio,
-                    generator=[clip_generator(seed, i, dev)],
+                    start_ratio=opt.start_ratio,
+                    generator=[clip_generator(opt.seed, i, dev)],
                 )
             with timed("decode"):
                 frames = models.ae_rgb.decode_from_sample(z).clamp(-1.0, 1.0)

@@ -8,8 +8,6 @@
 * :mod:`MToV.generate`: :func:`~MToV.generate.generate_video` (the sampler; its module doc describes
   the original's inference path and what the fast path changes).
 
-The public names other code imported from here before the split are re-exported (``__all__``), so
-``from MToV.sample import load_mtov, generate_video`` keeps working.
 """
 
 from __future__ import annotations
@@ -29,16 +27,12 @@ from moditalker.config import load_config, save_config
 from moditalker.constants import FPS, SAMPLE_RATE
 from moditalker.errors import UserError, cli_main, script_prog
 from moditalker.fileio import repo_path
-from MToV import generate, loading
 from MToV.calibration import resolve_plan
 from MToV.conditions import build_conditions, condition_settings, read_landmark_input, read_reference
-from MToV.generate import check_sampling, generate_video
+from MToV.generate import SamplingOptions, check_sampling, generate_video
 from MToV.loading import MODEL_DEFAULTS, PRECISIONS, load_mtov
 
-# the names code imported from here before the split keep working: every public name of both modules
-globals().update({name: getattr(loading, name) for name in loading.__all__})
-globals().update({name: getattr(generate, name) for name in generate.__all__})
-__all__ = ["build_parser", "main", *loading.__all__, *generate.__all__]
+__all__ = ["build_parser", "main"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -206,7 +200,6 @@ def main(argv: Sequence[str] | None = None) -> dict:
     if args.random_weights:  # after the input checks: a refused run prints its one error line only
         warn_random_weights("the MToV autoencoders and UNet are", "The video is NOT a talking head.")
     n = lm_video.shape[0]
-    sc = cfg.sample
     choice = resolve_plan(
         args.precision,
         models,
@@ -216,18 +209,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
         log=lambda line: print(line, file=sys.stderr, flush=True),
     )
     t0 = time.perf_counter()
-    video = generate_video(
-        models,
-        *conditions,
-        batch_size=int(sc.batch_size),
-        seed=int(sc.seed),
-        start_ratio=float(sc.start_ratio),
-        sampling_timesteps=int(sc.sampling_timesteps),
-        use_last_as_reference=bool(sc.use_last_as_reference),
-        progress=not args.no_progress,
-        eta=float(sc.eta),
-        precision=choice.plan,
-    )
+    options = SamplingOptions.from_config(cfg.sample, precision=choice.plan)
+    video = generate_video(models, *conditions, options, progress=not args.no_progress)
     seconds = time.perf_counter() - t0
     if audio is not None:
         audio = audio[: int(round(n / args.fps * SAMPLE_RATE))]

@@ -63,6 +63,7 @@ import torch
 
 from moditalker.device import CPU_ISA_ENV, allocator, cpu_isa_missing, cpu_isa_report
 from moditalker.errors import UserError, cli_main, script_prog
+from MToV.generate import SamplingOptions
 from MToV.loading import PRECISIONS, PrecisionPlan
 from pipeline.benchmark_report import _device_name, busy_warnings, format_table
 from pipeline.benchmark_run import (
@@ -214,10 +215,13 @@ def run_benchmark(
             nets,
             inputs,
             atom_steps=atom_steps,
-            mtov_steps=mtov_steps,
-            seed=seed,
-            batch_size=batch_size,
-            precision=plan if mode == "fast" else "fp32",
+            sampling=SamplingOptions(
+                batch_size=batch_size,
+                seed=seed,
+                start_ratio=START_RATIO,
+                sampling_timesteps=mtov_steps,
+                precision=plan if mode == "fast" else "fp32",
+            ),
             progress=progress,
             clock_kind=clock,
         )

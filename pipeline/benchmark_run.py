@@ -14,6 +14,7 @@ Modes (the call patterns are options of the stage modules; nothing is patched he
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import threading
 import time
@@ -25,6 +26,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from moditalker.errors import UserError
 from moditalker.timing import StageTimer
+from MToV.generate import SamplingOptions, generate_video, generate_video_original
 from pipeline.benchmark_setup import Inputs, Networks
 
 __all__ = [
@@ -109,18 +111,16 @@ def run_mode(
     inputs: Inputs,
     *,
     atom_steps: int,
-    mtov_steps: int,
-    seed: int = 0,
-    batch_size: int = 4,
-    precision: str = "auto",
+    sampling: SamplingOptions,
     progress: bool = False,
     clock_kind: str = "wall",
 ) -> ModeResult:
-    """Run the whole chain once in ``mode`` (``faithful``, ``fast`` or ``fast_fp32``), timing each stage."""
+    """Run the whole chain once in ``mode`` (``faithful``, ``fast`` or ``fast_fp32``), timing each stage.
+    ``sampling``: MToV's options (``fast_fp32`` runs them in fp32; ``faithful`` uses its seed, start
+    ratio and schedule); its seed is AToM's too."""
     from AToM.inference import generate_landmarks
     from data.imageops import mask_below_nose
     from data.motion_align import align_landmarks, render_landmarks
-    from MToV.generate import generate_video, generate_video_original
 
     if mode not in MODES:
         raise UserError(f"unknown mode {mode!r}; use one of {MODES}")
@@ -130,6 +130,7 @@ def run_mode(
     mt: dict[str, float] = {}
     # MToV's per-stage seconds on the same clock as the top-level stages
     timer = StageTimer(mt, dev, clock=time.process_time if clock_kind == "cpu" else None)
+    mtov_kw = dict(timer=timer, return_float=True, progress=progress)
     cpu: dict[str, float] = {}
 
     now = time.process_time if clock_kind == "cpu" else time.perf_counter
@@ -161,7 +162,7 @@ def run_mode(
             inputs.ref_lm3d[0],
             inputs.key_mean,
             steps=atom_steps,
-            seed=seed,
+            seed=sampling.seed,
             progress=progress,
             guidance_mode="original" if mode == "faithful" else "auto",
         )[: inputs.n_frames]
@@ -178,34 +179,14 @@ def run_mode(
         sec["align"] = t3 - t2
         c3 = cpu_mark("align", c2)
         if mode == "faithful":
+            target = np.ascontiguousarray(inputs.frames.transpose(0, 3, 1, 2))
             frames = generate_video_original(
-                nets.mtov,
-                landmark_video,
-                masked,
-                ident,
-                np.ascontiguousarray(inputs.frames.transpose(0, 3, 1, 2)),
-                seed=seed,
-                start_ratio=START_RATIO,
-                sampling_timesteps=mtov_steps,
-                timer=timer,
-                return_float=True,
-                progress=progress,
+                nets.mtov, landmark_video, masked, ident, target, sampling, **mtov_kw
             )
         else:
-            frames = generate_video(
-                nets.mtov,
-                landmark_video,
-                masked,
-                ident,
-                batch_size=batch_size,
-                seed=seed,
-                start_ratio=START_RATIO,
-                sampling_timesteps=mtov_steps,
-                precision="fp32" if mode == "fast_fp32" else precision,
-                timer=timer,
-                return_float=True,
-                progress=progress,
-            )
+            if mode == "fast_fp32":
+                sampling = dataclasses.replace(sampling, precision="fp32")
+            frames = generate_video(nets.mtov, landmark_video, masked, ident, sampling, **mtov_kw)
         t4 = clock()
         cpu_mark("mtov", c3)
         cpu_mark("total", c0)

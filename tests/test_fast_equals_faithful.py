@@ -19,7 +19,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from AToM.diffusion import GaussianDiffusion
 from AToM.model import MotionDecoder
 from moditalker.errors import UserError
-from MToV.generate import generate_video, generate_video_original
+from moditalker.timing import StageTimer
+from MToV.generate import SamplingOptions, generate_video, generate_video_original
 from MToV.int8 import Int8Conv
 from MToV.loading import autoencoder_dtype, load_mtov, precision_plan
 from pipeline.benchmark import STAGES, extrapolate, main, mtov_unet_passes, psnr
@@ -107,12 +108,13 @@ def test_mtov_fast_fp32_equals_faithful_and_does_less_work(mtov, monkeypatch):
     )
 
     with sdpa_kernel(SDPBackend.MATH):
-        slow = generate_video_original(mtov, lv, masked, ident, target, return_float=True, **kw)
+        slow = generate_video_original(
+            mtov, lv, masked, ident, target, SamplingOptions(**kw), return_float=True
+        )
     faithful_counts = dict(counts)
     counts.update(rgb=0, ldmk=0, unet=0)
-    fast = generate_video(
-        mtov, lv, masked, ident, batch_size=3, precision="fp32", return_float=True, progress=False, **kw
-    )
+    options = SamplingOptions(batch_size=3, precision="fp32", **kw)
+    fast = generate_video(mtov, lv, masked, ident, options, return_float=True, progress=False)
     n_clips = math.ceil(t / clip)
     passes = mtov_unet_passes(12)
     assert faithful_counts == {"rgb": 3 * n_clips, "ldmk": n_clips, "unet": n_clips * passes}
@@ -130,7 +132,8 @@ def test_mtov_bf16_autoencoders_stay_close(mtov):
     kw = dict(seed=2, sampling_timesteps=8, batch_size=2, progress=False, return_float=True)
     fp32 = generate_video(mtov, lv, masked, ident, precision="fp32", **kw)
     timings: dict[str, float] = {}
-    bf16 = generate_video(mtov, lv, masked, ident, precision="bf16", timings=timings, **kw)
+    timer = StageTimer(timings, mtov.device)
+    bf16 = generate_video(mtov, lv, masked, ident, precision="bf16", timer=timer, **kw)
     assert 0 < np.abs(bf16 - fp32).max() < 0.1  # really ran in reduced precision, and stayed close
     assert psnr(bf16, fp32) >= 35
     assert set(timings) == {"encode", "unet", "decode"} and all(v > 0 for v in timings.values())

@@ -185,7 +185,7 @@ def _generate(
 ) -> int:
     """Resume or start the batches of ``store`` with ``models`` in ``plan``'s arithmetic; returns the
     number of frames generated."""
-    from MToV.generate import StreamState, stream_video
+    from MToV.generate import ClipBatch, SamplingOptions, StreamState, stream_video
 
     cfg, n = ctx.cfg, ctx.n_frames
     clip = models.clip_frames
@@ -211,24 +211,11 @@ def _generate(
         _encoded_from(store.load(i, ("rgb_keys", "rgb_latents", "ldmk_keys", "ldmk_latents")))
         for i in range(done)
     )
-    stream = stream_video(
-        models,
-        conditions,
-        n,
-        np.ascontiguousarray(frames[ctx.ref_frame].transpose(2, 0, 1)),
-        batch_size=int(cfg.mtov.batch_size),
-        seed=int(cfg.mtov.seed),
-        start_ratio=float(cfg.mtov.start_ratio),
-        sampling_timesteps=int(cfg.mtov.sampling_timesteps),
-        use_last_as_reference=bool(cfg.mtov.use_last_as_reference),
-        precision=plan,
-        progress=ctx.progress,
-        latent_capacity=LATENT_CLIPS,
-        resume=StreamState(done, carry, encoded),
-    )
     t0 = last_log = time.perf_counter()
     generated = 0
-    for batch in stream:
+
+    def on_batch(batch: ClipBatch) -> None:
+        nonlocal generated, last_log
         arrays = {"frames": batch.frames, "start": np.int64(batch.start), **_encoded_arrays(batch.encoded)}
         if batch.carry is not None:
             arrays["carry"] = batch.carry
@@ -241,5 +228,12 @@ def _generate(
             left = (now - t0) / generated * (n - at)
             done_text = f"{at}/{n} frames ({100 * at / n:.0f} %), {_clock(now - t0)} so far"
             ctx.log(f"[mtov] {done_text}, ~{_clock(left)} left")
+
+    options = SamplingOptions.from_config(cfg.mtov, precision=plan, latent_capacity=LATENT_CLIPS)
+    ident = np.ascontiguousarray(frames[ctx.ref_frame].transpose(2, 0, 1))
+    resume = StreamState(done, carry, encoded)
+    stream_video(
+        models, conditions, n, ident, options, on_batch=on_batch, progress=ctx.progress, resume=resume
+    )
     store.finish()
     return generated

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from moditalker.errors import UserError
-from MToV.generate import generate_video
+from MToV.generate import SamplingOptions, generate_video
 from MToV.loading import load_mtov, precision_plan
 from MToV.sample import main
 
@@ -151,39 +151,30 @@ def test_timer_records_the_stages_with_its_clock(models):
         return float(next(ticks))
 
     timings: dict[str, float] = {}
-    unused: dict[str, float] = {}
-    kw = dict(sampling_timesteps=8, progress=False, return_float=True)
-    generate_video(
-        models,
-        lv,
-        masked,
-        ident,
-        batch_size=2,
-        timings=unused,
-        timer=StageTimer(timings, clock=fake_clock),
-        **kw,
-    )
+    kw = dict(progress=False, return_float=True)
+    options = SamplingOptions(batch_size=2, sampling_timesteps=8)
+    generate_video(models, lv, masked, ident, options, timer=StageTimer(timings, clock=fake_clock), **kw)
     # the reference encode, then per batch of clips (2 batches): encode, unet, decode
-    assert timings == {"encode": 3.0, "unet": 2.0, "decode": 2.0} and unused == {}
+    assert timings == {"encode": 3.0, "unet": 2.0, "decode": 2.0}
     original: dict[str, float] = {}
-    generate_video_original(
-        models, lv, masked, ident, masked, timer=StageTimer(original, clock=fake_clock), **kw
-    )
+    timer = StageTimer(original, clock=fake_clock)
+    generate_video_original(models, lv, masked, ident, masked, options, timer=timer, **kw)
     assert original == {"encode": 3.0, "unet": 3.0, "decode": 3.0}  # one clip at a time
 
 
-def test_old_import_paths_and_training_imports_no_cli():
-    """``MToV.sample`` re-exports what was imported from it before the split; the trainers import
-    no CLI module."""
+def test_sampling_options_and_training_imports_no_cli():
+    """Keyword settings of generate_video replace single fields of its options; a section of a config
+    gives the options as their types; unknown names are refused; the trainers import no CLI module."""
     import MToV.conditions
-    import MToV.generate
-    import MToV.loading
-    import MToV.sample as sample
+    from MToV.generate import SamplingOptions
 
-    for name in sample.__all__:
-        if name not in ("build_parser", "main"):
-            home = MToV.loading if hasattr(MToV.loading, name) else MToV.generate
-            assert getattr(sample, name) is getattr(home, name), name
+    opt = SamplingOptions.from_config(
+        {"batch_size": 2, "eta": 1, "seed": 3, "config": None}, precision="fp32"
+    )
+    assert opt == SamplingOptions(batch_size=2, eta=1.0, seed=3, precision="fp32")
+    assert isinstance(opt.eta, float) and opt.clips_per_batch == 2
+    with pytest.raises(TypeError, match="stesp"):
+        generate_video(None, np.zeros((1, 3, 8, 8), np.uint8), None, None, stesp=3)
     assert callable(MToV.conditions.build_conditions)
     code = (
         "import sys, MToV.train_diffusion, MToV.train_autoencoder; "

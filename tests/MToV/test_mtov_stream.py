@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from moditalker.fileio import REPO_ROOT
-from MToV.generate import LatentCache, StreamState, generate_video, stream_video
+from MToV.generate import LatentCache, SamplingOptions, StreamState, generate_video, stream_video
 from MToV.loading import load_mtov
 
 TINY = str(REPO_ROOT / "configs" / "mtov_tiny.yaml")
@@ -53,8 +53,14 @@ def _stream(models, lv, masked, ident, calls=None, **kw):
             calls.append((start, stop))
         return lv[start:stop], masked[start:stop]
 
-    kw = {"sampling_timesteps": 8, "progress": False, "seed": 2, **kw}
-    return stream_video(models, conditions, len(lv), ident, **kw)
+    resume = kw.pop("resume", None)
+    options = SamplingOptions(**{"sampling_timesteps": 8, "seed": 2, **kw})
+    batches: list = []
+    n = stream_video(
+        models, conditions, len(lv), ident, options, on_batch=batches.append, progress=False, resume=resume
+    )
+    assert n == sum(len(b.frames) for b in batches)
+    return batches
 
 
 def test_stream_is_generate_video_batch_by_batch(models):

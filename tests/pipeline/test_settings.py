@@ -54,7 +54,7 @@ def test_defaults_schema_and_yaml_agree():
 
 
 def test_tiny_config_validates():
-    from MToV.sample import check_sampling
+    from MToV.generate import check_sampling
 
     cfg = _cfg(path=REPO / "configs" / "inference_tiny.yaml")
     check_settings(cfg)
