@@ -2,7 +2,7 @@
 intervals into 25 fps clips with their audio (PyAV), in the form ``scripts/preprocess_hdtf.sh`` reads.
 
     scripts/download_hdtf.sh --metadata HDTF/HDTF_dataset --out data/HDTF/videos [--subsets RD,WDA,WRA]
-        [--jobs 4] [--keep_raw] [--size 512] [--crop metadata|none]
+        [--jobs 4] [--keep_raw] [--size 512] [--crop metadata|none] [--no_space_check]
 
 ``--metadata`` is the ``HDTF_dataset`` folder of github.com/MRzzm/HDTF (CC BY 4.0). Per subset it reads
 
@@ -30,6 +30,12 @@ download of a video is deleted once all its clips are made (``--keep_raw`` keeps
 report: clips made, clips already there, videos that could not be downloaded or cut (named, with the
 reason), also written to ``OUT/download_report.json``; exit status 2 when any video failed, after all
 others were done.
+
+Before it starts, it says the space the run needs in ``OUT`` (an estimate per clip and per raw download,
+:mod:`data.hdtf_folder`) and the space free, and stops with exit status 2 when that is short
+(``--no_space_check`` starts anyway). Only a finished raw download is used (never yt-dlp's ``.part``
+or ``.part-FragN`` files), and one that cannot be read when its clips are cut is deleted, so the next
+run downloads it again.
 """
 
 from __future__ import annotations
@@ -45,6 +51,7 @@ from pathlib import Path
 
 import numpy as np
 
+from data.hdtf_folder import check_settings, check_space, finished_download
 from moditalker.constants import FPS
 from moditalker.errors import ArgumentParser, UserError, cli_main, describe
 from moditalker.fileio import atomic_write_text
@@ -53,6 +60,7 @@ SUBSETS = ("RD", "WDA", "WRA")
 RAW_DIR = ".raw"
 REPORT = "download_report.json"
 MAX_HEIGHT = 1080
+REMOVED = "; the download is removed, the next run fetches it again"
 
 
 @dataclass
@@ -178,10 +186,9 @@ def _ydl_download(url: str, out_stem: Path, fmt: str) -> Path:
     """Download ``url`` in format ``fmt`` to ``out_stem.<ext>`` (resuming a partial file); the path."""
     import yt_dlp
 
-    done = sorted(p for p in out_stem.parent.glob(out_stem.name + ".*") if p.suffix not in (".part", ".ytdl"))
-    done = [p for p in done if not p.name.endswith((".part", ".ytdl", ".temp"))]
-    if done:
-        return done[0]
+    done = finished_download(out_stem)  # never a partial file (.part, .part-FragN, .ytdl)
+    if done is not None:
+        return done
     log = _Quiet()
     opts = {
         "format": fmt,
@@ -210,8 +217,12 @@ def _ydl_download(url: str, out_stem: Path, fmt: str) -> Path:
 def _has_audio(path: Path) -> bool:
     import av
 
-    with av.open(str(path)) as c:
-        return bool(c.streams.audio)
+    try:
+        with av.open(str(path)) as c:
+            return bool(c.streams.audio)
+    except av.error.FFmpegError as exc:  # a damaged download
+        path.unlink(missing_ok=True)
+        raise UserError(f"cannot read {path.name}: {describe(exc)}{REMOVED}") from exc
 
 
 def download_video(video: Video, raw_dir: Path) -> tuple[Path, Path | None]:
@@ -377,39 +388,21 @@ def process_video(
         _remove_stale_temps(out, c.id)
     raw = out / RAW_DIR
     vpath, apath = download_video(video, raw)
+    raws = [p for p in (vpath, apath) if p is not None]
     try:
         made = cut_clips(video, todo, vpath, apath, out, size, crop)
-    except UserError:
-        raise
     except Exception as exc:  # noqa: BLE001 - a damaged download: PyAV errors of any kind
-        raise UserError(f"cannot cut {vpath.name}: {describe(exc)}") from exc
-    if not keep_raw:
-        for p in (vpath, apath):
-            if p is not None:
-                p.unlink(missing_ok=True)
+        import av
+
+        damaged = isinstance(exc, av.error.FFmpegError)  # the download cannot be read: fetch it again
+        for p in raws if damaged else ():  # (a failed write keeps it for the next run)
+            p.unlink(missing_ok=True)
+        if isinstance(exc, UserError):
+            raise
+        raise UserError(f"cannot cut {vpath.name}: {describe(exc)}{REMOVED if damaged else ''}") from exc
+    for p in raws if not keep_raw else ():
+        p.unlink(missing_ok=True)
     return made, have
-
-
-SETTINGS = "download_settings.json"
-
-
-def _check_settings(out: Path, settings: dict) -> None:
-    """The clips of one folder are made with one size and crop: the first run records them in
-    ``OUT/download_settings.json``, a later run with others is refused (a clip already there would not
-    be made again)."""
-    path = out / SETTINGS
-    if path.is_file():
-        try:
-            saved = json.loads(path.read_text())
-        except (OSError, ValueError):
-            saved = None
-        if saved != settings:
-            raise UserError(
-                f"{out} holds clips made with {saved} ({path}); this run asks for {settings}: give another "
-                "--out, or the same --size and --crop"
-            )
-    else:
-        atomic_write_text(path, json.dumps(settings) + "\n")
 
 
 def run(
@@ -421,8 +414,10 @@ def run(
     size: int = 512,
     crop: str = "metadata",
     progress: bool = True,
+    space_check: bool = True,
 ) -> dict:
-    """Download and cut every clip of ``subsets``; the report (also in ``out/download_report.json``)."""
+    """Download and cut every clip of ``subsets``; the report (also in ``out/download_report.json``).
+    ``space_check``: first say the space needed (:func:`data.hdtf_space.check_space`), refuse if short."""
     from tqdm import tqdm
 
     videos, notes = read_metadata(metadata, subsets)
@@ -430,7 +425,9 @@ def run(
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file, not a folder")
     out.mkdir(parents=True, exist_ok=True)
-    _check_settings(out, {"size": size, "crop": crop})
+    check_settings(out, {"size": size, "crop": crop})
+    if space_check:
+        print(check_space(videos, out, size, jobs, keep_raw), flush=True)
     report = {"clips_made": [], "clips_present": [], "failed": {}, "notes": notes}
     lock = threading.Lock()
     bar = tqdm(total=len(videos), unit="video", disable=not progress, desc="HDTF")
@@ -481,6 +478,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="metadata: the face window of {subset}_crop_wh.txt; none: the whole frame",
     )
     ap.add_argument("--no_progress", action="store_true", help="no progress bar")
+    ap.add_argument("--no_space_check", action="store_true", help="start even if the free space looks short")
     return ap
 
 
@@ -493,9 +491,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
         raise UserError(f"--jobs must be >= 1, got {args.jobs}")
     if args.size < 0 or (0 < args.size < 16) or args.size % 2:
         raise UserError(f"--size must be 0 (the crop's own size) or an even number >= 16, got {args.size}")
-    report = run(
-        args.metadata, args.out, subsets, args.jobs, args.keep_raw, args.size, args.crop, not args.no_progress
-    )
+    report = run(args.metadata, args.out, subsets, args.jobs, args.keep_raw, args.size, args.crop,
+                 not args.no_progress, not args.no_space_check)  # fmt: skip
     print(
         f"clips made: {len(report['clips_made'])}; already there: {len(report['clips_present'])}; "
         f"videos failed: {len(report['failed'])}; report: {Path(args.out) / REPORT}"

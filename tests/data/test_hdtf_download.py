@@ -4,6 +4,7 @@ local HTTP server standing in for the video host (yt-dlp's generic extractor dow
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -169,3 +170,68 @@ def test_an_interrupted_video_download_resumes(host, tmp_path):
     assert any(path == "/videos/talk.mp4" and rng and rng != "bytes=0-" for path, rng in server.requests)
     frames, _ = read_video(tmp_path / "clips" / "RD_Talk_000.mp4", fps=None)
     assert [decode_index(f) for f in frames] == list(range(25))
+
+
+def test_a_download_fragment_is_never_taken_as_the_download(host, tmp_path):
+    """yt-dlp's leftovers of a killed run (``KEY.video.mp4.part-Frag3``, ``.ytdl``) are not a finished
+    download: the video is fetched and cut as usual."""
+    server, meta = host
+    (meta / "RD_video_url.txt").write_text(f"Talk {server.url}/videos/talk.mp4\n")
+    (meta / "RD_annotion_time.txt").write_text("Talk.mp4 00:01-00:02\n")
+    raw = tmp_path / "clips" / ".raw"
+    raw.mkdir(parents=True)
+    for name in ("RD_Talk.video.mp4.part-Frag3", "RD_Talk.video.mp4.ytdl", "RD_Talk.video.temp.mp4"):
+        (raw / name).write_bytes(b"a fragment, not a video")
+    assert hdtf_download.finished_download(raw / "RD_Talk.video") is None
+    report = _run(meta, tmp_path / "clips")
+    assert report["clips_made"] == ["RD_Talk_000"] and not report["failed"]
+    frames, _ = read_video(tmp_path / "clips" / "RD_Talk_000.mp4", fps=None)
+    assert [decode_index(f) for f in frames] == list(range(25, 50))
+
+
+def test_a_download_that_cannot_be_read_is_deleted_and_fetched_again(host, source_mp4, tmp_path, capsys):
+    server, meta = host
+    (meta / "RD_video_url.txt").write_text(f"Talk {server.url}/videos/talk.mp4\n")
+    (meta / "RD_annotion_time.txt").write_text("Talk.mp4 00:01-00:02\n")
+    server.files["/videos/talk.mp4"] = b"\0" * 4096 + source_mp4[4096:]  # damaged: no file header
+    out = tmp_path / "clips"
+    with pytest.raises(UserError, match="RD_Talk"):
+        _run(meta, out)
+    assert "the download is removed, the next run fetches it again" in capsys.readouterr().out
+    assert not list((out / ".raw").glob("RD_Talk*")) and not (out / "RD_Talk_000.mp4").exists()
+    server.files["/videos/talk.mp4"] = source_mp4  # the host serves it whole again
+    report = _run(meta, out)
+    assert report["clips_made"] == ["RD_Talk_000"] and not report["failed"]
+
+
+def test_the_space_is_checked_before_anything_is_downloaded(host, tmp_path, monkeypatch, capsys):
+    import shutil
+    from collections import namedtuple
+
+    from data import hdtf_folder
+
+    server, meta = host
+    (meta / "RD_video_url.txt").write_text(f"Talk {server.url}/videos/talk.mp4\n")
+    (meta / "RD_annotion_time.txt").write_text("Talk.mp4 00:01-00:02 00:02-00:03\n")
+    videos, _ = hdtf_download.read_metadata(meta, ["RD"])
+    out = tmp_path / "clips"
+    out.mkdir()
+    need, n = hdtf_folder.space_needed(videos, out, 64, jobs=4, keep_raw=False)  # _run's --size 64
+    # 2 s of 64x64 clips and a 3 s raw download at the metadata's 64 rows, with the margin
+    rate = hdtf_folder.RAW_RATES[0][1] + hdtf_folder.AUDIO_RATE
+    assert n == 2 and need == int(1.2 * (2 * hdtf_folder.CLIP_RATE_512 / 64 + 3 * rate))
+    assert hdtf_folder.space_needed(videos, out, 512, 4, False)[0] > need  # bigger clips, more space
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**12, 0, need - 1))
+    with pytest.raises(UserError, match=r"not enough free space in .*clips: about \d+ MB needed \(2 clip"):
+        _run(meta, out)
+    assert server.requests == [] and not (out / ".raw").exists()  # nothing was fetched
+    report = _run(meta, out, "--no_space_check")
+    assert report["clips_made"] == ["RD_Talk_000", "RD_Talk_001"]
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**12, 0, 10**11))
+    _run(meta, tmp_path / "other")
+    printed = capsys.readouterr().out
+    assert re.search(
+        r"disk: about \d+ MB needed in \S*other \(2 clip\(s\) to make, .*\), 95367 MB free", printed
+    )
+    assert hdtf_folder.space_needed(videos, out, 64, 4, False) == (0, 0)  # all made: nothing needed
