@@ -19,7 +19,7 @@ for the server's life (:mod:`pipeline.models`).
   uploads and outputs live under ``--out_dir``, cleaned of what is older than a day;
 * as a service: uploads over ``--max_upload_mb`` (50) are refused while they arrive, before they are
   stored; what a caller gets back (run log, timings, errors) names files by their base name, never by
-  a folder of the server; Gradio's file routes serve only the upload, run and example folders (the
+  a folder of the server, and the two videos as ``runs/<id>/<file>`` (:mod:`pipeline.app_results`); Gradio's file routes serve only the upload, run and example folders (the
   stage cache is blocked); a request over ``--max_queue`` is refused with "queue is full".
 
 Programs call the named endpoint ``/generate`` (parameters ``audio``, ``ref_video``, ``ref_image``,
@@ -66,6 +66,8 @@ INTRO = (
 )
 
 
+#: the largest request body the page reads (its JSON requests; an upload's own limit is --max_upload_mb)
+MAX_REQUEST_BYTES = 1024 * 1024
 #: the routes through which Gradio would fetch something for a caller: ``file=<url>`` (and the older
 #: ``file/<url>``) and ``proxy=<url>``
 URL_FETCH = re.compile(r"/(?:file[=/]\s*[a-z][a-z0-9+.-]*:|proxy=)", re.IGNORECASE)
@@ -106,7 +108,8 @@ def names_url_input(body: bytes) -> bool:
 class RefuseUrlFetch:
     """ASGI middleware on the app Gradio builds: the page never fetches a URL on a caller's behalf
     (Gradio's file route streams a public ``http(s)`` URL, its proxy route a loaded Space, and a file
-    input given as a URL is downloaded); such a request gets 403 before Gradio sees it."""
+    input given as a URL is downloaded); such a request gets 403 before Gradio sees it. A request body
+    (other than an upload's) over :data:`MAX_REQUEST_BYTES` gets 413 without being read to its end."""
 
     def __init__(self, app: Any) -> None:
         self.app = app
@@ -118,13 +121,23 @@ class RefuseUrlFetch:
         refuse = fetches_url(scope.get("raw_path") or scope.get("path", ""))
         path = scope.get("path", "")
         if not refuse and scope.get("method") == "POST" and not path.rstrip("/").endswith("/upload"):
-            messages, body = [], b""  # a JSON request (uploads go to /upload and are not read here)
-            while True:
+            # a JSON request (uploads go to /upload and are not read here), read up to MAX_REQUEST_BYTES
+            declared = dict(scope.get("headers") or []).get(b"content-length", b"")
+            too_big = declared.isdigit() and int(declared) > MAX_REQUEST_BYTES
+            messages, body = [], b""
+            while not too_big:
                 message = await receive()
                 messages.append(message)
                 body += message.get("body", b"")
+                too_big = len(body) > MAX_REQUEST_BYTES
                 if message["type"] != "http.request" or not message.get("more_body", False):
                     break
+            if too_big:
+                from starlette.responses import PlainTextResponse
+
+                text = f"request body over {MAX_REQUEST_BYTES} bytes (files go through the upload route)"
+                await PlainTextResponse(text, status_code=413)(scope, receive, send)
+                return
             refuse = names_url_input(body)
 
             async def replay() -> Any:
@@ -176,8 +189,11 @@ def build_app(job: Job, *, title: str = "MoDiTalker") -> Any:
     """The page (a ``gradio.Blocks``) calling ``job``; its one public endpoint is ``/generate``."""
     import gradio as gr
 
+    from pipeline.app_results import result_video
+
     d = job.defaults()
     sample = sample_inputs(job.folders)
+    runs = job.folders.runs
 
     def number(label: str, value: float, step: float, elem_id: str) -> Any:
         return gr.Number(value=value, step=step, label=label, elem_id=elem_id)
@@ -248,9 +264,12 @@ def build_app(job: Job, *, title: str = "MoDiTalker") -> Any:
                         start_ratio = number("MToV start ratio", d["start_ratio"], 0.05, "start_ratio")
                 button = gr.Button("Generate", variant="primary", elem_id="generate")
             with gr.Column():
-                video = gr.Video(label="Talking head", interactive=False, height=300, elem_id="result")
-                preview = gr.Video(
-                    label="Landmarks | generated", interactive=False, height=220, elem_id="preview"
+                # the results reach a caller as runs/<id>/<file>, not as a path of the server
+                video = result_video(
+                    runs, label="Talking head", interactive=False, height=300, elem_id="result"
+                )
+                preview = result_video(
+                    runs, label="Landmarks | generated", interactive=False, height=220, elem_id="preview"
                 )
                 timings = gr.JSON(label="Stage timings (seconds)", elem_id="timings")
                 log = gr.Textbox(label="Run log", lines=6, max_lines=16, elem_id="log")
@@ -304,6 +323,8 @@ def serve(
     413), before it is stored (None: no limit). ``auth``: (user, password) of Gradio's login."""
     from starlette.middleware import Middleware
 
+    from pipeline.app_results import ServeResults
+
     demo.queue(max_size=max_queue, default_concurrency_limit=1)
     try:
         demo.launch(
@@ -320,7 +341,10 @@ def serve(
             ssr_mode=False,
             mcp_server=False,
             footer_links=["api"],
-            app_kwargs={"middleware": [Middleware(RefuseUrlFetch)]},  # no URL fetched for a caller
+            # no URL fetched for a caller; results served by their names runs/<id>/<file>
+            app_kwargs={
+                "middleware": [Middleware(RefuseUrlFetch), Middleware(ServeResults, runs=job.folders.runs)]
+            },
         )
     except OSError as exc:
         raise UserError(f"cannot serve on {host}:{port}: {describe(exc)}; pass another --port") from exc

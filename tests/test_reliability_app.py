@@ -149,6 +149,89 @@ def test_log_timings_and_errors_name_no_server_folder(client, app, inputs):
     )
 
 
+def _file_refs(data) -> list[dict]:
+    if isinstance(data, dict):
+        return (
+            [data] if "path" in data and "url" in data else [r for v in data.values() for r in _file_refs(v)]
+        )
+    return [r for v in data for r in _file_refs(v)] if isinstance(data, list) else []
+
+
+def test_result_references_name_the_run_not_a_server_path(app, inputs):
+    """Through the raw HTTP API (what any caller sees): the two videos come back as ``runs/<id>/<file>``
+    (reference path and url), served by that name; nothing of the answer names a folder of the server."""
+    import json
+
+    url, job = app
+
+    def upload(path: Path) -> dict:
+        r = httpx.post(f"{url}gradio_api/upload", files={"files": (path.name, path.read_bytes())}, timeout=60)
+        return {"path": r.json()[0], "meta": {"_type": "gradio.FileData"}}
+
+    args = [upload(inputs["speech"]), None, upload(inputs["photo"]), 0, None, None, None, None, None]
+    event = httpx.post(f"{url}gradio_api/call/generate", json={"data": args}, timeout=60).json()["event_id"]
+    stream = httpx.get(f"{url}gradio_api/call/generate/{event}", timeout=300).text
+    assert "event: complete" in stream, stream[-500:]
+    _assert_no_server_path(stream.replace(url, "URL/"), job)
+    data = json.loads(stream.split("event: complete\ndata: ")[1].splitlines()[0])
+    refs = _file_refs(data)
+    assert [Path(r["path"]).name for r in refs] == ["talking_head.mp4", "talking_head_preview.mp4"]
+    for ref in refs:
+        assert re.fullmatch(r"runs/\d{8}-\d{6}-\d{3}/talking_head(_preview)?\.mp4", ref["path"]), ref
+        assert ref["url"] == f"{url}gradio_api/file={ref['path']}", ref
+        got = httpx.get(ref["url"], timeout=30)
+        assert got.status_code == 200 and got.content == (job.folders.root / ref["path"]).read_bytes()
+    # only result names are mapped: nothing else of the app folder by a relative name
+    npy = next(job.folders.work.rglob("*.npy")).relative_to(job.folders.root)
+    run = Path(refs[0]["path"]).parent
+    for name in (
+        f"runs/../{npy}",
+        f"{run}/../../{npy}",
+        f"runs/%2e%2e/{npy}",
+        f"{run}/x/y",
+        str(npy),
+        "runs/.x/y",
+    ):
+        r = httpx.get(f"{url}gradio_api/file={name}", timeout=30)
+        assert r.status_code in (403, 404) and b"NUMPY" not in r.content[:8], (name, r.status_code)
+
+
+def test_a_request_body_over_the_limit_is_refused_before_it_is_read(app):
+    """A JSON request over MAX_REQUEST_BYTES gets 413: at once when its length says so, and after the
+    limit (the rest never sent) when it comes in chunks."""
+    import socket
+    from urllib.parse import urlparse
+
+    from pipeline.app import MAX_REQUEST_BYTES
+
+    url, _job = app
+    where = urlparse(url)
+
+    def answer(head: bytes, body: bytes) -> bytes:
+        with socket.create_connection((where.hostname, where.port), timeout=30) as sock:
+            sock.sendall(head + body)  # and never the rest of the body
+            got = b""
+            while b"\r\n\r\n" not in got or not got.endswith(b")"):  # the status, then the message
+                more = sock.recv(4096)
+                if not more:
+                    break
+                got += more
+            return got
+
+    head = f"POST /gradio_api/call/generate HTTP/1.1\r\nHost: {where.netloc}\r\n"
+    head += "Content-Type: application/json\r\n"
+    declared = answer(f"{head}Content-Length: {100 * MAX_REQUEST_BYTES}\r\n\r\n".encode(), b'{"data": [')
+    assert declared.startswith(b"HTTP/1.1 413"), declared
+    chunk = b"x" * 65536
+    chunks = b"".join(
+        b"%x\r\n%s\r\n" % (len(chunk), chunk) for _ in range(MAX_REQUEST_BYTES // len(chunk) + 1)
+    )
+    chunked = answer(f"{head}Transfer-Encoding: chunked\r\n\r\n".encode(), chunks)
+    assert chunked.startswith(b"HTTP/1.1 413") and b"request body over" in chunked, chunked
+    small = httpx.post(f"{url}gradio_api/call/generate", json={"data": [None, None, None, 0]}, timeout=30)
+    assert small.status_code != 413
+
+
 # ----------------------------------------------------------------------------- upload limit
 def _listing(folder: Path) -> dict[str, int]:
     return {str(p.relative_to(folder)): p.stat().st_size for p in folder.rglob("*") if p.is_file()}
