@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, ValidationError
 
 from moditalker.config import did_you_mean
 from moditalker.errors import UserError
@@ -316,7 +317,9 @@ class Setting:
         return _KINDS[self.type] if self.type is not None else "a YAML path or a mapping"
 
     def validate(self, value: Any) -> None:
-        """UserError (one line) unless ``value`` is of this setting's type, non-null or nullable, in range."""
+        """UserError (one line) unless ``value`` (as given; its type is OmegaConf's to check, in
+        :func:`check_settings`) is non-null or nullable and in range. OmegaConf would take 3 for
+        ``true`` and for ``"3"``: a bool or string setting is given a bool or a string."""
         name = self.key
         if self.free_form:
             if value is not None and not isinstance(value, str | dict):
@@ -326,24 +329,16 @@ class Setting:
             if self.nullable:
                 return
             raise UserError(f"{name} must be {self.kind}, got null")
-        if not _has_type(value, self.type):
+        if self.type in (bool, str) and not isinstance(value, self.type):
             raise UserError(f"{name} must be {self.kind}, got {value!r}")
-        if self.type is float and not math.isfinite(value):
+        if self.type is float and not math.isfinite(self.typed(value)):
             raise UserError(f"{name} must be a finite number, got {value}")
-        if self.check is not None and not self.check.test(value):
+        if self.check is not None and not self.check.test(self.typed(value)):
             raise UserError(f"{name} must be {self.check.wanted}, got {value!r}")
 
     def typed(self, value: Any) -> Any:
         """``value`` as this setting's type (an integer given for a float setting becomes a float)."""
         return value if value is None or self.type is None else self.type(value)
-
-
-def _has_type(value: Any, kind: type) -> bool:
-    if kind is bool:
-        return isinstance(value, bool)
-    if isinstance(value, bool):
-        return False
-    return isinstance(value, int | float) if kind is float else isinstance(value, kind)
 
 
 def _leaf_type(hint: Any) -> tuple[type | None, bool]:
@@ -410,31 +405,42 @@ def flag_settings() -> list[Setting]:
 # ----------------------------------------------------------------------------- validation
 def check_settings(cfg: DictConfig) -> None:
     """Every setting known, of the right type and in range: a typo such as ``atom.stesp=10`` or a
-    value such as ``atom.steps=abc`` stops the run here, not as a traceback deep inside a stage."""
+    value such as ``atom.steps=abc`` stops the run here, not as a traceback deep inside a stage.
+    Keys and types are checked by merging the config into the schema's OmegaConf structured config
+    (:class:`InferenceSettings`); ranges by each setting's :class:`Check`."""
     try:
         plain = OmegaConf.to_container(cfg, resolve=True)
     except Exception as exc:  # noqa: BLE001 - interpolation errors in the user's YAML
         raise UserError(f"bad config: {exc}") from exc
+    plain = {k: v for k, v in plain.items() if k not in IGNORED}
+    for name in _SECTIONS:  # atom=3: OmegaConf's merge error names no key
+        if not isinstance(plain.get(name, {}), dict):
+            raise UserError(f"{name} must be a section of settings ({name}.KEY=VALUE), got {plain[name]!r}")
+    try:
+        OmegaConf.merge(OmegaConf.structured(InferenceSettings), plain)
+    except ConfigKeyError as exc:  # the first unknown key
+        prefix = exc.full_key.rpartition(".")[0] + "." if "." in exc.full_key else ""
+        names = [k for k in SETTINGS if k.startswith(prefix)] + [s for s in _SECTIONS if not prefix]
+        raise UserError(
+            f"unknown setting(s) {[exc.full_key]}; see configs/inference.yaml for the keys "
+            f"(sections: {', '.join(_SECTIONS)}){did_you_mean(exc.full_key, names)}"
+        ) from None
+    except ValidationError as exc:  # a value OmegaConf cannot convert to the setting's type
+        if exc.full_key not in SETTINGS:
+            raise UserError(f"bad config: {exc.msg}") from None
+        value = _given(plain, exc.full_key)
+        shown = "null" if value is None else repr(value)
+        raise UserError(f"{exc.full_key} must be {SETTINGS[exc.full_key].kind}, got {shown}") from None
+    for key, s in SETTINGS.items():
+        s.validate(_given(plain, key, s.default))
 
-    def walk(node: dict, defaults: dict, prefix: str) -> None:
-        unknown = [f"{prefix}{k}" for k in node if k not in defaults and f"{prefix}{k}" not in IGNORED]
-        if unknown:
-            names = [k for k in SETTINGS if k.startswith(prefix)] + [s for s in _SECTIONS if not prefix]
-            raise UserError(
-                f"unknown setting(s) {unknown}; see configs/inference.yaml for the keys "
-                f"(sections: {', '.join(_SECTIONS)}){did_you_mean(unknown[0], names)}"
-            )
-        for key, default in defaults.items():
-            name = f"{prefix}{key}"
-            value = node.get(key)
-            if name in SETTINGS:
-                SETTINGS[name].validate(value)
-            elif not isinstance(value, dict):
-                raise UserError(f"{name} must be a section of settings ({name}.KEY=VALUE), got {value!r}")
-            else:
-                walk(value, default, f"{name}.")
 
-    walk(plain, DEFAULTS, "")
+def _given(plain: dict, key: str, default: Any = None) -> Any:
+    """The value of dotted ``key`` in a plain nested dict (``default`` when absent)."""
+    *sections, leaf = key.split(".")
+    for name in sections:
+        plain = plain.get(name, {})
+    return plain.get(leaf, default)
 
 
 def inherit_settings(cfg: DictConfig) -> None:

@@ -85,6 +85,7 @@ def test_free_form_settings_are_the_stage_configs():
         ("mtov.start_ratio=1", "mtov.start_ratio must be in (0, 1), got 1"),
         ("hubert.random_hidden_size=6", "hubert.random_hidden_size must be a positive multiple of 4"),
         ("reference.max_frames=0", "reference.max_frames must be >= 1, got 0"),
+        ("reference.max_frames='0'", "reference.max_frames must be >= 1, got '0'"),  # OmegaConf converts it
         ("output.crf=-1", "output.crf must be in 0..51, got -1"),
         ("atom.seed=-1", "atom.seed must be in 0..2**63-1, got -1"),
         ("mtov.precision=fp16", "mtov.precision must be one of auto, bf16, fp32, int8, got 'fp16'"),
