@@ -33,6 +33,7 @@ from evaluation.scoring import (  # noqa: F401 - run_metrics, score, format_tabl
     parse_weights,
     run_metrics,
     score,
+    score_args,
     write_report,
 )
 from moditalker import bulk
@@ -155,16 +156,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     pairs = protocol.make_pairs(args.pred, args.gt)  # input errors before any network is built
     ranks = bulk.start()
     try:
-        report = score(
-            pairs,
-            requested,
-            overrides,
-            random=args.random_weights,
-            device=args.device,
-            batch=args.batch_size,
-            progress=not args.no_progress,
-            ranks=ranks,
-        )
+        report = score_args(args, pairs, requested, overrides, ranks=ranks)
     finally:
         ranks.close()
     if report is None:  # not rank 0: it writes the report

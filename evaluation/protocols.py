@@ -47,7 +47,7 @@ from omegaconf import OmegaConf
 
 from evaluation import clips
 from evaluation.protocol import FPS, VideoPair, check_lengths, count_frames
-from evaluation.scoring import format_table, score, write_report
+from evaluation.scoring import format_table, score_args, write_report
 from evaluation.splits import HDTF_TEST_SPLIT, auto_pairs, read_ids, read_pairs
 from moditalker import bulk, fileio
 from moditalker.errors import UserError
@@ -455,17 +455,7 @@ def _run_ranks(
         n_p, n_g = count_frames(paths.generated, FPS), count_frames(paths.real, FPS)
         check_lengths(job.name, n_p, n_g)
         pairs.append(VideoPair(job.name, paths.generated, paths.real, min(n_p, n_g), n_p, n_g))
-    report = score(
-        pairs,
-        requested,
-        overrides,
-        random=args.random_weights,
-        device=args.device,
-        batch=args.batch_size,
-        progress=not args.no_progress,
-        pool=pool,
-        ranks=ranks,
-    )
+    report = score_args(args, pairs, requested, overrides, ranks=ranks, pool=pool)
     if report is None:  # not rank 0: it writes the report
         return {}
     report["settings"] = {

@@ -9,6 +9,7 @@ import math
 import sys
 from collections.abc import Sequence
 from importlib import metadata
+from typing import Any
 
 import torch
 
@@ -298,6 +299,30 @@ def score(
         "packages": _versions(),
     }
     return {"metrics": results, "per_video": per_video, "settings": settings, "reference": reference}
+
+
+def score_args(
+    args: Any,
+    pairs: list[VideoPair],
+    requested: list[str] | None,
+    overrides: dict[str, str],
+    *,
+    ranks: Ranks | None = None,
+    pool: Sequence[str] = weights.METRICS,
+) -> dict | None:
+    """:func:`score` with the evaluation command line's settings (``--random_weights``, ``--device``,
+    ``--batch_size``, ``--no_progress``): the one call of ``--pred/--gt`` and of the protocols."""
+    return score(
+        pairs,
+        requested,
+        overrides,
+        random=args.random_weights,
+        device=args.device,
+        batch=args.batch_size,
+        progress=not args.no_progress,
+        pool=pool,
+        ranks=ranks,
+    )
 
 
 def write_report(report: dict, json_path: str | None) -> None:

@@ -352,3 +352,28 @@ def test_cli_random_weights_smoke_with_audio(tmp_path, capsys):
     assert set(data["reference"]) == {"lse_c", "lse_d", "csim"}
     assert "lse_offset" in data["per_video"]["a"]
     assert "random weights" in capsys.readouterr().err
+
+
+def test_pred_gt_and_the_protocols_score_through_one_call(monkeypatch):
+    """``--pred/--gt`` and the protocols both score with :func:`evaluation.scoring.score_args`, which
+    passes the command line's settings to :func:`score`."""
+    from evaluation import evaluate, protocols, scoring
+
+    seen = {}
+
+    def fake_score(pairs, requested, overrides, **kwargs):
+        seen.update(kwargs, pairs=pairs, requested=requested, overrides=overrides)
+        return {"scored": True}
+
+    monkeypatch.setattr(scoring, "score", fake_score)
+    argv = ["--pred", "p", "--gt", "g", "--random_weights", "--device", "cpu", "--batch_size", "3"]
+    args = evaluate.build_parser().parse_args([*argv, "--no_progress"])
+    got = scoring.score_args(args, ["pair"], ["psnr"], {"lpips": "w.pth"}, ranks=None, pool=("psnr",))
+    assert got == {"scored": True}
+    assert seen == dict(
+        pairs=["pair"], requested=["psnr"], overrides={"lpips": "w.pth"}, random=True, device="cpu", batch=3,
+        progress=False, pool=("psnr",), ranks=None,
+    )  # fmt: skip
+    assert evaluate.score_args is scoring.score_args and protocols.score_args is scoring.score_args
+    assert scoring.score_args(evaluate.build_parser().parse_args(argv), [], None, {})["scored"]
+    assert seen["progress"] is True and seen["pool"] == weights.METRICS
