@@ -10,7 +10,6 @@ automatic resume from the latest checkpoint in ``train.out_dir``, tensorboard lo
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import re
 from collections.abc import Sequence
@@ -19,20 +18,21 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 
 from AToM.common import DEFAULT_CONFIG, build_diffusion, load_weights, read_checkpoint
 from AToM.dataset import WindowDataset, open_sources
 from AToM.diffusion import GaussianDiffusion
-from moditalker.config import load_config, save_config
+from moditalker.config import load_config
 from moditalker.device import is_main_rank, resolve_device
 from moditalker.errors import UserError, cli_main, script_prog
 from moditalker.fileio import repo_path, torch_save
 from moditalker.training.accelerator import check_train_loader, start_accelerator
 from moditalker.training.bad_items import BadItems, SkipUnreadable, check_items
 from moditalker.training.ema import ModelEMA
+from moditalker.training.loop import EpochBatches, TrainingRun
 from moditalker.training.options import add_run_arguments
-from moditalker.training.rng import derived_seed, rng_state, seed_everything, set_rng_state
+from moditalker.training.rng import rng_state
+from moditalker.training.run_state import find_state
 
 TRAIN_DEFAULTS: dict = {
     **DEFAULT_CONFIG,
@@ -137,13 +137,15 @@ def check_data(cfg: DictConfig) -> int:
     return len(lines)
 
 
-def train(cfg: DictConfig, progress: bool = True) -> Path:
+def train(cfg: DictConfig, progress: bool = True, overwrite: bool = False) -> Path:
     """Train until ``train.max_steps``; returns the path of the last checkpoint written."""
     from accelerate.utils import DistributedDataParallelKwargs, set_seed
     from adan_pytorch import Adan
-    from torch.utils.tensorboard import SummaryWriter
 
     tc, dc = cfg.train, cfg.data
+    out_dir, resume = Path(tc.out_dir), str(tc.resume)
+    ckpt_path = checkpoint_to_resume(out_dir, resume)
+    run = TrainingRun(out_dir, resume != "never", overwrite, resume_from_file=ckpt_path is not None)
     acc = start_accelerator(
         "AToM train",
         mixed_precision=tc.mixed_precision,
@@ -152,133 +154,95 @@ def train(cfg: DictConfig, progress: bool = True) -> Path:
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
     )
     set_seed(int(tc.seed))
-    out_dir = Path(tc.out_dir)
     diffusion = build_diffusion(cfg)
+    betas = tuple(float(b) for b in tc.adan_betas)
     opt = Adan(
-        diffusion.model.parameters(),
-        lr=float(tc.lr),
-        betas=tuple(float(b) for b in tc.adan_betas),
-        weight_decay=float(tc.weight_decay),
+        diffusion.model.parameters(), lr=float(tc.lr), betas=betas, weight_decay=float(tc.weight_decay)
     )
     ema = ModelEMA(diffusion.model, float(tc.ema_decay))
-    step = 0
-    position: dict = {}  # where in the data the checkpoint stopped, and the RNG states then
-    resume = str(tc.resume)
-    ckpt_path = (
-        None if resume == "never" else latest_checkpoint(out_dir) if resume == "auto" else Path(resume)
-    )
-    if ckpt_path is not None:
-        ckpt = read_checkpoint(ckpt_path)
-        load_weights(diffusion.model, ckpt["model_state_dict"], ckpt_path, "model_state_dict")
-        ema_sd = ckpt.get("ema_state_dict", ckpt["model_state_dict"])
-        load_weights(ema.model, ema_sd, ckpt_path, "ema_state_dict")
-        if "optimizer_state_dict" in ckpt:
-            opt.load_state_dict(ckpt["optimizer_state_dict"])
-        step = int(ckpt.get("step", 0))
-        position = ckpt.get("data_position") or {}
-        acc.print(f"resumed from {ckpt_path} at step {step}")
+    ckpt = _load_checkpoint(ckpt_path, diffusion, ema, opt) if ckpt_path is not None else {}
 
     windows, val_ds = open_windows(cfg)
-    bad_items = BadItems(float(dc.max_bad_items), len(windows), windows.name)
-    train_ds = SkipUnreadable(windows, windows.name)
     bs = int(tc.batch_size)
-    nw = int(dc.num_workers)
-    loader = DataLoader(
-        train_ds,
-        bs,
-        shuffle=True,
-        drop_last=len(train_ds) >= bs * acc.num_processes,
-        num_workers=nw,  # new workers each epoch: they must see the dataset's epoch number
-    )
+    train_ds = SkipUnreadable(windows, windows.name)
+    # new workers each epoch: they must see the dataset's epoch number
+    loader = DataLoader(train_ds, bs, shuffle=True, drop_last=len(train_ds) >= bs * acc.num_processes,
+                        num_workers=int(dc.num_workers))  # fmt: skip
     val_loader = DataLoader(SkipUnreadable(val_ds, val_ds.name), bs, shuffle=False, num_workers=0)
     diffusion, opt, loader = acc.prepare(diffusion, opt, loader)
     check_train_loader(loader, len(train_ds), bs, acc.num_processes, what="windows")
     ema.model.to(acc.device)
+    acc.register_for_checkpointing(ema.model)
     raw: GaussianDiffusion = acc.unwrap_model(diffusion)
-    ema_diffusion = GaussianDiffusion(ema.model, **OmegaConf.to_container(cfg.diffusion, resolve=True)).to(
-        acc.device
-    )
+    diffusion_kwargs = OmegaConf.to_container(cfg.diffusion, resolve=True)
+    ema_diffusion = GaussianDiffusion(ema.model, **diffusion_kwargs).to(acc.device)
+    run.open(acc, cfg, BadItems(float(dc.max_bad_items), len(windows), windows.name))
+    if ckpt:
+        position = ckpt.get("data_position") or {}
+        run.continue_at(int(ckpt.get("step", 0)), {"position": position}, position.get("rng"), ckpt_path)
+    # exact resume: each epoch's shuffle and windows are functions of (seed, epoch)
+    stream = EpochBatches(loader, int(tc.seed), lambda epoch: setattr(windows, "epoch", epoch),
+                          run.info.get("position"), run.resumed_rng)  # fmt: skip
+    batches = run.counted(stream)
+    last_path = [ckpt_path]
 
-    writer = None
-    metrics = None
-    if acc.is_main_process:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out_dir / "config.yaml")
-        writer = SummaryWriter(str(out_dir / "tb"))
-        metrics = open(out_dir / "metrics.jsonl", "a")  # noqa: SIM115 - closed at the end
+    def step_fn(step: int) -> dict:
+        res, face, hub, mask = batch_to_inputs(next(batches))
+        with acc.autocast():
+            loss, extras = diffusion(res, None, face, hub, mask=mask)
+        if not torch.isfinite(loss):
+            raise UserError(f"training loss became {loss.item()} at step {step}; lower train.lr")
+        acc.backward(loss)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        ema.update(raw.model)
+        return {
+            "loss": loss.item(),
+            "loss_x0": extras["loss"].item(),
+            "loss_velocity": extras["v_loss"].item(),
+        }
 
-    def log(**kw) -> None:
-        if metrics is not None:
-            metrics.write(json.dumps(kw) + "\n")
-            metrics.flush()
+    def validate(step: int) -> dict:
+        n = int(tc.val_batches)
+        vl, vle = (validation_loss(d, val_loader, n, acc.device) for d in (raw, ema_diffusion))
+        acc.print(f"step {step}: val loss {vl:.4f} (EMA {vle:.4f})")
+        return {"val_loss": vl, "val_loss_ema": vle}
 
-    max_steps = int(tc.max_steps)
-    last_path = ckpt_path
-    bar = tqdm(
-        total=max_steps, initial=step, desc="AToM train", disable=not (progress and acc.is_local_main_process)
-    )
+    def write_checkpoint(step: int) -> dict:
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            where = {**stream.position(), "rng": rng_state()}
+            last_path[0] = save_checkpoint(out_dir, step, raw, ema, opt, cfg, int(tc.keep_checkpoints), where)
+        return {"position": stream.position()}
+
     diffusion.train()
-    running, n_running = 0.0, 0
-    # Exact resume: each epoch's shuffle and windows are functions of (seed, epoch); a resumed run
-    # re-enters its epoch, passes over the batches already trained, then restores the RNG states of
-    # the moment the checkpoint was written (noise, timesteps, condition dropout continue as before).
-    epoch, skip, saved_rng = int(position.get("epoch", 0)), int(position.get("batch", 0)), position.get("rng")
-    while step < max_steps:
-        seed_everything(derived_seed(int(tc.seed), epoch))
-        windows.epoch = epoch
-        for batch_index, batch in enumerate(loader):
-            if batch_index < skip:
-                continue
-            if saved_rng is not None:
-                set_rng_state(saved_rng)
-                saved_rng = None
-            bad_items.note_batch(batch)
-            res, face, hub, mask = batch_to_inputs(batch)
-            with acc.autocast():
-                loss, extras = diffusion(res, None, face, hub, mask=mask)
-            if not torch.isfinite(loss):
-                raise UserError(f"training loss became {loss.item()} at step {step}; lower train.lr")
-            acc.backward(loss)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            ema.update(raw.model)
-            step += 1
-            running, n_running = running + loss.item(), n_running + 1
-            bar.update(1)
-            if step % int(tc.log_every) == 0 or step == max_steps:
-                avg = running / n_running
-                bar.set_postfix(loss=f"{avg:.4f}")
-                if writer:
-                    writer.add_scalar("train/loss", avg, step)
-                    writer.add_scalar("train/loss_x0", extras["loss"].item(), step)
-                    writer.add_scalar("train/loss_velocity", extras["v_loss"].item(), step)
-                log(step=step, train_loss=avg, skipped_items=len(bad_items))
-                running, n_running = 0.0, 0
-            if step % int(tc.val_every) == 0 or step == max_steps:
-                vl = validation_loss(raw, val_loader, int(tc.val_batches), acc.device)
-                vle = validation_loss(ema_diffusion, val_loader, int(tc.val_batches), acc.device)
-                if writer:
-                    writer.add_scalar("val/loss", vl, step)
-                    writer.add_scalar("val/loss_ema", vle, step)
-                log(step=step, val_loss=vl, val_loss_ema=vle)
-                acc.print(f"step {step}: val loss {vl:.4f} (EMA {vle:.4f})")
-            if step % int(tc.save_every) == 0 or step == max_steps:
-                acc.wait_for_everyone()
-                if acc.is_main_process:
-                    where = {"epoch": epoch, "batch": batch_index + 1, "rng": rng_state()}
-                    last_path = save_checkpoint(
-                        out_dir, step, raw, ema, opt, cfg, int(tc.keep_checkpoints), where
-                    )
-            if step >= max_steps:
-                break
-        epoch, skip, saved_rng = epoch + 1, 0, None
-    bar.close()
-    if writer:
-        writer.close()
-    if metrics is not None:
-        metrics.close()
+    run.loop(step_fn, validate, max_steps=int(tc.max_steps), log_every=int(tc.log_every),
+             val_every=int(tc.val_every), save_every=int(tc.save_every), desc="AToM train", progress=progress,
+             train_records=True, on_save=write_checkpoint)  # fmt: skip
+    run.close()
     acc.wait_for_everyone()
-    return last_path if last_path is not None else latest_checkpoint(out_dir)
+    return last_path[0] if last_path[0] is not None else latest_checkpoint(out_dir)
+
+
+def checkpoint_to_resume(out_dir: Path, resume: str) -> Path | None:
+    """The checkpoint file a run resumes from instead of ``out_dir/state``: ``train.resume=PATH``, or
+    with ``auto`` the newest ``checkpoints/step_*.pt`` of a run folder written before the state
+    existed (no ``state/`` beside them)."""
+    if resume not in ("auto", "never"):
+        return Path(resume)
+    if resume == "auto" and find_state(out_dir) is None:
+        return latest_checkpoint(out_dir)
+    return None
+
+
+def _load_checkpoint(path: Path, diffusion, ema: ModelEMA, opt) -> dict:
+    """Weights, EMA and optimizer state from a step checkpoint; returns it (step, data_position)."""
+    ckpt = read_checkpoint(path)
+    load_weights(diffusion.model, ckpt["model_state_dict"], path, "model_state_dict")
+    load_weights(ema.model, ckpt.get("ema_state_dict", ckpt["model_state_dict"]), path, "ema_state_dict")
+    if "optimizer_state_dict" in ckpt:
+        opt.load_state_dict(ckpt["optimizer_state_dict"])
+    return ckpt
 
 
 def save_checkpoint(
@@ -338,7 +302,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         raise UserError("train.max_steps and train.batch_size must be positive")
     if not math.isfinite(float(cfg.train.lr)) or float(cfg.train.lr) <= 0:
         raise UserError("train.lr must be a positive number")
-    path = train(cfg, progress=not args.no_progress)
+    path = train(cfg, progress=not args.no_progress, overwrite=args.overwrite)
     if is_main_rank():
         print(f"last checkpoint: {path}")
 

@@ -1,4 +1,4 @@
-"""Resumable run folders of the accelerate trainers (the MToV autoencoder and diffusion trainers).
+"""Resumable run folders of the trainers (AToM, the MToV autoencoder and diffusion trainers).
 
 ``<out_dir>/state`` holds the accelerate state plus ``trainer.json`` (step and trainer extras). It is
 written to ``state.tmp`` and swapped in, so a crash at any moment leaves one valid copy
@@ -8,10 +8,22 @@ written to ``state.tmp`` and swapped in, so a crash at any moment leaves one val
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from pathlib import Path
 
 from moditalker.errors import DiskFullError, UserError, bytes_in, free_bytes, is_disk_full
+
+
+class _SharedTensorNote(logging.Filter):
+    """Drops accelerate's "Removed shared tensor ... while saving" warning: tensors that share one
+    storage (AToM's rotary frequency tables) are saved once and come back into that one storage."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Removed shared tensor" not in record.getMessage()
+
+
+logging.getLogger("accelerate.utils.other").addFilter(_SharedTensorNote())
 
 
 def save_state(accelerator, out_dir: Path, info: dict) -> None:
@@ -79,7 +91,8 @@ def prepare_run_dir(out_dir: Path, resume: bool, overwrite: bool) -> Path | None
     """Check ``out_dir`` for a new run or a resume; returns the state to resume from (or None).
 
     A folder that holds files but no resumable state is refused unless ``overwrite``; with
-    ``overwrite`` and no resume, the previous state and metrics are removed.
+    ``overwrite`` and no resume, the previous state, metrics, tensorboard logs and step checkpoints
+    are removed.
     """
     state_dir = find_state(out_dir) if resume else None
     if resume and state_dir is None and _stopped_before_first_state(out_dir):
@@ -95,7 +108,14 @@ def prepare_run_dir(out_dir: Path, resume: bool, overwrite: bool) -> Path | None
             "pass --overwrite to start a new run there, or choose another out_dir"
         )
     if overwrite and not resume and out_dir.exists():
-        for name in ("state", "state.old", "state.tmp", "metrics.jsonl", *_FIRST_FILES["folders"]):
+        for name in (
+            "state",
+            "state.old",
+            "state.tmp",
+            "metrics.jsonl",
+            "checkpoints",
+            *_FIRST_FILES["folders"],
+        ):
             p = out_dir / name
             if p.is_dir():
                 shutil.rmtree(p)

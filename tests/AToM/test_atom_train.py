@@ -8,6 +8,7 @@ model that uses the audio can predict it; one that does not cannot.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -237,7 +238,7 @@ def test_resume_after_crash(tmp_path, capsys):
     first = torch.load(out / "checkpoints" / "step_00000004.pt", weights_only=True)
     assert first["optimizer_state_dict"]["state"], "Adan state saved"
     _train(root, out, 6, "train.batch_size=4", "train.save_every=100")
-    assert "resumed from" in capsys.readouterr().out
+    assert f"resuming from {out / 'state'} at step 4" in capsys.readouterr().out
     second = torch.load(out / "checkpoints" / "step_00000006.pt", weights_only=True)
     assert second["step"] == 6
     steps = [s["step"] for s in second["optimizer_state_dict"]["state"].values()]
@@ -269,9 +270,16 @@ def test_resume_is_exact(tmp_path):
     a = torch.load(tmp_path / "straight" / "checkpoints" / "step_00000009.pt", weights_only=True)
     b = torch.load(tmp_path / "resumed" / "checkpoints" / "step_00000009.pt", weights_only=True)
     assert a["data_position"]["epoch"] >= 1  # the run crossed at least one epoch boundary
+    assert (tmp_path / "resumed" / "state" / "trainer.json").is_file()  # resumed from state/
+    # a run folder of the older layout (step checkpoints, no state/) resumes from its newest checkpoint
+    _train(root, tmp_path / "old_layout", 3, *common)
+    shutil.rmtree(tmp_path / "old_layout" / "state")
+    _train(root, tmp_path / "old_layout", 9, *common)
+    c = torch.load(tmp_path / "old_layout" / "checkpoints" / "step_00000009.pt", weights_only=True)
     for key in ("model_state_dict", "ema_state_dict"):
         for name, value in a[key].items():
             assert torch.equal(value, b[key][name]), (key, name)
+            assert torch.equal(value, c[key][name]), ("old layout", key, name)
 
 
 def test_unreadable_clips_are_skipped_counted_and_limited(tmp_path, capsys):
