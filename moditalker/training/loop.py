@@ -7,7 +7,8 @@ everything else is here:
 * :class:`TrainingRun` owns ``<out_dir>``: the new-run / resume / ``--overwrite`` rules
   (:func:`~moditalker.training.run_state.prepare_run_dir`), the accelerate state in ``state/`` (model,
   optimizers, grad scaler, registered objects, every process's Python / NumPy / torch / CUDA RNG
-  states, and ``trainer.json`` with the step and the trainer's extras), the resolved
+  states, and ``trainer.json`` with the step, the unreadable items met so far and the trainer's
+  extras), the resolved
   ``config.yaml``, tensorboard (``tb/``) and ``metrics.jsonl``;
 * :meth:`TrainingRun.loop` runs the trainer's step function to ``max_steps`` with a progress bar:
   the step-0 baseline validation of a new run, the training scalars averaged over ``log_every``
@@ -81,6 +82,8 @@ class TrainingRun:
             self.resumed_rng = rng_state()  # what load_state restored: the RNG states at the save
             info = read_state_info(self.state_dir)
             self.continue_at(int(info["step"]), info)
+            if bad_items is not None:  # the unreadable items met before the save count on
+                bad_items.indices.update(int(i) for i in info.get("bad_items", ()))
         if accelerator.is_main_process:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.out_dir / "config.yaml")
@@ -144,8 +147,10 @@ class TrainingRun:
         return record
 
     def save(self, step: int, extra: dict | None = None) -> None:
-        """Save the accelerate state with ``{"step": step, **extra}`` as ``trainer.json`` (every rank)."""
-        save_state(self.accelerator, self.out_dir, {"step": step, **(extra or {})})
+        """Save the accelerate state with ``{"step": step, **extra}`` and the unreadable items met so far
+        (``bad_items``) as ``trainer.json`` (every rank)."""
+        bad = sorted(self.bad_items.indices) if self.bad_items is not None else []
+        save_state(self.accelerator, self.out_dir, {"step": step, **(extra or {}), "bad_items": bad})
 
     def loop(
         self,
@@ -219,9 +224,11 @@ class EpochBatches:
 
     Each epoch starts by seeding Python, NumPy and torch from (``seed``, epoch) and calling
     ``set_epoch(epoch)``, so an epoch's shuffle and random windows are functions of the seed and the
-    epoch only. :meth:`position` after a batch is (epoch, batches done in it); a run started with that
-    ``position`` and the ``rng`` states of that moment passes over the batches already done and then
-    restores ``rng``: it continues as the uninterrupted run would (noise, timesteps, dropout).
+    epoch only (a dataset's own draws must be functions of its epoch and the index, as AToM's windows
+    are: the batches passed over on resume are read again). :meth:`position` after a batch is (epoch,
+    batches done in it); a run started with that ``position`` and the ``rng`` states of that moment
+    passes over the batches already done and then restores ``rng``: it continues as the
+    uninterrupted run would (noise, timesteps, dropout).
     """
 
     def __init__(
