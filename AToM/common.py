@@ -11,34 +11,14 @@ from AToM.model import MotionDecoder
 from moditalker.checkpoint import CHECK_HINT, load_strict
 from moditalker.checkpoint import read_checkpoint as read_checkpoint_file
 from moditalker.errors import UserError, describe
+from moditalker.fileio import REPO_ROOT
 
-# The official full-size configuration (also in configs/atom.yaml); used when no config is given.
+#: The official full-size configuration, used when no config is given: the model, diffusion and sample
+#: sections of configs/atom.yaml, where they live (with their comments)
 DEFAULT_CONFIG: dict = {
-    "model": {
-        "nfeats": 204,
-        "seq_len": 156,
-        "latent_dim": 512,
-        "ff_size": 1024,
-        "num_layers": 8,
-        "num_heads": 8,
-        "dropout": 0.1,
-        "cond_feature_dim": 1024,
-        "activation": "gelu",
-        "use_rotary": True,
-    },
-    "diffusion": {
-        "horizon": 156,
-        "repr_dim": 204,
-        "schedule": "cosine",
-        "n_timestep": 1000,
-        "predict_epsilon": False,
-        "loss_type": "l2",
-        "use_p2": False,
-        "cond_drop_prob": 0.25,
-        "guidance_weight": 2.0,
-        "clip_denoised": True,
-    },
-    "sample": {"steps": 50, "eta": 1.0, "overlap": 39},
+    key: value
+    for key, value in OmegaConf.to_container(OmegaConf.load(REPO_ROOT / "configs" / "atom.yaml")).items()
+    if key in ("model", "diffusion", "sample")
 }
 
 CHECKPOINT_KEYS = ("model_state_dict", "ema_state_dict", "optimizer_state_dict")

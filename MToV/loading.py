@@ -7,7 +7,6 @@ benchmark); :func:`build_models` and :func:`load_unet_weights` are shared with d
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,10 +19,10 @@ from moditalker.checkpoint import load_strict, read_checkpoint, unwrap_state_dic
 from moditalker.config import load_config
 from moditalker.device import amx_bf16_supported, bf16_supported, int8_dot_supported, resolve_device
 from moditalker.errors import UserError
-from moditalker.fileio import repo_path
+from moditalker.fileio import REPO_ROOT, repo_path
 from MToV.diffusion import DDPM
 from MToV.int8 import int8_convs_supported, quantize_convs, quantize_linears
-from MToV.models.autoencoder import OFFICIAL_CONFIG, ViTAutoencoder, load_autoencoder_weights
+from MToV.models.autoencoder import ViTAutoencoder, load_autoencoder_weights
 from MToV.models.unet import DiffusionWrapper, UNetModel
 
 quantize_int8 = quantize_linears  # its earlier name, kept importable
@@ -44,37 +43,14 @@ __all__ = [
     "quantize_int8",  # the earlier name of MToV.int8.quantize_linears
 ]
 
-#: Model settings shared by sampling and diffusion training (the official full-size values).
+#: Model settings shared by sampling and diffusion training (the official full-size values): the
+#: model sections of configs/mtov_diffusion.yaml, where they live (with their comments)
 MODEL_DEFAULTS: dict = {
-    "autoencoder": copy.deepcopy(OFFICIAL_CONFIG),
-    "autoencoder_ldmk": None,  # None: same sizes as the RGB autoencoder (as the official scripts)
-    "unet": {
-        "image_size": 32,
-        "in_channels": 4,
-        "out_channels": 4,
-        "model_channels": 128,
-        "attention_resolutions": [4, 2, 1],
-        "num_res_blocks": 2,
-        "channel_mult": [1, 2, 4, 4],
-        "num_heads": 8,
-        "use_scale_shift_norm": True,
-        "resblock_updown": True,
-        "cond_model": False,
-    },
-    "diffusion": {"linear_start": 0.0015, "linear_end": 0.0195, "timesteps": 1000, "loss_type": "l2"},
-    "checkpoints": {
-        "ae_rgb": "checkpoints/autoencoder_rgb.pth",
-        "ae_ldmk": "checkpoints/autoencoder_motion.pth",
-        "unet": "checkpoints/diffusion_model.pth",
-    },
-    "sample": {
-        "batch_size": 4,
-        "start_ratio": 0.25,
-        "sampling_timesteps": 100,
-        "eta": 1.0,
-        "seed": 0,
-        "use_last_as_reference": False,
-    },
+    key: value
+    for key, value in OmegaConf.to_container(
+        OmegaConf.load(REPO_ROOT / "configs" / "mtov_diffusion.yaml")
+    ).items()
+    if key in ("autoencoder", "autoencoder_ldmk", "unet", "diffusion", "checkpoints", "sample")
 }
 
 #: Choices of the autoencoders' precision (see :func:`autoencoder_dtype`).
