@@ -5,12 +5,52 @@ its full Content-Length but only half of the bytes before the connection closes 
 ``cut_nth[path] = n`` does that to the n-th GET of the path only, e.g. after a client's probing request);
 ``Range: bytes=N-`` requests get a 206 with the rest of the file. Every request is logged in ``requests``
 as ``(path, range header or None)``.
+
+What the stand-in serves in place of real weights: :func:`torch_bytes` (an object as ``torch.save``
+writes it), :func:`zero_state` / :func:`module_state` / :func:`official_like` (state_dicts with the real
+keys and shapes whose tensors are zero-stride views of one value: a few KB on disk, full shapes once
+loaded).
 """
 
 from __future__ import annotations
 
+import io
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+
+def torch_bytes(obj: Any) -> bytes:
+    """``obj`` as ``torch.save`` writes it to a file."""
+    import torch
+
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+def zero_state(shapes: dict[str, Any], dtypes: dict[str, Any] | None = None) -> dict:
+    """``{key: zeros of shape}`` as zero-stride views (float32 unless ``dtypes`` names another)."""
+    import torch
+
+    out = {}
+    for key, shape in shapes.items():
+        one = torch.zeros(1, dtype=(dtypes or {}).get(key, torch.float32))
+        out[key] = one.expand(shape) if len(shape) else one[0]
+    return out
+
+
+def module_state(module: Any) -> dict:
+    """``module``'s state_dict keys, shapes and dtypes as zero-stride views."""
+    state = module.state_dict()
+    return zero_state({k: v.shape for k, v in state.items()}, {k: v.dtype for k, v in state.items()})
+
+
+def official_like(layout: str) -> dict:
+    """A state_dict with the keys and shapes of an official checkpoint (moditalker/official_layouts.json)."""
+    from moditalker.asset_content import official_layouts
+
+    return zero_state(official_layouts()[layout])
 
 
 class StubServer:

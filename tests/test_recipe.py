@@ -17,7 +17,6 @@ the whole page, through training, a video and both evaluation protocols.
 from __future__ import annotations
 
 import hashlib
-import io
 import os
 import re
 import shutil
@@ -27,7 +26,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from http_stub import StubServer
+from http_stub import StubServer, module_state, official_like, torch_bytes
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = REPO / "docs" / "recipe.md"
@@ -123,28 +122,6 @@ def test_every_recipe_command_has_one_stand_in():
 
 
 # ----------------------------------------------------------------------------- the stand-ins
-def _fake_state(module: torch.nn.Module) -> dict:
-    """``module``'s state_dict keys and shapes as zero-stride views (a few KB on disk)."""
-    out = {}
-    for k, v in module.state_dict().items():
-        one = torch.zeros(1, dtype=v.dtype)
-        out[k] = one.expand(v.shape) if v.dim() else one[0]
-    return out
-
-
-def _torch_bytes(obj) -> bytes:
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    return buf.getvalue()
-
-
-def _official_like(layout: str) -> dict:
-    from moditalker.asset_content import official_layouts
-
-    one = torch.zeros(1)
-    return {k: one.expand(s) for k, s in official_layouts()[layout].items()}
-
-
 def _hf_cache(root: Path) -> None:
     """A Hugging Face cache holding a tiny model under facebook/hubert-large-ls960-ft."""
     from transformers import HubertConfig, HubertModel, Wav2Vec2FeatureExtractor
@@ -203,22 +180,22 @@ def standin(tmp_path_factory):
     from data.recon3d import ReconNet
     from moditalker.assets import GDRIVE_IDS
     from MToV.loading import build_models, model_config
-    from pipeline.sample_data import write_talking_videos
+    from data.sample_data import write_talking_videos
 
     root = tmp_path_factory.mktemp("standin")
     with StubServer() as server:
-        atom = _official_like("atom")
-        server.files[f"/uc/{GDRIVE_IDS['atom']}"] = _torch_bytes(
+        atom = official_like("atom")
+        server.files[f"/uc/{GDRIVE_IDS['atom']}"] = torch_bytes(
             {"model_state_dict": atom, "ema_state_dict": atom}
         )
         for name in ("autoencoder_rgb", "autoencoder_motion"):
-            server.files[f"/uc/{GDRIVE_IDS[name]}"] = _torch_bytes(_official_like("autoencoder"))
+            server.files[f"/uc/{GDRIVE_IDS[name]}"] = torch_bytes(official_like("autoencoder"))
         fan = "/www.adrianbulat.com/downloads/python-fan/"
         with torch.device("meta"):
             fan_net, s3fd_net = FAN(4), s3fd()
-        server.files[fan + "2DFAN4-11f355bf06.pth.tar"] = _torch_bytes(_fake_state(fan_net))
-        server.files[fan + "s3fd-619a316812.pth"] = _torch_bytes(_fake_state(s3fd_net))
-        small = _torch_bytes({"weight": torch.zeros(4)})
+        server.files[fan + "2DFAN4-11f355bf06.pth.tar"] = torch_bytes(module_state(fan_net))
+        server.files[fan + "s3fd-619a316812.pth"] = torch_bytes(module_state(s3fd_net))
+        small = torch_bytes({"weight": torch.zeros(4)})
         for path in (
             "/download.pytorch.org/models/vgg16-397923af.pth",
             "/download.pytorch.org/models/alexnet-owt-7be5be79.pth",
@@ -236,7 +213,7 @@ def standin(tmp_path_factory):
         (root / "downloads" / "deep3d").mkdir()
         with torch.device("meta"):
             recon = ReconNet()
-        torch.save(_fake_state(recon), root / "downloads" / "deep3d" / "epoch_20.pth")
+        torch.save(module_state(recon), root / "downloads" / "deep3d" / "epoch_20.pth")
         ae_rgb, ae_ldmk, _ = build_models(model_config(REPO / "configs" / "mtov_tiny.yaml"))
         torch.save(ae_rgb.state_dict(), root / "ae_rgb_tiny.pth")
         torch.save(ae_ldmk.state_dict(), root / "ae_ldmk_tiny.pth")

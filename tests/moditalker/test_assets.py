@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from http_stub import official_like, zero_state
 
 from moditalker import assets
 from moditalker.assets import (
@@ -55,22 +56,17 @@ def _save(path, layout=None):
     as an AToM checkpoint, or one small tensor; what `assets check` accepts, which a touched file is not."""
     import torch
 
-    from moditalker.asset_content import official_layouts
-
     path.parent.mkdir(parents=True, exist_ok=True)
-    one = torch.zeros(1)
     if layout is None:
-        torch.save({"w": one}, path)
+        torch.save({"w": torch.zeros(1)}, path)
     elif layout == "deep3d":  # the ResNet-50 regressor's keys and shapes, as {"net_recon": state_dict}
         from data.recon3d import ReconNet
 
         with torch.device("meta"):
             shapes = {k: v.shape for k, v in ReconNet().state_dict().items()}
-        torch.save({"net_recon": {k: one.expand(s) if len(s) else one[0] for k, s in shapes.items()}}, path)
+        torch.save({"net_recon": zero_state(shapes)}, path)
     else:
-        torch.save(
-            {"model_state_dict": {k: one.expand(s) for k, s in official_layouts()[layout].items()}}, path
-        )
+        torch.save({"model_state_dict": official_like(layout)}, path)
 
 
 def test_registry_defaults_match_the_agreed_table(ckpt):

@@ -3,13 +3,12 @@ stand-in for Google Drive (tests/http_stub.py), checks, then renames; a bad down
 
 from __future__ import annotations
 
-import io
 import json
 import os
 
 import pytest
 import torch
-from http_stub import StubServer
+from http_stub import StubServer, official_like, torch_bytes, zero_state
 
 from moditalker import asset_content, assets
 from moditalker.assets import GDRIVE_IDS, main
@@ -27,28 +26,15 @@ def ckpt(tmp_path, monkeypatch):
     return root
 
 
-def official_like(layout: str, pad: int = 0) -> dict:
-    """A state_dict with the official keys and shapes whose tensors are zero-stride views of one value
-    (a few KB on disk, full shapes once loaded)."""
-    one = torch.zeros(1)
-    return {
-        k: one.expand(shape) if shape else one[0]
-        for k, shape in asset_content.official_layouts()[layout].items()
-    }
-
-
 def atom_bytes(pad: int = 0) -> bytes:
     sd = official_like("atom")
-    obj = {"model_state_dict": sd, "ema_state_dict": sd, "optimizer_state_dict": {"pad": torch.ones(pad)}}
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    return buf.getvalue()
+    return torch_bytes(
+        {"model_state_dict": sd, "ema_state_dict": sd, "optimizer_state_dict": {"pad": torch.ones(pad)}}
+    )
 
 
 def ae_bytes() -> bytes:
-    buf = io.BytesIO()
-    torch.save(official_like("autoencoder"), buf)
-    return buf.getvalue()
+    return torch_bytes(official_like("autoencoder"))
 
 
 HTML = (
@@ -262,12 +248,11 @@ def test_offline_public_download_leaves_no_empty_folder(ckpt, monkeypatch):
 
 def test_public_files_from_a_mirror(ckpt, monkeypatch, capsys):
     with StubServer() as server:
-        buf = io.BytesIO()
-        torch.save({"features.0.weight": torch.zeros(2, 3)}, buf)
-        server.files["/download.pytorch.org/models/vgg16-397923af.pth"] = buf.getvalue()
+        data = torch_bytes({"features.0.weight": torch.zeros(2, 3)})
+        server.files["/download.pytorch.org/models/vgg16-397923af.pth"] = data
         monkeypatch.setenv(assets.MIRROR_ENV, server.url + "/")
         assert main(["download", "lpips_vgg16"]) == 0
-    assert (ckpt / "lpips" / "vgg16.pth").read_bytes() == buf.getvalue()
+    assert (ckpt / "lpips" / "vgg16.pth").read_bytes() == data
     assert run_check(capsys, "--only", "lpips_vgg16", "--deep") == (0, [])
 
 
@@ -276,8 +261,7 @@ def test_check_deep3d_fits_the_regressor(ckpt, capsys):
 
     with torch.device("meta"):
         shapes = {k: v.shape for k, v in ReconNet().state_dict().items()}
-    one = torch.zeros(1)
-    state = {k: one.expand(s) if len(s) else one[0] for k, s in shapes.items() if "num_batches" not in k}
+    state = zero_state({k: s for k, s in shapes.items() if "num_batches" not in k})
     path = ckpt / "deep3d" / "epoch_20.pth"
     path.parent.mkdir()
     torch.save({"net_recon": state, "epoch": 20}, path)  # old checkpoints lack the step counters: fine
