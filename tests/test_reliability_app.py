@@ -68,7 +68,7 @@ def _server(root: Path, job_class=None, **serve_args):
 
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory) -> dict[str, Path]:
-    from pipeline.sample_data import write_reference_image, write_speech
+    from data.sample_data import write_reference_image, write_speech
 
     d = tmp_path_factory.mktemp("inputs")
     return {
@@ -422,14 +422,18 @@ def test_host_warning_and_auth_flag(monkeypatch, tmp_path, capsys):
 
 
 class _QuickJob:
-    """A stand-in job that returns the bundled example video at once (auth is the page's, not the job's)."""
+    """A stand-in job that returns a copy of the bundled example video in a new run folder at once (auth
+    is the page's, not the job's)."""
 
     def __new__(cls, folders, **kwargs):
+        import shutil
+
         from pipeline.app_job import Job, JobOutput
 
         class Quick(Job):
             def __call__(self, audio, ref_video=None, ref_image=None, *, report=None, **settings):
-                video = self.folders.examples / "reference.mp4"
+                video = self.folders.new_run() / self.OUT_NAME
+                shutil.copyfile(self.folders.examples / "reference.mp4", video)
                 return JobOutput(video, video, {"total": 0.0}, f"audio {Path(audio).name}", None)
 
         return Quick(folders, **kwargs)
@@ -458,6 +462,11 @@ def test_auth_asks_for_the_login(tmp_path, inputs, monkeypatch):
             api_name="/generate",
         )
         assert Path(mp4).is_file() and log == "audio speech.wav"
+        # the result by its name: for the logged-in client only
+        (run,) = job.folders.runs.iterdir()
+        r = httpx.get(f"{url}gradio_api/file=runs/{run.name}/{job.OUT_NAME}", timeout=30)
+        assert r.status_code in (401, 403) and b"ftyp" not in r.content[:16]
+        assert Path(mp4).read_bytes() == (run / job.OUT_NAME).read_bytes()
 
 
 # ----------------------------------------------------------------------------- memory over many requests
