@@ -42,6 +42,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from omegaconf import OmegaConf
 
@@ -52,9 +53,9 @@ from evaluation.splits import HDTF_TEST_SPLIT, auto_pairs, read_ids, read_pairs
 from moditalker import bulk, fileio
 from moditalker.errors import UserError
 from moditalker.fileio import atomic_write_text, check_output, repo_path, same_file
-from pipeline.inference import build_parser as pipeline_parser
-from pipeline.inference import resolve_config, run_inference
+from pipeline.inference import run_inference
 from pipeline.models import ModelCache
+from pipeline.resolve import resolve
 from pipeline.settings import check_settings
 from pipeline.validate import check_assets
 
@@ -153,14 +154,13 @@ def _check_flags(args: argparse.Namespace) -> None:
         raise UserError(f"--out {args.out} is the --data folder; choose another output folder")
 
 
-def _pipeline_argv(args: argparse.Namespace, device: str | None = None) -> list[str]:
+def _pipeline_flags(args: argparse.Namespace, device: str | None = None) -> dict[str, Any]:
     """The pipeline flags every job shares (the per-job paths are added by :func:`_generate`)."""
-    argv = ["--device", device or args.device]
-    if args.config is not None:
-        argv += ["--config", str(repo_path(args.config))]
-    if args.random_weights:
-        argv.append("--random_weights")
-    return argv
+    return {"device": device or args.device, "random_weights": True if args.random_weights else None}
+
+
+def _pipeline_config(args: argparse.Namespace) -> str | None:
+    return None if args.config is None else str(repo_path(args.config))
 
 
 def _pipeline_settings(args: argparse.Namespace) -> dict:
@@ -170,7 +170,7 @@ def _pipeline_settings(args: argparse.Namespace) -> dict:
         key = item.partition("=")[0].strip()
         if key in PER_JOB:
             raise UserError(f"--set {item}: {key} is set for each video by the protocol (or by its own flag)")
-    cfg = resolve_config(pipeline_parser().parse_args([*_pipeline_argv(args), *(args.set or [])]))
+    cfg = resolve(_pipeline_config(args), _pipeline_flags(args), args.set or [])
     check_settings(cfg)
     check_assets(cfg)
     plain = OmegaConf.to_container(cfg, resolve=True)
@@ -309,20 +309,21 @@ def _prepare(job: Job, paths: Paths, seconds: float | None) -> int:
 
 
 def _generate(
-    job: Job, paths: Paths, argv: list[str], overrides: list[str], models: ModelCache | None = None
+    job: Job,
+    paths: Paths,
+    config: str | None,
+    flags: dict[str, Any],
+    overrides: list[str],
+    models: ModelCache | None = None,
 ) -> None:
     """One pipeline run: ``paths.wav`` drives ``job.ref`` into ``paths.generated`` (with the networks
     of ``models``, kept warm between the jobs of a rank)."""
-    full = [
-        *argv,
-        *("--audio", str(paths.wav), "--ref_video", str(job.ref)),
-        *("--out", str(paths.generated), "--work_dir", str(paths.work), "--overwrite"),
-        *overrides,
-    ]
+    own = {"audio": str(paths.wav), "ref_video": str(job.ref), "out": str(paths.generated)}
+    own |= {"work_dir": str(paths.work), "overwrite": True}
     paths.log.parent.mkdir(parents=True, exist_ok=True)
     with open(paths.log, "w") as log:
         try:
-            cfg = resolve_config(pipeline_parser().parse_args(full))
+            cfg = resolve(config, {**flags, **own}, overrides)
             run_inference(
                 cfg, log=lambda line: print(line, file=log, flush=True), progress=False, models=models
             )
@@ -399,7 +400,7 @@ def _run_ranks(
     ranks.barrier()
     manifest = Manifest(out, settings, overwrite=False)  # what rank 0 wrote
 
-    argv = _pipeline_argv(args, ranks.device(args.device))
+    flags = _pipeline_flags(args, ranks.device(args.device))
     mine = ranks.share(jobs, key=lambda j: j.name)
     models = ModelCache()
     generated, reused, failed = [], [], {}
@@ -415,7 +416,7 @@ def _run_ranks(
                 ranks.log(f"warning: {job.name}: {problem}; generating it again", file=sys.stderr)
             try:
                 _prepare(job, paths, args.seconds)
-                _generate(job, paths, argv, list(args.set or []), models)
+                _generate(job, paths, _pipeline_config(args), flags, list(args.set or []), models)
             except UserError as exc:
                 failed[job.name] = str(exc).removeprefix(f"{job.name}: ")
                 ranks.log(f"{job.name}: failed: {failed[job.name]}")

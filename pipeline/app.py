@@ -36,6 +36,7 @@ returns the mp4 path first, then the preview, the timings and the log)::
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
 import re
@@ -48,7 +49,18 @@ from typing import Any
 from urllib.parse import unquote
 
 from moditalker.errors import ArgumentParser, UserError, cli_main, describe
-from pipeline.app_job import DAY, MB, STAGES, AppFolders, Job, clean_old, page_text, sample_inputs
+from pipeline.app_job import (
+    DAY,
+    MB,
+    PAGE_SETTINGS,
+    AppFolders,
+    Job,
+    clean_old,
+    page_name,
+    page_text,
+    sample_inputs,
+)
+from pipeline.settings import SETTINGS
 
 __all__ = ["API_NAME", "build_parser", "prepare_environment", "build_app", "serve", "main", "host_warning"]
 
@@ -152,25 +164,18 @@ class RefuseUrlFetch:
         await self.app(scope, receive, send)
 
 
-class StageBar:
-    """The page's stage line ("7/8 mtov: MToV: video frames"), kept above the stages' own tqdm bars.
-
-    A plain ``progress(fraction, desc=text)`` call is shown only until the next tqdm update: Gradio
-    sends the latest list of tracked bars every 10 ms, and that list does not hold a plain call's line.
-    So the stage line is made one of the tracked bars (``progress.tqdm(None, ...)``, a bar moved by hand),
-    and each report moves it and sends the whole list again (``progress.update(0)``)."""
-
-    def __init__(self, progress: Any, total: int = len(STAGES)) -> None:
-        self.progress, self.total, self.unit = progress, total, None
-
-    def __call__(self, fraction: float, text: str) -> None:
-        if self.unit is None:
-            self.progress.tqdm(None, desc=text, total=self.total, unit="stages")
-            if not getattr(self.progress, "iterables", None):  # not inside a Gradio event: no bar
-                return
-            self.unit = self.progress.iterables[-1]
-        self.unit.index, self.unit.desc = round(fraction * self.total), text
-        self.progress.update(0)
+def endpoint_signature(progress: Any) -> inspect.Signature:
+    """The parameters of ``/generate`` as Gradio reads them: ``audio``, ``ref_video``, ``ref_image``,
+    then the page's settings by their page names (``seed`` required, the others optional), then
+    Gradio's ``progress``."""
+    P = inspect.Parameter
+    files = ("audio", "ref_video", "ref_image")
+    params = [P(name, P.POSITIONAL_OR_KEYWORD, annotation=str | None) for name in files]
+    for key in PAGE_SETTINGS:
+        default = P.empty if key == "seed" else None
+        params.append(P(page_name(key), P.POSITIONAL_OR_KEYWORD, default=default, annotation=float | None))
+    params.append(P("progress", P.POSITIONAL_OR_KEYWORD, default=progress, annotation=Any))
+    return inspect.Signature(params, return_annotation=tuple[str, str, dict[str, float], str])
 
 
 def prepare_environment(folders: AppFolders) -> None:
@@ -195,27 +200,26 @@ def build_app(job: Job, *, title: str = "MoDiTalker") -> Any:
     sample = sample_inputs(job.folders)
     runs = job.folders.runs
 
-    def number(label: str, value: float, step: float, elem_id: str) -> Any:
-        return gr.Number(value=value, step=step, label=label, elem_id=elem_id)
+    def number(key: str) -> Any:
+        """The field of a setting of :data:`PAGE_SETTINGS`: label, default, type and range from the schema
+        (no bounds of Gradio's own: the schema checks the value and says what is wrong)."""
+        s = SETTINGS[key]
+        wanted = f", {s.check.wanted}" if s.check is not None else ""
+        step = 1 if s.type is int else 0.05
+        name = page_name(key)
+        return gr.Number(value=d[name], step=step, label=s.label, info=f"{key}{wanted}", elem_id=name)
 
-    def generate(
-        audio: str | None,
-        ref_video: str | None,
-        ref_image: str | None,
-        seed: float | None,
-        steps: float | None = None,
-        guidance: float | None = None,
-        mtov_steps: float | None = None,
-        start_ratio: float | None = None,
-        batch_size: float | None = None,
-        progress: Any = gr.Progress(track_tqdm=True),  # noqa: B008 - Gradio's way to ask for a bar
-    ) -> tuple[str, str, dict[str, float], str]:
-        """Speech + reference (video or photo) -> (talking-head mp4, landmarks | generated preview mp4,
-        stage timings in seconds, run log)."""
-        settings = dict(seed=seed, steps=steps, guidance=guidance, mtov_steps=mtov_steps)
-        settings |= dict(start_ratio=start_ratio, batch_size=batch_size)
+    signature = endpoint_signature(gr.Progress())
+
+    def generate(audio: str | None, ref_video: str | None, ref_image: str | None, *rest: Any) -> Any:
+        """Speech + reference (video or photo) and the page's settings -> (talking-head mp4, landmarks |
+        generated preview mp4, stage timings in seconds, run log)."""
+        bound = signature.bind(audio, ref_video, ref_image, *rest)
+        bound.apply_defaults()
+        settings = {page_name(key): bound.arguments[page_name(key)] for key in PAGE_SETTINGS}
+        progress = bound.arguments["progress"]
         try:
-            out = job(audio, ref_video, ref_image, report=StageBar(progress), **settings)
+            out = job(audio, ref_video, ref_image, report=lambda f, text: progress(f, desc=text), **settings)
         except UserError as exc:  # the server's log keeps the paths; the caller gets base names
             job.log(f"error: {exc}")
             raise gr.Error(job.public(page_text(str(exc))), duration=None, print_exception=False) from None
@@ -224,6 +228,8 @@ def build_app(job: Job, *, title: str = "MoDiTalker") -> Any:
             message = f"internal error: {describe(exc)} (the server log has the traceback)"
             raise gr.Error(job.public(message), duration=None, print_exception=False) from None
         return str(out.video), str(out.preview), out.timings, out.log
+
+    generate.__signature__ = signature  # what Gradio reads: the endpoint's named parameters
 
     with gr.Blocks(title=title, analytics_enabled=False, delete_cache=(3600, int(job.max_age))) as demo:
         gr.Markdown(INTRO)
@@ -251,17 +257,11 @@ def build_app(job: Job, *, title: str = "MoDiTalker") -> Any:
                             elem_id="ref_image",
                         )
                 with gr.Accordion("Settings", open=False):
-                    # number fields without Gradio's own bounds: the pipeline's schema checks the values
-                    # and says what is wrong in the command line's words
-                    with gr.Row():
-                        seed = number("Seed", d["seed"], 1, "seed")
-                        batch_size = number("MToV clips per batch", d["batch_size"], 1, "batch_size")
-                    with gr.Row():
-                        steps = number("AToM steps", d["steps"], 1, "steps")
-                        guidance = number("AToM guidance", d["guidance"], 0.1, "guidance")
-                    with gr.Row():
-                        mtov_steps = number("MToV steps (schedule length)", d["mtov_steps"], 1, "mtov_steps")
-                        start_ratio = number("MToV start ratio", d["start_ratio"], 0.05, "start_ratio")
+                    fields = []
+                    for pair in range(0, len(PAGE_SETTINGS), 2):
+                        with gr.Row():
+                            fields += [number(key) for key in PAGE_SETTINGS[pair : pair + 2]]
+                    seed = fields[PAGE_SETTINGS.index("seed")]
                 button = gr.Button("Generate", variant="primary", elem_id="generate")
             with gr.Column():
                 # the results reach a caller as runs/<id>/<file>, not as a path of the server
@@ -296,7 +296,7 @@ def build_app(job: Job, *, title: str = "MoDiTalker") -> Any:
             )
         button.click(
             generate,
-            inputs=[audio, ref_video, ref_image, seed, steps, guidance, mtov_steps, start_ratio, batch_size],
+            inputs=[audio, ref_video, ref_image, *fields],
             outputs=[video, preview, timings, log],
             api_name=API_NAME,
             concurrency_limit=1,

@@ -12,7 +12,6 @@ Layout of the app folder (``--out_dir``, default ``outputs/app``)::
 
 from __future__ import annotations
 
-import argparse
 import re
 import shutil
 import threading
@@ -25,29 +24,43 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from moditalker.errors import UserError
-from pipeline.inference import PipelineResult, resolve_config, run_inference
+from pipeline.events import DESCRIBE, STAGES, TIMING_ORDER, StageEvents
+from pipeline.inference import PipelineResult, run_inference
 from pipeline.models import ModelCache
-from pipeline.settings import FLAGS, check_settings
+from pipeline.resolve import resolve
+from pipeline.settings import FLAGS, SETTINGS, check_settings
 
-__all__ = ["DAY", "STAGES", "AppFolders", "clean_old", "Job", "JobOutput", "StageProgress", "public_text"]
+__all__ = [
+    "DAY",
+    "PAGE_SETTINGS",
+    "page_name",
+    "AppFolders",
+    "clean_old",
+    "Job",
+    "JobOutput",
+    "PageProgress",
+    "public_text",
+]
 
 DAY = 24 * 3600.0
 MB = 1024 * 1024  #: bytes in a MB of --max_upload_mb (Gradio's "mb")
-#: the steps a run reports, in order (the cached stages, then the mp4 writer)
-STAGES = ("reference", "landmarks", "recon", "hubert", "atom", "align", "mtov", "write")
-#: the order of the timings the page shows (others follow, then the total)
-TIMING_ORDER = ("reference", "landmarks", "recon", "hubert", "atom", "align", "render", "mtov", "write")
-_STAGE_DONE = re.compile(r"^\[(\w+)\] (?:computed|reused)\b")
-_DESCRIBE = {
-    "reference": "reading the reference",
-    "landmarks": "face landmarks",
-    "recon": "3D face reconstruction",
-    "hubert": "speech features",
-    "atom": "AToM: motion",
-    "align": "aligning the motion",
-    "mtov": "MToV: video frames",
-    "write": "writing the mp4",
-}
+#: the settings the page offers, in the order of the endpoint's parameters: keys of the schema
+#: (:mod:`pipeline.settings`), which gives their labels, defaults, types and ranges
+PAGE_SETTINGS = (
+    "seed",
+    "atom.steps",
+    "atom.guidance_weight",
+    "mtov.sampling_timesteps",
+    "mtov.start_ratio",
+    "mtov.batch_size",
+)
+assert all(SETTINGS[key].label for key in PAGE_SETTINGS), "a setting of the page has no label"
+
+
+def page_name(key: str) -> str:
+    """A page setting's name as a parameter of the endpoint and an element of the page: its flag (as
+    on the command line), else the last part of its key (``mtov.start_ratio`` -> ``start_ratio``)."""
+    return SETTINGS[key].flag or SETTINGS[key].name
 
 
 # ----------------------------------------------------------------------------- what callers see
@@ -65,11 +78,7 @@ PAGE_WORDS = {
     "--ref_video": "the face video",
     "--ref_image": "the face photo",
     "--audio": "the speech",
-    "--steps": "AToM steps",
-    "--guidance": "AToM guidance",
-    "--mtov_steps": "MToV steps",
-    "--batch_size": "MToV clips per batch",
-    "--seed": "the seed",
+    **{f"--{SETTINGS[key].flag}": str(SETTINGS[key].label) for key in PAGE_SETTINGS if SETTINGS[key].flag},
 }
 _PAGE_WORD = re.compile("|".join(re.escape(k) + (r"\b" if k[-1].isalnum() else "") for k in PAGE_WORDS))
 
@@ -179,36 +188,29 @@ def clean_old(folders: AppFolders, max_age: float = DAY, now: float | None = Non
 
 
 # ----------------------------------------------------------------------------- progress
-class StageProgress:
-    """Turns the run's log lines into progress: ``report(fraction, text)`` after each stage
-    (``[stage] computed ...`` / ``[stage] reused ...``), naming the step that comes next."""
+class PageProgress(StageEvents):
+    """The page's progress, from the run's stage events: ``report(fraction, text)`` when a stage
+    starts (``7/8 mtov: MToV: video frames``), as its units are done (``..., 120 of 500 frames``), and
+    ``(1.0, "done")`` when the last has finished."""
 
-    def __init__(self, report: Callable[[float, str], None] | None, log: Callable[[str], None]) -> None:
-        self.report, self.log, self.lines = report, log, []
-        self.done = 0
+    def __init__(self, report: Callable[[float, str], None]) -> None:
+        self.report = report
 
-    def start(self) -> None:
-        self._report(0)
+    def started(self, stage: str) -> None:
+        if stage in STAGES:
+            i, n = STAGES.index(stage), len(STAGES)
+            self.report(i / n, f"{i + 1}/{n} {stage}: {DESCRIBE[stage]}")
 
-    def _report(self, done: int) -> None:
-        self.done = done
-        if self.report is None:
-            return
-        if done < len(STAGES):
-            stage = STAGES[done]
-            self.report(done / len(STAGES), f"{done + 1}/{len(STAGES)} {stage}: {_DESCRIBE[stage]}")
-        else:
+    def progress(self, stage: str, done: int, total: int) -> None:
+        if stage in STAGES and total > 0:
+            i, n = STAGES.index(stage), len(STAGES)
+            self.report(
+                (i + done / total) / n, f"{i + 1}/{n} {stage}: {DESCRIBE[stage]}, {done} of {total} frames"
+            )
+
+    def finished(self, stage: str, *, cached: bool, seconds: float, entry: Path | None = None) -> None:
+        if stage == STAGES[-1]:
             self.report(1.0, "done")
-
-    def finish(self) -> None:
-        self._report(len(STAGES))
-
-    def __call__(self, line: str) -> None:
-        self.lines.append(line)
-        self.log(line)
-        match = _STAGE_DONE.match(line)
-        if match and match.group(1) in STAGES:
-            self._report(max(self.done, STAGES.index(match.group(1)) + 1))
 
 
 # ----------------------------------------------------------------------------- the job
@@ -221,13 +223,6 @@ class JobOutput:
     timings: dict[str, float]
     log: str
     result: PipelineResult
-
-
-def _integral(value: Any) -> Any:
-    """A whole float (what a web number field sends) as an int; anything else as it is."""
-    if isinstance(value, float) and value.is_integer():
-        return int(value)
-    return value
 
 
 class Job:
@@ -289,28 +284,17 @@ class Job:
                 )
 
     def resolve(self, **flags: Any) -> DictConfig:
-        """The config of a run with these command-line flags (names as in :data:`FLAGS`; None: unset)."""
-        args = argparse.Namespace(**{name: None for name in FLAGS}, config=self.config)
-        args.overrides = list(self.overrides)
-        args.device = self.device
-        args.random_weights = True if self.random_weights else None
-        for name, value in flags.items():
-            if name not in FLAGS:
-                raise KeyError(name)
-            setattr(args, name, _integral(value))
-        return resolve_config(args)
+        """The config of a run with these flags or settings (names as :func:`pipeline.resolve.resolve`
+        takes them; None: unset) on top of the app's: a setting the request gives wins over the app's
+        ``key=value`` of the same key."""
+        keys = {FLAGS.get(name, name) for name, value in flags.items() if value is not None}
+        overrides = [o for o in self.overrides if o.partition("=")[0].strip() not in keys]
+        app = {"device": self.device, "random_weights": True if self.random_weights else None}
+        return resolve(self.config, {**app, **flags}, overrides)
 
     def defaults(self) -> dict[str, Any]:
-        """The settings the page shows, as the base config has them."""
-        c = self.base
-        return {
-            "seed": int(c.seed),
-            "steps": int(c.atom.steps),
-            "guidance": float(c.atom.guidance_weight),
-            "mtov_steps": int(c.mtov.sampling_timesteps),
-            "start_ratio": float(c.mtov.start_ratio),
-            "batch_size": int(c.mtov.batch_size),
-        }
+        """The page's settings (:data:`PAGE_SETTINGS`, by their page names) as the base config has them."""
+        return {page_name(key): OmegaConf.select(self.base, key) for key in PAGE_SETTINGS}
 
     def work_dir(self, cfg: DictConfig) -> Path:
         """The stage cache of a run: shared by all real-weight runs; per seed with random weights (the
@@ -318,26 +302,22 @@ class Job:
         return self.folders.work / (f"random-seed{int(cfg.seed)}" if cfg.random_weights else "shared")
 
     def request_config(
-        self,
-        audio: str | None,
-        ref_video: str | None,
-        ref_image: str | None,
-        out: Path,
-        *,
-        seed: Any = None,
-        steps: Any = None,
-        guidance: Any = None,
-        mtov_steps: Any = None,
-        start_ratio: Any = None,
-        batch_size: Any = None,
+        self, audio: str | None, ref_video: str | None, ref_image: str | None, out: Path, **settings: Any
     ) -> DictConfig:
-        """The run's config: the base config with this request's inputs and settings (None: the base's)."""
-        flags = {"audio": audio, "ref_video": ref_video, "ref_image": ref_image, "out": str(out)}
-        flags |= {"seed": seed, "steps": steps, "guidance": guidance, "mtov_steps": mtov_steps}
-        flags |= {"batch_size": batch_size, "preview": True}
-        cfg = self.resolve(**flags)
-        if start_ratio is not None:  # no flag of its own: mtov.start_ratio
-            OmegaConf.update(cfg, "mtov.start_ratio", _integral(start_ratio), merge=False)
+        """The run's config: the base config with this request's inputs and ``settings`` (the page's,
+        by their page names; None: the base's)."""
+        keys = {page_name(key): key for key in PAGE_SETTINGS}
+        unknown = sorted(set(settings) - set(keys))
+        if unknown:
+            raise TypeError(f"not a setting of the page: {', '.join(unknown)}")
+        flags = {
+            "audio": audio,
+            "ref_video": ref_video,
+            "ref_image": ref_image,
+            "out": str(out),
+            "preview": True,
+        }
+        cfg = self.resolve(**flags, **{keys[name]: value for name, value in settings.items()})
         cfg.work_dir = str(self.work_dir(cfg))
         return cfg
 
@@ -355,27 +335,30 @@ class Job:
             self.check_sizes(audio=audio, ref_video=ref_video, ref_image=ref_image)
             clean_old(self.folders, self.max_age)
             run_dir = self.folders.new_run()
-            progress = StageProgress(report, self.log)
+            lines: list[str] = []
+
+            def log(line: str) -> None:
+                lines.append(line)
+                self.log(line)
+
+            events = PageProgress(report) if report is not None else None
             try:
                 cfg = self.request_config(audio, ref_video, ref_image, run_dir / self.OUT_NAME, **settings)
-                progress.start()
                 result = run_inference(
-                    cfg, log=progress, progress=True, detector=self.detector, models=self.models
+                    cfg, log=log, progress=False, detector=self.detector, models=self.models, events=events
                 )
-                progress.finish()
             except BaseException:
                 shutil.rmtree(run_dir, ignore_errors=True)
                 raise
             order = [*TIMING_ORDER, *sorted(set(result.timings) - {*TIMING_ORDER, "total"}), "total"]
             timings = {k: round(float(result.timings[k]), 3) for k in order if k in result.timings}
             assert result.preview is not None
-            log = self.public("\n".join(progress.lines))
-            return JobOutput(result.out, result.preview, timings, log, result)
+            return JobOutput(result.out, result.preview, timings, self.public("\n".join(lines)), result)
 
 
 def sample_inputs(folders: AppFolders) -> dict[str, Path]:
     """The bundled sample in ``examples/``: the speech clip, the reference photo and a 2 s video."""
-    from pipeline.sample_data import SAMPLE_SPEECH, write_reference_image, write_reference_video
+    from data.sample_data import SAMPLE_SPEECH, write_reference_image, write_reference_video
 
     ex = folders.examples
     ex.mkdir(parents=True, exist_ok=True)

@@ -40,8 +40,6 @@ from __future__ import annotations
 import argparse
 import functools
 import shlex
-import shutil
-import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -49,13 +47,16 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from moditalker import bulk
 from moditalker.constants import FPS
 from moditalker.errors import UserError
 from moditalker.fileio import same_file
+from pipeline.events import STAGES, StageTimes
+from pipeline.inference import run_inference
 from pipeline.models import ModelCache
+from pipeline.resolve import resolve_args
+from pipeline.validate import check_assets, validate
 
-__all__ = ["BatchJob", "BatchResult", "JobReport", "read_jobs", "resolve_jobs", "run_batch", "main_batch"]
+__all__ = ["BatchJob", "BatchResult", "JobReport", "read_jobs", "resolve_jobs", "run_batch", "format_report"]
 
 _log = functools.partial(print, flush=True)
 
@@ -81,6 +82,7 @@ class JobReport:
     load_seconds: float = 0.0  # building networks during this job
     total_seconds: float = 0.0
     work_dir: Path | None = None
+    stages: dict[str, bool] = field(default_factory=dict)  # stage -> reused (from the stage events)
 
     @property
     def work_seconds(self) -> float:
@@ -120,25 +122,25 @@ def read_jobs(path: str | Path) -> list[BatchJob]:
 
 
 def resolve_jobs(
-    jobs: Sequence[BatchJob], common: Sequence[str], source: str = "--batch_file"
+    jobs: Sequence[BatchJob],
+    common: Sequence[str],
+    parse: Callable[[list[str]], argparse.Namespace],
+    source: str = "--batch_file",
 ) -> list[BatchJob]:
-    """Each job's config (``common`` flags, then the line's), checked as a single run is, and the jobs
-    checked against each other: no shared output file, no job reading another's output. A job whose
-    video already exists with the same settings is marked ``done`` (see :func:`already_rendered`)."""
-    from pipeline.inference import build_parser, resolve_config
-    from pipeline.validate import check_assets, validate
-
-    parser = build_parser()
+    """Each job's config (``common`` flags, then the line's, parsed by ``parse``: the command line's
+    parser), checked as a single run is, and the jobs checked against each other: no shared output
+    file, no job reading another's output. A job whose video already exists with the same settings is
+    marked ``done`` (see :func:`already_rendered`)."""
     seen: dict[str, tuple[int, Path]] = {}
     for job in jobs:
         where = f"{source}: line {job.line}"
         try:
-            args = parser.parse_intermixed_args([*common, *job.argv])
+            args = parse([*common, *job.argv])
             if getattr(args, "batch_file", None) is not None:
                 raise UserError("--batch_file cannot be given inside a job file")
             if getattr(args, "shard", None) is not None or getattr(args, "num_shards", None) is not None:
                 raise UserError("--shard and --num_shards split the whole batch: give them with --batch_file")
-            job.cfg = resolve_config(args)
+            job.cfg = resolve_args(args)
             job.done = already_rendered(job.cfg)
             if job.done:
                 outs = _outputs(job.cfg)
@@ -231,8 +233,6 @@ def run_batch(
 ) -> BatchResult:
     """Run :func:`pipeline.inference.run_inference` for each resolved config with one model cache;
     a :class:`UserError` in one job is recorded and the next job runs."""
-    from pipeline.inference import run_inference
-
     models = models if models is not None else ModelCache()
     lines = list(lines) if lines is not None else list(range(1, len(configs) + 1))
     result = BatchResult(models=models)
@@ -240,13 +240,14 @@ def run_batch(
         log(f"=== job {number} of {len(configs)} (line {line}): {cfg.out}")
         loaded_before = sum(models.seconds.values())
         t0 = time.perf_counter()
-        report = JobReport(line, Path(cfg.out))
+        report, times = JobReport(line, Path(cfg.out)), StageTimes()
         try:
-            out = run_inference(cfg, log=log, progress=progress, models=models)
+            out = run_inference(cfg, log=log, progress=progress, models=models, events=times)
             report.video_seconds, report.work_dir = out.n_frames / FPS, out.work_dir
         except UserError as exc:
             report.error = str(exc)
             log(f"error (line {line}): {exc}")
+        report.stages = {s: times.cached[s] for s in STAGES if s in times.cached}
         report.total_seconds = time.perf_counter() - t0
         report.load_seconds = sum(models.seconds.values()) - loaded_before
         result.jobs.append(report)
@@ -254,86 +255,24 @@ def run_batch(
 
 
 def format_report(result: BatchResult) -> str:
-    """The per-job table (seconds of video, loading, the rest and the rest per second of video)."""
-    rows = [f"{'line':>5}  {'video s':>8}  {'load s':>7}  {'work s':>8}  {'s per s':>8}  output"]
+    """The per-job table (seconds of video, loading, the rest and the rest per second of video, the
+    stages reused from the stage cache of those that finished)."""
+    rows = [
+        f"{'line':>5}  {'video s':>8}  {'load s':>7}  {'work s':>8}  {'s per s':>8}  {'reused':>6}  output"
+    ]
     for j in result.jobs:
+        reused = f"{sum(j.stages.values())}/{len(j.stages)}"
         if j.error is not None:
             rows.append(f"{j.line:>5}  {'-':>8}  {j.load_seconds:>7.1f}  {j.work_seconds:>8.1f}  {'-':>8}  "
-                        f"FAILED: {j.error}")  # fmt: skip
+                        f"{reused:>6}  FAILED: {j.error}")  # fmt: skip
             continue
         per = j.work_seconds / j.video_seconds if j.video_seconds else float("nan")
         rows.append(
             f"{j.line:>5}  {j.video_seconds:>8.2f}  {j.load_seconds:>7.1f}  {j.work_seconds:>8.1f}  "
-            f"{per:>8.2f}  {j.out}"
+            f"{per:>8.2f}  {reused:>6}  {j.out}"
         )
     if result.models is not None:
         loads = ", ".join(f"{k} {v:.1f} s" for k, v in sorted(result.models.seconds.items()))
         built = sum(result.models.loads.values())
         rows.append(f"networks built: {built} ({loads}); reused {sum(result.models.hits.values())} times")
     return "\n".join(rows)
-
-
-def main_batch(args: argparse.Namespace, argv: Sequence[str]) -> BatchResult:
-    """``--batch_file``: the command line's other arguments are common to every job; this rank
-    renders its share of the jobs (see the module docstring)."""
-    common = _without_batch_flags(argv)
-    jobs = resolve_jobs(read_jobs(args.batch_file), common, source=str(args.batch_file))
-    ranks = bulk.start(args.shard, args.num_shards)
-    try:
-        return _run_share(args, jobs, ranks)
-    finally:
-        ranks.close()
-
-
-def _run_share(args: argparse.Namespace, jobs: list[BatchJob], ranks: bulk.Ranks) -> BatchResult:
-    log = functools.partial(ranks.log) if ranks.world > 1 else _log
-    mine = ranks.share(jobs, key=lambda j: j.line)
-    todo = [j for j in mine if not j.done]
-    for job in todo:
-        job.cfg.device = ranks.device(job.cfg.device)
-        job.cfg.work_dir = ranks.own_folder(job.cfg.work_dir)
-    finished = [j.line for j in mine if j.done]
-    if ranks.world > 1:
-        lines = ", ".join(str(j.line) for j in mine) or "none"
-        log(f"batch: {len(jobs)} jobs from {args.batch_file}; this rank renders lines {lines}")
-    else:
-        log(f"batch: {len(jobs)} jobs from {args.batch_file}, each network loaded once")
-    if finished:
-        log(f"already rendered with the same settings, skipped: line(s) {', '.join(map(str, finished))}")
-    result = run_batch([j.cfg for j in todo], lines=[j.line for j in todo], progress=True, log=log)
-    log("batch timings (load s: building networks during the job; work s: the rest):")
-    for row in format_report(result).splitlines():
-        log(row)
-    for job, report in zip(todo, result.jobs, strict=True):
-        if report.error is None and job.cfg.clean_work and report.work_dir is not None:
-            shutil.rmtree(report.work_dir, ignore_errors=True)
-    if ranks.is_main and any(j.cfg.random_weights for j in jobs):
-        print("(random weights: see the warning above)", file=sys.stderr)
-    ranks.finish(
-        {f"line {j.line}": j.error for j in result.failed},
-        total=len(jobs),
-        what="jobs",
-        message=lambda names: (
-            f"{len(names)} of {len(jobs)} jobs failed (lines "
-            f"{', '.join(n.removeprefix('line ') for n in names)}); see above"
-        ),
-    )
-    return result
-
-
-def _without_batch_flags(argv: Sequence[str]) -> list[str]:
-    """``argv`` without ``--batch_file``, ``--shard`` and ``--num_shards`` (flags of the batch, not of
-    its jobs)."""
-    out, skip = [], False
-    names = ("--batch_file", "--shard", "--num_shards")
-    for a in argv:
-        if skip:
-            skip = False
-            continue
-        if a in names:
-            skip = True
-            continue
-        if a.startswith(tuple(f"{n}=" for n in names)):
-            continue
-        out.append(a)
-    return out

@@ -28,6 +28,7 @@ import numpy as np
 
 from moditalker.errors import DiskFullError, bytes_in, free_bytes, is_disk_full
 from moditalker.fileio import file_sha256, folder_problem, folder_records
+from pipeline.events import StageEvents, StageLog
 
 __all__ = ["file_digest", "asset_identity", "stable_key", "StageRecord", "WorkCache"]
 
@@ -91,14 +92,18 @@ class WorkCache:
         parts: Mapping[str, Any],
         compute: Callable[[Path], Mapping[str, np.ndarray]],
         log: Callable[[str], None] = print,
+        events: StageEvents | None = None,
     ) -> tuple[dict[str, np.ndarray], str]:
         """Load stage ``stage`` for ``parts`` from the cache, or run ``compute(tmp_folder)`` and store it.
 
         ``compute`` returns named arrays (saved as ``.npy``) and may write extra files (PNGs) into the
-        folder it is given. Returns ``(arrays, key)``.
+        folder it is given. Returns ``(arrays, key)``. The stage's start and end go to ``events``
+        (None: its lines to ``log``, :class:`pipeline.events.StageLog`); warnings go to ``log``.
         """
+        events = StageLog(log) if events is None else events
         key = stable_key({"stage": stage, **parts})
         entry = self.entry(stage, key)
+        events.started(stage)
         start = time.perf_counter()
         done = entry / ".done"
         if done.is_file():
@@ -106,7 +111,7 @@ class WorkCache:
             if problem is None:
                 seconds = time.perf_counter() - start
                 self.records[stage] = StageRecord(stage, key, entry, True, seconds)
-                log(f"[{stage}] reused {entry.name} ({seconds:.2f} s)")
+                events.finished(stage, cached=True, seconds=seconds, entry=entry)
                 return arrays, key
             log(f"warning: stage cache entry {entry.name}: {problem}; recomputing {stage}")
             shutil.rmtree(entry, ignore_errors=True)
@@ -122,7 +127,7 @@ class WorkCache:
                 shutil.rmtree(tmp, ignore_errors=True)
         seconds = time.perf_counter() - start
         self.records[stage] = StageRecord(stage, key, entry, False, seconds)
-        log(f"[{stage}] computed in {seconds:.2f} s -> {entry}")
+        events.finished(stage, cached=False, seconds=seconds, entry=entry)
         return arrays, key
 
     @staticmethod

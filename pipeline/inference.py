@@ -17,15 +17,15 @@ Stages (each cached in the work folder under a hash of its inputs and settings, 
 Memory does not grow with the length of the audio beyond the audio itself and per-frame landmarks;
 ``--start`` / ``--duration`` render a part of it.
 
-``python -m pipeline.inference --audio A.wav --ref_video V.mp4 --out OUT.mp4 [key=value ...]``
-(also ``scripts/inference.sh``). Every setting, its default, type, range and flag is defined once in
-:mod:`pipeline.settings`. Bad inputs and missing assets stop the run before any heavy work with one
-``error:`` line and exit status 2; nothing is written at the output path unless the run succeeds.
+``python -m pipeline --audio A.wav --ref_video V.mp4 --out OUT.mp4 [key=value ...]`` (the command
+line, :mod:`pipeline.cli`; also ``python -m pipeline.inference`` and ``scripts/inference.sh``). Every
+setting, its default, type, range and flag is defined once in :mod:`pipeline.settings`. Bad inputs and
+missing assets stop the run before any heavy work with one ``error:`` line and exit status 2; nothing
+is written at the output path unless the run succeeds.
 """
 
 from __future__ import annotations
 
-import argparse
 import functools
 import os
 import shutil
@@ -36,26 +36,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from moditalker.config import load_config
-from moditalker.errors import ArgumentParser, UserError, cli_main, script_prog
-from moditalker.fileio import REPO_ROOT
+from moditalker.errors import UserError, cli_main
 from pipeline import stages
-from pipeline.batch import BatchResult, main_batch
+from pipeline.events import StageEvents
 from pipeline.models import ModelCache
-from pipeline.settings import DEFAULTS, FLAGS, flag_settings, inherit_settings
+from pipeline.resolve import resolve_args
+from pipeline.settings import DEFAULTS
 from pipeline.validate import REQUIRED_ASSETS, check_assets, validate
 
-__all__ = [
-    "DEFAULTS",
-    "REQUIRED_ASSETS",
-    "PipelineResult",
-    "build_parser",
-    "resolve_config",
-    "run_inference",
-    "main",
-]
+__all__ = ["DEFAULTS", "REQUIRED_ASSETS", "PipelineResult", "resolve_config", "run_inference", "main"]
 
 RANDOM_WARNING = """\
 ################################################################################
@@ -82,73 +73,8 @@ class PipelineResult:
     timings: dict[str, float] = field(default_factory=dict)
 
 
-# ----------------------------------------------------------------------------- configuration
-def build_parser() -> argparse.ArgumentParser:
-    """One flag per setting that has one in :mod:`pipeline.settings` (type, help and default from
-    there), plus ``--config`` and the ``key=value`` overrides."""
-    p = ArgumentParser(
-        prog=script_prog("python -m pipeline.inference"),
-        description="Audio + reference video (or photo) -> talking-head mp4 (AToM + alignment + MToV).",
-        epilog="Any setting can also be given as key=value (e.g. atom.steps=25 mtov.batch_size=8).",
-    )
-    groups: dict[str, Any] = {}
-    for s in flag_settings():
-        target = p
-        if s.exclusive is not None:
-            if s.exclusive not in groups:
-                groups[s.exclusive] = p.add_mutually_exclusive_group()
-            target = groups[s.exclusive]
-        help_ = s.help if s.key == s.flag else f"{s.help} ({s.key})"
-        if s.type is bool:  # a switch; None (not given) leaves the config's value
-            target.add_argument(f"--{s.flag}", action="store_true", default=None, help=help_)
-            continue
-        if s.default is not None:
-            help_ += f" [{s.default:g}]" if isinstance(s.default, float) else f" [{s.default}]"
-        kind = s.type if s.type in (int, float) else None
-        target.add_argument(f"--{s.flag}", type=kind, default=None, help=help_)
-    p.add_argument("--config", default=None, help="YAML config (default: configs/inference.yaml)")
-    p.add_argument(
-        "--batch_file",
-        default=None,
-        help="render several videos with the networks loaded once: one job per line, written as this "
-        "command's arguments (e.g. --audio A.wav --ref_video V.mp4 --out A.mp4); the flags given here "
-        "apply to every job (see pipeline/batch.py)",
-    )
-    p.add_argument(
-        "--shard",
-        type=int,
-        default=None,
-        help="with --batch_file: this independent job's share of the jobs (0-based; see --num_shards)",
-    )
-    p.add_argument(
-        "--num_shards",
-        type=int,
-        default=None,
-        help="with --batch_file: independent jobs (no rendezvous, e.g. a Slurm array) sharing the jobs [1]",
-    )
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
-    return p
-
-
-def resolve_config(args: argparse.Namespace) -> DictConfig:
-    """defaults <- YAML (--config, else configs/inference.yaml) <- flags <- key=value overrides."""
-    from omegaconf.errors import OmegaConfBaseException
-
-    path = args.config if args.config is not None else REPO_ROOT / "configs" / "inference.yaml"
-    if args.config is None and not Path(path).is_file():
-        path = None
-    cfg = load_config(path, (), defaults=DEFAULTS)
-    for name, key in FLAGS.items():
-        value = getattr(args, name)
-        if value is None:
-            continue
-        try:  # set as is: a path such as "it's a.wav" or "123" is not re-parsed as YAML
-            OmegaConf.update(cfg, key, value, merge=False)
-        except OmegaConfBaseException as exc:
-            raise UserError(f"cannot set {key} from --{name}: {str(exc).splitlines()[0]}") from exc
-    cfg = load_config(None, list(args.overrides), defaults=cfg)
-    inherit_settings(cfg)  # null atom.seed / mtov.seed: the top-level seed
-    return cfg
+#: the config of parsed command-line arguments (:func:`pipeline.resolve.resolve_args`)
+resolve_config = resolve_args
 
 
 # ----------------------------------------------------------------------------- the run
@@ -162,6 +88,7 @@ def run_inference(
     progress: bool = True,
     detector: Any = None,
     models: ModelCache | None = None,
+    events: StageEvents | None = None,
 ) -> PipelineResult:
     """Run the whole pipeline for a resolved config (see :func:`resolve_config`).
 
@@ -170,7 +97,8 @@ def run_inference(
     test the no-face path; with ``random_weights`` the default is
     :func:`data.landmarks.template_face_detector` (random FAN/s3fd weights find no face).
     ``models`` keeps the networks between runs (:mod:`pipeline.models`); None: a fresh cache, so
-    each network is loaded once for this run.
+    each network is loaded once for this run. ``events`` hears every stage start, end and progress
+    (:mod:`pipeline.events`; the log's stage lines and the timing table are made from them too).
     """
     t_total = time.perf_counter()
     # 0. the cheap checks, then the audio (too short / silent stops here, before the work folder)
@@ -184,7 +112,15 @@ def run_inference(
     created = [p for p in (inputs.work_dir, *inputs.work_dir.parents) if not p.exists()]
     try:
         ctx = stages.open_context(
-            cfg, inputs, assets, speech.n_frames, speech.seconds, log=log, progress=progress, models=models
+            cfg,
+            inputs,
+            assets,
+            speech.n_frames,
+            speech.seconds,
+            log=log,
+            progress=progress,
+            models=models,
+            events=events,
         )
         ref = stages.reference.run(ctx)  # 1. reference frames
         lms = stages.landmarks.run(ctx, ref, detector)  # 2. FAN landmarks
@@ -215,35 +151,11 @@ def run_inference(
 
 
 # ----------------------------------------------------------------------------- CLI
-def main(argv: Sequence[str] | None = None) -> PipelineResult | BatchResult:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
-    if args.batch_file is not None:
-        args.shard = 0 if args.shard is None else args.shard
-        args.num_shards = 1 if args.num_shards is None else args.num_shards
-        return main_batch(args, argv)
-    if args.shard is not None or args.num_shards is not None:
-        raise UserError("--shard and --num_shards split the jobs of a --batch_file; give one too")
-    if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
-        raise UserError(
-            "several processes render only with --batch_file (each takes its share of the jobs); "
-            "run one video without NUM_PROCESSES"
-        )
-    cfg = resolve_config(args)
-    result = run_inference(cfg)
-    print(f"video:   {result.out}")
-    if result.preview is not None:
-        print(f"preview: {result.preview}")
-    print(f"config:  {result.config_path}")
-    if cfg.clean_work:
-        shutil.rmtree(result.work_dir, ignore_errors=True)
-        print(f"work:    {result.work_dir} (removed: --clean_work)")
-    else:
-        size = sum(f.stat().st_size for f in result.work_dir.rglob("*") if f.is_file())
-        print(f"work:    {result.work_dir} ({size / 2**20:.1f} MB stage cache; --clean_work removes it)")
-    if cfg.random_weights:
-        print("(random weights: see the warning above)", file=sys.stderr)
-    return result
+def main(argv: Sequence[str] | None = None) -> Any:
+    """``python -m pipeline.inference``: :func:`pipeline.cli.main` (the command line's home)."""
+    from pipeline.cli import main as cli
+
+    return cli(argv, prog="python -m pipeline.inference")
 
 
 if __name__ == "__main__":

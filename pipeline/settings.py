@@ -10,7 +10,7 @@ derived from these classes:
 * :func:`check_settings`: unknown keys, wrong types and out-of-range values of a loaded config
   (YAML + flags + ``key=value`` overrides) -> one-line :class:`UserError`;
 * :data:`FLAGS` / :func:`flag_settings`: the flag -> key mapping (and the argparse types and help) of
-  :func:`pipeline.inference.build_parser` and :func:`pipeline.inference.resolve_config`;
+  :func:`pipeline.cli.build_parser` and :func:`pipeline.resolve.resolve`;
 * :func:`stage_settings`: the settings part of a stage's cache key (:mod:`pipeline.cache`);
 * :func:`inherit_settings`: null settings that take another's value (``atom.seed`` <- ``seed``).
 """
@@ -31,8 +31,7 @@ from omegaconf.errors import ConfigKeyError, ValidationError
 
 from moditalker.config import did_you_mean
 from moditalker.errors import UserError
-from moditalker.fileio import REPO_ROOT
-from pipeline.cache import file_digest
+from moditalker.fileio import REPO_ROOT, file_sha256
 
 __all__ = [
     "Check",
@@ -107,6 +106,7 @@ def setting(
     stages: tuple[str, ...] | None = None,
     inherit: str | None = None,
     free_form: bool = False,
+    label: str | None = None,
 ) -> Any:
     """A leaf of the schema.
 
@@ -115,10 +115,11 @@ def setting(
     means the stage named like its section (``atom.steps`` -> ``atom``; none for a top-level
     setting), ``()`` none (the key then holds what the stage derives from it). ``inherit``: a null
     value takes the value of that setting when the config is resolved. ``free_form``: a YAML path or
-    an inline mapping, checked by the loader it is passed to.
+    an inline mapping, checked by the loader it is passed to. ``label``: its name as a field of the
+    web page (the settings the page offers have one).
     """
     meta = dict(help=help, check=check, flag=flag, exclusive=exclusive, stages=stages, inherit=inherit)
-    return field(default=default, metadata={**meta, "free_form": free_form})
+    return field(default=default, metadata={**meta, "free_form": free_form, "label": label})
 
 
 def section(cls: type, help: str) -> Any:
@@ -174,9 +175,11 @@ class AtomSettings:
         None, "model config passed to AToM.inference.load_atom (null: official sizes)", free_form=True
     )
     ema: bool = setting(False, "load the EMA weights (the original loads model_state_dict)")
-    steps: int = setting(50, "AToM DDIM steps", check=at_least(1), flag="steps")
+    steps: int = setting(50, "AToM DDIM steps", check=at_least(1), flag="steps", label="AToM steps")
     eta: float = setting(1.0, "AToM DDIM eta (1 = stochastic, as the original)", check=closed(0, 1))
-    guidance_weight: float = setting(2.0, "AToM classifier-free guidance weight", flag="guidance")
+    guidance_weight: float = setting(
+        2.0, "AToM classifier-free guidance weight", flag="guidance", label="AToM guidance"
+    )
     seed: int | None = setting(
         None, "AToM sampler seed (null: the top-level seed)", check=SEED, inherit="seed"
     )
@@ -187,11 +190,22 @@ class MtovSettings:
     config: Any = setting(
         None, "model config passed to MToV.loading.load_mtov (null: official sizes)", free_form=True
     )
-    batch_size: int = setting(4, "MToV 16-frame clips per batch", check=at_least(1), flag="batch_size")
-    start_ratio: float = setting(
-        0.25, "noised start from the reference latent at t = 1000 * start_ratio", check=open_interval(0, 1)
+    batch_size: int = setting(
+        4, "MToV 16-frame clips per batch", check=at_least(1), flag="batch_size", label="MToV clips per batch"
     )
-    sampling_timesteps: int = setting(100, "MToV DDIM schedule length", check=at_least(1), flag="mtov_steps")
+    start_ratio: float = setting(
+        0.25,
+        "noised start from the reference latent at t = 1000 * start_ratio",
+        check=open_interval(0, 1),
+        label="MToV start ratio",
+    )
+    sampling_timesteps: int = setting(
+        100,
+        "MToV DDIM schedule length",
+        check=at_least(1),
+        flag="mtov_steps",
+        label="MToV steps (schedule length)",
+    )
     use_last_as_reference: bool = setting(False, "reference xy-plane from the previous clip's last frame")
     precision: str = setting(
         "auto",
@@ -248,7 +262,7 @@ class InferenceSettings:
         stages=("atom", "mtov"),
     )
     device: str = setting("auto", "auto|cpu|cuda|cuda:N", flag="device")
-    seed: int = setting(0, "seed of both diffusion samplers", check=SEED, flag="seed")
+    seed: int = setting(0, "seed of both diffusion samplers", check=SEED, flag="seed", label="Seed")
     size: int = setting(
         256,
         "MToV resolution (the official models are 256x256)",
@@ -307,6 +321,7 @@ class Setting:
     stages: tuple[str, ...]
     inherit: str | None
     free_form: bool
+    label: str | None  # its field on the web page, if the page offers it
 
     @property
     def name(self) -> str:
@@ -376,6 +391,7 @@ def _walk(cls: type, prefix: str = "") -> Iterator[Setting]:
             stages=stages,
             inherit=m["inherit"],
             free_form=m["free_form"],
+            label=m["label"],
         )
 
 
@@ -483,7 +499,7 @@ def stage_config(node: Any) -> Any:
 def config_identity(node: Any) -> Any:
     """Cache-key part of a stage config: the file's digest for a path, else the value itself."""
     value = stage_config(node)
-    return file_digest(value) if isinstance(value, str) else value
+    return file_sha256(value) if isinstance(value, str) else value
 
 
 if __name__ == "__main__":

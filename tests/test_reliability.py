@@ -50,7 +50,7 @@ def _one_thread():
 
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory) -> dict[str, Path]:
-    from pipeline.sample_data import write_reference_image, write_speech
+    from data.sample_data import write_reference_image, write_speech
 
     d = tmp_path_factory.mktemp("inputs")
     return {
@@ -74,7 +74,8 @@ def _argv(inputs, out: Path, *extra: str) -> list[str]:
 
 def _run(inputs, out: Path, *extra: str) -> list[str]:
     """The pipeline in-process (as scripts/inference.sh runs it); returns its log lines."""
-    from pipeline.inference import build_parser, resolve_config, run_inference
+    from pipeline.cli import build_parser
+    from pipeline.inference import resolve_config, run_inference
 
     lines: list[str] = []
     run_inference(resolve_config(build_parser().parse_args(_argv(inputs, out, *extra))), log=lines.append)
@@ -509,8 +510,8 @@ def test_a_full_disk_in_training_is_one_line_and_the_rerun_trains_the_same_weigh
 def protocol_data(tmp_path_factory):
     """Two 1 s ids with speech and a split file (as tests/evaluation/test_protocols.py makes them)."""
     from data.audio import load_audio
+    from data.sample_data import reference_frames, write_speech
     from data.video import write_video
-    from pipeline.sample_data import reference_frames, write_speech
 
     root = tmp_path_factory.mktemp("protocol")
     speech = load_audio(write_speech(root / "speech.wav", 2.0))
@@ -581,7 +582,7 @@ def test_protocol_killed_while_generating_resumes_to_the_same_videos(protocol_da
 def preprocessed(tmp_path_factory):
     """Two 1 s reference videos preprocessed (random networks, 6 frames each): the clean tree."""
     from data.preprocess import main
-    from pipeline.sample_data import write_reference_video
+    from data.sample_data import write_reference_video
 
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("preprocess")

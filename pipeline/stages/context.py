@@ -17,6 +17,7 @@ from moditalker.config import save_config
 from moditalker.constants import FPS
 from moditalker.timing import StageTimer
 from pipeline.cache import WorkCache, asset_identity
+from pipeline.events import StageEvents, StageLog, StageTimes, Subscribers
 from pipeline.models import ModelCache
 from pipeline.settings import stage_settings
 from pipeline.validate import Inputs
@@ -51,6 +52,8 @@ class StageContext:
     timings: dict[str, float] = field(default_factory=dict)
     notes: dict[str, str] = field(default_factory=dict)  # stage -> a remark for the timing report
     models: ModelCache = field(default_factory=ModelCache)  # the networks (warm across runs in the app)
+    events: StageEvents = field(default_factory=StageEvents)  # the stages' start, end and progress
+    times: StageTimes = field(default_factory=StageTimes)  # one of the subscribers: the timing table
 
     @property
     def random_weights(self) -> bool:
@@ -88,7 +91,8 @@ class StageContext:
     ) -> StageResult:
         """Run ``stage`` through the work cache. Its key holds ``parts`` (inputs, upstream keys, model
         identities) and the settings the schema assigns to the stage (:func:`stage_settings`)."""
-        arrays, key = self.cache.run(stage, {**parts, **stage_settings(self.cfg, stage)}, compute, self.log)
+        parts = {**parts, **stage_settings(self.cfg, stage)}
+        arrays, key = self.cache.run(stage, parts, compute, self.log, self.events)
         return StageResult(arrays, key)
 
 
@@ -102,9 +106,12 @@ def open_context(
     log: Callable[[str], None],
     progress: bool,
     models: ModelCache | None = None,
+    events: StageEvents | None = None,
 ) -> StageContext:
     """Resolve the device, open the work folder (with the run's config in it) and, with random
-    weights, write the synthetic BFM there. ``models``: the network cache (None: a fresh one)."""
+    weights, write the synthetic BFM there. ``models``: the network cache (None: a fresh one).
+    The stages' events go to the log's lines (:class:`StageLog`), the timing table (:class:`StageTimes`)
+    and ``events``."""
     from moditalker.device import resolve_device
 
     device = resolve_device(cfg.device)
@@ -120,4 +127,19 @@ def open_context(
     else:
         bfm_dir = assets["bfm_front"].parent
     models = ModelCache() if models is None else models
-    return StageContext(cfg, inputs, assets, device, cache, bfm_dir, n_frames, log, progress, models=models)
+    times = StageTimes()
+    subscribers = Subscribers(StageLog(log), times, events)
+    return StageContext(
+        cfg,
+        inputs,
+        assets,
+        device,
+        cache,
+        bfm_dir,
+        n_frames,
+        log,
+        progress,
+        models=models,
+        events=subscribers,
+        times=times,
+    )

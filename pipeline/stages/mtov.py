@@ -30,11 +30,10 @@ from pipeline.stages.output import VideoSink
 if TYPE_CHECKING:
     from MToV.loading import MToVModels, PrecisionPlan
 
-__all__ = ["run", "MODEL_ASSETS", "LATENT_CLIPS", "LOG_EVERY"]
+__all__ = ["run", "MODEL_ASSETS", "LATENT_CLIPS"]
 
 MODEL_ASSETS = ("autoencoder_rgb", "autoencoder_motion", "diffusion_model")
 LATENT_CLIPS = 256  #: condition latents kept per autoencoder (repeated clips are not encoded again)
-LOG_EVERY = 30.0  #: seconds between progress lines in the log (frames done / total, time left)
 #: work-folder bytes per stored pixel byte: the raw frames, their latents (~3 %) and the temp mp4s
 BYTES_PER_PIXEL_STORED = 1.15
 DEFAULT_RADIUS = 3  #: the landmark dots' radius of the output's landmark video (data.motion_align)
@@ -53,11 +52,6 @@ def _encoded_from(arrays: dict[str, np.ndarray]) -> dict[str, tuple[list[bytes],
     return {n: ([bytes(k) for k in arrays[f"{n}_keys"]], arrays[f"{n}_latents"]) for n in names}
 
 
-def _clock(seconds: float) -> str:
-    s = int(round(seconds))
-    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
-
-
 def run(ctx: StageContext, ref: StageResult, al: StageResult, sink: VideoSink) -> None:
     """Generate (or read back) the ``n_frames`` frames, batch by batch, into ``sink``."""
     from data.imageops import mask_below_nose
@@ -67,6 +61,7 @@ def run(ctx: StageContext, ref: StageResult, al: StageResult, sink: VideoSink) -
     from MToV.loading import model_config
 
     cfg, size, n = ctx.cfg, ctx.size, ctx.n_frames
+    ctx.events.started("mtov")
     frames = ref["frames"]  # [N, S, S, 3], memory-mapped
     idx = pingpong_indices(len(frames), n)  # as in the align stage
     aligned, posed = al["aligned_lm68"], al["reference_posed_lm68"]
@@ -136,10 +131,9 @@ def run(ctx: StageContext, ref: StageResult, al: StageResult, sink: VideoSink) -
         generated = _generate(ctx, store, frames, conditions, to_sink, models(), plan)
     seconds = time.perf_counter() - t0 - sum(ctx.timings.get(k, 0.0) - v for k, v in before.items())
     ctx.cache.records["mtov"] = StageRecord("mtov", store.key, store.entry, generated == 0, seconds)
-    if generated == 0:
-        ctx.log(f"[mtov] reused {store.entry.name} ({seconds:.2f} s)")
-    else:
-        ctx.log(f"[mtov] computed in {seconds:.2f} s -> {store.entry}")
+    if "render" in ctx.timings:  # the landmark dots: a part of this stage, timed on its own
+        ctx.events.finished("render", cached=False, seconds=ctx.timings["render"])
+    ctx.events.finished("mtov", cached=generated == 0, seconds=seconds, entry=store.entry)
     arithmetic = f"autoencoders {plan.autoencoders}, UNet {plan.unet}" + (
         f", auto {choice.source}" if choice.source != "fixed" else ""
     )
@@ -211,23 +205,18 @@ def _generate(
         _encoded_from(store.load(i, ("rgb_keys", "rgb_latents", "ldmk_keys", "ldmk_latents")))
         for i in range(done)
     )
-    t0 = last_log = time.perf_counter()
+    ctx.events.progress("mtov", first, n)
     generated = 0
 
     def on_batch(batch: ClipBatch) -> None:
-        nonlocal generated, last_log
+        nonlocal generated
         arrays = {"frames": batch.frames, "start": np.int64(batch.start), **_encoded_arrays(batch.encoded)}
         if batch.carry is not None:
             arrays["carry"] = batch.carry
         store.save(batch.index, arrays)
         to_sink(batch.frames, batch.start, batch.landmarks)
         generated += len(batch.frames)
-        now = time.perf_counter()
-        if now - last_log >= LOG_EVERY and batch.start + len(batch.frames) < n:
-            last_log, at = now, batch.start + len(batch.frames)
-            left = (now - t0) / generated * (n - at)
-            done_text = f"{at}/{n} frames ({100 * at / n:.0f} %), {_clock(now - t0)} so far"
-            ctx.log(f"[mtov] {done_text}, ~{_clock(left)} left")
+        ctx.events.progress("mtov", batch.start + len(batch.frames), n)  # the log's line every 30 s
 
     options = SamplingOptions.from_config(cfg.mtov, precision=plan, latent_capacity=LATENT_CLIPS)
     ident = np.ascontiguousarray(frames[ctx.ref_frame].transpose(2, 0, 1))

@@ -15,10 +15,7 @@ from moditalker.timing import StageTimer
 from pipeline.stages.context import StageContext
 from pipeline.stages.hubert import Speech
 
-__all__ = ["VideoSink", "open_video", "metadata", "report_timings", "TIMED_STAGES"]
-
-#: the order of the timing report (cached stages and the uncached render / write steps)
-TIMED_STAGES = ("reference", "landmarks", "recon", "hubert", "atom", "align", "render", "mtov", "write")
+__all__ = ["VideoSink", "open_video", "metadata", "report_timings"]
 
 
 def metadata(cfg: DictConfig) -> dict[str, str]:
@@ -92,12 +89,14 @@ class VideoSink:
         ctx = self.ctx
         if self.frames != ctx.n_frames:
             raise RuntimeError(f"MToV gave {self.frames} frames for {ctx.n_frames} landmark frames")
+        ctx.events.started("write")
         with self.timer("write"):
             if self.preview is not None:
                 self.preview.close()
             run = {"n_frames": ctx.n_frames, "audio_seconds": round(self.speech.seconds, 4)}
             save_config(OmegaConf.merge(ctx.cfg, {"run": run}), ctx.inputs.config_path)
             self.main.close()
+        ctx.events.finished("write", cached=False, seconds=ctx.timings["write"])
 
     def abort(self) -> None:
         for writer in (self.preview, self.main):
@@ -120,21 +119,9 @@ def open_video(ctx: StageContext, speech: Speech) -> VideoSink:
 
 
 def report_timings(ctx: StageContext, t_total: float) -> dict[str, float]:
-    """Fill :attr:`StageContext.timings` with the cached stages' seconds and the total (since
-    ``t_total``, a ``time.perf_counter`` reading), log the per-stage table and return the timings."""
-    timings, records = ctx.timings, ctx.cache.records
-    for name, rec in records.items():
-        timings[name] = rec.seconds
-    timings["total"] = time.perf_counter() - t_total
-    video_s = ctx.n_frames / FPS
-    ctx.log(f"stage timings ({ctx.n_frames} frames = {video_s:.2f} s of video):")
-    for name in TIMED_STAGES:
-        if name not in timings:
-            continue
-        rec = records.get(name)
-        how = " (reused)" if rec is not None and rec.cached else ""
-        note = f"  {ctx.notes[name]}" if name in ctx.notes else ""
-        line = f"  {name:<10} {timings[name]:8.2f} s  {timings[name] / video_s:7.2f} s per s of video"
-        ctx.log(line + how + note)
-    ctx.log(f"  {'total':<10} {timings['total']:8.2f} s")
+    """Log the timing table (:class:`pipeline.events.StageTimes`, the steps' finished events) and
+    return its seconds per step and the total (since ``t_total``, a ``time.perf_counter`` reading)."""
+    timings = {**ctx.times.seconds, "total": time.perf_counter() - t_total}
+    for line in ctx.times.table(ctx.n_frames, FPS, timings["total"], ctx.notes):
+        ctx.log(line)
     return timings

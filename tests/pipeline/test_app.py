@@ -89,7 +89,7 @@ def test_the_api_is_named_generate(client):
 
 
 def test_generate_the_bundled_sample(client, app_server):
-    from pipeline.sample_data import SAMPLE_SPEECH
+    from data.sample_data import SAMPLE_SPEECH
 
     mp4, preview, timings, log = _generate(client, SAMPLE_SPEECH, video=app_server.inputs["video"])
     assert mp4.endswith("talking_head.mp4") and preview.endswith("talking_head_preview.mp4")
@@ -173,19 +173,23 @@ def test_two_requests_at_once_both_finish_one_at_a_time(client, app_server):
     # one ran while the other waited in the queue, its position shown (rank 0: next)
     assert any({c for c, _ in pair} >= {Status.IN_QUEUE} and any(c in busy for c, _ in pair) for pair in seen)
     assert any(c == Status.IN_QUEUE and rank == 0 for pair in seen for c, rank in pair)
-    # the bar follows the stages and the MToV clips: every progress message the server sent (the client
-    # queues them all), each one the list of bars the page shows at that moment. While MToV runs, the
-    # stage line stays above the stage's own tqdm bar (Gradio tracks it).
+    # the bar follows the stage events and the MToV clips: every progress message the server sent (the
+    # client queues them all), each one the bar the page shows at that moment.
     # Each job's stage lines come in order. Only the stages that last long enough to meet one of Gradio's
     # progress sends are asserted: recon (about 1 s) and MToV (about 1.5 s). The short ones (reference,
     # 0.04 s) and the closing "done" line (the event ends right after it) may fall between two sends.
     for job in jobs:
-        shown = [[str(u.desc) for u in update.progress_data] for update in _updates(job)
+        shown = [[(str(u.desc), u.progress) for u in update.progress_data] for update in _updates(job)
                  if getattr(update, "progress_data", None)]  # fmt: skip
-        numbers = [int(bars[0].split("/")[0]) for bars in shown if bars[0][0].isdigit()]
+        assert all(len(bars) == 1 for bars in shown), shown  # one bar: the page's own
+        lines = [bars[0] for bars in shown]
+        numbers = [int(text.split("/")[0]) for text, _ in lines if text[0].isdigit()]
         assert numbers == sorted(numbers) and {3, 7} <= set(numbers), shown
-        during_mtov = [bars for bars in shown if bars[0] == "7/8 mtov: MToV: video frames"]
-        assert any(len(bars) > 1 and "mtov" in bars[-1].lower() for bars in during_mtov), shown
+        fractions = [f for _, f in lines]
+        assert fractions == sorted(fractions), shown
+        # while MToV runs, its frames: one clip per batch, 16 frames each, of the 50 (2 s at 25 fps)
+        frames = [text for text, _ in lines if text.startswith("7/8 mtov: MToV: video frames, ")]
+        assert any(text.endswith(f"{k} of 50 frames") for text in frames for k in (16, 32, 48)), shown
 
 
 def _updates(job) -> list:

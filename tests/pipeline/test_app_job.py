@@ -1,6 +1,6 @@
 """pipeline.app_job and the app's command line, without a server: the day-old clean-up, the progress
-read from the run log, a request's config (as the command line resolves the same flags), and the
-errors that stop the app before it serves."""
+and the log made from the stage events, a request's config (as the command line resolves the same
+flags), and the errors that stop the app before it serves."""
 
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ import pytest
 from moditalker.errors import UserError, cli_main
 from pipeline.app import build_parser
 from pipeline.app import main as app_main
-from pipeline.app_job import DAY, STAGES, AppFolders, Job, StageProgress, clean_old
+from pipeline.app_job import DAY, AppFolders, Job, PageProgress, clean_old
+from pipeline.events import STAGES, TIMING_ORDER, StageLog, StageTimes, Subscribers
 from pipeline.settings import check_settings
 
 REPO = Path(__file__).resolve().parents[2]
@@ -67,26 +68,55 @@ def test_clean_old_removes_whole_units_older_than_a_day(tmp_path):
     assert clean_old(f, DAY, now=now) == []
 
 
-def test_progress_follows_the_stages():
-    reports, lines = [], []
-    progress = StageProgress(lambda fraction, text: reports.append((fraction, text)), lines.append)
-    progress.start()
-    progress("audio a.wav: 2.00 s -> 50 frames at 25 fps; device cpu")
-    progress("[reference] computed in 0.10 s -> work/reference-1")
-    progress("[landmarks] no face in 1 of 8 reference frames: interpolated")  # not an end of stage
-    progress("[landmarks] reused landmarks-2 (0.00 s)")
-    progress("[render] 0.01 s")
-    progress("[mtov] computed in 2.00 s -> work/mtov-3")  # stages may be skipped in the log
-    progress.finish()
+def test_progress_follows_the_stage_events():
+    reports = []
+    progress = PageProgress(lambda fraction, text: reports.append((fraction, text)))
+    progress.started("reference")
+    progress.finished("reference", cached=False, seconds=0.1, entry=Path("work/reference-1"))
+    progress.started("landmarks")
+    progress.finished("render", cached=False, seconds=0.01)  # a part of a stage: no step of its own
+    progress.started("mtov")
+    progress.progress("mtov", 0, 50)
+    progress.progress("mtov", 32, 50)
+    progress.finished("mtov", cached=False, seconds=2.0)
+    progress.started("write")
+    progress.finished("write", cached=False, seconds=0.2)
     n = len(STAGES)
     assert reports == [
         (0.0, f"1/{n} reference: reading the reference"),
         (1 / n, f"2/{n} landmarks: face landmarks"),
-        (2 / n, f"3/{n} recon: 3D face reconstruction"),
+        (6 / n, f"7/{n} mtov: MToV: video frames"),
+        (6 / n, f"7/{n} mtov: MToV: video frames, 0 of 50 frames"),
+        ((6 + 32 / 50) / n, f"7/{n} mtov: MToV: video frames, 32 of 50 frames"),
         (7 / n, f"8/{n} write: writing the mp4"),
         (1.0, "done"),
     ]
-    assert len(lines) == 6 and lines[-1].startswith("[mtov]")
+
+
+def test_the_log_and_the_timing_table_are_made_from_the_events():
+    lines, now = [], [0.0]
+    log = StageLog(lines.append, every=30.0, clock=lambda: now[0])
+    times = StageTimes()
+    events = Subscribers(log, times)
+    events.finished("hubert", cached=True, seconds=0.01, entry=Path("/w/hubert-2"))
+    events.finished("atom", cached=False, seconds=1.5, entry=Path("/w/atom-3"))
+    events.progress("mtov", 100, 500)  # resumed at frame 100: the rate counts the frames made now
+    for t, done in ((10.0, 200), (31.0, 300), (40.0, 400), (62.0, 500)):
+        now[0] = t
+        events.progress("mtov", done, 500)
+    events.finished("render", cached=False, seconds=0.5)
+    events.finished("mtov", cached=False, seconds=60.0, entry=Path("/w/mtov-4"))
+    assert lines == [
+        "[hubert] reused hubert-2 (0.01 s)",
+        "[atom] computed in 1.50 s -> /w/atom-3",
+        "[mtov] 300/500 frames (60 %), 0:00:31 so far, ~0:00:31 left",
+        "[mtov] computed in 60.00 s -> /w/mtov-4",
+    ]
+    table = times.table(50, 25, 70.0, {"mtov": "(note)"})
+    assert table[0] == "stage timings (50 frames = 2.00 s of video):"
+    assert [line.split()[0] for line in table[1:]] == ["hubert", "atom", "render", "mtov", "total"]
+    assert table[1].endswith("(reused)") and table[4].endswith("s per s of video  (note)")
+    assert TIMING_ORDER.index("render") == TIMING_ORDER.index("mtov") - 1
 
 
 def test_request_config_is_the_command_lines(tmp_path):

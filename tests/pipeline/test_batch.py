@@ -8,10 +8,11 @@ import numpy as np
 import pytest
 import soundfile as sf
 
+from data.sample_data import write_reference_image, write_reference_video, write_speech
 from data.video import probe
 from pipeline.batch import read_jobs
+from pipeline.events import STAGES
 from pipeline.inference import main
-from pipeline.sample_data import write_reference_image, write_reference_video, write_speech
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = str(REPO / "configs" / "inference_tiny.yaml")
@@ -65,6 +66,8 @@ def test_batch_runs_every_job_with_one_load_of_each_network(inputs, tmp_path, ca
     assert "=== job 2 of 2 (line 4)" in out and "networks built: " in out
     table = out[out.index("batch timings") :].splitlines()
     assert table[2].split()[0] == "2" and table[3].split()[0] == "4"
+    # the stages reused, from each job's stage events: different inputs, nothing reused
+    assert first.stages == dict.fromkeys(STAGES, False) and table[2].split()[5] == "0/8"
 
 
 def test_a_job_that_fails_while_running_does_not_stop_the_others(inputs, tmp_path, capsys, one_thread):

@@ -13,11 +13,12 @@ import soundfile as sf
 import torch
 from omegaconf import OmegaConf
 
+from data.sample_data import reference_frames, write_reference_image, write_reference_video, write_speech
 from data.video import probe
 from moditalker.errors import cli_main
 from pipeline.cache import WorkCache, stable_key
-from pipeline.inference import build_parser, main, resolve_config, run_inference
-from pipeline.sample_data import reference_frames, write_reference_image, write_reference_video, write_speech
+from pipeline.cli import build_parser
+from pipeline.inference import main, resolve_config, run_inference
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = str(REPO / "configs" / "inference_tiny.yaml")

@@ -12,7 +12,8 @@ from omegaconf import OmegaConf
 from moditalker.config import load_config
 from moditalker.errors import UserError
 from pipeline.cache import file_digest
-from pipeline.inference import build_parser, resolve_config
+from pipeline.cli import build_parser
+from pipeline.inference import resolve_config
 from pipeline.settings import (
     DEFAULTS,
     FLAGS,

@@ -22,10 +22,11 @@ import numpy as np
 import pytest
 import torch
 
+from data.sample_data import write_reference_video, write_speech
 from data.video import probe, write_video
 from moditalker.errors import cli_main
-from pipeline.inference import build_parser, main, resolve_config, run_inference
-from pipeline.sample_data import write_reference_video, write_speech
+from pipeline.cli import build_parser
+from pipeline.inference import main, resolve_config, run_inference
 from pipeline.stages.batches import BatchStore
 
 REPO = Path(__file__).resolve().parents[2]
