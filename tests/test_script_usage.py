@@ -35,16 +35,18 @@ def test_usage_error_names_the_script():
     )
 
 
-def test_python_module_keeps_its_own_name():
+@pytest.mark.parametrize("module", ["pipeline", "pipeline.inference"])
+def test_python_module_keeps_its_own_name(module):
     env = {k: v for k, v in os.environ.items() if k != "MODITALKER_PROG"}
     run = subprocess.run(
-        [sys.executable, "-m", "pipeline.inference", "--help"],
+        [sys.executable, "-m", module, "--help"],
         capture_output=True,
         text=True,
         env=env,
         cwd=REPO,
     )
-    assert run.stdout.startswith("usage: python -m pipeline.inference ")
+    assert run.returncode == 0 and run.stdout.startswith(f"usage: python -m {module} ")
+    assert "--batch_file" in run.stdout
 
 
 def test_walkthrough_help_is_help_not_a_folder(tmp_path):
