@@ -27,15 +27,10 @@ from typing import Any
 import numpy as np
 
 from moditalker.errors import DiskFullError, bytes_in, free_bytes, is_disk_full
-from moditalker.fileio import file_sha256, folder_problem, folder_records
+from moditalker.fileio import folder_problem, folder_records
 from pipeline.events import StageEvents, StageLog
 
-__all__ = ["file_digest", "asset_identity", "stable_key", "StageRecord", "WorkCache"]
-
-
-def file_digest(path: str | Path) -> str:
-    """sha256 of a file's bytes (:func:`moditalker.fileio.file_sha256`, memoised per process)."""
-    return file_sha256(path)
+__all__ = ["asset_identity", "stable_key", "StageRecord", "WorkCache"]
 
 
 def asset_identity(path: str | Path | None) -> str:

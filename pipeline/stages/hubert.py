@@ -10,7 +10,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from moditalker.constants import SAMPLE_RATE, SAMPLES_PER_FRAME
 from moditalker.errors import UserError
-from pipeline.cache import file_digest
+from moditalker.fileio import file_sha256
 from pipeline.settings import stage_config
 from pipeline.stages.context import StageContext, StageResult
 from pipeline.validate import Inputs
@@ -114,7 +114,7 @@ def run(ctx: StageContext, speech: Speech) -> StageResult:
         return {"hubert": ext(speech.hubert_wave(), name=str(ctx.inputs.audio))}
 
     parts = {
-        "audio": file_digest(ctx.inputs.audio),
+        "audio": file_sha256(ctx.inputs.audio),
         "samples": speech.hubert_samples,
         "model": ctx.model_id("hubert", f"random:{random_hidden}:{cfg.seed}"),
     }

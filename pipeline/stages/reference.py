@@ -14,7 +14,7 @@ import numpy as np
 
 from moditalker.constants import FPS
 from moditalker.errors import UserError
-from pipeline.cache import file_digest
+from moditalker.fileio import file_sha256
 from pipeline.stages.context import StageContext, StageResult
 
 __all__ = ["run", "save_frames"]
@@ -69,7 +69,7 @@ def run(ctx: StageContext) -> StageResult:
         return {}  # frames.npy is read back memory-mapped (an entry of an older layout lists it)
 
     parts = {
-        "file": file_digest(inputs.ref),
+        "file": file_sha256(inputs.ref),
         "image": inputs.ref_is_image,
         "max_frames": 1 if inputs.ref_is_image else max_ref,
     }

@@ -11,7 +11,7 @@ from omegaconf import OmegaConf
 
 from moditalker.config import load_config
 from moditalker.errors import UserError
-from pipeline.cache import file_digest
+from moditalker.fileio import file_sha256
 from pipeline.cli import build_parser
 from pipeline.inference import resolve_config
 from pipeline.settings import (
@@ -185,7 +185,7 @@ def test_stage_settings_are_the_cache_key_parts():
     atom = stage_settings(cfg, "atom")
     assert atom == {
         "ref_frame": 0,
-        "config": file_digest(REPO / "configs" / "atom_tiny.yaml"),
+        "config": file_sha256(REPO / "configs" / "atom_tiny.yaml"),
         "ema": False,
         "steps": 4,
         "eta": 1.0,
@@ -204,7 +204,7 @@ def test_stage_settings_are_the_cache_key_parts():
         "precision",
         "seed",
     }
-    assert mtov["config"] == file_digest(REPO / "configs" / "mtov_tiny.yaml")
+    assert mtov["config"] == file_sha256(REPO / "configs" / "mtov_tiny.yaml")
     assert stage_settings(cfg, "reference") == stage_settings(cfg, "align") == {"size": 256}
     for stage in ("landmarks", "recon", "hubert"):
         assert stage_settings(cfg, stage) == {}
