@@ -140,37 +140,21 @@ def check_data(cfg: DictConfig) -> int:
 def train(cfg: DictConfig, progress: bool = True, overwrite: bool = False) -> Path:
     """Train until ``train.max_steps``; returns the path of the last checkpoint written."""
     from accelerate.utils import DistributedDataParallelKwargs, set_seed
-    from adan_pytorch import Adan
 
     tc, dc = cfg.train, cfg.data
     out_dir, resume = Path(tc.out_dir), str(tc.resume)
     ckpt_path = checkpoint_to_resume(out_dir, resume)
     run = TrainingRun(out_dir, resume != "never", overwrite, resume_from_file=ckpt_path is not None)
+    # unused official modules and randomly dropped null embeddings get no gradient
+    unused = DistributedDataParallelKwargs(find_unused_parameters=True)
     acc = start_accelerator(
-        "AToM train",
-        mixed_precision=tc.mixed_precision,
-        cpu=bool(tc.cpu),
-        # unused official modules and randomly dropped null embeddings get no gradient
-        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
+        "AToM train", mixed_precision=tc.mixed_precision, cpu=bool(tc.cpu), kwargs_handlers=[unused]
     )
     set_seed(int(tc.seed))
-    diffusion = build_diffusion(cfg)
-    betas = tuple(float(b) for b in tc.adan_betas)
-    opt = Adan(
-        diffusion.model.parameters(), lr=float(tc.lr), betas=betas, weight_decay=float(tc.weight_decay)
-    )
-    ema = ModelEMA(diffusion.model, float(tc.ema_decay))
-    ckpt = _load_checkpoint(ckpt_path, diffusion, ema, opt) if ckpt_path is not None else {}
-
-    windows, val_ds = open_windows(cfg)
-    bs = int(tc.batch_size)
-    train_ds = SkipUnreadable(windows, windows.name)
-    # new workers each epoch: they must see the dataset's epoch number
-    loader = DataLoader(train_ds, bs, shuffle=True, drop_last=len(train_ds) >= bs * acc.num_processes,
-                        num_workers=int(dc.num_workers))  # fmt: skip
-    val_loader = DataLoader(SkipUnreadable(val_ds, val_ds.name), bs, shuffle=False, num_workers=0)
+    diffusion, opt, ema, ckpt = _build(cfg, ckpt_path)
+    windows, loader, val_loader = _loaders(cfg, acc.num_processes)
     diffusion, opt, loader = acc.prepare(diffusion, opt, loader)
-    check_train_loader(loader, len(train_ds), bs, acc.num_processes, what="windows")
+    check_train_loader(loader, len(windows), int(tc.batch_size), acc.num_processes, what="windows")
     ema.model.to(acc.device)
     acc.register_for_checkpointing(ema.model)
     raw: GaussianDiffusion = acc.unwrap_model(diffusion)
@@ -196,11 +180,8 @@ def train(cfg: DictConfig, progress: bool = True, overwrite: bool = False) -> Pa
         opt.step()
         opt.zero_grad(set_to_none=True)
         ema.update(raw.model)
-        return {
-            "loss": loss.item(),
-            "loss_x0": extras["loss"].item(),
-            "loss_velocity": extras["v_loss"].item(),
-        }
+        return {"loss": loss.item(), "loss_x0": extras["loss"].item(),
+                "loss_velocity": extras["v_loss"].item()}  # fmt: skip
 
     def validate(step: int) -> dict:
         n = int(tc.val_batches)
@@ -224,6 +205,18 @@ def train(cfg: DictConfig, progress: bool = True, overwrite: bool = False) -> Pa
     return last_path[0] if last_path[0] is not None else latest_checkpoint(out_dir)
 
 
+def _loaders(cfg: DictConfig, num_processes: int) -> tuple[WindowDataset, DataLoader, DataLoader]:
+    """(training windows, their loader, the validation loader); unreadable items are skipped."""
+    windows, val_ds = open_windows(cfg)
+    bs = int(cfg.train.batch_size)
+    # new workers each epoch: they must see the dataset's epoch number
+    drop_last, workers = len(windows) >= bs * num_processes, int(cfg.data.num_workers)
+    loader = DataLoader(
+        SkipUnreadable(windows, windows.name), bs, shuffle=True, drop_last=drop_last, num_workers=workers
+    )
+    return windows, loader, DataLoader(SkipUnreadable(val_ds, val_ds.name), bs, shuffle=False, num_workers=0)
+
+
 def checkpoint_to_resume(out_dir: Path, resume: str) -> Path | None:
     """The checkpoint file a run resumes from instead of ``out_dir/state``: ``train.resume=PATH``, or
     with ``auto`` the newest ``checkpoints/step_*.pt`` of a run folder written before the state
@@ -233,6 +226,23 @@ def checkpoint_to_resume(out_dir: Path, resume: str) -> Path | None:
     if resume == "auto" and find_state(out_dir) is None:
         return latest_checkpoint(out_dir)
     return None
+
+
+def _build(cfg: DictConfig, ckpt_path: Path | None) -> tuple:
+    """(diffusion model, Adan, EMA, the checkpoint resumed from or {}): weights, EMA and optimizer
+    state from ``ckpt_path`` when given."""
+    from adan_pytorch import Adan
+
+    tc = cfg.train
+    diffusion = build_diffusion(cfg)
+    betas = tuple(float(b) for b in tc.adan_betas)
+    opt = Adan(
+        diffusion.model.parameters(), lr=float(tc.lr), betas=betas, weight_decay=float(tc.weight_decay)
+    )
+    ema = ModelEMA(diffusion.model, float(tc.ema_decay))
+    if ckpt_path is None:
+        return diffusion, opt, ema, {}
+    return diffusion, opt, ema, _load_checkpoint(ckpt_path, diffusion, ema, opt)
 
 
 def _load_checkpoint(path: Path, diffusion, ema: ModelEMA, opt) -> dict:

@@ -145,13 +145,7 @@ def train(cfg: DictConfig, resume: bool = True, overwrite: bool = False, progres
     model, opt, disc2d, disc3d, opt_d = _models(cfg, initialise=not run.resuming)
     criterion = _criterion(lc, accelerator.device)
 
-    ddconfig = cfg.model.ddconfig
-    timesteps, resolution = int(ddconfig.timesteps), int(ddconfig.resolution)
-    train_ds = build_dataset(dc, "train", (key,), timesteps, resolution)
-    val_ds = build_dataset(dc, "test", (key,), timesteps, resolution)
-    train_loader, val_loader = train_val_loaders(
-        train_ds, val_ds, int(tc.batch_size), int(dc.num_workers), accelerator.num_processes
-    )
+    train_ds, train_loader, val_loader = _loaders(cfg, key, accelerator.num_processes)
     if disc2d is not None:
         model, opt, disc2d, disc3d, opt_d, train_loader = accelerator.prepare(
             model, opt, disc2d, disc3d, opt_d, train_loader
@@ -192,6 +186,16 @@ def train(cfg: DictConfig, resume: bool = True, overwrite: bool = False, progres
         "history": run.history,
         "num_processes": accelerator.num_processes,
     }
+
+
+def _loaders(cfg: DictConfig, key: str, num_processes: int) -> tuple:
+    """(training clips, training loader, validation loader) of clips ``key`` at the model's size."""
+    dc, dd = cfg.data, cfg.model.ddconfig
+    timesteps, resolution = int(dd.timesteps), int(dd.resolution)
+    train_ds = build_dataset(dc, "train", (key,), timesteps, resolution)
+    val_ds = build_dataset(dc, "test", (key,), timesteps, resolution)
+    batch = int(cfg.train.batch_size)
+    return train_ds, *train_val_loaders(train_ds, val_ds, batch, int(dc.num_workers), num_processes)
 
 
 def _models(cfg: DictConfig, initialise: bool) -> tuple:

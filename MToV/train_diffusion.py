@@ -155,21 +155,7 @@ def train(cfg: DictConfig, resume: bool = True, overwrite: bool = False, progres
     accelerator = start_accelerator("MToV diffusion train", cpu=device.type == "cpu")
     set_seed(int(tc.seed))
 
-    ae_rgb, ae_ldmk, unet = build_models(cfg)
-    cache = open_cache(cfg, ae_rgb, ae_ldmk) if data_cfg.get("latents") else None
-    if cache is None and not cfg.random_autoencoders:
-        ck = cfg.checkpoints
-        load_autoencoder_weights(ae_rgb, repo_path(ck.ae_rgb), "MToV RGB autoencoder")
-        load_autoencoder_weights(ae_ldmk, repo_path(ck.ae_ldmk), "MToV landmark autoencoder")
-    if not run.resuming and cfg.init_unet:
-        load_unet_weights(unet, cfg.init_unet)
-    for ae in (ae_rgb, ae_ldmk) if cache is None else ():  # training from the cache never runs them
-        ae.to(accelerator.device).eval().requires_grad_(False)
-    ddpm = build_ddpm(unet, ae_rgb, cfg.diffusion, loss_type=cfg.diffusion.loss_type)
-    unet.diffusion_model.freeze_unused()  # output_bg_*: in the checkpoint, never run
-    ema = LitEMA(unet, decay=float(tc.ema_decay)).to(accelerator.device)
-    opt = make_optimizer([p for p in unet.parameters() if p.requires_grad], tc)
-
+    ae_rgb, ae_ldmk, ddpm, ema, opt, cache = _build(cfg, not run.resuming, accelerator.device)
     train_ds, val_ds, batcher = _datasets(cfg, cache, ae_rgb, ae_ldmk, accelerator)
     train_loader, val_loader = train_val_loaders(
         train_ds, val_ds, int(tc.batch_size), int(data_cfg.num_workers), accelerator.num_processes
@@ -218,6 +204,27 @@ def train(cfg: DictConfig, resume: bool = True, overwrite: bool = False, progres
     run.close()
     return {"step": step, "history": run.history, "train_losses": train_losses,
             "num_processes": accelerator.num_processes}  # fmt: skip
+
+
+def _build(cfg: DictConfig, initialise: bool, device: torch.device) -> tuple:
+    """(RGB and landmark autoencoders, DDPM around the UNet, its EMA, the optimizer, the latent cache
+    or None): the autoencoders frozen on ``device`` (not loaded when training from a cache); a new
+    run (``initialise``) starts the UNet from ``init_unet`` when set."""
+    ae_rgb, ae_ldmk, unet = build_models(cfg)
+    cache = open_cache(cfg, ae_rgb, ae_ldmk) if cfg.data.get("latents") else None
+    if cache is None and not cfg.random_autoencoders:
+        ck = cfg.checkpoints
+        load_autoencoder_weights(ae_rgb, repo_path(ck.ae_rgb), "MToV RGB autoencoder")
+        load_autoencoder_weights(ae_ldmk, repo_path(ck.ae_ldmk), "MToV landmark autoencoder")
+    if initialise and cfg.init_unet:
+        load_unet_weights(unet, cfg.init_unet)
+    for ae in (ae_rgb, ae_ldmk) if cache is None else ():  # training from the cache never runs them
+        ae.to(device).eval().requires_grad_(False)
+    ddpm = build_ddpm(unet, ae_rgb, cfg.diffusion, loss_type=cfg.diffusion.loss_type)
+    unet.diffusion_model.freeze_unused()  # output_bg_*: in the checkpoint, never run
+    ema = LitEMA(unet, decay=float(cfg.train.ema_decay)).to(device)
+    opt = make_optimizer([p for p in unet.parameters() if p.requires_grad], cfg.train)
+    return ae_rgb, ae_ldmk, ddpm, ema, opt, cache
 
 
 def _datasets(cfg, cache, ae_rgb, ae_ldmk, accelerator) -> tuple:
