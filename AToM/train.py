@@ -3,8 +3,11 @@
 Runs under ``accelerate`` (CPU, one GPU, ``accelerate launch`` for several GPUs or nodes; fp16/bf16 via
 ``train.mixed_precision``). Adan (``adan-pytorch``), EMA every step, checkpoints in the official layout
 (``model_state_dict``, ``ema_state_dict``, ``optimizer_state_dict``, plus ``step`` and ``config``),
-automatic resume from the latest checkpoint in ``train.out_dir``, tensorboard logs in
-``out_dir/tb``, a progress bar and a periodic validation loss (model and EMA).
+a periodic validation loss (model and EMA). The run folder, the resume from ``{out_dir}/state``
+(exact: the position in the epoch and every RNG state), ``config.yaml``, tensorboard (``tb/``),
+``metrics.jsonl`` and the progress bar are the trainer skeleton's (:mod:`moditalker.training.loop`);
+a run folder of the older layout (``checkpoints/step_N.pt``, no ``state/``) resumes from its newest
+checkpoint.
 """
 
 from __future__ import annotations
