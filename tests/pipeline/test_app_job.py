@@ -136,6 +136,35 @@ def test_request_config_is_the_command_lines(tmp_path):
         check_settings(bad)
 
 
+def test_the_page_settings_come_from_the_schema_and_win_over_the_apps_overrides(tmp_path):
+    from pipeline.app_job import PAGE_SETTINGS, page_name
+    from pipeline.settings import SETTINGS
+
+    assert [page_name(k) for k in PAGE_SETTINGS] == [
+        "seed",
+        "steps",
+        "guidance",
+        "mtov_steps",
+        "start_ratio",
+        "batch_size",
+    ]  # the endpoint's parameter names, as before
+    assert all(SETTINGS[k].label for k in PAGE_SETTINGS)
+    job = Job(
+        AppFolders(tmp_path / "app"),
+        config=TINY,
+        device="cpu",
+        random_weights=True,
+        overrides=("atom.steps=3", "mtov.start_ratio=0.4"),
+    )
+    assert job.defaults()["steps"] == 3 and job.defaults()["start_ratio"] == 0.4
+    out = tmp_path / "o.mp4"
+    assert job.request_config("a.wav", "v.mp4", None, out).atom.steps == 3  # the app's override
+    cfg = job.request_config("a.wav", "v.mp4", None, out, steps=5.0, start_ratio=0.5)
+    assert cfg.atom.steps == 5 and cfg.mtov.start_ratio == 0.5  # the request's own
+    with pytest.raises(TypeError, match="not a setting of the page: eta"):
+        job.request_config("a.wav", "v.mp4", None, out, eta=0.5)
+
+
 def test_a_failed_request_leaves_no_run_folder(tmp_path):
     job = Job(AppFolders(tmp_path / "app"), config=TINY, device="cpu", random_weights=True)
     with pytest.raises(UserError, match="a reference is required"):
