@@ -1,6 +1,6 @@
 """A synthetic talking-face world whose right answers are known: ``python -m data.synthetic --out DIR``.
 
-From one face photo (default: the bundled sample face of :mod:`pipeline.sample_data`, scikit-image's
+From one face photo (default: the bundled sample face of :mod:`data.sample_data`, scikit-image's
 astronaut; any square face photo with ``--face``) and speech-like audio synthesised here, it makes
 videos whose motion is a known function of the audio:
 
@@ -79,10 +79,10 @@ __all__ = [
 ]
 
 OPEN_BFM = 0.1  #: lower-lip travel of a fully open mouth in BFM units (the face is about 1.4 units tall)
-# the bundled face: scikit-image's astronaut (as pipeline.sample_data), cropped to the face as HDTF's
+# the bundled face: scikit-image's astronaut (as data.sample_data), cropped to the face as HDTF's
 # frames are (a 180-pixel square of the 512x512 photo around the head centre)
 ASTRONAUT_BOX = (135, 40, 315, 220)
-# the crop of the same photo that pipeline.sample_data's reference video uses
+# the crop of the same photo that data.sample_data's reference video uses
 SAMPLE_VIDEO_BOX = (100, 0, 350, 250)
 
 # per-landmark displacement of a fully open mouth in units of OPEN_BFM: (index, dx, dy), y up

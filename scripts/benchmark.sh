@@ -16,4 +16,4 @@ bash "$ROOT/scripts/setup.sh"
 PY="$ROOT/.venv/bin/python"
 # shellcheck source=scripts/_allocator.sh
 source "$ROOT/scripts/_allocator.sh"
-exec "$PY" -m pipeline.benchmark "$@"
+exec "$PY" -m benchmarks.inference "$@"

@@ -14,4 +14,4 @@ if [ -z "${PYTHON:-}" ]; then
 else
   PY="$PYTHON"
 fi
-exec "$PY" -m pipeline.benchmark_training "$@"
+exec "$PY" -m benchmarks.training "$@"

@@ -44,9 +44,9 @@ def free_port() -> int:
 def running_app(root: Path) -> Iterator[AppServer]:
     """The app on 127.0.0.1:<free port> with its folder under ``root``, and as inputs the bundled speech,
     a 1 s reference video, a photo and a 2 s cut of the speech."""
+    from data.sample_data import write_reference_image, write_reference_video, write_speech
     from pipeline.app import build_app, prepare_environment, serve
     from pipeline.app_job import AppFolders, Job
-    from pipeline.sample_data import write_reference_image, write_reference_video, write_speech
 
     d = root / "inputs"
     d.mkdir(parents=True, exist_ok=True)

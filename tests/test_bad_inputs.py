@@ -34,7 +34,7 @@ def files(tmp_path_factory) -> dict[str, Path]:
     """Good inputs and a shelf of bad ones, made once."""
     from PIL import Image
 
-    from pipeline.sample_data import write_reference_image, write_reference_video, write_speech
+    from data.sample_data import write_reference_image, write_reference_video, write_speech
 
     d = tmp_path_factory.mktemp("corpus")
     f = {

@@ -17,10 +17,10 @@ import pytest
 import soundfile as sf
 import torch
 
+from data.sample_data import reference_frames, write_reference_image, write_reference_video, write_speech
 from data.video import read_video, write_video
 from moditalker.bulk import Ranks, check_shard
 from moditalker.errors import UserError
-from pipeline.sample_data import reference_frames, write_reference_image, write_reference_video, write_speech
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = str(REPO / "configs" / "inference_tiny.yaml")

@@ -175,7 +175,7 @@ def test_an_input_named_as_the_output_is_refused_even_with_overwrite(tmp_path, c
     """``--out`` naming an input (or a hard link to it) replaced the input when ``--overwrite`` was given."""
     from AToM.inference import main as atom_main
     from data.audio import main as audio_main
-    from pipeline.sample_data import write_speech
+    from data.sample_data import write_speech
 
     hub = tmp_path / "hubert.npy"
     np.save(hub, np.zeros((100, 16), np.float32))
@@ -194,9 +194,9 @@ def test_an_input_named_as_the_output_is_refused_even_with_overwrite(tmp_path, c
 
 
 def test_pipeline_and_mtov_refuse_an_input_as_output(tmp_path, capsys):
+    from data.sample_data import write_reference_video, write_speech
     from MToV.sample import main as mtov_main
     from pipeline.inference import main as pipeline_main
-    from pipeline.sample_data import write_reference_video, write_speech
 
     speech = write_speech(tmp_path / "speech.mp4", seconds=1.0)
     ref = write_reference_video(tmp_path / "ref.mp4", seconds=0.5, size=64)

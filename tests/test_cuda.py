@@ -109,9 +109,9 @@ def test_mtov_compiled_unet_on_cuda(mtov_cuda):
 
 
 def test_pipeline_end_to_end_on_cuda(tmp_path):
+    from data.sample_data import write_reference_video, write_speech
     from data.video import probe
     from pipeline.inference import main
-    from pipeline.sample_data import write_reference_video, write_speech
 
     speech = write_speech(tmp_path / "speech.wav", seconds=2.0)
     video = write_reference_video(tmp_path / "ref.mp4", seconds=1.0)

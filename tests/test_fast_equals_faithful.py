@@ -18,13 +18,13 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from AToM.diffusion import GaussianDiffusion
 from AToM.model import MotionDecoder
+from benchmarks.inference import STAGES, extrapolate, main, mtov_unet_passes, psnr
+from benchmarks.prepare import randomize_zero_params
 from moditalker.errors import UserError
 from moditalker.timing import StageTimer
 from MToV.generate import SamplingOptions, generate_video, generate_video_original
 from MToV.int8 import Int8Conv
 from MToV.loading import autoencoder_dtype, load_mtov, precision_plan
-from pipeline.benchmark import STAGES, extrapolate, main, mtov_unet_passes, psnr
-from pipeline.benchmark_setup import randomize_zero_params
 
 REPO = Path(__file__).resolve().parents[1]
 X86 = platform.machine() in ("x86_64", "AMD64")
@@ -257,7 +257,7 @@ def test_benchmark_tiny_report(tmp_path, capsys):
 
 def test_benchmark_warns_when_the_machine_was_busy():
     """A busy machine gave 'speedup_total 0.05x' without a word; the report now says why not to trust it."""
-    from pipeline.benchmark import busy_warnings
+    from benchmarks.inference import busy_warnings
 
     idle = {"clock": "wall seconds", "threads": 2, "load_average": 0.5, "speedup_total": 2.9,
             "speedup_total_fp32": 2.3, "measured": {"fast": {"total": 10.0}},
@@ -317,14 +317,14 @@ def test_benchmark_script_and_errors(tmp_path):
         assert report["precision_used"]["fast"] == {"ae_rgb": "int8", "ae_ldmk": "int8", "unet": "fp32"}
         assert "cpu: ATen AVX2, oneDNN AVX2, fbgemm AVX2" in run.stdout
     again = subprocess.run(
-        [sys.executable, "-m", "pipeline.benchmark", "--tiny", "--json", str(out)],
+        [sys.executable, "-m", "benchmarks.inference", "--tiny", "--json", str(out)],
         capture_output=True,
         text=True,
         timeout=300,
     )
     assert again.returncode == 2 and "--overwrite" in again.stderr and out.read_text() == written
     bad = subprocess.run(
-        [sys.executable, "-m", "pipeline.benchmark", "--tiny", "--steps-scale", "2"],
+        [sys.executable, "-m", "benchmarks.inference", "--tiny", "--steps-scale", "2"],
         capture_output=True,
         text=True,
         timeout=300,
@@ -350,7 +350,7 @@ def test_benchmark_script_and_errors(tmp_path):
     ],
 )
 def test_benchmark_bad_settings_fail_before_any_work(tmp_path, monkeypatch, args, message):
-    import pipeline.benchmark as bench
+    import benchmarks.inference as bench
 
     blocker = tmp_path / "file"
     blocker.write_text("x")

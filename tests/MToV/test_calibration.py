@@ -267,7 +267,7 @@ def test_a_busy_process_decides_on_cpu_seconds(models, tmp_path, monkeypatch):
 def test_every_mix_the_measurement_can_pick_runs_close_to_fp32(models, plan):
     """The measurement picks each network's arithmetic on its own, so mixes the capability rule never
     made (bf16 or fp32 autoencoders with an int8 UNet) run too, their frames close to fp32's."""
-    from pipeline.benchmark import psnr
+    from benchmarks.inference import psnr
 
     g = torch.Generator().manual_seed(5)
     nets = load_mtov(None, None, None, config=TINY, random_weights=True)

@@ -94,8 +94,8 @@ def test_pipeline_condition_equals_training(tmp_path, monkeypatch):
     """The pipeline's MToV stage (tiny 32-px model, 256 output): every clip the landmark autoencoder
     encodes == the dataset's x_l for the aligned landmarks; the small model's condition is keyed."""
     import MToV.loading as loading
+    from data.sample_data import write_reference_image, write_speech
     from pipeline.inference import main
-    from pipeline.sample_data import write_reference_image, write_speech
 
     torch.set_num_threads(1)
     calls: list = []

@@ -16,6 +16,7 @@ from accelerate.utils import set_seed
 from mtov_synth import write_synthetic_hdtf
 from torch.utils.data import DataLoader
 
+from benchmarks.prepare import randomize_zero_params
 from moditalker.config import load_config
 from moditalker.errors import UserError
 from MToV import cache_latents
@@ -26,7 +27,6 @@ from MToV.loading import build_models
 from MToV.models.autoencoder import load_autoencoder_weights
 from MToV.train_diffusion import DEFAULTS, KEYS, LatentBatcher
 from MToV.train_diffusion import main as train_main
-from pipeline.benchmark_setup import randomize_zero_params
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = str(REPO / "configs" / "mtov_tiny.yaml")
@@ -230,7 +230,7 @@ def test_cache_training_draws_the_frame_windows_learns_and_resumes(setup, tmp_pa
 
 
 def test_benchmark_training_tiny_writes_the_report(tmp_path):
-    from pipeline.benchmark_training import main as bench_main
+    from benchmarks.training import main as bench_main
 
     path = tmp_path / "bench.json"
     args = ["--tiny", "--device", "cpu", "--batch_size", "2", "--steps", "1", "--warmup", "0"]

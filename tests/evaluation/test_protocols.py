@@ -10,12 +10,12 @@ import pytest
 
 from data.audio import load_audio
 from data.imageops import resize_crop
+from data.sample_data import reference_frames, write_speech
 from data.video import read_video, write_video
 from evaluation import protocols
 from evaluation.evaluate import build_parser, main
 from moditalker.errors import UserError, cli_main
 from moditalker.fileio import REPO_ROOT
-from pipeline.sample_data import reference_frames, write_speech
 
 TINY = str(REPO_ROOT / "configs" / "inference_tiny.yaml")
 SECONDS = 0.6  # 15 frames of each 1 s video: two 8-frame MToV clips per run

@@ -15,7 +15,7 @@ import torch
 from app_server import running_app
 from cdp_browser import Browser, find_chromium
 
-from pipeline.sample_data import SAMPLE_SPEECH
+from data.sample_data import SAMPLE_SPEECH
 
 CHROMIUM, WHY = find_chromium()
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason=f"no headless Chromium: {WHY}")

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 import MToV.calibration as calibration
+from data.sample_data import write_reference_video, write_speech
 from moditalker.errors import UserError
 from pipeline.inference import main
-from pipeline.sample_data import write_reference_video, write_speech
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = str(REPO / "configs" / "inference_tiny.yaml")

@@ -6,7 +6,7 @@
   and shoulders like an HDTF frame, as a PNG and as a short 25 fps video with a gentle synthetic
   head motion (small rotation and shift), so the pose-driven alignment has something to follow.
 
-``python -m pipeline.sample_data --out_dir DIR [--seconds S] [--video_seconds V]`` writes
+``python -m data.sample_data --out_dir DIR [--seconds S] [--video_seconds V]`` writes
 ``DIR/speech.wav``, ``DIR/reference.png`` and ``DIR/reference.mp4``.
 """
 

@@ -24,10 +24,10 @@ import numpy as np
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from benchmarks.prepare import Inputs, Networks
 from moditalker.errors import UserError
 from moditalker.timing import StageTimer
 from MToV.generate import SamplingOptions, generate_video, generate_video_original
-from pipeline.benchmark_setup import Inputs, Networks
 
 __all__ = [
     "FULL_ATOM_STEPS",

@@ -1,10 +1,10 @@
 """Benchmark of every inference stage: the original's call pattern ("faithful") against the fast path.
 
-``python -m pipeline.benchmark [--device cpu|cuda] [--seconds S] [--steps-scale F] [--json OUT.json]``
+``python -m benchmarks.inference [--device cpu|cuda] [--seconds S] [--steps-scale F] [--json OUT.json]``
 (also ``scripts/benchmark.sh``). Full-size networks with random weights (speed does not depend on
 the values; the zero-initialised output layers of the UNet get small random weights so that the
 outputs, and the comparisons between modes, mean something), S seconds of the bundled speech clip
-and the moving reference face of :mod:`pipeline.sample_data`. Stages, timed one after another:
+and the moving reference face of :mod:`data.sample_data`. Stages, timed one after another:
 
 * ``hubert``  HuBERT-large features of the audio (same code in every mode);
 * ``atom``    AToM DDIM sampling of the frontal landmarks;
@@ -40,7 +40,7 @@ as on a CPU without AVX512, bf16 instructions or int8 dot products. MKL, which r
 products, obeys its cap on Intel CPUs only. The report's ``cpu_isa`` gives what the CPU arithmetic
 could use.
 
-Layout: :mod:`pipeline.benchmark_setup` builds the networks and inputs, :mod:`pipeline.benchmark_run`
+Layout: :mod:`benchmarks.prepare` builds the networks and inputs, :mod:`benchmarks.run`
 runs and times one mode; this module is the CLI and the report (extrapolation, speed-ups, table).
 """
 
@@ -61,12 +61,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from moditalker.device import CPU_ISA_ENV, allocator, cpu_isa_missing, cpu_isa_report
-from moditalker.errors import UserError, cli_main, script_prog
-from MToV.generate import SamplingOptions
-from MToV.loading import PRECISIONS, PrecisionPlan
-from pipeline.benchmark_report import _device_name, busy_warnings, format_table
-from pipeline.benchmark_run import (
+from benchmarks.prepare import Inputs, Networks, build_networks, make_inputs
+from benchmarks.report import _device_name, busy_warnings, format_table
+from benchmarks.run import (
     FULL_ATOM_STEPS,
     FULL_MTOV_SCHEDULE,
     MODES,
@@ -75,7 +72,10 @@ from pipeline.benchmark_run import (
     ModeResult,
     run_mode,
 )
-from pipeline.benchmark_setup import Inputs, Networks, build_networks, make_inputs
+from moditalker.device import CPU_ISA_ENV, allocator, cpu_isa_missing, cpu_isa_report
+from moditalker.errors import UserError, cli_main, script_prog
+from MToV.generate import SamplingOptions
+from MToV.loading import PRECISIONS, PrecisionPlan
 
 __all__ = [
     "MODES",
@@ -323,7 +323,7 @@ def warm_up(nets: Networks, inputs: Inputs, seed: int = 0) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog=script_prog("python -m pipeline.benchmark"),
+        prog=script_prog("python -m benchmarks.inference"),
         description="Time every inference stage: original call pattern vs fast path (random weights).",
     )
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N [auto]")
@@ -402,7 +402,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         sys.stdout.flush(), sys.stderr.flush()
         os.execve(
             sys.executable,
-            [sys.executable, "-m", "pipeline.benchmark", *sys.argv[1:]],
+            [sys.executable, "-m", "benchmarks.inference", *sys.argv[1:]],
             {**os.environ, **missing},
         )
     if args.threads is not None:

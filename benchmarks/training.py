@@ -1,6 +1,6 @@
 """Training speed of the MToV diffusion UNet: the frame-based step against the latent-cache step.
 
-``python -m pipeline.benchmark_training [--device cpu|cuda] [--steps N] [--batch_size B] [--tiny]
+``python -m benchmarks.training [--device cpu|cuda] [--steps N] [--batch_size B] [--tiny]
 --json OUT.json`` (also ``scripts/benchmark_training.sh``). Full-size networks with random weights
 (speed does not depend on the values; the UNet's zero-initialised output layers get small random
 weights so that the losses, and the comparison of the two paths, mean something), on a synthetic
@@ -39,6 +39,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from benchmarks.prepare import randomize_zero_params
+from benchmarks.report import _device_name
+from data.sample_data import reference_frames
 from moditalker.config import load_config
 from moditalker.device import bf16_supported, resolve_device
 from moditalker.errors import UserError, cli_main, script_prog
@@ -50,9 +53,6 @@ from MToV.diffusion import DDPM
 from MToV.latents import CachedLatents, CachedWindowDataset, from_storage, open_cache, to_storage
 from MToV.loading import build_ddpm, build_models
 from MToV.train_diffusion import DEFAULTS, KEYS, LatentBatcher, make_optimizer
-from pipeline.benchmark_report import _device_name
-from pipeline.benchmark_setup import randomize_zero_params
-from pipeline.sample_data import reference_frames
 
 FRAMES_PRECISIONS = ("auto", "bf16", "fp32")
 LATENT_STEPS = 3  # the cache path runs this many times --steps (its steps are short: more of them)
@@ -60,7 +60,7 @@ LATENT_STEPS = 3  # the cache path runs this many times --steps (its steps are s
 
 def write_tree(root: Path, n_videos: int, n_frames: int, size: int) -> None:
     """A synthetic HDTF tree: ``n_videos`` videos of ``n_frames`` JPEG frames (the astronaut face of
-    :mod:`pipeline.sample_data` under a slow nod, shifted per video) and 68 keypoints per frame."""
+    :mod:`data.sample_data` under a slow nod, shifted per video) and 68 keypoints per frame."""
     frames = reference_frames(n_frames + n_videos, size)
     angle = 2 * np.pi * np.arange(68) / 68
     layout = np.stack([0.5 + 0.22 * np.cos(angle), 0.55 + 0.3 * np.sin(angle)], 1)
@@ -291,7 +291,7 @@ def format_table(r: dict) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog=script_prog("python -m pipeline.benchmark_training"),
+        prog=script_prog("python -m benchmarks.training"),
         description="Seconds per MToV diffusion training step: frame-based vs latent cache (random weights).",
     )
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N [auto]")

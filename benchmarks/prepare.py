@@ -1,5 +1,5 @@
 """The benchmark's set-up: every network of the chain with random weights, and the inputs (audio,
-reference frames, their geometry) that :mod:`pipeline.benchmark_run` runs them on."""
+reference frames, their geometry) that :mod:`benchmarks.run` runs them on."""
 
 from __future__ import annotations
 
@@ -107,7 +107,7 @@ def make_inputs(seconds: float, size: int = 256, seed: int = 0, still: bool = Fa
     from data.face3d import Face3DHelper, write_synthetic_bfm
     from data.landmarks import template_face_detector
     from data.recon3d import load_lm3d_std
-    from pipeline.sample_data import SAMPLE_SPEECH, reference_frames
+    from data.sample_data import SAMPLE_SPEECH, reference_frames
 
     n_frames = max(1, int(round(seconds * FPS)))
     speech, sr = sf.read(SAMPLE_SPEECH, dtype="float32", always_2d=False)

@@ -1,4 +1,4 @@
-"""The benchmark's report as text (:mod:`pipeline.benchmark`): the device named, signs that other jobs
+"""The benchmark's report as text (:mod:`benchmarks.inference`): the device named, signs that other jobs
 shared the machine, and the table of seconds per stage and mode, speed-ups and quality."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from pipeline.benchmark_run import MODES, STAGES
+from benchmarks.run import MODES, STAGES
 
 
 def busy_warnings(report: dict[str, Any], device: torch.device) -> list[str]:
