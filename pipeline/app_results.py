@@ -1,18 +1,27 @@
-"""How the web page (:mod:`pipeline.app`) names and serves its results without giving out a path of
+"""How the web page (:mod:`pipeline.app`) names and serves its files without giving out a path of
 the server.
 
-Gradio copies a returned file into its upload cache and hands the caller that copy's absolute path
-(in the file reference's ``path`` and in its ``url``, ``/gradio_api/file=/srv/.../uploads/<hash>/x.mp4``).
-The page's result videos are named instead by their place in the app folder, ``runs/<id>/<file>``:
-:func:`result_video` gives Gradio that name in place of the cache copy, and :class:`ServeResults`
-(ASGI middleware) turns a request for ``file=runs/<id>/<file>`` into Gradio's own file route for the
-file in ``--out_dir/runs``, so Gradio's login and allowed-path checks still apply.
+Gradio names every file it hands a caller by its absolute path: a returned file is copied into its
+upload cache (``--out_dir/uploads``) and comes back as that copy's path (the file reference's ``path``,
+and its ``url`` ``/gradio_api/file=/srv/.../uploads/<hash>/x.mp4``); an upload is answered with the
+stored copy's path, which the caller sends back as the input; the page's configuration lists the
+bundled examples by their cached copies. Here the page's files are named by their place in the app
+folder instead:
+
+* the result videos as ``runs/<id>/<file>``: :func:`result_video` gives Gradio that name in place of
+  the cache copy;
+* uploads (and the examples' copies) as ``uploads/<hash>/<file>``: :class:`ServeResults` replaces the
+  upload folder's path by ``uploads`` in Gradio's JSON and HTML answers (not in the files it serves),
+  and a ``uploads/...`` name in a JSON request's file reference by the path again;
+* :class:`ServeResults` turns a request for ``file=runs/...`` or ``file=uploads/...`` into Gradio's own
+  file route for that path, so Gradio's login and allowed-path checks still apply.
 
 Import this module only after :func:`pipeline.app.prepare_environment` (it imports Gradio).
 """
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 from typing import Any
@@ -20,12 +29,15 @@ from urllib.parse import quote, unquote
 
 import gradio as gr
 
-__all__ = ["RESULT_NAME", "public_name", "server_path", "result_video", "ServeResults"]
+__all__ = ["RESULT_NAME", "public_name", "server_path", "upload_path", "result_video", "ServeResults"]
 
 #: a result's public name: ``runs/<run id>/<file name>`` (no folder of the server, no ``..``)
 RESULT_NAME = re.compile(r"runs/(?!\.)[\w.-]+/(?!\.)[\w.-]+")
 #: a request for a result by that name (Gradio's file route and its older form)
-_ROUTE = re.compile(r"^(?P<prefix>(?:/gradio_api)?/file=)(?P<name>runs/.*)$")
+_ROUTE = re.compile(r"^(?P<prefix>(?:/gradio_api)?/file=)(?P<name>(?:runs|uploads)/.*)$")
+#: the largest JSON request whose file references are renamed (larger ones pass unread; the page's
+#: own limit refuses them before)
+MAX_JSON_BYTES = 1024 * 1024
 
 
 def public_name(path: str | Path, runs: Path) -> str | None:
@@ -44,6 +56,14 @@ def server_path(name: str, runs: Path) -> Path | None:
         return None
     _, run, file = name.split("/")
     return runs.resolve() / run / file
+
+
+def upload_path(name: str, uploads: Path) -> Path | None:
+    """The path an ``uploads/<...>/<file>`` name stands for in ``uploads`` (None: not such a name)."""
+    parts = name.split("/")
+    if parts[0] != "uploads" or len(parts) < 3 or any(p in ("", ".", "..") for p in parts[1:]):
+        return None
+    return uploads.resolve().joinpath(*parts[1:])
 
 
 def result_video(runs: Path, **kwargs: Any) -> gr.Video:
@@ -70,23 +90,120 @@ def result_video(runs: Path, **kwargs: Any) -> gr.Video:
 
 
 class ServeResults:
-    """ASGI middleware: a request for ``/gradio_api/file=runs/<id>/<file>`` (also percent-encoded, and
-    ``/file=...``) goes on to Gradio as the same route for that file's path in ``runs``; a ``runs/...``
-    name that is not a result name gets 404. Everything else passes unchanged."""
+    """ASGI middleware (``runs``: the app folder's ``runs``; its ``uploads`` lies beside it):
+
+    * a request for ``/gradio_api/file=runs/<id>/<file>`` or ``file=uploads/<...>/<file>`` (also
+      percent-encoded, and ``/file=...``) goes on to Gradio as the same route for that file's path; a
+      ``runs/`` or ``uploads/`` name that is neither gets 404;
+    * a JSON request's file references named ``uploads/...`` (``{"path": "uploads/..."}``) reach Gradio
+      with the path in the upload folder;
+    * in Gradio's JSON and HTML answers (not the files it serves) the upload folder's path is replaced
+      by ``uploads``."""
 
     def __init__(self, app: Any, runs: Path) -> None:
         self.app, self.runs = app, Path(runs)
+        self.uploads = self.runs.parent / "uploads"
+        folder = str(self.uploads.resolve())
+        self.hide = [(f.encode() + b"/", b"uploads/") for f in (folder, quote(folder))]
+        self.hide += [(folder.encode(), b"uploads")]
+
+    def _named(self, name: str) -> Path | None:
+        if name.startswith("uploads/"):
+            return upload_path(name, self.uploads)
+        return server_path(name, self.runs)
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] == "http":
-            match = _ROUTE.match(unquote(scope.get("path", "")))
-            if match:
-                path = server_path(match.group("name"), self.runs)
-                if path is None:
-                    from starlette.responses import PlainTextResponse
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        match = _ROUTE.match(unquote(scope.get("path", "")))
+        if match:
+            path = self._named(match.group("name"))
+            if path is None:
+                from starlette.responses import PlainTextResponse
 
-                    await PlainTextResponse("no such result", status_code=404)(scope, receive, send)
+                await PlainTextResponse("no such file", status_code=404)(scope, receive, send)
+                return
+            target = match.group("prefix") + str(path)
+            scope = dict(scope, path=target, raw_path=quote(target, safe="/=").encode())
+            await self.app(scope, receive, send)  # a file: served as it is
+            return
+        headers = dict(scope.get("headers") or [])
+        length = headers.get(b"content-length", b"")
+        if (
+            scope.get("method") == "POST"
+            and headers.get(b"content-type", b"").startswith(b"application/json")
+            and length.isdigit()
+            and int(length) <= MAX_JSON_BYTES
+        ):
+            scope, receive = await self._named_inputs(scope, receive)
+        await self.app(scope, receive, self._hiding(send))
+
+    async def _named_inputs(self, scope: dict, receive: Any) -> tuple[dict, Any]:
+        """The request with its ``uploads/...`` file references as paths (its body read and replayed)."""
+        body, more = b"", True
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":
+                return scope, receive
+            body += message.get("body", b"")
+            more = message.get("more_body", False)
+        try:
+            data = json.loads(body)
+        except ValueError:
+            data = None
+        todo, changed = [data], False
+        while todo:
+            item = todo.pop()
+            if isinstance(item, dict):
+                name = item.get("path")
+                path = upload_path(name, self.uploads) if isinstance(name, str) else None
+                if path is not None:
+                    item["path"], changed = str(path), True
+                todo.extend(item.values())
+            elif isinstance(item, list):
+                todo.extend(item)
+        if changed:
+            body = json.dumps(data).encode()
+            headers = [(k, v) for k, v in scope["headers"] if k != b"content-length"]
+            scope = dict(scope, headers=[*headers, (b"content-length", str(len(body)).encode())])
+        sent = False
+
+        async def replay() -> Any:
+            nonlocal sent
+            if sent:
+                return await receive()
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        return scope, replay
+
+    def _hiding(self, send: Any) -> Any:
+        """``send`` that replaces the upload folder's path in JSON and HTML answers."""
+        start, chunks = None, []
+
+        async def hiding(message: dict) -> None:
+            nonlocal start
+            if message["type"] == "http.response.start":
+                headers = dict(message.get("headers") or [])
+                kind = headers.get(b"content-type", b"")
+                if (
+                    kind.startswith((b"application/json", b"text/html"))
+                    and b"content-encoding" not in headers
+                ):
+                    start = message
                     return
-                target = match.group("prefix") + str(path)
-                scope = dict(scope, path=target, raw_path=quote(target, safe="/=").encode())
-        await self.app(scope, receive, send)
+            elif message["type"] == "http.response.body" and start is not None:
+                chunks.append(message.get("body", b""))
+                if message.get("more_body", False):
+                    return
+                body = b"".join(chunks)
+                for folder, name in self.hide:
+                    body = body.replace(folder, name)
+                headers = [(k, v) for k, v in start.get("headers", []) if k != b"content-length"]
+                await send({**start, "headers": [*headers, (b"content-length", str(len(body)).encode())]})
+                await send({"type": "http.response.body", "body": body, "more_body": False})
+                return
+            await send(message)
+
+        return hiding

@@ -158,15 +158,24 @@ def _file_refs(data) -> list[dict]:
 
 
 def test_result_references_name_the_run_not_a_server_path(app, inputs):
-    """Through the raw HTTP API (what any caller sees): the two videos come back as ``runs/<id>/<file>``
-    (reference path and url), served by that name; nothing of the answer names a folder of the server."""
+    """Through the raw HTTP API (what any caller sees): an upload is answered as ``uploads/<hash>/<file>``
+    and taken back by that name, the two videos come back as ``runs/<id>/<file>`` (reference path and
+    url), both served by those names; the page and its configuration (the examples) name no folder of
+    the server either."""
     import json
 
     url, job = app
+    for page in ("", "config", "gradio_api/info"):  # (they hold routes like /gradio_api: folders only)
+        text = httpx.get(f"{url}{page}", timeout=30).text
+        assert not [folder for folder in _server_paths(job) if folder in text], page
 
     def upload(path: Path) -> dict:
         r = httpx.post(f"{url}gradio_api/upload", files={"files": (path.name, path.read_bytes())}, timeout=60)
-        return {"path": r.json()[0], "meta": {"_type": "gradio.FileData"}}
+        (name,) = r.json()
+        assert re.fullmatch(rf"uploads/\w+/{path.name}", name), name
+        served = httpx.get(f"{url}gradio_api/file={name}", timeout=30)
+        assert served.status_code == 200 and served.content == path.read_bytes()
+        return {"path": name, "meta": {"_type": "gradio.FileData"}}
 
     args = [upload(inputs["speech"]), None, upload(inputs["photo"]), 0, None, None, None, None, None]
     event = httpx.post(f"{url}gradio_api/call/generate", json={"data": args}, timeout=60).json()["event_id"]
@@ -191,6 +200,10 @@ def test_result_references_name_the_run_not_a_server_path(app, inputs):
         f"{run}/x/y",
         str(npy),
         "runs/.x/y",
+        f"uploads/../{npy}",
+        f"uploads/x/../../{npy}",
+        f"uploads/%2e%2e/{npy}",
+        "uploads/x",
     ):
         r = httpx.get(f"{url}gradio_api/file={name}", timeout=30)
         assert r.status_code in (403, 404) and b"NUMPY" not in r.content[:8], (name, r.status_code)
@@ -250,7 +263,7 @@ def test_upload_over_the_limit_is_refused_before_it_is_stored(app, inputs):
         ok = httpx.post(
             f"{url}gradio_api/upload", files={"files": ("speech.wav", f, "audio/wav")}, timeout=60
         )
-    assert ok.status_code == 200 and Path(ok.json()[0]).is_file()
+    assert ok.status_code == 200 and (job.folders.root / ok.json()[0]).is_file()  # named uploads/...
     # the job refuses a file over the limit that reached it another way (a path)
     with pytest.raises(UserError, match=r"audio big\.wav is 1\.5 MB, over the page's limit of 1 MB"):
         job(str(inputs["big"]), None, str(inputs["photo"]))
