@@ -18,9 +18,11 @@ import math
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, ValidationError
 
 from moditalker.assets import warn_random_weights
 from moditalker.config import load_config, save_config
@@ -107,36 +109,45 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@dataclass
+class _SampleTypes:
+    """The types of an MToV config's ``sample`` section, for OmegaConf to check (the values live in
+    configs/mtov_diffusion.yaml: :data:`MToV.loading.MODEL_DEFAULTS`)."""
+
+    batch_size: int = MISSING
+    seed: int = MISSING
+    start_ratio: float = MISSING
+    sampling_timesteps: int = MISSING
+    eta: float = MISSING
+    use_last_as_reference: bool = MISSING
+
+
 def _check_sample_config(cfg: DictConfig) -> None:
-    """The ``sample`` section after overrides: known keys, right types, a sampler that denoises."""
+    """The ``sample`` section after overrides: known keys and their types (OmegaConf, by merging it
+    into :class:`_SampleTypes`), ranges, a sampler that denoises."""
     if not OmegaConf.is_dict(cfg.get("sample")):
         raise UserError(f"sample must be a mapping of sampler settings, got {cfg.get('sample')!r}")
     try:
         sample = OmegaConf.to_container(cfg.sample, resolve=True)
     except Exception as exc:  # noqa: BLE001 - interpolation errors from the user's YAML
         raise UserError(f"bad sample settings: {exc}") from exc
-    known = MODEL_DEFAULTS["sample"]
-    unknown = sorted(set(sample) - set(known))
-    if unknown:
-        raise UserError(f"unknown sample setting(s) {unknown}; known: {', '.join(known)}")
-    types = {"batch_size": int, "seed": int, "sampling_timesteps": int, "use_last_as_reference": bool}
-    for key, kind in types.items():
-        value = sample[key]
-        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-            raise UserError(
-                f"sample.{key} must be {'true/false' if kind is bool else 'an integer'}, got {value!r}"
-            )
-    for key in ("start_ratio", "eta"):
-        if isinstance(sample[key], bool) or not isinstance(sample[key], int | float):
-            raise UserError(f"sample.{key} must be a number, got {sample[key]!r}")
-    if sample["batch_size"] < 1:
-        raise UserError(f"sample.batch_size (--batch_size) must be >= 1, got {sample['batch_size']}")
-    check_sampling(
-        float(sample["start_ratio"]),
-        sample["sampling_timesteps"],
-        float(sample["eta"]),
-        int(cfg.diffusion.timesteps),
-    )
+    try:
+        typed = OmegaConf.merge(OmegaConf.structured(_SampleTypes), sample)
+    except ConfigKeyError as exc:
+        known = ", ".join(MODEL_DEFAULTS["sample"])
+        raise UserError(f"unknown sample setting(s) {[exc.full_key]}; known: {known}") from None
+    except ValidationError as exc:
+        kind = {"int": "an integer", "float": "a number", "bool": "true/false"}[
+            _SampleTypes.__annotations__[exc.full_key]
+        ]
+        raise UserError(f"sample.{exc.full_key} must be {kind}, got {sample.get(exc.full_key)!r}") from None
+    if not isinstance(sample["use_last_as_reference"], bool):  # OmegaConf would take 3 as true
+        raise UserError(
+            f"sample.use_last_as_reference must be true/false, got {sample['use_last_as_reference']!r}"
+        )
+    if typed.batch_size < 1:
+        raise UserError(f"sample.batch_size (--batch_size) must be >= 1, got {typed.batch_size}")
+    check_sampling(typed.start_ratio, typed.sampling_timesteps, typed.eta, int(cfg.diffusion.timesteps))
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
