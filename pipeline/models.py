@@ -12,7 +12,7 @@ network. Anything that changes what the call would build changes the key; a repl
 file (new mtime) is loaded again.
 
 :func:`pipeline.inference.run_inference` gives each run a fresh cache unless it is passed one, so a
-command-line run loads every network once, as before; the web app (:mod:`pipeline.app`) keeps one
+command-line run loads every network once, as before; the web app (:mod:`webapp.app`) keeps one
 cache for the server's life, so a second request loads nothing. :attr:`ModelCache.loads` counts the
 builds per kind, :attr:`ModelCache.hits` the reuses, :attr:`ModelCache.seconds` the time the builds
 took; :mod:`pipeline.batch` (``--batch_file``) renders several jobs with one cache.

@@ -9,4 +9,4 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 # shellcheck source=scripts/_python.sh
 source "$ROOT/scripts/_python.sh"
 export GRADIO_ANALYTICS_ENABLED=False
-exec "$PY" -m pipeline.app "$@"
+exec "$PY" -m webapp "$@"

@@ -24,7 +24,7 @@ LOOPBACK = ("127.0.0.1", "::1", "localhost")
 @dataclass
 class AppServer:
     url: str
-    job: object  # pipeline.app_job.Job
+    job: object  # webapp.job.PageJob
     demo: object  # gradio.Blocks
     inputs: dict[str, Path]
     connections: list[str] = field(default_factory=list)  # host of every connect / name lookup
@@ -45,8 +45,8 @@ def running_app(root: Path) -> Iterator[AppServer]:
     """The app on 127.0.0.1:<free port> with its folder under ``root``, and as inputs the bundled speech,
     a 1 s reference video, a photo and a 2 s cut of the speech."""
     from data.sample_data import write_reference_image, write_reference_video, write_speech
-    from pipeline.app import build_app, prepare_environment, serve
-    from pipeline.app_job import AppFolders, Job
+    from webapp.app import build_app, prepare_environment, serve
+    from webapp.job import AppFolders, PageJob
 
     d = root / "inputs"
     d.mkdir(parents=True, exist_ok=True)
@@ -76,7 +76,7 @@ def running_app(root: Path) -> Iterator[AppServer]:
     try:
         folders = AppFolders(root / "out").create()
         prepare_environment(folders)
-        job = Job(folders, config=TINY, device="cpu", random_weights=True)
+        job = PageJob(folders, config=TINY, device="cpu", random_weights=True)
         server.job = job
         server.demo = build_app(job)
         server.url = serve(server.demo, job, port=free_port(), block=False, quiet=True)

@@ -308,7 +308,7 @@ def test_a_full_disk_during_a_render_is_one_line_and_the_next_run_finishes(input
 
 
 def test_a_full_disk_error_from_the_page_names_no_server_folder(tmp_path):
-    from pipeline.app_job import public_text
+    from webapp.job import public_text
 
     message = str(DiskFullError(tmp_path / "app" / "work" / "shared" / "mtov-1.partial", needs=5.2e6, free=0))
     assert (

@@ -36,8 +36,8 @@ ABSOLUTE = re.compile(r"(?<![\w.:/~\-])/[^\s'\"]+")  # a path from the root (not
 
 @contextlib.contextmanager
 def _server(root: Path, job_class=None, **serve_args):
-    from pipeline.app import build_app, prepare_environment, serve
-    from pipeline.app_job import AppFolders, Job
+    from webapp.app import build_app, prepare_environment, serve
+    from webapp.job import AppFolders, PageJob
 
     names = ("GRADIO_ANALYTICS_ENABLED", "GRADIO_TEMP_DIR", "GRADIO_EXAMPLES_CACHE", "HF_HUB_OFFLINE")
     names += ("HF_HUB_DISABLE_TELEMETRY",)
@@ -46,7 +46,7 @@ def _server(root: Path, job_class=None, **serve_args):
     try:
         folders = AppFolders(root / "app").create()
         prepare_environment(folders)
-        job = (job_class or Job)(
+        job = (job_class or PageJob)(
             folders,
             config=TINY,
             device="cpu",
@@ -215,7 +215,7 @@ def test_a_request_body_over_the_limit_is_refused_before_it_is_read(app):
     import socket
     from urllib.parse import urlparse
 
-    from pipeline.app import MAX_REQUEST_BYTES
+    from webapp.app import MAX_REQUEST_BYTES
 
     url, _job = app
     where = urlparse(url)
@@ -331,7 +331,7 @@ def test_the_page_fetches_no_url_for_a_caller(app, monkeypatch, tmp_path):
 
     import safehttpx
 
-    from pipeline.app import fetches_url
+    from webapp.app import fetches_url
 
     url, _job = app
     (tmp_path / "public.txt").write_text("public content\n")
@@ -405,7 +405,7 @@ def test_a_burst_over_the_queue_gets_results_or_refusals(client, app, inputs):
 
 # ----------------------------------------------------------------------------- --host, --auth
 def test_host_warning_and_auth_flag(monkeypatch, tmp_path, capsys):
-    import pipeline.app as app_module
+    import webapp.app as app_module
 
     seen = {}
     monkeypatch.setattr(app_module, "build_app", lambda job: "demo")
@@ -441,9 +441,9 @@ class _QuickJob:
     def __new__(cls, folders, **kwargs):
         import shutil
 
-        from pipeline.app_job import Job, JobOutput
+        from webapp.job import JobOutput, PageJob
 
-        class Quick(Job):
+        class Quick(PageJob):
             def __call__(self, audio, ref_video=None, ref_image=None, *, report=None, **settings):
                 video = self.folders.new_run() / self.OUT_NAME
                 shutil.copyfile(self.folders.examples / "reference.mp4", video)

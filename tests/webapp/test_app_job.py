@@ -1,4 +1,4 @@
-"""pipeline.app_job and the app's command line, without a server: the day-old clean-up, the progress
+"""webapp.job and the app's command line, without a server: the day-old clean-up, the progress
 and the log made from the stage events, a request's config (as the command line resolves the same
 flags), and the errors that stop the app before it serves."""
 
@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 
 from moditalker.errors import UserError, cli_main
-from pipeline.app import build_parser
-from pipeline.app import main as app_main
-from pipeline.app_job import DAY, AppFolders, Job, PageProgress, clean_old
 from pipeline.events import STAGES, TIMING_ORDER, StageLog, StageTimes, Subscribers
 from pipeline.settings import check_settings
+from webapp.app import build_parser
+from webapp.app import main as app_main
+from webapp.job import DAY, AppFolders, PageJob, PageProgress, clean_old
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = str(REPO / "configs" / "inference_tiny.yaml")
@@ -120,7 +120,7 @@ def test_the_log_and_the_timing_table_are_made_from_the_events():
 
 
 def test_request_config_is_the_command_lines(tmp_path):
-    job = Job(AppFolders(tmp_path / "app"), config=TINY, device="cpu", random_weights=True)
+    job = PageJob(AppFolders(tmp_path / "app"), config=TINY, device="cpu", random_weights=True)
     assert job.defaults() == dict(seed=0, steps=4, guidance=2.0, mtov_steps=8, start_ratio=0.25, batch_size=2)
     out = tmp_path / "o.mp4"
     cfg = job.request_config("a.wav", "v.mp4", None, out, seed=7.0, steps=3.0, guidance=1.5, start_ratio=0.5)
@@ -137,8 +137,8 @@ def test_request_config_is_the_command_lines(tmp_path):
 
 
 def test_the_page_settings_come_from_the_schema_and_win_over_the_apps_overrides(tmp_path):
-    from pipeline.app_job import PAGE_SETTINGS, page_name
     from pipeline.settings import SETTINGS
+    from webapp.job import PAGE_SETTINGS, page_name
 
     assert [page_name(k) for k in PAGE_SETTINGS] == [
         "seed",
@@ -149,7 +149,7 @@ def test_the_page_settings_come_from_the_schema_and_win_over_the_apps_overrides(
         "batch_size",
     ]  # the endpoint's parameter names, as before
     assert all(SETTINGS[k].label for k in PAGE_SETTINGS)
-    job = Job(
+    job = PageJob(
         AppFolders(tmp_path / "app"),
         config=TINY,
         device="cpu",
@@ -166,7 +166,7 @@ def test_the_page_settings_come_from_the_schema_and_win_over_the_apps_overrides(
 
 
 def test_a_failed_request_leaves_no_run_folder(tmp_path):
-    job = Job(AppFolders(tmp_path / "app"), config=TINY, device="cpu", random_weights=True)
+    job = PageJob(AppFolders(tmp_path / "app"), config=TINY, device="cpu", random_weights=True)
     with pytest.raises(UserError, match="a reference is required"):
         job(str(REPO / "assets" / "sample" / "speech.wav"), None, None)
     with pytest.raises(UserError, match="no/such.wav"):
@@ -240,9 +240,9 @@ def test_scripts_app_sh_serves_the_page_until_interrupted(tmp_path):
 def test_page_errors_name_the_page_fields_not_flags():
     from omegaconf import OmegaConf
 
-    from pipeline.app_job import page_text
     from pipeline.settings import DEFAULTS
     from pipeline.validate import validate
+    from webapp.job import page_text
 
     with pytest.raises(UserError) as missing:
         validate(OmegaConf.create({**DEFAULTS, "audio": "a.wav", "out": "o.mp4"}))

@@ -1,10 +1,10 @@
 """A local web page: upload speech and a face, watch the talking head, with the networks kept warm.
 
-``python -m pipeline.app [--host 127.0.0.1] [--port 7860] [--config configs/inference.yaml]
+``python -m webapp [--host 127.0.0.1] [--port 7860] [--config configs/inference.yaml]
 [--device auto|cpu|cuda:N] [--random_weights] [--out_dir outputs/app] [--share] [--max_queue 20]
 [--max_upload_mb 50] [--auth USER:PASS] [key=value ...]``
 (also ``scripts/app.sh``) serves a Gradio page that runs the same pipeline as
-``scripts/inference.sh`` (:mod:`pipeline.app_job`), with every network loaded once and kept in memory
+``scripts/inference.sh`` (:mod:`webapp.job`), with every network loaded once and kept in memory
 for the server's life (:mod:`pipeline.models`).
 
 * inputs: speech (upload or microphone), the reference as a video or a photo (tabs), and the settings
@@ -19,8 +19,9 @@ for the server's life (:mod:`pipeline.models`).
   uploads and outputs live under ``--out_dir``, cleaned of what is older than a day;
 * as a service: uploads over ``--max_upload_mb`` (50) are refused while they arrive, before they are
   stored; what a caller gets back (run log, timings, errors) names files by their base name, never by
-  a folder of the server, and the two videos as ``runs/<id>/<file>`` (:mod:`pipeline.app_results`); Gradio's file routes serve only the upload, run and example folders (the
-  stage cache is blocked); a request over ``--max_queue`` is refused with "queue is full".
+  a folder of the server, and the two videos as ``runs/<id>/<file>`` (:mod:`webapp.results`);
+  Gradio's file routes serve only the upload, run and example folders (the stage cache is blocked);
+  a request over ``--max_queue`` is refused with "queue is full".
 
 Programs call the named endpoint ``/generate`` (parameters ``audio``, ``ref_video``, ``ref_image``,
 ``seed``, and optionally ``steps``, ``guidance``, ``mtov_steps``, ``start_ratio``, ``batch_size``; it
@@ -49,18 +50,18 @@ from typing import Any
 from urllib.parse import unquote
 
 from moditalker.errors import ArgumentParser, UserError, cli_main, describe
-from pipeline.app_job import (
+from pipeline.settings import SETTINGS
+from webapp.job import (
     DAY,
     MB,
     PAGE_SETTINGS,
     AppFolders,
-    Job,
+    PageJob,
     clean_old,
     page_name,
     page_text,
     sample_inputs,
 )
-from pipeline.settings import SETTINGS
 
 __all__ = ["API_NAME", "build_parser", "prepare_environment", "build_app", "serve", "main", "host_warning"]
 
@@ -190,11 +191,11 @@ def prepare_environment(folders: AppFolders) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-def build_app(job: Job, *, title: str = "MoDiTalker") -> Any:
+def build_app(job: PageJob, *, title: str = "MoDiTalker") -> Any:
     """The page (a ``gradio.Blocks``) calling ``job``; its one public endpoint is ``/generate``."""
     import gradio as gr
 
-    from pipeline.app_results import result_video
+    from webapp.results import result_video
 
     d = job.defaults()
     sample = sample_inputs(job.folders)
@@ -307,7 +308,7 @@ def build_app(job: Job, *, title: str = "MoDiTalker") -> Any:
 
 def serve(
     demo: Any,
-    job: Job,
+    job: PageJob,
     *,
     host: str = "127.0.0.1",
     port: int = 7860,
@@ -323,7 +324,7 @@ def serve(
     413), before it is stored (None: no limit). ``auth``: (user, password) of Gradio's login."""
     from starlette.middleware import Middleware
 
-    from pipeline.app_results import ServeResults
+    from webapp.results import ServeResults
 
     demo.queue(max_size=max_queue, default_concurrency_limit=1)
     try:
@@ -429,7 +430,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     auth = parse_auth(args.auth)
     folders = AppFolders(Path(args.out_dir)).create()
     prepare_environment(folders)
-    job = Job(
+    job = PageJob(
         folders,
         config=args.config,
         device=args.device,

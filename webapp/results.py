@@ -1,4 +1,4 @@
-"""How the web page (:mod:`pipeline.app`) names and serves its files without giving out a path of
+"""How the web page (:mod:`webapp.app`) names and serves its files without giving out a path of
 the server.
 
 Gradio names every file it hands a caller by its absolute path: a returned file is copied into its
@@ -16,7 +16,7 @@ folder instead:
 * :class:`ServeResults` turns a request for ``file=runs/...`` or ``file=uploads/...`` into Gradio's own
   file route for that path, so Gradio's login and allowed-path checks still apply.
 
-Import this module only after :func:`pipeline.app.prepare_environment` (it imports Gradio).
+Import this module only after :func:`webapp.app.prepare_environment` (it imports Gradio).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The job behind the web page (:mod:`pipeline.app`), without the web part: one request's config, its
+"""The job behind the web page (:mod:`webapp.app`), without the web part: one request's config, its
 run through :func:`pipeline.inference.run_inference` with the warm networks, the progress it reports,
 and the app's folder, cleaned of what is older than a day.
 
@@ -36,7 +36,7 @@ __all__ = [
     "page_name",
     "AppFolders",
     "clean_old",
-    "Job",
+    "PageJob",
     "JobOutput",
     "PageProgress",
     "public_text",
@@ -225,7 +225,7 @@ class JobOutput:
     result: PipelineResult
 
 
-class Job:
+class PageJob:
     """Runs one request: the base config (``--config`` + the app's flags + ``key=value``), the request's
     inputs and settings on top, exactly as ``scripts/inference.sh`` would resolve the same flags, then
     the pipeline with the warm networks (:class:`ModelCache`, one for the job's life). Requests are run
