@@ -13,4 +13,4 @@ if [ -z "${PYTHON:-}" ]; then
 else
   PY="$PYTHON"
 fi
-exec "$PY" -m pipeline.benchmark_learning "$@"
+exec "$PY" -m benchmarks.learning "$@"

@@ -21,7 +21,7 @@ from MToV import cache_latents
 from MToV.loading import MODEL_DEFAULTS, load_mtov
 from MToV.train_autoencoder import main as train_ae
 from MToV.train_diffusion import main as train_unet
-from pipeline.benchmark_learning import psnr, read_clip, sample_clip
+from benchmarks.learning import psnr, read_clip, sample_clip
 
 CONFIG = "configs/mtov_tiny.yaml"
 AE_CONFIG = "configs/mtov_autoencoder_tiny.yaml"

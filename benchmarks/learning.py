@@ -1,7 +1,7 @@
 """Does training learn? Train every stage small on the synthetic world (:mod:`data.synthetic`) and score
 it on held-out sentences whose right answers are known.
 
-``python -m pipeline.benchmark_learning --out DIR [--seed S] [--json OUT] [--device cpu|cuda]`` (also
+``python -m benchmarks.learning --out DIR [--seed S] [--json OUT] [--device cpu|cuda]`` (also
 ``scripts/benchmark_learning.sh``):
 
 1. the world: ``--train`` training and ``--heldout`` held-out sentences of the bundled face, 64x64
@@ -451,7 +451,7 @@ def format_table(r: dict) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m pipeline.benchmark_learning",
+        prog="python -m benchmarks.learning",
         description="Train every stage small on the synthetic world and score it on held-out sentences.",
     )
     p.add_argument("--out", default="runs/benchmark_learning", help="work folder (world, runs, logs)")
