@@ -69,7 +69,7 @@ from MToV.latents import (
 from MToV.loading import build_models
 from MToV.models.autoencoder import load_autoencoder_weights
 
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+ENCODE_PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def autoencoders(cfg: DictConfig):
@@ -164,7 +164,9 @@ def encode(ae_rgb, ae_ldmk, clips: dict, precision: str) -> dict[str, torch.Tens
     """The trainer's ``LatentBatcher`` on a batch of windows: z, z_l, masked_z, ref (xy-plane)."""
     device = clips["x"].device
     with torch.autocast(
-        device.type, dtype=PRECISIONS[precision] or torch.float32, enabled=PRECISIONS[precision] is not None
+        device.type,
+        dtype=ENCODE_PRECISIONS[precision] or torch.float32,
+        enabled=ENCODE_PRECISIONS[precision] is not None,
     ):
         b = clips["x"].shape[0]
         z, masked_z, ref = (
@@ -174,7 +176,7 @@ def encode(ae_rgb, ae_ldmk, clips: dict, precision: str) -> dict[str, torch.Tens
     return {"z": z, "z_l": z_l, "masked_z": masked_z, "ref": ref[:, :, : ae_rgb.r**2]}
 
 
-class VideoWriter:
+class LatentWriter:
     """One video's arrays, written into ``videos/{id}.tmp-HOST-PID`` and renamed into place at the end."""
 
     def __init__(self, out: Path, video: dict, shapes: dict, dtype: str) -> None:
@@ -333,7 +335,7 @@ def build_cache(
     out = Path(out)
     if stride < 1 or batch_size < 1:
         raise UserError(f"--stride and --batch_size must be >= 1, got {stride} and {batch_size}")
-    if dtype not in DTYPES or precision not in PRECISIONS:
+    if dtype not in DTYPES or precision not in ENCODE_PRECISIONS:
         raise UserError(
             f"--dtype and --precision must be one of {', '.join(DTYPES)}; got {dtype}, {precision}"
         )
@@ -410,7 +412,7 @@ def build_cache(
             continue
         if writer is None:
             (out / "videos").mkdir(parents=True, exist_ok=True)
-            writer = VideoWriter(out, video, shapes, dtype)
+            writer = LatentWriter(out, video, shapes, dtype)
         clips = windows(item, starts, int(item["first"]), t, acc.device)
         writer.add(encode(ae_rgb, ae_ldmk, clips, precision))
         bar.update(len(starts))
@@ -450,7 +452,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--precision",
         default="fp32",
-        choices=tuple(PRECISIONS),
+        choices=tuple(ENCODE_PRECISIONS),
         help="autocast of the encoders [fp32: the frame-based trainer's default]",
     )
     p.add_argument("--batch_size", type=int, default=8, help="windows per encoder call [8]")

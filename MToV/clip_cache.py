@@ -12,7 +12,7 @@ import torch
 
 from MToV.models.autoencoder import ViTAutoencoder
 
-__all__ = ["LatentCache", "clip_keys"]
+__all__ = ["ClipLatentCache", "clip_keys"]
 
 
 def clip_keys(frames: np.ndarray, clip: int) -> list[bytes]:
@@ -28,7 +28,7 @@ def clip_keys(frames: np.ndarray, clip: int) -> list[bytes]:
     return keys
 
 
-class LatentCache:
+class ClipLatentCache:
     """Latents by clip content: a clip seen before (a still reference image gives the same masked
     clip every time; a reference video played back and forth repeats clips) is not encoded again.
 

@@ -14,7 +14,7 @@ float rounding (``precision="fp32"``):
   autoencoders take one clip per call on the CPU, int8's only device); the reference latent is
   encoded once per video; only the encoders the sampler needs run (``extract``); a clip whose frames
   were already encoded (a still reference image gives the same masked clip every time) reuses its
-  latent (:class:`LatentCache`); each clip draws its noise from its own generator seeded by
+  latent (:class:`ClipLatentCache`); each clip draws its noise from its own generator seeded by
   (seed, clip index), so the result does not depend on ``batch_size``; ``torch.inference_mode``;
   cheaper arithmetic chosen per device (bf16 autocast of the autoencoders on GPUs; on the CPU what
   :mod:`MToV.calibration` measured faster, by at least 1.15x, than fp32 on this machine: bf16
@@ -44,14 +44,14 @@ from tqdm.auto import tqdm
 from moditalker.device import autocast
 from moditalker.errors import UserError
 from moditalker.timing import StageTimer
-from MToV.clip_cache import LatentCache, clip_keys
+from MToV.clip_cache import ClipLatentCache, clip_keys
 from MToV.diffusion import ddim_times
 from MToV.loading import MToVModels, PrecisionPlan
 from MToV.models.autoencoder import ViTAutoencoder
 
 __all__ = [
     "ClipBatch",
-    "LatentCache",
+    "ClipLatentCache",
     "SamplingOptions",
     "StreamState",
     "check_sampling",
@@ -260,7 +260,7 @@ class _BatchSampler:
         ref = to_model(ident[None], self.size, self.dev, "identity_frame")  # [1, 3, R, R]
         with timer("encode"):  # the reference latent: once per video
             self.ref_latent = self.extract(self.ae_rgb, ref[:, :, None].expand(-1, -1, self.clip, -1, -1))
-        self.cached = LatentCache(self.extract, capacity=options.latent_capacity)
+        self.cached = ClipLatentCache(self.extract, capacity=options.latent_capacity)
         aes = {"rgb": self.ae_rgb, "ldmk": self.ae_ldmk}
         for encoded in resume.encoded:  # the cache as the finished batches left it
             for name, (keys, latents) in encoded.items():

@@ -114,11 +114,11 @@ def test_repeated_clips_encoded_once_same_result(models, monkeypatch):
     assert calls["rgb"] == [1, 1]  # the reference, then the one distinct masked clip
     assert calls["ldmk"] == [1, 1, 1]  # clips 0 and 1 (2 = 0), then clip 3, one per call on the CPU
 
-    class NoCache(gen.LatentCache):
+    class NoCache(gen.ClipLatentCache):
         def __call__(self, ae, clips, keys):
             return self.extract(ae, clips)
 
-    monkeypatch.setattr(gen, "LatentCache", NoCache)
+    monkeypatch.setattr(gen, "ClipLatentCache", NoCache)
     calls["rgb"].clear(), calls["ldmk"].clear()
     every = generate_video(models, lv, masked, ident, **kw)
     assert calls["rgb"] == [1] * 5 and calls["ldmk"] == [1] * 4  # every clip, one per call on the CPU

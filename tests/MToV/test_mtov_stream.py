@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from moditalker.fileio import REPO_ROOT
-from MToV.generate import LatentCache, SamplingOptions, StreamState, generate_video, stream_video
+from MToV.generate import ClipLatentCache, SamplingOptions, StreamState, generate_video, stream_video
 from MToV.loading import load_mtov
 
 TINY = str(REPO_ROOT / "configs" / "mtov_tiny.yaml")
@@ -121,7 +121,7 @@ def test_latent_cache_capacity_is_first_in_first_out():
         return x.flatten(1)[:, :2].clone()
 
     ae = object()
-    cache = LatentCache(extract, capacity=2)
+    cache = ClipLatentCache(extract, capacity=2)
     clips = torch.arange(5.0)[:, None, None].expand(5, 1, 3)
     keys = [b"a", b"b", b"a", b"c", b"d"]
     out = cache(ae, clips, keys)
@@ -130,7 +130,7 @@ def test_latent_cache_capacity_is_first_in_first_out():
     assert [k for _, k, _ in cache.take_added()] == [b"a", b"b", b"c", b"d"] and cache.take_added() == []
     cache(ae, clips[:2], [b"d", b"a"])  # d is kept, a was dropped: encoded again
     assert encoded == [4, 1] and [k for _, k in cache.latents] == [b"d", b"a"]
-    replay = LatentCache(extract, capacity=2)
+    replay = ClipLatentCache(extract, capacity=2)
     replay.restore(ae, [b"a", b"b", b"c", b"d"], torch.zeros(4, 2))
     replay.restore(ae, [b"a"], torch.zeros(1, 2))
     assert [k for _, k in replay.latents] == [k for _, k in cache.latents]
