@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import types
 import typing
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -356,43 +355,22 @@ class Setting:
         return value if value is None or self.type is None else self.type(value)
 
 
-def _leaf_type(hint: Any) -> tuple[type | None, bool]:
-    """(type, nullable) of a field annotation such as ``int``, ``int | None`` or ``Any``."""
-    if hint is Any:
-        return None, True
-    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
-        args = [a for a in typing.get_args(hint) if a is not type(None)]
-        assert len(args) == 1, hint
-        return args[0], len(args) < len(typing.get_args(hint))
-    return hint, False
-
-
 def _walk(cls: type, prefix: str = "") -> Iterator[Setting]:
+    """The leaves of a schema dataclass in field order: the type from the annotation (``int``,
+    ``int | None``: nullable; ``Any``: free form), everything else from the field's metadata."""
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
-        hint = hints[f.name]
+        hint, key = hints[f.name], f"{prefix}{f.name}"
         if dataclasses.is_dataclass(hint):
-            yield from _walk(hint, f"{prefix}{f.name}.")
+            yield from _walk(hint, f"{key}.")
             continue
-        kind, nullable = _leaf_type(hint)
-        m = f.metadata
-        stages = m["stages"]
-        if stages is None:
-            stages = (prefix[:-1],) if prefix else ()
-        yield Setting(
-            key=f"{prefix}{f.name}",
-            type=kind,
-            nullable=nullable,
-            default=f.default,
-            help=m["help"],
-            check=m["check"],
-            flag=m["flag"],
-            exclusive=m["exclusive"],
-            stages=stages,
-            inherit=m["inherit"],
-            free_form=m["free_form"],
-            label=m["label"],
-        )
+        args = typing.get_args(hint) or (hint,)
+        (kind,) = (a for a in args if a is not type(None))  # one type, maybe with None
+        meta = dict(f.metadata)
+        if meta["stages"] is None:  # the stage named like its section
+            meta["stages"] = (prefix[:-1],) if prefix else ()
+        nullable = kind is Any or type(None) in args
+        yield Setting(key, None if kind is Any else kind, nullable, f.default, **meta)
 
 
 #: dotted key -> :class:`Setting`, every leaf of the schema in its order
