@@ -5,5 +5,6 @@
   builds its networks and inputs, :mod:`benchmarks.run` measures one mode, :mod:`benchmarks.report`
   writes the table;
 * :mod:`benchmarks.training` (``scripts/benchmark_training.sh``): MToV diffusion training steps from
-  frames vs from the latent cache.
+  frames vs from the latent cache;
+* :mod:`benchmarks.options`: what their command lines share (``--threads``).
 """

@@ -61,6 +61,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from benchmarks.options import set_threads
 from benchmarks.prepare import Inputs, Networks, build_networks, make_inputs
 from benchmarks.report import _device_name, busy_warnings, format_table
 from benchmarks.run import (
@@ -405,10 +406,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             [sys.executable, "-m", "benchmarks.inference", *sys.argv[1:]],
             {**os.environ, **missing},
         )
-    if args.threads is not None:
-        if args.threads < 1:
-            raise UserError(f"--threads must be >= 1, got {args.threads}")
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     check_settings(args.seconds, args.steps_scale, modes, args.batch_size, args.seed)
     out = None

@@ -39,6 +39,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from benchmarks.options import set_threads
 from benchmarks.prepare import randomize_zero_params
 from benchmarks.report import _device_name
 from data.sample_data import reference_frames
@@ -319,10 +320,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
     if args.json:
         check_output(args.json, args.overwrite)
-    if args.threads is not None:
-        if args.threads < 1:
-            raise UserError(f"--threads must be >= 1, got {args.threads}")
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     report = run_benchmark(
         args.device,
         args.steps,

@@ -341,6 +341,7 @@ def test_benchmark_script_and_errors(tmp_path):
         (["--modes", "fast,turbo"], "turbo"),
         (["--batch-size", "0"], "--batch-size"),
         (["--seed", "-1"], "--seed"),
+        (["--threads", "0"], "--threads must be >= 1, got 0"),
         (["--json", "{file}/report.json"], "is a file"),
         pytest.param(
             ["--cpu-isa", "avx2"],
