@@ -12,7 +12,9 @@ decoded, :class:`VideoWriter` encodes frames batch by batch (same file as ``writ
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import itertools
 import math
 import os
 import shutil
@@ -90,7 +92,16 @@ def iter_video(
     they are consumed (a long or large video is never held whole). ``info`` (a dict, optional)
     receives ``"fps"``, the rate of the frames, before the first one is yielded. A repeated frame
     (``fps`` above the source rate) is the same array object each time it is yielded."""
-    path = Path(path)
+    frames = _decode_frames(Path(path), fps, autorotate, info)
+    with contextlib.closing(frames):  # stopping at max_frames closes the file at once
+        # max_frames below 1 still gives the first frame
+        yield from itertools.islice(frames, None if max_frames is None else max(max_frames, 1))
+
+
+def _decode_frames(
+    path: Path, fps: float | None, autorotate: bool, info: dict[str, Any] | None
+) -> Iterator[np.ndarray]:
+    """:func:`iter_video` without ``max_frames``."""
     if fps is not None:
         _check_fps(fps)
     container = _open(path)
@@ -118,8 +129,6 @@ def iter_video(
                 if fps is None:
                     yield image
                     count += 1
-                    if max_frames is not None and count >= max_frames:
-                        return
                     continue
                 if frame.pts is not None and time_base is not None:
                     t = float(frame.pts * time_base)
@@ -138,8 +147,6 @@ def iter_video(
                         yield prev
                         count += 1
                         prev_slot += 1
-                        if max_frames is not None and count >= max_frames:
-                            return
                     prev_slot = max(prev_slot, slot)
                 else:
                     prev_slot = 0  # the first frame covers slot 0 even with a late start
@@ -155,8 +162,6 @@ def iter_video(
                 yield prev
                 count += 1
                 prev_slot += 1
-                if max_frames is not None and count >= max_frames:
-                    return
     finally:
         container.close()
     if count == 0:
