@@ -19,13 +19,8 @@ from moditalker.errors import UserError, cli_main
 REPO = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: one thread is fastest and does not fight other test processes."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# tiny models: one thread is fastest and does not fight other test processes (tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 TINY = REPO / "configs" / "atom_tiny.yaml"
