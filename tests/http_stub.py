@@ -9,7 +9,7 @@ as ``(path, range header or None)``.
 What the stand-in serves in place of real weights: :func:`torch_bytes` (an object as ``torch.save``
 writes it), :func:`zero_state` / :func:`module_state` / :func:`official_like` (state_dicts with the real
 keys and shapes whose tensors are zero-stride views of one value: a few KB on disk, full shapes once
-loaded).
+loaded); :func:`tiny_hubert` / :func:`save_tiny_hubert` a HuBERT of the real layout at toy size.
 """
 
 from __future__ import annotations
@@ -27,6 +27,32 @@ def torch_bytes(obj: Any) -> bytes:
     buf = io.BytesIO()
     torch.save(obj, buf)
     return buf.getvalue()
+
+
+def tiny_hubert() -> Any:
+    """A ``transformers.HubertModel`` of HuBERT's layout at toy size (16 wide, one layer), standing in
+    for facebook/hubert-large-ls960-ft."""
+    from transformers import HubertConfig, HubertModel
+
+    return HubertModel(
+        HubertConfig(
+            hidden_size=16,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=16,
+            conv_dim=(4,) * 7,
+            num_conv_pos_embeddings=4,
+            num_conv_pos_embedding_groups=2,
+        )
+    )
+
+
+def save_tiny_hubert(folder: Any) -> None:
+    """:func:`tiny_hubert` and a feature extractor saved in ``folder`` as a HuBERT model folder."""
+    from transformers import Wav2Vec2FeatureExtractor
+
+    tiny_hubert().save_pretrained(folder)
+    Wav2Vec2FeatureExtractor().save_pretrained(folder)
 
 
 def zero_state(shapes: dict[str, Any], dtypes: dict[str, Any] | None = None) -> dict:

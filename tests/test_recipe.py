@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from http_stub import StubServer, module_state, official_like, torch_bytes
+from http_stub import StubServer, module_state, official_like, save_tiny_hubert, torch_bytes
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = REPO / "docs" / "recipe.md"
@@ -124,20 +124,8 @@ def test_every_recipe_command_has_one_stand_in():
 # ----------------------------------------------------------------------------- the stand-ins
 def _hf_cache(root: Path) -> None:
     """A Hugging Face cache holding a tiny model under facebook/hubert-large-ls960-ft."""
-    from transformers import HubertConfig, HubertModel, Wav2Vec2FeatureExtractor
-
     snap = root / "hub" / "models--facebook--hubert-large-ls960-ft" / "snapshots" / ("0" * 40)
-    cfg = HubertConfig(
-        hidden_size=16,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=16,
-        conv_dim=(4,) * 7,
-        num_conv_pos_embeddings=4,
-        num_conv_pos_embedding_groups=2,
-    )
-    HubertModel(cfg).save_pretrained(snap)
-    Wav2Vec2FeatureExtractor().save_pretrained(snap)
+    save_tiny_hubert(snap)
     (snap.parents[1] / "refs").mkdir()
     (snap.parents[1] / "refs" / "main").write_text("0" * 40)
 
@@ -178,9 +166,9 @@ def standin(tmp_path_factory):
 
     from data.face3d import write_synthetic_bfm
     from data.recon3d import ReconNet
+    from data.sample_data import write_talking_videos
     from moditalker.assets import GDRIVE_IDS
     from MToV.loading import build_models, model_config
-    from data.sample_data import write_talking_videos
 
     root = tmp_path_factory.mktemp("standin")
     with StubServer() as server:

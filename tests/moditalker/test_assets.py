@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from http_stub import official_like, zero_state
+from http_stub import official_like, tiny_hubert, zero_state
 
 from moditalker import assets
 from moditalker.assets import (
@@ -173,19 +173,9 @@ def test_download_writes_where_check_looks(ckpt, monkeypatch):
 
 def test_download_hubert_saves_a_loadable_folder(ckpt, monkeypatch):
     import transformers
-    from transformers import HubertConfig, HubertModel, Wav2Vec2FeatureExtractor
+    from transformers import Wav2Vec2FeatureExtractor
 
-    tiny = HubertModel(
-        HubertConfig(
-            hidden_size=16,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            intermediate_size=16,
-            conv_dim=(4,) * 7,
-            num_conv_pos_embeddings=4,
-            num_conv_pos_embedding_groups=2,
-        )
-    )
+    tiny = tiny_hubert()
     monkeypatch.setattr(transformers.HubertModel, "from_pretrained", classmethod(lambda cls, *a, **k: tiny))
     monkeypatch.setattr(
         transformers.AutoFeatureExtractor,

@@ -8,7 +8,7 @@ import os
 
 import pytest
 import torch
-from http_stub import StubServer, official_like, torch_bytes, zero_state
+from http_stub import StubServer, official_like, save_tiny_hubert, torch_bytes, zero_state
 
 from moditalker import asset_content, assets
 from moditalker.assets import GDRIVE_IDS, main
@@ -119,20 +119,8 @@ def test_check_mat_files(ckpt, capsys):
 
 
 def test_check_hubert_folder(ckpt, capsys):
-    from transformers import HubertConfig, HubertModel, Wav2Vec2FeatureExtractor
-
-    cfg = HubertConfig(
-        hidden_size=16,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=16,
-        conv_dim=(4,) * 7,
-        num_conv_pos_embeddings=4,
-        num_conv_pos_embedding_groups=2,
-    )
     folder = ckpt / "hubert-large-ls960-ft"
-    HubertModel(cfg).save_pretrained(folder)
-    Wav2Vec2FeatureExtractor().save_pretrained(folder)
+    save_tiny_hubert(folder)
     assert run_check(capsys, "--only", "hubert", "--deep") == (0, [])
     weights = folder / "model.safetensors"
     data = weights.read_bytes()
