@@ -70,6 +70,19 @@ def _deterministic_threads():
     yield
 
 
+@pytest.fixture
+def ckpt(tmp_path, monkeypatch):
+    """An empty checkpoints folder ($MODITALKER_CHECKPOINTS) and an empty torch-hub cache: no weights
+    anywhere, no fallback from the real ones."""
+    from moditalker import assets
+
+    root = tmp_path / "checkpoints"
+    root.mkdir()
+    monkeypatch.setenv("MODITALKER_CHECKPOINTS", str(root))
+    monkeypatch.setattr(assets, "_torch_hub_checkpoints", lambda: tmp_path / "hub" / "checkpoints")
+    return root
+
+
 @pytest.fixture()
 def one_thread():
     """Tiny models gain nothing from a second thread, and on a busy shared CPU the OpenMP spin-wait

@@ -16,7 +16,6 @@ from evaluation import protocol, weights
 from evaluation.evaluate import main, run_metrics
 from evaluation.frechet import RunningGaussian, frechet_distance
 from evaluation.syncnet import offset_search
-from moditalker import assets
 from moditalker.errors import cli_main
 
 CPU = torch.device("cpu")
@@ -38,13 +37,9 @@ def _audio(n_frames: int) -> np.ndarray:
 
 
 @pytest.fixture
-def no_weights(tmp_path, monkeypatch):
-    """An empty checkpoints folder and torch-hub cache: no metric weights anywhere."""
-    root = tmp_path / "checkpoints"
-    root.mkdir()
-    monkeypatch.setenv("MODITALKER_CHECKPOINTS", str(root))
-    monkeypatch.setattr(assets, "_torch_hub_checkpoints", lambda: tmp_path / "hub" / "checkpoints")
-    return root
+def no_weights(ckpt):
+    """An empty checkpoints folder and torch-hub cache (tests/conftest.py): no metric weights anywhere."""
+    return ckpt
 
 
 def _pair_dirs(tmp_path, pred: dict[str, np.ndarray], gt: dict[str, np.ndarray], audio: bool = False):

@@ -36,16 +36,6 @@ EXPECTED_DEFAULTS = {
 }
 
 
-@pytest.fixture
-def ckpt(tmp_path, monkeypatch):
-    """An empty checkpoints folder, and an empty torch-hub cache (no fallback from the real one)."""
-    root = tmp_path / "checkpoints"
-    root.mkdir()
-    monkeypatch.setenv("MODITALKER_CHECKPOINTS", str(root))
-    monkeypatch.setattr(assets, "_torch_hub_checkpoints", lambda: tmp_path / "hub" / "checkpoints")
-    return root
-
-
 def _touch(path):
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(b"x")

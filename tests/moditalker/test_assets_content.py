@@ -17,15 +17,6 @@ from moditalker.errors import UserError, cli_main
 MANIFESTS = assets.REPO_ROOT / "tests" / "reference" / "manifests"
 
 
-@pytest.fixture
-def ckpt(tmp_path, monkeypatch):
-    root = tmp_path / "checkpoints"
-    root.mkdir()
-    monkeypatch.setenv("MODITALKER_CHECKPOINTS", str(root))
-    monkeypatch.setattr(assets, "_torch_hub_checkpoints", lambda: tmp_path / "hub" / "checkpoints")
-    return root
-
-
 def atom_bytes(pad: int = 0) -> bytes:
     sd = official_like("atom")
     return torch_bytes(
