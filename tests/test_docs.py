@@ -12,16 +12,15 @@
 from __future__ import annotations
 
 import difflib
-import hashlib
 import os
 import re
 import shlex
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from repo_copy import copy_repository
 
 REPO = Path(__file__).resolve().parents[1]
 PAGES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
@@ -122,16 +121,6 @@ def test_readme_is_a_short_tour():
 
 
 # ----------------------------------------------------------------------------- runnable blocks
-def _source_files() -> list[str]:
-    out = subprocess.run(
-        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
-        cwd=REPO,
-        capture_output=True,
-        check=True,
-    ).stdout
-    return [f for f in out.decode().split("\0") if f and (REPO / f).is_file()]
-
-
 def _snapshot(root: Path) -> dict[str, tuple[int, int]]:
     state = {}
     for dirpath, dirnames, filenames in os.walk(root):
@@ -143,36 +132,11 @@ def _snapshot(root: Path) -> dict[str, tuple[int, int]]:
     return state
 
 
-def _link_environment(root: Path) -> None:
-    """``root/.venv``: this interpreter's environment seen from the copy, so that ``.venv/bin/python``
-    and the scripts' launchers run it, and ``scripts/setup.sh`` finds it installed and leaves the
-    real one alone. Its own folder, holding links into the environment and the install stamp."""
-    venv = root / ".venv"
-    (venv / "bin").mkdir(parents=True)
-    prefix = Path(sys.prefix)
-    if (prefix / "pyvenv.cfg").is_file():  # a virtual environment (scripts/setup.sh makes one)
-        shutil.copy2(prefix / "pyvenv.cfg", venv / "pyvenv.cfg")
-        for name in ("lib", "lib64", "include"):
-            if (prefix / name).exists():
-                (venv / name).symlink_to(prefix / name)
-        for exe in (prefix / "bin").iterdir():
-            (venv / "bin" / exe.name).symlink_to(exe)
-    else:  # e.g. a conda environment: its interpreter finds its own prefix through the link
-        (venv / "bin" / "python").symlink_to(sys.executable)
-    digest = hashlib.sha256((root / "requirements.txt").read_bytes() + (root / "pyproject.toml").read_bytes())
-    (venv / ".moditalker-installed").write_text(digest.hexdigest() + "\n")
-
-
 @pytest.fixture(scope="module")
 def checkout(tmp_path_factory) -> Path:
     """A copy of the repository's files (what a fresh clone of the working tree holds) running in
     this test's Python environment."""
-    root = tmp_path_factory.mktemp("checkout") / "repo"
-    for rel in _source_files():
-        (root / rel).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(REPO / rel, root / rel)
-    _link_environment(root)
-    return root
+    return copy_repository(tmp_path_factory.mktemp("checkout") / "repo")
 
 
 def _run_block(checkout: Path, out: Path, page: Path, match: re.Match, timeout: float) -> None:

@@ -16,17 +16,16 @@ the whole page, through training, a video and both evaluation protocols.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from http_stub import StubServer, module_state, official_like, save_tiny_hubert, torch_bytes
+from repo_copy import copy_repository
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = REPO / "docs" / "recipe.md"
@@ -219,29 +218,7 @@ def standin(tmp_path_factory):
 def _checkout(root: Path, videos: list[Path]) -> Path:
     """A copy of the repository's files, running this test's Python environment as .venv, with the
     licence-gated LRS3 stood in for by the sample videos."""
-    out = subprocess.run(
-        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
-        cwd=REPO,
-        capture_output=True,
-        check=True,
-    ).stdout
-    for rel in out.decode().split("\0"):
-        if rel and (REPO / rel).is_file():
-            (root / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(REPO / rel, root / rel)
-    venv, prefix = root / ".venv", Path(sys.prefix)
-    (venv / "bin").mkdir(parents=True)
-    if (prefix / "pyvenv.cfg").is_file():
-        shutil.copy2(prefix / "pyvenv.cfg", venv / "pyvenv.cfg")
-        for name in ("lib", "lib64", "include"):
-            if (prefix / name).exists():
-                (venv / name).symlink_to(prefix / name)
-        for exe in (prefix / "bin").iterdir():
-            (venv / "bin" / exe.name).symlink_to(exe)
-    else:
-        (venv / "bin" / "python").symlink_to(sys.executable)
-    digest = hashlib.sha256((root / "requirements.txt").read_bytes() + (root / "pyproject.toml").read_bytes())
-    (venv / ".moditalker-installed").write_text(digest.hexdigest() + "\n")
+    copy_repository(root)
     for split, speaker, clips in (("trainval", "spk0", videos[:3]), ("test", "spk9", videos[3:])):
         for k, video in enumerate(clips):
             dest = root / "data" / "LRS3" / split / speaker / f"{k:05d}.mp4"
