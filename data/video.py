@@ -105,7 +105,6 @@ def _decode_frames(
     if fps is not None:
         _check_fps(fps)
     container = _open(path)
-    count = 0
     try:
         if not container.streams.video:
             raise UserError(f"{path} has no video stream; pass a video file")
@@ -128,7 +127,6 @@ def _decode_frames(
                 n_decoded += 1
                 if fps is None:
                     yield image
-                    count += 1
                     continue
                 if frame.pts is not None and time_base is not None:
                     t = float(frame.pts * time_base)
@@ -145,7 +143,6 @@ def _decode_frames(
                     # the previous frame fills every slot up to (not including) this frame's slot
                     while prev_slot < slot:
                         yield prev
-                        count += 1
                         prev_slot += 1
                     prev_slot = max(prev_slot, slot)
                 else:
@@ -160,11 +157,10 @@ def _decode_frames(
             total = max(int(math.floor((last_time + frame_dur) * fps + 0.5)), prev_slot + 1)
             while prev_slot < total:
                 yield prev
-                count += 1
                 prev_slot += 1
     finally:
         container.close()
-    if count == 0:
+    if n_decoded == 0:  # (a decoded frame is always yielded at least once)
         raise UserError(f"no frames could be decoded from {path}; is it a valid video file?")
 
 
