@@ -5,7 +5,8 @@ Two modes (``mode:`` in the config):
 * ``rgb``: the RGB autoencoder on video clips ``x`` (``autoencoder_rgb.pth``);
 * ``ldmk``: the landmark ("motion") autoencoder on rendered landmark clips ``x_l``, initialised
   from the RGB checkpoint (``init_from``) with the TimeSformer decoder frozen
-  (``freeze_decoder``), as the original ``first_stage_ldmk`` (``autoencoder_motion.pth``).
+  (``freeze_decoder``), as the original ``first_stage_ldmk`` (``autoencoder_motion.pth``); or from
+  scratch (no ``init_from``, ``freeze_decoder=false``), as the learning benchmark's small models.
 
 Objective (``MToV.losses``): 4*L1 + 4*LPIPS(one random frame per clip); from step ``disc_start``
 on, also the 2D/3D PatchGAN hinge game with feature matching. AdamW (betas 0.5, 0.9), gradient
@@ -200,16 +201,17 @@ def _loaders(cfg: DictConfig, key: str, num_processes: int) -> tuple:
 
 def _models(cfg: DictConfig, initialise: bool) -> tuple:
     """(autoencoder, its optimizer, 2D and 3D discriminators and their optimizer or Nones); a new run
-    (``initialise``) starts from ``init_from``; the decoder is frozen in ldmk mode."""
+    (``initialise``) starts from ``init_from`` (ldmk mode without it: from scratch, which needs
+    ``freeze_decoder=false``); the decoder is frozen in ldmk mode unless ``freeze_decoder`` says."""
     tc, lc = cfg.train, cfg.loss
     freeze_decoder = (cfg.mode == "ldmk") if cfg.freeze_decoder is None else bool(cfg.freeze_decoder)
     model = ViTAutoencoder(cfg.model.embed_dim, OmegaConf.to_container(cfg.model.ddconfig, resolve=True))
     if initialise and cfg.init_from:
         load_autoencoder_weights(model, _resolve(cfg.init_from), "initial (init_from) autoencoder")
-    elif initialise and cfg.mode == "ldmk":
+    elif initialise and cfg.mode == "ldmk" and freeze_decoder:
         raise UserError(
             "ldmk mode starts from the RGB autoencoder: set init_from=/path/to/autoencoder_rgb.pth "
-            "(the model_last.pth of an rgb run)"
+            "(the model_last.pth of an rgb run), or train it from scratch with freeze_decoder=false"
         )
     if freeze_decoder:
         for name, p in model.named_parameters():

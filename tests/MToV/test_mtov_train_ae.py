@@ -129,6 +129,26 @@ def test_ldmk_mode_inits_from_rgb_and_freezes_the_decoder(rgb_run, synth, tmp_pa
               "model.ddconfig.channels=24"])  # fmt: skip
 
 
+def test_ldmk_mode_from_scratch_trains_the_decoder_too(synth, tmp_path):
+    """Without init_from the landmark autoencoder starts from its seeded initialisation, which needs
+    the decoder trained (freeze_decoder=false): a frozen random decoder is refused."""
+    out = tmp_path / "scratch"
+    with pytest.raises(UserError, match="freeze_decoder=false"):
+        main(["--config", TINY, "--mode", "ldmk", "--out_dir", str(out), f"data.root={synth.root}"])
+    result = main(["--config", TINY, "--mode", "ldmk", "freeze_decoder=false", "--out_dir", str(out),
+                   "--no_progress", f"data.root={synth.root}", "train.max_steps=2", "train.val_every=2",
+                   "loss.perceptual_weight=0"])  # fmt: skip
+    assert [h["step"] for h in result["history"]] == [0, 2]
+    # the start is the seeded initialisation (train.seed): a second run gives the same weights
+    trained = torch.load(out / "model_last.pth", weights_only=True)
+    again = tmp_path / "again"
+    main(["--config", TINY, "--mode", "ldmk", "freeze_decoder=false", "--out_dir", str(again),
+          "--no_progress", f"data.root={synth.root}", "train.max_steps=2", "train.val_every=2",
+          "loss.perceptual_weight=0"])  # fmt: skip
+    second = torch.load(again / "model_last.pth", weights_only=True)
+    assert trained.keys() == second.keys() and all(torch.equal(trained[k], second[k]) for k in trained)
+
+
 def test_gan_phase_with_accumulation(synth, tmp_path):
     out = tmp_path / "gan"
     result = main(["--config", TINY, "--out_dir", str(out), "--no_progress", f"data.root={synth.root}",
