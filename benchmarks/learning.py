@@ -43,8 +43,16 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
-
+from benchmarks.learning_scores import (
+    atom_mouth_corr,
+    end_to_end_scores,
+    latent_report,
+    mouth_darkness,
+    mtov_scores,
+    psnr,
+    read_clip,
+    sample_clip,
+)
 from moditalker.errors import UserError, cli_main
 from moditalker.fileio import atomic_write_text, check_output
 
@@ -60,155 +68,15 @@ __all__ = [
     "TARGETS",
     "atom_mouth_corr",
     "format_table",
+    "latent_report",
     "main",
     "mouth_darkness",
     "mtov_scores",
     "psnr",
+    "read_clip",
     "run_benchmark",
     "sample_clip",
 ]
-
-
-def psnr(a: np.ndarray, b: np.ndarray, box: Sequence[int] | None = None) -> float:
-    """PSNR (dB, peak 255) of uint8 frames ``[..., H, W, 3]``, inside ``box`` (x0, y0, x1, y1) if given."""
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    if box is not None:
-        x0, y0, x1, y1 = box
-        a, b = a[..., y0:y1, x0:x1, :], b[..., y0:y1, x0:x1, :]
-    mse = float(((a - b) ** 2).mean())
-    return float(10 * np.log10(255.0**2 / max(mse, 1e-10)))
-
-
-def mouth_darkness(frames: np.ndarray, box: Sequence[int]) -> np.ndarray:
-    """255 minus the mean luminance inside ``box`` per frame of uint8 ``[T, H, W, 3]``."""
-    x0, y0, x1, y1 = box
-    region = np.asarray(frames, np.float64)[:, y0:y1, x0:x1, :]
-    return 255.0 - (region @ np.array([0.299, 0.587, 0.114])).mean(axis=(1, 2))
-
-
-# ------------------------------------------------------------------------------------------------
-# evaluation
-
-
-def read_clip(hdtf: Path, cid: str) -> tuple[np.ndarray, np.ndarray]:
-    """(uint8 frames [T, S, S, 3], pixel landmarks [T, 68, 2]) of one clip of the world's tree."""
-    from data.video import read_frame_folder
-
-    frames = read_frame_folder(hdtf / "frames" / cid, what="frames")
-    kp = hdtf / "keypoints" / "non-face-centric" / "posed" / cid
-    lm = np.stack([np.load(kp / f"{t:05d}.npy") for t in range(len(frames))])
-    return frames, lm
-
-
-def sample_clip(
-    models,
-    reference: np.ndarray,
-    landmarks: np.ndarray,
-    *,
-    ref_landmarks: np.ndarray | None = None,
-    sampling_timesteps: int = 100,
-    start_ratio: float = 0.25,
-    seed: int = 0,
-    radius: int = 3,
-    precision: str = "fp32",
-) -> np.ndarray:
-    """MToV frames uint8 ``[T, S, S, 3]`` for pixel ``landmarks [T, 68, 2]`` (at the reference's size
-    S), with ``reference [N, S, S, 3]`` (masked below the nose with ``ref_landmarks``, default
-    ``landmarks``; its frame 0 the identity), through :func:`MToV.generate.generate_video`."""
-    from data.motion_align import render_landmarks
-    from MToV.conditions import build_conditions
-    from MToV.generate import generate_video
-
-    size = reference.shape[1]
-    lm_video = render_landmarks(landmarks, (size, size), size=size, radius=radius)
-    conditions = build_conditions(
-        reference, lm_video, size, landmarks=landmarks, ref_landmarks=ref_landmarks, identity_frame=0
-    )
-    video = generate_video(
-        models,
-        *conditions,
-        seed=seed,
-        start_ratio=start_ratio,
-        sampling_timesteps=sampling_timesteps,
-        progress=False,
-        precision=precision,
-    )
-    return video.transpose(0, 2, 3, 1)
-
-
-def mtov_scores(models, world: dict, hdtf: Path, passes: dict[int, int], seed: int, radius: int = 3) -> dict:
-    """PSNR of MToV (driven by the true landmarks) and of the reference copy on the held-out clips."""
-    box = world["lip_box"]
-    truth, copies, generated, wrong, wrong_truth = [], [], {p: [] for p in passes}, [], []
-    ids = world["heldout_ids"]
-    for k, cid in enumerate(ids):
-        frames, lm = read_clip(hdtf, cid)
-        truth.append(frames)
-        copies.append(np.repeat(frames[:1], len(frames), axis=0))
-        for p, steps in passes.items():
-            generated[p].append(
-                sample_clip(models, frames, lm, sampling_timesteps=steps, seed=seed, radius=radius)
-            )
-        # the control: the landmarks of another sentence (fewest passes) must give a worse mouth
-        _, other = read_clip(hdtf, ids[(k + 1) % len(ids)])
-        n = min(len(lm), len(other))
-        wrong.append(
-            sample_clip(models, frames[:n], other[:n], ref_landmarks=lm[:n],
-                        sampling_timesteps=passes[min(passes)], seed=seed, radius=radius)
-        )  # fmt: skip
-        wrong_truth.append(frames[:n])
-    t, c = np.concatenate(truth), np.concatenate(copies)
-    table = {}
-    for p in passes:
-        g = np.concatenate(generated[p])
-        table[str(p)] = {"mouth_psnr": psnr(g, t, box), "psnr": psnr(g, t)}
-    main_p = str(max(passes))
-    return {
-        "mouth_psnr_heldout": table[main_p]["mouth_psnr"],
-        "mouth_psnr_reference_copy": psnr(c, t, box),
-        "psnr_heldout": table[main_p]["psnr"],
-        "psnr_reference_copy": psnr(c, t),
-        "mouth_psnr_wrong_landmarks": psnr(np.concatenate(wrong), np.concatenate(wrong_truth), box),
-        "passes": table,
-        "lip_box": box,
-    }
-
-
-def atom_landmarks(diffusion, npz: Path, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """(generated frontal landmarks [T, 68, 3], true ones) of one AToM clip, as the pipeline calls AToM."""
-    from AToM.inference import generate_landmarks
-    from data.face3d import canonical_face_lm68
-
-    data = np.load(npz)
-    mean = canonical_face_lm68().astype(np.float32)
-    true = data["idexp_lm3d"] / 10.0 + mean
-    cfg = diffusion.atom_config
-    lm = generate_landmarks(
-        diffusion,
-        data["hubert"],
-        true[0],
-        mean,
-        steps=int(cfg.sample.steps),
-        guidance_weight=float(cfg.diffusion.guidance_weight),
-        seed=seed,
-        progress=False,
-    )
-    return lm, true
-
-
-def atom_mouth_corr(diffusion, world_dir: Path, ids: Sequence[str], seed: int) -> float:
-    """Pearson correlation of the generated and the true mouth opening over all frames of ``ids``."""
-    from data.synthetic import mouth_gap3d
-
-    pred, true = [], []
-    for cid in ids:
-        lm, lm_true = atom_landmarks(diffusion, world_dir / "atom" / "val" / f"{cid}.npz", seed)
-        pred.append(mouth_gap3d(lm))
-        true.append(mouth_gap3d(lm_true))
-    p, t = np.concatenate(pred), np.concatenate(true)
-    if p.std() < 1e-12:
-        return 0.0
-    return float(np.corrcoef(p, t)[0, 1])
 
 
 # ------------------------------------------------------------------------------------------------
@@ -269,6 +137,7 @@ def run_benchmark(
     from data.synthetic import write_world
     from moditalker.config import load_config
     from moditalker.device import resolve_device
+    from MToV.conditions import condition_settings
     from MToV.loading import MODEL_DEFAULTS, load_mtov
 
     t0 = time.time()
@@ -297,7 +166,7 @@ def run_benchmark(
          [*common, "--out_dir", str(out / "ae_rgb"), f"data.root={hdtf}", split,
           f"train.max_steps={ae_steps}", f"train.seed={seed}"]),
         ("landmark autoencoder", "train_mtov_ae_ldmk.sh", {"CONFIG": AE_CONFIG},
-         [*common, "--init_from", str(out / "ae_rgb" / "model_last.pth"), "--out_dir", str(out / "ae_ldmk"),
+         [*common, "--out_dir", str(out / "ae_ldmk"), "freeze_decoder=false",
           f"data.root={hdtf}", split, f"train.max_steps={ldmk_steps}", f"train.seed={seed}"]),
         ("latent cache", "cache_mtov_latents.sh", {"CONFIG": MTOV_CONFIG},
          [*common, "--ae_rgb", str(out / "ae_rgb" / "model_last.pth"), "--ae_ldmk",
@@ -332,6 +201,11 @@ def run_benchmark(
             dev,
         )
         mtov = mtov_scores(models, world, hdtf, {p: PASSES[p] for p in passes}, seed)
+        radius = condition_settings(models)[1]
+        mtov["latents"] = {
+            "rgb": latent_report(models.ae_rgb, world, hdtf, "rgb", radius),
+            "ldmk": latent_report(models.ae_ldmk, world, hdtf, "ldmk", radius),
+        }
         end_to_end = end_to_end_scores(trained, models, world, world_dir, seed)
     usage = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu_s = sum(u.ru_utime + u.ru_stime for u in usage)
@@ -357,39 +231,6 @@ def run_benchmark(
     }
     report["targets_met"] = targets_met(report)
     return report
-
-
-def end_to_end_scores(atom, models, world: dict, world_dir: Path, seed: int) -> dict:
-    """Audio in: AToM's landmarks -> the photo's pixels -> MToV (still photo as reference); the
-    correlation of the generated mouth's darkness with the true opening, and for the true frames."""
-    from data.face3d import canonical_face_lm68
-    from data.synthetic import Face, load_face, render_frames
-
-    size, box = world["size"], world["lip_box"]
-    face = Face(
-        image=np.zeros((world["face_size"],) * 2 + (3,), np.uint8),
-        landmarks=np.asarray(world["face_landmarks"]),
-        affine=np.asarray(world["face_affine"]),
-    )
-    hdtf = world_dir / "hdtf"
-    # the still reference: the photo at rest (no mouth motion), as a user's still image
-    photo = load_face()
-    still = render_frames(photo, face.landmarks[None], np.zeros(1), size)
-    rest = (face.landmarks * size / world["face_size"])[None].astype(np.float32)
-    mean = canonical_face_lm68()
-    dark_gen, dark_true, opening = [], [], []
-    for cid in world["heldout_ids"]:
-        lm3d, _ = atom_landmarks(atom, world_dir / "atom" / "val" / f"{cid}.npz", seed)
-        px = face.project(lm3d - mean) * size / world["face_size"]
-        frames = sample_clip(models, still, px.astype(np.float32), ref_landmarks=rest, seed=seed)
-        true_frames, _ = read_clip(hdtf, cid)
-        dark_gen.append(mouth_darkness(frames, box))
-        dark_true.append(mouth_darkness(true_frames, box))
-        opening.append(np.asarray(world["clips"][cid]["opening"]))
-    o = np.concatenate(opening)
-    gen, tru = np.concatenate(dark_gen), np.concatenate(dark_true)
-    corr = float(np.corrcoef(gen, o)[0, 1]) if gen.std() > 1e-9 else 0.0
-    return {"mouth_dark_corr": corr, "mouth_dark_corr_true_frames": float(np.corrcoef(tru, o)[0, 1])}
 
 
 def targets_met(report: dict) -> dict:
@@ -440,6 +281,14 @@ def format_table(r: dict) -> str:
     ]
     for p, v in sorted(m["passes"].items(), key=lambda kv: -int(kv[0])):
         lines.append(f"| {p} | {v['mouth_psnr']:.2f} | {v['psnr']:.2f} |")
+    if "latents" in m:
+        lines += [
+            "",
+            "| autoencoder latent | saturated (> 0.99) | spread over windows | opening R^2 (held-out) |",
+            "| --- | ---: | ---: | ---: |",
+        ]
+        for name, v in m["latents"].items():
+            lines.append(f"| {name} | {v['saturated']:.2f} | {v['spread']:.4f} | {v['opening_r2']:.3f} |")
     t = r["targets_met"]
     lines += [
         "",
