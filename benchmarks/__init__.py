@@ -6,5 +6,5 @@
   writes the table;
 * :mod:`benchmarks.training` (``scripts/benchmark_training.sh``): MToV diffusion training steps from
   frames vs from the latent cache;
-* :mod:`benchmarks.options`: what their command lines share (``--threads``).
+* :mod:`benchmarks.options`: what their command lines share (``--threads``, the ``--json`` report).
 """

@@ -53,8 +53,9 @@ from benchmarks.learning_scores import (
     read_clip,
     sample_clip,
 )
+from benchmarks.options import set_threads, write_report
 from moditalker.errors import UserError, cli_main
-from moditalker.fileio import atomic_write_text, check_output
+from moditalker.fileio import check_output
 
 REPO = Path(__file__).resolve().parents[1]
 ATOM_CONFIG = "configs/atom_learning.yaml"
@@ -331,12 +332,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
     if args.json:
         check_output(args.json, args.overwrite)
+    set_threads(args.threads)
     if args.threads is not None:
-        if args.threads < 1:
-            raise UserError(f"--threads must be >= 1, got {args.threads}")
-        import torch
-
-        torch.set_num_threads(args.threads)
         _THREADS[:] = [args.threads]
     report = run_benchmark(
         args.out,
@@ -354,8 +351,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         progress=not args.no_progress,
     )
     print(format_table(report))
-    if args.json:
-        atomic_write_text(args.json, json.dumps(report, indent=1) + "\n")
+    write_report(args.json, report)
     return report
 
 

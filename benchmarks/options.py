@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
-from moditalker.errors import UserError
+import json
+from typing import Any
 
-__all__ = ["set_threads"]
+from moditalker.errors import UserError
+from moditalker.fileio import atomic_write_text
+
+__all__ = ["set_threads", "write_report"]
 
 
 def set_threads(threads: int | None) -> None:
@@ -16,3 +20,9 @@ def set_threads(threads: int | None) -> None:
     import torch
 
     torch.set_num_threads(threads)
+
+
+def write_report(path: str | None, report: dict[str, Any]) -> None:
+    """``--json``: the report as JSON (the file complete or absent); nothing when ``path`` is None."""
+    if path:
+        atomic_write_text(path, json.dumps(report, indent=1) + "\n")

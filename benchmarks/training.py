@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import shutil
 import tempfile
 import time
@@ -39,14 +38,14 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from benchmarks.options import set_threads
+from benchmarks.options import set_threads, write_report
 from benchmarks.prepare import randomize_zero_params
 from benchmarks.report import _device_name
 from data.sample_data import reference_frames
 from moditalker.config import load_config
 from moditalker.device import bf16_supported, resolve_device
 from moditalker.errors import UserError, cli_main, script_prog
-from moditalker.fileio import atomic_write_text, check_output, repo_path
+from moditalker.fileio import check_output, repo_path
 from moditalker.training.accelerator import infinite
 from MToV.cache_latents import build_cache
 from MToV.dataset import build_dataset
@@ -334,8 +333,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         not args.no_progress,
     )
     print(format_table(report))
-    if args.json:
-        atomic_write_text(args.json, json.dumps(report, indent=1) + "\n")
+    write_report(args.json, report)
     return report
 
 

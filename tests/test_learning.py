@@ -15,13 +15,13 @@ import json
 import numpy as np
 import pytest
 
+from benchmarks.learning import psnr, read_clip, sample_clip
 from data.synthetic import crop_face, load_face, write_world
 from moditalker.config import load_config
 from MToV import cache_latents
 from MToV.loading import MODEL_DEFAULTS, load_mtov
 from MToV.train_autoencoder import main as train_ae
 from MToV.train_diffusion import main as train_unet
-from benchmarks.learning import psnr, read_clip, sample_clip
 
 CONFIG = "configs/mtov_tiny.yaml"
 AE_CONFIG = "configs/mtov_autoencoder_tiny.yaml"
@@ -87,3 +87,21 @@ def test_sampler_gives_back_the_overfitted_clip(overfitted):
     assert scores["copy"][0] < 30.0
     assert scores["own"][0] >= scores["copy"][0] + 2.0, scores
     assert scores["own"][0] >= scores["wrong"][0] + 1.0, scores
+
+
+def test_learning_benchmark_flags_and_report(tmp_path, monkeypatch, capsys):
+    """--threads below 1 is refused before any work; --json gets the report, and is not replaced
+    without --overwrite."""
+    import benchmarks.learning as bench
+    from moditalker.errors import UserError
+
+    monkeypatch.setattr(bench, "run_benchmark", lambda *a, **k: pytest.fail("the benchmark ran"))
+    with pytest.raises(UserError, match="--threads must be >= 1, got 0"):
+        bench.main(["--out", str(tmp_path / "run"), "--threads", "0"])
+    monkeypatch.setattr(bench, "run_benchmark", lambda *a, **k: {"score": 0.5})
+    monkeypatch.setattr(bench, "format_table", lambda report: "the table")
+    out = tmp_path / "report.json"
+    assert bench.main(["--out", str(tmp_path / "run"), "--json", str(out)]) == {"score": 0.5}
+    assert json.loads(out.read_text()) == {"score": 0.5} and "the table" in capsys.readouterr().out
+    with pytest.raises(UserError, match="exists"):
+        bench.main(["--out", str(tmp_path / "run"), "--json", str(out)])
