@@ -16,12 +16,8 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 MODULE="$1"
 shift
-if [ -z "${PYTHON:-}" ]; then
-  "$ROOT/scripts/setup.sh"
-  PY="$ROOT/.venv/bin/python"
-else
-  PY="$PYTHON"
-fi
+# shellcheck source=scripts/_setup_python.sh
+source "$ROOT/scripts/_setup_python.sh"
 NUM_PROCESSES="${NUM_PROCESSES:-1}"
 NUM_MACHINES="${NUM_MACHINES:-1}"
 for v in NUM_PROCESSES NUM_MACHINES; do

@@ -7,10 +7,6 @@
 # PYTHON=/path/to/python uses that interpreter instead. Rerunning with the same --out resumes.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-if [ -z "${PYTHON:-}" ]; then
-  bash "$ROOT/scripts/setup.sh"
-  PY="$ROOT/.venv/bin/python"
-else
-  PY="$PYTHON"
-fi
+# shellcheck source=scripts/_setup_python.sh
+source "$ROOT/scripts/_setup_python.sh"
 exec "$PY" -m benchmarks.learning "$@"

@@ -8,10 +8,6 @@
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 export MODITALKER_PROG="scripts/${0##*/}"  # the name its usage line shows
-if [ -z "${PYTHON:-}" ]; then
-  bash "$ROOT/scripts/setup.sh"
-  PY="$ROOT/.venv/bin/python"
-else
-  PY="$PYTHON"
-fi
+# shellcheck source=scripts/_setup_python.sh
+source "$ROOT/scripts/_setup_python.sh"
 exec "$PY" -m benchmarks.training "$@"

@@ -56,3 +56,22 @@ def test_walkthrough_help_is_help_not_a_folder(tmp_path):
     bad = _run("walkthrough_tiny.sh", str(tmp_path / "w"), "many")
     assert bad.returncode == 2 and "STEPS must be a positive integer, got 'many'" in bad.stderr
     assert not (tmp_path / "w").exists()
+
+
+@pytest.mark.parametrize("script", ["benchmark_training.sh", "benchmark_learning.sh", "train_mtov_ae.sh"])
+def test_launchers_that_set_up_run_the_given_python(script):
+    """scripts/_setup_python.sh: with $PYTHON set the launcher runs it (no setup); the help comes back."""
+    run = _run(script, "--help")
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.startswith("usage: "), run.stdout[:200]
+
+
+def test_setup_python_without_python_runs_setup_then_the_venv(tmp_path):
+    """Without $PYTHON, scripts/_setup_python.sh runs scripts/setup.sh, then takes ROOT/.venv's Python."""
+    (tmp_path / "scripts").mkdir()
+    (tmp_path / "scripts" / "setup.sh").write_text('echo "setup ran"\n')
+    script = f'ROOT="{tmp_path}"; source "{REPO}/scripts/_setup_python.sh"; echo "PY=$PY"'
+    env = {k: v for k, v in os.environ.items() if k != "PYTHON"}
+    run = subprocess.run(["bash", "-c", script], capture_output=True, text=True, env=env, timeout=60)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.splitlines() == ["setup ran", f"PY={tmp_path}/.venv/bin/python"]
