@@ -53,9 +53,8 @@ from benchmarks.learning_scores import (
     read_clip,
     sample_clip,
 )
-from benchmarks.options import set_threads, write_report
+from benchmarks.options import check_common, write_report
 from moditalker.errors import UserError, cli_main
-from moditalker.fileio import check_output
 
 REPO = Path(__file__).resolve().parents[1]
 ATOM_CONFIG = "configs/atom_learning.yaml"
@@ -330,9 +329,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
-    if args.json:
-        check_output(args.json, args.overwrite)
-    set_threads(args.threads)
+    check_common(args)
     if args.threads is not None:
         _THREADS[:] = [args.threads]
     report = run_benchmark(

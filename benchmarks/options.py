@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 from typing import Any
 
 from moditalker.errors import UserError
-from moditalker.fileio import atomic_write_text
+from moditalker.fileio import atomic_write_text, check_output
 
-__all__ = ["set_threads", "write_report"]
+__all__ = ["check_common", "set_threads", "write_report"]
+
+
+def check_common(args: argparse.Namespace) -> None:
+    """Before any work: ``args.json`` may be written (absent, or ``args.overwrite``) and ``args.threads``
+    is set (:func:`set_threads`)."""
+    if args.json:
+        check_output(args.json, args.overwrite)
+    set_threads(args.threads)
 
 
 def set_threads(threads: int | None) -> None:

@@ -38,14 +38,14 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from benchmarks.options import set_threads, write_report
+from benchmarks.options import check_common, write_report
 from benchmarks.prepare import randomize_zero_params
 from benchmarks.report import _device_name
 from data.sample_data import reference_frames
 from moditalker.config import load_config
 from moditalker.device import bf16_supported, resolve_device
 from moditalker.errors import UserError, cli_main, script_prog
-from moditalker.fileio import check_output, repo_path
+from moditalker.fileio import repo_path
 from moditalker.training.accelerator import infinite
 from MToV.cache_latents import build_cache
 from MToV.dataset import build_dataset
@@ -317,9 +317,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
-    if args.json:
-        check_output(args.json, args.overwrite)
-    set_threads(args.threads)
+    check_common(args)
     report = run_benchmark(
         args.device,
         args.steps,
