@@ -83,6 +83,18 @@ def ckpt(tmp_path, monkeypatch):
     return root
 
 
+@pytest.fixture(scope="module")
+def speech_and_photo(tmp_path_factory) -> dict[str, Path]:
+    """A second of the sample speech ("speech") and the sample face photo ("photo"), made once a module."""
+    from data.sample_data import write_reference_image, write_speech
+
+    d = tmp_path_factory.mktemp("inputs")
+    return {
+        "speech": write_speech(d / "speech.wav", seconds=1.0),
+        "photo": write_reference_image(d / "face.png"),
+    }
+
+
 @pytest.fixture()
 def one_thread():
     """Tiny models gain nothing from a second thread, and on a busy shared CPU the OpenMP spin-wait

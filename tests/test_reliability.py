@@ -49,14 +49,8 @@ def _one_thread():
 
 
 @pytest.fixture(scope="module")
-def inputs(tmp_path_factory) -> dict[str, Path]:
-    from data.sample_data import write_reference_image, write_speech
-
-    d = tmp_path_factory.mktemp("inputs")
-    return {
-        "speech": write_speech(d / "speech.wav", seconds=1.0),
-        "photo": write_reference_image(d / "face.png"),
-    }
+def inputs(speech_and_photo) -> dict[str, Path]:
+    return speech_and_photo
 
 
 def _argv(inputs, out: Path, *extra: str) -> list[str]:

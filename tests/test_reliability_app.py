@@ -67,15 +67,10 @@ def _server(root: Path, job_class=None, **serve_args):
 
 
 @pytest.fixture(scope="module")
-def inputs(tmp_path_factory) -> dict[str, Path]:
-    from data.sample_data import write_reference_image, write_speech
-
-    d = tmp_path_factory.mktemp("inputs")
-    return {
-        "speech": write_speech(d / "speech.wav", seconds=1.0),
-        "photo": write_reference_image(d / "face.png"),
-        "big": _big(d / "big.wav", int(1.5 * 1024 * 1024)),
-    }
+def inputs(speech_and_photo, tmp_path_factory) -> dict[str, Path]:
+    """The sample speech and photo, and an upload over the page's limit."""
+    big = _big(tmp_path_factory.mktemp("big") / "big.wav", int(1.5 * 1024 * 1024))
+    return {**speech_and_photo, "big": big}
 
 
 def _big(path: Path, size: int) -> Path:
