@@ -9,7 +9,9 @@ it on held-out sentences whose right answers are known.
 2. training with the project's own commands (``scripts/train_atom.sh``, ``scripts/train_mtov_ae.sh``,
    ``scripts/train_mtov_ae_ldmk.sh``, ``scripts/cache_mtov_latents.sh``, ``scripts/train_mtov_diffusion.sh``
    with ``configs/atom_learning.yaml``, ``configs/mtov_autoencoder_learning.yaml`` and
-   ``configs/mtov_learning.yaml``; the UNet from the latent cache);
+   ``configs/mtov_learning.yaml``; the landmark autoencoder from scratch (``freeze_decoder=false``:
+   started from this world's RGB autoencoder, whose tanh latents saturate, it maps every landmark clip
+   to nearly one latent), landmark dots of radius 1; the UNet from the latent cache);
 3. on the held-out sentences:
 
    * **AToM** through :func:`AToM.inference.generate_landmarks` (the pipeline's call, the clip's first
@@ -22,6 +24,7 @@ it on held-out sentences whose right answers are known.
      true frames, and the same for copying the reference (first) frame; at 25, 10 and 5 UNet passes;
      and the control: driven by another held-out sentence's landmarks, the mouth must come out worse
      (``mtov_follows_landmarks``: without it, a beaten reference copy may be only an average mouth);
+     and what each autoencoder's latent holds (:func:`latent_report`);
    * **end to end**, audio in: AToM's landmarks projected into the photo (the world's own projection,
      standing in for the pipeline's pose alignment) drive MToV with the still photo as the reference;
      the correlation of the generated mouth's darkness with the true opening (the smoothed, delayed
@@ -123,9 +126,9 @@ def run_benchmark(
     n_heldout: int = 8,
     n_render: int = 16,
     atom_steps: int = 3000,
-    ae_steps: int = 800,
-    ldmk_steps: int = 400,
-    unet_steps: int = 1500,
+    ae_steps: int = 1500,
+    ldmk_steps: int = 250,
+    unet_steps: int = 2000,
     cache_stride: int = 4,
     passes: Sequence[int] = (25, 10, 5),
     progress: bool = True,
@@ -311,9 +314,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--heldout", type=int, default=8, help="held-out sentences [8]")
     p.add_argument("--render", type=int, default=16, help="training sentences rendered for MToV [16]")
     p.add_argument("--atom_steps", type=int, default=3000)
-    p.add_argument("--ae_steps", type=int, default=800)
-    p.add_argument("--ldmk_steps", type=int, default=400)
-    p.add_argument("--unet_steps", type=int, default=1500)
+    p.add_argument("--ae_steps", type=int, default=1500, help="RGB autoencoder steps [1500]")
+    p.add_argument("--ldmk_steps", type=int, default=250, help="landmark AE steps (from scratch) [250]")
+    p.add_argument("--unet_steps", type=int, default=2000, help="UNet steps (from the latent cache) [2000]")
     p.add_argument("--cache_stride", type=int, default=4, help="latent cache: every S-th window start [4]")
     p.add_argument("--passes", type=int, nargs="+", default=[25, 10, 5], choices=sorted(PASSES))
     p.add_argument(
