@@ -86,10 +86,9 @@ __all__ = [
 # the run
 
 
-def _run(script: str, args: Sequence[str], env_extra: dict[str, str], log: Path) -> None:
+def _run(script: str, args: Sequence[str], env_extra: dict[str, str], log: Path, threads: int | None) -> None:
     """One of the project's scripts, with this Python; its output goes to ``log``; error on failure."""
     env = {**os.environ, "PYTHON": sys.executable, **env_extra}
-    threads = torch_threads()
     if threads is not None:  # the children use as many threads as this process was given
         env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     cmd = ["bash", str(REPO / "scripts" / script), *args]
@@ -100,14 +99,6 @@ def _run(script: str, args: Sequence[str], env_extra: dict[str, str], log: Path)
     if rc != 0:
         tail = log.read_text().splitlines()[-5:]
         raise UserError(f"{script} failed (exit {rc}); see {log}: " + " | ".join(tail))
-
-
-_THREADS: list[int] = []
-
-
-def torch_threads() -> int | None:
-    """The ``--threads`` of this run (None: the libraries' default)."""
-    return _THREADS[0] if _THREADS else None
 
 
 def _last_atom_checkpoint(folder: Path) -> Path:
@@ -132,8 +123,10 @@ def run_benchmark(
     cache_stride: int = 4,
     passes: Sequence[int] = (25, 10, 5),
     progress: bool = True,
+    threads: int | None = None,
 ) -> dict:
-    """Build the world, train every stage, score it (see the module doc); returns the report."""
+    """Build the world, train every stage, score it (see the module doc); returns the report.
+    ``threads``: the CPU threads of every training stage (None: the libraries' default)."""
     import torch
 
     from AToM.inference import load_atom
@@ -184,7 +177,7 @@ def run_benchmark(
     for name, script, env, args in stages:
         print(f"training: {name} ({script}; log {log})", flush=True)
         s = time.time()
-        _run(script, args, env, log)
+        _run(script, args, env, log, threads)
         times[name] = round(time.time() - s, 1)
 
     print("scoring on the held-out sentences ...", flush=True)
@@ -333,8 +326,6 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
     check_common(args)
-    if args.threads is not None:
-        _THREADS[:] = [args.threads]
     report = run_benchmark(
         args.out,
         seed=args.seed,
@@ -349,6 +340,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         cache_stride=args.cache_stride,
         passes=args.passes,
         progress=not args.no_progress,
+        threads=args.threads,
     )
     print(format_table(report))
     write_report(args.json, report)
