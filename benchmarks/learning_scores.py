@@ -194,6 +194,7 @@ def latent_report(ae, world: dict, hdtf: Path, mode: str, radius: int) -> dict:
     import torch
 
     from data.motion_align import render_landmarks
+    from data.synthetic import ridge_r2
 
     s, size = ae.s, world["size"]
 
@@ -221,9 +222,7 @@ def latent_report(ae, world: dict, hdtf: Path, mode: str, radius: int) -> dict:
     xh, yh = np.concatenate([f[1] for f in test]), np.concatenate([f[2] for f in test])
     mu, sd = x.mean(0), x.std(0) + 1e-6
     a, ah = (x - mu) / sd, (xh - mu) / sd
-    w = np.linalg.solve(a.T @ a + 10.0 * np.eye(a.shape[1]), a.T @ (y - y.mean()))
-    pred = ah @ w + y.mean()
-    r2 = 1.0 - float(((pred - yh) ** 2).sum() / max(((yh - yh.mean()) ** 2).sum(), 1e-12))
+    r2 = ridge_r2(a, y - y.mean(), ah, yh - y.mean(), 10.0)  # x is centred: no intercept column
     return {
         "saturated": round(float((np.abs(z) > 0.99).mean()), 4),
         "spread": round(float(z.std(axis=0).mean()), 5),

@@ -448,9 +448,14 @@ def _linear_r2(feats: list[np.ndarray], target: list[np.ndarray], ctx: int = 2) 
 
     k = len(feats) * 3 // 4
     a, b = np.concatenate([stack(f) for f in feats[:k]]), np.concatenate(target[:k])
-    w = np.linalg.solve(a.T @ a + 1e-2 * np.eye(a.shape[1]), a.T @ b)
     c, d = np.concatenate([stack(f) for f in feats[k:]]), np.concatenate(target[k:])
-    return round(float(1.0 - ((c @ w - d) ** 2).sum() / ((d - d.mean()) ** 2).sum()), 4)
+    return round(ridge_r2(a, b, c, d, 1e-2), 4)
+
+
+def ridge_r2(x: np.ndarray, y: np.ndarray, x_test: np.ndarray, y_test: np.ndarray, lam: float) -> float:
+    """R^2 on (``x_test``, ``y_test``) of the ridge regression (penalty ``lam``) fitted on (``x``, ``y``)."""
+    w = np.linalg.solve(x.T @ x + lam * np.eye(x.shape[1]), x.T @ y)
+    return float(1.0 - ((x_test @ w - y_test) ** 2).sum() / max(((y_test - y_test.mean()) ** 2).sum(), 1e-12))
 
 
 def build_parser() -> argparse.ArgumentParser:
