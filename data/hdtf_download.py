@@ -417,7 +417,7 @@ def run(
     space_check: bool = True,
 ) -> dict:
     """Download and cut every clip of ``subsets``; the report (also in ``out/download_report.json``).
-    ``space_check``: first say the space needed (:func:`data.hdtf_space.check_space`), refuse if short."""
+    ``space_check``: first say the space needed (:func:`data.hdtf_folder.check_space`), refuse if short."""
     from tqdm import tqdm
 
     videos, notes = read_metadata(metadata, subsets)
