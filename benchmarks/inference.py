@@ -48,20 +48,18 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import math
 import os
 import platform
 import sys
 import time
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from benchmarks.options import set_threads
+from benchmarks.options import set_threads, write_report
 from benchmarks.prepare import Inputs, Networks, build_networks, make_inputs
 from benchmarks.report import _device_name, busy_warnings, format_table
 from benchmarks.run import (
@@ -433,10 +431,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     )
     print(format_table(report), flush=True)
     if out is not None:
-        from moditalker.fileio import atomic_path
-
-        with atomic_path(out) as tmp:
-            Path(tmp).write_text(json.dumps(_finite(report), indent=2) + "\n")
+        write_report(str(out), _finite(report), indent=2)
         print(f"wrote {out}")
     return report
 

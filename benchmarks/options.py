@@ -31,7 +31,7 @@ def set_threads(threads: int | None) -> None:
     torch.set_num_threads(threads)
 
 
-def write_report(path: str | None, report: dict[str, Any]) -> None:
+def write_report(path: str | None, report: dict[str, Any], indent: int = 1) -> None:
     """``--json``: the report as JSON (the file complete or absent); nothing when ``path`` is None."""
     if path:
-        atomic_write_text(path, json.dumps(report, indent=1) + "\n")
+        atomic_write_text(path, json.dumps(report, indent=indent) + "\n")
