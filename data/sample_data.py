@@ -21,7 +21,6 @@ import numpy as np
 import soundfile as sf
 from PIL import Image
 
-from data.synthetic import SAMPLE_VIDEO_BOX
 from data.video import write_video
 from moditalker.errors import UserError, cli_main
 from moditalker.fileio import atomic_path
@@ -29,7 +28,7 @@ from moditalker.fileio import atomic_path
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE_SPEECH = REPO / "assets" / "sample" / "speech.wav"
 # head-and-shoulders square in the 512x512 astronaut image (left, top, right, bottom)
-_ASTRONAUT_BOX = SAMPLE_VIDEO_BOX
+SAMPLE_VIDEO_BOX = (100, 0, 350, 250)
 _HEAD_CENTRE = (225.0, 125.0)
 
 
@@ -41,7 +40,7 @@ def _astronaut() -> Image.Image:
 
 def reference_image(size: int = 256) -> np.ndarray:
     """The astronaut head crop as uint8 ``[size, size, 3]``."""
-    crop = _astronaut().crop(_ASTRONAUT_BOX).resize((size, size), Image.BICUBIC)
+    crop = _astronaut().crop(SAMPLE_VIDEO_BOX).resize((size, size), Image.BICUBIC)
     return np.asarray(crop, dtype=np.uint8)
 
 
@@ -58,7 +57,7 @@ def reference_frames(n_frames: int, size: int = 256) -> np.ndarray:
             translate=(4.0 * math.sin(phase), 2.0 * math.sin(2 * phase)),
             fillcolor=(200, 200, 200),
         )
-        out[k] = np.asarray(moved.crop(_ASTRONAUT_BOX).resize((size, size), Image.BICUBIC))
+        out[k] = np.asarray(moved.crop(SAMPLE_VIDEO_BOX).resize((size, size), Image.BICUBIC))
     return out
 
 

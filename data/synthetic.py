@@ -49,6 +49,7 @@ from pathlib import Path
 import numpy as np
 
 from data.imageops import piecewise_affine
+from data.sample_data import SAMPLE_VIDEO_BOX
 from data.synthetic_speech import (  # noqa: F401 - the world's speech, re-exported
     LAG_FRAMES,
     OPEN_DB,
@@ -82,8 +83,6 @@ OPEN_BFM = 0.1  #: lower-lip travel of a fully open mouth in BFM units (the face
 # the bundled face: scikit-image's astronaut (as data.sample_data), cropped to the face as HDTF's
 # frames are (a 180-pixel square of the 512x512 photo around the head centre)
 ASTRONAUT_BOX = (135, 40, 315, 220)
-# the crop of the same photo that data.sample_data's reference video uses
-SAMPLE_VIDEO_BOX = (100, 0, 350, 250)
 
 # per-landmark displacement of a fully open mouth in units of OPEN_BFM: (index, dx, dy), y up
 _PATTERN = (
