@@ -171,7 +171,7 @@ def train(cfg: DictConfig, progress: bool = True, overwrite: bool = False) -> Pa
     stream = EpochBatches(loader, int(tc.seed), lambda epoch: setattr(windows, "epoch", epoch),
                           run.info.get("position"), run.resumed_rng)  # fmt: skip
     batches = run.counted(stream)
-    last_path = [ckpt_path]
+    last_path = ckpt_path
 
     def step_fn(step: int) -> dict:
         res, face, hub, mask = batch_to_inputs(next(batches))
@@ -193,11 +193,13 @@ def train(cfg: DictConfig, progress: bool = True, overwrite: bool = False) -> Pa
         return {"val_loss": vl, "val_loss_ema": vle}
 
     def write_checkpoint(step: int) -> dict:
+        nonlocal last_path
         acc.wait_for_everyone()
+        position = stream.position()
         if acc.is_main_process:
-            where = {**stream.position(), "rng": rng_state()}
-            last_path[0] = save_checkpoint(out_dir, step, raw, ema, opt, cfg, int(tc.keep_checkpoints), where)
-        return {"position": stream.position()}
+            where = {**position, "rng": rng_state()}
+            last_path = save_checkpoint(out_dir, step, raw, ema, opt, cfg, int(tc.keep_checkpoints), where)
+        return {"position": position}
 
     diffusion.train()
     run.loop(step_fn, validate, max_steps=int(tc.max_steps), log_every=int(tc.log_every),
@@ -205,7 +207,7 @@ def train(cfg: DictConfig, progress: bool = True, overwrite: bool = False) -> Pa
              train_records=True, on_save=write_checkpoint)  # fmt: skip
     run.close()
     acc.wait_for_everyone()
-    return last_path[0] if last_path[0] is not None else latest_checkpoint(out_dir)
+    return last_path if last_path is not None else latest_checkpoint(out_dir)
 
 
 def _loaders(cfg: DictConfig, num_processes: int) -> tuple[WindowDataset, DataLoader, DataLoader]:
