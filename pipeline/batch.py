@@ -54,7 +54,7 @@ from pipeline.events import STAGES, StageTimes
 from pipeline.inference import run_inference
 from pipeline.models import ModelCache
 from pipeline.resolve import resolve_args
-from pipeline.validate import check_assets, validate
+from pipeline.validate import REQUIRED_ASSETS, asset_paths, check_assets, validate
 
 __all__ = ["BatchJob", "BatchResult", "JobReport", "read_jobs", "resolve_jobs", "run_batch", "format_report"]
 
@@ -195,27 +195,14 @@ def already_rendered(cfg: DictConfig) -> bool:
     return strip(saved) == strip(want) and not _inputs_changed_since(cfg, Path(cfg.out).stat().st_mtime)
 
 
-_ASSET_KEYS = (
-    "atom",
-    "autoencoder_rgb",
-    "autoencoder_motion",
-    "diffusion_model",
-    "bfm_dir",
-    "deep3d",
-    "hubert",
-)
-
-
 def _inputs_changed_since(cfg: DictConfig, when: float) -> bool:
     """Whether an input file of the job (the audio, the reference, a checkpoint or a file of a checkpoint
     folder) was written after ``when`` (the video's time): the same paths with new contents are a new
     job, as for ``make``."""
-    from moditalker.assets import default_path
-
     paths = [Path(p) for p in (cfg.audio, cfg.ref_video, cfg.ref_image) if p]
     if not cfg.get("random_weights", False):
-        assets = cfg.get("assets") or {}
-        paths += [Path(assets.get(k) or default_path(k)) for k in _ASSET_KEYS]
+        assets = asset_paths(cfg)
+        paths += [assets[k] for k in REQUIRED_ASSETS]
     for path in paths:
         files = [f for f in path.iterdir() if f.is_file()] if path.is_dir() else [path]
         if any(f.is_file() and f.stat().st_mtime > when for f in files):
