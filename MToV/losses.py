@@ -92,6 +92,7 @@ class AELossWeights:
     perceptual: float = 4.0
     gan: float = 1.0
     feature_matching: float = 4.0
+    foreground: float = 1.0  # L1 weight of the pixels that are not black in the target (1: plain L1)
 
 
 class AutoencoderLoss(nn.Module):
@@ -117,7 +118,13 @@ class AutoencoderLoss(nn.Module):
         disc3d: nn.Module | None = None,
     ) -> tuple[torch.Tensor, dict[str, float]]:
         """target, recon: [B, C, T, H, W] in [-1, 1]; frame_idx [B]. GAN terms only if discs given."""
-        l1 = (target - recon).abs().mean()
+        err = (target - recon).abs()
+        if self.w.foreground != 1.0:  # sparse images (landmark dots): the lit pixels weigh more
+            lit = (target.amax(dim=1, keepdim=True) > -0.9).to(err.dtype)
+            weight = 1.0 + (self.w.foreground - 1.0) * lit
+            l1 = (err * weight).mean() / weight.mean()
+        else:
+            l1 = err.mean()
         loss = self.w.l1 * l1
         logs = {"l1": l1.detach()}
         if self.w.perceptual > 0:

@@ -65,6 +65,8 @@ DEFAULTS: dict = {
         "disc_start": 100_000_000,
         "gan_weight": 1.0,
         "feature_matching_weight": 4.0,
+        "foreground_weight": 1.0,  # > 1: L1 weighs the target's non-black pixels more (landmark dots)
+        "latent_weight": 0.0,  # > 0: + weight * mean square of the latent before its tanh (no saturation)
         "disc_layers": 3,
         "disc_ndf": 64,
     },
@@ -158,7 +160,7 @@ def train(cfg: DictConfig, resume: bool = True, overwrite: bool = False, progres
     best = float(info.get("best_psnr", -math.inf))
     batches = run.counted(infinite(train_loader))
     step_fn = _StepFn(accelerator, model, opt, disc2d, disc3d, opt_d, criterion, batches, key,
-                      int(tc.grad_accum), int(lc.disc_start))  # fmt: skip
+                      int(tc.grad_accum), int(lc.disc_start), float(lc.latent_weight))  # fmt: skip
 
     def validate(step: int) -> dict | None:
         if not run.main:
@@ -236,9 +238,10 @@ def _criterion(lc, device: torch.device) -> AutoencoderLoss:
     lpips = None
     if lc.perceptual_weight > 0:
         lpips = build_lpips(lc.lpips_vgg, random_backbone=bool(lc.lpips_random_backbone)).to(device)
-    return AutoencoderLoss(
-        lpips, AELossWeights(lc.l1_weight, lc.perceptual_weight, lc.gan_weight, lc.feature_matching_weight)
+    weights = AELossWeights(
+        lc.l1_weight, lc.perceptual_weight, lc.gan_weight, lc.feature_matching_weight, lc.foreground_weight
     )
+    return AutoencoderLoss(lpips, weights)
 
 
 class _StepFn:
@@ -247,11 +250,21 @@ class _StepFn:
     same reconstructions; returns the losses to log."""
 
     def __init__(
-        self, accelerator, model, opt, disc2d, disc3d, opt_d, criterion, batches, key, accum, disc_start
-    ):
+        self, accelerator, model, opt, disc2d, disc3d, opt_d, criterion, batches, key, accum, disc_start,
+        latent_weight=0.0,
+    ):  # fmt: skip
         self.acc, self.model, self.opt, self.criterion = accelerator, model, opt, criterion
         self.disc2d, self.disc3d, self.opt_d = disc2d, disc3d, opt_d
         self.batches, self.key, self.accum, self.disc_start = batches, key, accum, disc_start
+        self.latent_weight, self.pre_tanh = latent_weight, []
+        if latent_weight > 0:  # the latent planes before their tanh, to keep them out of saturation
+            net = accelerator.unwrap_model(model)
+            for conv in (net.pre_xy, net.pre_yt, net.pre_xt):
+                conv.register_forward_hook(self._keep_pre_tanh)
+
+    def _keep_pre_tanh(self, _module, _inputs, out: torch.Tensor) -> None:
+        if torch.is_grad_enabled():  # training forwards only (validation runs under inference_mode)
+            self.pre_tanh.append(out)
 
     def __call__(self, step: int) -> dict:
         acc, accum = self.acc, self.accum
@@ -260,12 +273,18 @@ class _StepFn:
         for micro in range(accum):
             x = next(self.batches)[self.key]
             ctx = acc.no_sync(self.model) if micro < accum - 1 else contextlib.nullcontext()
+            self.pre_tanh.clear()
             with ctx:
                 with acc.autocast():
                     rec = _frames_to_video(self.model(x)[0], x.shape[0])
                     idx = torch.randint(0, x.shape[2], (x.shape[0],), device=x.device)
                     d2, d3 = (self.disc2d, self.disc3d) if use_gan else (None, None)
                     loss, logs = self.criterion.generator(x, rec, idx, d2, d3)
+                    if self.pre_tanh:
+                        latent_l2 = torch.stack([p.float().pow(2).mean() for p in self.pre_tanh]).mean()
+                        self.pre_tanh.clear()
+                        loss = loss + self.latent_weight * latent_l2
+                        logs["latent_l2"] = latent_l2.detach()
                 acc.backward(loss / accum)
             if use_gan:
                 kept.append((x, rec.detach(), idx))

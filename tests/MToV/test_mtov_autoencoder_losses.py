@@ -103,3 +103,24 @@ def test_discriminator_shapes_and_generator_objective():
     assert torch.isfinite(d_loss) and d_loss.item() == pytest.approx(float(d_logs["d_2d"] + d_logs["d_3d"]))
     with pytest.raises(ValueError, match="LPIPS"):
         AutoencoderLoss(None)
+
+
+def test_foreground_weight_makes_missed_dots_cost_more():
+    # a black image with a few lit pixels (landmark dots), as the landmark autoencoder sees
+    target = -torch.ones(1, 3, 2, 8, 8)
+    target[:, :, :, 2, 3] = 1.0
+    target[:, :, :, 5, 5] = 1.0
+    all_black = -torch.ones_like(target)
+    idx = torch.zeros(1, dtype=torch.long)
+    plain = AutoencoderLoss(None, AELossWeights(l1=1.0, perceptual=0.0))
+    loss, logs = plain.generator(target, all_black, idx)
+    assert loss.item() == pytest.approx(2.0 * 2 / 64)  # plain L1: 2 of 64 pixels off by 2
+    weighted = AutoencoderLoss(None, AELossWeights(l1=1.0, perceptual=0.0, foreground=10.0))
+    loss_w, _ = weighted.generator(target, all_black, idx)
+    # weighted mean: the 2 lit pixels weigh 10, the 62 dark ones 1
+    assert loss_w.item() == pytest.approx(2.0 * 2 * 10 / (2 * 10 + 62))
+    # lighting a dark pixel by mistake costs the same in both (weight 1), relative to the weights' mean
+    spurious = target.clone()
+    spurious[:, :, :, 0, 0] = 1.0
+    assert weighted.generator(target, spurious, idx)[0].item() == pytest.approx(2.0 / (2 * 10 + 62))
+    assert logs["l1"].item() == pytest.approx(loss.item())
