@@ -65,6 +65,8 @@ AE_CONFIG = "configs/mtov_autoencoder_learning.yaml"
 MTOV_CONFIG = "configs/mtov_learning.yaml"
 PASSES = {25: 100, 10: 40, 5: 20}  # UNet passes per clip -> sampling_timesteps at start_ratio 0.25
 TARGETS = {"mouth_corr_trained": 0.7, "mouth_corr_untrained": 0.3, "mouth_psnr_margin_db": 2.0}
+FOLLOW_MARGIN_DB = 0.5  # own landmarks over another sentence's, lip box (as tests/test_learning.py)
+LDMK_FOREGROUND = 5.0  # the landmark autoencoder's L1 weight on the lit (dot) pixels
 
 __all__ = [
     "PASSES",
@@ -118,7 +120,7 @@ def run_benchmark(
     n_render: int = 16,
     atom_steps: int = 3000,
     ae_steps: int = 1500,
-    ldmk_steps: int = 250,
+    ldmk_steps: int = 500,
     unet_steps: int = 2000,
     cache_stride: int = 4,
     passes: Sequence[int] = (25, 10, 5),
@@ -163,7 +165,8 @@ def run_benchmark(
           f"train.max_steps={ae_steps}", f"train.seed={seed}"]),
         ("landmark autoencoder", "train_mtov_ae_ldmk.sh", {"CONFIG": AE_CONFIG},
          [*common, "--out_dir", str(out / "ae_ldmk"), "freeze_decoder=false",
-          f"data.root={hdtf}", split, f"train.max_steps={ldmk_steps}", f"train.seed={seed}"]),
+          f"loss.foreground_weight={LDMK_FOREGROUND}", f"data.root={hdtf}", split,
+          f"train.max_steps={ldmk_steps}", f"train.seed={seed}"]),
         ("latent cache", "cache_mtov_latents.sh", {"CONFIG": MTOV_CONFIG},
          [*common, "--ae_rgb", str(out / "ae_rgb" / "model_last.pth"), "--ae_ldmk",
           str(out / "ae_ldmk" / "model_last.pth"), f"data.root={hdtf}", split,
@@ -235,10 +238,10 @@ def targets_met(report: dict) -> dict:
         "atom": a["mouth_corr_trained"] >= TARGETS["mouth_corr_trained"]
         and a["mouth_corr_untrained"] <= TARGETS["mouth_corr_untrained"],
         "mtov": m["mouth_psnr_heldout"] >= m["mouth_psnr_reference_copy"] + TARGETS["mouth_psnr_margin_db"],
-        # not a target of the issue, but without it a beaten reference copy proves nothing: the own
-        # landmarks must give a better mouth than another sentence's (at the fewest passes)
+        # not a target of the benchmark's brief, but without it a beaten reference copy proves nothing:
+        # the own landmarks must give a better mouth than another sentence's (at the fewest passes)
         "mtov_follows_landmarks": m["passes"][str(min(int(p) for p in m["passes"]))]["mouth_psnr"]
-        >= m["mouth_psnr_wrong_landmarks"] + 1.0,
+        >= m["mouth_psnr_wrong_landmarks"] + FOLLOW_MARGIN_DB,
     }
 
 
@@ -268,7 +271,11 @@ def format_table(r: dict) -> str:
         "(reference copy) | |",
         f"| MToV | mouth-box PSNR dB, {min(int(p) for p in m['passes'])} passes | "
         f"{m['passes'][str(min(int(p) for p in m['passes']))]['mouth_psnr']:.2f} | "
-        f"{m['mouth_psnr_wrong_landmarks']:.2f} (another sentence's landmarks) | own >= wrong + 1 dB |",
+        f"{m['mouth_psnr_wrong_landmarks']:.2f} (another sentence's landmarks) | own >= wrong + "
+        f"{FOLLOW_MARGIN_DB} dB |",
+        f"| MToV | mouth darkness corr, {min(int(p) for p in m['passes'])} passes | "
+        f"{m['mouth_dark_corr']:.3f} | {m['mouth_dark_corr_wrong_landmarks']:.3f} (another sentence's "
+        "landmarks) | |",
         f"| end to end | mouth darkness corr | {e['mouth_dark_corr']:.3f} | "
         f"{e['mouth_dark_corr_true_frames']:.3f} (true frames) | |",
         "",
@@ -308,7 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--render", type=int, default=16, help="training sentences rendered for MToV [16]")
     p.add_argument("--atom_steps", type=int, default=3000)
     p.add_argument("--ae_steps", type=int, default=1500, help="RGB autoencoder steps [1500]")
-    p.add_argument("--ldmk_steps", type=int, default=250, help="landmark AE steps (from scratch) [250]")
+    p.add_argument("--ldmk_steps", type=int, default=500, help="landmark AE steps (from scratch) [500]")
     p.add_argument("--unet_steps", type=int, default=2000, help="UNet steps (from the latent cache) [2000]")
     p.add_argument("--cache_stride", type=int, default=4, help="latent cache: every S-th window start [4]")
     p.add_argument("--passes", type=int, nargs="+", default=[25, 10, 5], choices=sorted(PASSES))

@@ -20,6 +20,11 @@ def psnr(a: np.ndarray, b: np.ndarray, box: Sequence[int] | None = None) -> floa
     return float(10 * np.log10(255.0**2 / max(mse, 1e-10)))
 
 
+def _corr(a: np.ndarray, b: np.ndarray) -> float:
+    """Pearson correlation; 0 for a constant series (a mouth that never changes)."""
+    return float(np.corrcoef(a, b)[0, 1]) if np.std(a) > 1e-9 and np.std(b) > 1e-9 else 0.0
+
+
 def mouth_darkness(frames: np.ndarray, box: Sequence[int]) -> np.ndarray:
     """255 minus the mean luminance inside ``box`` per frame of uint8 ``[T, H, W, 3]``."""
     x0, y0, x1, y1 = box
@@ -98,6 +103,13 @@ def mtov_scores(models, world: dict, hdtf: Path, passes: dict[int, int], seed: i
         )  # fmt: skip
         wrong_truth.append(frames[:n])
     t, c = np.concatenate(truth), np.concatenate(copies)
+    opening = np.concatenate(
+        [np.asarray(world["clips"][cid]["opening"])[: len(f)] for cid, f in zip(ids, truth)]
+    )
+    few = np.concatenate(generated[min(passes)])
+    wrong_opening = np.concatenate(
+        [np.asarray(world["clips"][cid]["opening"])[: len(f)] for cid, f in zip(ids, wrong_truth)]
+    )
     table = {}
     for p in passes:
         g = np.concatenate(generated[p])
@@ -109,6 +121,10 @@ def mtov_scores(models, world: dict, hdtf: Path, passes: dict[int, int], seed: i
         "psnr_heldout": table[main_p]["psnr"],
         "psnr_reference_copy": psnr(c, t),
         "mouth_psnr_wrong_landmarks": psnr(np.concatenate(wrong), np.concatenate(wrong_truth), box),
+        # does the generated mouth open with the true opening? (fewest passes; the control: driven by
+        # another sentence's landmarks it should not)
+        "mouth_dark_corr": _corr(mouth_darkness(few, box), opening),
+        "mouth_dark_corr_wrong_landmarks": _corr(mouth_darkness(np.concatenate(wrong), box), wrong_opening),
         "passes": table,
         "lip_box": box,
     }
@@ -180,8 +196,7 @@ def end_to_end_scores(atom, models, world: dict, world_dir: Path, seed: int) -> 
         opening.append(np.asarray(world["clips"][cid]["opening"]))
     o = np.concatenate(opening)
     gen, tru = np.concatenate(dark_gen), np.concatenate(dark_true)
-    corr = float(np.corrcoef(gen, o)[0, 1]) if gen.std() > 1e-9 else 0.0
-    return {"mouth_dark_corr": corr, "mouth_dark_corr_true_frames": float(np.corrcoef(tru, o)[0, 1])}
+    return {"mouth_dark_corr": _corr(gen, o), "mouth_dark_corr_true_frames": _corr(tru, o)}
 
 
 def latent_report(ae, world: dict, hdtf: Path, mode: str, radius: int) -> dict:
