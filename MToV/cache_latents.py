@@ -57,10 +57,12 @@ from MToV.latents import (
     DTYPES,
     KINDS,
     MANIFEST,
+    MIN_SPREAD,
     bytes_per_window,
     check_built,
     grid_starts,
     latent_shapes,
+    latent_spread,
     read_json,
     run_settings,
     to_storage,
@@ -298,6 +300,18 @@ def write_manifest(
         "unreadable": bad,
         "videos": {k: {"frames": d["frames"], "windows": d["windows"]} for k, d in done.items()},
     }
+    train = [out / "videos" / v for v in manifest["splits"].get("train", [])][:32]
+    manifest["latent_spread"] = {k: latent_spread(train, settings["dtype"], k) for k in ("z", "z_l")}
+    for kind, what in (("z", "RGB"), ("z_l", "landmark")):
+        spread = manifest["latent_spread"][kind]["spread_median"]
+        if spread is not None and spread < MIN_SPREAD:
+            print(
+                f"warning: the {what} autoencoder's latent hardly varies between training windows (median "
+                f"spread {spread:.1e}, {manifest['latent_spread'][kind]['saturated']:.0%} of the values "
+                "beyond 0.99: its tanh is saturated); a UNet trained on it cannot make the mouth follow "
+                "the landmarks. Retrain that autoencoder with loss.latent_weight (docs/training.md)",
+                file=sys.stderr,
+            )
     atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=1))
     return True
 

@@ -71,6 +71,10 @@ def _one_thread():
 def assert_same_cache(a: Path, b: Path, dtype: str = "fp32") -> None:
     """``a`` holds exactly what ``b`` (an fp32 cache) holds, stored as ``dtype``."""
     ma, mb = (json.loads((root / "manifest.json").read_text()) for root in (a, b))
+    spread_a, spread_b = ma.pop("latent_spread"), mb.pop("latent_spread")  # from rounded latents
+    for kind in ("z", "z_l"):
+        assert spread_a[kind]["windows"] == spread_b[kind]["windows"]
+        assert spread_a[kind]["spread_median"] == pytest.approx(spread_b[kind]["spread_median"], rel=0.02)
     shrink = {"fp32": 1, "bf16": 2, "fp16": 2}[dtype]
     assert ma == {**mb, "dtype": dtype, "bytes_per_window": mb["bytes_per_window"] // shrink}
     for vid in IDS:
@@ -262,3 +266,41 @@ def test_an_unreadable_video_is_left_out_within_max_bad_items(tmp_path, capsys):
     manifest = json.loads((tmp_path / "cache" / "manifest.json").read_text())
     assert list(manifest["videos"]) == ["WDA_A_000"] and list(manifest["unreadable"]) == ["WDA_B_000"]
     assert manifest["splits"] == {"train": ["WDA_A_000"], "test": ["WDA_A_000"]}
+
+
+def test_latent_spread_flags_a_saturated_autoencoder(setup, tmp_path, capsys):
+    from MToV.latents import MIN_SPREAD, latent_spread
+
+    # the setup's random autoencoders: unsaturated, the 5 training windows (3 + 2) differ
+    spread = json.loads((setup.cache / "manifest.json").read_text())["latent_spread"]
+    assert spread["z"]["windows"] == 5 and spread["z"]["saturated"] < 0.05
+    assert (
+        spread["z"]["spread_median"] > 100 * MIN_SPREAD and spread["z_l"]["spread_median"] > 100 * MIN_SPREAD
+    )
+    # by hand: a nearly constant latent at the tanh's end, and a varied one
+    flat, varied = tmp_path / "flat", tmp_path / "varied"
+    rng = np.random.default_rng(0)
+    for folder, z in (
+        (flat, 0.9999 + 1e-6 * rng.standard_normal((6, 4, 10))),
+        (varied, rng.uniform(-0.5, 0.5, (6, 4, 10))),
+    ):
+        folder.mkdir()
+        np.save(folder / "z.npy", z.astype(np.float32))
+    low = latent_spread([flat], "fp32")
+    assert low["windows"] == 6 and low["saturated"] == 1.0 and low["spread_median"] < 1e-5
+    high = latent_spread([varied], "fp32")
+    assert high["saturated"] == 0.0 and 0.2 < high["spread_median"] < 0.4  # uniform(-0.5, 0.5): sd 0.29
+    # a saturated RGB autoencoder (its planes' pre-tanh biases pushed to +30) is named at build time
+    state = torch.load(setup.rgb, weights_only=True)
+    for plane in ("pre_xy", "pre_yt", "pre_xt"):
+        state[f"{plane}.bias"] = torch.full_like(state[f"{plane}.bias"], 30.0)
+    saturated = tmp_path / "saturated.pth"
+    torch.save(state, saturated)
+    capsys.readouterr()
+    args = ["--config", TINY, "--device", "cpu", "--no_progress", "--ae_rgb", str(saturated), "--ae_ldmk"]
+    cache_latents.main([*args, str(setup.ldmk), *setup.data, "--out", str(tmp_path / "cache")])
+    err = capsys.readouterr().err
+    assert "the RGB autoencoder's latent hardly varies" in err and "loss.latent_weight" in err
+    assert "landmark autoencoder's latent" not in err
+    manifest = json.loads((tmp_path / "cache" / "manifest.json").read_text())
+    assert manifest["latent_spread"]["z"]["saturated"] == 1.0
