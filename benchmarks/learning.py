@@ -9,9 +9,10 @@ it on held-out sentences whose right answers are known.
 2. training with the project's own commands (``scripts/train_atom.sh``, ``scripts/train_mtov_ae.sh``,
    ``scripts/train_mtov_ae_ldmk.sh``, ``scripts/cache_mtov_latents.sh``, ``scripts/train_mtov_diffusion.sh``
    with ``configs/atom_learning.yaml``, ``configs/mtov_autoencoder_learning.yaml`` and
-   ``configs/mtov_learning.yaml``; the landmark autoencoder from scratch (``freeze_decoder=false``:
-   started from this world's RGB autoencoder, whose tanh latents saturate, it maps every landmark clip
-   to nearly one latent), landmark dots of radius 1; the UNet from the latent cache);
+   ``configs/mtov_learning.yaml``; both autoencoders with ``loss.latent_weight`` (unbounded, their tanh
+   latents saturate and the UNet cannot follow the landmarks), the landmark one from scratch
+   (``freeze_decoder=false``) with ``loss.foreground_weight`` (plain L1 on sparse dots learns black
+   frames), landmark dots of radius 1; the UNet from the latent cache);
 3. on the held-out sentences:
 
    * **AToM** through :func:`AToM.inference.generate_landmarks` (the pipeline's call, the clip's first
@@ -23,7 +24,8 @@ it on held-out sentences whose right answers are known.
      self-reconstruction protocol): PSNR in the fixed lip box and over the whole frame against the
      true frames, and the same for copying the reference (first) frame; at 25, 10 and 5 UNet passes;
      and the control: driven by another held-out sentence's landmarks, the mouth must come out worse
-     (``mtov_follows_landmarks``: without it, a beaten reference copy may be only an average mouth);
+     (``mtov_follows_landmarks``: without it, a beaten reference copy may be only an average mouth),
+     and the generated mouth's darkness must follow the true opening with the own landmarks only;
      and what each autoencoder's latent holds (:func:`latent_report`);
    * **end to end**, audio in: AToM's landmarks projected into the photo (the world's own projection,
      standing in for the pipeline's pose alignment) drive MToV with the still photo as the reference;
