@@ -123,7 +123,7 @@ def run_benchmark(
     atom_steps: int = 3000,
     ae_steps: int = 1500,
     ldmk_steps: int = 500,
-    unet_steps: int = 2000,
+    unet_steps: int = 4000,
     cache_stride: int = 4,
     passes: Sequence[int] = (25, 10, 5),
     progress: bool = True,
@@ -318,7 +318,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--atom_steps", type=int, default=3000)
     p.add_argument("--ae_steps", type=int, default=1500, help="RGB autoencoder steps [1500]")
     p.add_argument("--ldmk_steps", type=int, default=500, help="landmark AE steps (from scratch) [500]")
-    p.add_argument("--unet_steps", type=int, default=2000, help="UNet steps (from the latent cache) [2000]")
+    p.add_argument("--unet_steps", type=int, default=4000, help="UNet steps (from the latent cache) [4000]")
     p.add_argument("--cache_stride", type=int, default=4, help="latent cache: every S-th window start [4]")
     p.add_argument("--passes", type=int, nargs="+", default=[25, 10, 5], choices=sorted(PASSES))
     p.add_argument(
