@@ -193,7 +193,7 @@ def latent_spread(folders: Sequence[Path], dtype: str, kind: str = "z", max_wind
     if not rows:
         return {"windows": 0, "saturated": None, "spread_median": None}
     z = np.concatenate(rows)
-    spread = float(np.median(z.std(axis=0))) if len(z) > 1 else 0.0
+    spread = float(np.median(z.std(axis=0))) if len(z) > 1 else None  # one window: no spread to tell
     return {
         "windows": len(z),
         "saturated": round(float((np.abs(z) > 0.99).mean()), 4),

@@ -25,7 +25,8 @@ it on held-out sentences whose right answers are known.
      true frames, and the same for copying the reference (first) frame; at 25, 10 and 5 UNet passes;
      and the control: driven by another held-out sentence's landmarks, the mouth must come out worse
      (``mtov_follows_landmarks``: without it, a beaten reference copy may be only an average mouth),
-     and the generated mouth's darkness must follow the true opening with the own landmarks only;
+     and (reported, not scored) how the generated mouth's darkness follows the true opening with the own
+     landmarks and with the other's;
      and what each autoencoder's latent holds (:func:`latent_report`);
    * **end to end**, audio in: AToM's landmarks projected into the photo (the world's own projection,
      standing in for the pipeline's pose alignment) drive MToV with the still photo as the reference;
@@ -33,7 +34,9 @@ it on held-out sentences whose right answers are known.
      loudness), next to the same figure for the true frames (its ceiling).
 
 Writes ``--json`` (``atom``, ``mtov``, ``end_to_end``, ``cpu_minutes``, ``seed``, ``device``, ...) and
-prints a table. Rerunning with the same ``--out`` resumes (each trainer continues from its own state).
+prints a table. Rerunning with the same ``--out`` resumes (each trainer continues from its own state,
+up to the new step count); other autoencoder settings need a new ``--out`` (the latent cache refuses
+autoencoders that changed since it was built).
 """
 
 from __future__ import annotations

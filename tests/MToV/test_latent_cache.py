@@ -288,6 +288,10 @@ def test_latent_spread_flags_a_saturated_autoencoder(setup, tmp_path, capsys):
         np.save(folder / "z.npy", z.astype(np.float32))
     low = latent_spread([flat], "fp32")
     assert low["windows"] == 6 and low["saturated"] == 1.0 and low["spread_median"] < 1e-5
+    one = tmp_path / "one"
+    one.mkdir()
+    np.save(one / "z.npy", np.full((1, 4, 10), 0.2, np.float32))
+    assert latent_spread([one], "fp32")["spread_median"] is None  # one window: nothing to compare
     high = latent_spread([varied], "fp32")
     assert high["saturated"] == 0.0 and 0.2 < high["spread_median"] < 0.4  # uniform(-0.5, 0.5): sd 0.29
     # a saturated RGB autoencoder (its planes' pre-tanh biases pushed to +30) is named at build time
