@@ -83,6 +83,11 @@ def sample_clip(
     return video.transpose(0, 2, 3, 1)
 
 
+def _openings(world: dict, ids: Sequence[str], clips: Sequence[np.ndarray]) -> np.ndarray:
+    """The true mouth opening of each of ``clips`` (the first frames of the clips ``ids``), concatenated."""
+    return np.concatenate([np.asarray(world["clips"][c]["opening"])[: len(f)] for c, f in zip(ids, clips)])
+
+
 def mtov_scores(models, world: dict, hdtf: Path, passes: dict[int, int], seed: int) -> dict:
     """PSNR of MToV (driven by the true landmarks) and of the reference copy on the held-out clips."""
     box = world["lip_box"]
@@ -103,13 +108,7 @@ def mtov_scores(models, world: dict, hdtf: Path, passes: dict[int, int], seed: i
         )  # fmt: skip
         wrong_truth.append(frames[:n])
     t, c = np.concatenate(truth), np.concatenate(copies)
-    opening = np.concatenate(
-        [np.asarray(world["clips"][cid]["opening"])[: len(f)] for cid, f in zip(ids, truth)]
-    )
     few = np.concatenate(generated[min(passes)])
-    wrong_opening = np.concatenate(
-        [np.asarray(world["clips"][cid]["opening"])[: len(f)] for cid, f in zip(ids, wrong_truth)]
-    )
     table = {}
     for p in passes:
         g = np.concatenate(generated[p])
@@ -123,8 +122,10 @@ def mtov_scores(models, world: dict, hdtf: Path, passes: dict[int, int], seed: i
         "mouth_psnr_wrong_landmarks": psnr(np.concatenate(wrong), np.concatenate(wrong_truth), box),
         # does the generated mouth open with the true opening? (fewest passes; the control: driven by
         # another sentence's landmarks it should not)
-        "mouth_dark_corr": _corr(mouth_darkness(few, box), opening),
-        "mouth_dark_corr_wrong_landmarks": _corr(mouth_darkness(np.concatenate(wrong), box), wrong_opening),
+        "mouth_dark_corr": _corr(mouth_darkness(few, box), _openings(world, ids, truth)),
+        "mouth_dark_corr_wrong_landmarks": _corr(
+            mouth_darkness(np.concatenate(wrong), box), _openings(world, ids, wrong_truth)
+        ),
         "passes": table,
         "lip_box": box,
     }
