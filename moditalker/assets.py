@@ -410,34 +410,14 @@ def markdown_table(relative: bool = True) -> str:
     return "\n".join(rows) + "\n"
 
 
-# Assets with a public direct download (the others need a registration or a Google-Drive link).
-#: the download code lives in moditalker.asset_download (imported when first used)
-_DOWNLOAD_NAMES = frozenset(
-    (
-        "DOWNLOAD_URLS",
-        "HUBERT_HUB_ID",
-        "MIRROR_ENV",
-        "mirrored",
-        "_remove_new_folders_on_error",
-        "download_asset",
-        "GDRIVE_IDS",
-        "GROUPS",
-        "GDRIVE_URL_ENV",
-        "GDRIVE_URL",
-        "BFM_REGISTRATION",
-        "_bfm_route",
-        "gdrive_url",
-        "_content_problems",
-        "download_gdrive_asset",
-    )
-)
-
-
 def __getattr__(name: str):
-    if name in _DOWNLOAD_NAMES:
+    # The download code (moditalker.asset_download) is imported on first use; each of its
+    # module-level names is also reachable here.
+    if not name.startswith("__"):
         from moditalker import asset_download
 
-        return getattr(asset_download, name)
+        if hasattr(asset_download, name):
+            return getattr(asset_download, name)
     if name == "main":  # the command line, moditalker.assets_cli
         from moditalker.assets_cli import main
 

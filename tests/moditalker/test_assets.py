@@ -140,6 +140,16 @@ def test_checkpoints_readme_has_the_current_table():
     assert markdown_table() in text, "regenerate the table with `python -m moditalker.assets table`"
 
 
+def test_download_names_reachable_from_assets():
+    """The download code's names are reachable as moditalker.assets.<name>; other names are not."""
+    from moditalker import asset_download
+
+    assert assets.download_asset is asset_download.download_asset
+    assert assets.DOWNLOAD_URLS is asset_download.DOWNLOAD_URLS and "syncnet" in assets.DOWNLOAD_URLS
+    with pytest.raises(AttributeError, match="no attribute 'not_a_name'"):
+        assets.not_a_name  # noqa: B018 - the lookup is the test
+
+
 def test_download_writes_where_check_looks(ckpt, monkeypatch):
     """The download command (network replaced by a stub) fills the default locations."""
     import torch.hub
