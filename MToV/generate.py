@@ -32,6 +32,7 @@ The sampler's settings are one :class:`SamplingOptions`; each function takes one
 from __future__ import annotations
 
 import dataclasses
+import typing
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -134,10 +135,8 @@ class SamplingOptions:
     def from_config(cls, section: Mapping[str, Any], **given: Any) -> SamplingOptions:
         """The options named in a (checked) config section (``sample`` of an MToV config, ``mtov`` of
         the pipeline's; its other keys are not sampler settings) as their types, then ``given``."""
-        casts = {"start_ratio": float, "eta": float, "use_last_as_reference": bool}
-        ints = ("batch_size", "seed", "sampling_timesteps")
-        found = {k: casts.get(k, int if k in ints else None) for k in _FIELDS if k in section}
-        return cls(**{**{k: cast(section[k]) if cast else section[k] for k, cast in found.items()}, **given})
+        found = {k: SETTING_TYPES.get(k, _as_is)(section[k]) for k in _FIELDS if k in section}
+        return cls(**{**found, **given})
 
     @property
     def clips_per_batch(self) -> int:
@@ -153,6 +152,16 @@ class SamplingOptions:
 
 
 _FIELDS = tuple(f.name for f in dataclasses.fields(SamplingOptions))
+#: the sampler settings a config holds (the ``sample`` section of an MToV config) and their types:
+#: the plain int/float/bool fields of :class:`SamplingOptions` (``precision`` and ``latent_capacity``
+#: come from the caller)
+SETTING_TYPES: dict[str, type] = {
+    k: t for k, t in typing.get_type_hints(SamplingOptions).items() if t in (int, float, bool)
+}
+
+
+def _as_is(value: Any) -> Any:
+    return value
 
 
 def to_model(frames: np.ndarray | torch.Tensor, size: int, device: torch.device, name: str) -> torch.Tensor:

@@ -18,7 +18,7 @@ import math
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import field, make_dataclass
 from pathlib import Path
 
 from omegaconf import MISSING, DictConfig, OmegaConf
@@ -31,6 +31,7 @@ from moditalker.errors import UserError, cli_main, script_prog
 from moditalker.fileio import repo_path
 from MToV.calibration import resolve_plan
 from MToV.conditions import build_conditions, condition_settings, read_landmark_input, read_reference
+from MToV.generate import SETTING_TYPES as SAMPLER_SETTING_TYPES
 from MToV.generate import SamplingOptions, check_sampling, generate_video
 from MToV.loading import MODEL_DEFAULTS, PRECISIONS, load_mtov
 
@@ -109,17 +110,11 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-@dataclass
-class _SampleTypes:
-    """The types of an MToV config's ``sample`` section, for OmegaConf to check (the values live in
-    configs/mtov_diffusion.yaml: :data:`MToV.loading.MODEL_DEFAULTS`)."""
-
-    batch_size: int = MISSING
-    seed: int = MISSING
-    start_ratio: float = MISSING
-    sampling_timesteps: int = MISSING
-    eta: float = MISSING
-    use_last_as_reference: bool = MISSING
+#: the types of an MToV config's ``sample`` section, for OmegaConf to check (the values live in
+#: configs/mtov_diffusion.yaml: :data:`MToV.loading.MODEL_DEFAULTS`)
+_SampleTypes = make_dataclass(
+    "_SampleTypes", [(k, t, field(default=MISSING)) for k, t in SAMPLER_SETTING_TYPES.items()]
+)
 
 
 def _check_sample_config(cfg: DictConfig) -> None:
@@ -137,9 +132,7 @@ def _check_sample_config(cfg: DictConfig) -> None:
         known = ", ".join(MODEL_DEFAULTS["sample"])
         raise UserError(f"unknown sample setting(s) {[exc.full_key]}; known: {known}") from None
     except ValidationError as exc:
-        kind = {"int": "an integer", "float": "a number", "bool": "true/false"}[
-            _SampleTypes.__annotations__[exc.full_key]
-        ]
+        kind = {int: "an integer", float: "a number", bool: "true/false"}[SAMPLER_SETTING_TYPES[exc.full_key]]
         raise UserError(f"sample.{exc.full_key} must be {kind}, got {sample.get(exc.full_key)!r}") from None
     if not isinstance(sample["use_last_as_reference"], bool):  # OmegaConf would take 3 as true
         raise UserError(

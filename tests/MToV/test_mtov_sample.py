@@ -173,6 +173,12 @@ def test_sampling_options_and_training_imports_no_cli():
     )
     assert opt == SamplingOptions(batch_size=2, eta=1.0, seed=3, precision="fp32")
     assert isinstance(opt.eta, float) and opt.clips_per_batch == 2
+    # the config's sampler settings are the options' plain fields, with their types
+    from MToV.generate import SETTING_TYPES
+    from MToV.loading import MODEL_DEFAULTS
+
+    assert set(SETTING_TYPES) == set(MODEL_DEFAULTS["sample"])
+    assert SETTING_TYPES["start_ratio"] is float and SETTING_TYPES["use_last_as_reference"] is bool
     with pytest.raises(TypeError, match="stesp"):
         generate_video(None, np.zeros((1, 3, 8, 8), np.uint8), None, None, stesp=3)
     assert callable(MToV.conditions.build_conditions)
