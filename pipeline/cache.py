@@ -104,9 +104,7 @@ class WorkCache:
         if done.is_file():
             problem, arrays = self._load(entry)
             if problem is None:
-                seconds = time.perf_counter() - start
-                self.records[stage] = StageRecord(stage, key, entry, True, seconds)
-                events.finished(stage, cached=True, seconds=seconds, entry=entry)
+                self.finish(StageRecord(stage, key, entry, True, time.perf_counter() - start), events)
                 return arrays, key
             log(f"warning: stage cache entry {entry.name}: {problem}; recomputing {stage}")
             shutil.rmtree(entry, ignore_errors=True)
@@ -120,10 +118,13 @@ class WorkCache:
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
-        seconds = time.perf_counter() - start
-        self.records[stage] = StageRecord(stage, key, entry, False, seconds)
-        events.finished(stage, cached=False, seconds=seconds, entry=entry)
+        self.finish(StageRecord(stage, key, entry, False, time.perf_counter() - start), events)
         return arrays, key
+
+    def finish(self, record: StageRecord, events: StageEvents) -> None:
+        """Keep ``record`` as its stage's outcome in this run and tell ``events`` that the stage ended."""
+        self.records[record.name] = record
+        events.finished(record.name, cached=record.cached, seconds=record.seconds, entry=record.folder)
 
     @staticmethod
     def _compute(

@@ -130,10 +130,9 @@ def run(ctx: StageContext, ref: StageResult, al: StageResult, sink: VideoSink) -
     else:
         generated = _generate(ctx, store, frames, conditions, to_sink, models(), plan)
     seconds = time.perf_counter() - t0 - sum(ctx.timings.get(k, 0.0) - v for k, v in before.items())
-    ctx.cache.records["mtov"] = StageRecord("mtov", store.key, store.entry, generated == 0, seconds)
     if "render" in ctx.timings:  # the landmark dots: a part of this stage, timed on its own
         ctx.events.finished("render", cached=False, seconds=ctx.timings["render"])
-    ctx.events.finished("mtov", cached=generated == 0, seconds=seconds, entry=store.entry)
+    ctx.cache.finish(StageRecord("mtov", store.key, store.entry, generated == 0, seconds), ctx.events)
     arithmetic = f"autoencoders {plan.autoencoders}, UNet {plan.unet}" + (
         f", auto {choice.source}" if choice.source != "fixed" else ""
     )
