@@ -179,26 +179,33 @@ def from_storage(array: np.ndarray, dtype: str) -> torch.Tensor:
 MIN_SPREAD = 1e-4
 
 
+def spread_stats(z: np.ndarray) -> dict:
+    """Of latents ``z`` [windows, ...]: the share of values beyond 0.99 (tanh saturation) and the
+    median and mean over the latent's elements of their standard deviation across windows (None for
+    one window: no spread to tell)."""
+    z = np.asarray(z)
+    z = z.reshape(len(z), -1) if len(z) else z
+    std = z.std(axis=0) if len(z) > 1 else None
+    return {
+        "saturated": round(float((np.abs(z) > 0.99).mean()), 4) if len(z) else None,
+        "spread_median": None if std is None else float(np.median(std)),
+        "spread_mean": None if std is None else float(std.mean()),
+    }
+
+
 def latent_spread(folders: Sequence[Path], dtype: str, kind: str = "z", max_windows: int = 64) -> dict:
-    """How much the cached latent ``kind`` varies: over up to ``max_windows`` evenly spaced windows
-    of each video folder, the share of values beyond 0.99 (tanh saturation) and the median over the
-    latent's elements of their standard deviation across windows. An autoencoder whose tanh latent is
-    saturated keeps what differs between clips in differences far below what a diffusion model can
-    draw (measured on a 64-px autoencoder trained without ``loss.latent_weight``: median 8e-7)."""
+    """How much the cached latent ``kind`` varies: :func:`spread_stats` over up to ``max_windows``
+    evenly spaced windows of each video folder, and the number of windows. An autoencoder whose tanh
+    latent is saturated keeps what differs between clips in differences far below what a diffusion
+    model can draw (measured on a 64-px autoencoder trained without ``loss.latent_weight``: median
+    spread 8e-7)."""
     rows = []
     for folder in folders:
         a = np.load(Path(folder) / f"{kind}.npy", mmap_mode="r")
         idx = np.unique(np.linspace(0, len(a) - 1, min(len(a), max_windows)).round().astype(int))
         rows.append(from_storage(a[idx], dtype).flatten(1).numpy())
-    if not rows:
-        return {"windows": 0, "saturated": None, "spread_median": None}
-    z = np.concatenate(rows)
-    spread = float(np.median(z.std(axis=0))) if len(z) > 1 else None  # one window: no spread to tell
-    return {
-        "windows": len(z),
-        "saturated": round(float((np.abs(z) > 0.99).mean()), 4),
-        "spread_median": spread,
-    }
+    z = np.concatenate(rows) if rows else np.zeros((0, 1), np.float32)
+    return {"windows": len(z), **spread_stats(z)}
 
 
 def read_json(path: Path) -> dict:

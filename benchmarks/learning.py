@@ -36,7 +36,8 @@ it on held-out sentences whose right answers are known.
 Writes ``--json`` (``atom``, ``mtov``, ``end_to_end``, ``cpu_minutes``, ``seed``, ``device``, ...) and
 prints a table. Rerunning with the same ``--out`` resumes (each trainer continues from its own state,
 up to the new step count); other autoencoder settings need a new ``--out`` (the latent cache refuses
-autoencoders that changed since it was built).
+autoencoders that changed since it was built). ``cpu_minutes`` and ``wall_minutes`` are this
+invocation's: after a resume they count only the training it did (``resumed`` says so).
 """
 
 from __future__ import annotations
@@ -149,7 +150,8 @@ def run_benchmark(
     out.mkdir(parents=True, exist_ok=True)
     log = out / "train.log"
     world_dir = out / "world"
-    if (world_dir / "world.json").is_file():
+    resumed = (world_dir / "world.json").is_file()
+    if resumed:
         world = json.loads((world_dir / "world.json").read_text())
     else:
         print("building the synthetic world ...", flush=True)
@@ -219,6 +221,7 @@ def run_benchmark(
         "end_to_end": end_to_end,
         "cpu_minutes": round(cpu_s / 60, 2),
         "wall_minutes": round((time.time() - t0) / 60, 2),
+        "resumed": resumed,
         "stage_seconds": times,
         "seed": seed,
         "device": str(dev),
@@ -264,7 +267,8 @@ def format_table(r: dict) -> str:
     a, m, e = r["atom"], r["mtov"], r["end_to_end"]
     lines = [
         f"learning benchmark, seed {r['seed']}, {r['device']} ({r['cpu']}): "
-        f"{r['cpu_minutes']} CPU min, {r['wall_minutes']} min wall",
+        f"{r['cpu_minutes']} CPU min, {r['wall_minutes']} min wall"
+        + (" (this invocation, resumed: earlier training not counted)" if r.get("resumed") else ""),
         "",
         "| stage | measure | trained | baseline | target |",
         "| --- | --- | ---: | ---: | --- |",

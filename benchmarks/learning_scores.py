@@ -211,6 +211,7 @@ def latent_report(ae, world: dict, hdtf: Path, mode: str, radius: int) -> dict:
 
     from data.motion_align import render_landmarks
     from data.synthetic import ridge_r2
+    from MToV.latents import spread_stats
 
     s, size = ae.s, world["size"]
 
@@ -239,8 +240,10 @@ def latent_report(ae, world: dict, hdtf: Path, mode: str, radius: int) -> dict:
     mu, sd = x.mean(0), x.std(0) + 1e-6
     a, ah = (x - mu) / sd, (xh - mu) / sd
     r2 = ridge_r2(a, y - y.mean(), ah, yh - y.mean(), 10.0)  # x is centred: no intercept column
+    stats = spread_stats(z)
     return {
-        "saturated": round(float((np.abs(z) > 0.99).mean()), 4),
-        "spread": round(float(z.std(axis=0).mean()), 5),
+        "saturated": stats["saturated"],
+        "spread": round(stats["spread_mean"], 5),
+        "spread_median": stats["spread_median"],
         "opening_r2": round(r2, 4),
     }

@@ -294,6 +294,7 @@ def test_latent_spread_flags_a_saturated_autoencoder(setup, tmp_path, capsys):
     assert latent_spread([one], "fp32")["spread_median"] is None  # one window: nothing to compare
     high = latent_spread([varied], "fp32")
     assert high["saturated"] == 0.0 and 0.2 < high["spread_median"] < 0.4  # uniform(-0.5, 0.5): sd 0.29
+    assert 0.2 < high["spread_mean"] < 0.4 and low["spread_mean"] < 1e-5
     # a saturated RGB autoencoder (its planes' pre-tanh biases pushed to +30) is named at build time
     state = torch.load(setup.rgb, weights_only=True)
     for plane in ("pre_xy", "pre_yt", "pre_xt"):
