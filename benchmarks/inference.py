@@ -10,7 +10,9 @@ and the moving reference face of :mod:`data.sample_data`. Stages, timed one afte
 * ``atom``    AToM DDIM sampling of the frontal landmarks;
 * ``align``   re-posing onto the reference frames, rendering the dot video, masking below the nose;
 * ``mtov_encode`` / ``mtov_unet`` / ``mtov_decode``  MToV condition encodes, UNet steps, decode
-  (their sum plus bookkeeping is ``mtov``); ``total`` is the whole chain.
+  (their sum plus bookkeeping is ``mtov``); ``total`` is the sum of ``hubert``, ``atom``, ``align``
+  and ``mtov``. ``hubert`` and ``align`` take well under a second, so each runs five times per mode
+  and its fastest run counts (:data:`benchmarks.run.SHORT_REPEATS`).
 
 Modes, run side by side in one process on the same inputs and the same noise:
 

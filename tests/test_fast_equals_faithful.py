@@ -227,6 +227,10 @@ def test_benchmark_tiny_report(tmp_path, capsys):
         assert on_disk[mode]["atom"] == pytest.approx(measured["atom"] * 50 / 25)
         assert on_disk[mode]["mtov_unet"] == pytest.approx(measured["mtov_unet"] * 25 / 12)
         assert on_disk["peak_memory_mb"][mode] > 0
+        # the total is its top-level stages (HuBERT and alignment: the fastest of their repeats)
+        top = ("hubert", "atom", "align", "mtov")
+        assert measured["total"] == pytest.approx(sum(measured[k] for k in top))
+        assert on_disk[mode]["total"] == pytest.approx(sum(on_disk[mode][k] for k in top))
     assert on_disk["steps"] == {
         "atom": 25,
         "atom_full": 50,
