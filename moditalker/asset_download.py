@@ -14,6 +14,22 @@ from pathlib import Path
 from moditalker.assets import _asset, asset_present, default_path, inspect_asset
 from moditalker.errors import UserError, describe
 
+#: the names moditalker.assets forwards here
+__all__ = [
+    "DOWNLOAD_URLS",
+    "HUBERT_HUB_ID",
+    "MIRROR_ENV",
+    "mirrored",
+    "download_asset",
+    "GDRIVE_IDS",
+    "GROUPS",
+    "GDRIVE_URL_ENV",
+    "GDRIVE_URL",
+    "BFM_REGISTRATION",
+    "gdrive_url",
+    "download_gdrive_asset",
+]
+
 DOWNLOAD_URLS: dict[str, dict[str, str]] = {
     "face_alignment": {
         "2DFAN4-11f355bf06.pth.tar": "https://www.adrianbulat.com/downloads/python-fan/2DFAN4-11f355bf06.pth.tar",

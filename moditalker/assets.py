@@ -411,17 +411,16 @@ def markdown_table(relative: bool = True) -> str:
 
 
 def __getattr__(name: str):
-    # The download code (moditalker.asset_download) is imported on first use; each of its
-    # module-level names is also reachable here.
-    if not name.startswith("__"):
-        from moditalker import asset_download
-
-        if hasattr(asset_download, name):
-            return getattr(asset_download, name)
     if name == "main":  # the command line, moditalker.assets_cli
         from moditalker.assets_cli import main
 
         return main
+    # the download code (moditalker.asset_download, imported on first use): its public names
+    if not name.startswith("__"):
+        from moditalker import asset_download
+
+        if name in asset_download.__all__:
+            return getattr(asset_download, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
