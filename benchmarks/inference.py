@@ -11,8 +11,8 @@ and the moving reference face of :mod:`data.sample_data`. Stages, timed one afte
 * ``align``   re-posing onto the reference frames, rendering the dot video, masking below the nose;
 * ``mtov_encode`` / ``mtov_unet`` / ``mtov_decode``  MToV condition encodes, UNet steps, decode
   (their sum plus bookkeeping is ``mtov``); ``total`` is the sum of ``hubert``, ``atom``, ``align``
-  and ``mtov``. ``hubert`` and ``align`` take well under a second, so each runs five times per mode
-  and its fastest run counts (:data:`benchmarks.run.SHORT_REPEATS`).
+  and ``mtov``. ``hubert`` and ``align``, where a call takes under a second, run five times per mode
+  and the fastest run counts (:data:`benchmarks.run.SHORT_REPEATS`).
 
 Modes, run side by side in one process on the same inputs and the same noise:
 

@@ -150,8 +150,9 @@ def run_benchmark(
     out.mkdir(parents=True, exist_ok=True)
     log = out / "train.log"
     world_dir = out / "world"
-    resumed = (world_dir / "world.json").is_file()
-    if resumed:
+    # a stage's folder from an earlier invocation: its trainer resumes there
+    resumed = any((out / d).exists() for d in ("atom", "ae_rgb", "ae_ldmk", "latents", "unet"))
+    if (world_dir / "world.json").is_file():
         world = json.loads((world_dir / "world.json").read_text())
     else:
         print("building the synthetic world ...", flush=True)

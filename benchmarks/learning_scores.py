@@ -243,7 +243,7 @@ def latent_report(ae, world: dict, hdtf: Path, mode: str, radius: int) -> dict:
     stats = spread_stats(z)
     return {
         "saturated": stats["saturated"],
-        "spread": round(stats["spread_mean"], 5),
-        "spread_median": stats["spread_median"],
+        "spread": None if stats["spread_mean"] is None else round(stats["spread_mean"], 5),
+        "spread_median": None if stats["spread_median"] is None else round(stats["spread_median"], 6),
         "opening_r2": round(r2, 4),
     }
