@@ -301,7 +301,8 @@ def format_table(r: dict) -> str:
             "| --- | ---: | ---: | ---: |",
         ]
         for name, v in m["latents"].items():
-            lines.append(f"| {name} | {v['saturated']:.2f} | {v['spread']:.4f} | {v['opening_r2']:.3f} |")
+            spread = "-" if v["spread"] is None else f"{v['spread']:.4f}"  # None: one window
+            lines.append(f"| {name} | {v['saturated']:.2f} | {spread} | {v['opening_r2']:.3f} |")
     t = r["targets_met"]
     lines += [
         "",
