@@ -242,12 +242,10 @@ def prepare_out(out: Path, settings: dict, overwrite: bool) -> None:
                     "pass --overwrite to rebuild it, or choose another --out"
                 )
             return
-        if out.exists() and any(
-            p.name not in ("videos", MANIFEST) and not p.name.startswith(".") for p in out.iterdir()
-        ):
+        if out.exists() and any(not p.name.startswith(".") for p in out.iterdir()):
             raise UserError(
-                f"--out {out} already holds files that are not a latent cache; pass "
-                "--overwrite or choose another folder"
+                f"--out {out} already holds files but no {BUILD} (not a latent cache this command can "
+                "resume); pass --overwrite to rebuild it there, or choose another folder"
             )
     for p in (out / MANIFEST, out / BUILD, out / "videos"):
         shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)

@@ -127,6 +127,13 @@ def test_build_resumes_after_a_kill_and_two_shards_make_one_build(setup, tmp_pat
     assert_same_cache(killed, setup.cache)
     with pytest.raises(UserError, match=r"other settings \(stride differ\).*--overwrite"):
         setup.build(killed, "--stride", "2")
+    # a folder without build.json is not a cache to resume: refused, nothing in it removed
+    other = tmp_path / "mine"
+    (other / "videos").mkdir(parents=True)
+    (other / "videos" / "talk1.mp4").write_bytes(b"not ours")
+    with pytest.raises(UserError, match="no build.json.*--overwrite"):
+        setup.build(other)
+    assert (other / "videos" / "talk1.mp4").read_bytes() == b"not ours"
 
 
 def test_training_refuses_a_cache_of_other_autoencoders_or_settings(setup, tmp_path):
