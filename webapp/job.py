@@ -8,6 +8,8 @@ Layout of the app folder (``--out_dir``, default ``outputs/app``)::
     runs/<id>/      one request's talking_head.mp4, talking_head_preview.mp4 and talking_head.yaml
     work/<name>/    the stage cache shared by the requests (same reference: its stages are reused)
     examples/       the bundled sample (speech, reference photo and video), written at start
+    .moditalker-app marks the folder as the app's: since the app deletes old files in it, it takes
+                    only a new or empty folder, or one it has marked
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from moditalker.errors import UserError
+from moditalker.fileio import atomic_write_text
 from pipeline.events import DESCRIBE, STAGES, TIMING_ORDER, StageEvents
 from pipeline.inference import PipelineResult, run_inference
 from pipeline.models import ModelCache
@@ -31,6 +34,7 @@ from pipeline.resolve import resolve
 from pipeline.settings import FLAGS, SETTINGS, check_settings
 
 __all__ = [
+    "APP_MARKER",
     "DAY",
     "PAGE_SETTINGS",
     "page_name",
@@ -103,6 +107,10 @@ def public_text(text: str, roots: tuple[str | Path, ...] = ()) -> str:
 
 
 # ----------------------------------------------------------------------------- folders
+#: the file that marks an --out_dir as the app's (:meth:`AppFolders.create`)
+APP_MARKER = ".moditalker-app"
+
+
 @dataclass(frozen=True)
 class AppFolders:
     """The app's folder and its parts (see the module docstring)."""
@@ -125,12 +133,34 @@ class AppFolders:
     def examples(self) -> Path:
         return self.root / "examples"
 
+    @property
+    def marker(self) -> Path:
+        return self.root / APP_MARKER
+
+    def _unmarked_app_folder(self) -> bool:
+        """Empty, or an app folder from before the marker: only the app's four folders, examples/
+        among them (the app writes it at start; a training folder's runs/ comes without it)."""
+        names = {p.name for p in self.root.iterdir()}
+        parts = {p.name for p in (self.uploads, self.runs, self.work, self.examples)}
+        return not names or (names <= parts and self.examples.name in names)
+
     def create(self) -> AppFolders:
+        """Make the folders. A folder that holds files but not the app's marker is refused: the app
+        deletes old files under ``uploads/``, ``runs/`` and ``work/``, which in another folder (a
+        checkout, a training folder with its own ``runs/``) would be somebody's results."""
+        if self.root.is_dir() and not self.marker.is_file() and not self._unmarked_app_folder():
+            raise UserError(
+                f"--out_dir {self.root} already holds files and is not a folder of this app (no "
+                f"{APP_MARKER} in it); the app deletes old files under its uploads/, runs/ and work/, "
+                "so give it a new or empty folder"
+            )
         for folder in (self.uploads, self.runs, self.work, self.examples):
             try:
                 folder.mkdir(parents=True, exist_ok=True)
             except OSError as exc:
                 raise UserError(f"cannot create {folder} ({exc.strerror}); choose another --out_dir") from exc
+        if not self.marker.is_file():
+            atomic_write_text(self.marker, "folder of the MoDiTalker web page (python -m webapp.app)\n")
         return self
 
     def new_run(self) -> Path:

@@ -15,7 +15,7 @@ from pipeline.events import STAGES, TIMING_ORDER, StageLog, StageTimes, Subscrib
 from pipeline.settings import check_settings
 from webapp.app import build_parser
 from webapp.app import main as app_main
-from webapp.job import DAY, AppFolders, PageJob, PageProgress, clean_old
+from webapp.job import APP_MARKER, DAY, AppFolders, PageJob, PageProgress, clean_old
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = str(REPO / "configs" / "inference_tiny.yaml")
@@ -31,6 +31,24 @@ def _touch(path: Path, age: float, now: float, text: str = "x") -> Path:
 def _age(folder: Path, age: float, now: float) -> None:
     for p in [folder, *folder.rglob("*")]:
         os.utime(p, (now - age, now - age))
+
+
+def test_app_folder_is_new_empty_or_marked(tmp_path):
+    """The app deletes old files in its folder, so it refuses a folder with somebody else's files
+    (here a training folder with its own runs/) and leaves it as it was; its own folder comes back."""
+    other = tmp_path / "checkout"
+    _touch(other / "runs" / "atom" / "model_last.pth", 2 * DAY, time.time())
+    with pytest.raises(UserError, match=r"already holds files and is not a folder of this app"):
+        AppFolders(other).create()
+    assert (other / "runs" / "atom" / "model_last.pth").is_file() and not (other / APP_MARKER).exists()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    f = AppFolders(empty).create()
+    assert f.marker.is_file() and f.uploads.is_dir()
+    _touch(f.runs / "20250101-000000-000" / "talking_head.mp4", 0.0, time.time())
+    assert AppFolders(empty).create() == f  # its own folder, with results in it
+    f.marker.unlink()  # an app folder made before the marker: its four folders, examples/ among them
+    assert AppFolders(empty).create().marker.is_file()
 
 
 def test_clean_old_removes_whole_units_older_than_a_day(tmp_path):
