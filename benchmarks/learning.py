@@ -146,7 +146,7 @@ def run_benchmark(
 
     t0 = time.time()
     dev = resolve_device(device)
-    out = Path(out)
+    out = Path(out).resolve()  # the trainers run from the repository root
     out.mkdir(parents=True, exist_ok=True)
     log = out / "train.log"
     world_dir = out / "world"
