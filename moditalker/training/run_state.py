@@ -91,8 +91,10 @@ def prepare_run_dir(out_dir: Path, resume: bool, overwrite: bool) -> Path | None
     """Check ``out_dir`` for a new run or a resume; returns the state to resume from (or None).
 
     A folder that holds files but no resumable state is refused unless ``overwrite``; with
-    ``overwrite`` and no resume, the previous state, metrics, tensorboard logs and step checkpoints
-    are removed.
+    ``overwrite``, a run that starts anew there (no resume, or no state to resume) first removes the
+    previous run's state, metrics, tensorboard logs and step checkpoints (``checkpoints/step_*.pt``;
+    other files in ``checkpoints/`` stay). Its model files are replaced as the new run writes them (one
+    may be the new run's ``init_from``).
     """
     state_dir = find_state(out_dir) if resume else None
     if resume and state_dir is None and _stopped_before_first_state(out_dir):
@@ -107,18 +109,19 @@ def prepare_run_dir(out_dir: Path, resume: bool, overwrite: bool) -> Path | None
             f"output folder {out_dir} already holds files but no resumable state; "
             "pass --overwrite to start a new run there, or choose another out_dir"
         )
-    if overwrite and not resume and out_dir.exists():
+    if overwrite and state_dir is None and out_dir.exists():
         for name in (
             "state",
             "state.old",
             "state.tmp",
             "metrics.jsonl",
-            "checkpoints",
-            *_FIRST_FILES["folders"],
+            "tb",
         ):
             p = out_dir / name
             if p.is_dir():
                 shutil.rmtree(p)
             elif p.exists():
                 p.unlink()
+        for p in (out_dir / "checkpoints").glob("step_*.pt"):
+            p.unlink()
     return state_dir

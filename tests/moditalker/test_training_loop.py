@@ -125,3 +125,15 @@ def test_run_folder_records_state_and_exact_resume(tmp_path, capsys):
     TrainingRun(out, resume=False, overwrite=True)  # restart in place: the old state and records go
     assert not (out / "state").exists() and not (out / "metrics.jsonl").exists()
     assert (out / "config.yaml").is_file()
+    # --overwrite where there is nothing to resume starts anew too (it used to append to the old
+    # records); of checkpoints/ only the step checkpoints go
+    other = tmp_path / "other"
+    (other / "tb").mkdir()
+    (other / "metrics.jsonl").write_text('{"step": 0}\n')
+    (other / "checkpoints").mkdir()
+    (other / "checkpoints" / "step_00000100.pt").write_bytes(b"x")
+    (other / "checkpoints" / "atom.pt").write_bytes(b"pretrained")
+    TrainingRun(other, overwrite=True)
+    assert not (other / "metrics.jsonl").exists() and not (other / "tb").exists()
+    assert [p.name for p in (other / "checkpoints").iterdir()] == ["atom.pt"]
+    assert (other / "notes.txt").read_text() == "x"
