@@ -147,6 +147,13 @@ def train(cfg: DictConfig, progress: bool = True, overwrite: bool = False) -> Pa
     tc, dc = cfg.train, cfg.data
     out_dir, resume = Path(tc.out_dir), str(tc.resume)
     ckpt_path = checkpoint_to_resume(out_dir, resume)
+    own = ckpt_path is not None and ckpt_path.resolve().parent == (out_dir / "checkpoints").resolve()
+    if ckpt_path is not None and not own and not overwrite and out_dir.exists() and any(out_dir.iterdir()):
+        # another run's checkpoint continues here: this folder's step checkpoints would be pruned
+        raise UserError(
+            f"train.resume={ckpt_path} continues into {out_dir}, which already holds files; choose a new "
+            "or empty out_dir, or pass --overwrite"
+        )
     run = TrainingRun(out_dir, resume != "never", overwrite, resume_from_file=ckpt_path is not None)
     # unused official modules and randomly dropped null embeddings get no gradient
     unused = DistributedDataParallelKwargs(find_unused_parameters=True)

@@ -253,6 +253,27 @@ def test_train_cli_bad_data_exit_2(tmp_path, capsys):
     assert "must equal model.seq_len" in capsys.readouterr().err
 
 
+def test_resume_from_another_runs_checkpoint_needs_a_new_folder(tmp_path):
+    """train.resume=PATH of another run into a folder with files would prune that folder's step
+    checkpoints: refused before any work, the folder left as it was."""
+    out = tmp_path / "mine"
+    (out / "checkpoints").mkdir(parents=True)
+    (out / "checkpoints" / "step_00000001.pt").write_bytes(b"mine")
+    other = tmp_path / "other" / "checkpoints" / "step_00000004.pt"
+    args = [
+        "--config",
+        TINY,
+        "--cpu",
+        "--out_dir",
+        str(out),
+        f"data.root={tmp_path}",
+        f"train.resume={other}",
+    ]
+    with pytest.raises(UserError, match="already holds files.*--overwrite"):
+        train_main(args)
+    assert (out / "checkpoints" / "step_00000001.pt").read_bytes() == b"mine"
+
+
 def test_resume_is_exact(tmp_path):
     """Kill + re-run gives the weights of an uninterrupted run: the RNG states and the position in the
     epoch are in the checkpoint (a resumed run re-seeded from train.seed and restarted the data order)."""
