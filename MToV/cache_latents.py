@@ -385,6 +385,8 @@ def build_cache(
     for v in videos:
         folder = out / "videos" / v["id"]
         if not (folder / "video.json").is_file():
+            if folder.is_dir() and v["id"] in mine:  # no video.json: not a built video, made again
+                shutil.rmtree(folder)  # (the finished one is renamed to this name)
             continue
         problem = check_built(folder, len(v["starts"]), shapes, dtype) if v["id"] in mine else None
         if problem is None:
@@ -416,7 +418,7 @@ def build_cache(
             continue
         if "error" in item:
             print(f"warning: skipped unreadable video {video['id']}: {item['error']}", file=sys.stderr)
-            (out / "videos" / f"{video['id']}.unreadable").write_text(item["error"] + "\n")
+            atomic_write_text(out / "videos" / f"{video['id']}.unreadable", item["error"] + "\n")
             if writer is not None:
                 shutil.rmtree(writer.tmp)
             writer, skipping = None, video["id"]

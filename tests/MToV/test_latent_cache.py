@@ -125,6 +125,12 @@ def test_build_resumes_after_a_kill_and_two_shards_make_one_build(setup, tmp_pat
     assert resumed["complete"] and resumed["built"] == 2  # A was kept, B rebuilt, C built
     assert not list(videos.glob("*.tmp-*"))
     assert_same_cache(killed, setup.cache)
+    # a video folder without its video.json (not a built video) is made again in its place
+    (videos / "WDA_A_000" / "video.json").unlink()
+    (killed / "manifest.json").unlink()
+    again = setup.build(killed)
+    assert again["complete"] and again["built"] == 1
+    assert_same_cache(killed, setup.cache)
     with pytest.raises(UserError, match=r"other settings \(stride differ\).*--overwrite"):
         setup.build(killed, "--stride", "2")
     # a folder without build.json is not a cache to resume: refused, nothing in it removed
