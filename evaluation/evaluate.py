@@ -152,7 +152,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     if args.pred is None or args.gt is None:
         raise UserError("--pred and --gt are required (or --protocol hdtf_selfrecon|cross_identity)")
     if args.json:
-        check_output(args.json, args.overwrite)
+        check_output(args.json, args.overwrite, (args.pred, args.gt))
     pairs = protocol.make_pairs(args.pred, args.gt)  # input errors before any network is built
     ranks = bulk.start()
     try:

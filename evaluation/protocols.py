@@ -341,6 +341,8 @@ def run(args: argparse.Namespace, requested: list[str] | None, overrides: dict[s
     requested, pool = _select(args, requested)
     json_path = Path(args.json) if args.json else out / "report.json"
     table_path = json_path.with_suffix(".txt")
+    if table_path == json_path:  # --json r.txt: the table would replace the report
+        raise UserError(f"--json {json_path} ends in .txt, the table's name beside it; name it .json")
     inputs = [args.split_file, None if args.pairs == "auto" else args.pairs, *videos.values()]
     for path in (json_path, table_path):
         try:

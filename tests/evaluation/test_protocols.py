@@ -210,6 +210,7 @@ def test_bad_inputs_are_one_line_and_write_nothing(dataset, capsys, count_runs, 
     assert "atom.stesp" in err("hdtf_selfrecon", *split, "--set", "atom.stesp=3")
     assert "set for each video" in err("hdtf_selfrecon", *split, "--set", "out=x.mp4")
     assert "--max_videos" in err("hdtf_selfrecon", *split, "--max_videos", "0")
+    assert "name it .json" in err("hdtf_selfrecon", *split, "--json", str(tmp_path / "r.txt"))
     assert "--seconds" in err("hdtf_selfrecon", *split, "--seconds", "-1")
     assert "drop --pred" in err("hdtf_selfrecon", *split, "--pred", str(root))
     assert "is the --data folder" in _cli_error(
