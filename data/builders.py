@@ -159,7 +159,7 @@ def _write_per_frame(
 
 
 def _npy_writer(path: Path, array: np.ndarray) -> None:
-    np.save(path, array)
+    save_npy(path, array)
 
 
 def _item_dirs(out_dir: Path, item_id: str) -> list[Path]:

@@ -26,7 +26,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from moditalker.errors import UserError
-from moditalker.fileio import atomic_write_text
+from moditalker.fileio import atomic_path, atomic_write_text
 from pipeline.events import DESCRIBE, STAGES, TIMING_ORDER, StageEvents
 from pipeline.inference import PipelineResult, run_inference
 from pipeline.models import ModelCache
@@ -396,7 +396,8 @@ def sample_inputs(folders: AppFolders) -> dict[str, Path]:
     if not paths["speech"].is_file():
         if not SAMPLE_SPEECH.is_file():
             raise UserError(f"sample speech clip not found: {SAMPLE_SPEECH}; restore assets/sample/ from git")
-        shutil.copyfile(SAMPLE_SPEECH, paths["speech"])
+        with atomic_path(paths["speech"]) as tmp:  # whole or absent: an existing file is trusted
+            shutil.copyfile(SAMPLE_SPEECH, tmp)
     if not paths["photo"].is_file():
         write_reference_image(paths["photo"])
     if not paths["video"].is_file():
