@@ -45,6 +45,7 @@ from moditalker.training.accelerator import (
 from moditalker.training.bad_items import BadItems
 from moditalker.training.loop import TrainingRun
 from moditalker.training.options import add_run_arguments, apply_run_arguments, print_summary
+from moditalker.training.run_state import check_inputs_are_not_outputs
 from MToV.dataset import build_dataset, check_data, data_defaults
 from MToV.losses import AELossWeights, AutoencoderLoss, build_lpips
 from MToV.models.autoencoder import OFFICIAL_CONFIG, ViTAutoencoder, load_autoencoder_weights
@@ -135,6 +136,9 @@ def train(cfg: DictConfig, resume: bool = True, overwrite: bool = False, progres
     if mode not in ("rgb", "ldmk"):
         raise UserError(f"mode must be rgb or ldmk, got {mode!r}")
     key = "x" if mode == "rgb" else "x_l"
+    check_inputs_are_not_outputs(
+        Path(cfg.out_dir), {"init_from": _resolve(cfg.init_from) if cfg.init_from else None}
+    )
     run = TrainingRun(cfg.out_dir, resume, overwrite)
     tc, lc, dc = cfg.train, cfg.loss, cfg.data
     device = resolve_device(tc.device)

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -46,6 +47,7 @@ from moditalker.training.bad_items import BadItems
 from moditalker.training.ema import LitEMA
 from moditalker.training.loop import TrainingRun
 from moditalker.training.options import add_run_arguments, apply_run_arguments, print_summary
+from moditalker.training.run_state import check_inputs_are_not_outputs
 from MToV.dataset import build_dataset, check_data, data_defaults
 from MToV.diffusion import DDPM
 from MToV.latents import CachedLatents, CachedWindowDataset, open_cache
@@ -147,6 +149,11 @@ def train(cfg: DictConfig, resume: bool = True, overwrite: bool = False, progres
     """Run (or continue) diffusion training; returns ``{"step", "history", "train_losses"}``."""
     from accelerate.utils import set_seed
 
+    ck = cfg.checkpoints
+    inputs = {"checkpoints.ae_rgb": ck.ae_rgb, "checkpoints.ae_ldmk": ck.ae_ldmk, "init_unet": cfg.init_unet}
+    check_inputs_are_not_outputs(
+        Path(cfg.out_dir), {k: repo_path(v) if v else None for k, v in inputs.items()}
+    )
     run = TrainingRun(cfg.out_dir, resume, overwrite)
     if cfg.diffusion.loss_type not in ("l1", "l2"):
         raise UserError(f"diffusion.loss_type must be l1 or l2, got {cfg.diffusion.loss_type!r}")

@@ -10,9 +10,11 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+from collections.abc import Mapping
 from pathlib import Path
 
 from moditalker.errors import DiskFullError, UserError, bytes_in, free_bytes, is_disk_full
+from moditalker.fileio import same_file
 
 
 class _SharedTensorNote(logging.Filter):
@@ -85,6 +87,23 @@ def _stopped_before_first_state(out_dir: Path) -> bool:
         return False
     known = {*_FIRST_FILES["files"], *_FIRST_FILES["folders"], "state.tmp"}
     return all(p.name in known for p in out_dir.iterdir())
+
+
+#: the model files and config a trainer writes into its out_dir
+RUN_OUTPUTS = ("config.yaml", "model_last.pth", "model_best.pth", "diffusion_model.pth")
+
+
+def check_inputs_are_not_outputs(out_dir: Path, inputs: Mapping[str, str | Path | None]) -> None:
+    """UserError when one of ``inputs`` (``{setting: path}``: checkpoints the run starts from) is a
+    file the run writes into ``out_dir`` (:data:`RUN_OUTPUTS`): an input is never an output (training
+    the UNet into the autoencoder's folder would replace the autoencoder with the UNet)."""
+    for name, given in inputs.items():
+        for output in (Path(out_dir) / n for n in RUN_OUTPUTS if given not in (None, "")):
+            if same_file(output, given):
+                raise UserError(
+                    f"{name}={given} is {output}, which this run writes; choose another out_dir "
+                    "(or copy the file elsewhere first)"
+                )
 
 
 def prepare_run_dir(out_dir: Path, resume: bool, overwrite: bool) -> Path | None:

@@ -4,6 +4,7 @@ records, the state, and a resume that ends at the weights of an uninterrupted ru
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -137,3 +138,20 @@ def test_run_folder_records_state_and_exact_resume(tmp_path, capsys):
     assert not (other / "metrics.jsonl").exists() and not (other / "tb").exists()
     assert [p.name for p in (other / "checkpoints").iterdir()] == ["atom.pt"]
     assert (other / "notes.txt").read_text() == "x"
+
+
+def test_a_checkpoint_to_start_from_is_never_a_file_the_run_writes(tmp_path):
+    """Training the UNet into the autoencoder's folder would replace the autoencoder: refused before
+    any work; checkpoints elsewhere (or none) pass."""
+    from moditalker.training.run_state import check_inputs_are_not_outputs
+
+    out = tmp_path / "ae_rgb"
+    out.mkdir()
+    (out / "model_last.pth").write_bytes(b"the autoencoder")
+    with pytest.raises(UserError, match=r"checkpoints.ae_rgb=.*model_last.pth, which this run writes"):
+        check_inputs_are_not_outputs(out, {"checkpoints.ae_rgb": out / "model_last.pth", "init_unet": None})
+    relative = os.path.relpath(out / "model_last.pth")  # the same file named another way
+    with pytest.raises(UserError, match="which this run writes"):
+        check_inputs_are_not_outputs(out, {"init_from": relative})
+    check_inputs_are_not_outputs(tmp_path / "unet", {"checkpoints.ae_rgb": out / "model_last.pth"})
+    assert (out / "model_last.pth").read_bytes() == b"the autoencoder"
