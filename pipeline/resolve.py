@@ -13,7 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from moditalker.config import load_config
 from moditalker.errors import UserError
-from moditalker.fileio import REPO_ROOT
+from moditalker.fileio import REPO_ROOT, same_file
 from pipeline.settings import DEFAULTS, FLAGS, SETTINGS, inherit_settings
 
 __all__ = ["DEFAULT_CONFIG", "resolve", "resolve_args"]
@@ -60,4 +60,11 @@ def resolve(
 def resolve_args(args: argparse.Namespace) -> DictConfig:
     """:func:`resolve` of parsed command-line arguments (``--config``, the flags, the overrides)."""
     flags = {name: getattr(args, name, None) for name in FLAGS}
-    return resolve(args.config, flags, getattr(args, "overrides", None) or ())
+    cfg = resolve(args.config, flags, getattr(args, "overrides", None) or ())
+    if args.config and cfg.get("out") and same_file(Path(cfg.out).with_suffix(".yaml"), args.config):
+        # the run writes its resolved config there: an input is never an output
+        raise UserError(
+            f"--config {args.config} is where this run writes its settings ({Path(cfg.out).stem}.yaml "
+            "beside --out); copy it elsewhere or choose another --out"
+        )
+    return cfg

@@ -205,6 +205,22 @@ def test_pipeline_and_mtov_refuse_an_input_as_output(tmp_path, capsys):
         argv = ["--audio", str(speech), "--ref_video", str(ref), "--out", str(out), "--overwrite"]
         code, err = run_cli(pipeline_main, [*argv, "--random_weights"], capsys)
         assert_one_line_error(code, err, "is the input")
+    # a run's saved settings (OUT.yaml) as its own --config: the run would write over it
+    saved = tmp_path / "talk.yaml"
+    saved.write_text("seed: 3\n")
+    argv = [
+        "--config",
+        str(saved),
+        "--audio",
+        str(speech),
+        "--ref_video",
+        str(ref),
+        "--out",
+        str(tmp_path / "talk.mp4"),
+    ]
+    code, err = run_cli(pipeline_main, [*argv, "--overwrite", "--random_weights"], capsys)
+    assert_one_line_error(code, err, "is where this run writes its settings")
+    assert saved.read_text() == "seed: 3\n"
     argv = _mtov_inputs(tmp_path / "m") + ["--out", str(tmp_path), "--audio", str(tmp_path / "video.mp4")]
     (tmp_path / "video.mp4").write_bytes(b"\x00")
     code, err = run_cli(mtov_main, [*argv, "--overwrite", "--random_weights"], capsys)
