@@ -23,7 +23,7 @@ from PIL import Image
 
 from data.video import write_video
 from moditalker.errors import UserError, cli_main
-from moditalker.fileio import atomic_path
+from moditalker.fileio import atomic_path, check_output
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE_SPEECH = REPO / "assets" / "sample" / "speech.wav"
@@ -121,10 +121,14 @@ def main(argv: Sequence[str] | None = None) -> None:
         default=0,
         help="also write N short videos with sound to OUT_DIR/videos/ (smoke-training data) [0]",
     )
+    parser.add_argument("--overwrite", action="store_true", help="replace sample files already there")
     args = parser.parse_args(argv)
     if args.talking_videos < 0:
         raise UserError(f"--talking_videos must be >= 0, got {args.talking_videos}")
     out = Path(args.out_dir)
+    names = ["speech.wav", "reference.png", "reference.mp4"]
+    for name in names + [f"videos/clip{i:02d}.mp4" for i in range(args.talking_videos)]:
+        check_output(out / name, args.overwrite)  # before anything is written
     out.mkdir(parents=True, exist_ok=True)
     for p in write_talking_videos(out / "videos", args.talking_videos, args.video_seconds, args.size):
         print(p)

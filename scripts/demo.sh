@@ -18,7 +18,7 @@ source "$ROOT/scripts/_allocator.sh"
 mkdir -p "$OUT_DIR"
 
 echo "[demo] writing sample inputs to $OUT_DIR/inputs"
-"$PY" -m data.sample_data --out_dir "$OUT_DIR/inputs" --video_seconds 2 >/dev/null
+"$PY" -m data.sample_data --out_dir "$OUT_DIR/inputs" --video_seconds 2 --overwrite >/dev/null
 
 ASSETS=(hubert face_alignment deep3d bfm_front bfm_similarity atom autoencoder_rgb autoencoder_motion diffusion_model)
 if "$PY" -m moditalker.assets check --only "${ASSETS[@]}" >/dev/null 2>&1; then

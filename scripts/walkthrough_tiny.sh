@@ -33,7 +33,7 @@ bash "$ROOT/scripts/setup.sh"
 PY="$ROOT/.venv/bin/python"
 set -x
 # 0. a few short videos with sound (use your own talking-head clips for anything real)
-"$PY" -m data.sample_data --out_dir "$W/sample" --talking_videos "${WALK_VIDEOS:-4}" \
+"$PY" -m data.sample_data --out_dir "$W/sample" --talking_videos "${WALK_VIDEOS:-4}" --overwrite \
     --video_seconds "${WALK_SECONDS:-1.5}"
 # 1. data: an HDTF-style tree for MToV, LRS3-style clips for AToM (random networks, synthetic BFM;
 #    --hubert_dim 16 is the feature width of configs/atom_tiny.yaml)

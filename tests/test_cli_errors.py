@@ -228,3 +228,18 @@ def test_pipeline_and_mtov_refuse_an_input_as_output(tmp_path, capsys):
     assert {p: p.read_bytes() for p in (speech, ref)} == before and (
         tmp_path / "video.mp4"
     ).read_bytes() == b"\x00"
+
+
+def test_sample_data_keeps_files_already_there(tmp_path, capsys):
+    """data.sample_data refuses to replace a file already in --out_dir unless --overwrite, before it
+    writes anything."""
+    from data.sample_data import main as sample_main
+
+    (tmp_path / "speech.wav").write_bytes(b"mine")
+    code, err = run_cli(
+        sample_main, ["--out_dir", str(tmp_path), "--video_seconds", "0.2", "--size", "32"], capsys
+    )
+    assert_one_line_error(code, err, "--overwrite")
+    assert (tmp_path / "speech.wav").read_bytes() == b"mine" and not (tmp_path / "reference.png").exists()
+    sample_main(["--out_dir", str(tmp_path), "--video_seconds", "0.2", "--size", "32", "--overwrite"])
+    assert (tmp_path / "speech.wav").read_bytes()[:4] == b"RIFF" and (tmp_path / "reference.png").is_file()
