@@ -42,6 +42,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -350,6 +351,11 @@ def write_world(
     train_ids, heldout_ids = clip_ids(seed, n_train, n_heldout)
     render = set(train_ids if n_render is None else train_ids[:n_render]) | set(heldout_ids)
     hdtf, atom = out / "hdtf", out / "atom"
+    if overwrite and ((out / "world.json").exists() or (hdtf / "meta").is_dir()):
+        # a new world: nothing of the old one stays (another seed's clips, longer frame folders)
+        (out / "world.json").unlink(missing_ok=True)
+        for old in (hdtf, atom, out / "videos"):
+            shutil.rmtree(old, ignore_errors=True)
     kp = hdtf / "keypoints"
     mean3d = canonical_face_lm68()
     clips: dict[str, dict] = {}
