@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import os
 import shutil
 import tempfile
 import time
@@ -172,8 +173,11 @@ def _run(dev, steps, batch_size, tiny, workers, frames_precision, warmup, work: 
     cfg = bench_config(tiny, str(dev), batch_size, workers, work / "hdtf")
     cfg.train.seed = seed
     t, size = int(cfg.autoencoder.ddconfig.timesteps), 64 if tiny else 256
-    if not (work / "hdtf").is_dir():
-        write_tree(work / "hdtf", max(batch_size, 2), t, size)
+    if not (work / "hdtf").is_dir():  # written beside, then renamed: a cut-short tree is never reused
+        partial = work / "hdtf.partial"
+        shutil.rmtree(partial, ignore_errors=True)
+        write_tree(partial, max(batch_size, 2), t, size)
+        os.replace(partial, work / "hdtf")
     t0 = time.perf_counter()
     built = build_cache(cfg, work / "cache", batch_size=batch_size, progress=progress)
     build_s = (time.perf_counter() - t0) / built["windows"] if built["built"] == built["videos"] else None
