@@ -138,8 +138,9 @@ class AppFolders:
         return self.root / APP_MARKER
 
     def _unmarked_app_folder(self) -> bool:
-        """Empty (hidden files aside), or an app folder from before the marker: only the app's four folders, examples/
-        among them (the app writes it at start; a training folder's runs/ comes without it)."""
+        """Empty (hidden files aside), or an app folder from before the marker: only the app's four
+        folders, examples/ among them (the app writes it at start; a training folder's runs/ comes
+        without it)."""
         names = {p.name for p in self.root.iterdir() if not p.name.startswith(".")}  # .DS_Store etc.
         parts = {p.name for p in (self.uploads, self.runs, self.work, self.examples)}
         return not names or (names <= parts and self.examples.name in names)
