@@ -134,7 +134,7 @@ def prepare_run_dir(out_dir: Path, resume: bool, overwrite: bool) -> Path | None
             "state.old",
             "state.tmp",
             "metrics.jsonl",
-            "tb",
+            *_FIRST_FILES["folders"],
         ):
             p = out_dir / name
             if p.is_dir():
