@@ -107,25 +107,20 @@ def mtov_scores(models, world: dict, hdtf: Path, passes: dict[int, int], seed: i
                         sampling_timesteps=passes[min(passes)], seed=seed)
         )  # fmt: skip
         wrong_truth.append(frames[:n])
-    t, c = np.concatenate(truth), np.concatenate(copies)
-    few = np.concatenate(generated[min(passes)])
-    table = {}
-    for p in passes:
-        g = np.concatenate(generated[p])
-        table[str(p)] = {"mouth_psnr": psnr(g, t, box), "psnr": psnr(g, t)}
+    t, c, w = np.concatenate(truth), np.concatenate(copies), np.concatenate(wrong)
+    gen = {p: np.concatenate(clips) for p, clips in generated.items()}
+    table = {str(p): {"mouth_psnr": psnr(g, t, box), "psnr": psnr(g, t)} for p, g in gen.items()}
     main_p = str(max(passes))
     return {
         "mouth_psnr_heldout": table[main_p]["mouth_psnr"],
         "mouth_psnr_reference_copy": psnr(c, t, box),
         "psnr_heldout": table[main_p]["psnr"],
         "psnr_reference_copy": psnr(c, t),
-        "mouth_psnr_wrong_landmarks": psnr(np.concatenate(wrong), np.concatenate(wrong_truth), box),
+        "mouth_psnr_wrong_landmarks": psnr(w, np.concatenate(wrong_truth), box),
         # does the generated mouth open with the true opening? (fewest passes; the control: driven by
         # another sentence's landmarks it should not)
-        "mouth_dark_corr": _corr(mouth_darkness(few, box), _openings(world, ids, truth)),
-        "mouth_dark_corr_wrong_landmarks": _corr(
-            mouth_darkness(np.concatenate(wrong), box), _openings(world, ids, wrong_truth)
-        ),
+        "mouth_dark_corr": _corr(mouth_darkness(gen[min(passes)], box), _openings(world, ids, truth)),
+        "mouth_dark_corr_wrong_landmarks": _corr(mouth_darkness(w, box), _openings(world, ids, wrong_truth)),
         "passes": table,
         "lip_box": box,
     }
