@@ -35,7 +35,7 @@ from torch.utils.data import DataLoader
 from moditalker.config import load_config
 from moditalker.device import resolve_device
 from moditalker.errors import UserError, cli_main, script_prog
-from moditalker.fileio import torch_save
+from moditalker.fileio import repo_path, torch_save
 from moditalker.training.accelerator import (
     check_train_loader,
     infinite,
@@ -88,16 +88,6 @@ DEFAULTS: dict = {
 }
 
 
-def _resolve(path: str) -> Path:
-    """A relative path that does not exist from the working directory is tried from the repo root
-    (so ``checkpoints/...`` defaults work from anywhere)."""
-    p = Path(path).expanduser()
-    if p.is_absolute() or p.exists():
-        return p
-    repo_relative = Path(__file__).resolve().parents[1] / p
-    return repo_relative if repo_relative.exists() else p
-
-
 def _frames_to_video(frames: torch.Tensor, batch: int) -> torch.Tensor:
     """[(B*T), C, H, W] (frame-major per clip) -> [B, C, T, H, W]."""
     bt, c, h, w = frames.shape
@@ -137,7 +127,7 @@ def train(cfg: DictConfig, resume: bool = True, overwrite: bool = False, progres
         raise UserError(f"mode must be rgb or ldmk, got {mode!r}")
     key = "x" if mode == "rgb" else "x_l"
     check_inputs_are_not_outputs(
-        Path(cfg.out_dir), {"init_from": _resolve(cfg.init_from) if cfg.init_from else None}
+        Path(cfg.out_dir), {"init_from": repo_path(cfg.init_from) if cfg.init_from else None}
     )
     run = TrainingRun(cfg.out_dir, resume, overwrite)
     tc, lc, dc = cfg.train, cfg.loss, cfg.data
@@ -213,7 +203,7 @@ def _models(cfg: DictConfig, initialise: bool) -> tuple:
     freeze_decoder = (cfg.mode == "ldmk") if cfg.freeze_decoder is None else bool(cfg.freeze_decoder)
     model = ViTAutoencoder(cfg.model.embed_dim, OmegaConf.to_container(cfg.model.ddconfig, resolve=True))
     if initialise and cfg.init_from:
-        load_autoencoder_weights(model, _resolve(cfg.init_from), "initial (init_from) autoencoder")
+        load_autoencoder_weights(model, repo_path(cfg.init_from), "initial (init_from) autoencoder")
     elif initialise and cfg.mode == "ldmk" and freeze_decoder:
         raise UserError(
             "ldmk mode starts from the RGB autoencoder: set init_from=/path/to/autoencoder_rgb.pth "

@@ -395,7 +395,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ap.add_argument("--audio", nargs="+", required=True, help="audio/video files or folders of them")
     ap.add_argument("--out_dir", default="outputs/hubert", help="writes {out_dir}/{stem}.npy")
-    ap.add_argument("--out", default=None, help="output .npy path (single input only)")
+    ap.add_argument(
+        "--out",
+        default=None,
+        help="output .npy path (single input only); its settings go to X.yaml beside it",
+    )
     ap.add_argument("--wav_dir", default=None, help="also write the 16 kHz mono wav as {wav_dir}/{stem}.wav")
     ap.add_argument("--model", default=str(default_path("hubert")), help="HuBERT folder or hub id")
     ap.add_argument("--allow_download", action="store_true", help="let transformers fetch a hub id")
@@ -432,6 +436,11 @@ def main(argv: Sequence[str] | None = None) -> list[Path]:
         if args.wav_dir:
             check_output(Path(args.wav_dir) / f"{src.stem}.wav", args.overwrite, inputs)
         todo.append((src, out))
+    # the run's settings: beside --out as X.yaml (an output like X.npy: never replaced unasked), or the
+    # folder's hubert_config.yaml, which every run that writes into --out_dir replaces with its own
+    cfg_path = Path(args.out).with_suffix(".yaml") if args.out else Path(args.out_dir) / "hubert_config.yaml"
+    if todo:
+        check_output(cfg_path, args.overwrite or not args.out, inputs)
     if args.random_weights:
         extractor = HubertExtractor.random(args.hidden_size, device=args.device, batch_size=args.batch_size)
         warn_random_weights("HuBERT is", "Its features do NOT describe the speech.")
@@ -460,9 +469,6 @@ def main(argv: Sequence[str] | None = None) -> list[Path]:
         from moditalker.config import save_config
 
         cfg = dict(vars(args), model_used=extractor.name, hidden_size_used=extractor.hidden_size)
-        cfg_path = (
-            Path(args.out).with_suffix(".yaml") if args.out else Path(args.out_dir) / "hubert_config.yaml"
-        )
         save_config(cfg, cfg_path)
     return written
 

@@ -260,6 +260,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     out_dir = Path(args.out_dir)
     inputs = (args.landmarks, args.reference, args.audio)
     out_npy = check_output(out_dir / "aligned_lm68.npy", args.overwrite, inputs)
+    for side in (*(f"reference_{k}.npy" for k in ("lm68", "coeff", "index")), "config.yaml"):
+        check_output(out_dir / side, args.overwrite, inputs)
     png_dir = out_dir / "landmarks_png"
     if not args.no_png and png_dir.exists() and not args.overwrite:
         raise UserError(f"output {png_dir} already exists; pass --overwrite to replace it")

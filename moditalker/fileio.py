@@ -23,8 +23,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 def repo_path(path: str | Path) -> Path:
     """``path`` as given when it is absolute or exists from the working folder, else relative to the
-    repository root (so ``configs/mtov_tiny.yaml`` works from any folder)."""
-    path = Path(path)
+    repository root (so ``configs/mtov_tiny.yaml`` works from any folder); ``~`` is expanded."""
+    path = Path(path).expanduser()
     return path if path.is_absolute() or path.exists() else REPO_ROOT / path
 
 

@@ -274,6 +274,15 @@ def test_cli_writes_features_wav_and_config(tmp_path, tiny_hubert_dir, capsys):
         main(argv)
     assert main(argv + ["--skip_existing"]) == []
     assert main(argv + ["--overwrite"]) == [out_dir / "talk.npy"]
+    # --out X.npy writes its settings to X.yaml: an existing X.yaml (a file of the user's) is an output
+    # like X.npy, refused before anything is written
+    single = ["--audio", str(tmp_path / "talk.wav"), "--model", str(tiny_hubert_dir), "--device", "cpu"]
+    (tmp_path / "mine.yaml").write_text("precious: 1\n")
+    with pytest.raises(UserError, match="mine.yaml already exists"):
+        main(single + ["--out", str(tmp_path / "mine.npy")])
+    assert (tmp_path / "mine.yaml").read_text() == "precious: 1\n" and not (tmp_path / "mine.npy").exists()
+    assert main(single + ["--out", str(tmp_path / "other.npy")]) == [tmp_path / "other.npy"]
+    assert "model_used" in (tmp_path / "other.yaml").read_text()
 
 
 def test_cli_too_short_exits_2(tmp_path, tiny_hubert_dir, capsys):

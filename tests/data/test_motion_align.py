@@ -168,6 +168,12 @@ def test_cli_random_weights_plays_reference_back_and_forth(tmp_path, capsys):
         cli_main(ma.main, argv)
     assert exc.value.code == 2
     ma.main(argv + ["--overwrite", "--no_video"])
+    # the side files are outputs too: a folder holding one of them (the aligned array removed) is refused
+    (out / "aligned_lm68.npy").unlink()
+    kept = (out / "reference_lm68.npy").read_bytes()
+    with pytest.raises(UserError, match="reference_lm68.npy already exists"):
+        ma.main(argv + ["--no_video", "--no_png"])
+    assert (out / "reference_lm68.npy").read_bytes() == kept and not (out / "aligned_lm68.npy").exists()
 
 
 def _std() -> np.ndarray:
