@@ -375,9 +375,7 @@ def inspect_asset(name: str, path: str | Path | None = None, deep: bool = False)
 def _fix_hint(name: str, path: Path) -> str:
     from moditalker.asset_download import DOWNLOAD_URLS, GDRIVE_IDS
 
-    if name in GDRIVE_IDS:
-        return f"remove it and run `python -m moditalker.assets download {name}`"
-    if name in DOWNLOAD_URLS or name == "hubert":
+    if name in GDRIVE_IDS or name in DOWNLOAD_URLS or name == "hubert":  # the download command fetches it
         return f"remove it and run `python -m moditalker.assets download {name}`"
     return f"replace it (source: {ASSETS[name].source})"
 
