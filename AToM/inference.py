@@ -241,6 +241,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     ap.add_argument("--hubert", required=True, help="HuBERT features .npy [T_a, 1024] (50 Hz)")
     ap.add_argument("--ref_lm3d", required=True, help="reference frontal landmark .npy [68, 3] (BFM space)")
+    ap.add_argument(
+        "--ref_frame",
+        type=int,
+        default=None,
+        help="the frame of a [T, 68, 3] --ref_lm3d (e.g. a pipeline work folder's reference_lm3d.npy)",
+    )
     ap.add_argument("--out", required=True, help="output .npy float32 [T_a // 2, 68, 3]")
     ap.add_argument("--checkpoint", default=None, help="AToM checkpoint (default checkpoints/atom.pt)")
     ap.add_argument("--ema", action="store_true", help="use ema_state_dict instead of model_state_dict")
@@ -272,8 +278,17 @@ def main(argv: Sequence[str] | None = None) -> None:
         raise UserError(f"--png_dir {args.png_dir} is a file, not a folder")
     hubert = load_npy(args.hubert, "HuBERT features")
     ref = load_npy(args.ref_lm3d, "reference landmark")
-    if ref.ndim == 3 and ref.shape[0] == 1:  # [1, 68, 3]: one frame of a [T, 68, 3] landmark file
-        ref = ref[0]
+    if ref.ndim == 3:  # [T, 68, 3]: the frames of a landmark file, one of them the reference
+        if args.ref_frame is None and ref.shape[0] != 1:
+            raise UserError(
+                f"{args.ref_lm3d} holds {ref.shape[0]} frames {tuple(ref.shape)}; pick one with --ref_frame K"
+            )
+        k = args.ref_frame or 0
+        if not 0 <= k < ref.shape[0]:
+            raise UserError(f"--ref_frame {k} is outside the {ref.shape[0]} frames of {args.ref_lm3d}")
+        ref = ref[k]
+    elif args.ref_frame is not None:
+        raise UserError(f"--ref_frame takes a [T, 68, 3] --ref_lm3d; {args.ref_lm3d} is {tuple(ref.shape)}")
     bfm_dir = Path(args.bfm_dir) if args.bfm_dir else default_path("bfm_front").parent
     from data.face3d import Face3DHelper, write_synthetic_bfm
 
@@ -313,7 +328,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             "inference": {
                 **{
                     k: getattr(args, k)
-                    for k in ("hubert", "ref_lm3d", "out", "ema", "steps", "eta", "guidance")
+                    for k in ("hubert", "ref_lm3d", "ref_frame", "out", "ema", "steps", "eta", "guidance")
                 },
                 **{k: getattr(args, k) for k in ("overlap", "seed", "device", "random_weights")},
                 "checkpoint": str(ckpt) if ckpt else None,

@@ -260,6 +260,20 @@ def test_cli_end_to_end(tiny_ckpt, bfm_dir, tmp_path):
         main(args)
     main([*args, "--overwrite", "--ema"])  # same seed -> same result
     np.testing.assert_array_equal(np.load(out), lm)
+    # a [T, 68, 3] landmark file (a pipeline work folder's reference_lm3d.npy): --ref_frame picks the frame
+    frames = np.stack([ref + 0.5, ref, ref - 0.5])
+    np.save(tmp_path / "frames.npy", frames)
+    picked = [*args, "--ref_lm3d", str(tmp_path / "frames.npy"), "--overwrite", "--ema"]
+    with pytest.raises(UserError, match="holds 3 frames.*--ref_frame"):
+        main(picked)
+    with pytest.raises(UserError, match="--ref_frame 3 is outside the 3 frames"):
+        main([*picked, "--ref_frame", "3"])
+    main([*picked, "--ref_frame", "1"])  # frame 1 is the reference of the first run: the same landmarks
+    np.testing.assert_array_equal(np.load(out), lm)
+    main([*picked, "--ref_frame", "0"])
+    assert not np.array_equal(np.load(out), lm)
+    with pytest.raises(UserError, match="--ref_frame takes a \\[T, 68, 3\\]"):
+        main([*args, "--overwrite", "--ref_frame", "0"])
 
 
 def test_cli_errors_one_line_exit_2(tiny_ckpt, bfm_dir, tmp_path, capsys):
