@@ -428,7 +428,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if not args.max_upload_mb > 0:
         raise UserError(f"--max_upload_mb must be > 0, got {args.max_upload_mb}")
     auth = parse_auth(args.auth)
-    folders = AppFolders(Path(args.out_dir)).create()
+    folders = AppFolders(Path(args.out_dir)).check()  # created by PageJob once the settings are checked
     prepare_environment(folders)
     job = PageJob(
         folders,

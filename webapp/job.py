@@ -145,16 +145,23 @@ class AppFolders:
         parts = {p.name for p in (self.uploads, self.runs, self.work, self.examples)}
         return not names or (names <= parts and self.examples.name in names)
 
-    def create(self) -> AppFolders:
-        """Make the folders. A folder that holds files but not the app's marker is refused: the app
-        deletes old files under ``uploads/``, ``runs/`` and ``work/``, which in another folder (a
-        checkout, a training folder with its own ``runs/``) would be somebody's results."""
+    def check(self) -> AppFolders:
+        """Refuse, creating nothing, a folder that holds files but not the app's marker: the app deletes
+        old files under ``uploads/``, ``runs/`` and ``work/``, which in another folder (a checkout, a
+        training folder with its own ``runs/``) would be somebody's results."""
+        if self.root.exists() and not self.root.is_dir():
+            raise UserError(f"--out_dir {self.root} is a file, not a folder")
         if self.root.is_dir() and not self.marker.is_file() and not self._unmarked_app_folder():
             raise UserError(
                 f"--out_dir {self.root} already holds files and is not a folder of this app (no "
                 f"{APP_MARKER} in it); the app deletes old files under its uploads/, runs/ and work/, "
                 "so give it a new or empty folder"
             )
+        return self
+
+    def create(self) -> AppFolders:
+        """Make the folders (after :meth:`check`)."""
+        self.check()
         for folder in (self.uploads, self.runs, self.work, self.examples):
             try:
                 folder.mkdir(parents=True, exist_ok=True)
@@ -278,7 +285,7 @@ class PageJob:
         detector: Any = None,
         log: Callable[[str], None] = lambda line: print(line, flush=True),
     ) -> None:
-        self.folders = folders.create()
+        self.folders = folders.check()
         self.config, self.device, self.random_weights = config, device, bool(random_weights)
         self.overrides = tuple(overrides)
         self.max_age = float(max_age)
@@ -291,6 +298,7 @@ class PageJob:
         from moditalker.device import resolve_device
 
         resolve_device(self.base.device)
+        self.folders.create()  # after every check: a refused start leaves no folder behind
 
     def public(self, text: str) -> str:
         """``text`` as the page may return it: no absolute path of this machine (:func:`public_text`)."""

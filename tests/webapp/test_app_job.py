@@ -207,6 +207,14 @@ def test_the_app_stops_with_one_line_before_serving(argv, message, tmp_path, cap
         cli_main(app_main, argv + ["--out_dir", str(tmp_path / "app")])
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert exc.value.code == 2 and len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
+    assert not (tmp_path / "app").exists()  # refused before its folder was made
+
+
+def test_the_app_refuses_a_file_as_its_folder(tmp_path):
+    (tmp_path / "app").write_text("notes\n")
+    with pytest.raises(UserError, match=r"--out_dir .*app is a file, not a folder"):
+        app_main(["--config", TINY, "--random_weights", "--out_dir", str(tmp_path / "app")])
+    assert (tmp_path / "app").read_text() == "notes\n"
 
 
 def test_app_flags_default_to_this_machine_and_no_share_link():
