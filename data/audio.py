@@ -441,6 +441,14 @@ def main(argv: Sequence[str] | None = None) -> list[Path]:
     cfg_path = Path(args.out).with_suffix(".yaml") if args.out else Path(args.out_dir) / "hubert_config.yaml"
     if todo:
         check_output(cfg_path, args.overwrite or not args.out, inputs)
+    # every input read and checked before the network is built: a bad file stops the run before any
+    # output (or warning); one input is read once, several again as they are extracted (bounded memory)
+    min_samples = max(MIN_SAMPLES, int(round(args.min_duration * SAMPLE_RATE)))
+    checked: dict[Path, np.ndarray] = {}
+    for src, _ in tqdm(todo, desc="checking audio", unit="file", disable=len(todo) < 2):
+        wave = check_waveform(load_audio(src), str(src), min_samples=min_samples)
+        if len(todo) == 1:
+            checked[src] = wave
     if args.random_weights:
         extractor = HubertExtractor.random(args.hidden_size, device=args.device, batch_size=args.batch_size)
         warn_random_weights("HuBERT is", "Its features do NOT describe the speech.")
@@ -451,14 +459,11 @@ def main(argv: Sequence[str] | None = None) -> list[Path]:
             local_files_only=not args.allow_download,
             batch_size=args.batch_size,
         )
-    min_samples = max(MIN_SAMPLES, int(round(args.min_duration * SAMPLE_RATE)))
-    if len(todo) > 1:  # every input read and checked first: a bad file stops the run before any output
-        for src, _ in tqdm(todo, desc="checking audio", unit="file"):
-            check_waveform(load_audio(src), str(src), min_samples=min_samples)
     written = []
     for src, out in tqdm(todo, desc="hubert", unit="file", disable=len(todo) < 2):
-        wave = load_audio(src)
-        check_waveform(wave, str(src), min_samples=min_samples)
+        wave = checked.pop(src, None)
+        if wave is None:
+            wave = check_waveform(load_audio(src), str(src), min_samples=min_samples)
         feats = extractor(wave, name=str(src))
         save_npy(out, feats)
         if args.wav_dir:

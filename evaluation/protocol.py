@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from data.video import iter_video
+from data.video import iter_video, media_problem
 from moditalker.errors import UserError, describe
 
 FPS = 25
@@ -76,7 +76,7 @@ def _open_video(path: Path) -> tuple[av.container.InputContainer, av.video.strea
     try:
         container = av.open(str(path), mode="r")
     except (av.FFmpegError, OSError, ValueError) as exc:
-        raise UserError(f"cannot read video {path}: {describe(exc)}; is it a valid video file?") from exc
+        raise UserError(f"cannot read video {path}: {media_problem(path, exc, 'video')}") from exc
     if not container.streams.video:
         container.close()
         raise UserError(f"{path} has no video stream")

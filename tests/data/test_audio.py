@@ -254,6 +254,18 @@ def test_cli_random_weights_warns_loudly(tmp_path, capsys):
     assert "WARNING: --random_weights: HuBERT is RANDOMLY INITIALISED" in capsys.readouterr().err
 
 
+def test_cli_bad_audio_is_refused_before_the_network_and_its_warning(tmp_path, capsys):
+    from moditalker.errors import cli_main
+
+    (tmp_path / "notes.wav").write_text("not audio")
+    argv = ["--audio", str(tmp_path / "notes.wav"), "--out_dir", str(tmp_path / "h"), "--device", "cpu"]
+    with pytest.raises(SystemExit) as exc:
+        cli_main(main, argv + ["--random_weights", "--hidden_size", "16"])
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert exc.value.code == 2 and len(err) == 1 and "notes.wav" in err[0], err
+    assert not (tmp_path / "h").exists()
+
+
 def test_cli_writes_features_wav_and_config(tmp_path, tiny_hubert_dir, capsys):
     rate = 44100
     t = np.arange(int(rate * 1.5)) / rate

@@ -290,6 +290,10 @@ def test_cli_errors_are_one_line(tmp_path, capsys, no_weights):
     msg = _cli(["--pred", str(pred), "--gt", str(gt), "--metrics", "psnr,lpips"], capsys)
     assert "lpips_alexnet" in msg and "lpips/alexnet.pth" in msg
     assert "unknown metric" in _cli(["--pred", str(pred), "--gt", str(gt), "--metrics", "psnr,foo"], capsys)
+    pred, gt = _pair_dirs(tmp_path / "text", {}, {"a": v})
+    (pred / "a.mp4").write_text("not a video")
+    msg = _cli(["--pred", str(pred), "--gt", str(gt), "--metrics", "psnr"], capsys)
+    assert msg.endswith("a.mp4: not a video file that FFmpeg can decode (another format, or damaged)"), msg
     (tmp_path / "r.json").write_text("{}")
     msg = _cli(["--pred", str(pred), "--gt", str(gt), "--json", str(tmp_path / "r.json")], capsys)
     assert "--overwrite" in msg
