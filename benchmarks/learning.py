@@ -63,7 +63,7 @@ from benchmarks.learning_scores import (
     sample_clip,
 )
 from benchmarks.options import check_common, write_report
-from moditalker.errors import UserError, cli_main
+from moditalker.errors import UserError, cli_main, script_prog
 
 REPO = Path(__file__).resolve().parents[1]
 ATOM_CONFIG = "configs/atom_learning.yaml"
@@ -319,7 +319,7 @@ def format_table(r: dict) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m benchmarks.learning",
+        prog=script_prog("python -m benchmarks.learning"),
         description="Train every stage small on the synthetic world and score it on held-out sentences.",
     )
     p.add_argument("--out", default="runs/benchmark_learning", help="work folder (world, runs, logs)")

@@ -7,6 +7,7 @@
 # PYTHON=/path/to/python uses that interpreter instead. Rerunning with the same --out resumes.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+export MODITALKER_PROG="scripts/${0##*/}"  # the name its usage line shows
 # shellcheck source=scripts/_setup_python.sh
 source "$ROOT/scripts/_setup_python.sh"
 exec "$PY" -m benchmarks.learning "$@"

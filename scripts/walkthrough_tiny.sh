@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Train every stage small, with no dataset and no licensed asset, each stage consuming the previous
-# one's output (docs/training.md, "Train everything small"); then sample and run the pipeline with the
-# trained tiny checkpoints. The networks that are not trained here (HuBERT, FAN, Deep3DFaceRecon) are
+# one's output (docs/training.md, "Train everything small"); then run the pipeline with the trained
+# tiny checkpoints. The networks that are not trained here (HuBERT, FAN, Deep3DFaceRecon) are
 # random stand-ins and the face model is synthetic (--random_weights): the result shows the chain
 # works, it is not a talking head.
 #   scripts/walkthrough_tiny.sh [OUT_DIR] [STEPS]      (defaults: runs/walkthrough, 50)

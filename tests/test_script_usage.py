@@ -20,11 +20,20 @@ def _run(script: str, *args: str) -> subprocess.CompletedProcess:
     )
 
 
-@pytest.mark.parametrize("script", ["inference.sh", "train_atom.sh", "preprocess_lrs3.sh"])
-def test_help_names_the_script(script):
+STAGE_SCRIPTS = sorted(
+    p.name for p in (REPO / "scripts").glob("*.sh") if not p.name.startswith("_") and p.name != "setup.sh"
+)
+
+
+@pytest.mark.parametrize("script", [s for s in STAGE_SCRIPTS if s not in ("demo.sh", "test.sh")])
+def test_every_launcher_answers_help_with_its_own_usage(script):
+    """--help is help on every launcher (inference_atom.sh took it for its first file and exited 2), and
+    the usage line names the script, not the Python module behind it. With $PYTHON set (``_run``) the
+    launchers that set up .venv (scripts/_setup_python.sh) run that interpreter and set nothing up."""
     run = _run(script, "--help")
     assert run.returncode == 0, run.stderr
-    assert run.stdout.startswith(f"usage: scripts/{script} "), run.stdout[:200]
+    first = next(line for line in run.stdout.splitlines() if line.strip())
+    assert first.startswith(f"usage: scripts/{script} ") or script == "walkthrough_tiny.sh", first
 
 
 def test_usage_error_names_the_script():
@@ -56,14 +65,6 @@ def test_walkthrough_help_is_help_not_a_folder(tmp_path):
     bad = _run("walkthrough_tiny.sh", str(tmp_path / "w"), "many")
     assert bad.returncode == 2 and "STEPS must be a positive integer, got 'many'" in bad.stderr
     assert not (tmp_path / "w").exists()
-
-
-@pytest.mark.parametrize("script", ["benchmark_training.sh", "benchmark_learning.sh", "train_mtov_ae.sh"])
-def test_launchers_that_set_up_run_the_given_python(script):
-    """scripts/_setup_python.sh: with $PYTHON set the launcher runs it (no setup); the help comes back."""
-    run = _run(script, "--help")
-    assert run.returncode == 0, run.stderr
-    assert run.stdout.startswith("usage: "), run.stdout[:200]
 
 
 def test_setup_python_without_python_runs_setup_then_the_venv(tmp_path):
