@@ -21,6 +21,7 @@ import torch
 
 from moditalker.device import resolve_device
 from moditalker.errors import UserError, describe
+from moditalker.fileio import atomic_path
 
 BFM_FILE = "BFM_model_front.mat"
 SIMILARITY_FILE = "similarity_Lm3D_all.mat"
@@ -291,7 +292,29 @@ def write_synthetic_bfm(folder: str | Path, seed: int = 0, n_vertices: int = 500
         "tri": rng.integers(1, n_vertices + 1, (n_tri, 3)).astype(np.int32),
         "keypoints": keypoints.reshape(1, 68).astype(np.float64),
     }
-    sio.savemat(str(folder / BFM_FILE), bfm)
     template = face - face.mean(axis=0) * np.array([1.0, 0.0, 0.0])
-    sio.savemat(str(folder / SIMILARITY_FILE), {"lm": template.astype(np.float64)})
+    for name, arrays in ((BFM_FILE, bfm), (SIMILARITY_FILE, {"lm": template.astype(np.float64)})):
+        with atomic_path(folder / name) as tmp:  # whole or absent: another run may be reading it
+            sio.savemat(str(tmp), arrays)
     return folder
+
+
+def synthetic_bfm_problem(folder: str | Path) -> str | None:
+    """What is wrong with a :func:`write_synthetic_bfm` folder (None: both files read back with the
+    arrays they must hold)."""
+    need = {
+        BFM_FILE: ("meanshape", "idBase", "exBase", "keypoints", "tri", "point_buf"),
+        SIMILARITY_FILE: ("lm",),
+    }
+    for name, keys in need.items():
+        path = Path(folder) / name
+        if not path.is_file():
+            return f"{name} is missing"
+        try:
+            data = sio.loadmat(str(path))
+        except Exception as exc:  # scipy raises many kinds for a damaged .mat
+            return f"{name} cannot be read ({describe(exc)})"
+        missing = [k for k in keys if k not in data]
+        if missing:
+            return f"{name} lacks {', '.join(missing)}"
+    return None

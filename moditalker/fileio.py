@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import tempfile
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -117,6 +118,15 @@ def check_output(path: str | Path, overwrite: bool = False, inputs: Iterable[str
         raise UserError(f"output {path} already exists; pass --overwrite to replace it")
     writable_folder(path.parent if str(path.parent) else Path("."), f"cannot write {path}")
     return path
+
+
+def remove_path(path: str | Path) -> None:
+    """Remove ``path`` whatever it is (a folder with its contents, a file, a link); nothing if absent."""
+    path = Path(path)
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def writable_folder(folder: str | Path, what: str = "cannot write there") -> Path:

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from moditalker.errors import DiskFullError, bytes_in, free_bytes, is_disk_full
-from moditalker.fileio import folder_problem, folder_records
+from moditalker.fileio import folder_problem, folder_records, remove_path
 from pipeline.events import StageEvents, StageLog
 
 __all__ = ["asset_identity", "stable_key", "StageRecord", "WorkCache"]
@@ -112,8 +112,7 @@ class WorkCache:
         tmp = Path(tempfile.mkdtemp(prefix=f".{stage}-{key}.", dir=self.folder))
         try:
             arrays = self._compute(entry, tmp, parts, compute)
-            if entry.exists():  # a stale, unfinished entry from an older layout
-                shutil.rmtree(entry)
+            remove_path(entry)  # a stale, unfinished entry (an older layout), or a file not ours
             os.replace(tmp, entry)
         finally:
             if tmp.exists():

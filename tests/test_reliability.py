@@ -185,6 +185,52 @@ def test_stage_entry_of_an_older_layout_is_recomputed(tmp_path):
     assert len(calls) == 3 and ".done record cannot be read" in lines[-2]
     cache.run("s", {"a": 1}, compute, lines.append)
     assert len(calls) == 3 and "reused" in lines[-1]
+    shutil.rmtree(entry)
+    entry.write_text("a file where the entry's folder goes")  # not a folder: replaced by the entry
+    arrays, _ = cache.run("s", {"a": 1}, compute, lines.append)
+    assert len(calls) == 4 and entry.is_dir() and (entry / ".done").is_file()
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda p: p.write_text('{"n": '),  # cut short
+        lambda p: p.write_bytes(bytes(range(256))),  # not text
+        lambda p: (p.unlink(), p.mkdir()),  # a folder in its place
+    ],
+)
+def test_batch_store_with_an_unreadable_layout_starts_again(tmp_path, damage):
+    """layout.json that cannot be read is a layout that does not match: the partial folder is emptied
+    and the batches computed again (it was read unguarded: every rerun ended in a traceback)."""
+    from pipeline.cache import WorkCache
+    from pipeline.stages.batches import BatchStore
+
+    store = BatchStore(WorkCache(tmp_path), "mtov", {"x": 1})
+    assert store.open({"n": 2}) == 0
+    store.save(0, {"frames": np.zeros((2, 3), np.uint8)})
+    damage(store.partial / "layout.json")
+    again = BatchStore(WorkCache(tmp_path), "mtov", {"x": 1})
+    assert again.open({"n": 2}) == 0 and not (again.partial / "batch-00000.npz").exists()
+    assert json.loads((again.partial / "layout.json").read_text()) == {"n": 2}
+    (again.partial / BatchStore.RECORDS).unlink()
+    (again.partial / BatchStore.RECORDS).mkdir()  # a folder where the records go: removed
+    third = BatchStore(WorkCache(tmp_path), "mtov", {"x": 1})
+    assert third.open({"n": 2}) == 0 and (third.partial / BatchStore.RECORDS).is_file()
+    third.save(0, {"frames": np.zeros((2, 3), np.uint8)})
+    assert BatchStore(WorkCache(tmp_path), "mtov", {"x": 1}).open({"n": 2}) == 1
+
+
+def test_synthetic_face_model_of_the_work_folder_is_written_again_when_damaged(tmp_path):
+    from data.face3d import synthetic_bfm_problem, write_synthetic_bfm
+
+    folder = write_synthetic_bfm(tmp_path / "bfm", seed=3)
+    assert synthetic_bfm_problem(folder) is None
+    good = (folder / "BFM_model_front.mat").stat().st_size
+    (folder / "BFM_model_front.mat").write_bytes(b"MATLAB 5.0" + bytes(50))
+    assert "BFM_model_front.mat cannot be read" in synthetic_bfm_problem(folder)
+    (folder / "similarity_Lm3D_all.mat").unlink()
+    write_synthetic_bfm(folder, seed=3)
+    assert synthetic_bfm_problem(folder) is None and (folder / "BFM_model_front.mat").stat().st_size == good
 
 
 # ----------------------------------------------------------------------------- a full disk

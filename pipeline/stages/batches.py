@@ -37,6 +37,7 @@ from moditalker.fileio import (
     folder_records,
     npz_problem,
     record_problem,
+    remove_path,
 )
 from pipeline.cache import WorkCache, stable_key
 
@@ -72,9 +73,11 @@ class BatchStore:
     def open(self, layout: dict[str, Any]) -> int:
         """Prepare the partial folder for a run with ``layout`` (batch geometry: a folder left by
         another layout is emptied) and return the number of finished batches (0, 1, ... in a row)."""
+        if self.partial.exists() and not self.partial.is_dir():  # not ours: a folder is written here
+            remove_path(self.partial)
         self.partial.mkdir(parents=True, exist_ok=True)
         manifest = self.partial / "layout.json"
-        if manifest.is_file() and json.loads(manifest.read_text()) != layout:
+        if manifest.exists() and _read_json(manifest) != layout:  # another layout, or unreadable
             shutil.rmtree(self.partial)
             self.partial.mkdir(parents=True)
         if not manifest.is_file():
@@ -82,6 +85,8 @@ class BatchStore:
                 tmp.write_text(json.dumps(layout, sort_keys=True))
         for stale in self.partial.glob(".batch-*"):  # a write cut short by a kill
             stale.unlink(missing_ok=True)
+        if (self.partial / self.RECORDS).is_dir():  # not ours: the records are written at that name
+            shutil.rmtree(self.partial / self.RECORDS)
         self.records = self._read_records()
         done = 0
         while True:
@@ -107,10 +112,7 @@ class BatchStore:
         self.log(f"warning: {self.partial.name}: {problem}; computing it again from batch {index}")
 
     def _read_records(self) -> dict[str, list]:
-        try:
-            records = json.loads((self.partial / self.RECORDS).read_text())
-        except (OSError, ValueError, UnicodeDecodeError):
-            return {}
+        records = _read_json(self.partial / self.RECORDS)
         return records if isinstance(records, dict) else {}
 
     def _write_records(self) -> None:
@@ -118,9 +120,8 @@ class BatchStore:
 
     def problem(self) -> str | None:
         """What is wrong with the complete entry's files (None: all as recorded when it was finished)."""
-        try:
-            record = json.loads((self.entry / ".done").read_text())
-        except (OSError, ValueError, UnicodeDecodeError):
+        record = _read_json(self.entry / ".done")
+        if record is None:
             return "its .done record cannot be read"
         if not isinstance(record, dict) or "files" not in record:
             old = self.entry / "frames.npy"  # the layout before batches: kept when it reads back whole
@@ -170,6 +171,13 @@ class BatchStore:
             json.dumps(self.parts, sort_keys=True, default=str, indent=1)
         )
         (self.partial / ".done").write_text(json.dumps({"files": folder_records(self.partial)}))
-        if self.entry.exists():  # a stale, unfinished entry from an older layout
-            shutil.rmtree(self.entry)
+        remove_path(self.entry)  # a stale, unfinished entry (an older layout), or a file not ours
         os.replace(self.partial, self.entry)
+
+
+def _read_json(path: Path) -> Any:
+    """The JSON value in ``path``; None when it cannot be read (missing, a folder, damaged)."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError, UnicodeDecodeError):
+        return None

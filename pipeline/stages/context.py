@@ -15,6 +15,8 @@ from omegaconf import DictConfig
 
 from moditalker.config import save_config
 from moditalker.constants import FPS
+from moditalker.errors import UserError
+from moditalker.fileio import remove_path
 from moditalker.timing import StageTimer
 from pipeline.cache import WorkCache, asset_identity
 from pipeline.events import StageEvents, StageLog, StageTimes, Subscribers
@@ -117,12 +119,18 @@ def open_context(
     device = resolve_device(cfg.device)
     log(f"audio {inputs.audio}: {seconds:.2f} s -> {n_frames} frames at {FPS} fps; device {device}")
     cache = WorkCache(inputs.work_dir)
+    if (inputs.work_dir / "config.yaml").is_dir():
+        raise UserError(f"{inputs.work_dir / 'config.yaml'} is a folder; the run writes its config there")
     save_config(cfg, inputs.work_dir / "config.yaml")
     if cfg.random_weights:
-        from data.face3d import write_synthetic_bfm
+        from data.face3d import synthetic_bfm_problem, write_synthetic_bfm
 
         bfm_dir = inputs.work_dir / "synthetic_bfm"
-        if not (bfm_dir / "BFM_model_front.mat").is_file():
+        problem = synthetic_bfm_problem(bfm_dir) if bfm_dir.exists() else "absent"
+        if problem is not None:  # the work folder's own: made again from the seed
+            if problem != "absent":
+                log(f"warning: {bfm_dir}: {problem}; writing the synthetic face model again")
+            remove_path(bfm_dir)
             write_synthetic_bfm(bfm_dir, seed=int(cfg.seed))
     else:
         bfm_dir = assets["bfm_front"].parent
