@@ -151,6 +151,8 @@ class AppFolders:
         training folder with its own ``runs/``) would be somebody's results."""
         if self.root.exists() and not self.root.is_dir():
             raise UserError(f"--out_dir {self.root} is a file, not a folder")
+        if self.marker.exists() and not self.marker.is_file():
+            raise UserError(f"{self.marker} is not a file (the app's marker is written there); remove it")
         if self.root.is_dir() and not self.marker.is_file() and not self._unmarked_app_folder():
             raise UserError(
                 f"--out_dir {self.root} already holds files and is not a folder of this app (no "

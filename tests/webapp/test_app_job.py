@@ -215,6 +215,10 @@ def test_the_app_refuses_a_file_as_its_folder(tmp_path):
     with pytest.raises(UserError, match=r"--out_dir .*app is a file, not a folder"):
         app_main(["--config", TINY, "--random_weights", "--out_dir", str(tmp_path / "app")])
     assert (tmp_path / "app").read_text() == "notes\n"
+    (tmp_path / "marked").mkdir()
+    (tmp_path / "marked" / APP_MARKER).mkdir()
+    with pytest.raises(UserError, match=f"{APP_MARKER} is not a file"):
+        app_main(["--config", TINY, "--random_weights", "--out_dir", str(tmp_path / "marked")])
 
 
 def test_app_flags_default_to_this_machine_and_no_share_link():
