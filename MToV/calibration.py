@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import platform
 import time
@@ -51,6 +52,7 @@ from MToV.loading import MToVModels, PrecisionPlan, precision_plan
 
 __all__ = [
     "CACHE_ENV",
+    "CANDIDATES",
     "FILE_NAME",
     "MIN_PARAMS",
     "THRESHOLD",
@@ -64,6 +66,8 @@ __all__ = [
     "resolve_plan",
 ]
 
+#: what :func:`measure` times: network -> the arithmetic it may run in (fp32 last: see there)
+CANDIDATES = {"autoencoders": ("bf16", "int8", "fp32"), "unet": ("int8", "fp32")}
 THRESHOLD = 1.15  #: reduced precision only where it is at least this many times faster than fp32
 MIN_PARAMS = 5_000_000  #: smaller networks keep the capability rule (their time is not arithmetic)
 UNET_BATCH = 4  #: clips per calibration UNet pass (the pipeline's default batch)
@@ -199,8 +203,9 @@ def measure(
     image_cond = z[:, :, :n_xy].expand(UNET_BATCH, -1, -1).contiguous()
     # fp32 last: whatever the first run of a process pays once (thread pool, kernel set-up, first
     # touch of memory) then counts against reduced precision, so an error leans to the exact path
-    ae_candidates = [*(["bf16"] if bf16_supported(dev) else []), "int8", "fp32"]
-    unet_candidates = [*(["int8"] if int8_convs_supported() else []), "fp32"]
+    usable = {"bf16": bf16_supported(dev), "int8": int8_convs_supported()}
+    ae_candidates = [p for p in CANDIDATES["autoencoders"] if p != "bf16" or usable["bf16"]]
+    unet_candidates = [p for p in CANDIDATES["unet"] if p != "int8" or usable["int8"]]
 
     def ae_run(precision: str, part: str) -> Callable[[], object]:
         def run() -> object:
@@ -371,25 +376,7 @@ def calibrate(
     key = calibration_key(config)
     path = Path(cache_file).expanduser() if cache_file else default_cache_file()
     key_id = _key_id(key)
-    entry = None if recalibrate else _read(path).get("entries", {}).get(key_id)
-    if entry is not None:
-        try:
-            seconds = _floats(entry["seconds"])
-            cpu = _floats(entry.get("cpu_seconds") or {})
-            basis = entry.get("basis", "wall")
-            if basis not in ("wall", "cpu") or (basis == "cpu" and not cpu):
-                raise ValueError(basis)
-        except (KeyError, TypeError, ValueError, AttributeError):
-            entry = None
-    if entry is not None and entry.get("busy") and _idle():
-        say("precision auto: the stored measurement was made on a busy machine, now idle: measuring again")
-        entry = None
-    if entry is not None:
-        plan, reason = choose(cpu if basis == "cpu" else seconds, threshold)
-        reason = f"{reason} [{basis} seconds]"
-        cal = Calibration(plan, "cache", reason, seconds, key, str(path), cpu_seconds=cpu, basis=basis)
-        say(f"precision auto on this CPU (calibrated before, {path}): {reason}")
-        return cal
+    # what is not timed (another device, tiny networks) takes the rule before any stored entry is read
     if device is None:
         device = models.device if isinstance(models, MToVModels) else torch.device("cpu")
     rule = precision_plan("auto", device)
@@ -401,6 +388,26 @@ def calibrate(
     if n_params < min_params:
         reason = f"networks of {n_params:,} parameters (< {min_params:,}) are not timed: capability rule"
         return Calibration(rule, "rule", reason, key=key)
+    entry = None if recalibrate else _read(path).get("entries", {}).get(key_id)
+    if entry is not None:
+        try:
+            seconds = _times(entry["seconds"])
+            cpu = _times(entry.get("cpu_seconds") or {})
+            basis = entry.get("basis", "wall")
+            if basis not in ("wall", "cpu") or (basis == "cpu" and not cpu):
+                raise ValueError(basis)
+        except (KeyError, TypeError, ValueError, AttributeError):
+            say(f"precision auto: the stored entry in {path} is damaged: measuring again")
+            entry = None
+    if entry is not None and entry.get("busy") and _idle():
+        say("precision auto: the stored measurement was made on a busy machine, now idle: measuring again")
+        entry = None
+    if entry is not None:
+        plan, reason = choose(cpu if basis == "cpu" else seconds, threshold)
+        reason = f"{reason} [{basis} seconds]"
+        cal = Calibration(plan, "cache", reason, seconds, key, str(path), cpu_seconds=cpu, basis=basis)
+        say(f"precision auto on this CPU (calibrated before, {path}): {reason}")
+        return cal
     m = get()
     say(f"precision auto: timing fp32 and reduced precision on this CPU (once per machine, kept in {path})")
     t0 = time.perf_counter()
@@ -431,8 +438,17 @@ def calibrate(
     return Calibration(plan, "measured", reason, seconds, key, where, spent, cpu, basis)
 
 
-def _floats(times: Any) -> dict[str, dict[str, float]]:
-    return {n: {p: float(s) for p, s in t.items()} for n, t in times.items()}
+def _times(times: Any) -> dict[str, dict[str, float]]:
+    """Stored seconds, checked: only the networks and arithmetic :func:`measure` times, each a positive
+    finite number (ValueError / TypeError / AttributeError otherwise: a damaged entry, measured again)."""
+    out = {}
+    for net, per in times.items():
+        if net not in CANDIDATES or not set(per) <= set(CANDIDATES[net]):
+            raise ValueError(f"{net}: {sorted(per)}")
+        out[net] = {p: float(s) for p, s in per.items()}
+        if not all(math.isfinite(s) and s > 0 for s in out[net].values()):
+            raise ValueError(f"{net}: {out[net]}")
+    return out
 
 
 def _idle() -> bool:

@@ -136,6 +136,45 @@ def test_cache_hit_miss_and_key_change(models, tmp_path):
     assert _cal(models, tmp_path, timer).source == "measured"
 
 
+@pytest.mark.parametrize(
+    "seconds",
+    [
+        {"autoencoders": {"fp32": 10.0, "fp64": 1.0}, "unet": {"fp32": 1.0}},  # no such arithmetic
+        {"autoencoders": {"fp32": 10.0}, "unet": {"fp32": 2.0, "bf16": 1.0}},  # not timed for the UNet
+        {"autoencoders": {"fp32": 10.0, "int8": float("nan")}, "unet": {"fp32": 1.0}},
+        {"autoencoders": {"fp32": 10.0, "int8": -1.0}, "unet": {"fp32": 1.0}},
+        {"autoencoders": {"fp32": "fast"}, "unet": {"fp32": 1.0}},
+        {"autoencoders": ["fp32"], "unet": {"fp32": 1.0}},
+    ],
+)
+def test_a_damaged_stored_entry_is_measured_again(models, tmp_path, seconds):
+    """An entry edited by hand (or damaged) could make ``auto`` report and key a plan such as fp64 that
+    nothing runs; it is a miss, measured again, with a line saying so."""
+    timer = FakeTimer(
+        autoencoders__int8=5.0, autoencoders__bf16=6.0, autoencoders__fp32=10.0, unet__int8=1, unet__fp32=2
+    )
+    first = _cal(models, tmp_path, timer)
+    stored = json.loads((tmp_path / "cal.json").read_text())
+    (key_id,) = stored["entries"]
+    stored["entries"][key_id]["seconds"] = seconds
+    (tmp_path / "cal.json").write_text(json.dumps(stored))
+    lines: list[str] = []
+    again = _cal(models, tmp_path, timer, log=lines.append)
+    assert again.source == "measured" and again.plan == first.plan
+    assert any("stored entry" in line and "damaged" in line for line in lines), lines
+
+
+def test_a_stored_entry_does_not_time_tiny_networks(models, tmp_path):
+    """The rule for networks under MIN_PARAMS comes before the stored entries: an entry stored for the
+    same key (here measured with ``min_params=0``) is not used for them."""
+    timer = FakeTimer(
+        autoencoders__int8=5.0, autoencoders__bf16=6.0, autoencoders__fp32=10.0, unet__int8=1, unet__fp32=1
+    )
+    assert _cal(models, tmp_path, timer).plan == PrecisionPlan("int8")
+    cal = calibrate(models, cache_file=tmp_path / "cal.json", timer=timer)  # MIN_PARAMS
+    assert cal.source == "rule" and cal.plan == precision_plan("auto", models.device)
+
+
 def test_recalibrate_measures_again_and_replaces(models, tmp_path):
     slow_int8 = FakeTimer(autoencoders__int8=9.9, autoencoders__bf16=9.9, autoencoders__fp32=10.0)
     slow_int8.seconds |= {"unet/int8": 1.0, "unet/fp32": 1.0}
