@@ -23,7 +23,8 @@ def load_config(
 
     ``strict``: a key that ``defaults`` does not have (a typo such as ``train.max_stpes=5``, which
     would otherwise run with the default and save the typo in the run's config) is a UserError naming
-    it and the closest known key. Below a default of ``None`` any mapping is accepted.
+    it and the closest known key, and so is a value of another kind than its default's (see
+    :func:`_check_kinds`). Below a default of ``None`` any mapping is accepted.
     """
     cfg = OmegaConf.create(defaults or {})
     if path is not None:
@@ -43,19 +44,20 @@ def load_config(
             )
         try:
             cfg = OmegaConf.merge(cfg, loaded)
-        except (OmegaConfBaseException, ValueError, yaml.YAMLError) as exc:
+        except (OmegaConfBaseException, ValueError, TypeError, yaml.YAMLError) as exc:
             raise UserError(f"cannot parse config {path}: {_yaml_error(exc)}") from exc
     bad = [o for o in overrides if "=" not in o]
     if bad:
         raise UserError(f"overrides must look like key=value, got {bad}")
     try:
         cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
-    except (OmegaConfBaseException, yaml.YAMLError) as exc:
+    except (OmegaConfBaseException, TypeError, yaml.YAMLError) as exc:
         culprit = next((o for o in overrides if not _parses(o)), None)
         where = f" {culprit!r}" if culprit is not None else ""
         raise UserError(f"bad override{where}: {_yaml_error(exc)}") from exc
     if strict and defaults:
         _refuse_unknown_keys(cfg, defaults)
+        _check_kinds(cfg, defaults, f" (in {path} or the overrides)" if path is not None else "")
     return cfg
 
 
@@ -83,6 +85,42 @@ def _refuse_unknown_keys(cfg: DictConfig, defaults: dict | DictConfig) -> None:
                 walk(value, ref[key], f"{name}.")
 
     walk(OmegaConf.to_container(cfg), known, "")
+
+
+def _check_kinds(cfg: DictConfig, defaults: dict | DictConfig, where: str = "") -> None:
+    """Each setting of the kind its default is: a section (a mapping default) a mapping, a number a
+    number (not text, not NaN), a yes/no a boolean; a default of None, a list or text takes anything.
+    (``mtov: 5`` or ``lr: abc`` ran on into a traceback, ``ema_decay: .nan`` into NaN weights.)"""
+    import math
+
+    known = OmegaConf.to_container(OmegaConf.create(defaults)) if not isinstance(defaults, dict) else defaults
+    given = OmegaConf.to_container(cfg, resolve=False)
+
+    def walk(node: object, ref: object, prefix: str) -> None:
+        if not isinstance(ref, dict) or not isinstance(node, dict):
+            return
+        for key, default in ref.items():
+            if key not in node or default is None:
+                continue
+            value, name = node[key], f"{prefix}{key}"
+            if isinstance(value, str) and value.startswith("${"):  # an interpolation: resolved later
+                continue
+            if isinstance(default, dict) and default:
+                if not isinstance(value, dict):
+                    raise UserError(f"{name} must be a section (key: value lines){where}, got {value!r}")
+                walk(value, default, f"{name}.")
+            elif isinstance(default, bool):
+                if not isinstance(value, bool):
+                    raise UserError(f"{name} must be true or false{where}, got {value!r}")
+            elif isinstance(default, (int, float)):
+                if value is None:
+                    continue
+                if isinstance(value, bool) or not isinstance(value, (int, float)):
+                    raise UserError(f"{name} must be a number{where}, got {value!r}")
+                if isinstance(value, float) and math.isnan(value):
+                    raise UserError(f"{name} must be a number{where}, got NaN")
+
+    walk(given, known, "")
 
 
 def _parses(override: str) -> bool:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
 
@@ -212,3 +213,30 @@ def test_strict_config_refuses_unknown_keys(tmp_path):
     cfg = load_config(None, ["autoencoder_ldmk.embed_dim=4"], defaults, strict=True)  # below a None default
     assert cfg.autoencoder_ldmk.embed_dim == 4
     assert load_config(None, ["train.max_stpes=5"], defaults).train.max_stpes == 5  # not strict: kept
+
+
+@pytest.mark.parametrize(
+    "yaml_text, overrides, message",
+    [
+        ("train: 5\n", [], "train must be a section (key: value lines)"),
+        ("", ["train.lr=abc"], "train.lr must be a number"),
+        ("", ["train.ema_decay=.nan"], "train.ema_decay must be a number (in"),
+        ("train:\n  cpu: 3\n", [], "train.cpu must be true or false"),
+        ("model:\n  - 1\n", [], "cannot parse config"),  # a section given as a list: not mergeable
+    ],
+)
+def test_strict_config_refuses_values_of_another_kind(tmp_path, yaml_text, overrides, message):
+    """A trainer's config value of another kind than its default ran on into a traceback (``train: 5``,
+    ``lr: abc``) or into NaN weights (``ema_decay: .nan``)."""
+    defaults = {
+        "model": {"dim": 8},
+        "train": {"lr": 0.1, "ema_decay": 0.99, "cpu": False, "max_steps": 10, "resume": "auto"},
+        "extra": None,
+    }
+    (tmp_path / "c.yaml").write_text(yaml_text + "extra: 1\n")
+    with pytest.raises(UserError, match=re.escape(message)):
+        load_config(tmp_path / "c.yaml", overrides, defaults, strict=True)
+    # the same kinds pass: an int for a float, null for a number, anything below a None default
+    ok = ["train.lr=1", "train.max_steps=null", "train.resume=/x/state", "extra.a=[1]"]
+    cfg = load_config(tmp_path / "c.yaml" if not yaml_text else None, ok, defaults, strict=True)
+    assert cfg.train.lr == 1 and cfg.train.max_steps is None and cfg.extra.a == [1]
