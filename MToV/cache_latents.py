@@ -15,7 +15,12 @@ the landmark clip), in fp32 unless ``--precision`` says otherwise.
 * Checked: each video's ``video.json`` records the size and sha256 of its arrays; a rerun checks every
   built video against them and builds a missing, truncated or changed one again (a ``warning:``
   line names it); a video of an older build without records is checked by reading its arrays' headers
-  and sizes, then recorded.
+  and sizes, then recorded. A ``video.json`` that is not a record of the video (not JSON, not an
+  object, wrong counts or records) is a damaged video, built again; a ``manifest.json`` that cannot be
+  read, is damaged or does not match the built videos is written again from their records (a
+  ``warning:`` line), and a damaged ``build.json`` from an intact manifest's settings.
+* Latents with NaN or Inf (a damaged or diverged checkpoint) stop the build with one line naming the
+  autoencoder's checkpoint and the video; nothing of that video is written.
 * Before it starts it prints the disk the whole cache needs (and what is still to build), and stops
   with one ``error: no space left on device ...`` line when what it still has to build does not fit;
   each video's arrays are allocated on disk before they are filled (a full disk is that one line, not
@@ -50,20 +55,18 @@ from moditalker.errors import (
     script_prog,
 )
 from moditalker.fileio import atomic_write_text, folder_records, repo_path
-from moditalker.training.bad_items import READ_ERRORS, allowed_bad_items
+from moditalker.training.bad_items import READ_ERRORS
+from MToV.cache_manifest import recorded_settings, write_manifest
 from MToV.dataset import ALL_KEYS, build_dataset
 from MToV.latents import (
     BUILD,
     DTYPES,
     KINDS,
     MANIFEST,
-    MIN_SPREAD,
     bytes_per_window,
     check_built,
     grid_starts,
     latent_shapes,
-    latent_spread,
-    read_json,
     run_settings,
     to_storage,
     val_starts,
@@ -233,8 +236,8 @@ def prepare_out(out: Path, settings: dict, overwrite: bool) -> None:
     """Check (or start) the cache folder: the same settings resume it, ``--overwrite`` rebuilds it."""
     build = out / BUILD
     if not overwrite:
-        if build.is_file():
-            old = read_json(build)
+        if build.exists():
+            old = recorded_settings(out, settings)
             keys = [k for k in sorted(set(old) | set(settings)) if old.get(k) != settings.get(k)]
             if keys:
                 raise UserError(
@@ -266,52 +269,6 @@ def estimate(videos: list[dict], done: set[str], per_window: int, out: Path, dty
     if need > free:
         line += "  (not enough free disk)"
     return line
-
-
-def write_manifest(
-    out: Path, settings: dict, videos: list[dict], splits: dict, shapes: dict, max_bad: float
-) -> bool:
-    """Write ``manifest.json`` once every video is built (or unreadable); False while some are missing."""
-    done, bad = {}, {}
-    for v in videos:
-        meta = out / "videos" / v["id"] / "video.json"
-        marker = out / "videos" / f"{v['id']}.unreadable"
-        if meta.is_file():
-            done[v["id"]] = read_json(meta)
-        elif marker.is_file():
-            bad[v["id"]] = marker.read_text().strip()
-        else:
-            return False
-    allowed = allowed_bad_items(max_bad, len(videos))
-    if len(bad) > allowed:
-        first = "; ".join(f"{k}: {m}" for k, m in list(bad.items())[:2])
-        raise UserError(
-            f"{len(bad)} videos are unreadable, more than data.max_bad_items={max_bad} allows "
-            f"({allowed}): {first}; fix them and rerun (built videos are kept)"
-        )
-    manifest = {
-        **settings,
-        "shapes": {k: list(s) for k, s in shapes.items()},
-        "bytes_per_window": bytes_per_window(shapes, settings["dtype"]),
-        "windows": sum(d["windows"] for d in done.values()),
-        "splits": {k: [i for i in ids if i in done] for k, ids in splits.items()},
-        "unreadable": bad,
-        "videos": {k: {"frames": d["frames"], "windows": d["windows"]} for k, d in done.items()},
-    }
-    train = [out / "videos" / v for v in manifest["splits"].get("train", [])][:32]
-    manifest["latent_spread"] = {k: latent_spread(train, settings["dtype"], k) for k in ("z", "z_l")}
-    for kind, what in (("z", "RGB"), ("z_l", "landmark")):
-        spread = manifest["latent_spread"][kind]["spread_median"]
-        if spread is not None and spread < MIN_SPREAD:
-            print(
-                f"warning: the {what} autoencoder's latent hardly varies between training windows (median "
-                f"spread {spread:.1e}, {manifest['latent_spread'][kind]['saturated']:.0%} of the values "
-                "beyond 0.99: its tanh is saturated); a UNet trained on it cannot make the mouth follow "
-                "the landmarks. Retrain that autoencoder with loss.latent_weight (docs/training.md)",
-                file=sys.stderr,
-            )
-    atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=1))
-    return True
 
 
 def chunk_starts(starts: Sequence[int], batch: int, stride: int) -> list[list[int]]:
@@ -388,7 +345,9 @@ def build_cache(
             if folder.is_dir() and v["id"] in mine:  # no video.json: not a built video, made again
                 shutil.rmtree(folder)  # (the finished one is renamed to this name)
             continue
-        problem = check_built(folder, len(v["starts"]), shapes, dtype) if v["id"] in mine else None
+        problem = (
+            check_built(folder, len(v["starts"]), shapes, dtype, v["frames"]) if v["id"] in mine else None
+        )
         if problem is None:
             done.add(v["id"])
             continue
@@ -428,7 +387,11 @@ def build_cache(
             (out / "videos").mkdir(parents=True, exist_ok=True)
             writer = LatentWriter(out, video, shapes, dtype)
         clips = windows(item, starts, int(item["first"]), t, acc.device)
-        writer.add(encode(ae_rgb, ae_ldmk, clips, precision))
+        latents = encode(ae_rgb, ae_ldmk, clips, precision)
+        if nonfinite := [k for k in KINDS if not bool(torch.isfinite(latents[k]).all())]:
+            writer.abort()
+            raise UserError(nonfinite_message(cfg, video["id"], starts, nonfinite, precision))
+        writer.add(latents)
         bar.update(len(starts))
         if int(item["chunk"]) == last_chunk[video["id"]]:
             writer.finish()
@@ -436,7 +399,7 @@ def build_cache(
     bar.close()
     acc.wait_for_everyone()
     complete = (out / MANIFEST).is_file()
-    if main_proc and not complete:
+    if main_proc:  # also checks the manifest a former run wrote, and writes it again when damaged
         complete = write_manifest(out, settings, videos, splits, shapes, float(cfg.data.max_bad_items))
         if not complete:
             print(
@@ -449,6 +412,21 @@ def build_cache(
         "built": built,
         "complete": complete,
     }
+
+
+def nonfinite_message(cfg: DictConfig, vid: str, starts: list[int], kinds: list[str], precision: str) -> str:
+    """The error of latents with NaN or Inf: which autoencoder (checkpoint) made them, of which video."""
+    which = [("ldmk", "landmark") if k == "z_l" else ("rgb", "RGB") for k in kinds]
+    names = []
+    for key, what in dict.fromkeys(which):
+        source = "random weights" if cfg.random_autoencoders else str(repo_path(cfg.checkpoints[f"ae_{key}"]))
+        names.append(f"the {what} autoencoder ({source})")
+    hint = "; or encode in fp32 (--precision fp32)" if precision != "fp32" else ""
+    return (
+        f"{' and '.join(names)} made latents with NaN or Inf ({', '.join(kinds)}) for video {vid}, windows "
+        f"from frame {starts[0]} to {starts[-1]}: the checkpoint is damaged or its training diverged; "
+        f"nothing of that video was written. Cache the latents of a sound checkpoint{hint}"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:

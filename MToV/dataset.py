@@ -217,7 +217,9 @@ class HDTFClipDataset(Dataset):
             kp = np.load(kp_path)
             if kp.shape != (68, 2):
                 raise UserError(f"keypoints {kp_path} have shape {kp.shape}, expected (68, 2)")
-            out[i] = kp
+            out[i] = kp  # a string or object array: a ValueError here
+            if not np.isfinite(out[i]).all():
+                raise UserError(f"keypoints {kp_path} hold NaN or Inf values (a failed landmark detection)")
         return out
 
     def __getitem__(self, index: int) -> dict:

@@ -28,14 +28,17 @@ evaluation windows of the validation loss (``data.val_clips_per_video``).
 
 The settings record the autoencoders' identity (checkpoint size and sha256, or the sha256 of a random
 autoencoder's state_dict) and every data setting the latents depend on; :func:`check_settings` refuses
-a cache whose settings differ from a training run's, naming the first difference in one line.
+a cache whose settings differ from a training run's, naming the first difference in one line. A
+``manifest.json`` or ``video.json`` that cannot be read or is damaged (:func:`manifest_problem`,
+:func:`video_problem`), or arrays whose dtype or shape differ from the manifest's, are one line naming
+the file and the fix (rerunning the build, which repairs them).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -208,25 +211,108 @@ def latent_spread(folders: Sequence[Path], dtype: str, kind: str = "z", max_wind
     return {"windows": len(z), **spread_stats(z)}
 
 
-def read_json(path: Path) -> dict:
+# ----------------------------------------------------------------------------- the cache's JSON files
+def _count(value: object, low: int = 0) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= low
+
+
+def _kind(value: object) -> str:
+    """A JSON value's kind in messages: ``a list``, ``a string``, ``null``, ``int``, ..."""
+    if value is None:
+        return "null"
+    return {list: "a list", str: "a string"}.get(type(value), type(value).__name__)
+
+
+def json_problem(path: Path, check: Callable[[dict], str | None] | None = None) -> tuple[dict, str | None]:
+    """The JSON object in ``path`` and None, or ``{}`` and what is wrong with the file (``cannot be read
+    (why)``, ``is damaged: what``): unreadable, not a JSON object, or ``check`` names a problem in it."""
     try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise UserError(f"cannot read {path}: {exc}") from exc
+        value = json.loads(path.read_text())
+    except OSError as exc:
+        return {}, f"cannot be read ({exc.strerror or exc})"
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
+        return {}, f"cannot be read ({exc})"
+    if not isinstance(value, dict):
+        return {}, f"is damaged: it holds {_kind(value)}, not a JSON object"
+    problem = None if check is None else check(value)
+    return (value, None) if problem is None else ({}, f"is damaged: {problem}")
 
 
-def check_built(folder: Path, windows: int, shapes: dict, dtype: str) -> str | None:
+def read_json(path: Path, check: Callable[[dict], str | None] | None = None) -> dict:
+    """The JSON object in ``path`` (see :func:`json_problem`); a one-line :class:`UserError` if none."""
+    value, problem = json_problem(path, check)
+    if problem is not None:
+        raise UserError(f"{path} {problem}")
+    return value
+
+
+def video_problem(meta: dict) -> str | None:
+    """What is wrong with a ``video.json`` (None: its counts and file records are usable)."""
+    for key in ("frames", "windows"):
+        if not _count(meta.get(key)):
+            return f"its {key} is {_short(meta.get(key))}, not a count"
+    files = meta.get("files", {})
+    if not isinstance(files, dict) or ("files" in meta and not files):
+        return f"its files are {_short(files)}, not a record of files"
+    for name, record in files.items():
+        pair = isinstance(record, list) and len(record) == 2
+        if not (pair and _count(record[0]) and isinstance(record[1], str)):
+            return f"its record of {name} is {_short(record)}, not [size, sha256]"
+    if files and (unrecorded := [f"{k}.npy" for k in (*KINDS, "starts") if f"{k}.npy" not in files]):
+        return f"its files do not record {unrecorded[0]}"
+    return None
+
+
+def manifest_problem(manifest: dict) -> str | None:
+    """What is wrong with a ``manifest.json`` of this format (None: what training reads is usable)."""
+    if manifest.get("dtype") not in DTYPES:
+        return f"its dtype is {_short(manifest.get('dtype'))}, not one of {', '.join(DTYPES)}"
+    if not _count(manifest.get("stride"), 1):
+        return f"its stride is {_short(manifest.get('stride'))}, not a count >= 1"
+    data = manifest.get("data")
+    if not isinstance(data, dict) or not _count(data.get("timesteps"), 1):
+        return "its data.timesteps is not a count >= 1"
+    shapes = manifest.get("shapes")
+    for k in KINDS:
+        shape = shapes.get(k) if isinstance(shapes, dict) else None
+        if not (isinstance(shape, list) and len(shape) == 2 and all(_count(n, 1) for n in shape)):
+            return f"its shapes.{k} is {_short(shape)}, not [channels, length]"
+    videos = manifest.get("videos")
+    if not isinstance(videos, dict):
+        return f"its videos are {_short(videos)}, not a record of videos"
+    for vid, video in videos.items():
+        if not (isinstance(video, dict) and _count(video.get("frames")) and _count(video.get("windows"))):
+            return f"its record of video {vid} is {_short(video)}, not {{frames, windows}}"
+    splits = manifest.get("splits")
+    if not isinstance(splits, dict):
+        return f"its splits are {_short(splits)}, not {{train, test}}"
+    for split in ("train", "test"):
+        ids = splits.get(split)
+        if not isinstance(ids, list):
+            return f"its splits.{split} is {_short(ids)}, not a list of ids"
+        if absent := [i for i in ids if not isinstance(i, str) or i not in videos]:
+            return f"its splits.{split} lists {_short(absent[0])}, which is not among its videos"
+    return None
+
+
+def check_built(
+    folder: Path, windows: int, shapes: dict, dtype: str, frames: int | None = None
+) -> str | None:
     """What is wrong with a built video's folder (None: its files are as ``video.json`` records them;
     a video of an older build without records: its arrays' shapes and sizes are right, and they are
-    recorded now)."""
-    try:
-        meta = read_json(folder / "video.json")
-    except UserError:
-        return "its video.json cannot be read"
+    recorded now). ``windows``/``frames``: what this build expects of the video."""
+    meta, problem = json_problem(folder / "video.json", video_problem)
+    if problem is not None:
+        return f"its video.json {problem}"
+    if meta["windows"] != windows or (frames is not None and meta["frames"] != frames):
+        return (
+            f"its video.json records {meta['frames']} frames and {meta['windows']} windows, "
+            f"expected {frames if frames is not None else meta['frames']} and {windows}"
+        )
     if "files" in meta:
         return folder_problem(folder, meta["files"])
     for k in (*KINDS, "starts"):
-        want = (meta.get("windows", windows),) if k == "starts" else (windows, *shapes[k])
+        want = (windows,) if k == "starts" else (windows, *shapes[k])
         try:
             a = np.load(folder / f"{k}.npy", mmap_mode="r")
         except (OSError, ValueError) as exc:
@@ -256,15 +342,23 @@ class LatentCache:
                 f"no latent cache at {self.root} (expected {manifest}); build it with "
                 "scripts/cache_mtov_latents.sh"
             )
-        self.manifest = read_json(manifest)
-        if self.manifest.get("format") != FORMAT:
+        self.manifest, problem = json_problem(manifest)
+        if problem is None and self.manifest.get("format") != FORMAT:
             raise UserError(
                 f"latent cache {self.root} has format {self.manifest.get('format')}, expected "
                 f"{FORMAT}; rebuild it"
             )
+        if problem is None and (damage := manifest_problem(self.manifest)) is not None:
+            problem = f"is damaged: {damage}"
+        if problem is not None:
+            raise UserError(
+                f"{manifest} {problem}; rerun scripts/cache_mtov_latents.sh (python -m MToV.cache_latents) "
+                f"with the same settings and --out {self.root} to write it again"
+            )
         self.dtype = self.manifest["dtype"]
-        self.stride = int(self.manifest["stride"])
-        self.timesteps = int(self.manifest["data"]["timesteps"])
+        self.stride = self.manifest["stride"]
+        self.timesteps = self.manifest["data"]["timesteps"]
+        self.shapes = {k: tuple(self.manifest["shapes"][k]) for k in KINDS}
         self.videos: dict[str, dict] = self.manifest["videos"]
         self._maps: dict[str, dict[str, np.ndarray]] = {}
 
@@ -276,11 +370,13 @@ class LatentCache:
         if vid not in self._maps:
             folder = self.root / "videos" / vid
             try:
-                records = read_json(folder / "video.json").get("files", {})
+                records = read_json(folder / "video.json", video_problem).get("files", {})
                 for name, (size, _sha) in records.items():  # the sizes (cheap; the build checks hashes)
                     if (actual := (folder / name).stat().st_size) != size:
                         raise ValueError(f"{name} has {actual} bytes, {size} recorded")
                 maps = {k: np.load(folder / f"{k}.npy", mmap_mode="r") for k in (*KINDS, "starts")}
+                if (problem := self._arrays_problem(maps)) is not None:
+                    raise ValueError(problem)
             except (OSError, ValueError, UserError) as exc:
                 raise UserError(
                     f"cannot read the cached latents of {vid} in {folder}: {exc}; rerun "
@@ -289,6 +385,21 @@ class LatentCache:
             maps["starts"] = np.asarray(maps["starts"])
             self._maps[vid] = maps
         return self._maps[vid]
+
+    def _arrays_problem(self, maps: dict[str, np.ndarray]) -> str | None:
+        """What is wrong with a video's arrays against the manifest (dtype, shapes; None: nothing)."""
+        starts = maps["starts"]
+        if starts.ndim != 1 or starts.dtype.kind not in "iu":
+            return f"starts.npy holds {starts.dtype} {list(starts.shape)}, expected a list of frame numbers"
+        want = np.dtype(DTYPES[self.dtype])
+        for k in KINDS:
+            a, shape = maps[k], (len(starts), *self.shapes[k])
+            if a.dtype != want or a.shape != shape:
+                return (
+                    f"{k}.npy holds {a.dtype} {list(a.shape)}, the manifest says {want} ({self.dtype}) "
+                    f"{list(shape)}"
+                )
+        return None
 
     def window(self, vid: str, start: int) -> dict[str, torch.Tensor]:
         """The four float32 latents of the window of ``vid`` starting at frame ``start``."""

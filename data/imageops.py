@@ -67,6 +67,8 @@ def mask_below_nose(frames: np.ndarray, lm68: np.ndarray) -> np.ndarray:
     lm68 = np.asarray(lm68)
     if lm68.ndim != 3 or lm68.shape[1:] != (68, 2) or lm68.shape[0] != frames.shape[0]:
         raise UserError(f"landmarks must be [{frames.shape[0]}, 68, 2] for these frames, got {lm68.shape}")
+    if not np.isfinite(lm68).all():
+        raise UserError("landmarks hold NaN or Inf values; check the keypoint files")
     out = frames.copy()
     height = frames.shape[1]
     rows = np.clip(np.trunc(lm68[:, 33, 1]), 0, height).astype(np.int64)
@@ -84,6 +86,8 @@ def draw_dots(points: np.ndarray, size: int | tuple[int, int], radius: int = 3) 
     points = np.asarray(points)
     if points.ndim != 3 or points.shape[-1] != 2:
         raise UserError(f"points must be [T, K, 2], got shape {points.shape}")
+    if not np.isfinite(points).all():
+        raise UserError("points hold NaN or Inf values (cannot be drawn); check the landmarks")
     height, width = (size, size) if isinstance(size, int) else size
     # keep far-away points representable as C ints without moving on-canvas ones
     lim = 4 * max(height, width) + radius
