@@ -8,7 +8,8 @@ Per step (as the original ``latentDDPM`` trainer), with both autoencoders frozen
   uniform t (``diffusion.loss_type: l1`` is the documented option: the original YAML said l1 but
   its trainer always used l2); no condition dropout (the original has none);
 * AdamW (lr 1e-4, weight decay 0.01, constant lr, no clipping; fused kernel), EMA (decay 0.9999
-  with warm-up) updated every ``train.ema_every`` = 25 steps.
+  with warm-up) updated every ``train.ema_every`` = 25 steps;
+* a NaN or infinite training loss stops the run with one ``error:`` line (exit 2), as AToM's does.
 
 ``data.latents=DIR`` trains from a latent cache (:mod:`MToV.cache_latents`) instead: the same split,
 the same window draw (stride 1: the very windows this path draws), the same UNet step, no encoder
@@ -45,7 +46,7 @@ from moditalker.training.accelerator import (
 )
 from moditalker.training.bad_items import BadItems
 from moditalker.training.ema import LitEMA
-from moditalker.training.loop import TrainingRun
+from moditalker.training.loop import TrainingRun, check_finite_loss
 from moditalker.training.options import add_run_arguments, apply_run_arguments, print_summary
 from moditalker.training.run_state import check_inputs_are_not_outputs
 from MToV.dataset import build_dataset, check_data, data_defaults
@@ -82,6 +83,11 @@ DEFAULTS: dict = OmegaConf.to_container(
 )
 
 KEYS = ("x", "x_ref", "x_l", "masked_x")
+#: the way out of a NaN / infinite training loss (the run stops: it would train on to NaN weights)
+NON_FINITE_HINT = (
+    "lower train.lr, or check the training data (a latent cache of data.latents built from a diverged "
+    "autoencoder holds non-finite latents: build it again)"
+)
 
 
 class LatentBatcher:
@@ -186,10 +192,12 @@ def train(cfg: DictConfig, resume: bool = True, overwrite: bool = False, progres
         accelerator.backward(loss)
         opt.step()
         opt.zero_grad(set_to_none=True)
+        value = float(loss.detach())  # the step's one sync, after the update is queued
+        check_finite_loss(value, step + 1, NON_FINITE_HINT)  # before the EMA takes the weights in
         if (step + 1) % int(tc.ema_every) == 0:
             ema.update(raw_ddpm.model)
-        train_losses.append(float(loss.detach()))
-        return {"loss": train_losses[-1]}
+        train_losses.append(value)
+        return {"loss": value}
 
     def validate(step: int) -> dict | None:
         if not run.main:

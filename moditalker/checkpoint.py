@@ -73,21 +73,45 @@ def unwrap_state_dict(
                 break
     if not isinstance(obj, Mapping) or not obj:
         raise UserError(f"{path} does not hold a state_dict")
+    problem = not_tensors(obj)
+    if problem:
+        raise UserError(f"{path} does not hold a state_dict of tensors: {problem}")
     return strip_module_prefix(dict(obj))
 
 
+def not_tensors(state: Mapping) -> str:
+    """What makes ``state`` other than ``{name: tensor}`` (keys that are not strings, values that are not
+    tensors), in one line; "" when it is one."""
+    keys = [k for k in state if not isinstance(k, str)]
+    values = [k for k, v in state.items() if isinstance(k, str) and not isinstance(v, torch.Tensor)]
+    parts = []
+    if keys:
+        parts.append(f"{len(keys)} keys are not strings (e.g. {keys[0]!r:.40}: {type(keys[0]).__name__})")
+    if values:
+        k = values[0]
+        parts.append(f"{len(values)} values are not tensors (e.g. {k}: {type(state[k]).__name__})")
+    return "; ".join(parts)
+
+
 def strip_module_prefix(state: Mapping[str, torch.Tensor]) -> dict:
-    """Drop a ``module.`` prefix (checkpoints saved from DDP)."""
-    return {k.removeprefix("module."): v for k, v in state.items()}
+    """Drop a ``module.`` prefix (checkpoints saved from DDP); a key that is not a string stays as it is."""
+    return {k.removeprefix("module.") if isinstance(k, str) else k: v for k, v in state.items()}
+
+
+def _shape(value: object) -> tuple:
+    """The shape of a tensor; ``()`` for anything without one."""
+    shape = getattr(value, "shape", ())
+    return tuple(shape) if isinstance(shape, Sequence) else ()
 
 
 def mismatch(own: Mapping, state: Mapping[str, torch.Tensor], versus: str = " vs ") -> str:
     """How ``state`` differs from ``own`` (a model's state_dict, or ``{key: shape}``) in keys and shapes;
-    "" when it fits. ``versus`` joins a wrong shape to the expected one in the message."""
+    "" when it fits. ``versus`` joins a wrong shape to the expected one in the message; a value without
+    a shape (not a tensor) counts as shape ``()``."""
     want = {k: tuple(getattr(v, "shape", v)) for k, v in own.items()}
     missing = [k for k in want if k not in state]
     unexpected = [k for k in state if k not in want]
-    wrong = [k for k in want if k in state and tuple(getattr(state[k], "shape", ())) != want[k]]
+    wrong = [k for k in want if k in state and _shape(state[k]) != want[k]]
     parts = []
     if missing:
         parts.append(f"{len(missing)} missing (e.g. {missing[0]})")
@@ -95,7 +119,7 @@ def mismatch(own: Mapping, state: Mapping[str, torch.Tensor], versus: str = " vs
         parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]})")
     if wrong:
         k = wrong[0]
-        parts.append(f"{len(wrong)} with other shapes (e.g. {k}: {tuple(state[k].shape)}{versus}{want[k]})")
+        parts.append(f"{len(wrong)} with other shapes (e.g. {k}: {_shape(state[k])}{versus}{want[k]})")
     return "; ".join(parts)
 
 
@@ -108,7 +132,13 @@ def load_strict(
     fix: str = "pass the --config the checkpoint was trained with",
 ) -> nn.Module:
     """``model.load_state_dict(state, strict=True)``; a key or shape mismatch is one UserError line in
-    the format of this module's docstring (``sizes`` describes the configured model)."""
+    the format of this module's docstring (``sizes`` describes the configured model), as is a ``state``
+    that is not ``{name: tensor}``."""
+    if not isinstance(state, Mapping):
+        raise UserError(f"{what} {path} does not hold a state_dict (it holds a {type(state).__name__})")
+    problem = not_tensors(state)
+    if problem:
+        raise UserError(f"{what} {path} does not hold a state_dict of tensors: {problem}")
     state = strip_module_prefix(state)
     problem = mismatch(model.state_dict(), state)
     if problem:

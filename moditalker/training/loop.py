@@ -8,8 +8,10 @@ everything else is here:
   (:func:`~moditalker.training.run_state.prepare_run_dir`), the accelerate state in ``state/`` (model,
   optimizers, grad scaler, registered objects, every process's Python / NumPy / torch / CUDA RNG
   states, and ``trainer.json`` with the step, the unreadable items met so far and the trainer's
-  extras), the resolved
+  extras; a damaged state falls back to ``state.old`` or stops with one line:
+  :func:`~moditalker.training.run_state.load_state`), the resolved
   ``config.yaml``, tensorboard (``tb/``) and ``metrics.jsonl``;
+* :func:`check_finite_loss`: a training loss that is NaN or infinite stops the run with one line;
 * :meth:`TrainingRun.loop` runs the trainer's step function to ``max_steps`` with a progress bar:
   the step-0 baseline validation of a new run, the training scalars averaged over ``log_every``
   steps, validation every ``val_every`` steps, the saved state every ``save_every`` steps (and at
@@ -25,13 +27,15 @@ and loading the state.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 from moditalker.config import save_config
+from moditalker.errors import UserError
 from moditalker.training.bad_items import BadItems
 from moditalker.training.rng import derived_seed, rng_state, seed_everything, set_rng_state
-from moditalker.training.run_state import prepare_run_dir, read_state_info, save_state
+from moditalker.training.run_state import load_state, prepare_run_dir, save_state
 
 #: a trainer's step: called with the 0-based index of the step it runs; returns the values to log
 #: (floats), averaged over the ``log_every`` window as ``train/<name>``
@@ -39,6 +43,13 @@ StepFn = Callable[[int], dict]
 #: a trainer's validation: called with the step; returns the record (``{"val_<name>": value}``) on the
 #: rank that reports it, None on the others
 ValidateFn = Callable[[int], "dict | None"]
+
+
+def check_finite_loss(loss: float, step: int, hint: str = "lower train.lr") -> None:
+    """Stop the run with one :class:`UserError` line when the training ``loss`` of ``step`` is NaN or
+    infinite: it would otherwise train on to NaN weights and records, and exit 0."""
+    if not math.isfinite(loss):
+        raise UserError(f"training loss became {loss} at step {step}; {hint}")
 
 
 class TrainingRun:
@@ -77,11 +88,10 @@ class TrainingRun:
         from torch.utils.tensorboard import SummaryWriter
 
         self.accelerator, self.bad_items = accelerator, bad_items
-        if self.state_dir is not None:
-            accelerator.load_state(str(self.state_dir))
+        if self.state_dir is not None:  # a damaged state: state.old, or one UserError line
+            self.state_dir, info = load_state(accelerator, self.out_dir, self.state_dir)
             self.resumed_rng = rng_state()  # what load_state restored: the RNG states at the save
-            info = read_state_info(self.state_dir)
-            self.continue_at(int(info["step"]), info)
+            self.continue_at(info["step"], info)
             if bad_items is not None:  # the unreadable items met before the save count on
                 bad_items.indices.update(int(i) for i in info.get("bad_items", ()))
         if accelerator.is_main_process:

@@ -96,3 +96,22 @@ def test_training_learns_and_resumes(tmp_path):
 
     with pytest.raises(UserError, match="no resumable state|--overwrite"):
         main([*common[:4], "--out_dir", str(tmp_path / "hdtf"), f"data.root={info.root}"])
+
+
+def test_a_non_finite_training_loss_stops_the_run(tmp_path):
+    """A diverging run (here: a learning rate of 1e30) stops at the first NaN loss with one line, as
+    AToM's trainer does, instead of training on to NaN weights and a NaN val_loss with exit 0."""
+    torch.set_num_threads(1)
+    info = write_synthetic_hdtf(
+        tmp_path / "hdtf", ids=("WDA_A_000", "RD_C_000"), heldout=("RD_C_000",), n_frames=16
+    )
+    out = tmp_path / "run"
+    with pytest.raises(UserError) as raised:
+        main(["--config", TINY, "--out_dir", str(out), "--device", "cpu", "--no_progress",
+              f"data.root={info.root}", f"data.split_file={info.split_file}", "random_autoencoders=true",
+              "train.batch_size=2", "train.max_steps=6", "train.save_every=3", "data.max_val_clips=2",
+              "train.lr=1e30"])  # fmt: skip
+    assert str(raised.value).startswith("training loss became nan at step 2; lower train.lr, or check the")
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [0] and np.isfinite(records[0]["val_loss"])  # the baseline only
+    assert not (out / "state").exists() and not (out / "diffusion_model.pth").exists()

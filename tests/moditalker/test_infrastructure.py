@@ -61,6 +61,42 @@ def test_checkpoint_missing_unreadable_and_empty(tmp_path):
         unwrap_state_dict(read_checkpoint(tmp_path / "list.pt", "test"), tmp_path / "list.pt")
 
 
+def test_checkpoint_of_non_tensors_or_non_string_keys_is_one_line(tmp_path):
+    """A state_dict of floats or with integer keys is one line naming the file and what is wrong, from
+    the reading (unwrap_state_dict) and from the loading (load_strict of a state given in memory)."""
+    names = list(_net().state_dict())
+    floats = tmp_path / "floats.pt"
+    torch.save({k: 1.0 for k in names}, floats)
+    with pytest.raises(UserError) as info:
+        unwrap_state_dict(read_checkpoint(floats, "test"), floats)
+    msg = "does not hold a state_dict of tensors: 4 values are not tensors (e.g. 0.weight: float)"
+    assert str(info.value) == f"{floats} {msg}"
+    ints = tmp_path / "ints.pt"
+    torch.save({0: torch.zeros(1), "module.0.weight": torch.zeros(8, 4)}, ints)
+    with pytest.raises(UserError) as info:
+        unwrap_state_dict(read_checkpoint(ints, "test"), ints)
+    assert (
+        str(info.value)
+        == f"{ints} does not hold a state_dict of tensors: 1 keys are not strings (e.g. 0: int)"
+    )
+    with pytest.raises(UserError) as info:
+        load_strict(_net(), {k: 1.0 for k in names}, "x.pt", "test checkpoint")
+    assert str(info.value) == f"test checkpoint x.pt {msg}"
+    with pytest.raises(UserError) as info:
+        load_strict(_net(), {0: torch.zeros(1), **_net().state_dict()}, "x.pt", "test checkpoint")
+    assert str(info.value) == (
+        "test checkpoint x.pt does not hold a state_dict of tensors: 1 keys are not strings (e.g. 0: int)"
+    )
+    with pytest.raises(
+        UserError, match=r"^test checkpoint x.pt does not hold a state_dict \(it holds a list\)$"
+    ):
+        load_strict(_net(), [1, 2], "x.pt", "test checkpoint")
+    # the layout check reports a value without a shape as shape () instead of failing
+    from moditalker.checkpoint import mismatch
+
+    assert mismatch({"w": (2, 3)}, {"w": 1.0}) == "1 with other shapes (e.g. w: () vs (2, 3))"
+
+
 def test_stage_timer_accumulates_with_its_clock_and_logs():
     ticks = iter([0.0, 1.5, 10.0, 10.25])
     timings: dict[str, float] = {}

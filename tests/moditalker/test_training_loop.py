@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -67,6 +68,7 @@ def _train(out: Path, max_steps: int, **kwargs) -> TrainingRun:
     data = Noisy()
     loader = DataLoader(data, batch_size=2, shuffle=True)
     model, opt = acc.prepare(model, opt)
+    acc.register_for_checkpointing(torch.nn.Linear(1, 1))  # a registered object: custom_checkpoint_0.pkl
     bad = BadItems(2, len(Noisy()), lambda i: f"item{i}")
     info = run.open(acc, {"toy": 1}, bad)
     stream = EpochBatches(loader, 0, _set_epoch(data), info.get("position"), run.resumed_rng)
@@ -155,3 +157,164 @@ def test_a_checkpoint_to_start_from_is_never_a_file_the_run_writes(tmp_path):
         check_inputs_are_not_outputs(out, {"init_from": relative})
     check_inputs_are_not_outputs(tmp_path / "unet", {"checkpoints.ae_rgb": out / "model_last.pth"})
     assert (out / "model_last.pth").read_bytes() == b"the autoencoder"
+
+
+def _weights_equal(a: TrainingRun, b: TrainingRun) -> bool:
+    return a.weights.keys() == b.weights.keys() and all(
+        torch.equal(a.weights[k], b.weights[k]) for k in a.weights
+    )
+
+
+def _damage(path: Path, kind: str) -> None:
+    """Damage a state file as a crash, a full disk or a stray edit leaves it."""
+    if kind == "truncated":
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    elif kind == "empty":
+        path.write_bytes(b"")
+    elif kind == "garbage":
+        path.write_bytes(bytes(range(256)) * 2)
+    else:  # a trainer.json edit: "set:key=JSON" or "json:TEXT"
+        if kind.startswith("json:"):
+            path.write_text(kind[5:])
+        else:
+            key, value = kind[4:].split("=", 1)
+            path.write_text(json.dumps({**json.loads(path.read_text()), key: json.loads(value)}))
+
+
+DAMAGES = [
+    ("trainer.json", "truncated"),
+    ("trainer.json", "json:[1, 2]"),
+    ("trainer.json", 'set:step="abc"'),
+    ("trainer.json", "set:step=null"),
+    ("trainer.json", "set:step=-5"),
+    ("trainer.json", "set:step=true"),
+    ("trainer.json", 'set:position="x"'),
+    ("trainer.json", 'set:position={"epoch": -1, "batch": 0}'),
+    ("trainer.json", 'set:bad_items=["a"]'),
+    ("model.safetensors", "truncated"),
+    ("model.safetensors", "empty"),
+    ("optimizer.bin", "truncated"),
+    ("optimizer.bin", "garbage"),
+    ("custom_checkpoint_0.pkl", "empty"),
+    ("custom_checkpoint_0.pkl", "garbage"),
+]
+
+
+@pytest.fixture(scope="module")
+def saved_run(tmp_path_factory) -> Path:
+    """A toy run stopped after its state at step 3."""
+    torch.set_num_threads(1)
+    out = tmp_path_factory.mktemp("saved") / "run"
+    _train(out, 3)
+    return out
+
+
+@pytest.mark.parametrize(("name", "kind"), DAMAGES)
+def test_a_damaged_state_with_nothing_to_fall_back_on_is_one_line(saved_run, tmp_path, name, kind, capsys):
+    """No traceback, no silent run from a nonsense step: one line naming the folder, what is wrong and
+    the ways out; nothing of the run folder is changed."""
+    out = tmp_path / "run"
+    shutil.copytree(saved_run, out)
+    _damage(out / "state" / name, kind)
+    before = sorted(p.name for p in out.iterdir())
+    with pytest.raises(UserError) as info:
+        _train(out, 8)
+    msg = str(info.value)
+    assert "\n" not in msg
+    assert msg.startswith(f"cannot resume from {out / 'state'} (")
+    assert msg.endswith(
+        f"rerun with --no_resume --overwrite to start the run again, or move {out / 'state'} away"
+    )
+    if name == "trainer.json":
+        assert "trainer.json" in msg
+    elif kind in ("truncated", "empty", "garbage"):
+        assert f"{name} is {'empty' if kind == 'empty' else 'damaged'}" in msg
+    assert sorted(p.name for p in out.iterdir()) == before
+    assert json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 3  # no step trained
+    # the way out it names starts the run again
+    _train(out, 3, resume=False, overwrite=True)
+    assert json.loads((out / "state" / "trainer.json").read_text())["step"] == 3
+
+
+@pytest.mark.parametrize("name", ["model.safetensors", "random_states_0.pkl"])
+def test_a_damaged_state_falls_back_to_the_previous_one_exactly(tmp_path, name, capsys):
+    """A save cut short can leave ``state.old`` beside ``state``: when ``state`` is damaged (its weights,
+    or only its RNG states, which accelerate would skip with an info log) the run resumes from
+    ``state.old`` with a warning, ends at the weights of an uninterrupted run, and saves on."""
+    torch.set_num_threads(1)
+    straight = _train(tmp_path / "straight", 8)
+    out = tmp_path / "run"
+    _train(out, 3)
+    shutil.copytree(out / "state", tmp_path / "state_at_3")
+    _train(out, 6)
+    shutil.copytree(tmp_path / "state_at_3", out / "state.old")  # as a crash before its removal leaves it
+    _damage(out / "state" / name, "truncated")
+    capsys.readouterr()
+    resumed = _train(out, 8)
+    captured = capsys.readouterr()
+    assert f"resuming from {out / 'state.old'} at step 3" in captured.out
+    warning = [line for line in captured.err.splitlines() if line.startswith("warning: ")]
+    assert len(warning) == 1, captured.err
+    assert warning[0].startswith(f"warning: cannot resume from {out / 'state'}: {name} ")
+    assert warning[0].endswith(
+        f"resuming from {out / 'state.old'} (the previous save) instead; the damaged folder is kept as "
+        f"{out / 'state.damaged'}"
+    )
+    assert _weights_equal(straight, resumed)
+    assert json.loads((out / "state" / "trainer.json").read_text())["step"] == 8
+    assert not (out / "state.old").exists() and (out / "state.damaged" / name).is_file()
+
+
+def test_lost_rng_states_resume_with_a_warning_when_nothing_better_is_there(saved_run, tmp_path, capsys):
+    """Only the RNG states damaged and no ``state.old``: the weights, optimizer and step are intact, so
+    the run resumes, with a warning that it will not repeat an uninterrupted run bit for bit."""
+    out = tmp_path / "run"
+    shutil.copytree(saved_run, out)
+    _damage(out / "state" / "random_states_0.pkl", "garbage")
+    capsys.readouterr()
+    resumed = _train(out, 8)
+    captured = capsys.readouterr()
+    assert f"resuming from {out / 'state'} at step 3" in captured.out
+    assert captured.err.count("warning: ") == 1
+    assert (
+        f"warning: the random-number states in {out / 'state'} did not load (random_states_0.pkl cannot "
+        "be read (" in captured.err
+    )
+    assert "will not repeat an uninterrupted run bit for bit" in captured.err
+    assert resumed.step == 8 and [r["step"] for r in resumed.history] == [6, 8]
+    assert json.loads((out / "state" / "trainer.json").read_text())["step"] == 8
+
+
+def test_an_intact_state_with_a_leftover_state_old_resumes_and_saves(saved_run, tmp_path, capsys):
+    """A crash while the previous state was being removed leaves part of ``state.old``: the run resumes
+    from ``state`` without a warning and its next save replaces the leftover (it used to fail on the
+    rename)."""
+    out = tmp_path / "run"
+    shutil.copytree(saved_run, out)
+    shutil.copytree(out / "state", out / "state.old")
+    (out / "state.old" / "model.safetensors").unlink()
+    capsys.readouterr()
+    _train(out, 6)
+    captured = capsys.readouterr()
+    assert f"resuming from {out / 'state'} at step 3" in captured.out and "warning" not in captured.err
+    assert json.loads((out / "state" / "trainer.json").read_text())["step"] == 6
+    assert not (out / "state.old").exists()
+
+
+def test_both_states_damaged_is_one_line_naming_both(saved_run, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(saved_run, out)
+    shutil.copytree(out / "state", out / "state.old")
+    _damage(out / "state" / "optimizer.bin", "empty")
+    _damage(out / "state.old" / "trainer.json", "set:step=null")
+    (out / "checkpoints").mkdir()
+    (out / "checkpoints" / "step_00000002.pt").write_bytes(b"an AToM step checkpoint")
+    with pytest.raises(UserError) as info:
+        _train(out, 8)
+    assert str(info.value) == (
+        f"cannot resume from {out / 'state'} (optimizer.bin is empty) nor from {out / 'state.old'} "
+        "(trainer.json's step is None, not an integer >= 0); rerun with --no_resume --overwrite to start "
+        f"the run again, or move {out / 'state'} and {out / 'state.old'} away (AToM then resumes from its "
+        "newest checkpoints/step_*.pt)"
+    )
+    assert (out / "state" / "trainer.json").is_file() and (out / "state.old" / "trainer.json").is_file()
