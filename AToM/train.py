@@ -32,7 +32,7 @@ from moditalker.fileio import repo_path, torch_save
 from moditalker.training.accelerator import check_train_loader, start_accelerator
 from moditalker.training.bad_items import BadItems, SkipUnreadable, check_items
 from moditalker.training.ema import ModelEMA
-from moditalker.training.loop import EpochBatches, TrainingRun
+from moditalker.training.loop import EpochBatches, TrainingRun, check_finite_loss
 from moditalker.training.options import add_run_arguments
 from moditalker.training.rng import rng_state
 from moditalker.training.run_state import find_state
@@ -184,8 +184,7 @@ def train(cfg: DictConfig, progress: bool = True, overwrite: bool = False) -> Pa
         res, face, hub, mask = batch_to_inputs(next(batches))
         with acc.autocast():
             loss, extras = diffusion(res, None, face, hub, mask=mask)
-        if not torch.isfinite(loss):
-            raise UserError(f"training loss became {loss.item()} at step {step}; lower train.lr")
+        check_finite_loss(loss.item(), step + 1)  # 1-based, as the progress bar and the saved steps
         acc.backward(loss)
         opt.step()
         opt.zero_grad(set_to_none=True)

@@ -43,7 +43,7 @@ from moditalker.training.accelerator import (
     train_val_loaders,
 )
 from moditalker.training.bad_items import BadItems
-from moditalker.training.loop import TrainingRun
+from moditalker.training.loop import TrainingRun, check_finite_loss
 from moditalker.training.options import add_run_arguments, apply_run_arguments, print_summary
 from moditalker.training.run_state import check_inputs_are_not_outputs
 from MToV.dataset import build_dataset, check_data, data_defaults
@@ -263,7 +263,7 @@ class _StepFn:
     def __call__(self, step: int) -> dict:
         acc, accum = self.acc, self.accum
         use_gan = self.disc2d is not None and step >= self.disc_start
-        kept, running = [], {}
+        kept, running, total = [], {}, 0.0
         for micro in range(accum):
             x = next(self.batches)[self.key]
             ctx = acc.no_sync(self.model) if micro < accum - 1 else contextlib.nullcontext()
@@ -280,10 +280,12 @@ class _StepFn:
                         loss = loss + self.latent_weight * latent_l2
                         logs["latent_l2"] = latent_l2.detach()
                 acc.backward(loss / accum)
+            total += float(loss.detach()) / accum
             if use_gan:
                 kept.append((x, rec.detach(), idx))
             for k, v in logs.items():
                 running[k] = running.get(k, 0.0) + float(v) / accum
+        check_finite_loss(total, step + 1, "lower train.lr, or check the training frames")  # before the step
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         if use_gan:

@@ -106,6 +106,20 @@ def test_existing_output_needs_overwrite(synth, tmp_path):
         main(["--config", TINY, "--out_dir", str(out), f"data.root={synth.root}"])
 
 
+def test_a_non_finite_training_loss_stops_the_run(synth, tmp_path):
+    """A diverging run (a learning rate of 1e30) stops at its first NaN or infinite loss with one line,
+    before that step's update, instead of training on to NaN weights."""
+    out = tmp_path / "diverged"
+    with pytest.raises(
+        UserError, match=r"^training loss became (nan|inf) at step \d+; lower train.lr"
+    ) as raised:
+        main(["--config", TINY, "--out_dir", str(out), "--no_progress", f"data.root={synth.root}",
+              "loss.perceptual_weight=0", "train.lr=1e30", "train.max_steps=20",
+              "train.save_every=100"])  # fmt: skip
+    step = int(str(raised.value).split("at step ")[1].split(";")[0])
+    assert 1 < step <= 20 and not (out / "model_last.pth").exists() and not (out / "state").exists()
+
+
 def test_ldmk_mode_inits_from_rgb_and_freezes_the_decoder(rgb_run, synth, tmp_path):
     rgb_out = rgb_run[0]
     out = tmp_path / "ldmk"
