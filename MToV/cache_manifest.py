@@ -61,6 +61,8 @@ def make_manifest(
         marker = out / "videos" / f"{v['id']}.unreadable"
         if meta.is_file():
             record, problem = json_problem(meta, video_problem)
+            if problem is not None and not meta.is_file():  # removed by its shard to build it again
+                return None, bad
             if problem is not None:  # another shard's video (this shard checked its own)
                 raise UserError(f"{meta} {problem}; rerun the build of every shard to build it again")
             done[v["id"]] = record

@@ -68,7 +68,7 @@ def mask_below_nose(frames: np.ndarray, lm68: np.ndarray) -> np.ndarray:
     if lm68.ndim != 3 or lm68.shape[1:] != (68, 2) or lm68.shape[0] != frames.shape[0]:
         raise UserError(f"landmarks must be [{frames.shape[0]}, 68, 2] for these frames, got {lm68.shape}")
     if not np.isfinite(lm68).all():
-        raise UserError("landmarks hold NaN or Inf values; check the keypoint files")
+        raise UserError("landmarks hold NaN or Inf values (a failed detection?); check where they come from")
     out = frames.copy()
     height = frames.shape[1]
     rows = np.clip(np.trunc(lm68[:, 33, 1]), 0, height).astype(np.int64)

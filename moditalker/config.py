@@ -89,7 +89,8 @@ def _refuse_unknown_keys(cfg: DictConfig, defaults: dict | DictConfig) -> None:
 
 def _check_kinds(cfg: DictConfig, defaults: dict | DictConfig, where: str = "") -> None:
     """Each setting of the kind its default is: a section (a mapping default) a mapping, a number a
-    number (not text, not NaN), a yes/no a boolean; a default of None, a list or text takes anything.
+    number (not text, not NaN), a yes/no a boolean, 0 or 1, null or text (a switch may also name a
+    mode: ``train.amp=bf16``); a default of None, a list or text takes anything.
     (``mtov: 5`` or ``lr: abc`` ran on into a traceback, ``ema_decay: .nan`` into NaN weights.)"""
     import math
 
@@ -109,8 +110,8 @@ def _check_kinds(cfg: DictConfig, defaults: dict | DictConfig, where: str = "") 
                 if not isinstance(value, dict):
                     raise UserError(f"{name} must be a section (key: value lines){where}, got {value!r}")
                 walk(value, default, f"{name}.")
-            elif isinstance(default, bool):
-                if not isinstance(value, bool):
+            elif isinstance(default, bool):  # text too: some switches also name a mode (train.amp=bf16)
+                if not (value is None or isinstance(value, (bool, str)) or value in (0, 1)):
                     raise UserError(f"{name} must be true or false{where}, got {value!r}")
             elif isinstance(default, (int, float)):
                 if value is None:

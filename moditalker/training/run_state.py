@@ -5,8 +5,8 @@ written to ``state.tmp`` and swapped in, so a crash at any moment leaves one val
 (``state`` or ``state.old``).
 
 A damaged state (a truncated or overwritten file, a ``trainer.json`` of the wrong shape) is never a
-traceback: :func:`load_state` falls back to ``state.old`` when it is there and loads (with a
-``warning:`` line), else stops with one line naming the folder and the ways out.
+traceback: :func:`load_state` falls back to ``state.old`` when a save cut short left one that loads
+(with a ``warning:`` line), else stops with one line naming the folder and the way out.
 """
 
 from __future__ import annotations
@@ -160,12 +160,14 @@ def _rng_problem(state_dir: Path, process_index: int) -> str:
             and torch.equal(torch.get_rng_state(), states["torch_manual_seed"])
         )
         if torch.cuda.is_available():
+            if "torch_cuda_manual_seed" not in states:
+                return f"{path.name} holds no CUDA states (saved on a machine without a GPU?)"
             saved = states["torch_cuda_manual_seed"]
             now = torch.cuda.get_rng_state_all()
             restored = restored and len(saved) == len(now) and all(map(torch.equal, saved, now))
     except Exception as exc:  # noqa: BLE001 - any failure: a damaged file
         return f"{path.name} cannot be read ({describe(exc)[:80]})"
-    return "" if restored else f"{path.name} does not hold the states it was saved with"
+    return "" if restored else f"the states of {path.name} were not restored (another device or GPU count?)"
 
 
 #: the outcome of loading one state folder: loaded exactly, loaded but RNG states lost, not loaded
@@ -213,9 +215,10 @@ def load_state(accelerator, out_dir: Path, state_dir: Path) -> tuple[Path, dict]
 
     A state that does not load (a damaged ``trainer.json``, model, optimizer, registered object) falls
     back to ``state.old`` when that is there and loads: a ``warning:`` line says so, and the damaged
-    folder is kept as ``state.damaged`` (the next save replaces ``state.old``). With no loadable state
-    the run stops with one line naming the folder: ``--no_resume --overwrite`` starts the run again;
-    removing the folder resumes from ``state.old`` or the trainer's step checkpoints when there are any.
+    folder is kept as ``state.damaged``. ``state.old`` is the previous save, left only by a save cut
+    short (a finished save removes it), so usually there is none: the run stops with one line naming
+    the folder; ``--no_resume --overwrite`` starts the run again, and AToM, which also keeps step
+    checkpoints, resumes from the newest of them once the state folders are moved away.
 
     A resume is exact only with every process's RNG states (``random_states_<i>.pkl``), which
     accelerate skips with an info-level log when it cannot read them. A state that lost them counts as
@@ -263,16 +266,15 @@ def load_state(accelerator, out_dir: Path, state_dir: Path) -> tuple[Path, dict]
 
 
 def _no_state_message(out_dir: Path, results: list) -> str:
-    """The one line when no state of ``out_dir`` loads: what is wrong with each, and the ways out."""
+    """The one line when no state of ``out_dir`` loads: what is wrong with each, and the way out
+    (moving the folders away is offered only where the trainer then resumes from something else: AToM's
+    step checkpoints; elsewhere it would start the run again over its metrics and weights)."""
     whats = " nor from ".join(f"{path} ({problem})" for path, _, problem, _ in results)
     paths = " and ".join(str(path) for path, *_ in results)
-    after = ""
+    way_out = "rerun with --no_resume --overwrite to start the run again"
     if (out_dir / "checkpoints").is_dir() and any((out_dir / "checkpoints").glob("step_*.pt")):
-        after = " (AToM then resumes from its newest checkpoints/step_*.pt)"
-    return (
-        f"cannot resume from {whats}; rerun with --no_resume --overwrite to start the run again, or "
-        f"move {paths} away{after}"
-    )
+        way_out += f", or move {paths} away to resume from the newest checkpoints/step_*.pt"
+    return f"cannot resume from {whats}; {way_out}"
 
 
 #: what a trainer writes in its run folder before its first state is saved

@@ -236,7 +236,12 @@ def test_strict_config_refuses_values_of_another_kind(tmp_path, yaml_text, overr
     (tmp_path / "c.yaml").write_text(yaml_text + "extra: 1\n")
     with pytest.raises(UserError, match=re.escape(message)):
         load_config(tmp_path / "c.yaml", overrides, defaults, strict=True)
-    # the same kinds pass: an int for a float, null for a number, anything below a None default
-    ok = ["train.lr=1", "train.max_steps=null", "train.resume=/x/state", "extra.a=[1]"]
+    # the same kinds pass: an int for a float, null for a number, anything below a None default, and a
+    # switch given as 0/1, null or a mode's name (the UNet trainer's train.amp=bf16)
+    ok = ["train.lr=1", "train.max_steps=null", "train.resume=/x/state", "extra.a=[1]", "train.cpu=bf16"]
     cfg = load_config(tmp_path / "c.yaml" if not yaml_text else None, ok, defaults, strict=True)
-    assert cfg.train.lr == 1 and cfg.train.max_steps is None and cfg.extra.a == [1]
+    assert (
+        cfg.train.lr == 1 and cfg.train.max_steps is None and cfg.extra.a == [1] and cfg.train.cpu == "bf16"
+    )
+    for switch in ("1", "0", "null", "true"):
+        load_config(None, [f"train.cpu={switch}"], defaults, strict=True)
