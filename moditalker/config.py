@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -37,6 +38,8 @@ def load_config(
             raise UserError(f"cannot parse config {path}: {_yaml_error(exc)}") from exc
         if not isinstance(loaded, DictConfig):
             raise UserError(f"config {path} must be a YAML mapping (key: value), not a list")
+        if not len(loaded) and defaults:  # an empty (or cut short) file: every setting its default
+            print(f"warning: config {path} is empty; every setting takes its default", file=sys.stderr)
         if defaults and len(loaded) and not set(loaded) & set(defaults):
             raise UserError(
                 f"{path} is not a config for this command: none of its top-level keys "

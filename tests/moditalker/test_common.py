@@ -245,3 +245,14 @@ def test_strict_config_refuses_values_of_another_kind(tmp_path, yaml_text, overr
     )
     for switch in ("1", "0", "null", "true"):
         load_config(None, [f"train.cpu={switch}"], defaults, strict=True)
+
+
+def test_an_empty_config_file_says_so(tmp_path, capsys):
+    """An empty (or cut to nothing) config ran silently with every default, full size included."""
+    (tmp_path / "empty.yaml").write_text("# nothing but a comment\n")
+    cfg = load_config(tmp_path / "empty.yaml", [], {"train": {"lr": 0.1}})
+    assert cfg.train.lr == 0.1
+    assert (
+        capsys.readouterr().err
+        == f"warning: config {tmp_path / 'empty.yaml'} is empty; every setting takes its default\n"
+    )
