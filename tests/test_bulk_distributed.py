@@ -342,3 +342,26 @@ def test_protocol_shards_generate_then_one_run_scores_them_all(tmp_path, one_thr
     gen = report["settings"]["generation"]
     assert gen["generated"] == [] and gen["reused"] == ["id_0", "id_1", "id_2"]
     assert list(report["per_video"]) == ["id_0", "id_1", "id_2"] and (out / "report.json").is_file()
+
+
+@pytest.mark.parametrize("world, skipped", [("2", True), ("1", False)])
+def test_a_bulk_rank_leaves_without_the_native_teardown(tmp_path, world, skipped):
+    """A rank of a launched bulk job leaves with os._exit once its output is flushed (gloo's C++
+    teardown aborted such a rank now and then, after its work was done); its exit status and output are
+    kept. Here the teardown's stand-in is an atexit handler: skipped by a rank, run by one process."""
+    code = (
+        "import atexit, sys\n"
+        "from moditalker.errors import UserError, cli_main\n"
+        f"atexit.register(lambda: open({str(tmp_path / 'teardown')!r}, 'w').write('ran'))\n"
+        "def main(argv):\n"
+        "    print('the work is done')\n"
+        "    if argv: raise UserError('one item failed')\n"
+        "cli_main(main, sys.argv[1:])\n"
+    )
+    env = {**os.environ, "MODITALKER_JOB": "test job", "WORLD_SIZE": world, "PYTHONPATH": str(REPO)}
+    for args, status in (([], 0), (["fail"], 2)):
+        (tmp_path / "teardown").unlink(missing_ok=True)
+        run = subprocess.run([sys.executable, "-c", code, *args], env=env, capture_output=True, text=True)
+        assert run.returncode == status and run.stdout == "the work is done\n", run.stderr
+        assert run.stderr == ("error: one item failed\n" if status else "")
+        assert (tmp_path / "teardown").exists() is not skipped
