@@ -415,8 +415,8 @@ def check_settings(cfg: DictConfig) -> None:
     except ConfigKeyError as exc:  # the first unknown key
         prefix = exc.full_key.rpartition(".")[0] + "." if "." in exc.full_key else ""
         names = [k for k in SETTINGS if k.startswith(prefix)] + [s for s in _SECTIONS if not prefix]
-        raise UserError(
-            f"unknown setting(s) {[exc.full_key]}; see configs/inference.yaml for the keys "
+        raise UserError(  # the first unknown key, named as the trainers name theirs (moditalker.config)
+            f"unknown setting {exc.full_key}; see configs/inference.yaml for the keys "
             f"(sections: {', '.join(_SECTIONS)}){did_you_mean(exc.full_key, names)}"
         ) from None
     except ValidationError as exc:  # a value OmegaConf cannot convert to the setting's type

@@ -196,7 +196,7 @@ def test_a_failed_request_leaves_no_run_folder(tmp_path):
     "argv, message",
     [
         (["--config", "no/such.yaml"], "no/such.yaml"),
-        (["atom.stesp=3"], "unknown setting(s) ['atom.stesp']"),
+        (["atom.stesp=3"], "unknown setting atom.stesp; see configs/inference.yaml"),
         (["--device", "tpu"], "unknown device 'tpu'"),
         (["--port", "0"], "--port must be in 1..65535, got 0"),
         (["--port", "web"], "argument --port: invalid int value: 'web'"),
