@@ -130,7 +130,7 @@ def _check_sample_config(cfg: DictConfig) -> None:
         typed = OmegaConf.merge(OmegaConf.structured(_SampleTypes), sample)
     except ConfigKeyError as exc:
         known = ", ".join(MODEL_DEFAULTS["sample"])
-        raise UserError(f"unknown sample setting(s) {[exc.full_key]}; known: {known}") from None
+        raise UserError(f"unknown sample setting {exc.full_key}; known: {known}") from None
     except ValidationError as exc:
         kind = {int: "an integer", float: "a number", bool: "true/false"}[SAMPLER_SETTING_TYPES[exc.full_key]]
         raise UserError(f"sample.{exc.full_key} must be {kind}, got {sample.get(exc.full_key)!r}") from None

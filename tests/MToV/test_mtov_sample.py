@@ -369,7 +369,7 @@ def test_sampler_that_would_not_denoise_is_refused(models):
         (["sample.seed=abc"], "sample.seed must be an integer"),
         (["sample.eta=abc"], "sample.eta must be a number, got 'abc'"),
         (["sample.use_last_as_reference=3"], "sample.use_last_as_reference must be true/false, got 3"),
-        (["sample.foo=1"], "unknown sample setting(s) ['foo']"),
+        (["sample.foo=1"], "unknown sample setting foo; known"),
         (["sample=3"], "sample must be a mapping"),
         (["--fps", "0"], "--fps must be a positive number"),
         (["--fps", "nan"], "--fps must be a positive number"),
