@@ -46,7 +46,7 @@ import torch
 from omegaconf import OmegaConf
 
 from moditalker.device import CPU_ISA_ENV, allocator, bf16_supported
-from moditalker.fileio import atomic_path
+from moditalker.fileio import atomic_path, json_or_none
 from MToV.int8 import int8_convs_supported
 from MToV.loading import MToVModels, PrecisionPlan, precision_plan
 
@@ -298,10 +298,7 @@ def choose(seconds: dict[str, dict[str, float]], threshold: float = THRESHOLD) -
 
 
 def _read(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
+    data = json_or_none(path)
     if not isinstance(data, dict) or data.get("version") != VERSION:
         return {}
     if not isinstance(data.get("entries"), dict):

@@ -47,7 +47,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from moditalker.errors import UserError
-from moditalker.fileio import atomic_write_text, file_sha256, folder_problem, folder_records
+from moditalker.fileio import atomic_write_text, file_sha256, folder_problem, folder_records, is_count
 from MToV.dataset import DEFAULT_FRAMES_DIR, DEFAULT_KEYPOINTS_DIR, window_start
 
 FORMAT = 1
@@ -212,10 +212,6 @@ def latent_spread(folders: Sequence[Path], dtype: str, kind: str = "z", max_wind
 
 
 # ----------------------------------------------------------------------------- the cache's JSON files
-def _count(value: object, low: int = 0) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= low
-
-
 def _kind(value: object) -> str:
     """A JSON value's kind in messages: ``a list``, ``a string``, ``null``, ``int``, ..."""
     if value is None:
@@ -249,14 +245,14 @@ def read_json(path: Path, check: Callable[[dict], str | None] | None = None) -> 
 def video_problem(meta: dict) -> str | None:
     """What is wrong with a ``video.json`` (None: its counts and file records are usable)."""
     for key in ("frames", "windows"):
-        if not _count(meta.get(key)):
+        if not is_count(meta.get(key)):
             return f"its {key} is {_short(meta.get(key))}, not a count"
     files = meta.get("files", {})
     if not isinstance(files, dict) or ("files" in meta and not files):
         return f"its files are {_short(files)}, not a record of files"
     for name, record in files.items():
         pair = isinstance(record, list) and len(record) == 2
-        if not (pair and _count(record[0]) and isinstance(record[1], str)):
+        if not (pair and is_count(record[0]) and isinstance(record[1], str)):
             return f"its record of {name} is {_short(record)}, not [size, sha256]"
     if files and (unrecorded := [f"{k}.npy" for k in (*KINDS, "starts") if f"{k}.npy" not in files]):
         return f"its files do not record {unrecorded[0]}"
@@ -267,21 +263,21 @@ def manifest_problem(manifest: dict) -> str | None:
     """What is wrong with a ``manifest.json`` of this format (None: what training reads is usable)."""
     if manifest.get("dtype") not in DTYPES:
         return f"its dtype is {_short(manifest.get('dtype'))}, not one of {', '.join(DTYPES)}"
-    if not _count(manifest.get("stride"), 1):
+    if not is_count(manifest.get("stride"), 1):
         return f"its stride is {_short(manifest.get('stride'))}, not a count >= 1"
     data = manifest.get("data")
-    if not isinstance(data, dict) or not _count(data.get("timesteps"), 1):
+    if not isinstance(data, dict) or not is_count(data.get("timesteps"), 1):
         return "its data.timesteps is not a count >= 1"
     shapes = manifest.get("shapes")
     for k in KINDS:
         shape = shapes.get(k) if isinstance(shapes, dict) else None
-        if not (isinstance(shape, list) and len(shape) == 2 and all(_count(n, 1) for n in shape)):
+        if not (isinstance(shape, list) and len(shape) == 2 and all(is_count(n, 1) for n in shape)):
             return f"its shapes.{k} is {_short(shape)}, not [channels, length]"
     videos = manifest.get("videos")
     if not isinstance(videos, dict):
         return f"its videos are {_short(videos)}, not a record of videos"
     for vid, video in videos.items():
-        if not (isinstance(video, dict) and _count(video.get("frames")) and _count(video.get("windows"))):
+        if not (isinstance(video, dict) and is_count(video.get("frames")) and is_count(video.get("windows"))):
             return f"its record of video {vid} is {_short(video)}, not {{frames, windows}}"
     splits = manifest.get("splits")
     if not isinstance(splits, dict):

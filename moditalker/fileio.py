@@ -1,11 +1,13 @@
 """Paths and files: the repository root, atomic writes (temp file in the same folder, then rename),
 the no-overwrite rule, checked ``.npy`` reading, and the size + sha256 records that cache entries keep
 of their files (:func:`file_sha256`, :func:`file_record`, :func:`folder_records`,
-:func:`record_problem`): a cache entry is checked against them before it is trusted."""
+:func:`record_problem`): a cache entry is checked against them before it is trusted; the JSON records
+themselves are read with :func:`json_or_none` and their counts checked with :func:`is_count`."""
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import tempfile
@@ -158,6 +160,19 @@ def load_npy(path: str | Path, what: str = "array") -> np.ndarray:
 
 # ----------------------------------------------------------------------------- size + hash records
 _SHA256: dict[tuple[str, int, int, int, int], str] = {}
+
+
+def json_or_none(path: str | Path) -> object:
+    """The JSON value in ``path``; None when it cannot be read (missing, a folder, not JSON, not UTF-8)."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):  # ValueError: JSONDecodeError, UnicodeDecodeError
+        return None
+
+
+def is_count(value: object, low: int = 0) -> bool:
+    """Whether ``value`` (read from a JSON record) is an integer >= ``low``, not a bool."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= low
 
 
 def file_sha256(path: str | Path, chunk: int = 1 << 22) -> str:

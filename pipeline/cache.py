@@ -27,10 +27,10 @@ from typing import Any
 import numpy as np
 
 from moditalker.errors import DiskFullError, bytes_in, free_bytes, is_disk_full
-from moditalker.fileio import folder_problem, folder_records, remove_path
+from moditalker.fileio import folder_problem, folder_records, json_or_none, remove_path
 from pipeline.events import StageEvents, StageLog
 
-__all__ = ["asset_identity", "stable_key", "StageRecord", "WorkCache"]
+__all__ = ["OLDER_LAYOUT", "asset_identity", "done_record", "stable_key", "StageRecord", "WorkCache"]
 
 
 def asset_identity(path: str | Path | None) -> str:
@@ -55,6 +55,21 @@ def stable_key(parts: Mapping[str, Any]) -> str:
     """16 hex digits of sha256 over the JSON of ``parts`` (sorted keys)."""
     text = json.dumps(parts, sort_keys=True, default=str, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+#: what :func:`done_record` says of a ``.done`` without file records (an entry of an older layout)
+OLDER_LAYOUT = "it was written without file hashes (an older layout)"
+
+
+def done_record(entry: Path) -> tuple[dict, str | None]:
+    """The ``.done`` record of a committed entry (a dict with its ``files``) and None, or ``{}`` and
+    what is wrong with it: unreadable, or :data:`OLDER_LAYOUT`."""
+    record = json_or_none(entry / ".done")
+    if record is None:
+        return {}, "its .done record cannot be read"
+    if not isinstance(record, dict) or "files" not in record:
+        return {}, OLDER_LAYOUT
+    return record, None
 
 
 @dataclass
@@ -149,13 +164,8 @@ class WorkCache:
     def _load(entry: Path) -> tuple[str | None, dict[str, np.ndarray]]:
         """(None, the arrays) of a committed entry whose files are as its ``.done`` records them, else
         (what is wrong, {})."""
-        try:
-            record = json.loads((entry / ".done").read_text())
-        except (OSError, ValueError, UnicodeDecodeError):
-            return "its .done record cannot be read", {}
-        if not isinstance(record, dict) or "files" not in record:
-            return "it was written without file hashes (an older layout)", {}
-        problem = folder_problem(entry, record["files"])
+        record, problem = done_record(entry)
+        problem = problem or folder_problem(entry, record["files"])
         if problem is not None:
             return problem, {}
         try:

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from moditalker.errors import DiskFullError, UserError, bytes_in, describe, free_bytes, is_disk_full
-from moditalker.fileio import same_file
+from moditalker.fileio import is_count, same_file
 
 
 class _SharedTensorNote(logging.Filter):
@@ -79,11 +79,6 @@ def find_state(out_dir: Path) -> Path | None:
     return None
 
 
-def _count(value: object) -> bool:
-    """Whether ``value`` is a non-negative integer (not a bool) as ``trainer.json`` holds them."""
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
-
-
 def read_state_info(state_dir: Path) -> dict:
     """The ``trainer.json`` saved with a state, checked: an object with ``step`` (an integer >= 0),
     ``bad_items`` (integers >= 0) and ``position`` (``{"epoch", "batch"}``, integers >= 0) when
@@ -95,14 +90,14 @@ def read_state_info(state_dir: Path) -> dict:
         raise ValueError(f"trainer.json cannot be read ({describe(exc)})") from exc
     if not isinstance(info, dict):
         raise ValueError(f"trainer.json holds a {type(info).__name__}, not an object")
-    if not _count(info.get("step")):
+    if not is_count(info.get("step")):
         raise ValueError(f"trainer.json's step is {info.get('step')!r}, not an integer >= 0")
     bad = info.get("bad_items", [])
-    if not isinstance(bad, list) or not all(_count(i) for i in bad):
+    if not isinstance(bad, list) or not all(is_count(i) for i in bad):
         raise ValueError(f"trainer.json's bad_items is {bad!r:.60}, not a list of integers >= 0")
     position = info.get("position")
     if position is not None and not (
-        isinstance(position, dict) and all(_count(position.get(k, 0)) for k in ("epoch", "batch"))
+        isinstance(position, dict) and all(is_count(position.get(k, 0)) for k in ("epoch", "batch"))
     ):
         raise ValueError(f"trainer.json's position is {position!r:.60}, not {{epoch, batch}} integers >= 0")
     return info

@@ -35,11 +35,12 @@ from moditalker.fileio import (
     file_record,
     folder_problem,
     folder_records,
+    json_or_none,
     npz_problem,
     record_problem,
     remove_path,
 )
-from pipeline.cache import WorkCache, stable_key
+from pipeline.cache import OLDER_LAYOUT, WorkCache, done_record, stable_key
 
 __all__ = ["BatchStore"]
 
@@ -77,7 +78,7 @@ class BatchStore:
             remove_path(self.partial)
         self.partial.mkdir(parents=True, exist_ok=True)
         manifest = self.partial / "layout.json"
-        if manifest.exists() and _read_json(manifest) != layout:  # another layout, or unreadable
+        if manifest.exists() and json_or_none(manifest) != layout:  # another layout, or unreadable
             shutil.rmtree(self.partial)
             self.partial.mkdir(parents=True)
         if not manifest.is_file():
@@ -112,7 +113,7 @@ class BatchStore:
         self.log(f"warning: {self.partial.name}: {problem}; computing it again from batch {index}")
 
     def _read_records(self) -> dict[str, list]:
-        records = _read_json(self.partial / self.RECORDS)
+        records = json_or_none(self.partial / self.RECORDS)
         return records if isinstance(records, dict) else {}
 
     def _write_records(self) -> None:
@@ -120,16 +121,13 @@ class BatchStore:
 
     def problem(self) -> str | None:
         """What is wrong with the complete entry's files (None: all as recorded when it was finished)."""
-        record = _read_json(self.entry / ".done")
-        if record is None:
-            return "its .done record cannot be read"
-        if not isinstance(record, dict) or "files" not in record:
+        record, problem = done_record(self.entry)
+        if problem == OLDER_LAYOUT:
             old = self.entry / "frames.npy"  # the layout before batches: kept when it reads back whole
             if old.is_file() and npz_problem(old, npy=True) is None:
                 (self.entry / ".done").write_text(json.dumps({"files": folder_records(self.entry)}))
                 return None
-            return "it was written without file hashes (an older layout)"
-        return folder_problem(self.entry, record["files"])
+        return problem or folder_problem(self.entry, record["files"])
 
     def reopen(self, problem: str) -> None:
         """A complete entry with a damaged file goes back to being a partial folder (the next
@@ -173,11 +171,3 @@ class BatchStore:
         (self.partial / ".done").write_text(json.dumps({"files": folder_records(self.partial)}))
         remove_path(self.entry)  # a stale, unfinished entry (an older layout), or a file not ours
         os.replace(self.partial, self.entry)
-
-
-def _read_json(path: Path) -> Any:
-    """The JSON value in ``path``; None when it cannot be read (missing, a folder, damaged)."""
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError, UnicodeDecodeError):
-        return None
