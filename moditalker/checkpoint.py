@@ -73,10 +73,15 @@ def unwrap_state_dict(
                 break
     if not isinstance(obj, Mapping) or not obj:
         raise UserError(f"{path} does not hold a state_dict")
-    problem = not_tensors(obj)
-    if problem:
-        raise UserError(f"{path} does not hold a state_dict of tensors: {problem}")
+    _refuse_non_tensors(obj, str(path))
     return strip_module_prefix(dict(obj))
+
+
+def _refuse_non_tensors(state: Mapping, where: str) -> None:
+    """A one-line UserError when ``state`` is not ``{name: tensor}`` (:func:`not_tensors`)."""
+    problem = not_tensors(state)
+    if problem:
+        raise UserError(f"{where} does not hold a state_dict of tensors: {problem}")
 
 
 def not_tensors(state: Mapping) -> str:
@@ -136,9 +141,7 @@ def load_strict(
     that is not ``{name: tensor}``."""
     if not isinstance(state, Mapping):
         raise UserError(f"{what} {path} does not hold a state_dict (it holds a {type(state).__name__})")
-    problem = not_tensors(state)
-    if problem:
-        raise UserError(f"{what} {path} does not hold a state_dict of tensors: {problem}")
+    _refuse_non_tensors(state, f"{what} {path}")
     state = strip_module_prefix(state)
     problem = mismatch(model.state_dict(), state)
     if problem:

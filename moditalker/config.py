@@ -25,7 +25,7 @@ def load_config(
     ``strict``: a key that ``defaults`` does not have (a typo such as ``train.max_stpes=5``, which
     would otherwise run with the default and save the typo in the run's config) is a UserError naming
     it and the closest known key, and so is a value of another kind than its default's (see
-    :func:`_check_kinds`). Below a default of ``None`` any mapping is accepted.
+    :func:`_check_against_defaults`). Below a default of ``None`` any mapping is accepted.
     """
     cfg = OmegaConf.create(defaults or {})
     if path is not None:
@@ -59,8 +59,7 @@ def load_config(
         where = f" {culprit!r}" if culprit is not None else ""
         raise UserError(f"bad override{where}: {_yaml_error(exc)}") from exc
     if strict and defaults:
-        _refuse_unknown_keys(cfg, defaults)
-        _check_kinds(cfg, defaults, f" (in {path} or the overrides)" if path is not None else "")
+        _check_against_defaults(cfg, defaults, f" (in {path} or the overrides)" if path is not None else "")
     return cfg
 
 
@@ -72,11 +71,19 @@ def did_you_mean(name: str, names: list[str]) -> str:
     return f"; did you mean {close[0]}?" if close else ""
 
 
-def _refuse_unknown_keys(cfg: DictConfig, defaults: dict | DictConfig) -> None:
+def _check_against_defaults(cfg: DictConfig, defaults: dict | DictConfig, where: str = "") -> None:
+    """``strict`` configs, in one walk beside ``defaults``: a key they do not have is a UserError naming
+    it and the closest known key (below a default of None any key is accepted); and each setting must be
+    of the kind its default is: a section (a mapping default) a mapping, a number a number (not text,
+    not NaN), a yes/no a boolean, 0 or 1, null or text (a switch may also name a mode:
+    ``train.amp=bf16``); a default of None, a list or text takes anything.
+    (``mtov: 5`` or ``lr: abc`` ran on into a traceback, ``ema_decay: .nan`` into NaN weights.)"""
+    import math
+
     known = OmegaConf.to_container(OmegaConf.create(defaults)) if not isinstance(defaults, dict) else defaults
 
-    def walk(node, ref, prefix: str) -> None:
-        if not isinstance(node, dict) or not isinstance(ref, dict):
+    def walk(node: object, ref: dict, prefix: str) -> None:
+        if not isinstance(node, dict):
             return
         for key, value in node.items():
             name = f"{prefix}{key}"
@@ -84,47 +91,23 @@ def _refuse_unknown_keys(cfg: DictConfig, defaults: dict | DictConfig) -> None:
                 names = [f"{prefix}{k}" for k in ref]
                 hint = did_you_mean(name, names) or f"; known here: {', '.join(names[:12])}"
                 raise UserError(f"unknown setting {name}{hint}")
-            if ref[key] is not None:
-                walk(value, ref[key], f"{name}.")
-
-    walk(OmegaConf.to_container(cfg), known, "")
-
-
-def _check_kinds(cfg: DictConfig, defaults: dict | DictConfig, where: str = "") -> None:
-    """Each setting of the kind its default is: a section (a mapping default) a mapping, a number a
-    number (not text, not NaN), a yes/no a boolean, 0 or 1, null or text (a switch may also name a
-    mode: ``train.amp=bf16``); a default of None, a list or text takes anything.
-    (``mtov: 5`` or ``lr: abc`` ran on into a traceback, ``ema_decay: .nan`` into NaN weights.)"""
-    import math
-
-    known = OmegaConf.to_container(OmegaConf.create(defaults)) if not isinstance(defaults, dict) else defaults
-    given = OmegaConf.to_container(cfg, resolve=False)
-
-    def walk(node: object, ref: object, prefix: str) -> None:
-        if not isinstance(ref, dict) or not isinstance(node, dict):
-            return
-        for key, default in ref.items():
-            if key not in node or default is None:
+            default = ref[key]
+            if default is None or (isinstance(value, str) and value.startswith("${")):  # resolved later
                 continue
-            value, name = node[key], f"{prefix}{key}"
-            if isinstance(value, str) and value.startswith("${"):  # an interpolation: resolved later
-                continue
-            if isinstance(default, dict) and default:
-                if not isinstance(value, dict):
+            if isinstance(default, dict):
+                if default and not isinstance(value, dict):
                     raise UserError(f"{name} must be a section (key: value lines){where}, got {value!r}")
                 walk(value, default, f"{name}.")
             elif isinstance(default, bool):  # text too: some switches also name a mode (train.amp=bf16)
                 if not (value is None or isinstance(value, (bool, str)) or value in (0, 1)):
                     raise UserError(f"{name} must be true or false{where}, got {value!r}")
-            elif isinstance(default, (int, float)):
-                if value is None:
-                    continue
+            elif isinstance(default, (int, float)) and value is not None:
                 if isinstance(value, bool) or not isinstance(value, (int, float)):
                     raise UserError(f"{name} must be a number{where}, got {value!r}")
                 if isinstance(value, float) and math.isnan(value):
                     raise UserError(f"{name} must be a number{where}, got NaN")
 
-    walk(given, known, "")
+    walk(OmegaConf.to_container(cfg, resolve=False), known, "")
 
 
 def _parses(override: str) -> bool:
