@@ -11,8 +11,8 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 OUT_DIR="${OUT_DIR:-$ROOT/outputs/demo}"
 start=$(date +%s)
 
-bash "$ROOT/scripts/setup.sh"
-PY="$ROOT/.venv/bin/python"
+# shellcheck source=scripts/_setup_python.sh
+source "$ROOT/scripts/_setup_python.sh"
 # shellcheck source=scripts/_allocator.sh
 source "$ROOT/scripts/_allocator.sh"
 mkdir -p "$OUT_DIR"

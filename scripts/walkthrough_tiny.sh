@@ -29,8 +29,8 @@ if ! [[ "$STEPS" =~ ^[1-9][0-9]*$ ]]; then
   echo "error: STEPS must be a positive integer, got '$STEPS'; $usage" >&2
   exit 2
 fi
-bash "$ROOT/scripts/setup.sh"
-PY="$ROOT/.venv/bin/python"
+# shellcheck source=scripts/_setup_python.sh
+source "$ROOT/scripts/_setup_python.sh"
 set -x
 # 0. a few short videos with sound (use your own talking-head clips for anything real)
 "$PY" -m data.sample_data --out_dir "$W/sample" --talking_videos "${WALK_VIDEOS:-4}" --overwrite \

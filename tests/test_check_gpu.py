@@ -1,0 +1,97 @@
+"""scripts/check_gpu.sh: what it refuses before it runs anything, and what a run leaves in its folder
+(the full run on the tiny networks is the runnable block in docs/speed.md)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _check(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHON": sys.executable}
+    return subprocess.run(
+        ["bash", str(REPO / "scripts" / "check_gpu.sh"), *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=cwd,
+        timeout=600,
+    )
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the answer of a machine without CUDA")
+def test_no_cuda_is_one_line_and_creates_nothing(tmp_path):
+    run = _check("--out", str(tmp_path / "check"))
+    assert run.returncode == 2
+    assert run.stderr.strip().splitlines()[-1] == "error: --device cuda: PyTorch sees no CUDA device"
+    assert "no CUDA device visible to PyTorch" in run.stderr  # what PyTorch is, said before the error
+    assert not (tmp_path / "check").exists()
+
+
+@pytest.mark.parametrize(
+    "args,error",
+    [
+        (["--device", "cpu"], "error: --out OUT_DIR is required"),
+        (["--out", "X", "--skip", "tests,bogus"], "error: --skip bogus: use tests, compile or training"),
+        (["--out", "X", "--seconds", "four"], "error: --seconds four: give a number of seconds"),
+        (["--out", "X", "--frames", "3"], "error: unrecognized argument: --frames"),
+        (["--out"], "error: argument --out: expected one argument"),
+    ],
+)
+def test_wrong_arguments_are_one_line(tmp_path, args, error):
+    run = _check(*args, cwd=tmp_path)
+    assert run.returncode == 2
+    assert run.stderr.strip().startswith(error), run.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_existing_reports_are_kept_unless_overwrite(tmp_path):
+    out = tmp_path / "check"
+    out.mkdir()
+    (out / "summary.txt").write_text("an earlier check\n")
+    run = _check("--out", str(out), "--device", "cpu")
+    assert run.returncode == 2
+    assert "already holds files; pass --overwrite" in run.stderr
+    assert (out / "summary.txt").read_text() == "an earlier check\n"
+    (tmp_path / "file").write_text("x")
+    run = _check("--out", str(tmp_path / "file"), "--device", "cpu")
+    assert run.returncode == 2 and "is a file, not a folder" in run.stderr
+
+
+def test_a_failing_step_is_reported_and_the_next_runs(tmp_path):
+    """A relative --out is the caller's folder (the steps run in the repository root); a benchmark that
+    fails (here: an unknown device) is one FAILED line in the summary, the later steps still run and
+    the exit status is 1."""
+    run = _check("--out", "rel", "--device", "nodevice", "--skip", "tests,compile", "--tiny", cwd=tmp_path)
+    assert run.returncode == 1, run.stderr
+    summary = (tmp_path / "rel" / "summary.txt").read_text()
+    lines = {line.split("  ")[0]: line for line in summary.splitlines()}
+    assert "FAILED (exit 2)" in lines["inference benchmark"]
+    assert "FAILED (exit 2)" in lines["training benchmark"]
+    assert "CUDA tests" not in lines and "inference, --compile" not in lines
+    assert sorted(p.name for p in (tmp_path / "rel").iterdir()) == ["check_gpu.log", "summary.txt"]
+
+
+def test_a_step_past_its_time_is_stopped(tmp_path):
+    run = _check(
+        "--out",
+        "c",
+        "--device",
+        "cpu",
+        "--tiny",
+        "--skip",
+        "tests,compile",
+        "--step-timeout",
+        "1",
+        cwd=tmp_path,
+    )
+    assert run.returncode == 1, run.stderr
+    summary = (tmp_path / "c" / "summary.txt").read_text()
+    assert summary.count("FAILED (exit 124)") == 2, summary  # the inference and the training benchmark
