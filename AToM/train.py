@@ -158,7 +158,11 @@ def train(cfg: DictConfig, progress: bool = True, overwrite: bool = False) -> Pa
     # unused official modules and randomly dropped null embeddings get no gradient
     unused = DistributedDataParallelKwargs(find_unused_parameters=True)
     acc = start_accelerator(
-        "AToM train", mixed_precision=tc.mixed_precision, cpu=bool(tc.cpu), kwargs_handlers=[unused]
+        "AToM train",
+        resolve_device(str(tc.device)),
+        mixed_precision=tc.mixed_precision,
+        cpu=bool(tc.cpu),
+        kwargs_handlers=[unused],
     )
     set_seed(int(tc.seed))
     diffusion, opt, ema, ckpt = _build(cfg, ckpt_path)

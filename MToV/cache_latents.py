@@ -316,7 +316,7 @@ def build_cache(
             "remove the folder once, then start the shards without --overwrite"
         )
     device = resolve_device(cfg.train.device)
-    acc = start_accelerator("MToV latent cache", cpu=device.type == "cpu")
+    acc = start_accelerator("MToV latent cache", device, cpu=device.type == "cpu")
     main_proc = acc.is_main_process
     ae_rgb, ae_ldmk = autoencoders(cfg)
     settings = {

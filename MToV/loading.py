@@ -41,6 +41,7 @@ __all__ = [
     "precision_plan",
     "prepare_for_device",
     "quantize_int8",  # the earlier name of MToV.int8.quantize_linears
+    "undo_prepare",
 ]
 
 #: Model settings shared by sampling and diffusion training (the official full-size values): the
@@ -261,7 +262,20 @@ def prepare_for_device(models: MToVModels, compile: bool = False) -> MToVModels:
     if models.device.type != "cuda" or getattr(models, "_prepared", False):
         return models
     models.unet.to(memory_format=torch.channels_last)
-    if compile:
-        models.unet.diffusion_model.forward = torch.compile(models.unet.diffusion_model.forward)
+    if compile:  # one compiled forward per models: prepared again after undo_prepare, it is not recompiled
+        if getattr(models, "_compiled_forward", None) is None:
+            models._compiled_forward = torch.compile(models.unet.diffusion_model.forward)
+        models.unet.diffusion_model.forward = models._compiled_forward
     models._prepared = True
+    return models
+
+
+def undo_prepare(models: MToVModels) -> MToVModels:
+    """Undo :func:`prepare_for_device`: the UNet's own (eager) forward, contiguous weights (the
+    benchmark's faithful mode runs the original's eager UNet on the same networks). Idempotent."""
+    if not getattr(models, "_prepared", False):
+        return models
+    models.unet.diffusion_model.__dict__.pop("forward", None)  # the compiled wrapper, an instance attribute
+    models.unet.to(memory_format=torch.contiguous_format)
+    models._prepared = False
     return models

@@ -135,6 +135,7 @@ def train(cfg: DictConfig, resume: bool = True, overwrite: bool = False, progres
     use_amp = bool(tc.amp) and device.type == "cuda"
     accelerator = start_accelerator(
         f"MToV {mode} autoencoder train",
+        device,
         cpu=device.type == "cpu",
         mixed_precision="fp16" if use_amp else "no",
     )

@@ -165,7 +165,7 @@ def train(cfg: DictConfig, resume: bool = True, overwrite: bool = False, progres
         raise UserError(f"diffusion.loss_type must be l1 or l2, got {cfg.diffusion.loss_type!r}")
     tc, data_cfg = cfg.train, cfg.data
     device = resolve_device(tc.device)
-    accelerator = start_accelerator("MToV diffusion train", cpu=device.type == "cpu")
+    accelerator = start_accelerator("MToV diffusion train", device, cpu=device.type == "cpu")
     set_seed(int(tc.seed))
 
     ae_rgb, ae_ldmk, ddpm, ema, opt, cache = _build(cfg, not run.resuming, accelerator.device)

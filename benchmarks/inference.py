@@ -27,8 +27,8 @@ Modes, run side by side in one process on the same inputs and the same noise:
   latent once per video, only the encodes sampling uses, ``torch.inference_mode``, SDPA attention,
   clips batched, bf16 autocast for the autoencoders on GPUs and on the CPU the arithmetic measured
   faster there (``--precision auto``, :mod:`MToV.calibration`: int8 or bf16 only where it is at least
-  1.15x faster than fp32; the report's ``precision_choice`` says what and why), channels-last UNet and
-  optional ``torch.compile`` on GPU;
+  1.15x faster than fp32; the report's ``precision_choice`` says what and why); on a GPU with
+  ``--compile`` the UNet channels-last and compiled (:func:`MToV.loading.prepare_for_device`);
 * ``fast_fp32`` the same fast path in full precision (it must equal ``faithful`` up to rounding).
 
 With ``--steps-scale F < 1`` the samplers run ``F`` times their steps (quick runs); the per-stage
@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import math
 import os
 import platform
@@ -60,6 +61,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from benchmarks.options import set_threads, write_report
 from benchmarks.prepare import Inputs, Networks, build_networks, make_inputs
@@ -165,7 +167,7 @@ def run_benchmark(
     """
     from moditalker.device import resolve_device
     from MToV.calibration import resolve_plan
-    from MToV.loading import prepare_for_device
+    from MToV.loading import prepare_for_device, undo_prepare
 
     if clock not in ("wall", "cpu"):
         raise UserError(f"clock must be 'wall' or 'cpu', got {clock!r}")
@@ -207,22 +209,31 @@ def run_benchmark(
         warmup_seconds = round(time.perf_counter() - t0, 2)
         log(f"warm-up (HuBERT and AToM once, both guidance patterns; not timed): {warmup_seconds:.1f} s")
     results: dict[str, ModeResult] = {}
+    gpu = dev.type == "cuda"
     for mode in modes:
-        if mode == "fast" and compile:
+        sampling = SamplingOptions(
+            batch_size=batch_size,
+            seed=seed,
+            start_ratio=START_RATIO,
+            sampling_timesteps=mtov_steps,
+            precision=plan if mode == "fast" else "fp32",
+        )
+        if compile and mode == "faithful":  # the original's eager UNet, whichever mode ran before
+            undo_prepare(nets.mtov)
+        elif compile:  # the fast modes: the UNet compiled (GPU)
             prepare_for_device(nets.mtov, compile=True)
+        if gpu and (warmup or compile):
+            # untimed: the first calls load the kernels and, compiled, build a graph per UNet batch shape
+            t0 = time.perf_counter()
+            warm_up_mtov(nets, inputs.n_frames, sampling, faithful=mode == "faithful")
+            log(f"MToV warm-up of the {mode} mode (not timed): {time.perf_counter() - t0:.1f} s")
         log(f"--- {mode}")
         res = run_mode(
             mode,
             nets,
             inputs,
             atom_steps=atom_steps,
-            sampling=SamplingOptions(
-                batch_size=batch_size,
-                seed=seed,
-                start_ratio=START_RATIO,
-                sampling_timesteps=mtov_steps,
-                precision=plan if mode == "fast" else "fp32",
-            ),
+            sampling=sampling,
             progress=progress,
             clock_kind=clock,
         )
@@ -307,8 +318,6 @@ def warm_up(nets: Networks, inputs: Inputs, seed: int = 0) -> None:
     a process's first calls of a network pay one-time costs (thread pool, kernels set up for each new
     input shape, first touch of the weights), which would otherwise fall on whichever mode runs first.
     The same shapes as the timed runs: HuBERT's whole input, AToM's window (always ``horizon`` frames)."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
     from AToM.inference import generate_landmarks
 
     gpu = nets.mtov.device.type != "cpu"
@@ -320,6 +329,26 @@ def warm_up(nets: Networks, inputs: Inputs, seed: int = 0) -> None:
                 nets.atom, hub, inputs.ref_lm3d[0], inputs.key_mean, steps=1, seed=seed, progress=False,
                 guidance_mode=mode,
             )  # fmt: skip
+
+
+def warm_up_mtov(nets: Networks, n_frames: int, sampling: SamplingOptions, faithful: bool = False) -> None:
+    """MToV once on random frames of the benchmark's length as a mode runs it (``faithful``:
+    :func:`MToV.generate.generate_video_original`, else :func:`MToV.generate.generate_video` in the
+    arithmetic of ``sampling``), with the fewest DDIM steps that run the UNet: the same batches, shapes
+    and strides as the timed run, so the CUDA kernels are loaded and a compiled UNet is compiled for
+    every batch shape before the timing."""
+    from MToV.generate import denoising_steps, generate_video, generate_video_original
+
+    steps = next(s for s in range(1, FULL_MTOV_SCHEDULE + 1) if denoising_steps(sampling.start_ratio, s))
+    size = nets.mtov.resolution
+    frames = np.random.default_rng(0).integers(0, 256, (n_frames, 3, size, size), dtype=np.uint8)
+    quick = dataclasses.replace(sampling, sampling_timesteps=steps)
+    masked = np.ascontiguousarray(frames[::-1])
+    if faithful:
+        with sdpa_kernel(SDPBackend.MATH):  # as benchmarks.run runs the faithful mode
+            generate_video_original(nets.mtov, frames, masked, frames[0], frames, quick)
+    else:
+        generate_video(nets.mtov, frames, masked, frames[0], quick, progress=False)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -198,7 +198,14 @@ class FaceLandmarkDetector:
         from face_alignment.detection.sfd.detect import batch_detect
 
         batch = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float()
-        boxlists = batch_detect(self.s3fd, batch, device=str(self.device))
+        # face_alignment's batch_detect turns on torch.backends.cudnn.benchmark for the whole process on
+        # CUDA: every later convolution (MToV, HuBERT) would then pick its algorithm by timing, so its
+        # numbers could differ from run to run. Put the setting back.
+        benchmark = torch.backends.cudnn.benchmark
+        try:
+            boxlists = batch_detect(self.s3fd, batch, device=str(self.device))
+        finally:
+            torch.backends.cudnn.benchmark = benchmark
         boxes: list[np.ndarray | None] = []
         for i in range(len(frames)):
             cand = np.asarray(boxlists[i]) if len(boxlists) else np.zeros((0, 5))

@@ -140,12 +140,17 @@ def ssim_frames(pred: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
 
     torchmetrics computes the SSIM map; its own mean also covers the reflect-padded border, which
     differs from the common form, so the map is cropped here before averaging.
+
+    On a GPU in float64: there float32 convolutions run in TF32 by default (10-bit mantissa inputs,
+    ``torch.backends.cudnn.allow_tf32``), and the variances ``E[x^2] - E[x]^2`` of smooth regions would
+    lose to that rounding a good part of SSIM's constant ``C2 = 9e-4``.
     """
     from torchmetrics.functional.image import structural_similarity_index_measure
 
+    dtype = torch.float32 if pred.device.type == "cpu" else torch.float64
     _, full = structural_similarity_index_measure(
-        pred.float() / 255.0,
-        gt.float() / 255.0,
+        pred.to(dtype) / 255.0,
+        gt.to(dtype) / 255.0,
         gaussian_kernel=True,
         sigma=1.5,
         kernel_size=11,

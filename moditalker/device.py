@@ -43,9 +43,14 @@ def bf16_supported(device: torch.device) -> bool:
     """Whether ``device`` runs bf16 matrix products natively: CUDA with bf16, or a CPU with bf16
     instructions (AVX512-BF16 or AMX bf16 in its flags) that oneDNN has bf16 kernels for and is not
     capped below (``ONEDNN_MAX_CPU_ISA``). oneDNN alone also answers yes on plain AVX512, where bf16 is
-    emulated and slow. Where the CPU flags cannot be read, oneDNN's answer. Never by CPU name."""
+    emulated and slow. Where the CPU flags cannot be read, oneDNN's answer. Never by CPU name.
+    On CUDA: compute capability 8.0 or later (Ampere on) of ``device`` itself (ROCm: always), not
+    ``torch.cuda.is_bf16_supported()``, which also says yes where bf16 is only emulated (V100, T4) and
+    asks the current device, not ``device``."""
     if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
+        if not torch.cuda.is_available():
+            return False
+        return bool(torch.version.hip) or torch.cuda.get_device_capability(device)[0] >= 8
     if device.type != "cpu":
         return False
     try:

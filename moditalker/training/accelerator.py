@@ -12,19 +12,24 @@ from torch.utils.data import DataLoader
 from moditalker.errors import UserError
 
 
-def start_accelerator(name: str, **kwargs):
+def start_accelerator(name: str, device: torch.device | None = None, **kwargs):
     """An ``accelerate.Accelerator(**kwargs)`` for trainer ``name``, checked against the launcher.
 
     Several processes started by a launcher (``WORLD_SIZE`` > 1) that did not join one process group
-    would each train alone and write the same run folder; that is refused here. Prints one line on
-    the main process: how many processes, which distributed mode, which device.
+    would each train alone and write the same run folder; that is refused here. ``device`` (the
+    resolved ``train.device``): ``cuda:N`` in a single process makes GPU N the current device, which
+    accelerate's ``cuda`` then means (it would otherwise take GPU 0); launched processes keep the GPU
+    of their ``LOCAL_RANK``. Prints one line on the main process: how many processes, which
+    distributed mode, which device.
     """
     from accelerate import Accelerator
 
+    launched = int(os.environ.get("WORLD_SIZE", "1") or 1)
     if not torch.cuda.is_available():
         kwargs["cpu"] = True  # lets torchrun-launched CPU processes join one gloo group (MULTI_CPU)
+    elif device is not None and device.type == "cuda" and device.index is not None and launched <= 1:
+        torch.cuda.set_device(device)
     acc = Accelerator(**kwargs)
-    launched = int(os.environ.get("WORLD_SIZE", "1") or 1)
     if launched > 1 and acc.num_processes != launched:
         raise UserError(
             f"{launched} processes were launched but accelerate set up {acc.num_processes} "
