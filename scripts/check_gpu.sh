@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Check a CUDA machine before long work, in one command: the CUDA tests (torch.compile included), the
-# inference benchmark without and with --compile, and the training-step benchmark. Every report lands in
-# OUT_DIR (five files: summary.txt, check_gpu.log, bench_inference.json, bench_inference_compile.json,
-# bench_training.json); a failing step is reported and the next one runs; exit 1 if any step failed.
+# Check a CUDA machine before long work, in one command: the CUDA tests (pytest -m cuda, torch.compile
+# included), the inference benchmark without and with --compile, and the training-step benchmark. The
+# reports land in OUT_DIR (five files: summary.txt, check_gpu.log, bench_inference.json,
+# bench_inference_compile.json, bench_training.json); a failing step is reported and the next one
+# runs; exit 1 if any step failed.
 #   scripts/check_gpu.sh --out OUT_DIR [--device cuda|cuda:N] [--seconds 4] [--skip tests,compile,training]
 #       [--step-timeout S] [--tiny] [--overwrite]
 # --step-timeout S stops a step after S seconds (reported as FAILED (exit 124)) so the next one runs.
@@ -25,7 +26,7 @@ while [ $# -gt 0 ]; do
   case "$1" in
     -h | --help)
       usage
-      sed -n '2,10p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
+      sed -n '2,11p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
       exit 0
       ;;
     --out | --device | --seconds | --skip | --step-timeout)
@@ -48,8 +49,12 @@ done
 for s in ${SKIP//,/ }; do
   case "$s" in tests | compile | training) ;; *) die "--skip $s: use tests, compile or training" ;; esac
 done
-case "$SECONDS_OF_VIDEO" in '' | *[!0-9.]*) die "--seconds $SECONDS_OF_VIDEO: give a number of seconds" ;; esac
-case "$STEP_TIMEOUT" in '' | *[!0-9]*) die "--step-timeout $STEP_TIMEOUT: give whole seconds (0: none)" ;; esac
+case "$SECONDS_OF_VIDEO" in
+  '' | *[!0-9.]*) die "--seconds $SECONDS_OF_VIDEO: give a number of seconds" ;;
+esac
+case "$STEP_TIMEOUT" in
+  '' | *[!0-9]*) die "--step-timeout $STEP_TIMEOUT: give whole seconds (0: none)" ;;
+esac
 case "$OUT" in /*) ;; *) OUT="$PWD/$OUT" ;; esac  # the steps run in the repo root
 if [ -e "$OUT" ] && [ ! -d "$OUT" ]; then
   die "--out $OUT is a file, not a folder"
@@ -70,7 +75,8 @@ if not torch.cuda.is_available():
     print("no CUDA device visible to PyTorch")' 2>&1
   command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 )"
-if [[ "$DEVICE" == cuda* ]] && ! "$PY" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)'; then
+HAS_CUDA='import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)'
+if [[ "$DEVICE" == cuda* ]] && ! "$PY" -c "$HAS_CUDA"; then
   echo "$INFO" >&2
   echo "error: --device $DEVICE: PyTorch sees no CUDA device" >&2
   exit 2
@@ -80,7 +86,8 @@ if [ -d "$OUT" ] && [ -n "$(ls -A "$OUT")" ] && [ "$OVERWRITE" != 1 ]; then
 fi
 mkdir -p "$OUT" || die "cannot create --out $OUT"
 if [ "$OVERWRITE" = 1 ]; then
-  rm -f "$OUT"/{summary.txt,check_gpu.log,bench_inference.json,bench_inference_compile.json,bench_training.json}
+  rm -f "$OUT"/{summary.txt,check_gpu.log,bench_training.json}
+  rm -f "$OUT"/{bench_inference.json,bench_inference_compile.json}
 fi
 
 LOG="$OUT/check_gpu.log" SUMMARY="$OUT/summary.txt" FAILED=0
@@ -111,7 +118,7 @@ step() {  # step NAME COMMAND...: run, log, and add one line to the summary
 
 export PYTHONUNBUFFERED=1
 if ! skipped tests; then
-  step "CUDA tests" env RUN_SLOW=1 "$PY" -m pytest -q -p no:cacheprovider -rs tests/test_cuda.py
+  step "CUDA tests" env RUN_SLOW=1 "$PY" -m pytest -q -p no:cacheprovider -rs -m cuda tests
 fi
 BENCH=(--device "$DEVICE" --seconds "$SECONDS_OF_VIDEO" "${TINY[@]}")
 step "inference benchmark" "$PY" -m benchmarks.inference "${BENCH[@]}" --json "$OUT/bench_inference.json"

@@ -205,6 +205,7 @@ def test_training_with_splits(synth, tmp_path):
     assert (model.splits, model.s) == (2, 4)
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_amp_on_cuda_saves_the_grad_scaler(synth, tmp_path):
     out = tmp_path / "cuda"
