@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Check a CUDA machine before long work, in one command: the CUDA tests (pytest -m cuda, torch.compile
-# included), the inference benchmark without and with --compile, and the training-step benchmark. The
-# reports land in OUT_DIR (five files: summary.txt, check_gpu.log, bench_inference.json,
-# bench_inference_compile.json, bench_training.json); a failing step is reported and the next one
+# included), the inference benchmark, the training-step benchmark and the inference benchmark with
+# --compile. The reports land in OUT_DIR (five files: summary.txt, check_gpu.log, bench_inference.json,
+# bench_training.json, bench_inference_compile.json); a failing step is reported and the next one
 # runs; exit 1 if any step failed.
 #   scripts/check_gpu.sh --out OUT_DIR [--device cuda|cuda:N] [--seconds 4] [--skip tests,compile,training]
 #       [--step-timeout S] [--tiny] [--overwrite]
@@ -122,13 +122,13 @@ if ! skipped tests; then
 fi
 BENCH=(--device "$DEVICE" --seconds "$SECONDS_OF_VIDEO" "${TINY[@]}")
 step "inference benchmark" "$PY" -m benchmarks.inference "${BENCH[@]}" --json "$OUT/bench_inference.json"
-if ! skipped compile; then
-  step "inference, --compile" "$PY" -m benchmarks.inference "${BENCH[@]}" --compile \
-    --json "$OUT/bench_inference_compile.json"
-fi
 if ! skipped training; then
   step "training benchmark" "$PY" -m benchmarks.training --device "$DEVICE" "${TINY[@]}" \
     --json "$OUT/bench_training.json"
+fi
+if ! skipped compile; then
+  step "inference, --compile" "$PY" -m benchmarks.inference "${BENCH[@]}" --compile \
+    --json "$OUT/bench_inference_compile.json"
 fi
 echo "reports: $OUT" | tee -a "$SUMMARY"
 exit "$FAILED"
