@@ -177,10 +177,12 @@ def train(cfg: DictConfig, progress: bool = True, overwrite: bool = False) -> Pa
     run.open(acc, cfg, BadItems(float(dc.max_bad_items), len(windows), windows.name))
     if ckpt:
         position = ckpt.get("data_position") or {}
-        run.continue_at(int(ckpt.get("step", 0)), {"position": position}, position.get("rng"), ckpt_path)
+        # the file holds rank 0's RNG states; another rank restoring them would draw rank 0's noise
+        rng = position.get("rng") if acc.is_main_process else None
+        run.continue_at(int(ckpt.get("step", 0)), {"position": position}, rng, ckpt_path)
     # exact resume: each epoch's shuffle and windows are functions of (seed, epoch)
     stream = EpochBatches(loader, int(tc.seed), lambda epoch: setattr(windows, "epoch", epoch),
-                          run.info.get("position"), run.resumed_rng)  # fmt: skip
+                          run.info.get("position"), run.resumed_rng, rank=acc.process_index)  # fmt: skip
     batches = run.counted(stream)
     last_path = ckpt_path
 
@@ -188,13 +190,14 @@ def train(cfg: DictConfig, progress: bool = True, overwrite: bool = False) -> Pa
         res, face, hub, mask = batch_to_inputs(next(batches))
         with acc.autocast():
             loss, extras = diffusion(res, None, face, hub, mask=mask)
-        check_finite_loss(loss.item(), step + 1)  # 1-based, as the progress bar and the saved steps
+        # the three scalars in one copy: on a GPU each .item() waits for the device
+        values = torch.stack([v.detach().float() for v in (loss, extras["loss"], extras["v_loss"])]).tolist()
+        check_finite_loss(values[0], step + 1)  # 1-based, as the progress bar and the saved steps
         acc.backward(loss)
         opt.step()
         opt.zero_grad(set_to_none=True)
         ema.update(raw.model)
-        return {"loss": loss.item(), "loss_x0": extras["loss"].item(),
-                "loss_velocity": extras["v_loss"].item()}  # fmt: skip
+        return dict(zip(("loss", "loss_x0", "loss_velocity"), values))
 
     def validate(step: int) -> dict:
         n = int(tc.val_batches)

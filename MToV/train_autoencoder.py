@@ -151,7 +151,9 @@ def train(cfg: DictConfig, resume: bool = True, overwrite: bool = False, progres
     else:
         model, opt, train_loader = accelerator.prepare(model, opt, train_loader)
     check_train_loader(train_loader, len(train_ds), int(tc.batch_size), accelerator.num_processes)
-    info = run.open(accelerator, cfg, BadItems(float(dc.max_bad_items), len(train_ds), train_ds.name))
+    info = run.open(
+        accelerator, cfg, BadItems(float(dc.max_bad_items), len(train_ds), train_ds.name), int(tc.seed)
+    )
     best = float(info.get("best_psnr", -math.inf))
     batches = run.counted(infinite(train_loader))
     step_fn = _StepFn(accelerator, model, opt, disc2d, disc3d, opt_d, criterion, batches, key,

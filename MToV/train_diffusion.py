@@ -178,7 +178,8 @@ def train(cfg: DictConfig, resume: bool = True, overwrite: bool = False, progres
     accelerator.register_for_checkpointing(ema)
     raw_ddpm = accelerator.unwrap_model(ddpm)
     amp_dtype = encoder_autocast(tc.amp, accelerator.device)
-    run.open(accelerator, cfg, BadItems(float(data_cfg.max_bad_items), len(train_ds), train_ds.name))
+    bad = BadItems(float(data_cfg.max_bad_items), len(train_ds), train_ds.name)
+    run.open(accelerator, cfg, bad, seed=int(tc.seed))
 
     batches = run.counted(infinite(train_loader))
     train_losses: list[float] = []

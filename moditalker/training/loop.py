@@ -18,7 +18,8 @@ everything else is here:
   the last step), the count of unreadable items skipped so far (``skipped_items``);
 * :class:`EpochBatches` is the exact-resume batch stream: each epoch seeded from (seed, epoch), a
   resumed run passes over the batches of its epoch already trained and then continues with the RNG
-  states of the moment the state was saved.
+  states of the moment the state was saved; with several processes every rank shuffles alike and
+  then draws its own noise.
 
 Only rank 0 writes ``config.yaml``, ``tb/`` and ``metrics.jsonl``; every rank takes part in saving
 and loading the state.
@@ -81,13 +82,20 @@ class TrainingRun:
     def resuming(self) -> bool:
         return self.state_dir is not None or self.step > 0
 
-    def open(self, accelerator, cfg, bad_items: BadItems | None = None) -> dict:
+    def open(self, accelerator, cfg, bad_items: BadItems | None = None, seed: int | None = None) -> dict:
         """After ``accelerator.prepare`` (and ``register_for_checkpointing``): load the state when
         resuming, then (rank 0) create the folder, save ``config.yaml`` and open tensorboard.
-        Returns the resumed ``trainer.json`` (``{}`` for a new run)."""
+        Returns the resumed ``trainer.json`` (``{}`` for a new run).
+
+        ``seed`` (the run's seed, with which every rank built the same networks): ranks > 0 go on
+        from (seed, rank), so that each draws its own noise and timesteps (all ranks would draw the
+        same for their different batches); rank 0 keeps its stream. A resumed state then restores
+        every rank's own."""
         from torch.utils.tensorboard import SummaryWriter
 
         self.accelerator, self.bad_items = accelerator, bad_items
+        if seed is not None and accelerator.process_index > 0:
+            seed_everything(derived_seed(int(seed), accelerator.process_index))
         if self.state_dir is not None:  # a damaged state: state.old, or one UserError line
             self.state_dir, info = load_state(accelerator, self.out_dir, self.state_dir)
             self.resumed_rng = rng_state()  # what load_state restored: the RNG states at the save
@@ -239,6 +247,15 @@ class EpochBatches:
     batches done in it); a run started with that ``position`` and the ``rng`` states of that moment
     passes over the batches already done and then restores ``rng``: it continues as the
     uninterrupted run would (noise, timesteps, dropout).
+
+    Several processes (``rank`` > 0 on all but the first): accelerate shuffles every rank's share of
+    an epoch with one generator that it keeps across epochs (``synchronized_generator``), which is
+    seeded here from (seed, epoch) too, so a resumed run meets the same order. Every rank starts the
+    epoch from the same seed (the shared shuffle); once its first batch is drawn, a rank > 0 goes on
+    with its own seed, (seed, epoch, batch, rank), or else all ranks would draw the same noise and
+    timesteps for their different batches. Rank 0 (and one process) keeps the epoch's seed. A rank > 0
+    resumed without its own saved ``rng`` (one file holds rank 0's) takes that seed at the batch it
+    resumes at: a stream of its own, not the one the uninterrupted run would have drawn.
     """
 
     def __init__(
@@ -248,8 +265,9 @@ class EpochBatches:
         set_epoch: Callable[[int], None] | None = None,
         position: dict | None = None,
         rng: dict | None = None,
+        rank: int = 0,
     ) -> None:
-        self.loader, self.seed, self.set_epoch = loader, int(seed), set_epoch
+        self.loader, self.seed, self.set_epoch, self.rank = loader, int(seed), set_epoch, int(rank)
         position = position or {}
         self.epoch, self.batch = int(position.get("epoch", 0)), int(position.get("batch", 0))
         self._rng = rng
@@ -261,14 +279,21 @@ class EpochBatches:
         skip = self.batch
         while True:
             seed_everything(derived_seed(self.seed, self.epoch))
+            shuffle = getattr(self.loader, "synchronized_generator", None)  # accelerate, several processes
+            if shuffle is not None:
+                shuffle.manual_seed(derived_seed(self.seed, self.epoch))
             if self.set_epoch is not None:
                 self.set_epoch(self.epoch)
+            first = True
             for index, batch in enumerate(self.loader):
                 if index < skip:
                     continue
                 if self._rng is not None:
                     set_rng_state(self._rng)
                     self._rng = None
+                elif first and self.rank:  # the shuffle is drawn: this rank's own noise from here on
+                    seed_everything(derived_seed(self.seed, self.epoch, index, self.rank))
+                first = False
                 self.batch = index + 1
                 yield batch
             self.epoch, self.batch, skip, self._rng = self.epoch + 1, 0, 0, None

@@ -57,6 +57,51 @@ def test_epoch_batches_resume_where_they_stopped():
             assert torch.equal(xa, xb) and torch.equal(ra, rb), k
 
 
+def _rank_batches(rank: int, position=None, rng=None, n=9) -> tuple[list, list]:
+    """As one rank of several processes meets its loader after ``accelerate.prepare``: the sampler
+    shuffles with one generator kept across epochs (seeded once at prepare, from the global RNG, alike
+    on every rank), exposed as ``synchronized_generator``."""
+    from torch.utils.data import RandomSampler
+
+    data = Noisy()
+    shuffle = torch.Generator().manual_seed(1234)
+    loader = DataLoader(data, 2, sampler=RandomSampler(data, generator=shuffle))
+    loader.synchronized_generator = shuffle
+    stream = EpochBatches(loader, 3, _set_epoch(data), position, rng, rank=rank)
+    batches, states = [], []
+    for batch in stream:
+        batches.append((batch["x"], torch.rand(1)))  # the step's own draw (noise, timesteps)
+        states.append((stream.position(), rng_state()))
+        if len(batches) == n:
+            return batches, states
+    raise AssertionError("unreachable")
+
+
+def test_ranks_shuffle_alike_and_draw_their_own_noise():
+    """Two ranks drew the same noise and timesteps for their different batches (one seed per epoch on
+    every rank); the shared shuffle must stay shared."""
+    rank0, _ = _rank_batches(0)
+    rank1, _ = _rank_batches(1)
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(rank0, rank1))  # the same order of items
+    assert not any(torch.equal(a[1], b[1]) for a, b in zip(rank0, rank1))  # noise of its own
+    again, _ = _rank_batches(1)
+    assert all(torch.equal(a[1], b[1]) for a, b in zip(rank1, again))  # a function of the seed
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_several_processes_resume_in_the_same_order(rank):
+    """accelerate's shuffle generator lives across epochs: a run resumed in a later epoch started it
+    afresh and met another order than the uninterrupted run (one process shuffles from the global RNG,
+    seeded per epoch). It is seeded from (seed, epoch) at each epoch."""
+    straight, states = _rank_batches(rank)
+    for k in (4, 6):  # the next epoch's first batch, mid-epoch
+        position, rng = states[k]
+        assert position["epoch"] == 1
+        resumed, _ = _rank_batches(rank, position, rng, n=9 - k - 1)
+        for (xa, ra), (xb, rb) in zip(straight[k + 1 :], resumed):
+            assert torch.equal(xa, xb) and torch.equal(ra, rb), k
+
+
 def _train(out: Path, max_steps: int, **kwargs) -> TrainingRun:
     from moditalker.training.accelerator import start_accelerator
 
@@ -318,3 +363,31 @@ def test_both_states_damaged_is_one_line_naming_both(saved_run, tmp_path):
         "checkpoints/step_*.pt"
     )
     assert (out / "state" / "trainer.json").is_file() and (out / "state.old" / "trainer.json").is_file()
+
+
+def test_open_gives_every_rank_after_the_first_its_own_stream(tmp_path):
+    """The MToV trainers seed every rank alike (the same networks) and then drew the same noise on every
+    rank; ``open(seed=...)`` moves ranks > 0 to (seed, rank) before a resumed state is restored."""
+
+    class Rank:
+        is_main_process = False
+
+        def __init__(self, index: int) -> None:
+            self.process_index = index
+
+        def print(self, *args) -> None:
+            pass
+
+    def draw(index: int, seed: int | None, before: int) -> torch.Tensor:
+        torch.manual_seed(before)
+        TrainingRun(tmp_path / "run").open(Rank(index), {}, seed=seed)
+        return torch.rand(4)
+
+    assert torch.equal(draw(1, 7, 0), draw(1, 7, 5))  # a function of (seed, rank)
+    assert not torch.equal(draw(1, 7, 0), draw(2, 7, 0))
+    assert not torch.equal(draw(1, 7, 0), draw(1, 8, 0))
+    torch.manual_seed(0)
+    untouched = torch.rand(4)
+    assert torch.equal(draw(0, 7, 0), untouched)  # rank 0 (one process) keeps its stream
+    assert torch.equal(draw(1, None, 0), untouched)  # no seed given: nothing changes
+    assert not (tmp_path / "run").exists()  # only rank 0 writes the folder
