@@ -147,7 +147,7 @@ def ssim_frames(pred: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
     """
     from torchmetrics.functional.image import structural_similarity_index_measure
 
-    dtype = torch.float32 if pred.device.type == "cpu" else torch.float64
+    dtype = torch.float64 if pred.device.type == "cuda" else torch.float32
     _, full = structural_similarity_index_measure(
         pred.to(dtype) / 255.0,
         gt.to(dtype) / 255.0,

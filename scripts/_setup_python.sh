@@ -5,4 +5,10 @@ if [ -z "${PYTHON:-}" ]; then
   PY="$ROOT/.venv/bin/python"
 else
   PY="$PYTHON"
+  if ! command -v "$PY" >/dev/null 2>&1; then
+    echo "error: PYTHON=$PY: no such Python" >&2
+    exit 2
+  fi
+  # a relative path stays valid after a cd
+  case "$PY" in */*) PY="$(cd "$(dirname "$PY")" && pwd)/$(basename "$PY")" ;; esac
 fi

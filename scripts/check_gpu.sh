@@ -6,7 +6,8 @@
 # runs; exit 1 if any step failed.
 #   scripts/check_gpu.sh --out OUT_DIR [--device cuda|cuda:N] [--seconds 4] [--skip tests,compile,training]
 #       [--step-timeout S] [--tiny] [--overwrite]
-# --step-timeout S stops a step after S seconds (reported as FAILED (exit 124)) so the next one runs.
+# --step-timeout S stops a step after S seconds (FAILED (exit 124), or 137 when it had to be killed 20 s
+# later) so the next one runs.
 # --tiny runs the benchmarks on the tiny test networks (a smoke test of the set-up, a minute or two).
 # PYTHON=/path/to/python uses that interpreter (one with a CUDA build of PyTorch) instead of .venv.
 set -uo pipefail
@@ -26,7 +27,7 @@ while [ $# -gt 0 ]; do
   case "$1" in
     -h | --help)
       usage
-      sed -n '2,11p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
+      sed -n '2,12p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
       exit 0
       ;;
     --out | --device | --seconds | --skip | --step-timeout)
@@ -49,15 +50,18 @@ done
 for s in ${SKIP//,/ }; do
   case "$s" in tests | compile | training) ;; *) die "--skip $s: use tests, compile or training" ;; esac
 done
-case "$SECONDS_OF_VIDEO" in
-  '' | *[!0-9.]*) die "--seconds $SECONDS_OF_VIDEO: give a number of seconds" ;;
-esac
+if ! [[ "$SECONDS_OF_VIDEO" =~ ^[0-9]+([.][0-9]+)?$ ]] || [[ "$SECONDS_OF_VIDEO" =~ ^0+([.]0+)?$ ]]; then
+  die "--seconds $SECONDS_OF_VIDEO: give a number of seconds above 0"
+fi
 case "$STEP_TIMEOUT" in
   '' | *[!0-9]*) die "--step-timeout $STEP_TIMEOUT: give whole seconds (0: none)" ;;
 esac
 case "$OUT" in /*) ;; *) OUT="$PWD/$OUT" ;; esac  # the steps run in the repo root
 if [ -e "$OUT" ] && [ ! -d "$OUT" ]; then
   die "--out $OUT is a file, not a folder"
+fi
+if [ -d "$OUT" ] && [ -n "$(ls -A "$OUT")" ] && [ "$OVERWRITE" != 1 ]; then
+  die "--out $OUT already holds files; pass --overwrite to replace this check's reports there"
 fi
 # shellcheck source=scripts/_setup_python.sh
 source "$ROOT/scripts/_setup_python.sh"
@@ -81,9 +85,6 @@ if [[ "$DEVICE" == cuda* ]] && ! "$PY" -c "$HAS_CUDA"; then
   echo "error: --device $DEVICE: PyTorch sees no CUDA device" >&2
   exit 2
 fi
-if [ -d "$OUT" ] && [ -n "$(ls -A "$OUT")" ] && [ "$OVERWRITE" != 1 ]; then
-  die "--out $OUT already holds files; pass --overwrite to replace this check's reports there"
-fi
 mkdir -p "$OUT" || die "cannot create --out $OUT"
 if [ "$OVERWRITE" = 1 ]; then
   rm -f "$OUT"/{summary.txt,check_gpu.log,bench_training.json}
@@ -95,17 +96,36 @@ LOG="$OUT/check_gpu.log" SUMMARY="$OUT/summary.txt" FAILED=0
 echo "$INFO" | tee "$SUMMARY"
 
 skipped() { [[ ",$SKIP," == *",$1,"* ]]; }
+# Ctrl-C or a TERM stops the check: the running step is ended (it runs in the background, where a
+# script's children do not get the terminal's Ctrl-C, so the trap passes it on) and no later step runs
+CHILD="" INTERRUPTED=0
+on_signal() {
+  INTERRUPTED=1
+  [ -n "$CHILD" ] && kill -TERM "$CHILD" 2>/dev/null
+}
+trap on_signal INT TERM
 step() {  # step NAME COMMAND...: run, log, and add one line to the summary
   local name="$1" start rc
   shift
   start=$(date +%s)
   echo "== $name: $*" | tee -a "$LOG"
   if [ "$STEP_TIMEOUT" -gt 0 ]; then
-    timeout --kill-after=20 "$STEP_TIMEOUT" "$@" >>"$LOG" 2>&1
+    timeout --kill-after=20 "$STEP_TIMEOUT" "$@" >>"$LOG" 2>&1 &
   else
-    "$@" >>"$LOG" 2>&1
+    "$@" >>"$LOG" 2>&1 &
   fi
+  CHILD=$!
+  wait "$CHILD"
   rc=$?
+  while kill -0 "$CHILD" 2>/dev/null; do  # wait was cut short by the signal: let the step end
+    wait "$CHILD"
+    rc=$?
+  done
+  CHILD=""
+  if [ "$INTERRUPTED" = 1 ]; then
+    echo "$name: interrupted; the check stops here" | tee -a "$SUMMARY" "$LOG" >&2
+    exit 130
+  fi
   local line
   line="$(printf '%-28s %s in %d s' "$name" "$([ $rc = 0 ] && echo ok || echo "FAILED (exit $rc)")" \
     $(($(date +%s) - start)))"
@@ -118,7 +138,16 @@ step() {  # step NAME COMMAND...: run, log, and add one line to the summary
 
 export PYTHONUNBUFFERED=1
 if ! skipped tests; then
-  step "CUDA tests" env RUN_SLOW=1 "$PY" -m pytest -q -p no:cacheprovider -rs -m cuda tests
+  TEST_ENV=(RUN_SLOW=1)
+  if [[ "$DEVICE" =~ ^cuda:([0-9]+)$ ]]; then  # the tests use "cuda": make GPU N the only one they see
+    gpu="${BASH_REMATCH[1]}"
+    if [ -n "${CUDA_VISIBLE_DEVICES:-}" ]; then
+      IFS=, read -r -a visible <<<"$CUDA_VISIBLE_DEVICES"
+      gpu="${visible[$gpu]:-$gpu}"
+    fi
+    TEST_ENV+=(CUDA_VISIBLE_DEVICES="$gpu")
+  fi
+  step "CUDA tests" env "${TEST_ENV[@]}" "$PY" -m pytest -q -p no:cacheprovider -rs -m cuda tests
 fi
 BENCH=(--device "$DEVICE" --seconds "$SECONDS_OF_VIDEO" "${TINY[@]}")
 step "inference benchmark" "$PY" -m benchmarks.inference "${BENCH[@]}" --json "$OUT/bench_inference.json"

@@ -170,9 +170,25 @@ def test_mtov_warm_up_runs_both_patterns():
     on the CPU with the tiny networks: the code path, not the kernels)."""
     from benchmarks.inference import START_RATIO, warm_up_mtov
     from benchmarks.prepare import build_networks
-    from MToV.generate import SamplingOptions
+    from MToV.generate import SamplingOptions, generate_video, generate_video_original
 
     nets = build_networks(torch.device("cpu"), True, 0)
     sampling = SamplingOptions(batch_size=2, seed=0, start_ratio=START_RATIO, sampling_timesteps=25)
-    for faithful in (False, True):
-        warm_up_mtov(nets, 20, sampling, faithful=faithful)
+    shapes: list[tuple] = []
+    hook = nets.mtov.unet.diffusion_model.register_forward_pre_hook(
+        lambda module, args: shapes.append(tuple(args[0].shape))
+    )
+    frames = np.random.default_rng(1).integers(0, 256, (20, 3, 32, 32), dtype=np.uint8)
+    try:
+        for faithful in (False, True):
+            shapes.clear()
+            warm_up_mtov(nets, 20, sampling, faithful=faithful)
+            warm = set(shapes)
+            shapes.clear()
+            if faithful:
+                generate_video_original(nets.mtov, frames, frames, frames[0], frames, sampling)
+            else:
+                generate_video(nets.mtov, frames, frames, frames[0], sampling, progress=False)
+            assert warm and warm == set(shapes), (faithful, warm, set(shapes))  # every batch shape met
+    finally:
+        hook.remove()

@@ -5,6 +5,7 @@ the shuffle order of an epoch does not depend on how the run got there."""
 from __future__ import annotations
 
 import random
+import sys
 
 import numpy as np
 import torch
@@ -34,7 +35,15 @@ def set_rng_state(state: dict) -> None:
     if "cuda" in state and torch.cuda.is_available():
         # one state per GPU seen at the save: a machine that sees fewer restores those it has (setting
         # the state of a GPU that does not exist fails)
-        for index, cuda_state in enumerate(state["cuda"][: torch.cuda.device_count()]):
+        saved, here = len(state["cuda"]), torch.cuda.device_count()
+        if saved != here:
+            print(
+                f"warning: the random states were saved where {saved} GPU(s) were visible and {here} are "
+                "now; the GPUs' random draws will not repeat the saved run's",
+                file=sys.stderr,
+                flush=True,
+            )
+        for index, cuda_state in enumerate(state["cuda"][:here]):
             torch.cuda.set_rng_state(cuda_state, index)
 
 
