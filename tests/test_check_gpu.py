@@ -84,18 +84,7 @@ def test_a_failing_step_is_reported_and_the_next_runs(tmp_path):
 
 
 def test_a_step_past_its_time_is_stopped(tmp_path):
-    run = _check(
-        "--out",
-        "c",
-        "--device",
-        "cpu",
-        "--tiny",
-        "--skip",
-        "tests,compile",
-        "--step-timeout",
-        "1",
-        cwd=tmp_path,
-    )
+    run = _check(*"--out c --device cpu --tiny --skip tests,compile --step-timeout 1".split(), cwd=tmp_path)
     assert run.returncode == 1, run.stderr
     summary = (tmp_path / "c" / "summary.txt").read_text()
     assert summary.count("FAILED (exit 124)") == 2, summary  # the inference and the training benchmark
@@ -106,17 +95,7 @@ def test_ctrl_c_stops_the_check(tmp_path):
     --step-timeout, ``timeout`` kept the signal from the step altogether."""
     env = {**os.environ, "PYTHON": sys.executable}
     out = tmp_path / "c"
-    args = [
-        "--out",
-        str(out),
-        "--device",
-        "cpu",
-        "--tiny",
-        "--skip",
-        "tests,compile",
-        "--step-timeout",
-        "300",
-    ]
+    args = ["--out", str(out), *"--device cpu --tiny --skip tests,compile --step-timeout 300".split()]
     proc = subprocess.Popen(
         ["bash", str(REPO / "scripts" / "check_gpu.sh"), *args], env=env, stdout=subprocess.PIPE,
         stderr=subprocess.PIPE, text=True,

@@ -35,9 +35,9 @@ def _set_epoch(dataset: Noisy):
     return lambda epoch: setattr(dataset, "epoch", epoch)
 
 
-def _stream_batches(position=None, rng=None, n=9) -> tuple[list, list]:
-    data = Noisy()
-    stream = EpochBatches(DataLoader(data, 2, shuffle=True), 3, _set_epoch(data), position, rng)
+def _collect(stream: EpochBatches, n: int) -> tuple[list, list]:
+    """The first ``n`` batches of ``stream`` with the step's own draw after each, and (position, RNG
+    states) after each."""
     batches, states = [], []
     for batch in stream:
         batches.append((batch["x"], torch.rand(1)))  # the step's own draw (noise, timesteps)
@@ -45,6 +45,11 @@ def _stream_batches(position=None, rng=None, n=9) -> tuple[list, list]:
         if len(batches) == n:
             return batches, states
     raise AssertionError("unreachable")
+
+
+def _stream_batches(position=None, rng=None, n=9) -> tuple[list, list]:
+    data = Noisy()
+    return _collect(EpochBatches(DataLoader(data, 2, shuffle=True), 3, _set_epoch(data), position, rng), n)
 
 
 def test_epoch_batches_resume_where_they_stopped():
@@ -67,14 +72,7 @@ def _rank_batches(rank: int, position=None, rng=None, n=9) -> tuple[list, list]:
     shuffle = torch.Generator().manual_seed(1234)
     loader = DataLoader(data, 2, sampler=RandomSampler(data, generator=shuffle))
     loader.synchronized_generator = shuffle
-    stream = EpochBatches(loader, 3, _set_epoch(data), position, rng, rank=rank)
-    batches, states = [], []
-    for batch in stream:
-        batches.append((batch["x"], torch.rand(1)))  # the step's own draw (noise, timesteps)
-        states.append((stream.position(), rng_state()))
-        if len(batches) == n:
-            return batches, states
-    raise AssertionError("unreachable")
+    return _collect(EpochBatches(loader, 3, _set_epoch(data), position, rng, rank=rank), n)
 
 
 def test_ranks_shuffle_alike_and_draw_their_own_noise():
