@@ -38,12 +38,11 @@ from moditalker.errors import UserError, cli_main, script_prog
 from moditalker.fileio import repo_path, torch_save
 from moditalker.training.accelerator import (
     check_train_loader,
-    infinite,
     start_accelerator,
     train_val_loaders,
 )
 from moditalker.training.bad_items import BadItems
-from moditalker.training.loop import TrainingRun, check_finite_loss
+from moditalker.training.loop import PassBatches, TrainingRun, check_finite_loss
 from moditalker.training.options import add_run_arguments, apply_run_arguments, print_summary
 from moditalker.training.run_state import check_inputs_are_not_outputs
 from MToV.dataset import build_dataset, check_data, data_defaults
@@ -155,7 +154,9 @@ def train(cfg: DictConfig, resume: bool = True, overwrite: bool = False, progres
         accelerator, cfg, BadItems(float(dc.max_bad_items), len(train_ds), train_ds.name), int(tc.seed)
     )
     best = float(info.get("best_psnr", -math.inf))
-    batches = run.counted(infinite(train_loader))
+    # exact resume in the middle of a pass over the windows
+    stream = PassBatches(train_loader, int(tc.seed), info.get("data_pass"), run.resumed_rng)
+    batches = run.counted(stream)
     step_fn = _StepFn(accelerator, model, opt, disc2d, disc3d, opt_d, criterion, batches, key,
                       int(tc.grad_accum), int(lc.disc_start), float(lc.latent_weight))  # fmt: skip
 
@@ -178,7 +179,7 @@ def train(cfg: DictConfig, resume: bool = True, overwrite: bool = False, progres
     step = run.loop(step_fn, validate, max_steps=int(tc.max_steps), log_every=int(tc.log_every),
                     val_every=int(tc.val_every), save_every=int(tc.save_every), desc=f"AE[{mode}]",
                     progress=progress, postfix=("l1", "lpips"), after_validation=write_models,
-                    on_save=lambda step: {"best_psnr": best})  # fmt: skip
+                    on_save=lambda step: {"best_psnr": best, "data_pass": stream.record()})  # fmt: skip
     run.close()
     return {
         "step": step,

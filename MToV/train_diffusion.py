@@ -40,13 +40,12 @@ from moditalker.errors import UserError, cli_main, script_prog
 from moditalker.fileio import repo_path, torch_save
 from moditalker.training.accelerator import (
     check_train_loader,
-    infinite,
     start_accelerator,
     train_val_loaders,
 )
 from moditalker.training.bad_items import BadItems
 from moditalker.training.ema import LitEMA
-from moditalker.training.loop import TrainingRun, check_finite_loss
+from moditalker.training.loop import PassBatches, TrainingRun, check_finite_loss
 from moditalker.training.options import add_run_arguments, apply_run_arguments, print_summary
 from moditalker.training.run_state import check_inputs_are_not_outputs
 from MToV.dataset import build_dataset, check_data, data_defaults
@@ -179,9 +178,10 @@ def train(cfg: DictConfig, resume: bool = True, overwrite: bool = False, progres
     raw_ddpm = accelerator.unwrap_model(ddpm)
     amp_dtype = encoder_autocast(tc.amp, accelerator.device)
     bad = BadItems(float(data_cfg.max_bad_items), len(train_ds), train_ds.name)
-    run.open(accelerator, cfg, bad, seed=int(tc.seed))
-
-    batches = run.counted(infinite(train_loader))
+    info = run.open(accelerator, cfg, bad, seed=int(tc.seed))
+    # exact resume in the middle of a pass over the windows
+    stream = PassBatches(train_loader, int(tc.seed), info.get("data_pass"), run.resumed_rng)
+    batches = run.counted(stream)
     train_losses: list[float] = []
 
     def step_fn(step: int) -> dict:
@@ -216,7 +216,8 @@ def train(cfg: DictConfig, resume: bool = True, overwrite: bool = False, progres
     every = int(tc.save_every)  # validation, model files and state together
     step = run.loop(step_fn, validate, max_steps=int(tc.max_steps), log_every=int(tc.log_every),
                     val_every=every, save_every=every, desc="MToV diffusion", progress=progress,
-                    after_validation=write_models)  # fmt: skip
+                    after_validation=write_models,
+                    on_save=lambda step: {"data_pass": stream.record()})  # fmt: skip
     run.close()
     return {"step": step, "history": run.history, "train_losses": train_losses,
             "num_processes": accelerator.num_processes}  # fmt: skip

@@ -42,14 +42,16 @@ def start_accelerator(name: str, device: torch.device | None = None, **kwargs):
 
 def train_val_loaders(train_ds, val_ds, batch_size: int, num_workers: int, num_processes: int):
     """(training loader, validation loader) as the MToV trainers use them: the training one shuffled,
-    dropping a last short batch only when every process still gets a full one, workers kept alive."""
+    dropping a last short batch only when every process still gets a full one. Its workers start anew
+    each pass, seeded from the global generators then, so that a resumed run draws the windows of the
+    run it continues (:class:`~moditalker.training.loop.PassBatches`); kept alive, they would carry
+    their random states from pass to pass."""
     train = DataLoader(
         train_ds,
         batch_size=batch_size,
         shuffle=True,
         drop_last=len(train_ds) >= batch_size * num_processes,
         num_workers=num_workers,
-        persistent_workers=num_workers > 0,
     )
     return train, DataLoader(val_ds, batch_size=batch_size, shuffle=False, num_workers=num_workers)
 

@@ -16,7 +16,9 @@ everything else is here:
   the step-0 baseline validation of a new run, the training scalars averaged over ``log_every``
   steps, validation every ``val_every`` steps, the saved state every ``save_every`` steps (and at
   the last step), the count of unreadable items skipped so far (``skipped_items``);
-* :class:`EpochBatches` is the exact-resume batch stream: each epoch seeded from (seed, epoch), a
+* :class:`PassBatches` is the MToV trainers' endless batch stream, resumed exactly in the middle of
+  a pass (their datasets draw random windows from the global generators);
+* :class:`EpochBatches` is AToM's exact-resume batch stream: each epoch seeded from (seed, epoch), a
   resumed run passes over the batches of its epoch already trained and then continues with the RNG
   states of the moment the state was saved; with several processes every rank shuffles alike and
   then draws its own noise.
@@ -29,13 +31,22 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 from moditalker.config import save_config
 from moditalker.errors import UserError
+from moditalker.fileio import is_count
 from moditalker.training.bad_items import BadItems
-from moditalker.training.rng import derived_seed, rng_state, seed_everything, set_rng_state
+from moditalker.training.rng import (
+    derived_seed,
+    rng_from_json,
+    rng_state,
+    rng_to_json,
+    seed_everything,
+    set_rng_state,
+)
 from moditalker.training.run_state import load_state, prepare_run_dir, save_state
 
 #: a trainer's step: called with the 0-based index of the step it runs; returns the values to log
@@ -297,3 +308,91 @@ class EpochBatches:
                 self.batch = index + 1
                 yield batch
             self.epoch, self.batch, skip, self._rng = self.epoch + 1, 0, 0, None
+
+
+class PassBatches:
+    """``loader``'s batches pass after pass, without end, for an exact resume in the middle of a pass.
+
+    The MToV datasets draw their random windows from the global generators when a batch is read (in
+    the main process, or in the loader's workers, seeded from them when a pass begins), and
+    accelerate's loader reads one batch ahead. So :meth:`record` keeps the random states at the
+    beginning of the pass and before the loader was last asked for a batch, with the count of passes
+    begun before and of the batches done in this one (the trainers save it in ``trainer.json`` as
+    ``data_pass``). A run resumed from such a record begins the pass again from those states, asks
+    the loader for the batches already trained on (the same draws in the same order; not trained on
+    again), the last time from the second states, and then takes ``rng``, the states at the save: it
+    goes on as the uninterrupted run would (noise, timesteps, windows). Keeping the states draws
+    nothing: the run's random streams are those of iterating ``loader`` plainly. With several
+    processes accelerate's shuffle generator (kept across passes) is seeded from (seed, pass) at each
+    pass, so a resumed run meets the same order; the record is rank 0's, so other ranks draw their
+    windows anew. A record that is missing (a state saved by an older version) or damaged begins a
+    new pass from ``rng``. A pass without any batch is an error, not an endless loop.
+    """
+
+    def __init__(self, loader: Iterable[dict], seed: int, record: object = None, rng: dict | None = None):
+        self.loader, self.seed = loader, int(seed)
+        self.passes, self.batch = 0, 0
+        self.pass_rng: dict | None = None  # the random states when this pass began
+        self.read_rng: dict | None = None  # ... and before the loader was last asked for a batch
+        self._rng = rng
+        if isinstance(record, dict) and is_count(record.get("passes")) and is_count(record.get("batch")):
+            pass_rng, read_rng = rng_from_json(record.get("rng")), rng_from_json(record.get("read_rng"))
+            if pass_rng is not None and read_rng is not None:
+                self.passes, self.batch = int(record["passes"]), int(record["batch"])
+                self.pass_rng, self.read_rng = pass_rng, read_rng
+        if rng is not None and self.pass_rng is None:  # resumed from a state without a usable record
+            from moditalker.device import is_main_rank
+
+            if is_main_rank():
+                note = "the saved state has no usable data_pass record (an older version's, or damaged)"
+                print(
+                    f"note: {note}: the run goes on with a new pass over the data",
+                    file=sys.stderr,
+                    flush=True,
+                )
+
+    def record(self) -> dict:
+        """Where the stream is (JSON): passes begun before this one, batches done in it, the random
+        states at its beginning and before the last batch was asked for."""
+        states = [None if s is None else rng_to_json(s) for s in (self.pass_rng, self.read_rng)]
+        return {"passes": self.passes, "batch": self.batch, "rng": states[0], "read_rng": states[1]}
+
+    def __iter__(self) -> Iterator[dict]:
+        skip, restore, replay_last = self.batch, self._rng, self.read_rng
+        self._rng = None
+        while True:
+            if skip:  # the pass as it began
+                set_rng_state(self.pass_rng)
+            else:
+                if restore is not None:
+                    set_rng_state(restore)
+                    restore = None
+                self.pass_rng = rng_state()
+            shuffle = getattr(self.loader, "synchronized_generator", None)  # accelerate, several processes
+            if shuffle is not None:
+                shuffle.manual_seed(derived_seed(self.seed, self.passes))
+            batches = iter(self.loader)
+            self.batch = 0
+            while True:
+                if skip and self.batch == skip - 1:  # asked for as the run asked for it before the save
+                    set_rng_state(replay_last)
+                self.read_rng = rng_state()
+                batch = next(batches, None)
+                if batch is None:
+                    break
+                self.batch += 1
+                if skip and self.batch < skip:
+                    continue  # trained on before the save: read again, not trained on
+                if skip:
+                    skip = 0
+                    if restore is not None:  # the states at the save
+                        set_rng_state(restore)
+                        restore = None
+                    continue
+                yield batch
+            skip = 0  # a shorter pass than the record's (other data): the next pass begins from ``rng``
+            if self.batch == 0:
+                raise UserError(
+                    "the training loader gave no batch; lower train.batch_size or add training data"
+                )
+            self.passes += 1

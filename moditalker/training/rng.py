@@ -59,3 +59,44 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def rng_to_json(state: dict) -> dict:
+    """:func:`rng_state`'s states as JSON values (lists of numbers), for a record such as trainer.json."""
+    out = {
+        "python": [state["python"][0], list(state["python"][1]), state["python"][2]],
+        "numpy": [state["numpy"][0], state["numpy"][1].tolist(), *state["numpy"][2:]],
+        "torch": state["torch"].tolist(),
+    }
+    if "cuda" in state:
+        out["cuda"] = [s.tolist() for s in state["cuda"]]
+    return out
+
+
+def rng_from_json(data: object) -> dict | None:
+    """The states :func:`rng_to_json` wrote (for :func:`set_rng_state`), or None where ``data`` is not
+    such a record (a hand-edited or foreign file)."""
+    try:
+        version, internal, gauss = data["python"]
+        kind, keys, pos, has_gauss, cached = data["numpy"]
+        state = {
+            "python": [int(version), [int(i) for i in internal], gauss if gauss is None else float(gauss)],
+            "numpy": [
+                str(kind),
+                torch.tensor(keys, dtype=torch.int64),
+                int(pos),
+                int(has_gauss),
+                float(cached),
+            ],
+            "torch": torch.tensor(data["torch"], dtype=torch.uint8),
+        }
+        if "cuda" in data:
+            state["cuda"] = [torch.tensor(s, dtype=torch.uint8) for s in data["cuda"]]
+        random.Random().setstate((state["python"][0], tuple(state["python"][1]), state["python"][2]))
+        np.random.RandomState().set_state(
+            (kind, state["numpy"][1].numpy().astype(np.uint32), pos, has_gauss, cached)
+        )
+        torch.Generator().set_state(state["torch"])
+    except (KeyError, TypeError, ValueError, RuntimeError, IndexError):
+        return None
+    return state

@@ -98,6 +98,22 @@ def test_resume_continues_from_the_saved_step(rgb_run):
     assert result["history"][0]["val_psnr"] > history[0]["val_psnr"] + 1.5
 
 
+def test_resume_in_the_middle_of_a_pass_is_exact(tmp_path):
+    """A run resumed mid-pass (3 batches a pass, saved after 2) began a new pass with a new shuffle and
+    new random windows; now it reads the pass again and goes on as the uninterrupted run did."""
+    data = write_synthetic_hdtf(tmp_path / "hdtf", ids=tuple(f"WDA_S{c}_000" for c in "ABCDEF"), heldout=())
+    common = ["--config", TINY, "--no_progress", f"data.root={data.root}", "loss.perceptual_weight=0",
+              "train.save_every=2", "train.val_every=2", "train.batch_size=2"]  # fmt: skip
+    main([*common, "--out_dir", str(tmp_path / "straight"), "train.max_steps=6"])
+    main([*common, "--out_dir", str(tmp_path / "resumed"), "train.max_steps=2"])
+    saved = json.loads((tmp_path / "resumed" / "state" / "trainer.json").read_text())["data_pass"]
+    assert (saved["passes"], saved["batch"]) == (0, 2)  # in the middle of the first pass
+    main([*common, "--out_dir", str(tmp_path / "resumed"), "train.max_steps=6"])
+    a = torch.load(tmp_path / "straight" / "model_last.pth", weights_only=True)
+    b = torch.load(tmp_path / "resumed" / "model_last.pth", weights_only=True)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_existing_output_needs_overwrite(synth, tmp_path):
     out = tmp_path / "busy"
     out.mkdir()

@@ -98,6 +98,32 @@ def test_training_learns_and_resumes(tmp_path):
         main([*common[:4], "--out_dir", str(tmp_path / "hdtf"), f"data.root={info.root}"])
 
 
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resume_in_the_middle_of_a_pass_is_exact(tmp_path, workers):
+    """8 training videos, 4 batches a pass, saved after 3 and after 5 (the second pass): the resumed run
+    read the windows anew in a new pass (another order, other random windows); now it ends at the
+    uninterrupted run's weights, with the windows drawn in the main process or in loader workers."""
+    torch.set_num_threads(1)
+    ids = tuple(f"WDA_{c}_000" for c in "ABDEFGHI") + ("RD_C_000",)
+    info = write_synthetic_hdtf(tmp_path / "hdtf", ids=ids, heldout=("RD_C_000",), n_frames=16)
+
+    def train(out: str, steps: int, every: int) -> None:
+        main(["--config", TINY, "--out_dir", str(tmp_path / out), "--device", "cpu", "--no_progress",
+              f"data.root={info.root}", f"data.split_file={info.split_file}", "random_autoencoders=true",
+              "train.batch_size=2", f"train.save_every={every}", "train.ema_every=1", "data.max_val_clips=1",
+              f"data.num_workers={workers}", f"train.max_steps={steps}"])  # fmt: skip
+
+    train("straight", 7, 1)
+    for stop in (3, 5):
+        train(f"resumed{stop}", stop, 1)
+        saved = json.loads((tmp_path / f"resumed{stop}" / "state" / "trainer.json").read_text())["data_pass"]
+        assert (saved["passes"], saved["batch"]) == divmod(stop, 4)
+        train(f"resumed{stop}", 7, 1)
+        a = torch.load(tmp_path / "straight" / "model_last.pth", weights_only=True)
+        b = torch.load(tmp_path / f"resumed{stop}" / "model_last.pth", weights_only=True)
+        assert all(torch.equal(v, b[k]) for k, v in a.items()), stop
+
+
 def test_a_non_finite_training_loss_stops_the_run(tmp_path):
     """A diverging run (here: a learning rate of 1e30) stops at the first NaN loss with one line, as
     AToM's trainer does, instead of training on to NaN weights and a NaN val_loss with exit 0."""

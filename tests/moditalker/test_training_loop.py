@@ -14,8 +14,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from moditalker.errors import UserError
 from moditalker.training.bad_items import BadItems
-from moditalker.training.loop import EpochBatches, TrainingRun
-from moditalker.training.rng import rng_state
+from moditalker.training.loop import EpochBatches, PassBatches, TrainingRun
+from moditalker.training.rng import rng_state, set_rng_state
 
 
 class Noisy(Dataset):
@@ -389,3 +389,94 @@ def test_open_gives_every_rank_after_the_first_its_own_stream(tmp_path):
     assert torch.equal(draw(0, 7, 0), untouched)  # rank 0 (one process) keeps its stream
     assert torch.equal(draw(1, None, 0), untouched)  # no seed given: nothing changes
     assert not (tmp_path / "run").exists()  # only rank 0 writes the folder
+
+
+class Drawn(Dataset):
+    """Items drawn from the global generator when they are read, as the MToV datasets' random windows."""
+
+    def __len__(self) -> int:
+        return 7
+
+    def __getitem__(self, i: int) -> dict:
+        return {"x": torch.full((3,), float(i)) + torch.rand(3)}
+
+
+class ReadAhead:
+    """A loader that reads one batch ahead, as accelerate's does (to know the last batch)."""
+
+    def __init__(self, loader) -> None:
+        self.loader = loader
+
+    def __iter__(self):
+        batches = iter(self.loader)
+        ahead = next(batches, None)
+        while ahead is not None:
+            batch, ahead = ahead, next(batches, None)
+            yield batch
+
+
+def _pass_batches(loader, record=None, rng=None, n=9) -> tuple[list, list]:
+    stream = PassBatches(loader, 3, record, rng)
+    batches, states = [], []
+    for batch in stream:
+        batches.append((batch["x"], torch.rand(1)))  # the step's own draw (noise, timesteps)
+        states.append((json.loads(json.dumps(stream.record())), rng_state()))  # as trainer.json keeps it
+        if len(batches) == n:
+            return batches, states
+    raise AssertionError("unreachable")
+
+
+@pytest.mark.parametrize("read_ahead", [False, True])
+def test_pass_batches_resume_in_the_middle_of_a_pass(read_ahead):
+    """The MToV trainers began a new pass on resume: another shuffle, other random windows."""
+
+    def loader():
+        plain = DataLoader(Drawn(), 2, shuffle=True)
+        return ReadAhead(plain) if read_ahead else plain
+
+    torch.manual_seed(11)
+    straight, states = _pass_batches(loader())
+    assert [s[0]["passes"] for s in states] == [0, 0, 0, 0, 1, 1, 1, 1, 2]
+    for k in (1, 3, 4):  # mid-pass, at the pass's last batch, at the next pass's first
+        record, rng = states[k]
+        resumed, _ = _pass_batches(loader(), record, rng, n=9 - k - 1)
+        for (xa, ra), (xb, rb) in zip(straight[k + 1 :], resumed):
+            assert torch.equal(xa, xb) and torch.equal(ra, rb), k
+    torch.manual_seed(11)
+    plain = [b["x"] for b, _ in zip((b for _ in range(3) for b in loader()), range(9))]
+    assert not torch.equal(plain[2], straight[2][0])  # the steps' draws move the windows on
+
+
+def test_pass_batches_without_a_usable_record_begin_a_new_pass(capsys):
+    torch.manual_seed(5)
+    _, states = _pass_batches(DataLoader(Drawn(), 2, shuffle=True), n=2)
+    record, rng = states[1]
+    for damaged in ({**record, "rng": "garbage"}, {**record, "read_rng": None}, {"passes": -1}, [], None):
+        stream = PassBatches(DataLoader(Drawn(), 2, shuffle=True), 3, damaged, rng)
+        assert (stream.passes, stream.batch, stream.pass_rng) == (0, 0, None)
+        first = next(iter(stream))["x"]
+        set_rng_state(rng)
+        assert torch.equal(first, next(iter(DataLoader(Drawn(), 2, shuffle=True)))["x"])  # from ``rng``
+        assert "no usable data_pass record" in capsys.readouterr().err
+    PassBatches(DataLoader(Drawn(), 2), 3)  # a new run: nothing to say
+    assert capsys.readouterr().err == ""
+    with pytest.raises(UserError, match="gave no batch"):
+        next(iter(PassBatches(DataLoader(Drawn(), 8, drop_last=True), 3)))
+
+
+def test_rng_states_survive_json():
+    import random
+
+    import numpy as np
+
+    from moditalker.training.rng import rng_from_json, rng_to_json
+
+    np.random.rand(3)  # a numpy state with a cached gaussian too
+    np.random.standard_normal()
+    saved = json.loads(json.dumps(rng_to_json(rng_state())))
+    want = (random.random(), np.random.standard_normal(), torch.rand(2))
+    set_rng_state(rng_from_json(saved))
+    got = (random.random(), np.random.standard_normal(), torch.rand(2))
+    assert want[:2] == got[:2] and torch.equal(want[2], got[2])
+    assert rng_from_json({**saved, "torch": [1, 2, 3]}) is None  # not a generator state
+    assert rng_from_json({"python": 1}) is None and rng_from_json("x") is None
