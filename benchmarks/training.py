@@ -47,7 +47,7 @@ from moditalker.config import load_config
 from moditalker.device import bf16_supported, resolve_device
 from moditalker.errors import UserError, cli_main, script_prog
 from moditalker.fileio import repo_path
-from moditalker.training.accelerator import infinite
+from moditalker.training.loop import PassBatches
 from MToV.cache_latents import build_cache
 from MToV.dataset import build_dataset
 from MToV.diffusion import DDPM
@@ -202,7 +202,7 @@ def _run(dev, steps, batch_size, tiny, workers, frames_precision, warmup, work: 
     }
 
     frames_ds = build_dataset(cfg.data, "train", KEYS, ae_rgb.timesteps, ae_rgb.res)
-    frames_batches = infinite(DataLoader(frames_ds, **loader_kw))
+    frames_batches = iter(PassBatches(DataLoader(frames_ds, **loader_kw), seed))
     frames_batcher = LatentBatcher(ae_rgb, ae_ldmk)
 
     # 2. the same windows from the frames (fp32, as the trainer) and from the cache
@@ -239,7 +239,7 @@ def _run(dev, steps, batch_size, tiny, workers, frames_precision, warmup, work: 
     unet.load_state_dict(initial)
     opt = make_optimizer(trainable, cfg.train)
     cache_ds = CachedWindowDataset(cache, "train", int(cfg.data.train_clips_per_video))
-    cache_batches = infinite(DataLoader(cache_ds, **loader_kw))
+    cache_batches = iter(PassBatches(DataLoader(cache_ds, **loader_kw), seed))
     run_steps(cache_batches, CachedLatents(), ddpm, opt, warmup, dev, None, bar("cache-path warm-up"))
     latents = run_steps(
         cache_batches, CachedLatents(), ddpm, opt, LATENT_STEPS * steps, dev, None, bar("cache-path steps")

@@ -4,7 +4,6 @@ loaders that cannot spin forever."""
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
 
 import torch
 from torch.utils.data import DataLoader
@@ -66,15 +65,3 @@ def check_train_loader(
             f"{n_items} training {what} are too few for train.batch_size={batch_size} on "
             f"{num_processes} process(es); lower train.batch_size or add training data"
         )
-
-
-def infinite(loader: DataLoader) -> Iterator[dict]:
-    """Cycle over ``loader`` forever (a new shuffle each pass); a pass with no batch is an error, not
-    an endless loop."""
-    while True:
-        empty = True
-        for batch in loader:
-            empty = False
-            yield batch
-        if empty:
-            raise UserError("the training loader gave no batch; lower train.batch_size or add training data")

@@ -248,6 +248,15 @@ class TrainingRun:
             self.writer = None
 
 
+def seed_shared_shuffle(loader: Iterable[dict], seed: int, index: int) -> None:
+    """Seed the shuffle generator that accelerate keeps across passes when several processes share a
+    loader (``synchronized_generator``; one process shuffles from the global generators) from (seed,
+    pass ``index``): a resumed run meets the order of the run it continues."""
+    shuffle = getattr(loader, "synchronized_generator", None)
+    if shuffle is not None:
+        shuffle.manual_seed(derived_seed(seed, index))
+
+
 class EpochBatches:
     """The batches of ``loader``, epoch after epoch, for an exact resume.
 
@@ -290,21 +299,17 @@ class EpochBatches:
         skip = self.batch
         while True:
             seed_everything(derived_seed(self.seed, self.epoch))
-            shuffle = getattr(self.loader, "synchronized_generator", None)  # accelerate, several processes
-            if shuffle is not None:
-                shuffle.manual_seed(derived_seed(self.seed, self.epoch))
+            seed_shared_shuffle(self.loader, self.seed, self.epoch)
             if self.set_epoch is not None:
                 self.set_epoch(self.epoch)
-            first = True
             for index, batch in enumerate(self.loader):
                 if index < skip:
                     continue
                 if self._rng is not None:
                     set_rng_state(self._rng)
                     self._rng = None
-                elif first and self.rank:  # the shuffle is drawn: this rank's own noise from here on
+                elif index == skip and self.rank:  # the shuffle is drawn: this rank's own noise from here on
                     seed_everything(derived_seed(self.seed, self.epoch, index, self.rank))
-                first = False
                 self.batch = index + 1
                 yield batch
             self.epoch, self.batch, skip, self._rng = self.epoch + 1, 0, 0, None
@@ -368,24 +373,21 @@ class PassBatches:
                     set_rng_state(restore)
                     restore = None
                 self.pass_rng = rng_state()
-            shuffle = getattr(self.loader, "synchronized_generator", None)  # accelerate, several processes
-            if shuffle is not None:
-                shuffle.manual_seed(derived_seed(self.seed, self.passes))
+            seed_shared_shuffle(self.loader, self.seed, self.passes)
             batches = iter(self.loader)
             self.batch = 0
             while True:
-                if skip and self.batch == skip - 1:  # asked for as the run asked for it before the save
+                if self.batch == skip - 1:  # asked for as the run asked for it before the save
                     set_rng_state(replay_last)
                 self.read_rng = rng_state()
                 batch = next(batches, None)
                 if batch is None:
                     break
                 self.batch += 1
-                if skip and self.batch < skip:
+                if self.batch < skip:
                     continue  # trained on before the save: read again, not trained on
-                if skip:
-                    skip = 0
-                    if restore is not None:  # the states at the save
+                if self.batch == skip:  # the last one trained on: the states at the save from here on
+                    if restore is not None:
                         set_rng_state(restore)
                         restore = None
                     continue
