@@ -73,7 +73,9 @@ from benchmarks.run import (
     STAGES,
     START_RATIO,
     ModeResult,
+    mode_attention,
     run_mode,
+    run_mtov,
 )
 from moditalker.device import CPU_ISA_ENV, allocator, cpu_isa_missing, cpu_isa_report
 from moditalker.errors import UserError, cli_main, script_prog
@@ -337,18 +339,16 @@ def warm_up_mtov(nets: Networks, n_frames: int, sampling: SamplingOptions, faith
     arithmetic of ``sampling``), with the fewest DDIM steps that run the UNet: the same batches, shapes
     and strides as the timed run, so the CUDA kernels are loaded and a compiled UNet is compiled for
     every batch shape before the timing."""
-    from MToV.generate import denoising_steps, generate_video, generate_video_original
+    from MToV.generate import denoising_steps
 
     steps = next(s for s in range(1, FULL_MTOV_SCHEDULE + 1) if denoising_steps(sampling.start_ratio, s))
     size = nets.mtov.resolution
     frames = np.random.default_rng(0).integers(0, 256, (n_frames, 3, size, size), dtype=np.uint8)
     quick = dataclasses.replace(sampling, sampling_timesteps=steps)
     masked = np.ascontiguousarray(frames[::-1])
-    if faithful:
-        with sdpa_kernel(SDPBackend.MATH):  # as benchmarks.run runs the faithful mode
-            generate_video_original(nets.mtov, frames, masked, frames[0], frames, quick)
-    else:
-        generate_video(nets.mtov, frames, masked, frames[0], quick, progress=False)
+    mode = "faithful" if faithful else "fast"  # (fast_fp32: ``sampling`` is fp32 already)
+    with mode_attention(mode):
+        run_mtov(mode, nets.mtov, frames, masked, frames[0], frames, quick, progress=False)
 
 
 def build_parser() -> argparse.ArgumentParser:

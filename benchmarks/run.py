@@ -110,6 +110,22 @@ class ModeResult:
     frames: np.ndarray  # float32 [T, 3, S, S] in [-1, 1]
 
 
+def mode_attention(mode: str) -> contextlib.AbstractContextManager:
+    """The attention ``mode`` runs every network with: PyTorch's math backend for ``faithful`` (the
+    original computes softmax(q k^T) v explicitly), else what each call chooses."""
+    return sdpa_kernel(SDPBackend.MATH) if mode == "faithful" else contextlib.nullcontext()
+
+
+def run_mtov(mode: str, mtov, landmark_video, masked, ident, target, sampling: SamplingOptions, **kw):
+    """MToV as ``mode`` runs it: the original's call pattern (``faithful``, which takes ``target``) or
+    the fast path (``fast_fp32``: in fp32 whatever ``sampling`` says); ``kw`` to both samplers."""
+    if mode == "faithful":
+        return generate_video_original(mtov, landmark_video, masked, ident, target, sampling, **kw)
+    if mode == "fast_fp32":
+        sampling = dataclasses.replace(sampling, precision="fp32")
+    return generate_video(mtov, landmark_video, masked, ident, sampling, **kw)
+
+
 def run_mode(
     mode: str,
     nets: Networks,
@@ -153,7 +169,7 @@ def run_mode(
     # mode runs every network with PyTorch's math attention backend; the fast modes use SDPA's fused
     # (flash) kernels, except HuBERT and AToM on the CPU, which take the math backend there too
     # (moditalker.device.original_attention: the same landmarks bit for bit, 4 % of AToM's time).
-    attention = sdpa_kernel(SDPBackend.MATH) if mode == "faithful" else contextlib.nullcontext()
+    attention = mode_attention(mode)
 
     def short(name: str, fn: Callable[[], Any]) -> Any:
         """``fn()``, run SHORT_REPEATS times when it takes under a second; the wall and CPU seconds of its
@@ -192,15 +208,8 @@ def run_mode(
         landmark_video, masked = short("align", align)
         ident = np.ascontiguousarray(inputs.frames[0].transpose(2, 0, 1))
         c3, t3 = time.process_time(), clock()
-        if mode == "faithful":
-            target = np.ascontiguousarray(inputs.frames.transpose(0, 3, 1, 2))
-            frames = generate_video_original(
-                nets.mtov, landmark_video, masked, ident, target, sampling, **mtov_kw
-            )
-        else:
-            if mode == "fast_fp32":
-                sampling = dataclasses.replace(sampling, precision="fp32")
-            frames = generate_video(nets.mtov, landmark_video, masked, ident, sampling, **mtov_kw)
+        target = np.ascontiguousarray(inputs.frames.transpose(0, 3, 1, 2)) if mode == "faithful" else None
+        frames = run_mtov(mode, nets.mtov, landmark_video, masked, ident, target, sampling, **mtov_kw)
         sec["mtov"] = clock() - t3
         cpu_mark("mtov", c3)
     for k in ("encode", "unet", "decode"):
