@@ -68,19 +68,21 @@ source "$ROOT/scripts/_setup_python.sh"
 # shellcheck source=scripts/_allocator.sh
 source "$ROOT/scripts/_allocator.sh"
 cd "$ROOT" || exit 2
-INFO="$(
-  echo "check_gpu: $(date -u '+%Y-%m-%d %H:%M:%S UTC'), device $DEVICE, Python $PY"
-  "$PY" -c 'import platform, torch
+PROBE="$("$PY" -c 'import platform, sys, torch
 print(f"torch {torch.__version__} (CUDA {torch.version.cuda}), Python {platform.python_version()}")
 for i in range(torch.cuda.device_count()):
     p = torch.cuda.get_device_properties(i)
     print(f"cuda:{i}: {p.name}, {p.total_memory / 2**30:.1f} GiB, {p.multi_processor_count} SMs")
 if not torch.cuda.is_available():
-    print("no CUDA device visible to PyTorch")' 2>&1
+    print("no CUDA device visible to PyTorch")
+sys.exit(0 if torch.cuda.is_available() else 3)' 2>&1)"
+HAS_CUDA=$?  # 0: PyTorch sees a GPU
+INFO="$(
+  echo "check_gpu: $(date -u '+%Y-%m-%d %H:%M:%S UTC'), device $DEVICE, Python $PY"
+  echo "$PROBE"
   command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 )"
-HAS_CUDA='import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)'
-if [[ "$DEVICE" == cuda* ]] && ! "$PY" -c "$HAS_CUDA"; then
+if [[ "$DEVICE" == cuda* ]] && [ "$HAS_CUDA" != 0 ]; then
   echo "$INFO" >&2
   echo "error: --device $DEVICE: PyTorch sees no CUDA device" >&2
   exit 2
